@@ -1,0 +1,94 @@
+#pragma once
+// FLUX transformer checkpoint discovery and layout mapping.
+//
+// Accepted: a diffusers pipeline directory (transformer/config.json with a single
+// diffusion_pytorch_model.safetensors or shards listed in diffusion_pytorch_model.safetensors.index.json),
+// the transformer directory itself, or a BFL single file (flux1-dev.safetensors style names, optional
+// "model.diffusion_model." prefix; the config is inferred from tensor shapes).
+//
+// Both layouts map onto pardit's internal names (model/flux_config.h). A diffusers tensor that is
+// split where the internal one is fused (q|k|v, linear1) becomes several row ranges; the final
+// layer's scale|shift halves are swapped to shift|scale by reading the two row ranges in the other
+// order. Loading reads only the byte ranges of the requested tensor.
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "pardit/io/safetensors.h"
+#include "pardit/model/flux.h"
+#include "pardit/model/flux_config.h"
+
+namespace pardit::io {
+
+enum class CheckpointLayout { kDiffusers, kBfl };
+std::string layoutName(CheckpointLayout layout);
+
+struct TensorPiece {
+  std::shared_ptr<SafetensorsFile> file;
+  std::string tensor;  // name inside the file
+  int64_t rowBegin = 0;
+  int64_t rowEnd = 0;  // rows along dim 0 (1 row for scalars)
+};
+
+struct TensorSource {
+  std::string name;  // internal name
+  std::vector<int64_t> shape;
+  std::vector<TensorPiece> pieces;  // concatenated along dim 0
+  uint64_t nbytes() const;          // bytes read from disk to load it
+};
+
+class FluxCheckpoint {
+ public:
+  // Discovers, opens every file's header and validates all tensor names and shapes against the
+  // model configuration. Reads no tensor data.
+  static FluxCheckpoint open(const std::string& path);
+
+  const std::string& path() const { return path_; }
+  CheckpointLayout layout() const { return layout_; }
+  const model::FluxConfig& config() const { return config_; }
+  // The dtype the weights are stored in (of the first block's largest tensor).
+  c10::ScalarType storedDtype() const { return storedDtype_; }
+  const std::vector<std::shared_ptr<SafetensorsFile>>& files() const { return files_; }
+
+  bool has(const std::string& name) const { return sources_.count(name) != 0; }
+  const TensorSource& source(const std::string& name) const;
+  // Reads one tensor (only its bytes), converted to dtype and moved to device.
+  at::Tensor load(const std::string& name, c10::ScalarType dtype, c10::Device device = c10::kCPU) const;
+  model::WeightGetter getter(c10::ScalarType dtype, c10::Device device = c10::kCPU) const;
+
+  uint64_t bytesRead() const;   // tensor bytes read through this checkpoint so far
+  uint64_t totalBytes() const;  // bytes of all model tensors
+
+ private:
+  void addSource(TensorSource source) { sources_[source.name] = std::move(source); }
+  void validate() const;
+
+  std::string path_;
+  CheckpointLayout layout_ = CheckpointLayout::kBfl;
+  model::FluxConfig config_;
+  c10::ScalarType storedDtype_ = c10::kFloat;
+  std::vector<std::shared_ptr<SafetensorsFile>> files_;
+  std::map<std::string, TensorSource> sources_;
+
+  friend class CheckpointBuilder;
+};
+
+// The diffusers tensors an internal tensor is made of: the internal tensor is the concatenation along
+// dim 0 of rows [rowBegin, rowEnd) of each piece's tensor, which has `rows` rows in total.
+struct DiffusersPiece {
+  std::string name;
+  int64_t rowBegin = 0;
+  int64_t rowEnd = 0;
+  int64_t rows = 0;
+};
+std::vector<DiffusersPiece> diffusersSourcesOf(const std::string& internalName, const model::FluxConfig& config);
+
+// diffusers transformer/config.json content for a config.
+std::string diffusersConfigJson(const model::FluxConfig& config);
+
+}  // namespace pardit::io

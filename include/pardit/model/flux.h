@@ -1,0 +1,146 @@
+#pragma once
+// The FLUX.1 transformer forward, numerically following diffusers' FluxTransformer2DModel (op order
+// and precision of every step), with BFL's fused q|k|v and linear1 weights.
+//
+// Pure math: weights come in through a FluxWeightProvider (resident, streamed or sharded), attention
+// goes out through an AttentionBackend (local or parallel).
+
+#include <ATen/core/Tensor.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "pardit/model/attention.h"
+#include "pardit/model/flux_config.h"
+
+namespace pardit::model {
+
+struct Linear {
+  at::Tensor weight;  // [out, in]
+  at::Tensor bias;    // [out]
+  at::Tensor operator()(const at::Tensor& x) const;
+};
+
+struct EmbedderWeights {
+  Linear imgIn, timeIn1, timeIn2, guidanceIn1, guidanceIn2, vectorIn1, vectorIn2, txtIn;
+};
+
+struct DoubleBlockWeights {
+  struct Stream {
+    Linear mod;   // [6h, h]: shift1, scale1, gate1, shift2, scale2, gate2
+    Linear qkv;   // [3h, h]: q | k | v, head-major
+    Linear proj;  // [h, h]
+    Linear mlp0;  // [mlp, h]
+    Linear mlp2;  // [h, mlp]
+    at::Tensor qNorm, kNorm;  // [D]
+  };
+  Stream img, txt;
+};
+
+struct SingleBlockWeights {
+  Linear mod;      // [3h, h]: shift, scale, gate
+  Linear linear1;  // [3h + mlp, h]: q | k | v | mlp
+  Linear linear2;  // [h, h + mlp]: input columns attn | mlp
+  at::Tensor qNorm, kNorm;
+};
+
+struct FinalLayerWeights {
+  Linear adaLN;   // [2h, h]: shift | scale (BFL order)
+  Linear linear;  // [out, h]
+};
+
+// Fetches a tensor by internal name, already in the compute dtype and on the compute device.
+using WeightGetter = std::function<at::Tensor(const std::string& name)>;
+
+EmbedderWeights makeEmbedderWeights(const FluxConfig& c, const WeightGetter& get);
+DoubleBlockWeights makeDoubleBlockWeights(const FluxConfig& c, int64_t index, const WeightGetter& get);
+SingleBlockWeights makeSingleBlockWeights(const FluxConfig& c, int64_t index, const WeightGetter& get);
+FinalLayerWeights makeFinalLayerWeights(const FluxConfig& c, const WeightGetter& get);
+
+// Source of weights, one group at a time. A resident provider returns what it holds; a streaming
+// provider may fetch on demand and drop a group once the returned pointer is released.
+class FluxWeightProvider {
+ public:
+  virtual ~FluxWeightProvider() = default;
+  virtual std::shared_ptr<const EmbedderWeights> embedders() = 0;
+  virtual std::shared_ptr<const DoubleBlockWeights> doubleBlock(int64_t index) = 0;
+  virtual std::shared_ptr<const SingleBlockWeights> singleBlock(int64_t index) = 0;
+  virtual std::shared_ptr<const FinalLayerWeights> finalLayer() = 0;
+};
+
+// All groups held in memory.
+class ResidentFluxWeights final : public FluxWeightProvider {
+ public:
+  ResidentFluxWeights(const FluxConfig& config, const WeightGetter& get);
+  std::shared_ptr<const EmbedderWeights> embedders() override { return emb_; }
+  std::shared_ptr<const DoubleBlockWeights> doubleBlock(int64_t i) override { return double_.at(i); }
+  std::shared_ptr<const SingleBlockWeights> singleBlock(int64_t i) override { return single_.at(i); }
+  std::shared_ptr<const FinalLayerWeights> finalLayer() override { return final_; }
+
+ private:
+  std::shared_ptr<const EmbedderWeights> emb_;
+  std::vector<std::shared_ptr<const DoubleBlockWeights>> double_;
+  std::vector<std::shared_ptr<const SingleBlockWeights>> single_;
+  std::shared_ptr<const FinalLayerWeights> final_;
+};
+
+// Inputs of one transformer call, named and scaled like diffusers' FluxTransformer2DModel.forward.
+struct FluxInputs {
+  at::Tensor img;       // [B, Li, inChannels]  packed latents ("hidden_states")
+  at::Tensor txt;       // [B, Lt, contextInDim] ("encoder_hidden_states")
+  at::Tensor pooled;    // [B, vecInDim] ("pooled_projections")
+  at::Tensor timestep;  // [B] sigma in [0, 1]; multiplied by 1000 inside
+  at::Tensor guidance;  // [B] guidance scale, multiplied by 1000 inside; undefined without guidance embeds
+  at::Tensor imgIds;    // [Li, 3]
+  at::Tensor txtIds;    // [Lt, 3]
+};
+
+// Per-call conditioning shared by all blocks.
+struct FluxConditioning {
+  at::Tensor vec;      // [B, h]   time (+ guidance) + pooled text embedding
+  at::Tensor siluVec;  // [B, h]   SiLU(vec), the input of every modulation
+  at::Tensor cos, sin; // [1, L, 1, D] float32 RoPE tables for the joint [txt ; img] sequence
+};
+
+// RoPE tables for position ids [L, 3]: returns (cos, sin), each [L, D] float32, computed in float64.
+std::pair<at::Tensor, at::Tensor> ropeTables(const at::Tensor& ids, const std::vector<int64_t>& axesDim,
+                                             double theta);
+// Applies interleaved-pair RoPE to x [B, L, H, D] with cos/sin broadcastable to it; float32 math.
+at::Tensor applyRope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+// Sinusoidal embedding [B, 256] (cos half first), float32, of t (already scaled by 1000).
+at::Tensor timestepEmbedding(const at::Tensor& t, int64_t dim = 256);
+
+class FluxTransformer {
+ public:
+  FluxTransformer(FluxConfig config, std::shared_ptr<FluxWeightProvider> weights,
+                  std::shared_ptr<AttentionBackend> attention);
+
+  const FluxConfig& config() const { return config_; }
+  // Full forward: [B, Li, outChannels] in the weights' dtype.
+  at::Tensor forward(const FluxInputs& in) const;
+
+  // The pieces of forward(), for pipelines that run a subset of the blocks.
+  FluxConditioning conditioning(const FluxInputs& in) const;
+  at::Tensor embedImage(const at::Tensor& img) const;  // [B, Li, h]
+  at::Tensor embedText(const at::Tensor& txt) const;   // [B, Lt, h]
+  // Double block i on (img, txt) in place of the inputs.
+  void doubleBlock(int64_t i, at::Tensor& img, at::Tensor& txt, const FluxConditioning& cond) const;
+  // Single block i on x = [txt ; img].
+  at::Tensor singleBlock(int64_t i, const at::Tensor& x, int64_t textLen, const FluxConditioning& cond) const;
+  at::Tensor finalLayer(const at::Tensor& img, const FluxConditioning& cond) const;
+
+  c10::ScalarType dtype() const { return dtype_; }
+
+ private:
+  at::Tensor jointAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const FluxConditioning& cond, int64_t textLen, int layer) const;
+
+  FluxConfig config_;
+  std::shared_ptr<FluxWeightProvider> weights_;
+  std::shared_ptr<AttentionBackend> attention_;
+  c10::ScalarType dtype_;
+};
+
+}  // namespace pardit::model

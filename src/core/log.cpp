@@ -1,0 +1,34 @@
+#include "pardit/core/log.h"
+
+#include <cstdio>
+#include <mutex>
+
+namespace pardit {
+namespace {
+int gRank = 0;
+int gWorld = 1;
+LogLevel gLevel = LogLevel::kInfo;
+std::mutex gMutex;
+}  // namespace
+
+void setLogRank(int rank, int worldSize) {
+  gRank = rank;
+  gWorld = worldSize;
+}
+void setLogLevel(LogLevel level) { gLevel = level; }
+LogLevel logLevel() { return gLevel; }
+int logRank() { return gRank; }
+
+void logMessage(LogLevel level, const std::string& msg) {
+  static const char* kNames[] = {"debug", "info", "warn", "error", ""};
+  std::lock_guard<std::mutex> lock(gMutex);
+  // Errors and warnings go to stderr so that batch logs keep them apart from progress output.
+  FILE* out = level >= LogLevel::kWarn ? stderr : stdout;
+  if (level == LogLevel::kInfo) {
+    std::fprintf(out, "[rank %d/%d] %s\n", gRank, gWorld, msg.c_str());
+  } else {
+    std::fprintf(out, "[rank %d/%d] %s: %s\n", gRank, gWorld, kNames[static_cast<int>(level)], msg.c_str());
+  }
+  std::fflush(out);
+}
+}  // namespace pardit

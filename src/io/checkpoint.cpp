@@ -1,0 +1,394 @@
+#include "pardit/io/checkpoint.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <regex>
+#include <set>
+#include <sstream>
+
+#include "pardit/core/dtype.h"
+#include "pardit/core/error.h"
+
+namespace fs = std::filesystem;
+
+namespace pardit::io {
+
+std::string layoutName(CheckpointLayout layout) {
+  return layout == CheckpointLayout::kDiffusers ? "diffusers" : "bfl";
+}
+
+uint64_t TensorSource::nbytes() const {
+  uint64_t n = 0;
+  for (const auto& p : pieces) n += static_cast<uint64_t>(p.rowEnd - p.rowBegin) * p.file->info(p.tensor).rowBytes();
+  return n;
+}
+
+namespace {
+
+std::string shapeText(const std::vector<int64_t>& s) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
+  os << "]";
+  return os.str();
+}
+
+// ---- internal name -> diffusers pieces -------------------------------------------------------------
+
+std::vector<DiffusersPiece> whole(const std::string& name, int64_t rows) { return {{name, 0, rows, rows}}; }
+
+}  // namespace
+
+std::vector<DiffusersPiece> diffusersSourcesOf(const std::string& internal, const model::FluxConfig& c) {
+  const int64_t h = c.hiddenSize, mlp = c.mlpHidden;
+  static const std::map<std::string, std::string> kTop = {
+      {"img_in", "x_embedder"},
+      {"time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"},
+      {"time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"},
+      {"guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"},
+      {"guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"},
+      {"vector_in.in_layer", "time_text_embed.text_embedder.linear_1"},
+      {"vector_in.out_layer", "time_text_embed.text_embedder.linear_2"},
+      {"txt_in", "context_embedder"},
+      {"final_layer.linear", "proj_out"},
+  };
+  const auto dot = internal.rfind('.');
+  PARDIT_CHECK(dot != std::string::npos, "bad internal tensor name '", internal, "'");
+  const std::string stem = internal.substr(0, dot), leaf = internal.substr(dot + 1);  // leaf: weight|bias|scale
+  auto rowsOf = [&](const std::string& s) -> int64_t {
+    if (s == "img_in" || s == "txt_in" || s.find("_in.") != std::string::npos) return h;
+    if (s == "final_layer.linear") return c.outChannels;
+    return h;
+  };
+  if (auto it = kTop.find(stem); it != kTop.end()) return whole(it->second + "." + leaf, rowsOf(stem));
+  if (stem == "final_layer.adaLN_modulation.1") {
+    // Internal rows are shift | scale; diffusers' norm_out.linear rows are scale | shift.
+    const std::string n = "norm_out.linear." + leaf;
+    return {{n, h, 2 * h, 2 * h}, {n, 0, h, 2 * h}};
+  }
+  static const std::regex kDouble(R"(double_blocks\.(\d+)\.(img|txt)_(.+))");
+  static const std::regex kSingle(R"(single_blocks\.(\d+)\.(.+))");
+  std::smatch m;
+  if (std::regex_match(stem, m, kDouble)) {
+    const std::string p = "transformer_blocks." + m[1].str() + ".";
+    const bool img = m[2] == "img";
+    const std::string part = m[3];
+    if (part == "mod.lin") return whole(p + (img ? "norm1.linear." : "norm1_context.linear.") + leaf, 6 * h);
+    if (part == "attn.qkv") {
+      const std::string a = img ? "attn.to_" : "attn.add_";
+      const std::string z = img ? "" : "_proj";
+      return {{p + a + "q" + z + "." + leaf, 0, h, h},
+              {p + a + "k" + z + "." + leaf, 0, h, h},
+              {p + a + "v" + z + "." + leaf, 0, h, h}};
+    }
+    if (part == "attn.norm.query_norm" && leaf == "scale")
+      return whole(p + (img ? "attn.norm_q.weight" : "attn.norm_added_q.weight"), c.headDim());
+    if (part == "attn.norm.key_norm" && leaf == "scale")
+      return whole(p + (img ? "attn.norm_k.weight" : "attn.norm_added_k.weight"), c.headDim());
+    if (part == "attn.proj") return whole(p + (img ? "attn.to_out.0." : "attn.to_add_out.") + leaf, h);
+    if (part == "mlp.0") return whole(p + (img ? "ff.net.0.proj." : "ff_context.net.0.proj.") + leaf, mlp);
+    if (part == "mlp.2") return whole(p + (img ? "ff.net.2." : "ff_context.net.2.") + leaf, h);
+  } else if (std::regex_match(stem, m, kSingle)) {
+    const std::string p = "single_transformer_blocks." + m[1].str() + ".";
+    const std::string part = m[2];
+    if (part == "modulation.lin") return whole(p + "norm.linear." + leaf, 3 * h);
+    if (part == "linear1")
+      return {{p + "attn.to_q." + leaf, 0, h, h},
+              {p + "attn.to_k." + leaf, 0, h, h},
+              {p + "attn.to_v." + leaf, 0, h, h},
+              {p + "proj_mlp." + leaf, 0, mlp, mlp}};
+    if (part == "norm.query_norm" && leaf == "scale") return whole(p + "attn.norm_q.weight", c.headDim());
+    if (part == "norm.key_norm" && leaf == "scale") return whole(p + "attn.norm_k.weight", c.headDim());
+    if (part == "linear2") return whole(p + "proj_out." + leaf, h);
+  }
+  PARDIT_THROW("no diffusers name for internal tensor '", internal, "'");
+}
+
+std::string diffusersConfigJson(const model::FluxConfig& c) {
+  nlohmann::ordered_json j;
+  j["_class_name"] = "FluxTransformer2DModel";
+  j["attention_head_dim"] = c.headDim();
+  j["axes_dims_rope"] = c.axesDim;
+  j["guidance_embeds"] = c.guidanceEmbed;
+  j["in_channels"] = c.inChannels;
+  j["joint_attention_dim"] = c.contextInDim;
+  j["num_attention_heads"] = c.numHeads;
+  j["num_layers"] = c.depth;
+  j["num_single_layers"] = c.depthSingle;
+  j["out_channels"] = c.outChannels;
+  j["patch_size"] = 1;
+  j["pooled_projection_dim"] = c.vecInDim;
+  return j.dump(2) + "\n";
+}
+
+// ---- discovery --------------------------------------------------------------------------------------
+
+class CheckpointBuilder {
+ public:
+  static FluxCheckpoint build(const std::string& path);
+
+ private:
+  static void openDiffusersDir(FluxCheckpoint& ck, const fs::path& dir);
+  static void openBflFile(FluxCheckpoint& ck, const fs::path& file);
+};
+
+namespace {
+
+nlohmann::json readJsonFile(const fs::path& p) {
+  std::ifstream in(p);
+  PARDIT_CHECK(in.good(), p.string(), ": cannot open");
+  try {
+    return nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    PARDIT_THROW(p.string(), ": not valid JSON: ", e.what());
+  }
+}
+
+template <typename T>
+T jsonGet(const nlohmann::json& j, const char* key, const T& fallback, const fs::path& file) {
+  if (!j.contains(key) || j[key].is_null()) return fallback;
+  try {
+    return j[key].get<T>();
+  } catch (const nlohmann::json::exception&) {
+    PARDIT_THROW(file.string(), ": key '", key, "' has the wrong type");
+  }
+}
+
+bool isSafetensors(const fs::path& p) { return p.extension() == ".safetensors" || p.extension() == ".sft"; }
+
+const char* kBflProbe = "double_blocks.0.img_attn.norm.key_norm.scale";
+const char* kDiffusersProbe = "transformer_blocks.0.attn.norm_k.weight";
+
+}  // namespace
+
+void CheckpointBuilder::openDiffusersDir(FluxCheckpoint& ck, const fs::path& dir) {
+  const fs::path cfgPath = dir / "config.json";
+  const nlohmann::json cfg = readJsonFile(cfgPath);
+  PARDIT_CHECK(cfg.is_object(), cfgPath.string(), ": expected a JSON object");
+  const std::string cls = jsonGet<std::string>(cfg, "_class_name", "FluxTransformer2DModel", cfgPath);
+  PARDIT_CHECK(cls == "FluxTransformer2DModel", cfgPath.string(), ": _class_name is '", cls,
+               "', expected FluxTransformer2DModel");
+  model::FluxConfig c;
+  c.inChannels = jsonGet<int64_t>(cfg, "in_channels", 64, cfgPath);
+  c.outChannels = jsonGet<int64_t>(cfg, "out_channels", c.inChannels, cfgPath);
+  c.depth = jsonGet<int64_t>(cfg, "num_layers", 19, cfgPath);
+  c.depthSingle = jsonGet<int64_t>(cfg, "num_single_layers", 38, cfgPath);
+  const int64_t headDim = jsonGet<int64_t>(cfg, "attention_head_dim", 128, cfgPath);
+  c.numHeads = jsonGet<int64_t>(cfg, "num_attention_heads", 24, cfgPath);
+  c.hiddenSize = headDim * c.numHeads;
+  c.mlpHidden = 4 * c.hiddenSize;
+  c.contextInDim = jsonGet<int64_t>(cfg, "joint_attention_dim", 4096, cfgPath);
+  c.vecInDim = jsonGet<int64_t>(cfg, "pooled_projection_dim", 768, cfgPath);
+  c.guidanceEmbed = jsonGet<bool>(cfg, "guidance_embeds", false, cfgPath);
+  c.axesDim = jsonGet<std::vector<int64_t>>(cfg, "axes_dims_rope", {16, 56, 56}, cfgPath);
+  PARDIT_CHECK(jsonGet<int64_t>(cfg, "patch_size", 1, cfgPath) == 1, cfgPath.string(), ": patch_size must be 1");
+  try {
+    c.validate();
+  } catch (const Error& e) {
+    PARDIT_THROW(cfgPath.string(), ": ", e.message());
+  }
+  ck.config_ = c;
+  ck.layout_ = CheckpointLayout::kDiffusers;
+
+  // Files: sharded (index json) or single.
+  std::map<std::string, std::shared_ptr<SafetensorsFile>> byTensor;
+  const fs::path indexPath = dir / "diffusion_pytorch_model.safetensors.index.json";
+  const fs::path singlePath = dir / "diffusion_pytorch_model.safetensors";
+  if (fs::exists(indexPath)) {
+    const nlohmann::json index = readJsonFile(indexPath);
+    PARDIT_CHECK(index.contains("weight_map") && index["weight_map"].is_object(), indexPath.string(),
+                 ": missing weight_map");
+    std::map<std::string, std::shared_ptr<SafetensorsFile>> opened;
+    for (auto it = index["weight_map"].begin(); it != index["weight_map"].end(); ++it) {
+      PARDIT_CHECK(it.value().is_string(), indexPath.string(), ": weight_map entry '", it.key(), "' is not a string");
+      const std::string fname = it.value().get<std::string>();
+      PARDIT_CHECK(fname.find('/') == std::string::npos, indexPath.string(), ": shard name '", fname,
+                   "' must be a file in the same directory");
+      auto& f = opened[fname];
+      if (!f) {
+        const fs::path shard = dir / fname;
+        PARDIT_CHECK(fs::exists(shard), indexPath.string(), ": shard '", fname, "' (listed for tensor '", it.key(),
+                     "') does not exist");
+        f = SafetensorsFile::open(shard.string());
+        ck.files_.push_back(f);
+      }
+      PARDIT_CHECK(f->contains(it.key()), f->path(), ": tensor '", it.key(), "' listed in ", indexPath.filename().string(),
+                   " is not in this shard");
+      byTensor[it.key()] = f;
+    }
+  } else {
+    PARDIT_CHECK(fs::exists(singlePath), dir.string(), ": no diffusion_pytorch_model.safetensors or ",
+                 "diffusion_pytorch_model.safetensors.index.json next to config.json");
+    auto f = SafetensorsFile::open(singlePath.string());
+    ck.files_.push_back(f);
+    for (const auto& t : f->tensors()) byTensor[t.name] = f;
+  }
+
+  for (const auto& group : model::fluxWeightGroups(c)) {
+    for (const auto& spec : group.tensors) {
+      TensorSource src;
+      src.name = spec.name;
+      src.shape = spec.shape;
+      for (const auto& dp : diffusersSourcesOf(spec.name, c)) {
+        auto it = byTensor.find(dp.name);
+        PARDIT_CHECK(it != byTensor.end(), dir.string(), ": tensor '", dp.name, "' not found in the checkpoint files");
+        const TensorInfo& info = it->second->info(dp.name);
+        std::vector<int64_t> expect = spec.shape;
+        expect[0] = dp.rows;
+        PARDIT_CHECK(info.shape == expect, it->second->path(), ": tensor '", dp.name, "' has shape ",
+                     shapeText(info.shape), ", expected ", shapeText(expect), " for ", cfgPath.filename().string(),
+                     " (", c.describe(), ")");
+        src.pieces.push_back({it->second, dp.name, dp.rowBegin, dp.rowEnd});
+      }
+      ck.addSource(std::move(src));
+    }
+  }
+}
+
+void CheckpointBuilder::openBflFile(FluxCheckpoint& ck, const fs::path& file) {
+  auto f = SafetensorsFile::open(file.string());
+  ck.files_.push_back(f);
+  std::string prefix;
+  if (!f->contains(kBflProbe) && f->contains(std::string("model.diffusion_model.") + kBflProbe))
+    prefix = "model.diffusion_model.";
+  PARDIT_CHECK(f->contains(prefix + kBflProbe) || f->contains(kDiffusersProbe), file.string(),
+               ": not a FLUX transformer checkpoint (tensor '", kBflProbe, "' not found)");
+  PARDIT_CHECK(!f->contains(kDiffusersProbe), file.string(),
+               ": diffusers tensor names without transformer/config.json; pass the diffusers directory instead");
+  auto shapeOf = [&](const std::string& n) -> const std::vector<int64_t>& { return f->info(prefix + n).shape; };
+  auto dimOf = [&](const std::string& n, size_t d) -> int64_t {
+    const auto& s = shapeOf(n);
+    PARDIT_CHECK(s.size() > d, file.string(), ": tensor '", prefix + n, "' has shape ", shapeText(s),
+                 ", expected at least ", d + 1, " dimensions");
+    return s[d];
+  };
+  model::FluxConfig c;
+  c.hiddenSize = dimOf("img_in.weight", 0);
+  c.inChannels = dimOf("img_in.weight", 1);
+  c.vecInDim = dimOf("vector_in.in_layer.weight", 1);
+  c.contextInDim = dimOf("txt_in.weight", 1);
+  c.outChannels = dimOf("final_layer.linear.weight", 0);
+  const int64_t headDim = dimOf("double_blocks.0.img_attn.norm.query_norm.scale", 0);
+  PARDIT_CHECK(headDim > 0 && c.hiddenSize % headDim == 0, file.string(), ": head dim ", headDim,
+               " does not divide the hidden size ", c.hiddenSize);
+  c.numHeads = c.hiddenSize / headDim;
+  c.mlpHidden = dimOf("double_blocks.0.img_mlp.0.weight", 0);
+  c.guidanceEmbed = f->contains(prefix + "guidance_in.in_layer.weight");
+  static const std::regex kIdx(R"((double|single)_blocks\.(\d+)\..*)");
+  int64_t nd = 0, ns = 0;
+  for (const auto& t : f->tensors()) {
+    std::smatch m;
+    const std::string n = t.name.substr(std::min(prefix.size(), t.name.size()));
+    if (std::regex_match(n, m, kIdx)) {
+      const int64_t i = std::stoll(m[2].str()) + 1;
+      (m[1] == "double" ? nd : ns) = std::max(m[1] == "double" ? nd : ns, i);
+    }
+  }
+  c.depth = nd;
+  c.depthSingle = ns;
+  // RoPE axes are not stored in BFL files: the "axes_dims_rope" metadata entry (written by pardit synth)
+  // or the FLUX.1 value for a head dim of 128.
+  if (auto it = f->metadata().find("axes_dims_rope"); it != f->metadata().end()) {
+    c.axesDim.clear();
+    std::stringstream ss(it->second);
+    std::string item;
+    while (std::getline(ss, item, ',')) c.axesDim.push_back(std::stoll(item));
+  } else {
+    PARDIT_CHECK(headDim == 128, file.string(), ": cannot infer the RoPE axes for head dim ", headDim,
+                 " (add \"axes_dims_rope\": \"a,b,c\" to the file's __metadata__)");
+    c.axesDim = {16, 56, 56};
+  }
+  try {
+    c.validate();
+  } catch (const Error& e) {
+    PARDIT_THROW(file.string(), ": ", e.message());
+  }
+  ck.config_ = c;
+  ck.layout_ = CheckpointLayout::kBfl;
+  for (const auto& group : model::fluxWeightGroups(c)) {
+    for (const auto& spec : group.tensors) {
+      const std::string n = prefix + spec.name;
+      const TensorInfo* info = f->find(n);
+      PARDIT_CHECK(info != nullptr, file.string(), ": tensor '", n, "' not found");
+      PARDIT_CHECK(info->shape == spec.shape, file.string(), ": tensor '", n, "' has shape ", shapeText(info->shape),
+                   ", expected ", shapeText(spec.shape), " (", c.describe(), ")");
+      ck.addSource(TensorSource{spec.name, spec.shape, {{f, n, 0, info->rows()}}});
+    }
+  }
+}
+
+FluxCheckpoint CheckpointBuilder::build(const std::string& path) {
+  FluxCheckpoint ck;
+  ck.path_ = path;
+  const fs::path p(path);
+  PARDIT_CHECK(fs::exists(p), path, ": no such file or directory");
+  if (fs::is_directory(p)) {
+    if (fs::exists(p / "transformer" / "config.json")) {
+      openDiffusersDir(ck, p / "transformer");
+    } else if (fs::exists(p / "config.json")) {
+      openDiffusersDir(ck, p);
+    } else {
+      std::vector<fs::path> candidates;
+      for (const auto& e : fs::directory_iterator(p))
+        if (e.is_regular_file() && isSafetensors(e.path())) candidates.push_back(e.path());
+      std::vector<fs::path> flux;
+      for (const auto& cpath : candidates) {
+        auto f = SafetensorsFile::open(cpath.string());
+        if (f->contains(kBflProbe) || f->contains(std::string("model.diffusion_model.") + kBflProbe))
+          flux.push_back(cpath);
+      }
+      PARDIT_CHECK(!flux.empty(), path, ": no FLUX transformer found (expected transformer/config.json with "
+                   "diffusion_pytorch_model*.safetensors, or a BFL flux1-*.safetensors file)");
+      PARDIT_CHECK(flux.size() == 1, path, ": ", flux.size(), " FLUX transformer files found; pass one of them");
+      openBflFile(ck, flux[0]);
+    }
+  } else {
+    openBflFile(ck, p);
+  }
+  // The stored dtype: that of the first double (or single) block's modulation weight.
+  const std::string probe = ck.config_.depth > 0 ? "double_blocks.0.img_mod.lin.weight" : "single_blocks.0.linear1.weight";
+  const auto& piece = ck.sources_.at(probe).pieces.at(0);
+  ck.storedDtype_ = safetensorsToScalarType(piece.file->info(piece.tensor).dtype);
+  return ck;
+}
+
+FluxCheckpoint FluxCheckpoint::open(const std::string& path) { return CheckpointBuilder::build(path); }
+
+const TensorSource& FluxCheckpoint::source(const std::string& name) const {
+  auto it = sources_.find(name);
+  PARDIT_CHECK(it != sources_.end(), path_, ": model tensor '", name, "' is not part of this checkpoint");
+  return it->second;
+}
+
+at::Tensor FluxCheckpoint::load(const std::string& name, c10::ScalarType dtype, c10::Device device) const {
+  const TensorSource& src = source(name);
+  std::vector<at::Tensor> parts;
+  parts.reserve(src.pieces.size());
+  for (const auto& p : src.pieces) parts.push_back(p.file->readRows(p.tensor, p.rowBegin, p.rowEnd).to(dtype));
+  at::Tensor t = parts.size() == 1 ? parts[0] : at::cat(parts, 0);
+  PARDIT_CHECK(t.sizes().vec() == src.shape, path_, ": tensor '", name, "' assembled with shape ", t.sizes(),
+               ", expected ", shapeText(src.shape));
+  return device.is_cpu() ? t : t.to(device);
+}
+
+model::WeightGetter FluxCheckpoint::getter(c10::ScalarType dtype, c10::Device device) const {
+  return [this, dtype, device](const std::string& name) { return load(name, dtype, device); };
+}
+
+uint64_t FluxCheckpoint::bytesRead() const {
+  uint64_t n = 0;
+  for (const auto& f : files_) n += f->bytesRead();
+  return n;
+}
+
+uint64_t FluxCheckpoint::totalBytes() const {
+  uint64_t n = 0;
+  for (const auto& [name, src] : sources_) n += src.nbytes();
+  return n;
+}
+
+}  // namespace pardit::io

@@ -1,0 +1,47 @@
+#include "pardit/model/attention.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+#include "pardit/core/error.h"
+
+namespace pardit::model {
+
+namespace {
+AttentionResult mathAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
+  at::Tensor scores = at::matmul(q.to(at::kFloat), k.to(at::kFloat).transpose(-2, -1)) * scale;  // [B,H,Sq,Sk]
+  at::Tensor lse = at::logsumexp(scores, -1);                                                     // [B,H,Sq]
+  at::Tensor p = at::exp(scores - lse.unsqueeze(-1));
+  return {at::matmul(p, v.to(at::kFloat)).to(q.scalar_type()), lse};
+}
+}  // namespace
+
+AttentionResult localAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool needLse) {
+  PARDIT_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention expects [B, H, S, D] tensors");
+  const auto type = q.scalar_type();
+  if (q.device().is_cpu()) {
+    if (type == at::kFloat || type == at::kBFloat16 || type == at::kHalf || type == at::kDouble) {
+      auto r = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, false);
+      return {std::get<0>(r), needLse ? std::get<1>(r) : at::Tensor()};
+    }
+    return mathAttention(q, k, v);
+  }
+  if (q.device().is_cuda()) {
+    if ((type == at::kBFloat16 || type == at::kHalf) && q.size(-1) <= 256) {
+      auto r = at::_scaled_dot_product_flash_attention(q, k, v, 0.0, false, needLse);
+      return {std::get<0>(r), needLse ? std::get<1>(r) : at::Tensor()};
+    }
+    auto r = at::_scaled_dot_product_efficient_attention(q, k, v, std::nullopt, needLse, 0.0, false);
+    return {std::get<0>(r), needLse ? std::get<1>(r) : at::Tensor()};
+  }
+  return mathAttention(q, k, v);
+}
+
+at::Tensor LocalAttention::attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const AttentionCall& /*call*/) {
+  return localAttention(q, k, v, /*needLse=*/false).out;
+}
+
+}  // namespace pardit::model

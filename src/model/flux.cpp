@@ -1,0 +1,253 @@
+#include "pardit/model/flux.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+#include "pardit/core/error.h"
+
+namespace pardit::model {
+
+namespace {
+constexpr double kNormEps = 1e-6;
+
+Linear makeLinear(const WeightGetter& get, const std::string& prefix) {
+  return Linear{get(prefix + ".weight"), get(prefix + ".bias")};
+}
+
+at::Tensor layerNorm(const at::Tensor& x) {  // no affine parameters, eps 1e-6
+  return at::layer_norm(x, {x.size(-1)}, {}, {}, kNormEps);
+}
+
+// (1 + scale) * LN(x) + shift, with scale/shift [B, h] broadcast over tokens.
+at::Tensor modulate(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale) {
+  return layerNorm(x) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1);
+}
+}  // namespace
+
+at::Tensor Linear::operator()(const at::Tensor& x) const { return at::linear(x, weight, bias); }
+
+EmbedderWeights makeEmbedderWeights(const FluxConfig& c, const WeightGetter& get) {
+  EmbedderWeights w;
+  w.imgIn = makeLinear(get, "img_in");
+  w.timeIn1 = makeLinear(get, "time_in.in_layer");
+  w.timeIn2 = makeLinear(get, "time_in.out_layer");
+  if (c.guidanceEmbed) {
+    w.guidanceIn1 = makeLinear(get, "guidance_in.in_layer");
+    w.guidanceIn2 = makeLinear(get, "guidance_in.out_layer");
+  }
+  w.vectorIn1 = makeLinear(get, "vector_in.in_layer");
+  w.vectorIn2 = makeLinear(get, "vector_in.out_layer");
+  w.txtIn = makeLinear(get, "txt_in");
+  return w;
+}
+
+DoubleBlockWeights makeDoubleBlockWeights(const FluxConfig& /*c*/, int64_t index, const WeightGetter& get) {
+  const std::string p = "double_blocks." + std::to_string(index) + ".";
+  DoubleBlockWeights w;
+  auto stream = [&](const std::string& s, DoubleBlockWeights::Stream& out) {
+    out.mod = makeLinear(get, p + s + "_mod.lin");
+    out.qkv = makeLinear(get, p + s + "_attn.qkv");
+    out.qNorm = get(p + s + "_attn.norm.query_norm.scale");
+    out.kNorm = get(p + s + "_attn.norm.key_norm.scale");
+    out.proj = makeLinear(get, p + s + "_attn.proj");
+    out.mlp0 = makeLinear(get, p + s + "_mlp.0");
+    out.mlp2 = makeLinear(get, p + s + "_mlp.2");
+  };
+  stream("img", w.img);
+  stream("txt", w.txt);
+  return w;
+}
+
+SingleBlockWeights makeSingleBlockWeights(const FluxConfig& /*c*/, int64_t index, const WeightGetter& get) {
+  const std::string p = "single_blocks." + std::to_string(index) + ".";
+  SingleBlockWeights w;
+  w.mod = makeLinear(get, p + "modulation.lin");
+  w.linear1 = makeLinear(get, p + "linear1");
+  w.linear2 = makeLinear(get, p + "linear2");
+  w.qNorm = get(p + "norm.query_norm.scale");
+  w.kNorm = get(p + "norm.key_norm.scale");
+  return w;
+}
+
+FinalLayerWeights makeFinalLayerWeights(const FluxConfig& /*c*/, const WeightGetter& get) {
+  return FinalLayerWeights{makeLinear(get, "final_layer.adaLN_modulation.1"), makeLinear(get, "final_layer.linear")};
+}
+
+ResidentFluxWeights::ResidentFluxWeights(const FluxConfig& config, const WeightGetter& get) {
+  emb_ = std::make_shared<EmbedderWeights>(makeEmbedderWeights(config, get));
+  for (int64_t i = 0; i < config.depth; ++i)
+    double_.push_back(std::make_shared<DoubleBlockWeights>(makeDoubleBlockWeights(config, i, get)));
+  for (int64_t i = 0; i < config.depthSingle; ++i)
+    single_.push_back(std::make_shared<SingleBlockWeights>(makeSingleBlockWeights(config, i, get)));
+  final_ = std::make_shared<FinalLayerWeights>(makeFinalLayerWeights(config, get));
+}
+
+// ------------------------------------------------------------------------------------------------
+
+std::pair<at::Tensor, at::Tensor> ropeTables(const at::Tensor& ids, const std::vector<int64_t>& axesDim,
+                                             double theta) {
+  PARDIT_CHECK(ids.dim() == 2 && ids.size(1) == static_cast<int64_t>(axesDim.size()),
+               "position ids must be [L, ", axesDim.size(), "], got ", ids.sizes());
+  const at::Tensor pos = ids.to(at::kFloat);  // positions are float32 (as in the reference), frequencies float64
+  std::vector<at::Tensor> cosParts, sinParts;
+  for (size_t a = 0; a < axesDim.size(); ++a) {
+    const int64_t d = axesDim[a];
+    at::Tensor exponent = at::arange(0, d, 2, at::TensorOptions().dtype(at::kDouble)) / static_cast<double>(d);
+    at::Tensor freqs = 1.0 / at::pow(theta, exponent);                   // [d/2]
+    at::Tensor phi = at::outer(pos.select(1, static_cast<int64_t>(a)), freqs);  // [L, d/2] float64
+    cosParts.push_back(phi.cos().repeat_interleave(2, 1).to(at::kFloat));
+    sinParts.push_back(phi.sin().repeat_interleave(2, 1).to(at::kFloat));
+  }
+  return {at::cat(cosParts, 1), at::cat(sinParts, 1)};  // [L, D]
+}
+
+at::Tensor applyRope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  // Pairs (2j, 2j+1): x' = x * cos + rotate(x) * sin with rotate(x)[2j] = -x[2j+1], rotate(x)[2j+1] = x[2j].
+  at::Tensor pairs = x.unflatten(-1, {-1, 2});  // [..., D/2, 2]
+  at::Tensor re = pairs.select(-1, 0), im = pairs.select(-1, 1);
+  at::Tensor rotated = at::stack({-im, re}, -1).flatten(-2);
+  return (x.to(at::kFloat) * cos + rotated.to(at::kFloat) * sin).to(x.scalar_type());
+}
+
+at::Tensor timestepEmbedding(const at::Tensor& t, int64_t dim) {
+  const int64_t half = dim / 2;
+  at::Tensor exponent = at::arange(0, half, at::TensorOptions().dtype(at::kFloat).device(t.device())) *
+                        (-std::log(10000.0));
+  exponent = exponent / static_cast<double>(half);
+  at::Tensor freqs = at::exp(exponent);
+  at::Tensor args = t.unsqueeze(1).to(at::kFloat) * freqs.unsqueeze(0);  // [B, half]
+  return at::cat({at::cos(args), at::sin(args)}, -1);                     // [B, dim], cos first
+}
+
+// ------------------------------------------------------------------------------------------------
+
+FluxTransformer::FluxTransformer(FluxConfig config, std::shared_ptr<FluxWeightProvider> weights,
+                                 std::shared_ptr<AttentionBackend> attention)
+    : config_(std::move(config)), weights_(std::move(weights)), attention_(std::move(attention)) {
+  config_.validate();
+  PARDIT_CHECK(weights_ != nullptr && attention_ != nullptr, "FluxTransformer needs weights and attention");
+  dtype_ = weights_->embedders()->imgIn.weight.scalar_type();
+}
+
+at::Tensor FluxTransformer::embedImage(const at::Tensor& img) const {
+  return weights_->embedders()->imgIn(img.to(dtype_));
+}
+
+at::Tensor FluxTransformer::embedText(const at::Tensor& txt) const {
+  return weights_->embedders()->txtIn(txt.to(dtype_));
+}
+
+FluxConditioning FluxTransformer::conditioning(const FluxInputs& in) const {
+  auto emb = weights_->embedders();
+  const auto B = in.img.size(0);
+  PARDIT_CHECK(in.timestep.defined() && in.timestep.numel() == B, "timestep must have one value per batch entry");
+  PARDIT_CHECK(in.pooled.defined() && in.pooled.dim() == 2 && in.pooled.size(0) == B &&
+                   in.pooled.size(1) == config_.vecInDim,
+               "pooled projections must be [", B, ", ", config_.vecInDim, "], got ", in.pooled.sizes());
+  FluxConditioning c;
+  // Timestep and guidance are scaled in the hidden dtype, embedded in float32, then cast back.
+  at::Tensor t = in.timestep.reshape({B}).to(dtype_) * 1000;
+  at::Tensor temb = emb->timeIn2(at::silu(emb->timeIn1(timestepEmbedding(t).to(dtype_))));
+  if (config_.guidanceEmbed) {
+    PARDIT_CHECK(in.guidance.defined() && in.guidance.numel() >= 1,
+                 "this model has guidance embeddings: a guidance value is required");
+    at::Tensor g = in.guidance.reshape({-1}).expand({B}).to(dtype_) * 1000;
+    temb = temb + emb->guidanceIn2(at::silu(emb->guidanceIn1(timestepEmbedding(g).to(dtype_))));
+  }
+  at::Tensor pooled = emb->vectorIn2(at::silu(emb->vectorIn1(in.pooled.to(dtype_))));
+  c.vec = temb + pooled;
+  c.siluVec = at::silu(c.vec);
+  at::Tensor ids = at::cat({in.txtIds.to(at::kFloat), in.imgIds.to(at::kFloat)}, 0);  // text first
+  auto [cos, sin] = ropeTables(ids.cpu(), config_.axesDim, config_.theta);
+  c.cos = cos.to(in.img.device()).unsqueeze(0).unsqueeze(2);  // [1, L, 1, D]
+  c.sin = sin.to(in.img.device()).unsqueeze(0).unsqueeze(2);
+  return c;
+}
+
+at::Tensor FluxTransformer::jointAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const FluxConditioning& cond, int64_t textLen, int layer) const {
+  // q, k, v: [B, L, H, D] (QK-normed). RoPE in this layout, attention on [B, H, L, D] views.
+  at::Tensor qr = applyRope(q, cond.cos, cond.sin);
+  at::Tensor kr = applyRope(k, cond.cos, cond.sin);
+  at::Tensor out = attention_->attend(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2),
+                                      AttentionCall{textLen, layer});  // [B, H, L, D]
+  return out.transpose(1, 2).flatten(2).to(q.scalar_type());          // [B, L, h]
+}
+
+void FluxTransformer::doubleBlock(int64_t i, at::Tensor& img, at::Tensor& txt, const FluxConditioning& cond) const {
+  auto w = weights_->doubleBlock(i);
+  const int64_t H = config_.numHeads, D = config_.headDim();
+  const int64_t B = img.size(0), Li = img.size(1), Lt = txt.size(1);
+  auto imod = w->img.mod(cond.siluVec).chunk(6, 1);
+  auto tmod = w->txt.mod(cond.siluVec).chunk(6, 1);
+
+  at::Tensor iqkv = w->img.qkv(modulate(img, imod[0], imod[1])).view({B, Li, 3, H, D});
+  at::Tensor tqkv = w->txt.qkv(modulate(txt, tmod[0], tmod[1])).view({B, Lt, 3, H, D});
+  const std::vector<int64_t> dShape{D};
+  at::Tensor q = at::cat({at::rms_norm(tqkv.select(2, 0), dShape, w->txt.qNorm, kNormEps),
+                          at::rms_norm(iqkv.select(2, 0), dShape, w->img.qNorm, kNormEps)}, 1);
+  at::Tensor k = at::cat({at::rms_norm(tqkv.select(2, 1), dShape, w->txt.kNorm, kNormEps),
+                          at::rms_norm(iqkv.select(2, 1), dShape, w->img.kNorm, kNormEps)}, 1);
+  at::Tensor v = at::cat({tqkv.select(2, 2), iqkv.select(2, 2)}, 1);  // [B, L, H, D]
+  at::Tensor attn = jointAttention(q, k, v, cond, Lt, static_cast<int>(i));
+  at::Tensor tAttn = attn.narrow(1, 0, Lt), iAttn = attn.narrow(1, Lt, Li);
+
+  img = img + imod[2].unsqueeze(1) * w->img.proj(iAttn.contiguous());
+  at::Tensor ih = w->img.mlp2(at::gelu(w->img.mlp0(modulate(img, imod[3], imod[4])), "tanh"));
+  img = img + imod[5].unsqueeze(1) * ih;
+
+  txt = txt + tmod[2].unsqueeze(1) * w->txt.proj(tAttn.contiguous());
+  at::Tensor th = w->txt.mlp2(at::gelu(w->txt.mlp0(modulate(txt, tmod[3], tmod[4])), "tanh"));
+  txt = txt + tmod[5].unsqueeze(1) * th;
+  if (img.scalar_type() == at::kHalf) {
+    img = img.clamp(-65504, 65504);
+    txt = txt.clamp(-65504, 65504);
+  }
+}
+
+at::Tensor FluxTransformer::singleBlock(int64_t i, const at::Tensor& x, int64_t textLen,
+                                        const FluxConditioning& cond) const {
+  auto w = weights_->singleBlock(i);
+  const int64_t H = config_.numHeads, D = config_.headDim(), h = config_.hiddenSize;
+  const int64_t B = x.size(0), L = x.size(1);
+  auto mod = w->mod(cond.siluVec).chunk(3, 1);
+  at::Tensor hidden = w->linear1(modulate(x, mod[0], mod[1]));  // [B, L, 3h + mlp]
+  at::Tensor qkv = hidden.narrow(2, 0, 3 * h).view({B, L, 3, H, D});
+  at::Tensor mlp = at::gelu(hidden.narrow(2, 3 * h, config_.mlpHidden), "tanh");
+  const std::vector<int64_t> dShape{D};
+  at::Tensor q = at::rms_norm(qkv.select(2, 0), dShape, w->qNorm, kNormEps);
+  at::Tensor k = at::rms_norm(qkv.select(2, 1), dShape, w->kNorm, kNormEps);
+  at::Tensor attn = jointAttention(q, k, qkv.select(2, 2), cond, textLen, static_cast<int>(config_.depth + i));
+  at::Tensor out = x + mod[2].unsqueeze(1) * w->linear2(at::cat({attn, mlp}, 2));
+  if (out.scalar_type() == at::kHalf) out = out.clamp(-65504, 65504);
+  return out;
+}
+
+at::Tensor FluxTransformer::finalLayer(const at::Tensor& img, const FluxConditioning& cond) const {
+  auto w = weights_->finalLayer();
+  auto mod = w->adaLN(cond.siluVec).chunk(2, 1);  // shift, scale
+  return w->linear(modulate(img, mod[0], mod[1]));
+}
+
+at::Tensor FluxTransformer::forward(const FluxInputs& in) const {
+  PARDIT_CHECK(in.img.dim() == 3 && in.img.size(2) == config_.inChannels, "hidden_states must be [B, L, ",
+               config_.inChannels, "], got ", in.img.sizes());
+  PARDIT_CHECK(in.txt.dim() == 3 && in.txt.size(0) == in.img.size(0) && in.txt.size(2) == config_.contextInDim,
+               "encoder_hidden_states must be [", in.img.size(0), ", T, ", config_.contextInDim, "], got ",
+               in.txt.sizes());
+  PARDIT_CHECK(in.imgIds.dim() == 2 && in.imgIds.size(0) == in.img.size(1) && in.imgIds.size(1) == 3,
+               "img_ids must be [", in.img.size(1), ", 3], got ", in.imgIds.sizes());
+  PARDIT_CHECK(in.txtIds.dim() == 2 && in.txtIds.size(0) == in.txt.size(1) && in.txtIds.size(1) == 3,
+               "txt_ids must be [", in.txt.size(1), ", 3], got ", in.txtIds.sizes());
+  const FluxConditioning cond = conditioning(in);
+  at::Tensor img = embedImage(in.img);
+  at::Tensor txt = embedText(in.txt);
+  const int64_t Lt = txt.size(1);
+  for (int64_t i = 0; i < config_.depth; ++i) doubleBlock(i, img, txt, cond);
+  at::Tensor x = at::cat({txt, img}, 1);
+  for (int64_t i = 0; i < config_.depthSingle; ++i) x = singleBlock(i, x, Lt, cond);
+  return finalLayer(x.narrow(1, Lt, x.size(1) - Lt), cond);
+}
+
+}  // namespace pardit::model

@@ -1,0 +1,122 @@
+#include "pardit/model/flux_config.h"
+
+#include <numeric>
+#include <sstream>
+
+#include "pardit/core/error.h"
+
+namespace pardit::model {
+
+void FluxConfig::validate() const {
+  PARDIT_CHECK(hiddenSize > 0 && numHeads > 0, "model config: hidden size and head count must be positive");
+  PARDIT_CHECK(hiddenSize % numHeads == 0, "model config: hidden size ", hiddenSize,
+               " is not divisible by the head count ", numHeads);
+  const int64_t sumAxes = std::accumulate(axesDim.begin(), axesDim.end(), int64_t{0});
+  PARDIT_CHECK(axesDim.size() == 3, "model config: expected 3 RoPE axes, got ", axesDim.size());
+  PARDIT_CHECK(sumAxes == headDim(), "model config: RoPE axes sum to ", sumAxes, " but the head dim is ", headDim());
+  for (int64_t a : axesDim) PARDIT_CHECK(a % 2 == 0, "model config: RoPE axis dims must be even, got ", a);
+  PARDIT_CHECK(inChannels > 0 && outChannels > 0 && vecInDim > 0 && contextInDim > 0 && mlpHidden > 0,
+               "model config: dimensions must be positive");
+  PARDIT_CHECK(depth >= 0 && depthSingle >= 0 && depth + depthSingle > 0, "model config: no transformer blocks");
+}
+
+std::string FluxConfig::describe() const {
+  std::ostringstream os;
+  os << "hidden " << hiddenSize << ", heads " << numHeads << " x " << headDim() << ", mlp " << mlpHidden
+     << ", blocks " << depth << " double + " << depthSingle << " single, in " << inChannels << ", context "
+     << contextInDim << ", pooled " << vecInDim << ", axes [" << axesDim[0] << "," << axesDim[1] << ","
+     << axesDim[2] << "], guidance " << (guidanceEmbed ? "yes" : "no");
+  return os.str();
+}
+
+std::vector<std::string> FluxConfig::presetNames() { return {"tiny", "small", "flux-dev", "flux-schnell"}; }
+
+FluxConfig FluxConfig::preset(const std::string& name) {
+  FluxConfig c;  // defaults are FLUX.1-dev
+  if (name == "flux-dev") return c;
+  if (name == "flux-schnell") {
+    c.guidanceEmbed = false;
+    return c;
+  }
+  if (name == "tiny") {
+    // Every structural rule of the real model at a few hundred thousand parameters.
+    c.vecInDim = 32;
+    c.contextInDim = 32;
+    c.hiddenSize = 64;
+    c.numHeads = 4;
+    c.mlpHidden = 256;
+    c.depth = 2;
+    c.depthSingle = 2;
+    c.axesDim = {4, 4, 8};
+    return c;
+  }
+  if (name == "small") {
+    // A CPU-sized model for benchmarks: real head dim and RoPE axes, 1/4 of the width.
+    c.vecInDim = 256;
+    c.contextInDim = 1024;
+    c.hiddenSize = 768;
+    c.numHeads = 6;
+    c.mlpHidden = 3072;
+    c.depth = 4;
+    c.depthSingle = 8;
+    c.axesDim = {16, 56, 56};
+    return c;
+  }
+  PARDIT_THROW("unknown preset '", name, "' (expected tiny, small, flux-dev or flux-schnell)");
+}
+
+namespace {
+void addLinear(std::vector<TensorSpec>& t, const std::string& prefix, int64_t out, int64_t in) {
+  t.push_back({prefix + ".weight", {out, in}});
+  t.push_back({prefix + ".bias", {out}});
+}
+}  // namespace
+
+std::vector<WeightGroupSpec> fluxWeightGroups(const FluxConfig& c) {
+  const int64_t h = c.hiddenSize, d = c.headDim();
+  std::vector<WeightGroupSpec> groups;
+  WeightGroupSpec emb{"embedders", {}};
+  addLinear(emb.tensors, "img_in", h, c.inChannels);
+  addLinear(emb.tensors, "time_in.in_layer", h, 256);
+  addLinear(emb.tensors, "time_in.out_layer", h, h);
+  if (c.guidanceEmbed) {
+    addLinear(emb.tensors, "guidance_in.in_layer", h, 256);
+    addLinear(emb.tensors, "guidance_in.out_layer", h, h);
+  }
+  addLinear(emb.tensors, "vector_in.in_layer", h, c.vecInDim);
+  addLinear(emb.tensors, "vector_in.out_layer", h, h);
+  addLinear(emb.tensors, "txt_in", h, c.contextInDim);
+  groups.push_back(std::move(emb));
+  for (int64_t i = 0; i < c.depth; ++i) {
+    const std::string p = "double_blocks." + std::to_string(i);
+    WeightGroupSpec g{p, {}};
+    for (const char* s : {"img", "txt"}) {
+      const std::string q = p + "." + s;
+      addLinear(g.tensors, q + "_mod.lin", 6 * h, h);
+      addLinear(g.tensors, q + "_attn.qkv", 3 * h, h);
+      g.tensors.push_back({q + "_attn.norm.query_norm.scale", {d}});
+      g.tensors.push_back({q + "_attn.norm.key_norm.scale", {d}});
+      addLinear(g.tensors, q + "_attn.proj", h, h);
+      addLinear(g.tensors, q + "_mlp.0", c.mlpHidden, h);
+      addLinear(g.tensors, q + "_mlp.2", h, c.mlpHidden);
+    }
+    groups.push_back(std::move(g));
+  }
+  for (int64_t i = 0; i < c.depthSingle; ++i) {
+    const std::string p = "single_blocks." + std::to_string(i);
+    WeightGroupSpec g{p, {}};
+    addLinear(g.tensors, p + ".modulation.lin", 3 * h, h);
+    addLinear(g.tensors, p + ".linear1", 3 * h + c.mlpHidden, h);
+    g.tensors.push_back({p + ".norm.query_norm.scale", {d}});
+    g.tensors.push_back({p + ".norm.key_norm.scale", {d}});
+    addLinear(g.tensors, p + ".linear2", h, h + c.mlpHidden);
+    groups.push_back(std::move(g));
+  }
+  WeightGroupSpec fin{"final_layer", {}};
+  addLinear(fin.tensors, "final_layer.adaLN_modulation.1", 2 * h, h);
+  addLinear(fin.tensors, "final_layer.linear", c.outChannels, h);
+  groups.push_back(std::move(fin));
+  return groups;
+}
+
+}  // namespace pardit::model

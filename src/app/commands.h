@@ -1,0 +1,15 @@
+#pragma once
+#include "pardit/config/config.h"
+
+namespace pardit::app {
+
+// Each returns the process exit code; errors are thrown as pardit::Error.
+int runForward(const config::EngineConfig& c);
+int runGenerate(const config::EngineConfig& c);
+int runSynth(const config::EngineConfig& c);
+int runBench(const config::EngineConfig& c);
+
+// Applies --threads, --log-level and --quiet.
+void applyRuntimeOptions(const config::EngineConfig& c);
+
+}  // namespace pardit::app

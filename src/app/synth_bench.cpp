@@ -1,0 +1,191 @@
+// pardit synth / pardit bench
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <numeric>
+
+#include "commands.h"
+#include "pardit/core/dtype.h"
+#include "pardit/core/error.h"
+#include "pardit/core/log.h"
+#include "pardit/core/timer.h"
+#include "pardit/io/synth.h"
+#include "pardit/pipeline/engine.h"
+#include "pardit/pipeline/latents.h"
+#include "pardit/version.h"
+
+namespace pardit::app {
+
+int runSynth(const config::EngineConfig& c) {
+  PARDIT_CHECK(!c.out.empty(), "--out is required (the directory to write the checkpoint to)");
+  io::SynthOptions o;
+  o.config = model::FluxConfig::preset(c.preset);
+  o.presetName = c.preset;
+  PARDIT_CHECK(c.layout == "diffusers" || c.layout == "bfl", "--layout must be diffusers or bfl, got '", c.layout, "'");
+  o.layout = c.layout == "bfl" ? io::CheckpointLayout::kBfl : io::CheckpointLayout::kDiffusers;
+  o.outDir = c.out;
+  o.seed = c.seed;
+  const bool big = c.preset == "flux-dev" || c.preset == "flux-schnell";
+  if (c.dtype == "auto") {
+    o.dtype = big ? c10::kBFloat16 : c10::kFloat;
+  } else {
+    try {
+      o.dtype = parseDtype(c.dtype);
+    } catch (const Error& e) {
+      PARDIT_THROW("--dtype: ", e.message());
+    }
+  }
+  PARDIT_CHECK(c.fill == "random" || c.fill == "zeros", "--fill must be random or zeros, got '", c.fill, "'");
+  o.zeros = c.fill == "zeros";
+  PARDIT_CHECK(c.shardSize > 0, "--shard-size must be positive");
+  o.shardSize = c.shardSize;
+  PARDIT_CHECK(c.textLen >= 0, "--text-len must be >= 0");
+  o.textLen = c.textLen > 0 ? c.textLen : (c.preset == "flux-dev" ? 512 : c.preset == "flux-schnell" ? 256 : c.preset == "small" ? 64 : 16);
+  Timer timer;
+  io::SynthResult r = io::synthesizeCheckpoint(o);
+  logInfo0("wrote ", c.preset, " (", o.config.describe(), ") in the ", c.layout, " layout as ", dtypeName(o.dtype),
+           ": ", r.tensorBytes, " tensor bytes in ", r.files, " file(s), ", timer.seconds(), " s");
+  logInfo0("model: ", r.modelPath);
+  logInfo0("prompt embeddings: ", r.promptEmbedsPath, " (negative: ", r.negativeEmbedsPath, ")");
+  return 0;
+}
+
+namespace {
+
+// FLOPs of one forward: every Linear (2*M*K*N) plus attention (QK^T and PV: 4*B*H*L^2*D).
+double forwardFlops(const model::FluxConfig& m, int64_t B, int64_t Li, int64_t Lt) {
+  const double h = m.hiddenSize, L = static_cast<double>(Li + Lt), mlp = m.mlpHidden;
+  auto lin = [](double rows, double in, double out) { return 2.0 * rows * in * out; };
+  double f = 0;
+  f += lin(B * Li, m.inChannels, h) + lin(B * Lt, m.contextInDim, h);
+  f += lin(B, 256, h) + lin(B, h, h) + lin(B, m.vecInDim, h) + lin(B, h, h);
+  if (m.guidanceEmbed) f += lin(B, 256, h) + lin(B, h, h);
+  const double attn = 4.0 * B * L * L * h;
+  for (int64_t i = 0; i < m.depth; ++i) {
+    f += 2 * lin(B, h, 6 * h);
+    f += lin(B * L, h, 3 * h) + lin(B * L, h, h) + lin(B * L, h, mlp) + lin(B * L, mlp, h);
+    f += attn;
+  }
+  for (int64_t i = 0; i < m.depthSingle; ++i) {
+    f += lin(B, h, 3 * h) + lin(B * L, h, 3 * h + mlp) + lin(B * L, h + mlp, h) + attn;
+  }
+  f += lin(B, h, 2 * h) + lin(B * Li, h, m.outChannels);
+  return f;
+}
+
+// Best-of-n GEMM rate in GFLOP/s for an n x n x n product.
+double gemmRate(c10::ScalarType dtype, int64_t n, int reps) {
+  at::Tensor a = at::randn({n, n}).to(dtype), b = at::randn({n, n}).to(dtype);
+  at::mm(a, b);
+  double best = 1e30;
+  for (int i = 0; i < reps; ++i) {
+    Timer t;
+    at::Tensor c = at::mm(a, b);
+    best = std::min(best, t.seconds());
+  }
+  return 2.0 * n * n * n / best / 1e9;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+}
+
+}  // namespace
+
+int runBench(const config::EngineConfig& c) {
+  PARDIT_CHECK(c.iters >= 1 && c.warmup >= 0, "--iters must be >= 1 and --warmup >= 0");
+  PARDIT_CHECK(c.batch >= 1, "--batch must be >= 1");
+  const c10::Device device = pipeline::resolveDevice(c.device);
+  const c10::ScalarType dtype = pipeline::resolveDtype(c.dtype, device);
+  pipeline::LatentGeometry geom{c.height, c.width, 16};
+  geom.validate();
+
+  std::shared_ptr<model::FluxTransformer> transformer;
+  model::FluxConfig mc;
+  std::string modelName;
+  if (!c.model.empty()) {
+    auto loaded = pipeline::loadFlux(c.model, dtype, device);
+    transformer = loaded.transformer;
+    mc = loaded.checkpoint->config();
+    modelName = c.model;
+  } else {
+    mc = model::FluxConfig::preset(c.preset);
+    auto weights = std::make_shared<model::ResidentFluxWeights>(mc, [&](const std::string& name) {
+      for (const auto& g : model::fluxWeightGroups(mc))
+        for (const auto& t : g.tensors)
+          if (t.name == name) return io::synthTensor(0, name, t.shape).to(dtype).to(device);
+      PARDIT_THROW("no tensor ", name);
+    });
+    transformer = std::make_shared<model::FluxTransformer>(mc, weights, std::make_shared<model::LocalAttention>());
+    modelName = "preset:" + c.preset;
+  }
+  PARDIT_CHECK(mc.inChannels == geom.packedChannels(), "bench needs a model with ", geom.packedChannels(),
+               " input channels");
+  const int64_t B = c.batch, Li = geom.tokens(), Lt = c.textLen;
+  PARDIT_CHECK(Lt >= 1, "--text-len must be >= 1 for bench");
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(1234);
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  model::FluxInputs in;
+  in.img = at::randn({B, Li, mc.inChannels}, gen, opts).to(dtype).to(device);
+  in.txt = at::randn({B, Lt, mc.contextInDim}, gen, opts).to(dtype).to(device);
+  in.pooled = at::randn({B, mc.vecInDim}, gen, opts).to(dtype).to(device);
+  in.timestep = at::full({B}, 0.5, opts).to(device);
+  if (mc.guidanceEmbed) in.guidance = at::full({B}, 3.5, opts).to(device);
+  in.imgIds = pipeline::imageIds(geom).to(device);
+  in.txtIds = pipeline::textIds(Lt).to(device);
+
+  const int threads = at::get_num_threads();
+  logInfo0("bench ", modelName, " (", mc.describe(), "), ", dtypeName(dtype), " on ", device.str(), ", ", threads,
+           " thread(s), batch ", B, ", ", Li, " image + ", Lt, " text tokens");
+  for (int i = 0; i < c.warmup; ++i) transformer->forward(in);
+  std::vector<double> samples;
+  for (int i = 0; i < c.iters; ++i) {
+    Timer t;
+    at::Tensor out = transformer->forward(in);
+    if (device.is_cuda()) out.cpu();
+    samples.push_back(t.seconds());
+  }
+  const double flops = forwardFlops(mc, B, Li, Lt);
+  const double med = median(samples), best = *std::min_element(samples.begin(), samples.end());
+  const double mean = std::accumulate(samples.begin(), samples.end(), 0.0) / samples.size();
+  const double gemm = device.is_cpu() ? gemmRate(dtype, 1024, 5) : 0.0;
+  const double achieved = flops / med / 1e9;
+  logInfo0("forward: median ", med, " s, min ", best, " s, mean ", mean, " s over ", c.iters, " iterations");
+  logInfo0("work: ", flops / 1e9, " GFLOP per forward -> ", achieved, " GFLOP/s");
+  if (gemm > 0) logInfo0("machine GEMM rate (", dtypeName(dtype), ", 1024^3, ", threads, " thread(s)): ", gemm,
+                         " GFLOP/s -> forward reaches ", 100.0 * achieved / gemm, "% of it");
+  std::printf("BENCH pardit model=%s dtype=%s threads=%d batch=%lld image_tokens=%lld text_tokens=%lld "
+              "median_s=%.6f min_s=%.6f gflops=%.3f gemm_gflops=%.3f\n",
+              modelName.c_str(), dtypeName(dtype).c_str(), threads, static_cast<long long>(B),
+              static_cast<long long>(Li), static_cast<long long>(Lt), med, best, achieved, gemm);
+  if (!c.benchOutput.empty()) {
+    nlohmann::ordered_json j;
+    j["tool"] = "pardit";
+    j["version"] = PARDIT_VERSION;
+    j["commit"] = PARDIT_GIT_COMMIT;
+    j["model"] = modelName;
+    j["config"] = mc.describe();
+    j["dtype"] = dtypeName(dtype);
+    j["device"] = device.str();
+    j["threads"] = threads;
+    j["batch"] = B;
+    j["image_tokens"] = Li;
+    j["text_tokens"] = Lt;
+    j["warmup"] = c.warmup;
+    j["samples_s"] = samples;
+    j["median_s"] = med;
+    j["flops"] = flops;
+    j["gflops"] = achieved;
+    j["gemm_gflops"] = gemm;
+    std::ofstream out(c.benchOutput);
+    PARDIT_CHECK(out.good(), c.benchOutput, ": cannot write (--output)");
+    out << j.dump(2) << "\n";
+  }
+  return 0;
+}
+
+}  // namespace pardit::app

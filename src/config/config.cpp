@@ -1,0 +1,152 @@
+#include "pardit/config/config.h"
+
+#include <boost/program_options.hpp>
+
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+
+#include "pardit/core/error.h"
+
+namespace po = boost::program_options;
+
+namespace pardit::config {
+
+const std::vector<std::pair<std::string, std::string>>& commands() {
+  static const std::vector<std::pair<std::string, std::string>> list = {
+      {"generate", "run the text-to-image sampling loop from prompt embeddings"},
+      {"forward", "run one transformer call on tensors from a safetensors file"},
+      {"synth", "write a random-weight FLUX checkpoint in the real file layout"},
+      {"bench", "time transformer forwards and the machine's GEMM rate"},
+  };
+  return list;
+}
+
+std::string usage() {
+  std::ostringstream os;
+  os << "usage: pardit <command> [options]\n\ncommands:\n";
+  for (const auto& [name, text] : commands()) os << "  " << name << std::string(10 - name.size(), ' ') << text << "\n";
+  os << "\n'pardit <command> --help' lists a command's options. Options can also be set with PARDIT_<OPTION>\n"
+        "environment variables (e.g. PARDIT_STEPS=4) or in an INI file given with --config FILE.\n";
+  return os.str();
+}
+
+namespace {
+
+void addCommon(po::options_description& d, EngineConfig& c, bool needModel) {
+  d.add_options()
+      ("help,h", "print this help")
+      ("config", po::value(&c.configFile), "INI file with options (key = value, keys as the long flags)")
+      ("dtype", po::value(&c.dtype)->default_value(c.dtype), "compute dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")
+      ("device", po::value(&c.device)->default_value(c.device), "auto, cpu or cuda")
+      ("threads", po::value(&c.threads)->default_value(c.threads), "intra-op CPU threads per rank (0: library default)")
+      ("log-level", po::value(&c.logLevel)->default_value(c.logLevel), "debug, info, warn or error")
+      ("quiet,q", po::bool_switch(&c.quiet), "print errors only");
+  if (needModel)
+    d.add_options()("model", po::value(&c.model), "FLUX checkpoint: diffusers directory or BFL .safetensors file");
+}
+
+po::options_description describe(const std::string& command, EngineConfig& c) {
+  po::options_description d("pardit " + command + " options");
+  if (command == "forward") {
+    addCommon(d, c, true);
+    d.add_options()
+        ("inputs", po::value(&c.inputs), "safetensors file with hidden_states, encoder_hidden_states, pooled_projections, "
+                                         "timestep, img_ids, txt_ids (and guidance for models with guidance embeddings)")
+        ("output", po::value(&c.output), "safetensors file to write the prediction to (tensor 'sample')");
+  } else if (command == "generate") {
+    addCommon(d, c, true);
+    d.add_options()
+        ("prompt-embeds", po::value(&c.promptEmbeds), "safetensors file with prompt_embeds [B,T,D] and pooled_prompt_embeds [B,P]")
+        ("negative-prompt-embeds", po::value(&c.negativePromptEmbeds), "the same for the negative prompt (true CFG)")
+        ("height", po::value(&c.height)->default_value(c.height), "image height in pixels (multiple of 16)")
+        ("width", po::value(&c.width)->default_value(c.width), "image width in pixels (multiple of 16)")
+        ("steps", po::value(&c.steps)->default_value(c.steps), "denoising steps")
+        ("guidance-scale", po::value(&c.guidanceScale)->default_value(c.guidanceScale),
+         "distilled guidance (models with guidance embeddings, e.g. FLUX.1-dev)")
+        ("true-cfg-scale", po::value(&c.trueCfgScale)->default_value(c.trueCfgScale),
+         "true classifier-free guidance scale; > 1 with --negative-prompt-embeds enables it")
+        ("seed", po::value(&c.seed)->default_value(c.seed), "seed of the initial noise")
+        ("schedule", po::value(&c.schedule)->default_value(c.schedule),
+         "auto (scheduler_config.json, else shifted for guidance-distilled models), shift (dev) or plain (schnell)")
+        ("save-latents", po::value(&c.saveLatents), "write the final packed latents [B,S,64] (tensor 'latents')");
+  } else if (command == "synth") {
+    addCommon(d, c, false);
+    d.add_options()
+        ("preset", po::value(&c.preset)->default_value(c.preset), "tiny, small, flux-dev or flux-schnell")
+        ("layout", po::value(&c.layout)->default_value(c.layout), "diffusers or bfl")
+        ("out", po::value(&c.out), "output directory")
+        ("seed", po::value(&c.seed)->default_value(c.seed), "seed of the random weights")
+        ("fill", po::value(&c.fill)->default_value(c.fill), "random, or zeros (sparse files: real headers, no disk use)")
+        ("text-len", po::value(&c.textLen)->default_value(c.textLen), "tokens in the sample prompt embeddings (0: preset default)")
+        ("shard-size", po::value(&c.shardSize)->default_value(c.shardSize), "largest diffusers shard in bytes");
+  } else if (command == "bench") {
+    addCommon(d, c, true);
+    d.add_options()
+        ("preset", po::value(&c.preset)->default_value("small"), "model preset when no --model is given (weights in memory)")
+        ("height", po::value(&c.height)->default_value(256), "image height in pixels")
+        ("width", po::value(&c.width)->default_value(256), "image width in pixels")
+        ("text-len", po::value(&c.textLen)->default_value(128), "text tokens")
+        ("batch", po::value(&c.batch)->default_value(c.batch), "batch size")
+        ("warmup", po::value(&c.warmup)->default_value(c.warmup), "untimed forwards before timing")
+        ("iters", po::value(&c.iters)->default_value(c.iters), "timed forwards")
+        ("output", po::value(&c.benchOutput), "write every sample and the summary as JSON to this file");
+  } else {
+    PARDIT_THROW("unknown command '", command, "'; expected one of generate, forward, synth, bench");
+  }
+  return d;
+}
+
+// PARDIT_GUIDANCE_SCALE -> guidance-scale, for the options this command has.
+std::string envName(const std::string& var, const po::options_description& d) {
+  static const std::string prefix = "PARDIT_";
+  if (var.compare(0, prefix.size(), prefix) != 0) return "";
+  std::string name = var.substr(prefix.size());
+  for (char& ch : name) ch = ch == '_' ? '-' : static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  if (name == "help") return "";
+  return d.find_nothrow(name, false) != nullptr ? name : "";
+}
+
+}  // namespace
+
+ParseResult parseCommandLine(const std::string& command, const std::vector<std::string>& args) {
+  ParseResult result;
+  EngineConfig& c = result.config;
+  c.command = command;
+  po::options_description desc = describe(command, c);
+  po::variables_map vm;
+  try {
+    po::store(po::command_line_parser(args).options(desc).run(), vm);
+  } catch (const po::error& e) {
+    PARDIT_THROW("pardit ", command, ": ", e.what(), " (see 'pardit ", command, " --help')");
+  }
+  if (vm.count("help")) {
+    std::cout << desc << "\n";
+    result.helpShown = true;
+    return result;
+  }
+  try {
+    po::store(po::parse_environment(desc, [&desc](const std::string& var) { return envName(var, desc); }), vm);
+  } catch (const po::error& e) {
+    PARDIT_THROW("environment: ", e.what(), " (PARDIT_* variables)");
+  }
+  std::string configFile = vm.count("config") ? vm["config"].as<std::string>() : "";
+  if (configFile.empty()) {
+    if (const char* env = std::getenv("PARDIT_CONFIG")) configFile = env;
+  }
+  if (!configFile.empty()) {
+    std::ifstream in(configFile);
+    PARDIT_CHECK(in.good(), configFile, ": cannot open config file (--config)");
+    try {
+      po::store(po::parse_config_file(in, desc, /*allow_unregistered=*/false), vm);
+    } catch (const po::error& e) {
+      PARDIT_THROW(configFile, ": ", e.what());
+    }
+  }
+  po::notify(vm);
+  c.configFile = configFile;
+  return result;
+}
+
+}  // namespace pardit::config

@@ -1,0 +1,85 @@
+#include "pardit/pipeline/engine.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/detail/CUDAHooksInterface.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "pardit/core/dtype.h"
+#include "pardit/core/error.h"
+#include "pardit/core/timer.h"
+
+namespace fs = std::filesystem;
+
+namespace pardit::pipeline {
+
+c10::Device resolveDevice(const std::string& device) {
+  const bool cuda = at::hasCUDA() && at::detail::getCUDAHooks().deviceCount() > 0;
+  if (device == "auto") return cuda ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU);
+  if (device == "cpu") return c10::Device(c10::kCPU);
+  if (device == "cuda") {
+    PARDIT_CHECK(cuda, "--device cuda: no CUDA device is available to this process");
+    return c10::Device(c10::kCUDA, 0);
+  }
+  PARDIT_THROW("--device must be auto, cpu or cuda, got '", device, "'");
+}
+
+c10::ScalarType resolveDtype(const std::string& dtype, const c10::Device& device) {
+  if (dtype == "auto") return device.is_cuda() ? c10::kBFloat16 : c10::kFloat;
+  try {
+    return parseDtype(dtype);
+  } catch (const Error& e) {
+    PARDIT_THROW("--dtype: ", e.message());
+  }
+}
+
+LoadedFlux loadFlux(const std::string& modelPath, c10::ScalarType dtype, const c10::Device& device) {
+  PARDIT_CHECK(!modelPath.empty(), "--model is required (a diffusers directory or a BFL .safetensors file)");
+  Timer timer;
+  LoadedFlux out;
+  out.checkpoint = std::make_shared<io::FluxCheckpoint>(io::FluxCheckpoint::open(modelPath));
+  out.device = device;
+  out.dtype = dtype;
+  auto weights = std::make_shared<model::ResidentFluxWeights>(out.checkpoint->config(),
+                                                              out.checkpoint->getter(dtype, device));
+  out.transformer = std::make_shared<model::FluxTransformer>(out.checkpoint->config(), weights,
+                                                             std::make_shared<model::LocalAttention>());
+  out.loadSeconds = timer.seconds();
+  out.bytesRead = out.checkpoint->bytesRead();
+  return out;
+}
+
+SchedulerConfig resolveSchedule(const std::string& schedule, const io::FluxCheckpoint& ck) {
+  if (schedule == "shift") return SchedulerConfig::dev();
+  if (schedule == "plain") return SchedulerConfig::schnell();
+  PARDIT_CHECK(schedule == "auto", "--schedule must be auto, shift or plain, got '", schedule, "'");
+  if (ck.layout() == io::CheckpointLayout::kDiffusers) {
+    // <root>/transformer/... -> <root>/scheduler/scheduler_config.json
+    const fs::path tdir = fs::path(ck.files().front()->path()).parent_path();
+    const fs::path cfg = tdir.parent_path() / "scheduler" / "scheduler_config.json";
+    if (fs::exists(cfg)) {
+      std::ifstream in(cfg);
+      nlohmann::json j;
+      try {
+        j = nlohmann::json::parse(in);
+      } catch (const nlohmann::json::exception& e) {
+        PARDIT_THROW(cfg.string(), ": not valid JSON: ", e.what());
+      }
+      SchedulerConfig s;
+      s.dynamicShift = j.value("use_dynamic_shifting", false);
+      s.shift = j.value("shift", 1.0);
+      s.baseShift = j.value("base_shift", 0.5);
+      s.maxShift = j.value("max_shift", 1.15);
+      s.baseSeqLen = j.value("base_image_seq_len", int64_t{256});
+      s.maxSeqLen = j.value("max_image_seq_len", int64_t{4096});
+      s.numTrainTimesteps = j.value("num_train_timesteps", int64_t{1000});
+      return s;
+    }
+  }
+  return ck.config().guidanceEmbed ? SchedulerConfig::dev() : SchedulerConfig::schnell();
+}
+
+}  // namespace pardit::pipeline

@@ -14,6 +14,7 @@ schnell) it writes
     output_type="latent") with distilled guidance (dev-like) and with true CFG (schnell-like),
   * the scheduler's sigmas for several step counts and image sizes.
 """
+import copy
 import json
 import os
 import shutil
@@ -127,11 +128,10 @@ def forward_fixture(name, model, cfg, seed):
     tensors = dict(inputs)
     with torch.no_grad():
         tensors["sample"] = model(**inputs, return_dict=False)[0]
-        bf = model.to(torch.bfloat16)
+        bf = copy.deepcopy(model).to(torch.bfloat16)  # keep the fp32 model intact
         binputs = {k: (v.to(torch.bfloat16) if k in ("hidden_states", "encoder_hidden_states",
                                                       "pooled_projections") else v) for k, v in inputs.items()}
         tensors["sample_bf16"] = bf(**binputs, return_dict=False)[0]
-        model.to(torch.float32)
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(OUT, f"forward_{name}.safetensors"))
 
 

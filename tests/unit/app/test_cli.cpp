@@ -1,0 +1,156 @@
+// The pardit executable: end-to-end runs and bad input (one-line error naming the file/flag, non-zero exit).
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <fstream>
+
+#include "../test_util.h"
+#include "pardit/io/safetensors.h"
+
+using namespace pardit;
+using pardit::test::fixture;
+using pardit::test::runPardit;
+using pardit::test::TempDir;
+
+namespace {
+// The error line: exactly one line mentioning "error:".
+std::string errorLine(const std::string& out) {
+  std::string line;
+  size_t count = 0, pos = 0;
+  while ((pos = out.find("error: ", pos)) != std::string::npos) {
+    const size_t start = out.rfind('\n', pos) == std::string::npos ? 0 : out.rfind('\n', pos) + 1;
+    line = out.substr(start, out.find('\n', pos) - start);
+    ++count;
+    ++pos;
+  }
+  return count == 1 ? line : "<" + std::to_string(count) + " error lines in: " + out + ">";
+}
+}  // namespace
+
+TEST(Cli, ForwardOnBothLayoutsReproducesDiffusers) {
+  TempDir dir;
+  for (const std::string model : {"flux_tiny_dev/diffusers", "flux_tiny_dev/flux1-tiny-dev.safetensors"}) {
+    auto r = runPardit("forward --model " + fixture(model) + " --inputs " + fixture("forward_tiny_dev.safetensors") +
+                       " --output " + dir.file("out.safetensors") + " --threads 1");
+    ASSERT_EQ(r.exitCode, 0) << r.output;
+    auto out = io::SafetensorsFile::open(dir.file("out.safetensors"));
+    auto ref = io::SafetensorsFile::open(fixture("forward_tiny_dev.safetensors"));
+    EXPECT_LE(test::maxRelError(out->read("sample"), ref->read("sample")), 1e-4) << model;
+  }
+}
+
+TEST(Cli, SynthThenGenerateIsDeterministicAcrossLayouts) {
+  TempDir dir;
+  for (const std::string layout : {"diffusers", "bfl"}) {
+    auto r = runPardit("synth --preset tiny --layout " + layout + " --seed 3 --out " + dir.file(layout));
+    ASSERT_EQ(r.exitCode, 0) << r.output;
+  }
+  const std::string embeds = dir.file("diffusers/prompt_embeds.safetensors");
+  auto a = runPardit("generate --model " + dir.file("diffusers") + " --prompt-embeds " + embeds +
+                     " --height 32 --width 48 --steps 2 --seed 9 --threads 1 --save-latents " + dir.file("a.safetensors"));
+  ASSERT_EQ(a.exitCode, 0) << a.output;
+  EXPECT_NE(a.output.find("step 2/2"), std::string::npos);
+  auto b = runPardit("generate --model " + dir.file("bfl/flux1-tiny.safetensors") + " --prompt-embeds " + embeds +
+                     " --height 32 --width 48 --steps 2 --seed 9 --threads 1 --save-latents " + dir.file("b.safetensors"));
+  ASSERT_EQ(b.exitCode, 0) << b.output;
+  at::Tensor la = io::SafetensorsFile::open(dir.file("a.safetensors"))->read("latents");
+  at::Tensor lb = io::SafetensorsFile::open(dir.file("b.safetensors"))->read("latents");
+  EXPECT_EQ(la.sizes(), (std::vector<int64_t>{1, 6, 64}));
+  EXPECT_TRUE(at::equal(la, lb));
+  // True CFG changes the result; the negative file comes from synth.
+  auto c = runPardit("generate --model " + dir.file("diffusers") + " --prompt-embeds " + embeds +
+                     " --negative-prompt-embeds " + dir.file("diffusers/negative_prompt_embeds.safetensors") +
+                     " --true-cfg-scale 3 --height 32 --width 48 --steps 2 --seed 9 --threads 1 --save-latents " +
+                     dir.file("c.safetensors"));
+  ASSERT_EQ(c.exitCode, 0) << c.output;
+  at::Tensor lc = io::SafetensorsFile::open(dir.file("c.safetensors"))->read("latents");
+  EXPECT_FALSE(at::allclose(la, lc));
+}
+
+TEST(Cli, EnvironmentAndIniFileFillOptionsWithCommandLinePrecedence) {
+  TempDir dir;
+  ASSERT_EQ(runPardit("synth --preset tiny --out " + dir.file("m")).exitCode, 0);
+  std::ofstream(dir.file("run.ini")) << "# a run\nheight = 32\nwidth = 32\nsteps = 3\nthreads = 1\n";
+  const std::string base = "generate --model " + dir.file("m") + " --prompt-embeds " + dir.file("m/prompt_embeds.safetensors");
+  auto r = runPardit(base + " --config " + dir.file("run.ini"));
+  EXPECT_EQ(r.exitCode, 0) << r.output;
+  EXPECT_NE(r.output.find("3 steps"), std::string::npos) << r.output;
+  r = runPardit("--steps 1 " + base);  // not an option position: the command comes first
+  EXPECT_NE(r.exitCode, 0);
+  r = runPardit(base + " --config " + dir.file("run.ini") + " --steps 2");
+  EXPECT_NE(r.output.find("2 steps"), std::string::npos) << r.output;
+  r = runPardit("");
+  EXPECT_EQ(r.exitCode, 2);
+  const std::string env = "env PARDIT_STEPS=4 PARDIT_HEIGHT=16 PARDIT_WIDTH=16 " + std::string(PARDIT_BINARY) + " " + base;
+  FILE* p = ::popen((env + " 2>&1").c_str(), "r");
+  std::string out;
+  char buf[512];
+  while (std::fgets(buf, sizeof(buf), p)) out += buf;
+  EXPECT_EQ(::pclose(p), 0) << out;
+  EXPECT_NE(out.find("4 steps"), std::string::npos) << out;
+  std::ofstream(dir.file("bad.ini")) << "stepz = 3\n";
+  r = runPardit(base + " --config " + dir.file("bad.ini"));
+  EXPECT_NE(r.exitCode, 0);
+  EXPECT_NE(errorLine(r.output).find("bad.ini"), std::string::npos) << r.output;
+}
+
+struct BadRun {
+  const char* what;
+  std::string args;
+  std::vector<std::string> mustMention;
+};
+
+TEST(Cli, BadInputGivesOneLineErrorAndNonZeroExit) {
+  TempDir dir;
+  ASSERT_EQ(runPardit("synth --preset tiny --out " + dir.file("m")).exitCode, 0);
+  const std::string model = dir.file("m");
+  const std::string embeds = dir.file("m/prompt_embeds.safetensors");
+  // Inputs missing 'guidance' for a model with guidance embeddings.
+  {
+    auto src = io::SafetensorsFile::open(fixture("forward_tiny_dev.safetensors"));
+    std::map<std::string, at::Tensor> t;
+    for (const auto& i : src->tensors())
+      if (i.name != "guidance") t[i.name] = src->read(i.name);
+    io::writeSafetensors(dir.file("noguid.safetensors"), t);
+  }
+  // A truncated model file and a corrupt header.
+  std::filesystem::create_directories(dir.file("trunc"));
+  std::filesystem::copy_file(fixture("flux_tiny_dev/flux1-tiny-dev.safetensors"), dir.file("trunc/flux1-x.safetensors"));
+  std::filesystem::resize_file(dir.file("trunc/flux1-x.safetensors"), 500000);
+  { std::ofstream(dir.file("garbage.safetensors")) << "\xff\xff\xff\xff\xff\xff\xff\x7fgarbage"; }
+  std::filesystem::create_directories(dir.file("empty"));
+
+  const std::vector<BadRun> cases = {
+      {"missing inputs tensor", "forward --model " + fixture("flux_tiny_dev/diffusers") + " --inputs " +
+                                    dir.file("noguid.safetensors") + " --output " + dir.file("o.safetensors"),
+       {"noguid.safetensors", "'guidance'"}},
+      {"inputs for another model", "forward --model " + fixture("flux_tiny_schnell/diffusers") + " --inputs " +
+                                       fixture("forward_tiny_dev.safetensors") + " --output " + dir.file("o.safetensors"),
+       {"forward_tiny_dev.safetensors", "encoder_hidden_states"}},
+      {"truncated model", "generate --model " + dir.file("trunc/flux1-x.safetensors") + " --prompt-embeds " + embeds,
+       {"flux1-x.safetensors"}},
+      {"corrupt header", "generate --model " + dir.file("garbage.safetensors") + " --prompt-embeds " + embeds,
+       {"garbage.safetensors", "header length"}},
+      {"directory without model", "generate --model " + dir.file("empty") + " --prompt-embeds " + embeds,
+       {"empty", "no FLUX transformer found"}},
+      {"bad height", "generate --model " + model + " --prompt-embeds " + embeds + " --height 50", {"--height"}},
+      {"embeddings of the wrong width", "generate --model " + fixture("flux_tiny_schnell/diffusers") +
+                                            " --prompt-embeds " + embeds + " --height 32 --width 32",
+       {"prompt_embeds.safetensors", "prompt_embeds"}},
+      {"true cfg without negative", "generate --model " + model + " --prompt-embeds " + embeds + " --true-cfg-scale 4",
+       {"--negative-prompt-embeds"}},
+      {"unknown option", "generate --model " + model + " --stepz 3", {"stepz"}},
+      {"bad option value", "generate --model " + model + " --steps many", {"--steps"}},
+      {"missing prompt embeds", "generate --model " + model, {"--prompt-embeds"}},
+      {"unknown preset", "synth --preset huge --out " + dir.file("h"), {"huge"}},
+      {"unknown dtype", "forward --model " + model + " --inputs x --output y --dtype fp8", {"--dtype"}},
+      {"unknown command", "frobnicate", {"frobnicate"}},
+  };
+  for (const auto& c : cases) {
+    auto r = runPardit(c.args);
+    EXPECT_NE(r.exitCode, 0) << c.what;
+    const std::string line = errorLine(r.output);
+    for (const auto& m : c.mustMention) EXPECT_NE(line.find(m), std::string::npos) << c.what << ": " << r.output;
+  }
+  EXPECT_FALSE(std::filesystem::exists(dir.file("o.safetensors")));  // nothing written on failure
+}

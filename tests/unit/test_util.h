@@ -1,0 +1,34 @@
+#pragma once
+// Helpers shared by the unit tests.
+#include <ATen/ATen.h>
+
+#include <filesystem>
+#include <string>
+
+namespace pardit::test {
+
+inline std::string fixture(const std::string& rel) { return std::string(PARDIT_FIXTURE_DIR) + "/" + rel; }
+
+// A fresh directory under the system temp dir, removed by the destructor.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  const std::filesystem::path& path() const { return path_; }
+  std::string file(const std::string& name) const { return (path_ / name).string(); }
+
+ private:
+  std::filesystem::path path_;
+};
+
+// max |a - b| / max |b|
+double maxRelError(const at::Tensor& a, const at::Tensor& b);
+
+struct CommandResult {
+  int exitCode = -1;
+  std::string output;  // stdout and stderr
+};
+// Runs the pardit executable with the given arguments (a shell-quoted string).
+CommandResult runPardit(const std::string& args);
+
+}  // namespace pardit::test

@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <numeric>
@@ -89,6 +90,55 @@ double gemmRate(c10::ScalarType dtype, int64_t n, int reps) {
   return 2.0 * n * n * n / best / 1e9;
 }
 
+// Times the forward's GEMMs alone (every Linear with its real shape, weights random) and its
+// attention calls alone, so the rest of the forward time (norms, RoPE, modulation, copies) follows.
+std::pair<double, double> componentTimes(const model::FluxConfig& m, int64_t B, int64_t Li, int64_t Lt,
+                                         c10::ScalarType dtype, const c10::Device& device) {
+  const int64_t h = m.hiddenSize, mlp = m.mlpHidden, L = Li + Lt;
+  std::vector<std::array<int64_t, 3>> shapes;  // rows, in, out
+  shapes.push_back({B * Li, m.inChannels, h});
+  shapes.push_back({B * Lt, m.contextInDim, h});
+  for (int64_t i = 0; i < m.depth; ++i) {
+    for (int64_t s = 0; s < 2; ++s) {
+      const int64_t rows = B * (s == 0 ? Li : Lt);
+      shapes.push_back({B, h, 6 * h});
+      shapes.push_back({rows, h, 3 * h});
+      shapes.push_back({rows, h, h});
+      shapes.push_back({rows, h, mlp});
+      shapes.push_back({rows, mlp, h});
+    }
+  }
+  for (int64_t i = 0; i < m.depthSingle; ++i) {
+    shapes.push_back({B, h, 3 * h});
+    shapes.push_back({B * L, h, 3 * h + mlp});
+    shapes.push_back({B * L, h + mlp, h});
+  }
+  shapes.push_back({B * Li, h, m.outChannels});
+  auto opts = at::TensorOptions().dtype(dtype).device(device);
+  std::vector<std::array<at::Tensor, 3>> args;
+  for (const auto& s : shapes) args.push_back({at::randn({s[0], s[1]}, opts), at::randn({s[2], s[1]}, opts), at::randn({s[2]}, opts)});
+  auto gemms = [&] {
+    for (const auto& a : args) at::linear(a[0], a[1], a[2]);
+  };
+  at::Tensor q = at::randn({B, m.numHeads, L, m.headDim()}, opts);
+  at::Tensor k = at::randn_like(q), v = at::randn_like(q);
+  auto attention = [&] {
+    for (int64_t i = 0; i < m.depth + m.depthSingle; ++i) model::localAttention(q, k, v, false);
+  };
+  gemms();
+  attention();
+  double g = 1e30, a = 1e30;
+  for (int r = 0; r < 3; ++r) {
+    Timer t;
+    gemms();
+    g = std::min(g, t.seconds());
+    t.reset();
+    attention();
+    a = std::min(a, t.seconds());
+  }
+  return {g, a};
+}
+
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
@@ -154,10 +204,14 @@ int runBench(const config::EngineConfig& c) {
   const double mean = std::accumulate(samples.begin(), samples.end(), 0.0) / samples.size();
   const double gemm = device.is_cpu() ? gemmRate(dtype, 1024, 5) : 0.0;
   const double achieved = flops / med / 1e9;
+  const auto [gemmSeconds, attnSeconds] = componentTimes(mc, B, Li, Lt, dtype, device);
+  const double restSeconds = std::max(0.0, med - gemmSeconds - attnSeconds);
   logInfo0("forward: median ", med, " s, min ", best, " s, mean ", mean, " s over ", c.iters, " iterations");
   logInfo0("work: ", flops / 1e9, " GFLOP per forward -> ", achieved, " GFLOP/s");
   if (gemm > 0) logInfo0("machine GEMM rate (", dtypeName(dtype), ", 1024^3, ", threads, " thread(s)): ", gemm,
                          " GFLOP/s -> forward reaches ", 100.0 * achieved / gemm, "% of it");
+  logInfo0("time split: GEMMs ", gemmSeconds, " s (", 100 * gemmSeconds / med, "%), attention ", attnSeconds, " s (",
+           100 * attnSeconds / med, "%), other ops ", restSeconds, " s (", 100 * restSeconds / med, "%)");
   std::printf("BENCH pardit model=%s dtype=%s threads=%d batch=%lld image_tokens=%lld text_tokens=%lld "
               "median_s=%.6f min_s=%.6f gflops=%.3f gemm_gflops=%.3f\n",
               modelName.c_str(), dtypeName(dtype).c_str(), threads, static_cast<long long>(B),
@@ -181,6 +235,7 @@ int runBench(const config::EngineConfig& c) {
     j["flops"] = flops;
     j["gflops"] = achieved;
     j["gemm_gflops"] = gemm;
+    j["split_s"] = {{"gemm", gemmSeconds}, {"attention", attnSeconds}, {"other", restSeconds}};
     std::ofstream out(c.benchOutput);
     PARDIT_CHECK(out.good(), c.benchOutput, ": cannot write (--output)");
     out << j.dump(2) << "\n";

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Configures and builds pardit (Release, ccache) into $PARDIT_BUILD_DIR (default: build/).
+# Extra arguments go to cmake's configure step, e.g. -DPARDIT_BUILD_TESTS=OFF.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+build="${PARDIT_BUILD_DIR:-$root/build}"
+venv="${PARDIT_VENV:-$("$root/launch/install.sh" | tail -n 1)}"
+export PARDIT_VENV="$venv"
+export CCACHE_DIR="${CCACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/pardit/ccache}"
+mkdir -p "$build"
+jobs="${PARDIT_JOBS:-$(nproc)}"
+cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE="${PARDIT_BUILD_TYPE:-Release}" \
+      -DPARDIT_PYTHON="$venv/bin/python" "$@" >"$build/configure.log" 2>&1 || {
+  cat "$build/configure.log" >&2; exit 1; }
+cmake --build "$build" -j "$jobs"

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Installs everything pardit needs to build, test and run, idempotently:
+#   * Debian packages: compiler, CMake, ccache, Open MPI, HDF5, Boost.Program_options, GoogleTest, nlohmann-json
+#   * LibTorch: the pinned torch wheel (launch/versions.env) in a virtual environment
+#     ($PARDIT_VENV, default ~/.cache/pardit/venv-torch-<version>)
+#   * with --reference: diffusers and transformers in the same environment (fixture generation and the
+#     speed comparison against diffusers)
+# Prints the environment's path on the last line.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=versions.env
+source "$here/versions.env"
+
+reference=0
+for arg in "$@"; do
+  case "$arg" in
+    --reference) reference=1 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown argument '$arg' (expected --reference)" >&2; exit 2 ;;
+  esac
+done
+
+packages=(build-essential cmake ccache pkg-config git python3 python3-venv
+          openmpi-bin libopenmpi-dev libhdf5-dev libboost-program-options-dev
+          libgtest-dev nlohmann-json3-dev)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  sudo=""
+  [[ $(id -u) -ne 0 ]] && sudo="sudo"
+  echo "install.sh: installing ${missing[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+venv="${PARDIT_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/pardit/venv-torch-$PARDIT_TORCH_VERSION}"
+python="${PARDIT_BASE_PYTHON:-python3}"
+if [[ ! -x "$venv/bin/python" ]]; then
+  mkdir -p "$(dirname "$venv")"
+  "$python" -m venv "$venv"
+fi
+if ! "$venv/bin/python" -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$PARDIT_TORCH_VERSION')" 2>/dev/null; then
+  echo "install.sh: installing torch $PARDIT_TORCH_VERSION (LibTorch) into $venv" >&2
+  "$venv/bin/pip" install -q --disable-pip-version-check "torch==$PARDIT_TORCH_VERSION" numpy safetensors
+fi
+if ((reference)) && ! "$venv/bin/python" -c "import diffusers, transformers" 2>/dev/null; then
+  echo "install.sh: installing diffusers $PARDIT_DIFFUSERS_VERSION into $venv" >&2
+  "$venv/bin/pip" install -q --disable-pip-version-check "diffusers==$PARDIT_DIFFUSERS_VERSION" transformers sentencepiece
+fi
+echo "$venv"

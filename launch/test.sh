@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs what is missing, builds, and runs the test suite with CTest (one intra-op thread per test).
+# Extra arguments go to ctest, e.g. -L unit or -R Checkpoint.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+build="${PARDIT_BUILD_DIR:-$root/build}"
+export PARDIT_VENV="${PARDIT_VENV:-$("$root/launch/install.sh" | tail -n 1)}"
+"$root/launch/build.sh" -DPARDIT_BUILD_TESTS=ON
+export OMP_NUM_THREADS=1
+cd "$build"
+ctest --output-on-failure -j "${PARDIT_TEST_JOBS:-$(nproc)}" "$@"

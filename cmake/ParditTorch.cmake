@@ -39,3 +39,18 @@ if(PARDIT_WITH_CUDA)
   list(APPEND PARDIT_TORCH_DEFINITIONS PARDIT_WITH_CUDA=1)
 endif()
 message(STATUS "pardit: LibTorch ${Torch_VERSION}, CUDA support: ${PARDIT_WITH_CUDA}")
+
+# NCCL: the library LibTorch itself loads (the nvidia-nccl wheel next to torch), else the CUDA toolkit's.
+set(PARDIT_WITH_NCCL OFF)
+if(PARDIT_WITH_CUDA)
+  get_filename_component(_torch_site "${TORCH_INSTALL_PREFIX}/.." ABSOLUTE)
+  find_path(NCCL_INCLUDE_DIR nccl.h HINTS "${_torch_site}/nvidia/nccl/include" ENV NCCL_HOME PATH_SUFFIXES include
+            PATHS /usr/local/cuda/include)
+  find_library(NCCL_LIBRARY NAMES libnccl.so.2 nccl NAMES_PER_DIR HINTS "${_torch_site}/nvidia/nccl/lib" ENV NCCL_HOME
+               PATH_SUFFIXES lib lib64 PATHS /usr/local/cuda/lib64)
+  if(NCCL_INCLUDE_DIR AND NCCL_LIBRARY)
+    set(PARDIT_WITH_NCCL ON)
+    list(APPEND PARDIT_TORCH_DEFINITIONS PARDIT_WITH_NCCL=1)
+  endif()
+endif()
+message(STATUS "pardit: NCCL backend: ${PARDIT_WITH_NCCL} ${NCCL_LIBRARY}")

@@ -1,6 +1,12 @@
-// The pardit executable: `pardit <command> [options]`.
+// The pardit executable: `pardit <command> [options]`, alone or under mpirun / srun.
+//
+// Error policy: checks throw pardit::Error. Checks that every rank runs together (options, files,
+// shapes, loading) go through Runtime::agree(), so a failure on any rank makes every rank exit
+// cleanly with status 1 and the failing rank prints its one-line message. Any other error is logged
+// by the rank that hit it, which then aborts the whole job (MPI_Abort) so that no rank hangs.
 #include <cstdio>
 #include <exception>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -8,6 +14,7 @@
 #include "pardit/config/config.h"
 #include "pardit/core/error.h"
 #include "pardit/core/log.h"
+#include "pardit/dist/runtime.h"
 #include "pardit/version.h"
 
 int main(int argc, char** argv) {
@@ -25,22 +32,36 @@ int main(int argc, char** argv) {
     std::printf("pardit %s (%s)\n", PARDIT_VERSION, PARDIT_GIT_COMMIT);
     return 0;
   }
+  int status = 0;
+  std::unique_ptr<dist::Runtime> rt;  // outlives the handlers below, so they can still abort the job
   try {
-    const std::vector<std::string> args(argv + 2, argv + argc);
-    config::ParseResult parsed = config::parseCommandLine(command, args);
+    rt = std::make_unique<dist::Runtime>(&argc, &argv);
+    config::ParseResult parsed;
+    rt->agree([&] {
+      parsed = config::parseCommandLine(command, std::vector<std::string>(argv + 2, argv + argc));
+      if (!parsed.helpShown) app::applyRuntimeOptions(parsed.config);
+    });
     if (parsed.helpShown) return 0;
-    app::applyRuntimeOptions(parsed.config);
-    if (command == "forward") return app::runForward(parsed.config);
-    if (command == "generate") return app::runGenerate(parsed.config);
-    if (command == "synth") return app::runSynth(parsed.config);
-    if (command == "bench") return app::runBench(parsed.config);
-    PARDIT_THROW("unknown command '", command, "'");
+    if (command == "forward") {
+      status = app::runForward(parsed.config, *rt);
+    } else if (command == "generate") {
+      status = app::runGenerate(parsed.config, *rt);
+    } else if (command == "bench") {
+      status = app::runBench(parsed.config, *rt);
+    } else if (command == "synth") {
+      rt->agree([&] {
+        if (rt->worldRank() == 0) status = app::runSynth(parsed.config);
+      });
+    }
+  } catch (const dist::CollectiveFailure&) {
+    status = 1;  // every rank agreed on the failure; its message is already printed
   } catch (const Error& e) {
     logError(e.message());
     logDebug("raised at ", e.location());
-    return 1;
+    dist::Runtime::abortJob(1);
   } catch (const std::exception& e) {
     logError(e.what());
-    return 1;
+    dist::Runtime::abortJob(1);
   }
+  return status;
 }

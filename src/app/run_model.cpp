@@ -14,6 +14,9 @@
 #include "pardit/pipeline/engine.h"
 #include "pardit/pipeline/latents.h"
 #include "pardit/pipeline/sampler.h"
+#include "pardit/parallel/cfg_parallel.h"
+#include "parallel_setup.h"
+#include <optional>
 
 namespace pardit::app {
 
@@ -85,105 +88,171 @@ void applyRuntimeOptions(const config::EngineConfig& c) {
   }
 }
 
-int runForward(const config::EngineConfig& c) {
-  PARDIT_CHECK(!c.model.empty(), "--model is required");
-  PARDIT_CHECK(!c.inputs.empty(), "--inputs is required (a safetensors file with the transformer inputs)");
-  PARDIT_CHECK(!c.output.empty(), "--output is required");
-  const c10::Device device = pipeline::resolveDevice(c.device);
-  const c10::ScalarType dtype = pipeline::resolveDtype(c.dtype, device);
+namespace {
 
-  // Everything is checked against the checkpoint headers before any weight is read.
-  auto ck = io::FluxCheckpoint::open(c.model);
-  const auto& mc = ck.config();
-  auto in = io::SafetensorsFile::open(c.inputs);
-  model::FluxInputs x;
-  x.img = requireTensor(*in, "hidden_states", "packed latents [B, L, C]");
-  x.txt = requireTensor(*in, "encoder_hidden_states", "text embeddings [B, T, D]");
-  x.pooled = requireTensor(*in, "pooled_projections", "pooled text embedding [B, P]");
-  x.timestep = requireTensor(*in, "timestep", "[B] sigma in [0, 1]");
-  x.imgIds = requireTensor(*in, "img_ids", "[L, 3] image position ids");
-  x.txtIds = requireTensor(*in, "txt_ids", "[T, 3] text position ids");
-  if (mc.guidanceEmbed) x.guidance = requireTensor(*in, "guidance", "the model has guidance embeddings");
-  if (x.imgIds.dim() == 3) x.imgIds = x.imgIds[0];  // the deprecated batched form
-  if (x.txtIds.dim() == 3) x.txtIds = x.txtIds[0];
-  checkShape(*in, "hidden_states", x.img, {-1, -1, mc.inChannels});
-  const int64_t B = x.img.size(0), L = x.img.size(1);
-  checkShape(*in, "encoder_hidden_states", x.txt, {B, -1, mc.contextInDim});
-  checkShape(*in, "pooled_projections", x.pooled, {B, mc.vecInDim});
-  PARDIT_CHECK(x.timestep.numel() == B || x.timestep.numel() == 1, in->path(), ": tensor 'timestep' has ",
-               x.timestep.numel(), " values, expected ", B);
-  x.timestep = x.timestep.reshape({-1}).expand({B});
-  checkShape(*in, "img_ids", x.imgIds, {L, 3});
-  checkShape(*in, "txt_ids", x.txtIds, {x.txt.size(1), 3});
-  if (x.guidance.defined()) {
-    PARDIT_CHECK(x.guidance.numel() == B || x.guidance.numel() == 1, in->path(), ": tensor 'guidance' has ",
-                 x.guidance.numel(), " values, expected ", B);
-    x.guidance = x.guidance.reshape({-1}).expand({B});
-  }
-
-  auto loaded = pipeline::loadFlux(c.model, dtype, device);
-  logInfo0("model ", c.model, " (", io::layoutName(loaded.checkpoint->layout()), "): ", mc.describe());
-  logInfo0("loaded ", gib(loaded.bytesRead), " of weights in ", loaded.loadSeconds, " s as ", dtypeName(dtype),
-           " on ", device.str());
-  auto to = [&](const at::Tensor& t) { return t.defined() ? t.to(device) : t; };
-  model::FluxInputs dx{to(x.img), to(x.txt), to(x.pooled), to(x.timestep), to(x.guidance), to(x.imgIds), to(x.txtIds)};
+// Weights of the whole model on this rank's device, read from the checkpoint.
+std::shared_ptr<model::FluxWeightProvider> loadWeights(const io::FluxCheckpoint& ck, c10::ScalarType dtype,
+                                                        const c10::Device& device, double* seconds) {
   Timer timer;
-  at::Tensor out = loaded.transformer->forward(dx);
+  auto w = std::make_shared<model::ResidentFluxWeights>(ck.config(), ck.getter(dtype, device));
+  *seconds = timer.seconds();
+  return w;
+}
+
+}  // namespace
+
+int runForward(const config::EngineConfig& c, dist::Runtime& rt) {
+  const dist::ParallelDegrees degrees = degreesOf(c);
+  c10::Device device = c10::kCPU;
+  c10::ScalarType dtype = c10::kFloat;
+  std::optional<io::FluxCheckpoint> ck;
+  model::FluxInputs x;
+  std::shared_ptr<io::SafetensorsFile> in;
+  // Every check runs on every rank before any weight is read; a failure on any rank ends all of them.
+  rt.agree([&] {
+    checkConsistentOptions(rt, c);
+    dist::Topology::validate(degrees, rt.worldSize());
+    PARDIT_CHECK(!c.model.empty(), "--model is required");
+    PARDIT_CHECK(!c.inputs.empty(), "--inputs is required (a safetensors file with the transformer inputs)");
+    PARDIT_CHECK(!c.output.empty(), "--output is required");
+    device = dist::deviceForRank(c.device, rt.localRank());
+    dtype = pipeline::resolveDtype(c.dtype, device);
+    ck.emplace(io::FluxCheckpoint::open(c.model));
+    const auto& mc = ck->config();
+    in = io::SafetensorsFile::open(c.inputs);
+    x.img = requireTensor(*in, "hidden_states", "packed latents [B, L, C]");
+    x.txt = requireTensor(*in, "encoder_hidden_states", "text embeddings [B, T, D]");
+    x.pooled = requireTensor(*in, "pooled_projections", "pooled text embedding [B, P]");
+    x.timestep = requireTensor(*in, "timestep", "[B] sigma in [0, 1]");
+    x.imgIds = requireTensor(*in, "img_ids", "[L, 3] image position ids");
+    x.txtIds = requireTensor(*in, "txt_ids", "[T, 3] text position ids");
+    if (mc.guidanceEmbed) x.guidance = requireTensor(*in, "guidance", "the model has guidance embeddings");
+    if (x.imgIds.dim() == 3) x.imgIds = x.imgIds[0];  // the deprecated batched form
+    if (x.txtIds.dim() == 3) x.txtIds = x.txtIds[0];
+    checkShape(*in, "hidden_states", x.img, {-1, -1, mc.inChannels});
+    const int64_t B = x.img.size(0), L = x.img.size(1);
+    checkShape(*in, "encoder_hidden_states", x.txt, {B, -1, mc.contextInDim});
+    checkShape(*in, "pooled_projections", x.pooled, {B, mc.vecInDim});
+    PARDIT_CHECK(x.timestep.numel() == B || x.timestep.numel() == 1, in->path(), ": tensor 'timestep' has ",
+                 x.timestep.numel(), " values, expected ", B);
+    x.timestep = x.timestep.reshape({-1}).expand({B});
+    checkShape(*in, "img_ids", x.imgIds, {L, 3});
+    checkShape(*in, "txt_ids", x.txtIds, {x.txt.size(1), 3});
+    if (x.guidance.defined()) {
+      PARDIT_CHECK(x.guidance.numel() == B || x.guidance.numel() == 1, in->path(), ": tensor 'guidance' has ",
+                   x.guidance.numel(), " values, expected ", B);
+      x.guidance = x.guidance.reshape({-1}).expand({B});
+    }
+    PARDIT_CHECK(B % degrees.cfg == 0, "--cfg-degree ", degrees.cfg, " splits the batch, but ", in->path(),
+                 " has batch ", B);
+    parallel::checkSequenceParallel(degrees, mc.numHeads, L);
+  });
+  rt.setTopology(degrees, device);
+  const auto& mc = ck->config();
+  std::shared_ptr<model::FluxWeightProvider> weights;
+  double loadSeconds = 0;
+  rt.agree([&] { weights = loadWeights(*ck, dtype, device, &loadSeconds); });
+  logInfo0("model ", c.model, " (", io::layoutName(ck->layout()), "): ", mc.describe());
+  logInfo0("loaded ", gib(ck->bytesRead()), " of weights in ", loadSeconds, " s as ", dtypeName(dtype), " on ",
+           device.str(), " (", degrees.describe(), ")");
+  RankModel rm = makeRankModel(rt, mc, weights);
+
+  // CFG parallelism splits the batch: cfg rank i takes the i-th half.
+  const int64_t B = x.img.size(0), part = B / degrees.cfg, first = rt.topology().cfgRank() * part;
+  auto mine = [&](const at::Tensor& t) { return t.defined() ? t.narrow(0, first, part).to(device) : t; };
+  model::FluxInputs dx{mine(x.img), mine(x.txt), mine(x.pooled), mine(x.timestep), mine(x.guidance),
+                       x.imgIds.to(device), x.txtIds.to(device)};
+  Timer timer;
+  at::Tensor out = rm.fn(dx);
+  if (degrees.cfg > 1) {
+    at::Tensor all = dist::allGather(rt.group(dist::GroupKind::kCfg), out.contiguous());  // [cfg, B/cfg, L, C]
+    out = all.reshape({B, out.size(1), out.size(2)});
+  }
   const double seconds = timer.seconds();
-  io::writeSafetensors(c.output, {{"sample", out.cpu()}}, {{"format", "pt"}});
-  logInfo0("forward [", B, ", ", L, ", ", mc.inChannels, "] in ", seconds, " s; wrote 'sample' ", out.sizes(),
-           " to ", c.output);
+  rt.agree([&] {
+    if (rt.worldRank() == 0) io::writeSafetensors(c.output, {{"sample", out.cpu()}}, {{"format", "pt"}});
+  });
+  logInfo0("forward [", B, ", ", x.img.size(1), ", ", mc.inChannels, "] in ", seconds, " s; wrote 'sample' ",
+           out.sizes(), " to ", c.output);
+  logInfo0("communication: ", collectiveSummary(rt));
   return 0;
 }
 
-int runGenerate(const config::EngineConfig& c) {
-  PARDIT_CHECK(!c.model.empty(), "--model is required");
-  PARDIT_CHECK(!c.promptEmbeds.empty(),
-               "--prompt-embeds is required (safetensors with prompt_embeds and pooled_prompt_embeds)");
-  PARDIT_CHECK(c.steps >= 1, "--steps must be at least 1, got ", c.steps);
-  PARDIT_CHECK(std::isfinite(c.guidanceScale), "--guidance-scale must be finite");
-  PARDIT_CHECK(std::isfinite(c.trueCfgScale), "--true-cfg-scale must be finite");
-  PARDIT_CHECK(!(c.trueCfgScale > 1.0 && c.negativePromptEmbeds.empty()), "--true-cfg-scale ", c.trueCfgScale,
-               " needs --negative-prompt-embeds");
-  const c10::Device device = pipeline::resolveDevice(c.device);
-  const c10::ScalarType dtype = pipeline::resolveDtype(c.dtype, device);
+int runGenerate(const config::EngineConfig& c, dist::Runtime& rt) {
+  const dist::ParallelDegrees degrees = degreesOf(c);
+  c10::Device device = c10::kCPU;
+  c10::ScalarType dtype = c10::kFloat;
+  std::optional<io::FluxCheckpoint> ck;
   pipeline::LatentGeometry geom{c.height, c.width, 16};
-  geom.validate();
-
-  auto ck = io::FluxCheckpoint::open(c.model);
-  const auto& mc = ck.config();
-  PARDIT_CHECK(mc.inChannels == geom.packedChannels(), c.model, ": the model takes ", mc.inChannels,
-               " input channels; text-to-image needs ", geom.packedChannels());
-  pipeline::PromptEmbeddings pos = readEmbeddings(c.promptEmbeds, mc, "--prompt-embeds");
+  pipeline::PromptEmbeddings pos;
   std::optional<pipeline::PromptEmbeddings> neg;
-  if (!c.negativePromptEmbeds.empty()) {
-    neg = readEmbeddings(c.negativePromptEmbeds, mc, "--negative-prompt-embeds");
-    PARDIT_CHECK(neg->promptEmbeds.size(0) == pos.promptEmbeds.size(0), c.negativePromptEmbeds, ": batch ",
-                 neg->promptEmbeds.size(0), " differs from the batch ", pos.promptEmbeds.size(0), " of ", c.promptEmbeds);
-  }
-  const auto schedCfg = pipeline::resolveSchedule(c.schedule, ck);
+  pipeline::SchedulerConfig schedCfg;
+  rt.agree([&] {
+    checkConsistentOptions(rt, c);
+    dist::Topology::validate(degrees, rt.worldSize());
+    PARDIT_CHECK(!c.model.empty(), "--model is required");
+    PARDIT_CHECK(!c.promptEmbeds.empty(),
+                 "--prompt-embeds is required (safetensors with prompt_embeds and pooled_prompt_embeds)");
+    PARDIT_CHECK(c.steps >= 1, "--steps must be at least 1, got ", c.steps);
+    PARDIT_CHECK(std::isfinite(c.guidanceScale), "--guidance-scale must be finite");
+    PARDIT_CHECK(std::isfinite(c.trueCfgScale), "--true-cfg-scale must be finite");
+    PARDIT_CHECK(!(c.trueCfgScale > 1.0 && c.negativePromptEmbeds.empty()), "--true-cfg-scale ", c.trueCfgScale,
+                 " needs --negative-prompt-embeds");
+    PARDIT_CHECK(degrees.cfg == 1 || (c.trueCfgScale > 1.0 && !c.negativePromptEmbeds.empty()),
+                 "--cfg-degree 2 runs the two branches of true CFG and needs --negative-prompt-embeds and "
+                 "--true-cfg-scale > 1");
+    device = dist::deviceForRank(c.device, rt.localRank());
+    dtype = pipeline::resolveDtype(c.dtype, device);
+    geom.validate();
+    ck.emplace(io::FluxCheckpoint::open(c.model));
+    const auto& mc = ck->config();
+    PARDIT_CHECK(mc.inChannels == geom.packedChannels(), c.model, ": the model takes ", mc.inChannels,
+                 " input channels; text-to-image needs ", geom.packedChannels());
+    pos = readEmbeddings(c.promptEmbeds, mc, "--prompt-embeds");
+    if (!c.negativePromptEmbeds.empty()) {
+      neg = readEmbeddings(c.negativePromptEmbeds, mc, "--negative-prompt-embeds");
+      PARDIT_CHECK(neg->promptEmbeds.size(0) == pos.promptEmbeds.size(0), c.negativePromptEmbeds, ": batch ",
+                   neg->promptEmbeds.size(0), " differs from the batch ", pos.promptEmbeds.size(0), " of ",
+                   c.promptEmbeds);
+    }
+    schedCfg = pipeline::resolveSchedule(c.schedule, *ck);
+    parallel::checkSequenceParallel(degrees, mc.numHeads, geom.tokens());
+  });
+  rt.setTopology(degrees, device);
+  const auto& mc = ck->config();
   const int64_t B = pos.promptEmbeds.size(0);
-
-  auto loaded = pipeline::loadFlux(c.model, dtype, device);
-  logInfo0("model ", c.model, " (", io::layoutName(loaded.checkpoint->layout()), "): ", mc.describe());
-  logInfo0("loaded ", gib(loaded.bytesRead), " of weights in ", loaded.loadSeconds, " s as ", dtypeName(dtype),
-           " on ", device.str());
+  std::shared_ptr<model::FluxWeightProvider> weights;
+  double loadSeconds = 0;
+  rt.agree([&] { weights = loadWeights(*ck, dtype, device, &loadSeconds); });
+  logInfo0("model ", c.model, " (", io::layoutName(ck->layout()), "): ", mc.describe());
+  logInfo0("loaded ", gib(ck->bytesRead()), " of weights in ", loadSeconds, " s as ", dtypeName(dtype), " on ",
+           device.str(), " (", degrees.describe(), ")");
+  RankModel rm = makeRankModel(rt, mc, weights);
   auto onDevice = [&](pipeline::PromptEmbeddings e) {
     e.promptEmbeds = e.promptEmbeds.to(device).to(dtype);
     e.pooled = e.pooled.to(device).to(dtype);
     return e;
   };
-  if (neg) neg = onDevice(*neg);
-  pipeline::LocalDenoiser denoiser(loaded.transformer, onDevice(pos), pipeline::imageIds(geom).to(device), neg,
-                                   c.trueCfgScale);
+  const at::Tensor ids = pipeline::imageIds(geom).to(device);
+  std::unique_ptr<pipeline::Denoiser> denoiser;
+  bool trueCfg = neg.has_value() && c.trueCfgScale > 1.0;
+  if (degrees.cfg == 2) {
+    const bool positive = rt.topology().cfgRank() == 0;
+    denoiser = std::make_unique<parallel::CfgParallelDenoiser>(rm.fn, onDevice(positive ? pos : *neg), ids,
+                                                               rt.group(dist::GroupKind::kCfg), c.trueCfgScale);
+  } else {
+    if (neg) neg = onDevice(*neg);
+    denoiser = std::make_unique<pipeline::LocalDenoiser>(rm.fn, onDevice(pos), ids, neg, c.trueCfgScale);
+  }
   pipeline::FlowMatchEulerScheduler scheduler(schedCfg, c.steps, geom.tokens());
+  // The same noise on every rank: a pure function of the seed and the shape.
   at::Tensor latents = pipeline::initialNoise(c.seed, B, geom, dtype).to(device);
   logInfo0("generate ", c.width, "x", c.height, " (", geom.tokens(), " image tokens, ", pos.promptEmbeds.size(1),
            " text tokens), batch ", B, ", ", c.steps, " steps, ", schedCfg.dynamicShift ? "shifted" : "plain",
            " schedule", mc.guidanceEmbed ? ", guidance " + std::to_string(c.guidanceScale) : std::string(),
-           denoiser.trueCfg() ? ", true CFG " + std::to_string(c.trueCfgScale) : std::string());
+           trueCfg ? ", true CFG " + std::to_string(c.trueCfgScale) : std::string());
   Timer total;
-  latents = pipeline::denoise(denoiser, latents, scheduler, mc.guidanceEmbed, c.guidanceScale,
+  latents = pipeline::denoise(*denoiser, latents, scheduler, mc.guidanceEmbed, c.guidanceScale,
                               [&](const pipeline::StepReport& r) {
                                 const double eta = total.seconds() / (r.step + 1) * (r.steps - r.step - 1);
                                 char line[128];
@@ -192,8 +261,11 @@ int runGenerate(const config::EngineConfig& c) {
                                 logInfo0(line);
                               });
   logInfo0("denoised in ", total.seconds(), " s");
+  logInfo0("communication: ", collectiveSummary(rt));
   if (!c.saveLatents.empty()) {
-    io::writeSafetensors(c.saveLatents, {{"latents", latents.cpu()}}, {{"format", "pt"}});
+    rt.agree([&] {
+      if (rt.worldRank() == 0) io::writeSafetensors(c.saveLatents, {{"latents", latents.cpu()}}, {{"format", "pt"}});
+    });
     logInfo0("wrote 'latents' ", latents.sizes(), " to ", c.saveLatents);
   } else {
     logWarn("no output requested: pass --save-latents FILE to keep the result");

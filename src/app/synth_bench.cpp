@@ -17,6 +17,10 @@
 #include "pardit/pipeline/engine.h"
 #include "pardit/pipeline/latents.h"
 #include "pardit/version.h"
+#include "parallel_setup.h"
+#include <ATen/CPUGeneratorImpl.h>
+#include <optional>
+#include <tuple>
 
 namespace pardit::app {
 
@@ -146,99 +150,151 @@ double median(std::vector<double> v) {
 
 }  // namespace
 
-int runBench(const config::EngineConfig& c) {
-  PARDIT_CHECK(c.iters >= 1 && c.warmup >= 0, "--iters must be >= 1 and --warmup >= 0");
-  PARDIT_CHECK(c.batch >= 1, "--batch must be >= 1");
-  const c10::Device device = pipeline::resolveDevice(c.device);
-  const c10::ScalarType dtype = pipeline::resolveDtype(c.dtype, device);
+int runBench(const config::EngineConfig& c, dist::Runtime& rt) {
+  const dist::ParallelDegrees degrees = degreesOf(c);
+  c10::Device device = c10::kCPU;
+  c10::ScalarType dtype = c10::kFloat;
   pipeline::LatentGeometry geom{c.height, c.width, 16};
-  geom.validate();
-
-  std::shared_ptr<model::FluxTransformer> transformer;
   model::FluxConfig mc;
+  std::optional<io::FluxCheckpoint> ck;
+  rt.agree([&] {
+    checkConsistentOptions(rt, c);
+    dist::Topology::validate(degrees, rt.worldSize());
+    PARDIT_CHECK(c.iters >= 1 && c.warmup >= 0, "--iters must be >= 1 and --warmup >= 0");
+    PARDIT_CHECK(c.batch >= 1 && c.batch % degrees.cfg == 0, "--batch must be >= 1 and divisible by --cfg-degree");
+    PARDIT_CHECK(c.textLen >= 1, "--text-len must be >= 1 for bench");
+    device = dist::deviceForRank(c.device, rt.localRank());
+    dtype = pipeline::resolveDtype(c.dtype, device);
+    geom.validate();
+    if (!c.model.empty()) {
+      ck.emplace(io::FluxCheckpoint::open(c.model));
+      mc = ck->config();
+    } else {
+      mc = model::FluxConfig::preset(c.preset);
+    }
+    PARDIT_CHECK(mc.inChannels == geom.packedChannels(), "bench needs a model with ", geom.packedChannels(),
+                 " input channels");
+    parallel::checkSequenceParallel(degrees, mc.numHeads, geom.tokens());
+  });
+  rt.setTopology(degrees, device);
+  std::shared_ptr<model::FluxWeightProvider> weights;
   std::string modelName;
-  if (!c.model.empty()) {
-    auto loaded = pipeline::loadFlux(c.model, dtype, device);
-    transformer = loaded.transformer;
-    mc = loaded.checkpoint->config();
-    modelName = c.model;
-  } else {
-    mc = model::FluxConfig::preset(c.preset);
-    auto weights = std::make_shared<model::ResidentFluxWeights>(mc, [&](const std::string& name) {
+  rt.agree([&] {
+    if (ck) {
+      weights = std::make_shared<model::ResidentFluxWeights>(mc, ck->getter(dtype, device));
+      modelName = c.model;
+    } else {
+      std::map<std::string, std::vector<int64_t>> shapes;
       for (const auto& g : model::fluxWeightGroups(mc))
-        for (const auto& t : g.tensors)
-          if (t.name == name) return io::synthTensor(0, name, t.shape).to(dtype).to(device);
-      PARDIT_THROW("no tensor ", name);
-    });
-    transformer = std::make_shared<model::FluxTransformer>(mc, weights, std::make_shared<model::LocalAttention>());
-    modelName = "preset:" + c.preset;
-  }
-  PARDIT_CHECK(mc.inChannels == geom.packedChannels(), "bench needs a model with ", geom.packedChannels(),
-               " input channels");
-  const int64_t B = c.batch, Li = geom.tokens(), Lt = c.textLen;
-  PARDIT_CHECK(Lt >= 1, "--text-len must be >= 1 for bench");
+        for (const auto& t : g.tensors) shapes[t.name] = t.shape;
+      weights = std::make_shared<model::ResidentFluxWeights>(mc, [&](const std::string& name) {
+        return io::synthTensor(0, name, shapes.at(name)).to(dtype).to(device);
+      });
+      modelName = "preset:" + c.preset;
+    }
+  });
+  RankModel rm = makeRankModel(rt, mc, weights);
+
+  const int64_t B = c.batch, Li = geom.tokens(), Lt = c.textLen, part = B / degrees.cfg;
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(1234);
   auto opts = at::TensorOptions().dtype(at::kFloat);
   model::FluxInputs in;
-  in.img = at::randn({B, Li, mc.inChannels}, gen, opts).to(dtype).to(device);
-  in.txt = at::randn({B, Lt, mc.contextInDim}, gen, opts).to(dtype).to(device);
-  in.pooled = at::randn({B, mc.vecInDim}, gen, opts).to(dtype).to(device);
-  in.timestep = at::full({B}, 0.5, opts).to(device);
-  if (mc.guidanceEmbed) in.guidance = at::full({B}, 3.5, opts).to(device);
-  in.imgIds = pipeline::imageIds(geom).to(device);
-  in.txtIds = pipeline::textIds(Lt).to(device);
+  in.img = at::randn({B, Li, mc.inChannels}, gen, opts).to(dtype);
+  in.txt = at::randn({B, Lt, mc.contextInDim}, gen, opts).to(dtype);
+  in.pooled = at::randn({B, mc.vecInDim}, gen, opts).to(dtype);
+  in.timestep = at::full({B}, 0.5, opts);
+  if (mc.guidanceEmbed) in.guidance = at::full({B}, 3.5, opts);
+  const int64_t first = rt.topology().cfgRank() * part;
+  auto mine = [&](const at::Tensor& t) { return t.defined() ? t.narrow(0, first, part).to(device) : t; };
+  model::FluxInputs dx{mine(in.img), mine(in.txt), mine(in.pooled), mine(in.timestep), mine(in.guidance),
+                       pipeline::imageIds(geom).to(device), pipeline::textIds(Lt).to(device)};
+  auto step = [&] {
+    at::Tensor out = rm.fn(dx);
+    if (degrees.cfg > 1) out = dist::allGather(rt.group(dist::GroupKind::kCfg), out.contiguous());
+    if (device.is_cuda()) out = out.cpu();
+  };
 
   const int threads = at::get_num_threads();
-  logInfo0("bench ", modelName, " (", mc.describe(), "), ", dtypeName(dtype), " on ", device.str(), ", ", threads,
-           " thread(s), batch ", B, ", ", Li, " image + ", Lt, " text tokens");
-  for (int i = 0; i < c.warmup; ++i) transformer->forward(in);
-  std::vector<double> samples;
+  logInfo0("bench ", modelName, " (", mc.describe(), "), ", dtypeName(dtype), " on ", device.str(), ", ",
+           rt.worldSize(), " rank(s) (", degrees.describe(), "), ", threads, " thread(s) per rank, batch ", B, ", ",
+           Li, " image + ", Lt, " text tokens");
+  for (int i = 0; i < c.warmup; ++i) step();
+  rt.world().barrier();
+  std::vector<double> samples, commShares;
   for (int i = 0; i < c.iters; ++i) {
+    const auto before = rt.collectiveTotals();
     Timer t;
-    at::Tensor out = transformer->forward(in);
-    if (device.is_cuda()) out.cpu();
-    samples.push_back(t.seconds());
+    step();
+    const double local = t.seconds();
+    double comm = 0;
+    for (const auto& [name, s] : rt.collectiveTotals())
+      if (name != "barrier") comm += s.seconds - before.at(name).seconds;
+    // A sample is the slowest rank's time; the communication share is this rank's.
+    at::Tensor v = at::tensor({local}, at::kDouble);
+    rt.world().allReduce(v, dist::ReduceOp::kMax);
+    samples.push_back(v.item<double>());
+    commShares.push_back(comm / local);
   }
+  at::Tensor share = at::tensor({median(commShares)}, at::kDouble);
+  rt.world().allReduce(share, dist::ReduceOp::kMax);
   const double flops = forwardFlops(mc, B, Li, Lt);
   const double med = median(samples), best = *std::min_element(samples.begin(), samples.end());
   const double mean = std::accumulate(samples.begin(), samples.end(), 0.0) / samples.size();
-  const double gemm = device.is_cpu() ? gemmRate(dtype, 1024, 5) : 0.0;
   const double achieved = flops / med / 1e9;
-  const auto [gemmSeconds, attnSeconds] = componentTimes(mc, B, Li, Lt, dtype, device);
-  const double restSeconds = std::max(0.0, med - gemmSeconds - attnSeconds);
+  const bool single = rt.worldSize() == 1;
+  const double gemm = device.is_cpu() ? gemmRate(dtype, 1024, 5) : 0.0;
   logInfo0("forward: median ", med, " s, min ", best, " s, mean ", mean, " s over ", c.iters, " iterations");
-  logInfo0("work: ", flops / 1e9, " GFLOP per forward -> ", achieved, " GFLOP/s");
-  if (gemm > 0) logInfo0("machine GEMM rate (", dtypeName(dtype), ", 1024^3, ", threads, " thread(s)): ", gemm,
-                         " GFLOP/s -> forward reaches ", 100.0 * achieved / gemm, "% of it");
-  logInfo0("time split: GEMMs ", gemmSeconds, " s (", 100 * gemmSeconds / med, "%), attention ", attnSeconds, " s (",
-           100 * attnSeconds / med, "%), other ops ", restSeconds, " s (", 100 * restSeconds / med, "%)");
-  std::printf("BENCH pardit model=%s dtype=%s threads=%d batch=%lld image_tokens=%lld text_tokens=%lld "
-              "median_s=%.6f min_s=%.6f gflops=%.3f gemm_gflops=%.3f\n",
-              modelName.c_str(), dtypeName(dtype).c_str(), threads, static_cast<long long>(B),
-              static_cast<long long>(Li), static_cast<long long>(Lt), med, best, achieved, gemm);
+  logInfo0("work: ", flops / 1e9, " GFLOP per forward -> ", achieved, " GFLOP/s", single ? "" : " (all ranks)");
+  logInfo0("communication: ", 100.0 * share.item<double>(), "% of the step time (largest rank); ",
+           collectiveSummary(rt));
+  if (gemm > 0)
+    logInfo0("machine GEMM rate (", dtypeName(dtype), ", 1024^3, ", threads, " thread(s)): ", gemm,
+             " GFLOP/s per rank -> forward reaches ", 100.0 * achieved / (gemm * rt.worldSize()), "% of it");
+  double gemmSeconds = 0, attnSeconds = 0, restSeconds = 0;
+  if (single) {
+    std::tie(gemmSeconds, attnSeconds) = componentTimes(mc, B, Li, Lt, dtype, device);
+    restSeconds = std::max(0.0, med - gemmSeconds - attnSeconds);
+    logInfo0("time split: GEMMs ", gemmSeconds, " s (", 100 * gemmSeconds / med, "%), attention ", attnSeconds,
+             " s (", 100 * attnSeconds / med, "%), other ops ", restSeconds, " s (", 100 * restSeconds / med, "%)");
+  }
+  if (rt.worldRank() == 0) {
+    std::printf("BENCH pardit model=%s dtype=%s ranks=%d ulysses=%d ring=%d cfg=%d threads=%d batch=%lld "
+                "image_tokens=%lld text_tokens=%lld median_s=%.6f min_s=%.6f gflops=%.3f comm_share=%.4f "
+                "gemm_gflops=%.3f\n",
+                modelName.c_str(), dtypeName(dtype).c_str(), rt.worldSize(), degrees.ulysses, degrees.ring,
+                degrees.cfg, threads, static_cast<long long>(B), static_cast<long long>(Li),
+                static_cast<long long>(Lt), med, best, achieved, share.item<double>(), gemm);
+    std::fflush(stdout);
+  }
   if (!c.benchOutput.empty()) {
-    nlohmann::ordered_json j;
-    j["tool"] = "pardit";
-    j["version"] = PARDIT_VERSION;
-    j["commit"] = PARDIT_GIT_COMMIT;
-    j["model"] = modelName;
-    j["config"] = mc.describe();
-    j["dtype"] = dtypeName(dtype);
-    j["device"] = device.str();
-    j["threads"] = threads;
-    j["batch"] = B;
-    j["image_tokens"] = Li;
-    j["text_tokens"] = Lt;
-    j["warmup"] = c.warmup;
-    j["samples_s"] = samples;
-    j["median_s"] = med;
-    j["flops"] = flops;
-    j["gflops"] = achieved;
-    j["gemm_gflops"] = gemm;
-    j["split_s"] = {{"gemm", gemmSeconds}, {"attention", attnSeconds}, {"other", restSeconds}};
-    std::ofstream out(c.benchOutput);
-    PARDIT_CHECK(out.good(), c.benchOutput, ": cannot write (--output)");
-    out << j.dump(2) << "\n";
+    rt.agree([&] {
+      if (rt.worldRank() != 0) return;
+      nlohmann::ordered_json j;
+      j["tool"] = "pardit";
+      j["version"] = PARDIT_VERSION;
+      j["commit"] = PARDIT_GIT_COMMIT;
+      j["model"] = modelName;
+      j["config"] = mc.describe();
+      j["dtype"] = dtypeName(dtype);
+      j["device"] = device.str();
+      j["ranks"] = rt.worldSize();
+      j["degrees"] = {{"cfg", degrees.cfg}, {"ring", degrees.ring}, {"ulysses", degrees.ulysses}};
+      j["threads"] = threads;
+      j["batch"] = B;
+      j["image_tokens"] = Li;
+      j["text_tokens"] = Lt;
+      j["warmup"] = c.warmup;
+      j["samples_s"] = samples;
+      j["median_s"] = med;
+      j["comm_share"] = share.item<double>();
+      j["flops"] = flops;
+      j["gflops"] = achieved;
+      j["gemm_gflops"] = gemm;
+      if (single) j["split_s"] = {{"gemm", gemmSeconds}, {"attention", attnSeconds}, {"other", restSeconds}};
+      std::ofstream out(c.benchOutput);
+      PARDIT_CHECK(out.good(), c.benchOutput, ": cannot write (--output)");
+      out << j.dump(2) << "\n";
+    });
   }
   return 0;
 }

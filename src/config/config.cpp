@@ -47,16 +47,28 @@ void addCommon(po::options_description& d, EngineConfig& c, bool needModel) {
     d.add_options()("model", po::value(&c.model), "FLUX checkpoint: diffusers directory or BFL .safetensors file");
 }
 
+void addParallel(po::options_description& d, EngineConfig& c) {
+  d.add_options()
+      ("ulysses-degree", po::value(&c.ulyssesDegree)->default_value(c.ulyssesDegree),
+       "Ulysses sequence parallelism (all-to-all over attention heads); must divide the head count")
+      ("ring-degree", po::value(&c.ringDegree)->default_value(c.ringDegree),
+       "Ring sequence parallelism (K/V blocks passed around a ring)")
+      ("cfg-degree", po::value(&c.cfgDegree)->default_value(c.cfgDegree),
+       "2: the true-CFG branches (generate) or batch halves (forward) on two rank groups");
+}
+
 po::options_description describe(const std::string& command, EngineConfig& c) {
   po::options_description d("pardit " + command + " options");
   if (command == "forward") {
     addCommon(d, c, true);
+    addParallel(d, c);
     d.add_options()
         ("inputs", po::value(&c.inputs), "safetensors file with hidden_states, encoder_hidden_states, pooled_projections, "
                                          "timestep, img_ids, txt_ids (and guidance for models with guidance embeddings)")
         ("output", po::value(&c.output), "safetensors file to write the prediction to (tensor 'sample')");
   } else if (command == "generate") {
     addCommon(d, c, true);
+    addParallel(d, c);
     d.add_options()
         ("prompt-embeds", po::value(&c.promptEmbeds), "safetensors file with prompt_embeds [B,T,D] and pooled_prompt_embeds [B,P]")
         ("negative-prompt-embeds", po::value(&c.negativePromptEmbeds), "the same for the negative prompt (true CFG)")
@@ -83,6 +95,7 @@ po::options_description describe(const std::string& command, EngineConfig& c) {
         ("shard-size", po::value(&c.shardSize)->default_value(c.shardSize), "largest diffusers shard in bytes");
   } else if (command == "bench") {
     addCommon(d, c, true);
+    addParallel(d, c);
     d.add_options()
         ("preset", po::value(&c.preset)->default_value("small"), "model preset when no --model is given (weights in memory)")
         ("height", po::value(&c.height)->default_value(256), "image height in pixels")

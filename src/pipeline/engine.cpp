@@ -36,7 +36,8 @@ c10::ScalarType resolveDtype(const std::string& dtype, const c10::Device& device
   }
 }
 
-LoadedFlux loadFlux(const std::string& modelPath, c10::ScalarType dtype, const c10::Device& device) {
+LoadedFlux loadFlux(const std::string& modelPath, c10::ScalarType dtype, const c10::Device& device,
+                    std::shared_ptr<model::AttentionBackend> attention) {
   PARDIT_CHECK(!modelPath.empty(), "--model is required (a diffusers directory or a BFL .safetensors file)");
   Timer timer;
   LoadedFlux out;
@@ -45,8 +46,8 @@ LoadedFlux loadFlux(const std::string& modelPath, c10::ScalarType dtype, const c
   out.dtype = dtype;
   auto weights = std::make_shared<model::ResidentFluxWeights>(out.checkpoint->config(),
                                                               out.checkpoint->getter(dtype, device));
-  out.transformer = std::make_shared<model::FluxTransformer>(out.checkpoint->config(), weights,
-                                                             std::make_shared<model::LocalAttention>());
+  if (!attention) attention = std::make_shared<model::LocalAttention>();
+  out.transformer = std::make_shared<model::FluxTransformer>(out.checkpoint->config(), weights, attention);
   out.loadSeconds = timer.seconds();
   out.bytesRead = out.checkpoint->bytesRead();
   return out;

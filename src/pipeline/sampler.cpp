@@ -8,15 +8,19 @@
 
 namespace pardit::pipeline {
 
-LocalDenoiser::LocalDenoiser(std::shared_ptr<const model::FluxTransformer> transformer, PromptEmbeddings positive,
-                             at::Tensor imageIds, std::optional<PromptEmbeddings> negative, double trueCfgScale)
+TransformerFn localTransformer(std::shared_ptr<const model::FluxTransformer> transformer) {
+  return [t = std::move(transformer)](const model::FluxInputs& in) { return t->forward(in); };
+}
+
+LocalDenoiser::LocalDenoiser(TransformerFn transformer, PromptEmbeddings positive, at::Tensor imageIds,
+                             std::optional<PromptEmbeddings> negative, double trueCfgScale)
     : transformer_(std::move(transformer)),
       positive_(std::move(positive)),
       negative_(std::move(negative)),
       imageIds_(std::move(imageIds)),
       trueCfgScale_(trueCfgScale) {
-  textIds_ = textIds(positive_.promptEmbeds.size(1));
-  if (negative_) negTextIds_ = textIds(negative_->promptEmbeds.size(1));
+  textIds_ = textIds(positive_.promptEmbeds.size(1)).to(imageIds_.device());
+  if (negative_) negTextIds_ = textIds(negative_->promptEmbeds.size(1)).to(imageIds_.device());
 }
 
 at::Tensor combineTrueCfg(const at::Tensor& positive, const at::Tensor& negative, double scale) {
@@ -25,10 +29,10 @@ at::Tensor combineTrueCfg(const at::Tensor& positive, const at::Tensor& negative
 
 at::Tensor LocalDenoiser::velocity(const at::Tensor& latents, const at::Tensor& timestep, const at::Tensor& guidance) {
   model::FluxInputs in{latents, positive_.promptEmbeds, positive_.pooled, timestep, guidance, imageIds_, textIds_};
-  at::Tensor v = transformer_->forward(in);
+  at::Tensor v = transformer_(in);
   if (!trueCfg()) return v;
   model::FluxInputs neg{latents, negative_->promptEmbeds, negative_->pooled, timestep, guidance, imageIds_, negTextIds_};
-  return combineTrueCfg(v, transformer_->forward(neg), trueCfgScale_);
+  return combineTrueCfg(v, transformer_(neg), trueCfgScale_);
 }
 
 at::Tensor denoise(Denoiser& denoiser, at::Tensor latents, const FlowMatchEulerScheduler& scheduler,

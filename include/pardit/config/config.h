@@ -21,6 +21,11 @@ struct EngineConfig {
   bool quiet = false;
   std::string configFile;
 
+  // Parallel degrees (forward, generate, bench): world size = cfg x ring x ulysses
+  int ulyssesDegree = 1;
+  int ringDegree = 1;
+  int cfgDegree = 1;
+
   // forward
   std::string inputs;
   std::string output;

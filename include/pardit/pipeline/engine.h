@@ -28,7 +28,9 @@ struct LoadedFlux {
   uint64_t bytesRead = 0;
 };
 
-LoadedFlux loadFlux(const std::string& modelPath, c10::ScalarType dtype, const c10::Device& device);
+// Loads the model; `attention` defaults to single-device attention.
+LoadedFlux loadFlux(const std::string& modelPath, c10::ScalarType dtype, const c10::Device& device,
+                    std::shared_ptr<model::AttentionBackend> attention = nullptr);
 
 // The schedule for a model: "shift" (dev), "plain" (schnell), or "auto": scheduler/scheduler_config.json
 // next to a diffusers transformer when present, else shifted iff the model has guidance embeddings.

@@ -7,6 +7,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 
 #include "pardit/model/flux.h"
 #include "pardit/pipeline/scheduler.h"
@@ -27,17 +28,26 @@ class Denoiser {
   virtual at::Tensor velocity(const at::Tensor& latents, const at::Tensor& timestep, const at::Tensor& guidance) = 0;
 };
 
-// One process runs every transformer call; with true CFG the negative branch runs after the positive.
+// One transformer call on full inputs (a local FluxTransformer, or one split over a sequence-parallel group).
+using TransformerFn = std::function<at::Tensor(const model::FluxInputs&)>;
+TransformerFn localTransformer(std::shared_ptr<const model::FluxTransformer> transformer);
+
+// One rank (or one sequence-parallel group) runs every transformer call; with true CFG the negative
+// branch runs after the positive.
 class LocalDenoiser final : public Denoiser {
  public:
+  LocalDenoiser(TransformerFn transformer, PromptEmbeddings positive, at::Tensor imageIds,
+                std::optional<PromptEmbeddings> negative = std::nullopt, double trueCfgScale = 1.0);
   LocalDenoiser(std::shared_ptr<const model::FluxTransformer> transformer, PromptEmbeddings positive,
                 at::Tensor imageIds, std::optional<PromptEmbeddings> negative = std::nullopt,
-                double trueCfgScale = 1.0);
+                double trueCfgScale = 1.0)
+      : LocalDenoiser(localTransformer(std::move(transformer)), std::move(positive), std::move(imageIds),
+                      std::move(negative), trueCfgScale) {}
   at::Tensor velocity(const at::Tensor& latents, const at::Tensor& timestep, const at::Tensor& guidance) override;
   bool trueCfg() const { return negative_.has_value() && trueCfgScale_ > 1.0; }
 
  private:
-  std::shared_ptr<const model::FluxTransformer> transformer_;
+  TransformerFn transformer_;
   PromptEmbeddings positive_;
   std::optional<PromptEmbeddings> negative_;
   at::Tensor imageIds_, textIds_, negTextIds_;

@@ -4,7 +4,7 @@
 
 #include <fstream>
 
-#include "../test_util.h"
+#include "test_util.h"
 #include "pardit/io/safetensors.h"
 
 using namespace pardit;

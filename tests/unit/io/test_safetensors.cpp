@@ -3,7 +3,7 @@
 
 #include <fstream>
 
-#include "../test_util.h"
+#include "test_util.h"
 #include "pardit/core/error.h"
 #include "pardit/io/safetensors.h"
 

@@ -4,7 +4,7 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
-#include "../test_util.h"
+#include "test_util.h"
 #include "pardit/io/safetensors.h"
 #include "pardit/pipeline/engine.h"
 

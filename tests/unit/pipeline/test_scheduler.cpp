@@ -5,7 +5,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "../test_util.h"
+#include "test_util.h"
 #include "pardit/pipeline/scheduler.h"
 
 using namespace pardit;

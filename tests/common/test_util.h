@@ -28,6 +28,8 @@ struct CommandResult {
   int exitCode = -1;
   std::string output;  // stdout and stderr
 };
+// Runs a shell command line, capturing stdout and stderr together.
+CommandResult runCommand(const std::string& commandLine);
 // Runs the pardit executable with the given arguments (a shell-quoted string).
 CommandResult runPardit(const std::string& args);
 

@@ -26,9 +26,11 @@ double maxRelError(const at::Tensor& a, const at::Tensor& b) {
   return (x - y).abs().max().item<double>() / y.abs().max().item<double>();
 }
 
-CommandResult runPardit(const std::string& args) {
+CommandResult runPardit(const std::string& args) { return runCommand(std::string(PARDIT_BINARY) + " " + args); }
+
+CommandResult runCommand(const std::string& commandLine) {
   CommandResult r;
-  const std::string cmd = std::string(PARDIT_BINARY) + " " + args + " 2>&1";
+  const std::string cmd = commandLine + " 2>&1";
   FILE* pipe = ::popen(cmd.c_str(), "r");
   if (!pipe) return r;
   std::array<char, 4096> buf{};

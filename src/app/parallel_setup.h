@@ -1,0 +1,33 @@
+#pragma once
+// Shared by the commands: the parallel layout of a run and the transformer function of this rank.
+#include <memory>
+#include <string>
+
+#include "pardit/config/config.h"
+#include "pardit/dist/runtime.h"
+#include "pardit/model/flux.h"
+#include "pardit/parallel/sequence_parallel.h"
+#include "pardit/pipeline/sampler.h"
+
+namespace pardit::app {
+
+dist::ParallelDegrees degreesOf(const config::EngineConfig& c);
+
+// Fails (on every rank) when ranks were started with different values of options that must agree;
+// paths may differ (node-local copies of a model are fine).
+void checkConsistentOptions(dist::Runtime& rt, const config::EngineConfig& c);
+
+// This rank's transformer: local, or split over its sequence-parallel group with USP attention.
+struct RankModel {
+  std::shared_ptr<model::FluxTransformer> transformer;
+  std::shared_ptr<parallel::UspAttention> usp;
+  std::shared_ptr<parallel::SequenceParallelTransformer> sp;
+  pipeline::TransformerFn fn;
+};
+RankModel makeRankModel(dist::Runtime& rt, const model::FluxConfig& config,
+                        std::shared_ptr<model::FluxWeightProvider> weights);
+
+// One line per collective kind with calls, bytes and seconds (this rank's counters).
+std::string collectiveSummary(const dist::Runtime& rt);
+
+}  // namespace pardit::app

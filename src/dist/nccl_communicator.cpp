@@ -1,0 +1,234 @@
+#include "nccl_communicator.h"
+
+#include "pardit/core/error.h"
+
+#if defined(PARDIT_WITH_NCCL)
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAEvent.h>
+#include <cstring>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <nccl.h>
+
+#include "pardit/core/log.h"
+#include "pardit/core/timer.h"
+
+#define PARDIT_NCCL_CHECK(call)                                                              \
+  do {                                                                                       \
+    ncclResult_t r_ = (call);                                                                \
+    if (r_ != ncclSuccess) PARDIT_THROW("NCCL call ", #call, " failed: ", ncclGetErrorString(r_)); \
+  } while (0)
+
+namespace pardit::dist {
+
+namespace {
+
+ncclDataType_t ncclType(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return ncclFloat32;
+    case at::kHalf: return ncclFloat16;
+    case at::kBFloat16: return ncclBfloat16;
+    case at::kDouble: return ncclFloat64;
+    case at::kInt: return ncclInt32;
+    case at::kLong: return ncclInt64;
+    case at::kByte:
+    case at::kChar:
+    case at::kBool: return ncclUint8;
+    default: PARDIT_THROW("NCCL: unsupported dtype ", t);
+  }
+}
+
+void checkCuda(const at::Tensor& t, const char* what) {
+  PARDIT_CHECK(t.device().is_cuda(), what, ": the NCCL backend takes CUDA tensors, got ", t.device().str());
+  PARDIT_CHECK(t.is_contiguous(), what, ": tensor must be contiguous");
+}
+
+class NcclWork final : public Work {
+ public:
+  // Keeps the tensors alive until the transfer is ordered before the current stream's later work.
+  NcclWork(std::vector<at::Tensor> keepAlive, at::cuda::CUDAEvent&& done)
+      : tensors_(std::move(keepAlive)), done_(std::move(done)) {}
+  void wait() override { done_.block(c10::cuda::getCurrentCUDAStream(tensors_.front().device().index())); }
+
+ private:
+  std::vector<at::Tensor> tensors_;
+  at::cuda::CUDAEvent done_;
+};
+
+class NcclCommunicator final : public Communicator {
+ public:
+  NcclCommunicator(Communicator& bootstrap, int device)
+      : device_(device), rank_(bootstrap.rank()), size_(bootstrap.size()),
+        p2pStream_(c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device)) {
+    // Rank 0 of the group creates the unique id; the MPI group carries it to the others.
+    ncclUniqueId id;
+    at::Tensor buf = at::zeros({static_cast<int64_t>(sizeof(id))}, at::kByte);
+    if (rank_ == 0) {
+      PARDIT_NCCL_CHECK(ncclGetUniqueId(&id));
+      std::memcpy(buf.data_ptr(), &id, sizeof(id));
+    }
+    bootstrap.broadcast(buf, 0);
+    std::memcpy(&id, buf.data_ptr(), sizeof(id));
+    c10::cuda::CUDAGuard guard(device_);
+    PARDIT_NCCL_CHECK(ncclCommInitRank(&comm_, size_, id, rank_));
+  }
+
+  ~NcclCommunicator() override {
+    if (comm_ != nullptr) {
+      const ncclResult_t r = ncclCommDestroy(comm_);
+      if (r != ncclSuccess) logWarn("ncclCommDestroy failed: ", ncclGetErrorString(r));
+    }
+  }
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::string backend() const override { return "nccl"; }
+
+  void allToAll(const at::Tensor& in, at::Tensor& out) override {
+    checkCuda(in, "all_to_all");
+    checkCuda(out, "all_to_all");
+    PARDIT_CHECK(in.size(0) == size_ && out.sizes() == in.sizes(), "all_to_all: dim 0 must equal the group size");
+    const size_t count = static_cast<size_t>(in.numel() / size_);
+    const size_t chunkBytes = count * in.element_size();
+    auto stream = current(in);
+    Timer t;
+    PARDIT_NCCL_CHECK(ncclGroupStart());
+    for (int peer = 0; peer < size_; ++peer) {
+      PARDIT_NCCL_CHECK(ncclSend(static_cast<const char*>(in.data_ptr()) + peer * chunkBytes, count,
+                                 ncclType(in.scalar_type()), peer, comm_, stream));
+      PARDIT_NCCL_CHECK(ncclRecv(static_cast<char*>(out.data_ptr()) + peer * chunkBytes, count,
+                                 ncclType(in.scalar_type()), peer, comm_, stream));
+    }
+    PARDIT_NCCL_CHECK(ncclGroupEnd());
+    record(CollectiveKind::kAllToAll, chunkBytes * (size_ - 1), t.seconds());
+  }
+
+  void allGather(const at::Tensor& in, at::Tensor& out) override {
+    checkCuda(in, "all_gather");
+    checkCuda(out, "all_gather");
+    PARDIT_CHECK(out.numel() == in.numel() * size_, "all_gather: output must hold ", size_, " copies of the input");
+    Timer t;
+    PARDIT_NCCL_CHECK(ncclAllGather(in.data_ptr(), out.data_ptr(), in.numel(), ncclType(in.scalar_type()), comm_,
+                                    current(in)));
+    record(CollectiveKind::kAllGather, in.nbytes() * (size_ - 1), t.seconds());
+  }
+
+  void broadcast(at::Tensor& tensor, int root) override {
+    checkCuda(tensor, "broadcast");
+    Timer t;
+    PARDIT_NCCL_CHECK(ncclBroadcast(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(),
+                                    ncclType(tensor.scalar_type()), root, comm_, current(tensor)));
+    record(CollectiveKind::kBroadcast, rank_ == root ? tensor.nbytes() * (size_ - 1) : 0, t.seconds());
+  }
+
+  void allReduce(at::Tensor& tensor, ReduceOp op) override {
+    checkCuda(tensor, "all_reduce");
+    const ncclRedOp_t nop = op == ReduceOp::kSum ? ncclSum : op == ReduceOp::kMax ? ncclMax : ncclMin;
+    Timer t;
+    PARDIT_NCCL_CHECK(ncclAllReduce(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(),
+                                    ncclType(tensor.scalar_type()), nop, comm_, current(tensor)));
+    record(CollectiveKind::kAllReduce, tensor.nbytes() * 2 * (size_ - 1) / size_, t.seconds());
+  }
+
+  void send(const at::Tensor& tensor, int peer) override {
+    checkCuda(tensor, "send");
+    Timer t;
+    PARDIT_NCCL_CHECK(ncclSend(tensor.data_ptr(), tensor.numel(), ncclType(tensor.scalar_type()), peer, comm_,
+                               current(tensor)));
+    record(CollectiveKind::kSendRecv, tensor.nbytes(), t.seconds());
+  }
+
+  void recv(at::Tensor& tensor, int peer) override {
+    checkCuda(tensor, "recv");
+    Timer t;
+    PARDIT_NCCL_CHECK(ncclRecv(tensor.data_ptr(), tensor.numel(), ncclType(tensor.scalar_type()), peer, comm_,
+                               current(tensor)));
+    record(CollectiveKind::kSendRecv, 0, t.seconds());
+  }
+
+  std::unique_ptr<Work> isend(const at::Tensor& tensor, int peer) override {
+    checkCuda(tensor, "isend");
+    return p2p(tensor, peer, true);
+  }
+
+  std::unique_ptr<Work> irecv(at::Tensor& tensor, int peer) override {
+    checkCuda(tensor, "irecv");
+    return p2p(tensor, peer, false);
+  }
+
+  std::unique_ptr<Work> sendRecv(const at::Tensor& out, int to, at::Tensor& in, int from) override {
+    checkCuda(out, "send_recv");
+    checkCuda(in, "send_recv");
+    auto cur = c10::cuda::getCurrentCUDAStream(out.device().index());
+    at::cuda::CUDAEvent ready;
+    ready.record(cur);
+    ready.block(p2pStream_);
+    Timer t;
+    PARDIT_NCCL_CHECK(ncclGroupStart());
+    PARDIT_NCCL_CHECK(ncclSend(out.data_ptr(), out.numel(), ncclType(out.scalar_type()), to, comm_, p2pStream_.stream()));
+    PARDIT_NCCL_CHECK(ncclRecv(in.data_ptr(), in.numel(), ncclType(in.scalar_type()), from, comm_, p2pStream_.stream()));
+    PARDIT_NCCL_CHECK(ncclGroupEnd());
+    record(CollectiveKind::kSendRecv, out.nbytes(), t.seconds());
+    at::cuda::CUDAEvent done;
+    done.record(p2pStream_);
+    return std::make_unique<NcclWork>(std::vector<at::Tensor>{out, in}, std::move(done));
+  }
+
+  void barrier() override {
+    at::Tensor one = at::ones({1}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, device_));
+    allReduce(one, ReduceOp::kSum);
+    c10::cuda::getCurrentCUDAStream(device_).synchronize();
+  }
+
+ private:
+  cudaStream_t current(const at::Tensor& t) const {
+    return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+  }
+
+  std::unique_ptr<Work> p2p(const at::Tensor& tensor, int peer, bool isSend) {
+    // The transfer runs on the p2p stream after the work already queued on the current stream.
+    auto cur = c10::cuda::getCurrentCUDAStream(tensor.device().index());
+    at::cuda::CUDAEvent ready;
+    ready.record(cur);
+    ready.block(p2pStream_);
+    Timer t;
+    if (isSend) {
+      PARDIT_NCCL_CHECK(ncclSend(tensor.data_ptr(), tensor.numel(), ncclType(tensor.scalar_type()), peer, comm_,
+                                 p2pStream_.stream()));
+    } else {
+      PARDIT_NCCL_CHECK(ncclRecv(tensor.data_ptr(), tensor.numel(), ncclType(tensor.scalar_type()), peer, comm_,
+                                 p2pStream_.stream()));
+    }
+    record(CollectiveKind::kSendRecv, isSend ? tensor.nbytes() : 0, t.seconds());
+    at::cuda::CUDAEvent done;
+    done.record(p2pStream_);
+    return std::make_unique<NcclWork>(std::vector<at::Tensor>{tensor}, std::move(done));
+  }
+
+  int device_;
+  int rank_, size_;
+  ncclComm_t comm_ = nullptr;
+  c10::cuda::CUDAStream p2pStream_;
+};
+
+}  // namespace
+
+bool ncclAvailable() { return true; }
+
+std::unique_ptr<Communicator> makeNcclCommunicator(Communicator& bootstrap, int device) {
+  return std::make_unique<NcclCommunicator>(bootstrap, device);
+}
+
+}  // namespace pardit::dist
+
+#else  // !PARDIT_WITH_NCCL
+
+namespace pardit::dist {
+bool ncclAvailable() { return false; }
+std::unique_ptr<Communicator> makeNcclCommunicator(Communicator&, int) {
+  PARDIT_THROW("this pardit build has no NCCL backend (LibTorch without CUDA, or nccl.h not found)");
+}
+}  // namespace pardit::dist
+
+#endif

@@ -1,0 +1,98 @@
+#include "pardit/parallel/usp_attention.h"
+
+#include <ATen/ATen.h>
+
+#include "pardit/core/error.h"
+
+namespace pardit::parallel {
+
+at::Tensor ulyssesScatterHeads(dist::Communicator& comm, const at::Tensor& x) {
+  const int64_t U = comm.size();
+  if (U == 1) return x;
+  const int64_t B = x.size(0), H = x.size(1), s = x.size(2), D = x.size(3);
+  PARDIT_CHECK(H % U == 0, "Ulysses: ", H, " heads are not divisible by the Ulysses degree ", U);
+  // [B, H, s, D] -> [U, B, H/U, s, D]: chunk j (head slice j) goes to rank j.
+  at::Tensor send = x.reshape({B, U, H / U, s, D}).permute({1, 0, 2, 3, 4}).contiguous();
+  at::Tensor recv = dist::allToAll(comm, send);  // [U(src), B, H/U, s, D]
+  return recv.permute({1, 2, 0, 3, 4}).reshape({B, H / U, U * s, D});
+}
+
+at::Tensor ulyssesGatherHeads(dist::Communicator& comm, const at::Tensor& x) {
+  const int64_t U = comm.size();
+  if (U == 1) return x;
+  const int64_t B = x.size(0), h = x.size(1), S = x.size(2), D = x.size(3);
+  PARDIT_CHECK(S % U == 0, "Ulysses: sequence ", S, " not divisible by ", U);
+  // [B, H/U, U*s, D] -> [U, B, H/U, s, D]: sequence chunk j goes back to rank j.
+  at::Tensor send = x.reshape({B, h, U, S / U, D}).permute({2, 0, 1, 3, 4}).contiguous();
+  at::Tensor recv = dist::allToAll(comm, send);  // [U(src = head slice), B, H/U, s, D]
+  return recv.permute({1, 0, 2, 3, 4}).reshape({B, U * h, S / U, D});
+}
+
+void mergeAttention(at::Tensor& out, at::Tensor& lse, const at::Tensor& outB, const at::Tensor& lseB) {
+  // out, outB: [B, H, S, D] float32; lse, lseB: [B, H, S] float32.
+  at::Tensor w = at::sigmoid(lseB - lse).unsqueeze(-1);
+  out.sub_(w * (out - outB));
+  lse.sub_(at::log_sigmoid(lse - lseB));
+}
+
+at::Tensor ringAttention(dist::Communicator& ring, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& prefixK, const at::Tensor& prefixV) {
+  const int R = ring.size();
+  auto blockAttention = [&](const at::Tensor& kb, const at::Tensor& vb) {
+    return model::localAttention(q, kb, vb, /*needLse=*/true);
+  };
+  if (R == 1) {
+    if (prefixK.defined()) return blockAttention(at::cat({prefixK, k}, 2), at::cat({prefixV, v}, 2)).out;
+    return blockAttention(k, v).out;
+  }
+  const int next = (ring.rank() + 1) % R, prev = (ring.rank() + R - 1) % R;
+  // K and V travel together in one buffer [2, B, H, S, D].
+  at::Tensor current = at::stack({k, v}).contiguous();
+  at::Tensor incoming = at::empty_like(current);
+  at::Tensor out, lse;
+  for (int step = 0; step < R; ++step) {
+    std::unique_ptr<dist::Work> transfer;
+    if (step + 1 < R) transfer = ring.sendRecv(current, next, incoming, prev);  // overlaps the attention below
+    at::Tensor kb = current[0], vb = current[1];
+    if (step == 0 && prefixK.defined()) {
+      kb = at::cat({prefixK, kb}, 2);
+      vb = at::cat({prefixV, vb}, 2);
+    }
+    model::AttentionResult r = blockAttention(kb, vb);
+    if (step == 0) {
+      out = r.out.to(at::kFloat);
+      lse = r.lse.to(at::kFloat);
+    } else {
+      mergeAttention(out, lse, r.out.to(at::kFloat), r.lse.to(at::kFloat));
+    }
+    if (transfer) {
+      transfer->wait();
+      std::swap(current, incoming);
+    }
+  }
+  return out.to(q.scalar_type());
+}
+
+at::Tensor UspAttention::attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const model::AttentionCall& call) {
+  const int64_t U = ulysses_.size();
+  if (textMode_ == TextMode::kSplit || call.textLen == 0) {
+    at::Tensor qg = ulyssesScatterHeads(ulysses_, q);
+    at::Tensor kg = ulyssesScatterHeads(ulysses_, k);
+    at::Tensor vg = ulyssesScatterHeads(ulysses_, v);
+    return ulyssesGatherHeads(ulysses_, ringAttention(ring_, qg, kg, vg));
+  }
+  // Replicated text: rows [0, T) are the whole text on every rank, the rest this rank's image shard.
+  const int64_t T = call.textLen, S = q.size(2);
+  const int64_t H = q.size(1), h = H / U, u = ulysses_.rank();
+  // Queries: text rows ride along (each Ulysses rank gets its own text rows back afterwards).
+  at::Tensor qg = ulyssesScatterHeads(ulysses_, q);
+  // Keys/values: only the image rows travel; the text contributes its local head slice, once.
+  at::Tensor kg = ulyssesScatterHeads(ulysses_, k.narrow(2, T, S - T).contiguous());
+  at::Tensor vg = ulyssesScatterHeads(ulysses_, v.narrow(2, T, S - T).contiguous());
+  at::Tensor kt = k.narrow(2, 0, T).narrow(1, u * h, h);
+  at::Tensor vt = v.narrow(2, 0, T).narrow(1, u * h, h);
+  return ulyssesGatherHeads(ulysses_, ringAttention(ring_, qg, kg, vg, kt, vt));
+}
+
+}  // namespace pardit::parallel

@@ -1,0 +1,136 @@
+// `pardit forward` and `pardit generate` under mpiexec: every layout gives the single-rank output,
+// rank 0 writes, bad layouts fail with one line on every rank, and a failing rank never hangs the job.
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <gtest/gtest.h>
+
+#include <chrono>
+
+#include "pardit/io/safetensors.h"
+#include "pardit/pipeline/latents.h"
+#include "test_util.h"
+
+using namespace pardit;
+using pardit::test::fixture;
+using pardit::test::runPardit;
+using pardit::test::TempDir;
+
+namespace {
+test::CommandResult mpirun(int n, const std::string& args) {
+  return test::runCommand(std::string(PARDIT_MPIEXEC) + " -n " + std::to_string(n) + " --oversubscribe " +
+                          PARDIT_BINARY + " " + args);
+}
+
+at::Tensor readTensor(const std::string& file, const std::string& name) {
+  return io::SafetensorsFile::open(file)->read(name);
+}
+
+// forward inputs for the tiny dev fixture model: 4 x 8 image tokens, `T` text tokens, batch 2.
+void writeInputs(const std::string& path, int64_t T) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(17);
+  pipeline::LatentGeometry g{64, 128, 16};
+  io::writeSafetensors(path, {{"hidden_states", at::randn({2, g.tokens(), 64}, gen)},
+                              {"encoder_hidden_states", at::randn({2, T, 32}, gen)},
+                              {"pooled_projections", at::randn({2, 32}, gen)},
+                              {"timestep", at::tensor({0.9f, 0.4f})},
+                              {"guidance", at::tensor({3.5f, 3.5f})},
+                              {"img_ids", pipeline::imageIds(g)},
+                              {"txt_ids", pipeline::textIds(T)}});
+}
+}  // namespace
+
+TEST(CliMpi, ForwardLayoutsMatchSingleRank) {
+  TempDir dir;
+  const std::string model = fixture("flux_tiny_dev/diffusers");
+  for (int64_t T : {8, 6}) {
+    const std::string in = dir.file("in" + std::to_string(T) + ".safetensors");
+    writeInputs(in, T);
+    const std::string base = "forward --threads 1 --model " + model + " --inputs " + in + " --output ";
+    auto r = runPardit(base + dir.file("ref.safetensors"));
+    ASSERT_EQ(r.exitCode, 0) << r.output;
+    const at::Tensor ref = readTensor(dir.file("ref.safetensors"), "sample");
+    const std::vector<std::pair<int, std::string>> layouts = {
+        {2, "--ulysses-degree 2"}, {2, "--ring-degree 2"}, {2, "--cfg-degree 2"},
+        {4, "--ulysses-degree 2 --ring-degree 2"}, {4, "--ulysses-degree 4"}, {4, "--ring-degree 4"},
+        {4, "--cfg-degree 2 --ulysses-degree 2"}};
+    for (const auto& [n, flags] : layouts) {
+      const std::string out = dir.file("out.safetensors");
+      std::filesystem::remove(out);
+      auto p = mpirun(n, base + out + " " + flags);
+      ASSERT_EQ(p.exitCode, 0) << flags << "\n" << p.output;
+      const double err = test::maxRelError(readTensor(out, "sample"), ref);
+      std::printf("[equivalence] pardit forward -n %d %s (text %lld): max relative error %.3e\n", n, flags.c_str(),
+                  static_cast<long long>(T), err);
+      EXPECT_LE(err, 1e-5) << flags;
+    }
+  }
+}
+
+TEST(CliMpi, GenerateLayoutsMatchSingleRank) {
+  TempDir dir;
+  ASSERT_EQ(runPardit("synth --preset tiny --text-len 8 --out " + dir.file("m")).exitCode, 0);
+  const std::string base = "generate --threads 1 --model " + dir.file("m") + " --prompt-embeds " +
+                           dir.file("m/prompt_embeds.safetensors") + " --negative-prompt-embeds " +
+                           dir.file("m/negative_prompt_embeds.safetensors") +
+                           " --true-cfg-scale 3 --height 64 --width 96 --steps 3 --seed 5 --save-latents ";
+  auto r = runPardit(base + dir.file("ref.safetensors"));
+  ASSERT_EQ(r.exitCode, 0) << r.output;
+  const at::Tensor ref = readTensor(dir.file("ref.safetensors"), "latents");
+  for (const auto& [n, flags] : std::vector<std::pair<int, std::string>>{
+           {2, "--ulysses-degree 2"}, {2, "--ring-degree 2"}, {2, "--cfg-degree 2"},
+           {4, "--cfg-degree 2 --ulysses-degree 2"}, {4, "--cfg-degree 2 --ring-degree 2"}}) {
+    auto p = mpirun(n, base + dir.file("out.safetensors") + " " + flags);
+    ASSERT_EQ(p.exitCode, 0) << flags << "\n" << p.output;
+    const double err = test::maxRelError(readTensor(dir.file("out.safetensors"), "latents"), ref);
+    std::printf("[equivalence] pardit generate -n %d %s: max relative error %.3e\n", n, flags.c_str(), err);
+    EXPECT_LE(err, 1e-5) << flags;
+  }
+}
+
+TEST(CliMpi, InvalidLayoutsFailOnEveryRankWithOneLine) {
+  TempDir dir;
+  ASSERT_EQ(runPardit("synth --preset tiny --out " + dir.file("m")).exitCode, 0);
+  const std::string base = "generate --threads 1 --model " + dir.file("m") + " --prompt-embeds " +
+                           dir.file("m/prompt_embeds.safetensors") + " --steps 1 ";
+  const std::vector<std::tuple<int, std::string, std::string>> cases = {
+      {2, "--ulysses-degree 4 --height 64 --width 96", "= 4 but the job has 2 rank(s)"},
+      {2, "--cfg-degree 2 --height 64 --width 96", "--cfg-degree 2 runs the two branches of true CFG"},
+      {4, "--ulysses-degree 4 --height 48 --width 48", "not divisible by --ulysses-degree x --ring-degree = 4"},
+      {2, "--ring-degree 2 --cfg-degree 3 --height 64 --width 96", "--cfg-degree must be 1 or 2"},
+  };
+  for (const auto& [n, flags, expect] : cases) {
+    const auto t0 = std::chrono::steady_clock::now();
+    auto p = mpirun(n, base + flags);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    EXPECT_NE(p.exitCode, 0) << flags;
+    EXPECT_NE(p.output.find(expect), std::string::npos) << flags << "\n" << p.output;
+    size_t lines = 0;
+    for (size_t pos = 0; (pos = p.output.find("error: ", pos)) != std::string::npos; ++pos) ++lines;
+    EXPECT_EQ(lines, 1u) << "one error line, from one rank: " << p.output;
+    EXPECT_LT(secs, 60.0);
+  }
+  // Tiny has 4 heads: Ulysses 3 does not divide them.
+  auto p = mpirun(3, base + "--ulysses-degree 3 --height 48 --width 48");
+  EXPECT_NE(p.output.find("does not divide the model's 4 attention heads"), std::string::npos) << p.output;
+}
+
+TEST(CliMpi, AFailingRankDoesNotHangTheJob) {
+  TempDir dir;
+  ASSERT_EQ(runPardit("synth --preset tiny --out " + dir.file("m")).exitCode, 0);
+  const std::string common = " generate --threads 1 --prompt-embeds " + dir.file("m/prompt_embeds.safetensors") +
+                             " --height 64 --width 96 --steps 2 --ulysses-degree 2 --model ";
+  // Rank 1 cannot open its model (a node-local copy that is missing): MPMD launch with different paths.
+  const auto t0 = std::chrono::steady_clock::now();
+  auto p = test::runCommand(std::string(PARDIT_MPIEXEC) + " --oversubscribe -n 1 " + PARDIT_BINARY + common +
+                            dir.file("m") + " : -n 1 " + PARDIT_BINARY + common + dir.file("missing-model"));
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_NE(p.exitCode, 0);
+  EXPECT_NE(p.output.find("[rank 1/2] error: " + dir.file("missing-model") + ": no such file"), std::string::npos)
+      << p.output;
+  EXPECT_LT(secs, 30.0) << "the job must end within seconds";
+  // Ranks started with different options are refused instead of deadlocking later.
+  p = test::runCommand(std::string(PARDIT_MPIEXEC) + " --oversubscribe -n 1 " + PARDIT_BINARY + common +
+                       dir.file("m") + " : -n 1 " + PARDIT_BINARY + common + dir.file("m") + " --seed 9");
+  EXPECT_NE(p.exitCode, 0);
+  EXPECT_NE(p.output.find("started with different options"), std::string::npos) << p.output;
+}

@@ -9,6 +9,7 @@ int runForward(const config::EngineConfig& c, dist::Runtime& rt);
 int runGenerate(const config::EngineConfig& c, dist::Runtime& rt);
 int runSynth(const config::EngineConfig& c);
 int runBench(const config::EngineConfig& c, dist::Runtime& rt);
+int runCommBench(const config::EngineConfig& c, dist::Runtime& rt);
 
 // Applies --threads, --log-level and --quiet.
 void applyRuntimeOptions(const config::EngineConfig& c);

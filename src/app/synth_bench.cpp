@@ -151,6 +151,7 @@ double median(std::vector<double> v) {
 }  // namespace
 
 int runBench(const config::EngineConfig& c, dist::Runtime& rt) {
+  if (c.benchComm) return runCommBench(c, rt);
   const dist::ParallelDegrees degrees = degreesOf(c);
   c10::Device device = c10::kCPU;
   c10::ScalarType dtype = c10::kFloat;

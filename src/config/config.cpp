@@ -104,7 +104,10 @@ po::options_description describe(const std::string& command, EngineConfig& c) {
         ("batch", po::value(&c.batch)->default_value(c.batch), "batch size")
         ("warmup", po::value(&c.warmup)->default_value(c.warmup), "untimed forwards before timing")
         ("iters", po::value(&c.iters)->default_value(c.iters), "timed forwards")
-        ("output", po::value(&c.benchOutput), "write every sample and the summary as JSON to this file");
+        ("output", po::value(&c.benchOutput), "write every sample and the summary as JSON to this file")
+        ("comm", po::bool_switch(&c.benchComm), "collective micro-benchmark (all-to-all, all-gather, ring send/recv) "
+                                                 "over the world, bandwidths as nccl-tests reports them")
+        ("comm-max-bytes", po::value(&c.commMaxBytes)->default_value(c.commMaxBytes), "largest message of --comm");
   } else {
     PARDIT_THROW("unknown command '", command, "'; expected one of generate, forward, synth, bench");
   }

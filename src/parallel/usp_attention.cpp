@@ -28,6 +28,22 @@ at::Tensor ulyssesGatherHeads(dist::Communicator& comm, const at::Tensor& x) {
   return recv.permute({1, 0, 2, 3, 4}).reshape({B, U * h, S / U, D});
 }
 
+std::vector<at::Tensor> ulyssesScatterHeadsMany(dist::Communicator& comm, const std::vector<at::Tensor>& xs) {
+  const int64_t U = comm.size(), n = static_cast<int64_t>(xs.size());
+  if (U == 1) return xs;
+  const int64_t B = xs[0].size(0), H = xs[0].size(1), s = xs[0].size(2), D = xs[0].size(3);
+  PARDIT_CHECK(H % U == 0, "Ulysses: ", H, " heads are not divisible by the Ulysses degree ", U);
+  // One all-to-all for all tensors: send buffer [U, n, B, H/U, s, D], each tensor copied in once.
+  at::Tensor send = at::empty({U, n, B, H / U, s, D}, xs[0].options());
+  for (int64_t i = 0; i < n; ++i)
+    send.select(1, i).copy_(xs[i].reshape({B, U, H / U, s, D}).permute({1, 0, 2, 3, 4}));
+  at::Tensor recv = dist::allToAll(comm, send);  // [U(src), n, B, H/U, s, D]
+  std::vector<at::Tensor> out;
+  for (int64_t i = 0; i < n; ++i)
+    out.push_back(recv.select(1, i).permute({1, 2, 0, 3, 4}).reshape({B, H / U, U * s, D}));
+  return out;
+}
+
 void mergeAttention(at::Tensor& out, at::Tensor& lse, const at::Tensor& outB, const at::Tensor& lseB) {
   // out, outB: [B, H, S, D] float32; lse, lseB: [B, H, S] float32.
   at::Tensor w = at::sigmoid(lseB - lse).unsqueeze(-1);
@@ -77,10 +93,9 @@ at::Tensor UspAttention::attend(const at::Tensor& q, const at::Tensor& k, const 
                                 const model::AttentionCall& call) {
   const int64_t U = ulysses_.size();
   if (textMode_ == TextMode::kSplit || call.textLen == 0) {
-    at::Tensor qg = ulyssesScatterHeads(ulysses_, q);
-    at::Tensor kg = ulyssesScatterHeads(ulysses_, k);
-    at::Tensor vg = ulyssesScatterHeads(ulysses_, v);
-    return ulyssesGatherHeads(ulysses_, ringAttention(ring_, qg, kg, vg));
+    // q, k and v travel in one all-to-all.
+    auto g = ulyssesScatterHeadsMany(ulysses_, {q, k, v});
+    return ulyssesGatherHeads(ulysses_, ringAttention(ring_, g[0], g[1], g[2]));
   }
   // Replicated text: rows [0, T) are the whole text on every rank, the rest this rank's image shard.
   const int64_t T = call.textLen, S = q.size(2);
@@ -88,8 +103,8 @@ at::Tensor UspAttention::attend(const at::Tensor& q, const at::Tensor& k, const 
   // Queries: text rows ride along (each Ulysses rank gets its own text rows back afterwards).
   at::Tensor qg = ulyssesScatterHeads(ulysses_, q);
   // Keys/values: only the image rows travel; the text contributes its local head slice, once.
-  at::Tensor kg = ulyssesScatterHeads(ulysses_, k.narrow(2, T, S - T).contiguous());
-  at::Tensor vg = ulyssesScatterHeads(ulysses_, v.narrow(2, T, S - T).contiguous());
+  auto kv = ulyssesScatterHeadsMany(ulysses_, {k.narrow(2, T, S - T), v.narrow(2, T, S - T)});
+  at::Tensor kg = kv[0], vg = kv[1];
   at::Tensor kt = k.narrow(2, 0, T).narrow(1, u * h, h);
   at::Tensor vt = v.narrow(2, 0, T).narrow(1, u * h, h);
   return ulyssesGatherHeads(ulysses_, ringAttention(ring_, qg, kg, vg, kt, vt));

@@ -55,6 +55,8 @@ struct EngineConfig {
   int iters = 5;
   int64_t batch = 1;
   std::string benchOutput;
+  bool benchComm = false;          // collective micro-benchmark instead of the model
+  uint64_t commMaxBytes = 64ULL << 20;
 };
 
 struct ParseResult {

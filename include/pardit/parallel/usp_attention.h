@@ -15,6 +15,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <vector>
+
 #include "pardit/dist/communicator.h"
 #include "pardit/model/attention.h"
 
@@ -52,5 +54,7 @@ class UspAttention final : public model::AttentionBackend {
 // Ulysses all-to-alls: [B, H, s, D] -> [B, H/U, U*s, D] (sequence ordered by source rank) and back.
 at::Tensor ulyssesScatterHeads(dist::Communicator& ulysses, const at::Tensor& x);
 at::Tensor ulyssesGatherHeads(dist::Communicator& ulysses, const at::Tensor& x);
+// Several same-shaped tensors scattered in one all-to-all (fewer synchronisations per layer).
+std::vector<at::Tensor> ulyssesScatterHeadsMany(dist::Communicator& ulysses, const std::vector<at::Tensor>& xs);
 
 }  // namespace pardit::parallel

@@ -12,6 +12,7 @@ namespace pardit::app {
 dist::ParallelDegrees degreesOf(const config::EngineConfig& c) {
   dist::ParallelDegrees d;
   d.cfg = c.cfgDegree;
+  d.pipefusion = c.pipefusionDegree;
   d.ring = c.ringDegree;
   d.ulysses = c.ulyssesDegree;
   return d;
@@ -23,7 +24,8 @@ void checkConsistentOptions(dist::Runtime& rt, const config::EngineConfig& c) {
   os << c.command << '|' << c.dtype << '|' << c.device << '|' << c.ulyssesDegree << '|' << c.ringDegree << '|'
      << c.cfgDegree << '|' << c.height << '|' << c.width << '|' << c.steps << '|' << c.guidanceScale << '|'
      << c.trueCfgScale << '|' << c.seed << '|' << c.schedule << '|' << c.negativePromptEmbeds.empty() << '|'
-     << c.warmup << '|' << c.iters << '|' << c.batch << '|' << c.textLen;
+     << c.warmup << '|' << c.iters << '|' << c.batch << '|' << c.textLen << '|' << c.pipefusionDegree << '|'
+     << c.numPipelinePatch << '|' << c.warmupSteps << '|' << c.ppPartition;
   const int64_t h = static_cast<int64_t>(std::hash<std::string>{}(os.str()) & 0x3fffffffffffffffULL);
   at::Tensor lo = at::full({1}, h, at::kLong), hi = at::full({1}, h, at::kLong);
   rt.world().allReduce(lo, dist::ReduceOp::kMin);
@@ -49,6 +51,38 @@ RankModel makeRankModel(dist::Runtime& rt, const model::FluxConfig& config,
                                                                  rt.group(dist::GroupKind::kSequence));
   m.fn = [sp = m.sp](const model::FluxInputs& in) { return sp->forward(in); };
   return m;
+}
+
+PipeFusionSetup checkPipeFusion(const config::EngineConfig& c, const dist::ParallelDegrees& d,
+                                const model::FluxConfig& mc, int64_t tokenRows, int64_t tokenCols, bool patched) {
+  PipeFusionSetup s;
+  PARDIT_CHECK(mc.numHeads % d.ulysses == 0, "--ulysses-degree ", d.ulysses, " does not divide the model's ",
+               mc.numHeads, " attention heads");
+  s.partition = parallel::partitionStages(mc, d.pipefusion, c.ppPartition);
+  PARDIT_CHECK(c.numPipelinePatch >= 0, "--num-pipeline-patch must be >= 0, got ", c.numPipelinePatch);
+  const int patches = !patched ? 1 : (c.numPipelinePatch > 0 ? c.numPipelinePatch : d.pipefusion);
+  s.layout = parallel::PatchLayout{tokenRows, tokenCols, patches, d.spDegree(), 0};
+  s.layout.check();
+  PARDIT_CHECK(c.warmupSteps >= 0, "--warmup-steps must be >= 0, got ", c.warmupSteps);
+  PARDIT_CHECK(patches == 1 || c.warmupSteps >= 1, "--num-pipeline-patch ", patches,
+               " needs --warmup-steps >= 1 (the first step fills the K/V buffers)");
+  s.warmupSteps = c.warmupSteps;
+  return s;
+}
+
+std::unique_ptr<parallel::PipeFusionRunner> makePipeFusionRunner(dist::Runtime& rt, const model::FluxConfig& mc,
+                                                                 std::shared_ptr<model::FluxWeightProvider> weights,
+                                                                 const PipeFusionSetup& setup, const c10::Device& device) {
+  auto usp = std::make_shared<parallel::UspAttention>(rt.group(dist::GroupKind::kUlysses), rt.group(dist::GroupKind::kRing));
+  auto transformer = std::make_shared<model::FluxTransformer>(mc, std::move(weights), usp);
+  parallel::PatchLayout layout = setup.layout;
+  layout.spRank = rt.topology().spRank();
+  parallel::PipeFusionComms comms;
+  comms.pipeline = &rt.group(dist::GroupKind::kPipeFusion);
+  comms.sequence = &rt.group(dist::GroupKind::kSequence);
+  if (rt.topology().degrees().cfg > 1) comms.cfg = &rt.group(dist::GroupKind::kCfg);
+  return std::make_unique<parallel::PipeFusionRunner>(transformer, usp, setup.partition,
+                                                      rt.topology().pipefusionRank(), layout, comms, device);
 }
 
 std::string collectiveSummary(const dist::Runtime& rt) {

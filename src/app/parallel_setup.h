@@ -6,6 +6,7 @@
 #include "pardit/config/config.h"
 #include "pardit/dist/runtime.h"
 #include "pardit/model/flux.h"
+#include "pardit/parallel/pipefusion.h"
 #include "pardit/parallel/sequence_parallel.h"
 #include "pardit/pipeline/sampler.h"
 
@@ -26,6 +27,18 @@ struct RankModel {
 };
 RankModel makeRankModel(dist::Runtime& rt, const model::FluxConfig& config,
                         std::shared_ptr<model::FluxWeightProvider> weights);
+
+// PipeFusion layout of a run: checked before anything is loaded (errors name the flags).
+struct PipeFusionSetup {
+  parallel::StagePartition partition;
+  parallel::PatchLayout layout;  // spRank filled in by makePipeFusionRunner
+  int warmupSteps = 1;
+};
+PipeFusionSetup checkPipeFusion(const config::EngineConfig& c, const dist::ParallelDegrees& d,
+                                const model::FluxConfig& mc, int64_t tokenRows, int64_t tokenCols, bool patched);
+std::unique_ptr<parallel::PipeFusionRunner> makePipeFusionRunner(dist::Runtime& rt, const model::FluxConfig& mc,
+                                                                 std::shared_ptr<model::FluxWeightProvider> weights,
+                                                                 const PipeFusionSetup& setup, const c10::Device& device);
 
 // One line per collective kind with calls, bytes and seconds (this rank's counters).
 std::string collectiveSummary(const dist::Runtime& rt);

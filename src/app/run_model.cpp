@@ -10,6 +10,7 @@
 #include "pardit/core/error.h"
 #include "pardit/core/log.h"
 #include "pardit/core/timer.h"
+#include "pardit/core/sysinfo.h"
 #include "pardit/io/safetensors.h"
 #include "pardit/pipeline/engine.h"
 #include "pardit/pipeline/latents.h"
@@ -91,12 +92,25 @@ void applyRuntimeOptions(const config::EngineConfig& c) {
 namespace {
 
 // Weights of the whole model on this rank's device, read from the checkpoint.
+// This rank's weights, read from the checkpoint: the whole model, or its PipeFusion stage's groups.
 std::shared_ptr<model::FluxWeightProvider> loadWeights(const io::FluxCheckpoint& ck, c10::ScalarType dtype,
-                                                        const c10::Device& device, double* seconds) {
+                                                        const c10::Device& device, const std::vector<std::string>& groups,
+                                                        double* seconds) {
   Timer timer;
-  auto w = std::make_shared<model::ResidentFluxWeights>(ck.config(), ck.getter(dtype, device));
+  std::shared_ptr<model::FluxWeightProvider> w;
+  if (groups.empty()) {
+    w = std::make_shared<model::ResidentFluxWeights>(ck.config(), ck.getter(dtype, device));
+  } else {
+    w = std::make_shared<model::ResidentFluxWeights>(ck.config(), ck.getter(dtype, device), groups);
+  }
   *seconds = timer.seconds();
   return w;
+}
+
+// One line from every rank: what it read and its peak memory.
+void rankSummary(dist::Runtime& rt, const io::FluxCheckpoint& ck, const std::string& role) {
+  logInfo("rank summary: ", role, "read ", ck.bytesRead(), " bytes of ", ck.totalBytes(), " in the checkpoint (",
+          ck.tensorsLoaded().size(), " tensors), peak host RSS ", peakRssBytes(), " bytes");
 }
 
 }  // namespace
@@ -108,6 +122,7 @@ int runForward(const config::EngineConfig& c, dist::Runtime& rt) {
   std::optional<io::FluxCheckpoint> ck;
   model::FluxInputs x;
   std::shared_ptr<io::SafetensorsFile> in;
+  std::optional<PipeFusionSetup> pf;
   // Every check runs on every rank before any weight is read; a failure on any rank ends all of them.
   rt.agree([&] {
     checkConsistentOptions(rt, c);
@@ -145,17 +160,31 @@ int runForward(const config::EngineConfig& c, dist::Runtime& rt) {
     }
     PARDIT_CHECK(B % degrees.cfg == 0, "--cfg-degree ", degrees.cfg, " splits the batch, but ", in->path(),
                  " has batch ", B);
-    parallel::checkSequenceParallel(degrees, mc.numHeads, L);
+    if (degrees.pipefusion > 1) {
+      pf = checkPipeFusion(c, degrees, mc, L, 1, /*patched=*/false);
+    } else {
+      parallel::checkSequenceParallel(degrees, mc.numHeads, L);
+    }
   });
   rt.setTopology(degrees, device);
   const auto& mc = ck->config();
   std::shared_ptr<model::FluxWeightProvider> weights;
   double loadSeconds = 0;
-  rt.agree([&] { weights = loadWeights(*ck, dtype, device, &loadSeconds); });
+  const std::vector<std::string> groups =
+      pf ? pf->partition.groupsOf(rt.topology().pipefusionRank(), mc) : std::vector<std::string>{};
+  rt.agree([&] { weights = loadWeights(*ck, dtype, device, groups, &loadSeconds); });
   logInfo0("model ", c.model, " (", io::layoutName(ck->layout()), "): ", mc.describe());
   logInfo0("loaded ", gib(ck->bytesRead()), " of weights in ", loadSeconds, " s as ", dtypeName(dtype), " on ",
            device.str(), " (", degrees.describe(), ")");
-  RankModel rm = makeRankModel(rt, mc, weights);
+  if (pf) logInfo0("pipeline stages: ", pf->partition.describe(mc));
+  RankModel rm;
+  std::unique_ptr<parallel::PipeFusionRunner> runner;
+  if (pf) {
+    runner = makePipeFusionRunner(rt, mc, weights, *pf, device);
+    rm.fn = [&runner](const model::FluxInputs& in) { return runner->forward(in); };
+  } else {
+    rm = makeRankModel(rt, mc, weights);
+  }
 
   // CFG parallelism splits the batch: cfg rank i takes the i-th half.
   const int64_t B = x.img.size(0), part = B / degrees.cfg, first = rt.topology().cfgRank() * part;
@@ -175,6 +204,7 @@ int runForward(const config::EngineConfig& c, dist::Runtime& rt) {
   logInfo0("forward [", B, ", ", x.img.size(1), ", ", mc.inChannels, "] in ", seconds, " s; wrote 'sample' ",
            out.sizes(), " to ", c.output);
   logInfo0("communication: ", collectiveSummary(rt));
+  rankSummary(rt, *ck, pf ? "stage " + std::to_string(rt.topology().pipefusionRank()) + ": " : "");
   return 0;
 }
 
@@ -187,6 +217,7 @@ int runGenerate(const config::EngineConfig& c, dist::Runtime& rt) {
   pipeline::PromptEmbeddings pos;
   std::optional<pipeline::PromptEmbeddings> neg;
   pipeline::SchedulerConfig schedCfg;
+  std::optional<PipeFusionSetup> pf;
   rt.agree([&] {
     checkConsistentOptions(rt, c);
     dist::Topology::validate(degrees, rt.worldSize());
@@ -216,18 +247,29 @@ int runGenerate(const config::EngineConfig& c, dist::Runtime& rt) {
                    c.promptEmbeds);
     }
     schedCfg = pipeline::resolveSchedule(c.schedule, *ck);
-    parallel::checkSequenceParallel(degrees, mc.numHeads, geom.tokens());
+    if (degrees.pipefusion > 1) {
+      pf = checkPipeFusion(c, degrees, mc, geom.tokenRows(), geom.tokenCols(), /*patched=*/true);
+      PARDIT_CHECK(!(neg && degrees.cfg == 1) || neg->promptEmbeds.size(1) == pos.promptEmbeds.size(1),
+                   "with --pipefusion-degree > 1 and without --cfg-degree 2, the prompt and negative prompt "
+                   "embeddings need the same token count (", pos.promptEmbeds.size(1), " vs ",
+                   neg ? neg->promptEmbeds.size(1) : 0, ")");
+    } else {
+      parallel::checkSequenceParallel(degrees, mc.numHeads, geom.tokens());
+    }
   });
   rt.setTopology(degrees, device);
   const auto& mc = ck->config();
   const int64_t B = pos.promptEmbeds.size(0);
   std::shared_ptr<model::FluxWeightProvider> weights;
   double loadSeconds = 0;
-  rt.agree([&] { weights = loadWeights(*ck, dtype, device, &loadSeconds); });
+  const std::vector<std::string> groups =
+      pf ? pf->partition.groupsOf(rt.topology().pipefusionRank(), mc) : std::vector<std::string>{};
+  rt.agree([&] { weights = loadWeights(*ck, dtype, device, groups, &loadSeconds); });
   logInfo0("model ", c.model, " (", io::layoutName(ck->layout()), "): ", mc.describe());
   logInfo0("loaded ", gib(ck->bytesRead()), " of weights in ", loadSeconds, " s as ", dtypeName(dtype), " on ",
            device.str(), " (", degrees.describe(), ")");
-  RankModel rm = makeRankModel(rt, mc, weights);
+  if (pf) logInfo0("pipeline stages: ", pf->partition.describe(mc), "; ", pf->layout.patches, " patches, ",
+                   pf->warmupSteps, " warm-up step(s)");
   auto onDevice = [&](pipeline::PromptEmbeddings e) {
     e.promptEmbeds = e.promptEmbeds.to(device).to(dtype);
     e.pooled = e.pooled.to(device).to(dtype);
@@ -236,7 +278,16 @@ int runGenerate(const config::EngineConfig& c, dist::Runtime& rt) {
   const at::Tensor ids = pipeline::imageIds(geom).to(device);
   std::unique_ptr<pipeline::Denoiser> denoiser;
   bool trueCfg = neg.has_value() && c.trueCfgScale > 1.0;
-  if (degrees.cfg == 2) {
+  RankModel rm;
+  std::unique_ptr<parallel::PipeFusionRunner> runner;
+  if (pf) {
+    runner = makePipeFusionRunner(rt, mc, weights, *pf, device);
+  } else {
+    rm = makeRankModel(rt, mc, weights);
+  }
+  if (pf) {
+    // PipeFusion runs its own per-patch loop.
+  } else if (degrees.cfg == 2) {
     const bool positive = rt.topology().cfgRank() == 0;
     denoiser = std::make_unique<parallel::CfgParallelDenoiser>(rm.fn, onDevice(positive ? pos : *neg), ids,
                                                                rt.group(dist::GroupKind::kCfg), c.trueCfgScale);
@@ -252,14 +303,24 @@ int runGenerate(const config::EngineConfig& c, dist::Runtime& rt) {
            " schedule", mc.guidanceEmbed ? ", guidance " + std::to_string(c.guidanceScale) : std::string(),
            trueCfg ? ", true CFG " + std::to_string(c.trueCfgScale) : std::string());
   Timer total;
-  latents = pipeline::denoise(*denoiser, latents, scheduler, mc.guidanceEmbed, c.guidanceScale,
-                              [&](const pipeline::StepReport& r) {
-                                const double eta = total.seconds() / (r.step + 1) * (r.steps - r.step - 1);
-                                char line[128];
-                                std::snprintf(line, sizeof(line), "step %d/%d  %.3f s  eta %.1f s", r.step + 1,
-                                              r.steps, r.seconds, eta);
-                                logInfo0(line);
-                              });
+  auto progress = [&](const pipeline::StepReport& r) {
+    const double eta = total.seconds() / (r.step + 1) * (r.steps - r.step - 1);
+    char line[128];
+    std::snprintf(line, sizeof(line), "step %d/%d  %.3f s  eta %.1f s", r.step + 1, r.steps, r.seconds, eta);
+    logInfo0(line);
+  };
+  if (runner) {
+    const bool positive = degrees.cfg == 1 || rt.topology().cfgRank() == 0;
+    const pipeline::PromptEmbeddings branch = onDevice(positive ? pos : *neg);
+    std::optional<pipeline::PromptEmbeddings> pairNeg;
+    if (degrees.cfg == 1 && trueCfg) pairNeg = onDevice(*neg);
+    latents = runner->denoise(latents, branch, pairNeg, trueCfg ? c.trueCfgScale : 1.0, scheduler, mc.guidanceEmbed,
+                              c.guidanceScale, pf->warmupSteps, progress);
+    logInfo0("pipeline: ", runner->stats().waitSeconds, " s of ", runner->stats().seconds,
+             " s waiting for the previous stage on rank 0; K/V buffers ", runner->kvBuffers().bytes(), " bytes");
+  } else {
+    latents = pipeline::denoise(*denoiser, latents, scheduler, mc.guidanceEmbed, c.guidanceScale, progress);
+  }
   logInfo0("denoised in ", total.seconds(), " s");
   logInfo0("communication: ", collectiveSummary(rt));
   if (!c.saveLatents.empty()) {
@@ -270,6 +331,7 @@ int runGenerate(const config::EngineConfig& c, dist::Runtime& rt) {
   } else {
     logWarn("no output requested: pass --save-latents FILE to keep the result");
   }
+  rankSummary(rt, *ck, pf ? "stage " + std::to_string(rt.topology().pipefusionRank()) + ": " : "");
   return 0;
 }
 

@@ -54,7 +54,15 @@ void addParallel(po::options_description& d, EngineConfig& c) {
       ("ring-degree", po::value(&c.ringDegree)->default_value(c.ringDegree),
        "Ring sequence parallelism (K/V blocks passed around a ring)")
       ("cfg-degree", po::value(&c.cfgDegree)->default_value(c.cfgDegree),
-       "2: the true-CFG branches (generate) or batch halves (forward) on two rank groups");
+       "2: the true-CFG branches (generate) or batch halves (forward) on two rank groups")
+      ("pipefusion-degree", po::value(&c.pipefusionDegree)->default_value(c.pipefusionDegree),
+       "PipeFusion pipeline stages; each rank loads only its stage's weights")
+      ("num-pipeline-patch", po::value(&c.numPipelinePatch)->default_value(c.numPipelinePatch),
+       "PipeFusion patches (row stripes) per image; 0: the PipeFusion degree")
+      ("warmup-steps", po::value(&c.warmupSteps)->default_value(c.warmupSteps),
+       "PipeFusion synchronous steps with fresh K/V before the patch pipeline")
+      ("pp-partition", po::value(&c.ppPartition)->default_value(c.ppPartition),
+       "PipeFusion stage split: compute (equal block counts), memory (equal weight bytes) or N0,N1,...");
 }
 
 po::options_description describe(const std::string& command, EngineConfig& c) {

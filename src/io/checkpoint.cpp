@@ -366,6 +366,7 @@ const TensorSource& FluxCheckpoint::source(const std::string& name) const {
 
 at::Tensor FluxCheckpoint::load(const std::string& name, c10::ScalarType dtype, c10::Device device) const {
   const TensorSource& src = source(name);
+  loaded_.insert(name);
   std::vector<at::Tensor> parts;
   parts.reserve(src.pieces.size());
   for (const auto& p : src.pieces) parts.push_back(p.file->readRows(p.tensor, p.rowBegin, p.rowEnd).to(dtype));

@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "pardit/core/error.h"
@@ -27,9 +28,12 @@ at::Tensor modulate(const at::Tensor& x, const at::Tensor& shift, const at::Tens
 
 at::Tensor Linear::operator()(const at::Tensor& x) const { return at::linear(x, weight, bias); }
 
-EmbedderWeights makeEmbedderWeights(const FluxConfig& c, const WeightGetter& get) {
+EmbedderWeights makeEmbedderWeights(const FluxConfig& c, const WeightGetter& get, bool withInputProjections) {
   EmbedderWeights w;
-  w.imgIn = makeLinear(get, "img_in");
+  if (withInputProjections) {
+    w.imgIn = makeLinear(get, "img_in");
+    w.txtIn = makeLinear(get, "txt_in");
+  }
   w.timeIn1 = makeLinear(get, "time_in.in_layer");
   w.timeIn2 = makeLinear(get, "time_in.out_layer");
   if (c.guidanceEmbed) {
@@ -38,7 +42,6 @@ EmbedderWeights makeEmbedderWeights(const FluxConfig& c, const WeightGetter& get
   }
   w.vectorIn1 = makeLinear(get, "vector_in.in_layer");
   w.vectorIn2 = makeLinear(get, "vector_in.out_layer");
-  w.txtIn = makeLinear(get, "txt_in");
   return w;
 }
 
@@ -74,13 +77,47 @@ FinalLayerWeights makeFinalLayerWeights(const FluxConfig& /*c*/, const WeightGet
   return FinalLayerWeights{makeLinear(get, "final_layer.adaLN_modulation.1"), makeLinear(get, "final_layer.linear")};
 }
 
-ResidentFluxWeights::ResidentFluxWeights(const FluxConfig& config, const WeightGetter& get) {
-  emb_ = std::make_shared<EmbedderWeights>(makeEmbedderWeights(config, get));
+namespace {
+std::vector<std::string> allGroups(const FluxConfig& config) {
+  std::vector<std::string> names;
+  for (const auto& g : fluxWeightGroups(config)) names.push_back(g.name);
+  return names;
+}
+}  // namespace
+
+ResidentFluxWeights::ResidentFluxWeights(const FluxConfig& config, const WeightGetter& get)
+    : ResidentFluxWeights(config, get, allGroups(config)) {}
+
+ResidentFluxWeights::ResidentFluxWeights(const FluxConfig& config, const WeightGetter& get,
+                                         const std::vector<std::string>& groups) {
+  auto held = [&](const std::string& g) { return std::find(groups.begin(), groups.end(), g) != groups.end(); };
+  emb_ = std::make_shared<EmbedderWeights>(makeEmbedderWeights(config, get, held("input_embedders")));
+  double_.resize(config.depth);
+  single_.resize(config.depthSingle);
   for (int64_t i = 0; i < config.depth; ++i)
-    double_.push_back(std::make_shared<DoubleBlockWeights>(makeDoubleBlockWeights(config, i, get)));
+    if (held("double_blocks." + std::to_string(i)))
+      double_[i] = std::make_shared<DoubleBlockWeights>(makeDoubleBlockWeights(config, i, get));
   for (int64_t i = 0; i < config.depthSingle; ++i)
-    single_.push_back(std::make_shared<SingleBlockWeights>(makeSingleBlockWeights(config, i, get)));
-  final_ = std::make_shared<FinalLayerWeights>(makeFinalLayerWeights(config, get));
+    if (held("single_blocks." + std::to_string(i)))
+      single_[i] = std::make_shared<SingleBlockWeights>(makeSingleBlockWeights(config, i, get));
+  if (held("final_layer")) final_ = std::make_shared<FinalLayerWeights>(makeFinalLayerWeights(config, get));
+}
+
+std::shared_ptr<const DoubleBlockWeights> ResidentFluxWeights::doubleBlock(int64_t i) {
+  PARDIT_CHECK(i >= 0 && i < static_cast<int64_t>(double_.size()) && double_[i], "weight group double_blocks.", i,
+               " is not held by this rank");
+  return double_[i];
+}
+
+std::shared_ptr<const SingleBlockWeights> ResidentFluxWeights::singleBlock(int64_t i) {
+  PARDIT_CHECK(i >= 0 && i < static_cast<int64_t>(single_.size()) && single_[i], "weight group single_blocks.", i,
+               " is not held by this rank");
+  return single_[i];
+}
+
+std::shared_ptr<const FinalLayerWeights> ResidentFluxWeights::finalLayer() {
+  PARDIT_CHECK(final_ != nullptr, "weight group final_layer is not held by this rank");
+  return final_;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -127,11 +164,13 @@ FluxTransformer::FluxTransformer(FluxConfig config, std::shared_ptr<FluxWeightPr
     : config_(std::move(config)), weights_(std::move(weights)), attention_(std::move(attention)) {
   config_.validate();
   PARDIT_CHECK(weights_ != nullptr && attention_ != nullptr, "FluxTransformer needs weights and attention");
-  dtype_ = weights_->embedders()->imgIn.weight.scalar_type();
+  dtype_ = weights_->embedders()->timeIn1.weight.scalar_type();
 }
 
 at::Tensor FluxTransformer::embedImage(const at::Tensor& img) const {
-  return weights_->embedders()->imgIn(img.to(dtype_));
+  auto emb = weights_->embedders();
+  PARDIT_CHECK(emb->imgIn.weight.defined(), "weight group input_embedders is not held by this rank");
+  return emb->imgIn(img.to(dtype_));
 }
 
 at::Tensor FluxTransformer::embedText(const at::Tensor& txt) const {
@@ -140,7 +179,8 @@ at::Tensor FluxTransformer::embedText(const at::Tensor& txt) const {
 
 FluxConditioning FluxTransformer::conditioning(const FluxInputs& in) const {
   auto emb = weights_->embedders();
-  const auto B = in.img.size(0);
+  PARDIT_CHECK(in.pooled.defined() && in.pooled.dim() == 2, "pooled projections must be [B, ", config_.vecInDim, "]");
+  const auto B = in.pooled.size(0);
   PARDIT_CHECK(in.timestep.defined() && in.timestep.numel() == B, "timestep must have one value per batch entry");
   PARDIT_CHECK(in.pooled.defined() && in.pooled.dim() == 2 && in.pooled.size(0) == B &&
                    in.pooled.size(1) == config_.vecInDim,
@@ -160,8 +200,8 @@ FluxConditioning FluxTransformer::conditioning(const FluxInputs& in) const {
   c.siluVec = at::silu(c.vec);
   at::Tensor ids = at::cat({in.txtIds.to(at::kFloat), in.imgIds.to(at::kFloat)}, 0);  // text first
   auto [cos, sin] = ropeTables(ids.cpu(), config_.axesDim, config_.theta);
-  c.cos = cos.to(in.img.device()).unsqueeze(0).unsqueeze(2);  // [1, L, 1, D]
-  c.sin = sin.to(in.img.device()).unsqueeze(0).unsqueeze(2);
+  c.cos = cos.to(in.pooled.device()).unsqueeze(0).unsqueeze(2);  // [1, L, 1, D]
+  c.sin = sin.to(in.pooled.device()).unsqueeze(0).unsqueeze(2);
   return c;
 }
 

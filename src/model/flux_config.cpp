@@ -75,8 +75,9 @@ void addLinear(std::vector<TensorSpec>& t, const std::string& prefix, int64_t ou
 std::vector<WeightGroupSpec> fluxWeightGroups(const FluxConfig& c) {
   const int64_t h = c.hiddenSize, d = c.headDim();
   std::vector<WeightGroupSpec> groups;
-  WeightGroupSpec emb{"embedders", {}};
-  addLinear(emb.tensors, "img_in", h, c.inChannels);
+  // The conditioning embedders (every pipeline stage computes the conditioning vector), then the input
+  // projections (first stage only).
+  WeightGroupSpec emb{"conditioning", {}};
   addLinear(emb.tensors, "time_in.in_layer", h, 256);
   addLinear(emb.tensors, "time_in.out_layer", h, h);
   if (c.guidanceEmbed) {
@@ -85,8 +86,11 @@ std::vector<WeightGroupSpec> fluxWeightGroups(const FluxConfig& c) {
   }
   addLinear(emb.tensors, "vector_in.in_layer", h, c.vecInDim);
   addLinear(emb.tensors, "vector_in.out_layer", h, h);
-  addLinear(emb.tensors, "txt_in", h, c.contextInDim);
   groups.push_back(std::move(emb));
+  WeightGroupSpec input{"input_embedders", {}};
+  addLinear(input.tensors, "img_in", h, c.inChannels);
+  addLinear(input.tensors, "txt_in", h, c.contextInDim);
+  groups.push_back(std::move(input));
   for (int64_t i = 0; i < c.depth; ++i) {
     const std::string p = "double_blocks." + std::to_string(i);
     WeightGroupSpec g{p, {}};

@@ -105,6 +105,7 @@ at::Tensor UspAttention::attend(const at::Tensor& q, const at::Tensor& k, const 
   // Keys/values: only the image rows travel; the text contributes its local head slice, once.
   auto kv = ulyssesScatterHeadsMany(ulysses_, {k.narrow(2, T, S - T), v.narrow(2, T, S - T)});
   at::Tensor kg = kv[0], vg = kv[1];
+  if (kvHook_) std::tie(kg, vg) = kvHook_(call.layer, kg, vg);
   at::Tensor kt = k.narrow(2, 0, T).narrow(1, u * h, h);
   at::Tensor vt = v.narrow(2, 0, T).narrow(1, u * h, h);
   return ulyssesGatherHeads(ulysses_, ringAttention(ring_, qg, kg, vg, kt, vt));

@@ -25,6 +25,10 @@ struct EngineConfig {
   int ulyssesDegree = 1;
   int ringDegree = 1;
   int cfgDegree = 1;
+  int pipefusionDegree = 1;
+  int numPipelinePatch = 0;         // 0: the PipeFusion degree
+  int warmupSteps = 1;
+  std::string ppPartition = "compute";
 
   // forward
   std::string inputs;

@@ -15,6 +15,7 @@
 #include <c10/core/Device.h>
 
 #include <map>
+#include <set>
 #include <memory>
 #include <string>
 #include <vector>
@@ -62,6 +63,8 @@ class FluxCheckpoint {
   model::WeightGetter getter(c10::ScalarType dtype, c10::Device device = c10::kCPU) const;
 
   uint64_t bytesRead() const;   // tensor bytes read through this checkpoint so far
+  // Internal names of the tensors loaded so far (each tensor's bytes are read once per load).
+  const std::set<std::string>& tensorsLoaded() const { return loaded_; }
   uint64_t totalBytes() const;  // bytes of all model tensors
 
  private:
@@ -74,6 +77,7 @@ class FluxCheckpoint {
   c10::ScalarType storedDtype_ = c10::kFloat;
   std::vector<std::shared_ptr<SafetensorsFile>> files_;
   std::map<std::string, TensorSource> sources_;
+  mutable std::set<std::string> loaded_;
 
   friend class CheckpointBuilder;
 };

@@ -24,7 +24,8 @@ struct Linear {
 };
 
 struct EmbedderWeights {
-  Linear imgIn, timeIn1, timeIn2, guidanceIn1, guidanceIn2, vectorIn1, vectorIn2, txtIn;
+  Linear timeIn1, timeIn2, guidanceIn1, guidanceIn2, vectorIn1, vectorIn2;  // "conditioning"
+  Linear imgIn, txtIn;  // "input_embedders"; undefined where the first pipeline stage is not held
 };
 
 struct DoubleBlockWeights {
@@ -54,7 +55,7 @@ struct FinalLayerWeights {
 // Fetches a tensor by internal name, already in the compute dtype and on the compute device.
 using WeightGetter = std::function<at::Tensor(const std::string& name)>;
 
-EmbedderWeights makeEmbedderWeights(const FluxConfig& c, const WeightGetter& get);
+EmbedderWeights makeEmbedderWeights(const FluxConfig& c, const WeightGetter& get, bool withInputProjections = true);
 DoubleBlockWeights makeDoubleBlockWeights(const FluxConfig& c, int64_t index, const WeightGetter& get);
 SingleBlockWeights makeSingleBlockWeights(const FluxConfig& c, int64_t index, const WeightGetter& get);
 FinalLayerWeights makeFinalLayerWeights(const FluxConfig& c, const WeightGetter& get);
@@ -70,14 +71,17 @@ class FluxWeightProvider {
   virtual std::shared_ptr<const FinalLayerWeights> finalLayer() = 0;
 };
 
-// All groups held in memory.
+// Weight groups held in memory: all of them, or a pipeline stage's share (group names as in
+// fluxWeightGroups(); the conditioning embedders are always held). Asking for a group that is not
+// held is an error.
 class ResidentFluxWeights final : public FluxWeightProvider {
  public:
   ResidentFluxWeights(const FluxConfig& config, const WeightGetter& get);
+  ResidentFluxWeights(const FluxConfig& config, const WeightGetter& get, const std::vector<std::string>& groups);
   std::shared_ptr<const EmbedderWeights> embedders() override { return emb_; }
-  std::shared_ptr<const DoubleBlockWeights> doubleBlock(int64_t i) override { return double_.at(i); }
-  std::shared_ptr<const SingleBlockWeights> singleBlock(int64_t i) override { return single_.at(i); }
-  std::shared_ptr<const FinalLayerWeights> finalLayer() override { return final_; }
+  std::shared_ptr<const DoubleBlockWeights> doubleBlock(int64_t i) override;
+  std::shared_ptr<const SingleBlockWeights> singleBlock(int64_t i) override;
+  std::shared_ptr<const FinalLayerWeights> finalLayer() override;
 
  private:
   std::shared_ptr<const EmbedderWeights> emb_;

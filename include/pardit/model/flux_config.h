@@ -40,8 +40,9 @@ struct TensorSpec {
   std::vector<int64_t> shape;
 };
 
-// A weight group is the unit of loading and residency: "embedders", "double_blocks.i",
-// "single_blocks.i", "final_layer".
+// A weight group is the unit of loading and residency: "conditioning" (time/guidance/pooled-text
+// embedders, needed by every pipeline stage), "input_embedders" (img_in, txt_in: first stage),
+// "double_blocks.i", "single_blocks.i", "final_layer" (last stage).
 struct WeightGroupSpec {
   std::string name;
   std::vector<TensorSpec> tensors;

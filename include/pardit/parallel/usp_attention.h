@@ -15,6 +15,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <functional>
+#include <utility>
 #include <vector>
 
 #include "pardit/dist/communicator.h"
@@ -39,8 +41,14 @@ class UspAttention final : public model::AttentionBackend {
   // `ulysses` and `ring` are this rank's group communicators (size 1 disables that dimension).
   UspAttention(dist::Communicator& ulysses, dist::Communicator& ring) : ulysses_(ulysses), ring_(ring) {}
 
+  int ulyssesDegree() const { return ulysses_.size(); }
   void setTextMode(TextMode mode) { textMode_ = mode; }
   TextMode textMode() const { return textMode_; }
+
+  // Called (replicated-text mode) with each layer's image K/V after the Ulysses all-to-all
+  // [B, H/U, U*s, D]; returns the K/V the layer attends to (PipeFusion's stale K/V buffers).
+  using KvHook = std::function<std::pair<at::Tensor, at::Tensor>(int layer, const at::Tensor& k, const at::Tensor& v)>;
+  void setKvHook(KvHook hook) { kvHook_ = std::move(hook); }
 
   at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const model::AttentionCall& call) override;
@@ -49,6 +57,7 @@ class UspAttention final : public model::AttentionBackend {
   dist::Communicator& ulysses_;
   dist::Communicator& ring_;
   TextMode textMode_ = TextMode::kSplit;
+  KvHook kvHook_;
 };
 
 // Ulysses all-to-alls: [B, H, s, D] -> [B, H/U, U*s, D] (sequence ordered by source rank) and back.

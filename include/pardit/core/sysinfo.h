@@ -1,0 +1,7 @@
+#pragma once
+#include <cstdint>
+
+namespace pardit {
+// Peak resident set size of this process so far, in bytes.
+uint64_t peakRssBytes();
+}  // namespace pardit

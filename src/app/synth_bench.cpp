@@ -16,6 +16,7 @@
 #include "pardit/io/synth.h"
 #include "pardit/pipeline/engine.h"
 #include "pardit/pipeline/latents.h"
+#include "pardit/pipeline/sampler.h"
 #include "pardit/version.h"
 #include "parallel_setup.h"
 #include <ATen/CPUGeneratorImpl.h>
@@ -29,6 +30,8 @@ int runSynth(const config::EngineConfig& c) {
   io::SynthOptions o;
   o.config = model::FluxConfig::preset(c.preset);
   o.presetName = c.preset;
+  if (c.depth >= 0) o.config.depth = c.depth;
+  if (c.depthSingle >= 0) o.config.depthSingle = c.depthSingle;
   PARDIT_CHECK(c.layout == "diffusers" || c.layout == "bfl", "--layout must be diffusers or bfl, got '", c.layout, "'");
   o.layout = c.layout == "bfl" ? io::CheckpointLayout::kBfl : io::CheckpointLayout::kDiffusers;
   o.outDir = c.out;
@@ -150,6 +153,74 @@ double median(std::vector<double> v) {
 
 }  // namespace
 
+// PipeFusion: time the denoising loop (warm-up steps, then patch-pipelined steps) and the share of each
+// pipelined step a rank spends waiting for the previous stage (pipeline bubbles and transfers).
+int benchPipeFusion(const config::EngineConfig& c, dist::Runtime& rt, const model::FluxConfig& mc,
+                    std::shared_ptr<model::FluxWeightProvider> weights, const PipeFusionSetup& pf,
+                    const pipeline::LatentGeometry& geom, c10::ScalarType dtype, const c10::Device& device,
+                    const std::string& modelName) {
+  auto runner = makePipeFusionRunner(rt, mc, std::move(weights), pf, device);
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(1234);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  pipeline::PromptEmbeddings emb{at::randn({c.batch, c.textLen, mc.contextInDim}, gen, f32).to(dtype).to(device),
+                                 at::randn({c.batch, mc.vecInDim}, gen, f32).to(dtype).to(device)};
+  const int steps = pf.warmupSteps + c.iters;
+  pipeline::FlowMatchEulerScheduler scheduler(pipeline::SchedulerConfig::dev(), steps, geom.tokens());
+  at::Tensor latents = pipeline::initialNoise(0, c.batch, geom, dtype).to(device);
+  logInfo0("bench ", modelName, " (", mc.describe(), "), ", dtypeName(dtype), ", ", rt.worldSize(), " rank(s) (",
+           rt.topology().degrees().describe(), "), stages ", pf.partition.describe(mc), ", ", pf.layout.patches,
+           " patches, ", pf.warmupSteps, " warm-up step(s) + ", c.iters, " pipelined steps, ", at::get_num_threads(),
+           " thread(s) per rank");
+  rt.world().barrier();
+  runner->denoise(latents, emb, std::nullopt, 1.0, scheduler, mc.guidanceEmbed, 3.5, pf.warmupSteps);
+  const auto& st = runner->stats();
+  std::vector<double> pipelined(st.stepSeconds.begin() + pf.warmupSteps, st.stepSeconds.end());
+  double wait = 0, total = 0;
+  for (size_t i = pf.warmupSteps; i < st.stepSeconds.size(); ++i) {
+    wait += st.stepWaitSeconds[i];
+    total += st.stepSeconds[i];
+  }
+  at::Tensor med = at::tensor({median(pipelined)}, at::kDouble), share = at::tensor({wait / total}, at::kDouble);
+  at::Tensor shareMean = share.clone();
+  rt.world().allReduce(med, dist::ReduceOp::kMax);
+  rt.world().allReduce(share, dist::ReduceOp::kMax);
+  rt.world().allReduce(shareMean, dist::ReduceOp::kSum);
+  const double meanShare = shareMean.item<double>() / rt.worldSize();
+  logInfo0("pipelined step: median ", med.item<double>(), " s (slowest rank); waiting for the previous stage: ",
+           100 * meanShare, "% of the step on average, ", 100 * share.item<double>(), "% on the worst rank");
+  if (rt.worldRank() == 0) {
+    std::printf("BENCH pardit-pipefusion model=%s dtype=%s ranks=%d pipefusion=%d patches=%d ulysses=%d ring=%d "
+                "threads=%d image_tokens=%lld text_tokens=%lld step_median_s=%.6f bubble_share_mean=%.4f "
+                "bubble_share_max=%.4f\n",
+                modelName.c_str(), dtypeName(dtype).c_str(), rt.worldSize(), rt.topology().degrees().pipefusion,
+                pf.layout.patches, rt.topology().degrees().ulysses, rt.topology().degrees().ring, at::get_num_threads(),
+                static_cast<long long>(geom.tokens()), static_cast<long long>(c.textLen), med.item<double>(), meanShare,
+                share.item<double>());
+    std::fflush(stdout);
+  }
+  if (!c.benchOutput.empty()) {
+    rt.agree([&] {
+      if (rt.worldRank() != 0) return;
+      nlohmann::ordered_json j;
+      j["tool"] = "pardit";
+      j["commit"] = PARDIT_GIT_COMMIT;
+      j["model"] = modelName;
+      j["ranks"] = rt.worldSize();
+      j["pipefusion"] = rt.topology().degrees().pipefusion;
+      j["patches"] = pf.layout.patches;
+      j["warmup_steps"] = pf.warmupSteps;
+      j["step_s"] = st.stepSeconds;
+      j["median_s"] = med.item<double>();
+      j["bubble_share_mean"] = meanShare;
+      j["bubble_share_max"] = share.item<double>();
+      std::ofstream out(c.benchOutput);
+      PARDIT_CHECK(out.good(), c.benchOutput, ": cannot write (--output)");
+      out << j.dump(2) << "\n";
+    });
+  }
+  return 0;
+}
+
 int runBench(const config::EngineConfig& c, dist::Runtime& rt) {
   if (c.benchComm) return runCommBench(c, rt);
   const dist::ParallelDegrees degrees = degreesOf(c);
@@ -158,6 +229,7 @@ int runBench(const config::EngineConfig& c, dist::Runtime& rt) {
   pipeline::LatentGeometry geom{c.height, c.width, 16};
   model::FluxConfig mc;
   std::optional<io::FluxCheckpoint> ck;
+  std::optional<PipeFusionSetup> pf;
   rt.agree([&] {
     checkConsistentOptions(rt, c);
     dist::Topology::validate(degrees, rt.worldSize());
@@ -175,25 +247,35 @@ int runBench(const config::EngineConfig& c, dist::Runtime& rt) {
     }
     PARDIT_CHECK(mc.inChannels == geom.packedChannels(), "bench needs a model with ", geom.packedChannels(),
                  " input channels");
-    parallel::checkSequenceParallel(degrees, mc.numHeads, geom.tokens());
+    if (degrees.pipefusion > 1) {
+      pf = checkPipeFusion(c, degrees, mc, geom.tokenRows(), geom.tokenCols(), /*patched=*/true);
+      PARDIT_CHECK(degrees.cfg == 1, "bench: --pipefusion-degree with --cfg-degree is not benchmarked; use generate");
+      PARDIT_CHECK(pf->warmupSteps >= 1, "bench with PipeFusion needs --warmup-steps >= 1");
+    } else {
+      parallel::checkSequenceParallel(degrees, mc.numHeads, geom.tokens());
+    }
   });
   rt.setTopology(degrees, device);
   std::shared_ptr<model::FluxWeightProvider> weights;
   std::string modelName;
   rt.agree([&] {
+    std::vector<std::string> groups;
+    for (const auto& g : model::fluxWeightGroups(mc)) groups.push_back(g.name);
+    if (pf) groups = pf->partition.groupsOf(rt.topology().pipefusionRank(), mc);
     if (ck) {
-      weights = std::make_shared<model::ResidentFluxWeights>(mc, ck->getter(dtype, device));
+      weights = std::make_shared<model::ResidentFluxWeights>(mc, ck->getter(dtype, device), groups);
       modelName = c.model;
     } else {
       std::map<std::string, std::vector<int64_t>> shapes;
       for (const auto& g : model::fluxWeightGroups(mc))
         for (const auto& t : g.tensors) shapes[t.name] = t.shape;
-      weights = std::make_shared<model::ResidentFluxWeights>(mc, [&](const std::string& name) {
-        return io::synthTensor(0, name, shapes.at(name)).to(dtype).to(device);
-      });
+      weights = std::make_shared<model::ResidentFluxWeights>(
+          mc, [&](const std::string& name) { return io::synthTensor(0, name, shapes.at(name)).to(dtype).to(device); },
+          groups);
       modelName = "preset:" + c.preset;
     }
   });
+  if (pf) return benchPipeFusion(c, rt, mc, weights, *pf, geom, dtype, device, modelName);
   RankModel rm = makeRankModel(rt, mc, weights);
 
   const int64_t B = c.batch, Li = geom.tokens(), Lt = c.textLen, part = B / degrees.cfg;

@@ -100,7 +100,9 @@ po::options_description describe(const std::string& command, EngineConfig& c) {
         ("seed", po::value(&c.seed)->default_value(c.seed), "seed of the random weights")
         ("fill", po::value(&c.fill)->default_value(c.fill), "random, or zeros (sparse files: real headers, no disk use)")
         ("text-len", po::value(&c.textLen)->default_value(c.textLen), "tokens in the sample prompt embeddings (0: preset default)")
-        ("shard-size", po::value(&c.shardSize)->default_value(c.shardSize), "largest diffusers shard in bytes");
+        ("shard-size", po::value(&c.shardSize)->default_value(c.shardSize), "largest diffusers shard in bytes")
+        ("depth", po::value(&c.depth)->default_value(c.depth), "double-stream blocks (-1: the preset's)")
+        ("depth-single", po::value(&c.depthSingle)->default_value(c.depthSingle), "single-stream blocks (-1: the preset's)");
   } else if (command == "bench") {
     addCommon(d, c, true);
     addParallel(d, c);

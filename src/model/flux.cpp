@@ -218,18 +218,27 @@ at::Tensor FluxTransformer::jointAttention(const at::Tensor& q, const at::Tensor
 void FluxTransformer::doubleBlock(int64_t i, at::Tensor& img, at::Tensor& txt, const FluxConditioning& cond) const {
   auto w = weights_->doubleBlock(i);
   const int64_t H = config_.numHeads, D = config_.headDim();
-  const int64_t B = img.size(0), Li = img.size(1), Lt = txt.size(1);
-  auto imod = w->img.mod(cond.siluVec).chunk(6, 1);
-  auto tmod = w->txt.mod(cond.siluVec).chunk(6, 1);
-
-  at::Tensor iqkv = w->img.qkv(modulate(img, imod[0], imod[1])).view({B, Li, 3, H, D});
-  at::Tensor tqkv = w->txt.qkv(modulate(txt, tmod[0], tmod[1])).view({B, Lt, 3, H, D});
+  const int64_t B = img.size(0), Li = img.size(1);
   const std::vector<int64_t> dShape{D};
-  at::Tensor q = at::cat({at::rms_norm(tqkv.select(2, 0), dShape, w->txt.qNorm, kNormEps),
-                          at::rms_norm(iqkv.select(2, 0), dShape, w->img.qNorm, kNormEps)}, 1);
-  at::Tensor k = at::cat({at::rms_norm(tqkv.select(2, 1), dShape, w->txt.kNorm, kNormEps),
-                          at::rms_norm(iqkv.select(2, 1), dShape, w->img.kNorm, kNormEps)}, 1);
-  at::Tensor v = at::cat({tqkv.select(2, 2), iqkv.select(2, 2)}, 1);  // [B, L, H, D]
+  auto imod = w->img.mod(cond.siluVec).chunk(6, 1);
+  at::Tensor iqkv = w->img.qkv(modulate(img, imod[0], imod[1])).view({B, Li, 3, H, D});
+  at::Tensor iq = at::rms_norm(iqkv.select(2, 0), dShape, w->img.qNorm, kNormEps);
+  at::Tensor ik = at::rms_norm(iqkv.select(2, 1), dShape, w->img.kNorm, kNormEps);
+  at::Tensor iv = iqkv.select(2, 2);
+  if (!txt.defined()) {
+    // Image rows only (the attention backend supplies the text K/V, e.g. PipeFusion's later patches).
+    at::Tensor iAttn = jointAttention(iq, ik, iv, cond, 0, static_cast<int>(i));
+    img = img + imod[2].unsqueeze(1) * w->img.proj(iAttn.contiguous());
+    img = img + imod[5].unsqueeze(1) * w->img.mlp2(at::gelu(w->img.mlp0(modulate(img, imod[3], imod[4])), "tanh"));
+    if (img.scalar_type() == at::kHalf) img = img.clamp(-65504, 65504);
+    return;
+  }
+  const int64_t Lt = txt.size(1);
+  auto tmod = w->txt.mod(cond.siluVec).chunk(6, 1);
+  at::Tensor tqkv = w->txt.qkv(modulate(txt, tmod[0], tmod[1])).view({B, Lt, 3, H, D});
+  at::Tensor q = at::cat({at::rms_norm(tqkv.select(2, 0), dShape, w->txt.qNorm, kNormEps), iq}, 1);
+  at::Tensor k = at::cat({at::rms_norm(tqkv.select(2, 1), dShape, w->txt.kNorm, kNormEps), ik}, 1);
+  at::Tensor v = at::cat({tqkv.select(2, 2), iv}, 1);  // [B, L, H, D], text first
   at::Tensor attn = jointAttention(q, k, v, cond, Lt, static_cast<int>(i));
   at::Tensor tAttn = attn.narrow(1, 0, Lt), iAttn = attn.narrow(1, Lt, Li);
 

@@ -146,7 +146,17 @@ at::Tensor PatchLayout::localTokenIndex() const {
 
 // ---- K/V buffers ------------------------------------------------------------------------------------
 
-std::pair<at::Tensor, at::Tensor> KvBuffers::update(int layer, const at::Tensor& k, const at::Tensor& v) {
+void KvBuffers::storeText(int layer, const at::Tensor& k, const at::Tensor& v) {
+  text_[layer] = {k.contiguous(), v.contiguous()};
+}
+
+std::pair<at::Tensor, at::Tensor> KvBuffers::text(int layer) const {
+  auto it = text_.find(layer);
+  PARDIT_CHECK(it != text_.end(), "PipeFusion: no text K/V for layer ", layer);
+  return it->second;
+}
+
+std::pair<at::Tensor, at::Tensor> KvBuffers::image(int layer, const at::Tensor& k, const at::Tensor& v) {
   if (patch_ < 0) {
     // [B, h, U * (M * Tp), D], source-rank-major -> patch-major [B, h, M * U * Tp, D].
     const int64_t B = k.size(0), h = k.size(1), D = k.size(3);
@@ -170,6 +180,7 @@ std::pair<at::Tensor, at::Tensor> KvBuffers::update(int layer, const at::Tensor&
 uint64_t KvBuffers::bytes() const {
   uint64_t n = 0;
   for (const auto& [l, kv] : buffers_) n += kv.first.nbytes() + kv.second.nbytes();
+  for (const auto& [l, kv] : text_) n += kv.first.nbytes() + kv.second.nbytes();
   return n;
 }
 
@@ -191,7 +202,7 @@ PipeFusionRunner::PipeFusionRunner(std::shared_ptr<model::FluxTransformer> trans
                " stages for a pipeline group of ", comms_.pipeline->size());
   layout_.check();
   usp_->setTextMode(TextMode::kReplicated);
-  usp_->setKvHook([kv = kv_](int layer, const at::Tensor& k, const at::Tensor& v) { return kv->update(layer, k, v); });
+  usp_->setKvCache(kv_);
 }
 
 at::Tensor PipeFusionRunner::recvTensor(std::vector<int64_t> shape, int from) {
@@ -224,13 +235,14 @@ PipeFusionRunner::Activations PipeFusionRunner::runStage(const Activations& in, 
   const auto& c = transformer_->config();
   const model::FluxConfig& cfg = c;
   const model::FluxConditioning cond = transformer_->conditioning(x);
+  // Without text activations (later patches of a step) the blocks run on the image rows only.
   at::Tensor img = in.img, txt = in.txt;
-  const int64_t T = txt.size(1), b0 = partition_.begin(stage_), b1 = partition_.end(stage_);
+  const int64_t T = txt.defined() ? txt.size(1) : 0, b0 = partition_.begin(stage_), b1 = partition_.end(stage_);
   for (int64_t b = b0; b < std::min(b1, cfg.depth); ++b) transformer_->doubleBlock(b, img, txt, cond);
   if (b1 > cfg.depth) {
-    at::Tensor xs = at::cat({txt, img}, 1);
+    at::Tensor xs = T > 0 ? at::cat({txt, img}, 1) : img;
     for (int64_t b = std::max(b0, cfg.depth); b < b1; ++b) xs = transformer_->singleBlock(b - cfg.depth, xs, T, cond);
-    txt = xs.narrow(1, 0, T);
+    if (T > 0) txt = xs.narrow(1, 0, T);
     img = xs.narrow(1, T, xs.size(1) - T);
   }
   if (stage_ == partition_.stages() - 1) img = transformer_->finalLayer(img, cond);
@@ -287,11 +299,13 @@ at::Tensor PipeFusionRunner::denoise(const at::Tensor& latents, const pipeline::
 
   for (int i = 0; i < steps; ++i) {
     Timer stepTimer;
+    const double waitBefore = stats_.waitSeconds;
     x.timestep = at::full({1}, scheduler.timesteps()[i], f32).expand({Bm}).to(X.scalar_type()) / 1000;
     const bool sendBack = P > 1 && i + 1 < steps;
     if (i < W || M == 1) {
       // Synchronous step over all local tokens: fresh K/V everywhere.
       kv_->setFull();
+      x.txtIds = txtIds;
       x.imgIds = idsLocal;
       x.img = X;
       Activations in;
@@ -315,16 +329,19 @@ at::Tensor PipeFusionRunner::denoise(const at::Tensor& latents, const pipeline::
       for (int p = 0; p < M; ++p) {
         kv_->setPatch(p);
         x.imgIds = idsLocal.narrow(0, p * Tp, Tp);
+        x.txtIds = p == 0 ? txtIds : txtIds.narrow(0, 0, 0);  // RoPE rows: [text ; patch] or the patch alone
         x.img = X.narrow(1, p * Tp, Tp);
         Activations in;
         if (first) {
           if (P > 1 && i == W && p == 0 && W > 0) X = recvTensor({B, Lloc, C}, prev);  // the last warm-up step
           if (P > 1 && i > W) X.narrow(1, p * Tp, Tp).copy_(recvTensor({B, Tp, C}, prev));
-          in = {transformer_->embedText(emb.promptEmbeds), transformer_->embedImage(dup(X.narrow(1, p * Tp, Tp)))};
+          // The text passes the stages with the first patch only; later patches reuse its K/V.
+          in = {p == 0 ? transformer_->embedText(emb.promptEmbeds) : at::Tensor(),
+                transformer_->embedImage(dup(X.narrow(1, p * Tp, Tp)))};
         } else {
           // Text activations come once per step, with patch 0.
           if (p == 0) txtIn = recvTensor({Bm, T, h}, prev);
-          in = {txtIn, recvTensor({Bm, Tp, h}, prev)};
+          in = {p == 0 ? txtIn : at::Tensor(), recvTensor({Bm, Tp, h}, prev)};
         }
         Activations out = runStage(in, x);
         if (!last) {
@@ -340,7 +357,9 @@ at::Tensor PipeFusionRunner::denoise(const at::Tensor& latents, const pipeline::
     // Sends are complete before their buffers could be reused by the next step.
     for (auto& w : pendingSends_) w->wait();
     pendingSends_.clear();
-    if (onStep) onStep(pipeline::StepReport{i, steps, stepTimer.seconds()});
+    stats_.stepSeconds.push_back(stepTimer.seconds());
+    stats_.stepWaitSeconds.push_back(stats_.waitSeconds - waitBefore);
+    if (onStep) onStep(pipeline::StepReport{i, steps, stats_.stepSeconds.back()});
   }
   // The last stage holds the result; every rank of the pipeline gets the full latents.
   at::Tensor full = at::empty({B, layout_.rows * layout_.cols, C}, X.options());

@@ -92,6 +92,13 @@ at::Tensor ringAttention(dist::Communicator& ring, const at::Tensor& q, const at
 at::Tensor UspAttention::attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const model::AttentionCall& call) {
   const int64_t U = ulysses_.size();
+  if (kvCache_ && textMode_ == TextMode::kReplicated && call.textLen == 0) {
+    // Image rows only: the text K/V of this layer come from the cache.
+    auto g = ulyssesScatterHeadsMany(ulysses_, {q, k, v});
+    auto [kb, vb] = kvCache_->image(call.layer, g[1], g[2]);
+    auto [kt, vt] = kvCache_->text(call.layer);
+    return ulyssesGatherHeads(ulysses_, ringAttention(ring_, g[0], kb, vb, kt, vt));
+  }
   if (textMode_ == TextMode::kSplit || call.textLen == 0) {
     // q, k and v travel in one all-to-all.
     auto g = ulyssesScatterHeadsMany(ulysses_, {q, k, v});
@@ -105,9 +112,12 @@ at::Tensor UspAttention::attend(const at::Tensor& q, const at::Tensor& k, const 
   // Keys/values: only the image rows travel; the text contributes its local head slice, once.
   auto kv = ulyssesScatterHeadsMany(ulysses_, {k.narrow(2, T, S - T), v.narrow(2, T, S - T)});
   at::Tensor kg = kv[0], vg = kv[1];
-  if (kvHook_) std::tie(kg, vg) = kvHook_(call.layer, kg, vg);
   at::Tensor kt = k.narrow(2, 0, T).narrow(1, u * h, h);
   at::Tensor vt = v.narrow(2, 0, T).narrow(1, u * h, h);
+  if (kvCache_) {
+    std::tie(kg, vg) = kvCache_->image(call.layer, kg, vg);
+    kvCache_->storeText(call.layer, kt, vt);
+  }
   return ulyssesGatherHeads(ulysses_, ringAttention(ring_, qg, kg, vg, kt, vt));
 }
 

@@ -53,6 +53,8 @@ struct EngineConfig {
   std::string fill = "random";       // random | zeros
   int64_t textLen = 0;               // 0: the preset's default
   uint64_t shardSize = 10'000'000'000ULL;
+  int64_t depth = -1;                // overrides of the preset's block counts (-1: keep)
+  int64_t depthSingle = -1;
 
   // bench
   int warmup = 2;

@@ -69,20 +69,24 @@ struct PatchLayout {
 
 // The K/V buffers of one stage's attention layers. Rows are kept patch-major: slot p holds, for every
 // Ulysses source rank, its sub-stripe of patch p, so warm-up writes and patch writes agree.
-class KvBuffers {
+// The text K/V of the step's first patch are kept too: later patches of the step run image rows only
+// and attend to them, so the text tokens pass through a stage once per step instead of once per patch.
+class KvBuffers final : public UspAttention::KvCache {
  public:
   KvBuffers(int ulyssesDegree, int patches) : ulysses_(ulyssesDegree), patches_(patches) {}
   // Full mode (warm-up): fresh K/V of all local tokens. Patch mode: fresh K/V of one patch.
   void setFull() { patch_ = -1; }
   void setPatch(int patch) { patch_ = patch; }
   // k, v: image rows after the Ulysses all-to-all [B, h, U * rows, D]. Returns the whole buffers.
-  std::pair<at::Tensor, at::Tensor> update(int layer, const at::Tensor& k, const at::Tensor& v);
+  std::pair<at::Tensor, at::Tensor> image(int layer, const at::Tensor& k, const at::Tensor& v) override;
+  void storeText(int layer, const at::Tensor& k, const at::Tensor& v) override;
+  std::pair<at::Tensor, at::Tensor> text(int layer) const override;
   uint64_t bytes() const;
 
  private:
   int ulysses_, patches_;
   int patch_ = -1;
-  std::map<int, std::pair<at::Tensor, at::Tensor>> buffers_;
+  std::map<int, std::pair<at::Tensor, at::Tensor>> buffers_, text_;
 };
 
 struct PipeFusionComms {
@@ -94,6 +98,7 @@ struct PipeFusionComms {
 struct PipeFusionStats {
   double seconds = 0.0;      // the whole loop
   double waitSeconds = 0.0;  // blocked receiving from the previous stage (pipeline bubbles included)
+  std::vector<double> stepSeconds, stepWaitSeconds;  // per denoising step
 };
 
 class PipeFusionRunner {

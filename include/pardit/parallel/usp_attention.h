@@ -45,10 +45,18 @@ class UspAttention final : public model::AttentionBackend {
   void setTextMode(TextMode mode) { textMode_ = mode; }
   TextMode textMode() const { return textMode_; }
 
-  // Called (replicated-text mode) with each layer's image K/V after the Ulysses all-to-all
-  // [B, H/U, U*s, D]; returns the K/V the layer attends to (PipeFusion's stale K/V buffers).
-  using KvHook = std::function<std::pair<at::Tensor, at::Tensor>(int layer, const at::Tensor& k, const at::Tensor& v)>;
-  void setKvHook(KvHook hook) { kvHook_ = std::move(hook); }
+  // K/V caching for PipeFusion (replicated-text mode): image K/V after the Ulysses all-to-all
+  // [B, H/U, U*s, D] go through `image()`, which returns what the layer attends to (the stale buffers);
+  // text K/V (this rank's head slice) are stored per layer, and a call without text rows
+  // (AttentionCall::textLen == 0) attends to the stored text K/V of its layer.
+  class KvCache {
+   public:
+    virtual ~KvCache() = default;
+    virtual std::pair<at::Tensor, at::Tensor> image(int layer, const at::Tensor& k, const at::Tensor& v) = 0;
+    virtual void storeText(int layer, const at::Tensor& k, const at::Tensor& v) = 0;
+    virtual std::pair<at::Tensor, at::Tensor> text(int layer) const = 0;
+  };
+  void setKvCache(std::shared_ptr<KvCache> cache) { kvCache_ = std::move(cache); }
 
   at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const model::AttentionCall& call) override;
@@ -57,7 +65,7 @@ class UspAttention final : public model::AttentionBackend {
   dist::Communicator& ulysses_;
   dist::Communicator& ring_;
   TextMode textMode_ = TextMode::kSplit;
-  KvHook kvHook_;
+  std::shared_ptr<KvCache> kvCache_;
 };
 
 // Ulysses all-to-alls: [B, H, s, D] -> [B, H/U, U*s, D] (sequence ordered by source rank) and back.

@@ -36,7 +36,7 @@ int runSynth(const config::EngineConfig& c) {
   o.layout = c.layout == "bfl" ? io::CheckpointLayout::kBfl : io::CheckpointLayout::kDiffusers;
   o.outDir = c.out;
   o.seed = c.seed;
-  const bool big = c.preset == "flux-dev" || c.preset == "flux-schnell";
+  const bool big = c.preset == "flux-dev" || c.preset == "flux-schnell" || c.preset == "medium";
   if (c.dtype == "auto") {
     o.dtype = big ? c10::kBFloat16 : c10::kFloat;
   } else {

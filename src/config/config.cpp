@@ -94,7 +94,7 @@ po::options_description describe(const std::string& command, EngineConfig& c) {
   } else if (command == "synth") {
     addCommon(d, c, false);
     d.add_options()
-        ("preset", po::value(&c.preset)->default_value(c.preset), "tiny, small, flux-dev or flux-schnell")
+        ("preset", po::value(&c.preset)->default_value(c.preset), "tiny, small, medium, flux-dev or flux-schnell")
         ("layout", po::value(&c.layout)->default_value(c.layout), "diffusers or bfl")
         ("out", po::value(&c.out), "output directory")
         ("seed", po::value(&c.seed)->default_value(c.seed), "seed of the random weights")

@@ -183,6 +183,12 @@ TEST(PipeFusion, PartitionModes) {
   EXPECT_EQ(sum, 57);
   EXPECT_LT(memory.counts()[0], memory.counts()[3]);  // double blocks are 2.4x heavier than single ones
   EXPECT_EQ(parallel::partitionStages(dev, 2, "20,37").counts(), (std::vector<int64_t>{20, 37}));
+  // 3 double + 6 single blocks over 4 contiguous stages: D | D | D S S | S S S S is the best split
+  // (largest stage D + 2S = 623M parameters; any other split has a larger one).
+  model::FluxConfig mix = dev;
+  mix.depth = 3;
+  mix.depthSingle = 6;
+  EXPECT_EQ(parallel::partitionStages(mix, 4, "memory").counts(), (std::vector<int64_t>{1, 1, 3, 4}));
   EXPECT_THROW(parallel::partitionStages(dev, 2, "20,30"), Error);
   EXPECT_THROW(parallel::partitionStages(dev, 3, "20,37"), Error);
   EXPECT_THROW(parallel::partitionStages(dev, 2, "fast"), Error);

@@ -10,6 +10,7 @@ int runGenerate(const config::EngineConfig& c, dist::Runtime& rt);
 int runSynth(const config::EngineConfig& c);
 int runBench(const config::EngineConfig& c, dist::Runtime& rt);
 int runCommBench(const config::EngineConfig& c, dist::Runtime& rt);
+int runPlan(const config::EngineConfig& c);
 
 // Applies --threads, --log-level and --quiet.
 void applyRuntimeOptions(const config::EngineConfig& c);

@@ -54,6 +54,10 @@ int main(int argc, char** argv) {
       status = app::runGenerate(parsed.config, *rt);
     } else if (command == "bench") {
       status = app::runBench(parsed.config, *rt);
+    } else if (command == "plan") {
+      rt->agree([&] {
+        if (rt->worldRank() == 0) status = app::runPlan(parsed.config);
+      });
     } else if (command == "synth") {
       rt->agree([&] {
         if (rt->worldRank() == 0) status = app::runSynth(parsed.config);

@@ -85,6 +85,60 @@ std::unique_ptr<parallel::PipeFusionRunner> makePipeFusionRunner(dist::Runtime& 
                                                       rt.topology().pipefusionRank(), layout, comms, device);
 }
 
+memory::RankWorkload workloadOf(const dist::Topology& topo, const model::FluxConfig& mc,
+                                const std::optional<PipeFusionSetup>& pf, c10::ScalarType dtype, int64_t batch,
+                                int64_t imageTokens, int64_t textTokens) {
+  memory::RankWorkload w;
+  w.config = mc;
+  w.dtype = dtype;
+  w.batch = batch;
+  const auto& d = topo.degrees();
+  w.ulysses = d.ulysses;
+  w.ring = d.ring;
+  w.pipefusion = d.pipefusion;
+  const int64_t sp = d.spDegree();
+  if (pf) {
+    const int stage = topo.pipefusionRank();
+    w.groups = pf->partition.groupsOf(stage, mc);
+    // Warm-up steps run all local tokens at once; the K/V buffers hold them for every layer of the stage.
+    w.imageTokens = imageTokens / sp;
+    w.imageTokensKv = imageTokens / sp;
+    w.textTokens = textTokens;
+    w.kvLayers = pf->partition.end(stage) - pf->partition.begin(stage);
+  } else {
+    for (const auto& g : model::fluxWeightGroups(mc)) w.groups.push_back(g.name);
+    w.imageTokens = imageTokens / sp;
+    w.textTokens = textTokens % sp == 0 ? textTokens / sp : textTokens;
+  }
+  return w;
+}
+
+memory::RankPlan planFor(const config::EngineConfig& c, const memory::RankWorkload& w, const c10::Device& device,
+                         int ranksOnNode) {
+  const memory::OffloadMode mode = memory::parseOffload(c.offload);
+  const uint64_t budget = c.deviceMemoryBudget == "auto"
+                              ? memory::autoBudget(device.is_cuda(), device.is_cuda() ? device.index() : 0, ranksOnNode)
+                              : memory::parseSize(c.deviceMemoryBudget, "--device-memory-budget");
+  return memory::planRank(w, budget, mode);
+}
+
+std::shared_ptr<model::FluxWeightProvider> loadPlannedWeights(const config::EngineConfig& c, const io::FluxCheckpoint& ck,
+                                                              const memory::RankPlan& plan, c10::ScalarType dtype,
+                                                              const c10::Device& device) {
+  std::vector<std::string> groups;
+  for (const auto& g : plan.groups) groups.push_back(g.name);
+  if (!plan.anyStreamed()) return std::make_shared<model::ResidentFluxWeights>(ck.config(), ck.getter(dtype, device), groups);
+  memory::StreamingOptions opts;
+  PARDIT_CHECK(c.streamFrom == "auto" || c.streamFrom == "host" || c.streamFrom == "file",
+               "--stream-from must be host, file or auto, got '", c.streamFrom, "'");
+  if (c.streamFrom == "auto") {
+    opts.hostCache = device.is_cuda() && plan.streamedBytes < memory::hostAvailableBytes() / 2;
+  } else {
+    opts.hostCache = c.streamFrom == "host";
+  }
+  return std::make_shared<memory::StreamingFluxWeights>(ck.config(), ck.getter(dtype, c10::kCPU), plan, device, opts);
+}
+
 std::string collectiveSummary(const dist::Runtime& rt) {
   std::ostringstream os;
   bool first = true;

@@ -1,11 +1,15 @@
 #pragma once
 // Shared by the commands: the parallel layout of a run and the transformer function of this rank.
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "pardit/config/config.h"
 #include "pardit/dist/runtime.h"
 #include "pardit/model/flux.h"
+#include "pardit/io/checkpoint.h"
+#include "pardit/memory/planner.h"
+#include "pardit/memory/streamer.h"
 #include "pardit/parallel/pipefusion.h"
 #include "pardit/parallel/sequence_parallel.h"
 #include "pardit/pipeline/sampler.h"
@@ -39,6 +43,18 @@ PipeFusionSetup checkPipeFusion(const config::EngineConfig& c, const dist::Paral
 std::unique_ptr<parallel::PipeFusionRunner> makePipeFusionRunner(dist::Runtime& rt, const model::FluxConfig& mc,
                                                                  std::shared_ptr<model::FluxWeightProvider> weights,
                                                                  const PipeFusionSetup& setup, const c10::Device& device);
+
+// The memory workload of one rank (for the planner), before anything is loaded.
+memory::RankWorkload workloadOf(const dist::Topology& topo, const model::FluxConfig& mc,
+                                const std::optional<PipeFusionSetup>& pf, c10::ScalarType dtype, int64_t batch,
+                                int64_t imageTokens, int64_t textTokens);
+// --device-memory-budget and --offload resolved for this rank; the plan of its weight groups.
+memory::RankPlan planFor(const config::EngineConfig& c, const memory::RankWorkload& w, const c10::Device& device,
+                         int ranksOnNode);
+// This rank's weights under the plan: resident, or streamed (memory::StreamingFluxWeights).
+std::shared_ptr<model::FluxWeightProvider> loadPlannedWeights(const config::EngineConfig& c, const io::FluxCheckpoint& ck,
+                                                              const memory::RankPlan& plan, c10::ScalarType dtype,
+                                                              const c10::Device& device);
 
 // One line per collective kind with calls, bytes and seconds (this rank's counters).
 std::string collectiveSummary(const dist::Runtime& rt);

@@ -17,6 +17,8 @@
 #include "pardit/pipeline/sampler.h"
 #include "pardit/parallel/cfg_parallel.h"
 #include "parallel_setup.h"
+#include "pardit/memory/planner.h"
+#include "pardit/memory/streamer.h"
 #include <optional>
 
 namespace pardit::app {
@@ -92,25 +94,36 @@ void applyRuntimeOptions(const config::EngineConfig& c) {
 namespace {
 
 // Weights of the whole model on this rank's device, read from the checkpoint.
-// This rank's weights, read from the checkpoint: the whole model, or its PipeFusion stage's groups.
-std::shared_ptr<model::FluxWeightProvider> loadWeights(const io::FluxCheckpoint& ck, c10::ScalarType dtype,
-                                                        const c10::Device& device, const std::vector<std::string>& groups,
-                                                        double* seconds) {
-  Timer timer;
-  std::shared_ptr<model::FluxWeightProvider> w;
-  if (groups.empty()) {
-    w = std::make_shared<model::ResidentFluxWeights>(ck.config(), ck.getter(dtype, device));
-  } else {
-    w = std::make_shared<model::ResidentFluxWeights>(ck.config(), ck.getter(dtype, device), groups);
+// The memory plan of this rank; a plan that cannot fit is a one-line error on every rank, before any
+// weight is read.
+memory::RankPlan makePlan(const config::EngineConfig& c, dist::Runtime& rt, const model::FluxConfig& mc,
+                          const std::optional<PipeFusionSetup>& pf, c10::ScalarType dtype, int64_t batch,
+                          int64_t imageTokens, int64_t textTokens, const c10::Device& device) {
+  memory::RankPlan plan;
+  rt.agree([&] {
+    plan = planFor(c, workloadOf(rt.topology(), mc, pf, dtype, batch, imageTokens, textTokens), device, rt.localSize());
+    PARDIT_CHECK(plan.fits, "rank ", rt.worldRank(), ": ", plan.problem);
+  });
+  if (plan.anyStreamed()) {
+    size_t n = 0;
+    for (const auto& g : plan.groups) n += g.streamed;
+    logInfo0("memory plan (", c.offload, ", budget ", memory::formatBytes(plan.budget), "): ", n, " weight groups (",
+             memory::formatBytes(plan.streamedBytes), ") streamed, ", memory::formatBytes(plan.residentBytes),
+             " resident, planned peak ", memory::formatBytes(plan.total()));
   }
-  *seconds = timer.seconds();
-  return w;
+  return plan;
 }
 
 // One line from every rank: what it read and its peak memory.
-void rankSummary(dist::Runtime& rt, const io::FluxCheckpoint& ck, const std::string& role) {
+void rankSummary(dist::Runtime& rt, const io::FluxCheckpoint& ck, const std::string& role,
+                 const std::shared_ptr<model::FluxWeightProvider>& weights = nullptr) {
+  std::string streaming;
+  if (auto s = std::dynamic_pointer_cast<memory::StreamingFluxWeights>(weights))
+    streaming = ", weights on the device peaked at " + std::to_string(s->accountant().peak()) + " bytes (" +
+                std::to_string(s->streamedGroupsFetched()) + " groups streamed, " + std::to_string(s->waitSeconds()) +
+                " s waiting for them)";
   logInfo("rank summary: ", role, "read ", ck.bytesRead(), " bytes of ", ck.totalBytes(), " in the checkpoint (",
-          ck.tensorsLoaded().size(), " tensors), peak host RSS ", peakRssBytes(), " bytes");
+          ck.tensorsLoaded().size(), " tensors), peak host RSS ", peakRssBytes(), " bytes", streaming);
 }
 
 }  // namespace
@@ -170,9 +183,12 @@ int runForward(const config::EngineConfig& c, dist::Runtime& rt) {
   const auto& mc = ck->config();
   std::shared_ptr<model::FluxWeightProvider> weights;
   double loadSeconds = 0;
-  const std::vector<std::string> groups =
-      pf ? pf->partition.groupsOf(rt.topology().pipefusionRank(), mc) : std::vector<std::string>{};
-  rt.agree([&] { weights = loadWeights(*ck, dtype, device, groups, &loadSeconds); });
+  memory::RankPlan plan = makePlan(c, rt, mc, pf, dtype, x.img.size(0) / degrees.cfg, x.img.size(1), x.txt.size(1), device);
+  rt.agree([&] {
+    Timer t;
+    weights = loadPlannedWeights(c, *ck, plan, dtype, device);
+    loadSeconds = t.seconds();
+  });
   logInfo0("model ", c.model, " (", io::layoutName(ck->layout()), "): ", mc.describe());
   logInfo0("loaded ", gib(ck->bytesRead()), " of weights in ", loadSeconds, " s as ", dtypeName(dtype), " on ",
            device.str(), " (", degrees.describe(), ")");
@@ -204,7 +220,7 @@ int runForward(const config::EngineConfig& c, dist::Runtime& rt) {
   logInfo0("forward [", B, ", ", x.img.size(1), ", ", mc.inChannels, "] in ", seconds, " s; wrote 'sample' ",
            out.sizes(), " to ", c.output);
   logInfo0("communication: ", collectiveSummary(rt));
-  rankSummary(rt, *ck, pf ? "stage " + std::to_string(rt.topology().pipefusionRank()) + ": " : "");
+  rankSummary(rt, *ck, pf ? "stage " + std::to_string(rt.topology().pipefusionRank()) + ": " : "", weights);
   return 0;
 }
 
@@ -262,9 +278,13 @@ int runGenerate(const config::EngineConfig& c, dist::Runtime& rt) {
   const int64_t B = pos.promptEmbeds.size(0);
   std::shared_ptr<model::FluxWeightProvider> weights;
   double loadSeconds = 0;
-  const std::vector<std::string> groups =
-      pf ? pf->partition.groupsOf(rt.topology().pipefusionRank(), mc) : std::vector<std::string>{};
-  rt.agree([&] { weights = loadWeights(*ck, dtype, device, groups, &loadSeconds); });
+  const int64_t branchBatch = B * ((pf && degrees.cfg == 1 && neg && c.trueCfgScale > 1.0) ? 2 : 1);
+  memory::RankPlan plan = makePlan(c, rt, mc, pf, dtype, branchBatch, geom.tokens(), pos.promptEmbeds.size(1), device);
+  rt.agree([&] {
+    Timer t;
+    weights = loadPlannedWeights(c, *ck, plan, dtype, device);
+    loadSeconds = t.seconds();
+  });
   logInfo0("model ", c.model, " (", io::layoutName(ck->layout()), "): ", mc.describe());
   logInfo0("loaded ", gib(ck->bytesRead()), " of weights in ", loadSeconds, " s as ", dtypeName(dtype), " on ",
            device.str(), " (", degrees.describe(), ")");
@@ -331,7 +351,7 @@ int runGenerate(const config::EngineConfig& c, dist::Runtime& rt) {
   } else {
     logWarn("no output requested: pass --save-latents FILE to keep the result");
   }
-  rankSummary(rt, *ck, pf ? "stage " + std::to_string(rt.topology().pipefusionRank()) + ": " : "");
+  rankSummary(rt, *ck, pf ? "stage " + std::to_string(rt.topology().pipefusionRank()) + ": " : "", weights);
   return 0;
 }
 

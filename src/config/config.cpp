@@ -19,6 +19,7 @@ const std::vector<std::pair<std::string, std::string>>& commands() {
       {"forward", "run one transformer call on tensors from a safetensors file"},
       {"synth", "write a random-weight FLUX checkpoint in the real file layout"},
       {"bench", "time transformer forwards and the machine's GEMM rate"},
+      {"plan", "print each rank's memory plan from the checkpoint headers (no weights read)"},
   };
   return list;
 }
@@ -62,7 +63,15 @@ void addParallel(po::options_description& d, EngineConfig& c) {
       ("warmup-steps", po::value(&c.warmupSteps)->default_value(c.warmupSteps),
        "PipeFusion synchronous steps with fresh K/V before the patch pipeline")
       ("pp-partition", po::value(&c.ppPartition)->default_value(c.ppPartition),
-       "PipeFusion stage split: compute (equal block counts), memory (equal weight bytes) or N0,N1,...");
+       "PipeFusion stage split: compute (equal block counts), memory (equal weight bytes) or N0,N1,...")
+      ("device-memory-budget", po::value(&c.deviceMemoryBudget)->default_value(c.deviceMemoryBudget),
+       "device memory per rank for weights, activations and buffers: 24GiB, 12GB, bytes, or auto (free memory "
+       "minus 1 GiB headroom)")
+      ("offload", po::value(&c.offload)->default_value(c.offload),
+       "none (all weights resident), auto (stream what does not fit) or sequential (stream every block)")
+      ("stream-from", po::value(&c.streamFrom)->default_value(c.streamFrom),
+       "source of streamed weights: host (a host copy of this rank's shard, pinned on CUDA), file, or auto "
+       "(host on CUDA when it fits in half the available host memory, file on CPU)");
 }
 
 po::options_description describe(const std::string& command, EngineConfig& c) {
@@ -91,6 +100,18 @@ po::options_description describe(const std::string& command, EngineConfig& c) {
         ("schedule", po::value(&c.schedule)->default_value(c.schedule),
          "auto (scheduler_config.json, else shifted for guidance-distilled models), shift (dev) or plain (schnell)")
         ("save-latents", po::value(&c.saveLatents), "write the final packed latents [B,S,64] (tensor 'latents')");
+  } else if (command == "plan") {
+    addCommon(d, c, true);
+    addParallel(d, c);
+    d.add_options()
+        ("world-size", po::value(&c.worldSize)->default_value(c.worldSize), "ranks of the planned job")
+        ("height", po::value(&c.height)->default_value(c.height), "image height in pixels")
+        ("width", po::value(&c.width)->default_value(c.width), "image width in pixels")
+        ("text-len", po::value(&c.textLen)->default_value(512), "text tokens (512 for FLUX.1-dev, 256 for schnell)")
+        ("batch", po::value(&c.batch)->default_value(c.batch), "images per prompt")
+        ("true-cfg-scale", po::value(&c.trueCfgScale)->default_value(c.trueCfgScale),
+         "> 1 plans for true CFG (both branches: on the two CFG ranks, or as one batch of 2)")
+        ("json", po::bool_switch(&c.json), "print the plan as JSON");
   } else if (command == "synth") {
     addCommon(d, c, false);
     d.add_options()
@@ -119,7 +140,7 @@ po::options_description describe(const std::string& command, EngineConfig& c) {
                                                  "over the world, bandwidths as nccl-tests reports them")
         ("comm-max-bytes", po::value(&c.commMaxBytes)->default_value(c.commMaxBytes), "largest message of --comm");
   } else {
-    PARDIT_THROW("unknown command '", command, "'; expected one of generate, forward, synth, bench");
+    PARDIT_THROW("unknown command '", command, "'; expected one of generate, forward, synth, bench, plan");
   }
   return d;
 }

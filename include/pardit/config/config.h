@@ -30,6 +30,15 @@ struct EngineConfig {
   int warmupSteps = 1;
   std::string ppPartition = "compute";
 
+  // Memory
+  std::string deviceMemoryBudget = "auto";  // SIZE (24GiB, 12GB, bytes) or auto
+  std::string offload = "auto";             // none | auto | sequential
+  std::string streamFrom = "auto";          // host | file | auto
+
+  // plan
+  int worldSize = 1;
+  bool json = false;
+
   // forward
   std::string inputs;
   std::string output;

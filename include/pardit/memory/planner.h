@@ -1,0 +1,78 @@
+#pragma once
+// Per-rank memory plan, from the checkpoint headers alone: which weight groups stay resident on the
+// device and which are streamed in just before use, so that resident weights + streaming buffers +
+// activations + PipeFusion K/V buffers + communication buffers fit the device memory budget.
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "pardit/model/flux_config.h"
+
+namespace pardit::memory {
+
+// "24GiB", "12GB", "1.5GiB", "512MiB" or a byte count. Errors name `flag`.
+uint64_t parseSize(const std::string& text, const std::string& flag);
+std::string formatBytes(uint64_t bytes);  // "1.234 GiB"
+
+enum class OffloadMode { kNone, kAuto, kSequential };
+OffloadMode parseOffload(const std::string& text);  // none | auto | sequential
+const char* offloadName(OffloadMode mode);
+
+// Headroom left free by --device-memory-budget auto (allocator fragmentation, library workspaces).
+constexpr uint64_t kAutoHeadroomBytes = 1ULL << 30;
+
+// What one rank runs, for the estimates.
+struct RankWorkload {
+  model::FluxConfig config;
+  std::vector<std::string> groups;  // weight groups this rank holds (all, or its PipeFusion stage's)
+  c10::ScalarType dtype = c10::kBFloat16;
+  int64_t batch = 1;                // transformer batch on this rank (2x with true CFG on one rank)
+  int64_t imageTokens = 0;          // image tokens this rank computes at once (its shard or patch)
+  int64_t imageTokensKv = 0;        // image tokens in its PipeFusion K/V buffers (0 without PipeFusion)
+  int64_t textTokens = 0;
+  int64_t ulysses = 1, ring = 1, pipefusion = 1;
+  int64_t kvLayers = 0;             // attention layers with K/V buffers on this rank
+};
+
+struct GroupPlan {
+  std::string name;
+  uint64_t bytes = 0;
+  bool streamed = false;
+};
+
+struct RankPlan {
+  std::vector<GroupPlan> groups;
+  uint64_t residentBytes = 0, streamedBytes = 0;
+  uint64_t streamBufferBytes = 0;  // room for the group in use and the one being prefetched
+  uint64_t activationBytes = 0, kvBytes = 0, commBytes = 0;
+  uint64_t budget = 0;
+  bool fits = true;
+  std::string problem;  // one line when it does not fit
+
+  uint64_t total() const { return residentBytes + streamBufferBytes + activationBytes + kvBytes + commBytes; }
+  bool anyStreamed() const { return streamedBytes > 0; }
+};
+
+uint64_t groupBytes(const model::FluxConfig& config, const std::string& group, c10::ScalarType dtype);
+uint64_t activationEstimate(const RankWorkload& w);
+uint64_t kvBufferEstimate(const RankWorkload& w);
+uint64_t commBufferEstimate(const RankWorkload& w);
+
+// The plan. kAuto keeps resident first what is hardest to hide when streamed (the embedders and final
+// layer, then double blocks, which carry 2.4x the bytes of a single block for the same compute) and
+// streams single blocks first, then double blocks, until the budget holds. kSequential streams every
+// block. kNone streams nothing.
+RankPlan planRank(const RankWorkload& workload, uint64_t budget, OffloadMode mode);
+
+}  // namespace pardit::memory
+
+namespace pardit::memory {
+// Bytes available to one rank for --device-memory-budget auto: free device memory (CUDA) or available
+// host memory shared by the node's ranks (CPU), minus kAutoHeadroomBytes.
+uint64_t autoBudget(bool cuda, int deviceIndex, int ranksOnNode);
+// Available host memory (MemAvailable), in bytes.
+uint64_t hostAvailableBytes();
+}  // namespace pardit::memory

@@ -1,0 +1,207 @@
+#include "pardit/memory/planner.h"
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <cstdio>
+
+#include "pardit/core/error.h"
+
+namespace pardit::memory {
+
+uint64_t parseSize(const std::string& text, const std::string& flag) {
+  size_t pos = 0;
+  double value = 0;
+  try {
+    value = std::stod(text, &pos);
+  } catch (const std::exception&) {
+    PARDIT_THROW(flag, " must be a size like 24GiB, 12GB, 512MiB or a byte count, got '", text, "'");
+  }
+  std::string unit = text.substr(pos);
+  for (auto& ch : unit) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  double mult = 0;
+  if (unit.empty() || unit == "b") mult = 1;
+  else if (unit == "kb") mult = 1e3;
+  else if (unit == "mb") mult = 1e6;
+  else if (unit == "gb") mult = 1e9;
+  else if (unit == "tb") mult = 1e12;
+  else if (unit == "kib") mult = 1024.0;
+  else if (unit == "mib") mult = 1024.0 * 1024;
+  else if (unit == "gib") mult = 1024.0 * 1024 * 1024;
+  else if (unit == "tib") mult = 1024.0 * 1024 * 1024 * 1024;
+  PARDIT_CHECK(mult > 0, flag, ": unknown unit '", text.substr(pos), "' in '", text, "' (use B, KB, MB, GB, KiB, MiB, GiB)");
+  PARDIT_CHECK(value > 0 && std::isfinite(value), flag, " must be positive, got '", text, "'");
+  return static_cast<uint64_t>(value * mult);
+}
+
+std::string formatBytes(uint64_t bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.3f GiB", static_cast<double>(bytes) / (1ULL << 30));
+  return buf;
+}
+
+OffloadMode parseOffload(const std::string& text) {
+  if (text == "none") return OffloadMode::kNone;
+  if (text == "auto") return OffloadMode::kAuto;
+  if (text == "sequential") return OffloadMode::kSequential;
+  PARDIT_THROW("--offload must be none, auto or sequential, got '", text, "'");
+}
+
+const char* offloadName(OffloadMode mode) {
+  switch (mode) {
+    case OffloadMode::kNone: return "none";
+    case OffloadMode::kAuto: return "auto";
+    case OffloadMode::kSequential: return "sequential";
+  }
+  return "?";
+}
+
+uint64_t groupBytes(const model::FluxConfig& config, const std::string& group, c10::ScalarType dtype) {
+  for (const auto& g : model::fluxWeightGroups(config)) {
+    if (g.name != group) continue;
+    uint64_t n = 0;
+    for (const auto& t : g.tensors) {
+      uint64_t e = 1;
+      for (auto d : t.shape) e *= static_cast<uint64_t>(d);
+      n += e;
+    }
+    return n * c10::elementSize(dtype);
+  }
+  PARDIT_THROW("unknown weight group '", group, "'");
+}
+
+uint64_t activationEstimate(const RankWorkload& w) {
+  // Live tensors at the peak of a single-stream block, per token: the residual stream and its modulated
+  // copy (2h), linear1's output (3h + mlp), q/k/v after norm and RoPE (3h, plus float32 RoPE temporaries
+  // 2h), the attention output (h), the GELU output (mlp) and linear2's input (h + mlp).
+  const int64_t h = w.config.hiddenSize, mlp = w.config.mlpHidden;
+  const int64_t perToken = 2 * h + (3 * h + mlp) + 3 * h + 2 * h + h + mlp + (h + mlp);
+  const int64_t tokens = w.imageTokens + w.textTokens;
+  return static_cast<uint64_t>(w.batch * tokens * perToken) * c10::elementSize(w.dtype);
+}
+
+uint64_t kvBufferEstimate(const RankWorkload& w) {
+  if (w.imageTokensKv == 0) return 0;
+  // K and V of the image tokens in the buffers (all heads: H/U heads x U sub-stripes), plus the text K/V.
+  const int64_t h = w.config.hiddenSize;
+  return static_cast<uint64_t>(w.kvLayers * 2 * w.batch * (w.imageTokensKv + w.textTokens / w.ulysses) * h) *
+         c10::elementSize(w.dtype);
+}
+
+uint64_t commBufferEstimate(const RankWorkload& w) {
+  const int64_t h = w.config.hiddenSize, tokens = w.imageTokens + w.textTokens;
+  const uint64_t e = c10::elementSize(w.dtype);
+  uint64_t bytes = 0;
+  // Ulysses: q|k|v send and receive buffers and the output exchange.
+  if (w.ulysses > 1) bytes = std::max<uint64_t>(bytes, static_cast<uint64_t>(2 * 4 * w.batch * tokens * h) * e);
+  // Ring: the K/V block in use and the one arriving.
+  if (w.ring > 1) {
+    const int64_t kvTokens = std::max(tokens, w.imageTokensKv + w.textTokens);
+    bytes += static_cast<uint64_t>(2 * 2 * w.batch * kvTokens * h) * e;
+  }
+  // PipeFusion: activations in flight to and from the neighbouring stages.
+  if (w.pipefusion > 1) bytes += static_cast<uint64_t>(4 * w.batch * tokens * h) * e;
+  return bytes;
+}
+
+RankPlan planRank(const RankWorkload& w, uint64_t budget, OffloadMode mode) {
+  RankPlan plan;
+  plan.budget = budget;
+  plan.activationBytes = activationEstimate(w);
+  plan.kvBytes = kvBufferEstimate(w);
+  plan.commBytes = commBufferEstimate(w);
+  for (const auto& g : w.groups) plan.groups.push_back({g, groupBytes(w.config, g, w.dtype), false});
+  auto isBlock = [](const std::string& n) { return n.rfind("double_blocks.", 0) == 0 || n.rfind("single_blocks.", 0) == 0; };
+  auto recompute = [&] {
+    plan.residentBytes = plan.streamedBytes = 0;
+    uint64_t largest = 0;
+    for (const auto& g : plan.groups) {
+      (g.streamed ? plan.streamedBytes : plan.residentBytes) += g.bytes;
+      if (g.streamed) largest = std::max(largest, g.bytes);
+    }
+    plan.streamBufferBytes = 2 * largest;
+  };
+  // Streaming order for auto: single blocks from the last, then double blocks from the last.
+  std::vector<size_t> order;
+  for (size_t i = plan.groups.size(); i-- > 0;)
+    if (plan.groups[i].name.rfind("single_blocks.", 0) == 0) order.push_back(i);
+  for (size_t i = plan.groups.size(); i-- > 0;)
+    if (plan.groups[i].name.rfind("double_blocks.", 0) == 0) order.push_back(i);
+  recompute();
+  if (mode == OffloadMode::kSequential) {
+    for (auto& g : plan.groups)
+      if (isBlock(g.name)) g.streamed = true;
+    recompute();
+  } else if (mode == OffloadMode::kAuto) {
+    for (size_t k = 0; k < order.size() && plan.total() > budget; ++k) {
+      plan.groups[order[k]].streamed = true;
+      recompute();
+    }
+  }
+  if (plan.total() > budget) {
+    plan.fits = false;
+    char line[512];
+    if (mode == OffloadMode::kNone) {
+      std::snprintf(line, sizeof(line),
+                    "needs %s (weights %s + activations %s + K/V buffers %s + communication %s) but the budget is %s; "
+                    "use --offload auto or a larger --device-memory-budget",
+                    formatBytes(plan.total()).c_str(), formatBytes(plan.residentBytes).c_str(),
+                    formatBytes(plan.activationBytes).c_str(), formatBytes(plan.kvBytes).c_str(),
+                    formatBytes(plan.commBytes).c_str(), formatBytes(budget).c_str());
+    } else {
+      std::snprintf(line, sizeof(line),
+                    "even streaming every block needs %s (resident %s + streaming buffers %s + activations %s + "
+                    "K/V buffers %s + communication %s) but the budget is %s",
+                    formatBytes(plan.total()).c_str(), formatBytes(plan.residentBytes).c_str(),
+                    formatBytes(plan.streamBufferBytes).c_str(), formatBytes(plan.activationBytes).c_str(),
+                    formatBytes(plan.kvBytes).c_str(), formatBytes(plan.commBytes).c_str(), formatBytes(budget).c_str());
+    }
+    plan.problem = line;
+  }
+  return plan;
+}
+
+}  // namespace pardit::memory
+
+#include <fstream>
+#include <sstream>
+#if defined(PARDIT_WITH_CUDA)
+#include <cuda_runtime_api.h>
+#endif
+
+namespace pardit::memory {
+
+uint64_t hostAvailableBytes() {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  uint64_t value = 0;
+  std::string unit;
+  while (in >> key >> value >> unit)
+    if (key == "MemAvailable:") return value * 1024;
+  return 0;
+}
+
+uint64_t autoBudget(bool cuda, int deviceIndex, int ranksOnNode) {
+  uint64_t free = 0;
+  if (cuda) {
+#if defined(PARDIT_WITH_CUDA)
+    size_t f = 0, total = 0;
+    int previous = 0;
+    cudaGetDevice(&previous);
+    cudaSetDevice(deviceIndex);
+    PARDIT_CHECK(cudaMemGetInfo(&f, &total) == cudaSuccess, "--device-memory-budget auto: cannot query device ",
+                 deviceIndex);
+    cudaSetDevice(previous);
+    free = f;
+#else
+    PARDIT_THROW("--device-memory-budget auto: this build has no CUDA");
+#endif
+  } else {
+    free = hostAvailableBytes() / static_cast<uint64_t>(std::max(1, ranksOnNode));
+  }
+  PARDIT_CHECK(free > kAutoHeadroomBytes, "--device-memory-budget auto: only ", formatBytes(free),
+               " free, less than the ", formatBytes(kAutoHeadroomBytes), " headroom");
+  return free - kAutoHeadroomBytes;
+}
+
+}  // namespace pardit::memory

@@ -110,6 +110,7 @@ StreamingFluxWeights::Fetched StreamingFluxWeights::fetch(const std::string& gro
     }
     at::Tensor dst = device_.is_cpu() ? (options_.hostCache ? src.clone() : src) : src.to(device_, /*non_blocking=*/true);
     (*tensors)[n] = dst;
+    accountant_->add(dst.nbytes());  // counted from the moment it is allocated
   }
   Fetched f{tensors, bytesOf(*tensors)};
 #if defined(PARDIT_WITH_CUDA)
@@ -120,7 +121,6 @@ StreamingFluxWeights::Fetched StreamingFluxWeights::fetch(const std::string& gro
     done.synchronize();
   }
 #endif
-  accountant_->add(f.bytes);
   return f;
 }
 

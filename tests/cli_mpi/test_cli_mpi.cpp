@@ -134,3 +134,26 @@ TEST(CliMpi, AFailingRankDoesNotHangTheJob) {
   EXPECT_NE(p.exitCode, 0);
   EXPECT_NE(p.output.find("started with different options"), std::string::npos) << p.output;
 }
+
+// Streaming under a budget changes nothing in every parallel mode: USP, CFG and PipeFusion ranks stream
+// their groups and produce the same latents as their fully resident runs.
+TEST(CliMpi, StreamedWeightsGiveTheResidentResultInEveryMode) {
+  TempDir dir;
+  ASSERT_EQ(runPardit("synth --preset tiny --text-len 8 --out " + dir.file("m")).exitCode, 0);
+  const std::string base = "generate --threads 1 --model " + dir.file("m") + " --prompt-embeds " +
+                           dir.file("m/prompt_embeds.safetensors") + " --negative-prompt-embeds " +
+                           dir.file("m/negative_prompt_embeds.safetensors") +
+                           " --true-cfg-scale 2 --height 64 --width 64 --steps 2 --seed 1 ";
+  for (const auto& [n, flags] : std::vector<std::pair<int, std::string>>{
+           {2, "--ulysses-degree 2"}, {2, "--cfg-degree 2"}, {2, "--pipefusion-degree 2"},
+           {4, "--pipefusion-degree 2 --ring-degree 2"}}) {
+    auto a = mpirun(n, base + flags + " --save-latents " + dir.file("a.safetensors"));
+    ASSERT_EQ(a.exitCode, 0) << a.output;
+    auto b = mpirun(n, base + flags + " --offload sequential --device-memory-budget 1GiB --save-latents " +
+                           dir.file("b.safetensors"));
+    ASSERT_EQ(b.exitCode, 0) << b.output;
+    EXPECT_NE(b.output.find("streamed"), std::string::npos) << b.output;
+    EXPECT_TRUE(at::equal(readTensor(dir.file("a.safetensors"), "latents"), readTensor(dir.file("b.safetensors"), "latents")))
+        << flags;
+  }
+}

@@ -116,8 +116,12 @@ memory::RankPlan makePlan(const config::EngineConfig& c, dist::Runtime& rt, cons
 
 // One line from every rank: what it read and its peak memory.
 void rankSummary(dist::Runtime& rt, const io::FluxCheckpoint& ck, const std::string& role,
-                 const std::shared_ptr<model::FluxWeightProvider>& weights = nullptr) {
+                 const std::shared_ptr<model::FluxWeightProvider>& weights = nullptr,
+                 const c10::Device& device = c10::kCPU) {
   std::string streaming;
+  if (device.is_cuda())
+    streaming += ", peak device memory " + std::to_string(memory::devicePeakBytes(true, device.index())) +
+                 " bytes (caching allocator)";
   if (auto s = std::dynamic_pointer_cast<memory::StreamingFluxWeights>(weights))
     streaming = ", weights on the device peaked at " + std::to_string(s->accountant().peak()) + " bytes (" +
                 std::to_string(s->streamedGroupsFetched()) + " groups streamed, " + std::to_string(s->waitSeconds()) +
@@ -220,7 +224,7 @@ int runForward(const config::EngineConfig& c, dist::Runtime& rt) {
   logInfo0("forward [", B, ", ", x.img.size(1), ", ", mc.inChannels, "] in ", seconds, " s; wrote 'sample' ",
            out.sizes(), " to ", c.output);
   logInfo0("communication: ", collectiveSummary(rt));
-  rankSummary(rt, *ck, pf ? "stage " + std::to_string(rt.topology().pipefusionRank()) + ": " : "", weights);
+  rankSummary(rt, *ck, pf ? "stage " + std::to_string(rt.topology().pipefusionRank()) + ": " : "", weights, device);
   return 0;
 }
 
@@ -351,7 +355,7 @@ int runGenerate(const config::EngineConfig& c, dist::Runtime& rt) {
   } else {
     logWarn("no output requested: pass --save-latents FILE to keep the result");
   }
-  rankSummary(rt, *ck, pf ? "stage " + std::to_string(rt.topology().pipefusionRank()) + ": " : "", weights);
+  rankSummary(rt, *ck, pf ? "stage " + std::to_string(rt.topology().pipefusionRank()) + ": " : "", weights, device);
   return 0;
 }
 

@@ -205,3 +205,19 @@ uint64_t autoBudget(bool cuda, int deviceIndex, int ranksOnNode) {
 }
 
 }  // namespace pardit::memory
+
+#if defined(PARDIT_WITH_CUDA)
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
+namespace pardit::memory {
+uint64_t devicePeakBytes(bool cuda, int deviceIndex) {
+#if defined(PARDIT_WITH_CUDA)
+  if (cuda) {
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(deviceIndex));
+    return static_cast<uint64_t>(stats.allocated_bytes[0].peak);
+  }
+#endif
+  return 0;
+}
+}  // namespace pardit::memory

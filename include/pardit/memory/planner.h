@@ -76,3 +76,8 @@ uint64_t autoBudget(bool cuda, int deviceIndex, int ranksOnNode);
 // Available host memory (MemAvailable), in bytes.
 uint64_t hostAvailableBytes();
 }  // namespace pardit::memory
+
+namespace pardit::memory {
+// Peak bytes allocated on a CUDA device by the caching allocator (0 for the CPU).
+uint64_t devicePeakBytes(bool cuda, int deviceIndex);
+}  // namespace pardit::memory

@@ -17,6 +17,7 @@
 #include "pardit/pipeline/sampler.h"
 #include "pardit/parallel/cfg_parallel.h"
 #include "parallel_setup.h"
+#include "pardit/metrics/metrics.h"
 #include "pardit/memory/planner.h"
 #include "pardit/memory/streamer.h"
 #include <optional>
@@ -211,13 +212,23 @@ int runForward(const config::EngineConfig& c, dist::Runtime& rt) {
   auto mine = [&](const at::Tensor& t) { return t.defined() ? t.narrow(0, first, part).to(device) : t; };
   model::FluxInputs dx{mine(x.img), mine(x.txt), mine(x.pooled), mine(x.timestep), mine(x.guidance),
                        x.imgIds.to(device), x.txtIds.to(device)};
+  metrics::MetricsRecorder recorder(rt);
+  recorder.setLoad(loadSeconds, ck->bytesRead());
   Timer timer;
+  recorder.beginStep();
   at::Tensor out = rm.fn(dx);
   if (degrees.cfg > 1) {
     at::Tensor all = dist::allGather(rt.group(dist::GroupKind::kCfg), out.contiguous());  // [cfg, B/cfg, L, C]
     out = all.reshape({B, out.size(1), out.size(2)});
   }
+  recorder.endStep();
   const double seconds = timer.seconds();
+  if (!c.metrics.empty()) {
+    recorder.setTotalSeconds(seconds);
+    recorder.setPeaks(memory::devicePeakBytes(device.is_cuda(), device.is_cuda() ? device.index() : 0), peakRssBytes());
+    const std::string id = recorder.write(c.metrics, {"forward", config::toMap(c), c.model, device.str(), 0, B});
+    logInfo0("metrics: appended run ", id, " to ", c.metrics);
+  }
   rt.agree([&] {
     if (rt.worldRank() == 0) io::writeSafetensors(c.output, {{"sample", out.cpu()}}, {{"format", "pt"}});
   });
@@ -326,8 +337,13 @@ int runGenerate(const config::EngineConfig& c, dist::Runtime& rt) {
            " text tokens), batch ", B, ", ", c.steps, " steps, ", schedCfg.dynamicShift ? "shifted" : "plain",
            " schedule", mc.guidanceEmbed ? ", guidance " + std::to_string(c.guidanceScale) : std::string(),
            trueCfg ? ", true CFG " + std::to_string(c.trueCfgScale) : std::string());
+  metrics::MetricsRecorder recorder(rt);
+  recorder.setLoad(loadSeconds, ck->bytesRead());
   Timer total;
+  recorder.beginStep();
   auto progress = [&](const pipeline::StepReport& r) {
+    recorder.endStep();
+    recorder.beginStep();
     const double eta = total.seconds() / (r.step + 1) * (r.steps - r.step - 1);
     char line[128];
     std::snprintf(line, sizeof(line), "step %d/%d  %.3f s  eta %.1f s", r.step + 1, r.steps, r.seconds, eta);
@@ -345,7 +361,15 @@ int runGenerate(const config::EngineConfig& c, dist::Runtime& rt) {
   } else {
     latents = pipeline::denoise(*denoiser, latents, scheduler, mc.guidanceEmbed, c.guidanceScale, progress);
   }
-  logInfo0("denoised in ", total.seconds(), " s");
+  const double denoiseSeconds = total.seconds();
+  logInfo0("denoised in ", denoiseSeconds, " s");
+  if (!c.metrics.empty()) {
+    recorder.setTotalSeconds(denoiseSeconds);
+    recorder.setPeaks(memory::devicePeakBytes(device.is_cuda(), device.is_cuda() ? device.index() : 0), peakRssBytes());
+    metrics::RunInfo info{"generate", config::toMap(c), c.model, device.str(), pf ? pf->warmupSteps : 0, B};
+    const std::string id = recorder.write(c.metrics, info);
+    logInfo0("metrics: appended run ", id, " to ", c.metrics);
+  }
   logInfo0("communication: ", collectiveSummary(rt));
   if (!c.saveLatents.empty()) {
     rt.agree([&] {

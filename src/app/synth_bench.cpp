@@ -19,6 +19,9 @@
 #include "pardit/pipeline/sampler.h"
 #include "pardit/version.h"
 #include "parallel_setup.h"
+#include "pardit/core/sysinfo.h"
+#include "pardit/memory/planner.h"
+#include "pardit/metrics/metrics.h"
 #include <ATen/CPUGeneratorImpl.h>
 #include <optional>
 #include <tuple>
@@ -304,10 +307,13 @@ int runBench(const config::EngineConfig& c, dist::Runtime& rt) {
   for (int i = 0; i < c.warmup; ++i) step();
   rt.world().barrier();
   std::vector<double> samples, commShares;
+  metrics::MetricsRecorder recorder(rt);
   for (int i = 0; i < c.iters; ++i) {
     const auto before = rt.collectiveTotals();
     Timer t;
+    recorder.beginStep();
     step();
+    recorder.endStep();
     const double local = t.seconds();
     double comm = 0;
     for (const auto& [name, s] : rt.collectiveTotals())
@@ -348,6 +354,16 @@ int runBench(const config::EngineConfig& c, dist::Runtime& rt) {
                 degrees.cfg, threads, static_cast<long long>(B), static_cast<long long>(Li),
                 static_cast<long long>(Lt), med, best, achieved, share.item<double>(), gemm);
     std::fflush(stdout);
+  }
+  if (!c.metrics.empty()) {
+    double sum = 0;
+    for (double x : samples) sum += x;
+    recorder.setTotalSeconds(sum);
+    recorder.setLoad(0.0, ck ? ck->bytesRead() : 0);
+    recorder.setPeaks(memory::devicePeakBytes(device.is_cuda(), device.is_cuda() ? device.index() : 0), peakRssBytes());
+    const std::string id = recorder.write(c.metrics, {"bench", config::toMap(c), modelName, device.str(), 0,
+                                                      B * c.iters});
+    logInfo0("metrics: appended run ", id, " to ", c.metrics);
   }
   if (!c.benchOutput.empty()) {
     rt.agree([&] {

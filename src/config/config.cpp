@@ -48,6 +48,11 @@ void addCommon(po::options_description& d, EngineConfig& c, bool needModel) {
     d.add_options()("model", po::value(&c.model), "FLUX checkpoint: diffusers directory or BFL .safetensors file");
 }
 
+void addMetrics(po::options_description& d, EngineConfig& c) {
+  d.add_options()("metrics", po::value(&c.metrics),
+                  "append this run's metrics (timings, communication, memory, provenance) to an HDF5 file");
+}
+
 void addParallel(po::options_description& d, EngineConfig& c) {
   d.add_options()
       ("ulysses-degree", po::value(&c.ulyssesDegree)->default_value(c.ulyssesDegree),
@@ -79,6 +84,7 @@ po::options_description describe(const std::string& command, EngineConfig& c) {
   if (command == "forward") {
     addCommon(d, c, true);
     addParallel(d, c);
+    addMetrics(d, c);
     d.add_options()
         ("inputs", po::value(&c.inputs), "safetensors file with hidden_states, encoder_hidden_states, pooled_projections, "
                                          "timestep, img_ids, txt_ids (and guidance for models with guidance embeddings)")
@@ -86,6 +92,7 @@ po::options_description describe(const std::string& command, EngineConfig& c) {
   } else if (command == "generate") {
     addCommon(d, c, true);
     addParallel(d, c);
+    addMetrics(d, c);
     d.add_options()
         ("prompt-embeds", po::value(&c.promptEmbeds), "safetensors file with prompt_embeds [B,T,D] and pooled_prompt_embeds [B,P]")
         ("negative-prompt-embeds", po::value(&c.negativePromptEmbeds), "the same for the negative prompt (true CFG)")
@@ -127,6 +134,7 @@ po::options_description describe(const std::string& command, EngineConfig& c) {
   } else if (command == "bench") {
     addCommon(d, c, true);
     addParallel(d, c);
+    addMetrics(d, c);
     d.add_options()
         ("preset", po::value(&c.preset)->default_value("small"), "model preset when no --model is given (weights in memory)")
         ("height", po::value(&c.height)->default_value(256), "image height in pixels")
@@ -156,6 +164,54 @@ std::string envName(const std::string& var, const po::options_description& d) {
 }
 
 }  // namespace
+
+std::map<std::string, std::string> toMap(const EngineConfig& c) {
+  std::map<std::string, std::string> m;
+  auto put = [&](const char* k, const auto& v) {
+    std::ostringstream os;
+    os << v;
+    m[k] = os.str();
+  };
+  put("command", c.command);
+  put("model", c.model);
+  put("dtype", c.dtype);
+  put("device", c.device);
+  put("threads", c.threads);
+  put("ulysses-degree", c.ulyssesDegree);
+  put("ring-degree", c.ringDegree);
+  put("cfg-degree", c.cfgDegree);
+  put("pipefusion-degree", c.pipefusionDegree);
+  put("num-pipeline-patch", c.numPipelinePatch);
+  put("warmup-steps", c.warmupSteps);
+  put("pp-partition", c.ppPartition);
+  put("device-memory-budget", c.deviceMemoryBudget);
+  put("offload", c.offload);
+  put("stream-from", c.streamFrom);
+  if (c.command == "forward") {
+    put("inputs", c.inputs);
+    put("output", c.output);
+  } else {
+    put("height", c.height);
+    put("width", c.width);
+  }
+  if (c.command == "generate") {
+    put("prompt-embeds", c.promptEmbeds);
+    put("negative-prompt-embeds", c.negativePromptEmbeds);
+    put("steps", c.steps);
+    put("guidance-scale", c.guidanceScale);
+    put("true-cfg-scale", c.trueCfgScale);
+    put("seed", c.seed);
+    put("schedule", c.schedule);
+  }
+  if (c.command == "bench") {
+    put("preset", c.preset);
+    put("text-len", c.textLen);
+    put("batch", c.batch);
+    put("warmup", c.warmup);
+    put("iters", c.iters);
+  }
+  return m;
+}
 
 ParseResult parseCommandLine(const std::string& command, const std::vector<std::string>& args) {
   ParseResult result;

@@ -4,6 +4,7 @@
 // given with --config (or PARDIT_CONFIG), then the defaults, in that order of precedence.
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -34,6 +35,9 @@ struct EngineConfig {
   std::string deviceMemoryBudget = "auto";  // SIZE (24GiB, 12GB, bytes) or auto
   std::string offload = "auto";             // none | auto | sequential
   std::string streamFrom = "auto";          // host | file | auto
+
+  // Metrics (generate, forward, bench)
+  std::string metrics;  // HDF5 file to append this run to
 
   // plan
   int worldSize = 1;
@@ -82,6 +86,9 @@ struct ParseResult {
 // The subcommands and their one-line descriptions.
 const std::vector<std::pair<std::string, std::string>>& commands();
 std::string usage();
+
+// The resolved options as key/value text, for provenance.
+std::map<std::string, std::string> toMap(const EngineConfig& c);
 
 // Parses the arguments after the subcommand name. Throws pardit::Error with a one-line message naming
 // the flag, environment variable or file and what was expected.

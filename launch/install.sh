@@ -5,24 +5,29 @@
 #     ($PARDIT_VENV, default ~/.cache/pardit/venv-torch-<version>)
 #   * with --reference: diffusers and transformers in the same environment (fixture generation and the
 #     speed comparison against diffusers)
+#   * with --plots: h5py and matplotlib (tools/plot_metrics.py)
+#   * with --slurm: Debian's slurm-wlm and munge (the one-node Slurm test)
 # Prints the environment's path on the last line.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.env
 source "$here/versions.env"
 
-reference=0
+reference=0 plots=0 slurm=0
 for arg in "$@"; do
   case "$arg" in
     --reference) reference=1 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
-    *) echo "install.sh: unknown argument '$arg' (expected --reference)" >&2; exit 2 ;;
+    --plots) plots=1 ;;
+    --slurm) slurm=1 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown argument '$arg' (expected --reference, --plots or --slurm)" >&2; exit 2 ;;
   esac
 done
 
 packages=(build-essential cmake ccache pkg-config git python3 python3-venv
           openmpi-bin libopenmpi-dev libhdf5-dev libboost-program-options-dev
-          libgtest-dev nlohmann-json3-dev)
+          libgtest-dev nlohmann-json3-dev hdf5-tools)
+((slurm)) && packages+=(slurm-wlm munge)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -48,5 +53,9 @@ fi
 if ((reference)) && ! "$venv/bin/python" -c "import diffusers, transformers" 2>/dev/null; then
   echo "install.sh: installing diffusers $PARDIT_DIFFUSERS_VERSION into $venv" >&2
   "$venv/bin/pip" install -q --disable-pip-version-check "diffusers==$PARDIT_DIFFUSERS_VERSION" transformers sentencepiece
+fi
+if ((plots)) && ! "$venv/bin/python" -c "import h5py, matplotlib" 2>/dev/null; then
+  echo "install.sh: installing h5py and matplotlib into $venv" >&2
+  "$venv/bin/pip" install -q --disable-pip-version-check h5py matplotlib
 fi
 echo "$venv"

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# A scaling sweep: every parallel layout of each world size, at each resolution, one `pardit generate`
+# each, all appended to one HDF5 metrics file (plot it with tools/plot_metrics.py).
+# Usage: launch/sweep.sh --model M --prompt-embeds E --metrics sweep.h5 [--ranks "1 2 4"]
+#          [--resolutions "256x256 512x512"] [--steps 4] [--negative-prompt-embeds N] [-- extra generate flags]
+# Layouts per world size n: Ulysses n, Ring n, Ulysses x Ring, PipeFusion n, PipeFusion x Ulysses, and
+# CFG 2 x the rest when negative embeddings are given. Layouts the model or image cannot take are
+# reported and skipped.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+model="" embeds="" negative="" metrics="" ranks="1 2 4" resolutions="256x256" steps=4 extra=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --model) model="$2"; shift 2 ;;
+    --prompt-embeds) embeds="$2"; shift 2 ;;
+    --negative-prompt-embeds) negative="$2"; shift 2 ;;
+    --metrics) metrics="$2"; shift 2 ;;
+    --ranks) ranks="$2"; shift 2 ;;
+    --resolutions) resolutions="$2"; shift 2 ;;
+    --steps) steps="$2"; shift 2 ;;
+    --) shift; extra=("$@"); break ;;
+    *) echo "sweep.sh: unknown argument '$1'" >&2; exit 2 ;;
+  esac
+done
+[[ -n "$model" && -n "$embeds" && -n "$metrics" ]] || { echo "sweep.sh: --model, --prompt-embeds and --metrics are required" >&2; exit 2; }
+
+layouts() {  # n -> lines of flags
+  local n=$1 u r
+  if (( n == 1 )); then echo ""; return; fi
+  echo "--ulysses-degree $n"
+  echo "--ring-degree $n"
+  for ((u = 2; u < n; u++)); do (( n % u == 0 )) && echo "--ulysses-degree $u --ring-degree $((n / u))"; done
+  echo "--pipefusion-degree $n"
+  (( n >= 4 && n % 2 == 0 )) && echo "--pipefusion-degree $((n / 2)) --ulysses-degree 2"
+  if [[ -n "$negative" ]]; then
+    (( n == 2 )) && echo "--cfg-degree 2"
+    (( n >= 4 && n % 2 == 0 )) && echo "--cfg-degree 2 --ulysses-degree $((n / 2))"
+  fi
+  return 0
+}
+
+cfgflags=()
+[[ -n "$negative" ]] && cfgflags=(--negative-prompt-embeds "$negative" --true-cfg-scale 2)
+ok=0 failed=0
+for res in $resolutions; do
+  h=${res%x*} w=${res#*x}
+  for n in $ranks; do
+    while IFS= read -r flags; do
+      # shellcheck disable=SC2086
+      if "$root/launch/pardit-run" -n "$n" generate --model "$model" --prompt-embeds "$embeds" "${cfgflags[@]}" \
+           --height "$h" --width "$w" --steps "$steps" --seed 0 --quiet --metrics "$metrics" $flags "${extra[@]}" \
+           >"$metrics.last.log" 2>&1 </dev/null; then
+        ok=$((ok + 1)); echo "sweep: ${res} n=${n} ${flags:-single rank}: ok"
+      else
+        failed=$((failed + 1)); echo "sweep: ${res} n=${n} ${flags}: skipped ($(grep -m1 'error:' "$metrics.last.log" | sed 's/.*error: //'))"
+      fi
+    done < <(layouts "$n")
+  done
+done
+rm -f "$metrics.last.log"
+echo "sweep done: $ok runs in $metrics, $failed skipped"

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# A real Slurm test: starts a one-node cluster on localhost (Debian's slurm-wlm and munge), submits the
+# sweep script on the tiny model, waits for it with a timeout and checks the HDF5 metrics file; the
+# daemons are stopped on exit. Exit status 77 (skipped) when not root or Slurm is not installed
+# (launch/install.sh --slurm installs it).
+#   tests/slurm/slurm_test.sh <pardit binary> <repository root>
+set -euo pipefail
+pardit="$1" root="$2"
+if [[ $(id -u) -ne 0 ]] || ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null || ! command -v h5ls >/dev/null; then
+  echo "SKIP: needs root, slurm-wlm, munge and hdf5-tools (launch/install.sh --slurm)"; exit 77
+fi
+work="$(mktemp -d /var/spool/pardit-slurm-test.XXXXXX)"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 1
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+host="$(hostname -s)"
+
+# munge: reuse a running daemon, else start one with a fresh key.
+if ! pgrep -x munged >/dev/null; then
+  mkdir -p /etc/munge /run/munge /var/lib/munge /var/log/munge
+  if [[ ! -s /etc/munge/munge.key ]]; then dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none; fi
+  chown munge:munge /etc/munge/munge.key /run/munge /var/lib/munge /var/log/munge 2>/dev/null || true
+  chmod 400 /etc/munge/munge.key
+  munged --force
+  sleep 1
+  pids+=($(pgrep -x munged))  # started here: stopped on exit
+fi
+pgrep -x munged >/dev/null || { echo "munged did not start"; exit 1; }
+
+mkdir -p "$work/state" "$work/spool" "$work/log"
+cat >"$work/slurm.conf" <<CONF
+ClusterName=pardit-test
+SlurmctldHost=$host
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort=16817
+SlurmdPort=16818
+StateSaveLocation=$work/state
+SlurmdSpoolDir=$work/spool
+SlurmctldPidFile=$work/slurmctld.pid
+SlurmdPidFile=$work/slurmd.pid
+SlurmctldLogFile=$work/log/slurmctld.log
+SlurmdLogFile=$work/log/slurmd.log
+AuthType=auth/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SchedulerType=sched/builtin
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+MpiDefault=none
+NodeName=$host CPUs=$(nproc) State=UNKNOWN
+PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+CONF
+export SLURM_CONF="$work/slurm.conf"
+slurmctld -f "$SLURM_CONF" -D >"$work/log/ctld.out" 2>&1 &
+pids+=($!)
+sleep 2
+slurmd -f "$SLURM_CONF" -D >"$work/log/d.out" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 30); do
+  sinfo -h -o %t 2>/dev/null | grep -qE "idle|mix" && break
+  sleep 1
+done
+sinfo -h -o %t | grep -qE "idle|mix" || { echo "the node did not come up"; cat "$work/log/"*; exit 1; }
+
+# The job: the sweep over 1 and 2 ranks on the tiny model.
+"$pardit" synth --preset tiny --text-len 8 --out "$work/model" --quiet
+metrics="$work/sweep.h5"
+job=$(sbatch --parsable --ntasks=2 --overcommit -o "$work/job.out" \
+  --export=ALL,MODEL="$work/model",EMBEDS="$work/model/prompt_embeds.safetensors",METRICS="$metrics",RANKS="1 2",RESOLUTIONS="64x64",STEPS=2,PARDIT_ROOT="$root",PARDIT="$pardit" \
+  "$root/slurm/sweep.sbatch")
+echo "submitted job $job"
+deadline=$((SECONDS + 300))
+while squeue -h -j "$job" 2>/dev/null | grep -q .; do
+  (( SECONDS < deadline )) || { echo "job $job did not finish in 300 s"; scancel "$job"; cat "$work/job.out"; exit 1; }
+  sleep 2
+done
+cat "$work/job.out"
+grep -q "sweep done: 4 runs" "$work/job.out" || { echo "the sweep did not complete all 4 runs"; exit 1; }
+runs=$(h5ls "$metrics/runs" | wc -l)
+[[ "$runs" -eq 4 ]] || { echo "expected 4 runs in $metrics, found $runs"; exit 1; }
+for r in $(h5ls "$metrics/runs" | awk '{print $1}'); do
+  h5ls "$metrics/runs/$r/step_time" | grep -q "Dataset {[12], 2}" || { echo "run $r: unexpected step_time shape"; h5ls "$metrics/runs/$r/step_time"; exit 1; }
+done
+echo "slurm test passed: job $job wrote $runs runs"

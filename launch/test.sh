@@ -5,7 +5,8 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build="${PARDIT_BUILD_DIR:-$root/build}"
 # --slurm: the Slurm test (label slurm) starts a one-node cluster; without root it is skipped visibly.
-export PARDIT_VENV="${PARDIT_VENV:-$("$root/launch/install.sh" $([[ $(id -u) -eq 0 ]] && echo --slurm) | tail -n 1)}"
+venv="$("$root/launch/install.sh" $([[ $(id -u) -eq 0 ]] && echo --slurm) | tail -n 1)"
+export PARDIT_VENV="${PARDIT_VENV:-$venv}"
 "$root/launch/build.sh" -DPARDIT_BUILD_TESTS=ON
 export OMP_NUM_THREADS=1
 cd "$build"

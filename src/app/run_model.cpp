@@ -115,6 +115,23 @@ memory::RankPlan makePlan(const config::EngineConfig& c, dist::Runtime& rt, cons
   return plan;
 }
 
+// This rank's weights under its plan (a failure on any rank ends every rank), and the load summary.
+std::shared_ptr<model::FluxWeightProvider> loadRankWeights(const config::EngineConfig& c, dist::Runtime& rt,
+                                                           const io::FluxCheckpoint& ck, const memory::RankPlan& plan,
+                                                           c10::ScalarType dtype, const c10::Device& device,
+                                                           double* seconds) {
+  std::shared_ptr<model::FluxWeightProvider> weights;
+  rt.agree([&] {
+    Timer t;
+    weights = loadPlannedWeights(c, ck, plan, dtype, device);
+    *seconds = t.seconds();
+  });
+  logInfo0("model ", c.model, " (", io::layoutName(ck.layout()), "): ", ck.config().describe());
+  logInfo0("loaded ", gib(ck.bytesRead()), " of weights in ", *seconds, " s as ", dtypeName(dtype), " on ",
+           device.str(), " (", rt.topology().degrees().describe(), ")");
+  return weights;
+}
+
 // One line from every rank: what it read and its peak memory.
 void rankSummary(dist::Runtime& rt, const io::FluxCheckpoint& ck, const std::string& role,
                  const std::shared_ptr<model::FluxWeightProvider>& weights = nullptr,
@@ -189,14 +206,7 @@ int runForward(const config::EngineConfig& c, dist::Runtime& rt) {
   std::shared_ptr<model::FluxWeightProvider> weights;
   double loadSeconds = 0;
   memory::RankPlan plan = makePlan(c, rt, mc, pf, dtype, x.img.size(0) / degrees.cfg, x.img.size(1), x.txt.size(1), device);
-  rt.agree([&] {
-    Timer t;
-    weights = loadPlannedWeights(c, *ck, plan, dtype, device);
-    loadSeconds = t.seconds();
-  });
-  logInfo0("model ", c.model, " (", io::layoutName(ck->layout()), "): ", mc.describe());
-  logInfo0("loaded ", gib(ck->bytesRead()), " of weights in ", loadSeconds, " s as ", dtypeName(dtype), " on ",
-           device.str(), " (", degrees.describe(), ")");
+  weights = loadRankWeights(c, rt, *ck, plan, dtype, device, &loadSeconds);
   if (pf) logInfo0("pipeline stages: ", pf->partition.describe(mc));
   RankModel rm;
   std::unique_ptr<parallel::PipeFusionRunner> runner;
@@ -295,14 +305,7 @@ int runGenerate(const config::EngineConfig& c, dist::Runtime& rt) {
   double loadSeconds = 0;
   const int64_t branchBatch = B * ((pf && degrees.cfg == 1 && neg && c.trueCfgScale > 1.0) ? 2 : 1);
   memory::RankPlan plan = makePlan(c, rt, mc, pf, dtype, branchBatch, geom.tokens(), pos.promptEmbeds.size(1), device);
-  rt.agree([&] {
-    Timer t;
-    weights = loadPlannedWeights(c, *ck, plan, dtype, device);
-    loadSeconds = t.seconds();
-  });
-  logInfo0("model ", c.model, " (", io::layoutName(ck->layout()), "): ", mc.describe());
-  logInfo0("loaded ", gib(ck->bytesRead()), " of weights in ", loadSeconds, " s as ", dtypeName(dtype), " on ",
-           device.str(), " (", degrees.describe(), ")");
+  weights = loadRankWeights(c, rt, *ck, plan, dtype, device, &loadSeconds);
   if (pf) logInfo0("pipeline stages: ", pf->partition.describe(mc), "; ", pf->layout.patches, " patches, ",
                    pf->warmupSteps, " warm-up step(s)");
   auto onDevice = [&](pipeline::PromptEmbeddings e) {

@@ -342,6 +342,7 @@ int runGenerate(const config::EngineConfig& c, dist::Runtime& rt) {
            trueCfg ? ", true CFG " + std::to_string(c.trueCfgScale) : std::string());
   metrics::MetricsRecorder recorder(rt);
   recorder.setLoad(loadSeconds, ck->bytesRead());
+  const uint64_t rssBeforeLoop = currentRssBytes();
   Timer total;
   recorder.beginStep();
   auto progress = [&](const pipeline::StepReport& r) {
@@ -366,6 +367,12 @@ int runGenerate(const config::EngineConfig& c, dist::Runtime& rt) {
   }
   const double denoiseSeconds = total.seconds();
   logInfo0("denoised in ", denoiseSeconds, " s");
+  if (device.is_cpu() && !plan.anyStreamed()) {
+    // On the CPU the loop's memory growth is its activations (and buffers): compare with the plan's estimate.
+    const uint64_t grown = peakRssBytes() > rssBeforeLoop ? peakRssBytes() - rssBeforeLoop : 0;
+    logInfo0("activations and buffers: planned ", plan.activationBytes + plan.kvBytes + plan.commBytes,
+             " bytes, measured ", grown, " bytes (peak RSS growth during the loop)");
+  }
   if (!c.metrics.empty()) {
     recorder.setTotalSeconds(denoiseSeconds);
     recorder.setPeaks(memory::devicePeakBytes(device.is_cuda(), device.is_cuda() ? device.index() : 0), peakRssBytes());

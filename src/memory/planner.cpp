@@ -77,7 +77,10 @@ uint64_t activationEstimate(const RankWorkload& w) {
   const int64_t h = w.config.hiddenSize, mlp = w.config.mlpHidden;
   const int64_t perToken = 2 * h + (3 * h + mlp) + 3 * h + 2 * h + h + mlp + (h + mlp);
   const int64_t tokens = w.imageTokens + w.textTokens;
-  return static_cast<uint64_t>(w.batch * tokens * perToken) * c10::elementSize(w.dtype);
+  // Plus a fixed allowance for the loop's own state and library scratch space (latents, embeddings,
+  // RoPE tables, GEMM workspaces), measured at about 30 MB on the CPU.
+  constexpr uint64_t kFixed = 32ULL << 20;
+  return static_cast<uint64_t>(w.batch * tokens * perToken) * c10::elementSize(w.dtype) + kFixed;
 }
 
 uint64_t kvBufferEstimate(const RankWorkload& w) {

@@ -2,13 +2,16 @@
 # A scaling sweep: every parallel layout of each world size, at each resolution, one `pardit generate`
 # each, all appended to one HDF5 metrics file (plot it with tools/plot_metrics.py).
 # Usage: launch/sweep.sh --model M --prompt-embeds E --metrics sweep.h5 [--ranks "1 2 4"]
-#          [--resolutions "256x256 512x512"] [--steps 4] [--negative-prompt-embeds N] [-- extra generate flags]
+#          [--resolutions "256x256 512x512"] [--steps 4] [--negative-prompt-embeds N]
+#          [--layouts "--ulysses-degree 2;--pipefusion-degree 2 --ulysses-degree 2"] [-- extra generate flags]
 # Layouts per world size n: Ulysses n, Ring n, Ulysses x Ring, PipeFusion n, PipeFusion x Ulysses, and
-# CFG 2 x the rest when negative embeddings are given. Layouts the model or image cannot take are
-# reported and skipped.
+# CFG 2 x the rest when negative embeddings are given; --layouts replaces that list with explicit flag sets
+# (separated by ';', each run on the world size its degrees multiply to, if that size is in --ranks); a 1 in
+# --ranks always adds the single-rank baseline.
+# Layouts the model or image cannot take are reported and skipped.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-model="" embeds="" negative="" metrics="" ranks="1 2 4" resolutions="256x256" steps=4 extra=()
+model="" embeds="" negative="" metrics="" ranks="1 2 4" resolutions="256x256" steps=4 extra=() explicit=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --model) model="$2"; shift 2 ;;
@@ -18,15 +21,33 @@ while [[ $# -gt 0 ]]; do
     --ranks) ranks="$2"; shift 2 ;;
     --resolutions) resolutions="$2"; shift 2 ;;
     --steps) steps="$2"; shift 2 ;;
+    --layouts) explicit="$2"; shift 2 ;;
     --) shift; extra=("$@"); break ;;
     *) echo "sweep.sh: unknown argument '$1'" >&2; exit 2 ;;
   esac
 done
 [[ -n "$model" && -n "$embeds" && -n "$metrics" ]] || { echo "sweep.sh: --model, --prompt-embeds and --metrics are required" >&2; exit 2; }
 
+# World size of a flag set: the product of its degrees.
+worldOf() {
+  local flags=$1 size=1 d
+  for d in ulysses-degree ring-degree pipefusion-degree cfg-degree; do
+    if [[ " $flags " =~ --$d\ ([0-9]+) ]]; then size=$((size * BASH_REMATCH[1])); fi
+  done
+  echo "$size"
+}
+
 layouts() {  # n -> lines of flags
   local n=$1 u r
-  if (( n == 1 )); then echo ""; return; fi
+  if (( n == 1 )); then echo ""; return; fi  # the single-rank baseline
+  if [[ -n "$explicit" ]]; then
+    local IFS=';' f
+    for f in $explicit; do
+      f="$(echo "$f" | sed 's/^ *//; s/ *$//')"
+      [[ "$(worldOf "$f")" -eq "$n" ]] && echo "$f"
+    done
+    return 0
+  fi
   echo "--ulysses-degree $n"
   echo "--ring-degree $n"
   for ((u = 2; u < n; u++)); do (( n % u == 0 )) && echo "--ulysses-degree $u --ring-degree $((n / u))"; done

@@ -4,6 +4,7 @@
 // shapes, loading) go through Runtime::agree(), so a failure on any rank makes every rank exit
 // cleanly with status 1 and the failing rank prints its one-line message. Any other error is logged
 // by the rank that hit it, which then aborts the whole job (MPI_Abort) so that no rank hangs.
+#include <ATen/Parallel.h>
 #include <malloc.h>
 
 #include <cstdio>
@@ -18,6 +19,47 @@
 #include "pardit/core/log.h"
 #include "pardit/dist/runtime.h"
 #include "pardit/version.h"
+
+namespace {
+
+void applyRuntimeOptions(const pardit::config::EngineConfig& c) {
+  using pardit::config::LogLevelOption;
+  pardit::LogLevel level = pardit::LogLevel::kInfo;
+  switch (c.logLevel) {
+    case LogLevelOption::kDebug: level = pardit::LogLevel::kDebug; break;
+    case LogLevelOption::kInfo: level = pardit::LogLevel::kInfo; break;
+    case LogLevelOption::kWarn: level = pardit::LogLevel::kWarn; break;
+    case LogLevelOption::kError: level = pardit::LogLevel::kError; break;
+  }
+  pardit::setLogLevel(c.quiet ? pardit::LogLevel::kError : level);
+  if (c.threads > 0) {
+    at::set_num_threads(c.threads);
+    at::set_num_interop_threads(1);
+  }
+}
+
+int dispatch(const pardit::config::EngineConfig& c, pardit::dist::Runtime& rt) {
+  using pardit::config::Command;
+  int status = 0;
+  switch (c.command) {
+    case Command::kForward: return pardit::app::runForward(c, rt);
+    case Command::kGenerate: return pardit::app::runGenerate(c, rt);
+    case Command::kBench: return pardit::app::runBench(c, rt);
+    case Command::kPlan:
+      rt.agree([&] {
+        if (rt.worldRank() == 0) status = pardit::app::runPlan(c);
+      });
+      return status;
+    case Command::kSynth:
+      rt.agree([&] {
+        if (rt.worldRank() == 0) status = pardit::app::runSynth(c);
+      });
+      return status;
+  }
+  return 2;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   using namespace pardit;
@@ -45,33 +87,26 @@ int main(int argc, char** argv) {
     config::ParseResult parsed;
     rt->agree([&] {
       parsed = config::parseCommandLine(command, std::vector<std::string>(argv + 2, argv + argc));
-      if (!parsed.helpShown) app::applyRuntimeOptions(parsed.config);
+      if (!parsed.helpShown) applyRuntimeOptions(parsed.config);
     });
-    if (parsed.helpShown) return 0;
-    if (command == "forward") {
-      status = app::runForward(parsed.config, *rt);
-    } else if (command == "generate") {
-      status = app::runGenerate(parsed.config, *rt);
-    } else if (command == "bench") {
-      status = app::runBench(parsed.config, *rt);
-    } else if (command == "plan") {
-      rt->agree([&] {
-        if (rt->worldRank() == 0) status = app::runPlan(parsed.config);
-      });
-    } else if (command == "synth") {
-      rt->agree([&] {
-        if (rt->worldRank() == 0) status = app::runSynth(parsed.config);
-      });
+    if (parsed.helpShown) {
+      if (rt->worldRank() == 0) std::fputs(config::help(parsed.config.command).c_str(), stdout);
+      return 0;
     }
+    // Ranks started with different options are refused before anything else runs.
+    rt->agree([&] { rt->checkSame(config::syncedOptions(parsed.config), "options"); });
+    status = dispatch(parsed.config, *rt);
   } catch (const dist::CollectiveFailure&) {
     status = 1;  // every rank agreed on the failure; its message is already printed
   } catch (const Error& e) {
     logError(e.message());
     logDebug("raised at ", e.location());
     dist::Runtime::abortJob(1);
+    status = 1;
   } catch (const std::exception& e) {
     logError(e.what());
     dist::Runtime::abortJob(1);
+    status = 1;
   }
   return status;
 }

@@ -1,63 +1,37 @@
-// pardit plan: every rank's memory plan from the checkpoint headers alone (no MPI job, no weight data).
+// pardit plan: prints every rank's memory plan (pipeline::planJob) as a table or JSON.
 #include <cstdio>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
 #include "pardit/core/dtype.h"
-#include "pardit/core/error.h"
-#include "pardit/io/checkpoint.h"
-#include "pardit/pipeline/latents.h"
-#include "parallel_setup.h"
+#include "pardit/core/format.h"
+#include "pardit/pipeline/job_plan.h"
 
 namespace pardit::app {
 
-int runPlan(const config::EngineConfig& c) {
-  PARDIT_CHECK(!c.model.empty(), "--model is required");
-  PARDIT_CHECK(c.worldSize >= 1, "--world-size must be >= 1");
-  const dist::ParallelDegrees degrees = degreesOf(c);
-  dist::Topology::validate(degrees, c.worldSize);
-  PARDIT_CHECK(c.deviceMemoryBudget != "auto",
-               "pardit plan needs an explicit --device-memory-budget (e.g. 24GiB): it queries no device");
-  const c10::ScalarType dtype = c.dtype == "auto" ? c10::kBFloat16 : parseDtype(c.dtype);
-  const io::FluxCheckpoint ck = io::FluxCheckpoint::open(c.model);  // headers only
-  const auto& mc = ck.config();
-  pipeline::LatentGeometry geom{c.height, c.width, 16};
-  geom.validate();
-  PARDIT_CHECK(c.batch >= 1, "--batch must be >= 1");
-  std::optional<PipeFusionSetup> pf;
-  if (degrees.pipefusion > 1) {
-    pf = checkPipeFusion(c, degrees, mc, geom.tokenRows(), geom.tokenCols(), /*patched=*/true);
-  } else {
-    parallel::checkSequenceParallel(degrees, mc.numHeads, geom.tokens());
-  }
-  const bool trueCfg = c.trueCfgScale > 1.0;
-  const int64_t batch = c.batch * ((trueCfg && degrees.cfg == 1 && pf) ? 2 : 1);
+namespace {
+
+nlohmann::ordered_json toJson(const config::EngineConfig& c, const pipeline::JobPlan& p) {
   nlohmann::ordered_json out;
-  out["model"] = c.model;
-  out["config"] = mc.describe();
-  out["checkpoint_bytes"] = ck.totalBytes();
-  out["dtype"] = dtypeName(dtype);
-  out["world_size"] = c.worldSize;
-  out["degrees"] = {{"cfg", degrees.cfg}, {"pipefusion", degrees.pipefusion}, {"ring", degrees.ring},
-                    {"ulysses", degrees.ulysses}};
-  out["image"] = {{"height", c.height}, {"width", c.width}, {"tokens", geom.tokens()}, {"text_tokens", c.textLen}};
-  out["offload"] = c.offload;
-  if (pf) out["stages"] = pf->partition.describe(mc);
+  out["model"] = p.model;
+  out["config"] = p.config.describe();
+  out["checkpoint_bytes"] = p.checkpointBytes;
+  out["dtype"] = dtypeName(p.dtype);
+  out["world_size"] = p.worldSize;
+  out["degrees"] = {{"cfg", p.degrees.cfg}, {"pipefusion", p.degrees.pipefusion}, {"ring", p.degrees.ring},
+                    {"ulysses", p.degrees.ulysses}};
+  out["image"] = {{"height", c.height}, {"width", c.width}, {"tokens", p.imageTokens}, {"text_tokens", c.textLen}};
+  out["offload"] = config::enumName(c.offload);
+  if (!p.stages.empty()) out["stages"] = p.stages;
   nlohmann::ordered_json ranks = nlohmann::ordered_json::array();
-  bool allFit = true;
-  std::vector<memory::RankPlan> plans;
-  for (int r = 0; r < c.worldSize; ++r) {
-    const dist::Topology topo(degrees, r);
-    const auto w = workloadOf(topo, mc, pf, dtype, batch, geom.tokens(), c.textLen);
-    memory::RankPlan plan = memory::planRank(w, memory::parseSize(c.deviceMemoryBudget, "--device-memory-budget"),
-                                             memory::parseOffload(c.offload));
-    allFit &= plan.fits;
-    nlohmann::ordered_json j;
-    j["rank"] = r;
-    j["stage"] = topo.pipefusionRank();
+  for (size_t r = 0; r < p.ranks.size(); ++r) {
+    const auto& plan = p.ranks[r];
     size_t streamed = 0;
     for (const auto& g : plan.groups) streamed += g.streamed;
+    nlohmann::ordered_json j;
+    j["rank"] = r;
+    j["stage"] = p.stageOf[r];
     j["groups"] = plan.groups.size();
     j["streamed_groups"] = streamed;
     j["resident_bytes"] = plan.residentBytes;
@@ -71,36 +45,45 @@ int runPlan(const config::EngineConfig& c) {
     j["fits"] = plan.fits;
     if (!plan.fits) j["problem"] = plan.problem;
     ranks.push_back(j);
-    plans.push_back(plan);
   }
   out["ranks"] = ranks;
-  if (c.json) {
-    std::cout << out.dump(2) << std::endl;
-  } else {
-    std::printf("model %s: %s, %.3f GiB of weights (%s)\n", c.model.c_str(), mc.describe().c_str(),
-                ck.totalBytes() / double(1ULL << 30), dtypeName(dtype).c_str());
-    std::printf("%d rank(s): %s; %lldx%lld px (%lld image + %lld text tokens), batch %lld%s; offload %s\n",
-                c.worldSize, degrees.describe().c_str(), static_cast<long long>(c.width),
-                static_cast<long long>(c.height), static_cast<long long>(geom.tokens()),
-                static_cast<long long>(c.textLen), static_cast<long long>(c.batch), trueCfg ? ", true CFG" : "",
-                c.offload.c_str());
-    if (pf) std::printf("stages: %s\n", pf->partition.describe(mc).c_str());
-    std::printf("%4s %5s %8s %11s %11s %10s %11s %10s %10s %11s %11s  %s\n", "rank", "stage", "streamed", "resident",
-                "streamed", "stream_buf", "activations", "kv_buffers", "comm_buf", "total", "budget", "fits");
-    auto g = [](uint64_t b) { return b / double(1ULL << 30); };
-    for (size_t r = 0; r < plans.size(); ++r) {
-      const auto& p = plans[r];
-      size_t streamed = 0;
-      for (const auto& x : p.groups) streamed += x.streamed;
-      std::printf("%4zu %5d %4zu/%-3zu %9.3fGiB %9.3fGiB %8.3fGiB %9.3fGiB %8.3fGiB %8.3fGiB %9.3fGiB %9.3fGiB  %s\n", r,
-                  dist::Topology(degrees, static_cast<int>(r)).pipefusionRank(), streamed, p.groups.size(),
-                  g(p.residentBytes), g(p.streamedBytes), g(p.streamBufferBytes), g(p.activationBytes), g(p.kvBytes),
-                  g(p.commBytes), g(p.total()), g(p.budget), p.fits ? "yes" : "NO");
-    }
-    for (size_t r = 0; r < plans.size(); ++r)
-      if (!plans[r].fits) std::printf("rank %zu: %s\n", r, plans[r].problem.c_str());
+  return out;
+}
+
+void printTable(const config::EngineConfig& c, const pipeline::JobPlan& p) {
+  std::printf("model %s: %s, %s of weights (%s)\n", p.model.c_str(), p.config.describe().c_str(),
+              formatBytes(p.checkpointBytes).c_str(), dtypeName(p.dtype).c_str());
+  std::printf("%d rank(s): %s; %lldx%lld px (%lld image + %lld text tokens), batch %lld%s; offload %s\n", p.worldSize,
+              p.degrees.describe().c_str(), static_cast<long long>(c.width), static_cast<long long>(c.height),
+              static_cast<long long>(p.imageTokens), static_cast<long long>(c.textLen), static_cast<long long>(c.batch),
+              p.trueCfg ? ", true CFG" : "", config::enumName(c.offload).c_str());
+  if (!p.stages.empty()) std::printf("stages: %s\n", p.stages.c_str());
+  std::printf("%4s %5s %8s %11s %11s %11s %11s %11s %11s %11s %11s  %s\n", "rank", "stage", "streamed", "resident",
+              "streamed", "stream_buf", "activations", "kv_buffers", "comm_buf", "total", "budget", "fits");
+  for (size_t r = 0; r < p.ranks.size(); ++r) {
+    const auto& plan = p.ranks[r];
+    size_t streamed = 0;
+    for (const auto& x : plan.groups) streamed += x.streamed;
+    std::printf("%4zu %5d %4zu/%-3zu %11s %11s %11s %11s %11s %11s %11s %11s  %s\n", r, p.stageOf[r], streamed,
+                plan.groups.size(), formatBytes(plan.residentBytes).c_str(), formatBytes(plan.streamedBytes).c_str(),
+                formatBytes(plan.streamBufferBytes).c_str(), formatBytes(plan.activationBytes).c_str(),
+                formatBytes(plan.kvBytes).c_str(), formatBytes(plan.commBytes).c_str(), formatBytes(plan.total()).c_str(),
+                formatBytes(plan.budget).c_str(), plan.fits ? "yes" : "NO");
   }
-  return allFit ? 0 : 1;
+  for (size_t r = 0; r < p.ranks.size(); ++r)
+    if (!p.ranks[r].fits) std::printf("rank %zu: %s\n", r, p.ranks[r].problem.c_str());
+}
+
+}  // namespace
+
+int runPlan(const config::EngineConfig& c) {
+  const pipeline::JobPlan p = pipeline::planJob(c);
+  if (c.json) {
+    std::cout << toJson(c, p).dump(2) << std::endl;
+  } else {
+    printTable(c, p);
+  }
+  return p.allFit ? 0 : 1;
 }
 
 }  // namespace pardit::app

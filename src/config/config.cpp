@@ -2,16 +2,532 @@
 
 #include <boost/program_options.hpp>
 
+#include <algorithm>
+#include <cctype>
+#include <cmath>
 #include <cstdlib>
 #include <fstream>
-#include <iostream>
+#include <functional>
+#include <limits>
+#include <set>
 #include <sstream>
 
 #include "pardit/core/error.h"
 
+extern char** environ;
+
 namespace po = boost::program_options;
 
 namespace pardit::config {
+
+// ---- enums ---------------------------------------------------------------------------------------------
+
+namespace {
+template <typename E>
+const std::vector<std::pair<E, const char*>>& enumTable();
+
+template <>
+const std::vector<std::pair<Command, const char*>>& enumTable() {
+  static const std::vector<std::pair<Command, const char*>> t = {{Command::kGenerate, "generate"},
+                                                                 {Command::kForward, "forward"},
+                                                                 {Command::kSynth, "synth"},
+                                                                 {Command::kBench, "bench"},
+                                                                 {Command::kPlan, "plan"}};
+  return t;
+}
+template <>
+const std::vector<std::pair<Dtype, const char*>>& enumTable() {
+  static const std::vector<std::pair<Dtype, const char*>> t = {
+      {Dtype::kAuto, "auto"}, {Dtype::kBf16, "bf16"}, {Dtype::kFp16, "fp16"}, {Dtype::kFp32, "fp32"}};
+  return t;
+}
+template <>
+const std::vector<std::pair<DeviceKind, const char*>>& enumTable() {
+  static const std::vector<std::pair<DeviceKind, const char*>> t = {
+      {DeviceKind::kAuto, "auto"}, {DeviceKind::kCpu, "cpu"}, {DeviceKind::kCuda, "cuda"}};
+  return t;
+}
+template <>
+const std::vector<std::pair<Offload, const char*>>& enumTable() {
+  static const std::vector<std::pair<Offload, const char*>> t = {
+      {Offload::kNone, "none"}, {Offload::kAuto, "auto"}, {Offload::kSequential, "sequential"}};
+  return t;
+}
+template <>
+const std::vector<std::pair<StreamSource, const char*>>& enumTable() {
+  static const std::vector<std::pair<StreamSource, const char*>> t = {
+      {StreamSource::kAuto, "auto"}, {StreamSource::kHost, "host"}, {StreamSource::kFile, "file"}};
+  return t;
+}
+template <>
+const std::vector<std::pair<Schedule, const char*>>& enumTable() {
+  static const std::vector<std::pair<Schedule, const char*>> t = {
+      {Schedule::kAuto, "auto"}, {Schedule::kShift, "shift"}, {Schedule::kPlain, "plain"}};
+  return t;
+}
+template <>
+const std::vector<std::pair<LogLevelOption, const char*>>& enumTable() {
+  static const std::vector<std::pair<LogLevelOption, const char*>> t = {{LogLevelOption::kDebug, "debug"},
+                                                                        {LogLevelOption::kInfo, "info"},
+                                                                        {LogLevelOption::kWarn, "warn"},
+                                                                        {LogLevelOption::kError, "error"}};
+  return t;
+}
+template <>
+const std::vector<std::pair<SynthLayout, const char*>>& enumTable() {
+  static const std::vector<std::pair<SynthLayout, const char*>> t = {{SynthLayout::kDiffusers, "diffusers"},
+                                                                     {SynthLayout::kBfl, "bfl"}};
+  return t;
+}
+template <>
+const std::vector<std::pair<SynthFill, const char*>>& enumTable() {
+  static const std::vector<std::pair<SynthFill, const char*>> t = {{SynthFill::kRandom, "random"},
+                                                                   {SynthFill::kZeros, "zeros"}};
+  return t;
+}
+
+std::string joinOr(const std::vector<std::string>& names) {
+  std::string s;
+  for (size_t i = 0; i < names.size(); ++i) s += (i == 0 ? "" : i + 1 == names.size() ? " or " : ", ") + names[i];
+  return s;
+}
+
+template <typename E>
+E enumFromString(const std::string& text, const std::string& flag) {
+  for (const auto& [v, n] : enumTable<E>())
+    if (text == n) return v;
+  PARDIT_THROW(flag, " must be ", joinOr(enumNames<E>()), ", got '", text, "'");
+}
+}  // namespace
+
+template <typename E>
+std::string enumName(E value) {
+  for (const auto& [v, n] : enumTable<E>())
+    if (v == value) return n;
+  return "?";
+}
+
+template <typename E>
+std::vector<std::string> enumNames() {
+  std::vector<std::string> out;
+  for (const auto& [v, n] : enumTable<E>()) out.push_back(n);
+  return out;
+}
+
+#define PARDIT_ENUM_INSTANTIATE(E)                 \
+  template std::string enumName<E>(E);             \
+  template std::vector<std::string> enumNames<E>();
+PARDIT_ENUM_INSTANTIATE(Command)
+PARDIT_ENUM_INSTANTIATE(Dtype)
+PARDIT_ENUM_INSTANTIATE(DeviceKind)
+PARDIT_ENUM_INSTANTIATE(Offload)
+PARDIT_ENUM_INSTANTIATE(StreamSource)
+PARDIT_ENUM_INSTANTIATE(Schedule)
+PARDIT_ENUM_INSTANTIATE(LogLevelOption)
+PARDIT_ENUM_INSTANTIATE(SynthLayout)
+PARDIT_ENUM_INSTANTIATE(SynthFill)
+#undef PARDIT_ENUM_INSTANTIATE
+
+std::string commandName(Command command) { return enumName(command); }
+
+// ---- composite values ------------------------------------------------------------------------------
+
+std::string Partition::str() const {
+  if (mode == Mode::kCompute) return "compute";
+  if (mode == Mode::kMemory) return "memory";
+  std::string s;
+  for (size_t i = 0; i < counts.size(); ++i) s += (i ? "," : "") + std::to_string(counts[i]);
+  return s;
+}
+
+std::string MemoryBudget::str() const { return automatic ? "auto" : std::to_string(bytes); }
+
+uint64_t parseSize(const std::string& text, const std::string& flag) {
+  size_t pos = 0;
+  double value = 0;
+  try {
+    value = std::stod(text, &pos);
+  } catch (const std::exception&) {
+    PARDIT_THROW(flag, " must be a size like 24GiB, 12GB, 512MiB or a byte count, got '", text, "'");
+  }
+  std::string unit = text.substr(pos);
+  for (auto& ch : unit) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  static const std::map<std::string, double> kUnits = {
+      {"", 1.0},           {"b", 1.0},
+      {"kb", 1e3},         {"mb", 1e6},
+      {"gb", 1e9},         {"tb", 1e12},
+      {"kib", 1024.0},     {"mib", 1024.0 * 1024},
+      {"gib", 1024.0 * 1024 * 1024}, {"tib", 1024.0 * 1024 * 1024 * 1024}};
+  auto it = kUnits.find(unit);
+  PARDIT_CHECK(it != kUnits.end(), flag, ": unknown unit '", text.substr(pos), "' in '", text,
+               "' (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)");
+  const double bytes = value * it->second;
+  PARDIT_CHECK(std::isfinite(bytes) && bytes >= 1, flag, " must be a positive size, got '", text, "'");
+  PARDIT_CHECK(bytes < 18446744073709551615.0, flag, ": '", text, "' is more than 2^64 bytes");
+  return static_cast<uint64_t>(bytes);
+}
+
+// ---- the option table ------------------------------------------------------------------------------
+
+namespace {
+
+enum class Group { kModel, kParallel, kMemory, kSampling, kOutput, kMetrics, kSynth, kPlan, kBench };
+const char* groupTitle(Group g) {
+  switch (g) {
+    case Group::kModel: return "model and device";
+    case Group::kParallel: return "parallel layout (world size = cfg x pipefusion x ring x ulysses)";
+    case Group::kMemory: return "memory";
+    case Group::kSampling: return "sampling";
+    case Group::kOutput: return "inputs and outputs";
+    case Group::kMetrics: return "metrics";
+    case Group::kSynth: return "synthetic model";
+    case Group::kPlan: return "plan";
+    case Group::kBench: return "benchmark";
+  }
+  return "";
+}
+
+// How an option must agree across the ranks of a job.
+enum class Sync {
+  kValue,     // the same value everywhere (it changes what runs, or which collectives run)
+  kPresence,  // given everywhere or nowhere (input files: node-local copies may have other paths)
+  kLocal,     // per rank (threads, logging)
+};
+
+unsigned bit(Command c) { return 1u << static_cast<unsigned>(c); }
+const unsigned kModelCommands = bit(Command::kGenerate) | bit(Command::kForward) | bit(Command::kBench) | bit(Command::kPlan);
+const unsigned kRunCommands = bit(Command::kGenerate) | bit(Command::kForward) | bit(Command::kBench);
+const unsigned kAll = kModelCommands | bit(Command::kSynth);
+
+struct Option {
+  std::string name;
+  char shortName = 0;
+  Group group = Group::kModel;
+  Sync sync = Sync::kValue;
+  unsigned commands = 0;
+  unsigned requiredBy = 0;
+  bool isSwitch = false;
+  std::string placeholder;
+  std::string help;
+  std::function<void(EngineConfig&, const std::string& text)> set;  // parses and checks `text`
+  std::function<std::string(const EngineConfig&)> get;
+};
+
+// Value parsing, with errors that name the flag.
+template <typename T>
+T parseInteger(const std::string& text, const std::string& flag) {
+  static_assert(std::is_integral_v<T>);
+  size_t used = 0;
+  long double v = 0;
+  try {
+    v = std::stold(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  PARDIT_CHECK(used == text.size() && !text.empty() && v == std::floor(v), flag, " must be an integer, got '", text,
+               "'");
+  PARDIT_CHECK(v >= static_cast<long double>(std::numeric_limits<T>::min()) &&
+                   v <= static_cast<long double>(std::numeric_limits<T>::max()),
+               flag, ": ", text, " is out of range");
+  return static_cast<T>(v);
+}
+
+void parseInto(int& out, const std::string& t, const std::string& f) { out = parseInteger<int>(t, f); }
+void parseInto(int64_t& out, const std::string& t, const std::string& f) { out = parseInteger<int64_t>(t, f); }
+void parseInto(uint64_t& out, const std::string& t, const std::string& f) {
+  PARDIT_CHECK(t.empty() || t[0] != '-', f, " must not be negative, got '", t, "'");
+  out = parseInteger<uint64_t>(t, f);
+}
+void parseInto(double& out, const std::string& t, const std::string& f) {
+  size_t used = 0;
+  try {
+    out = std::stod(t, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  PARDIT_CHECK(used == t.size() && !t.empty() && std::isfinite(out), f, " must be a finite number, got '", t, "'");
+}
+void parseInto(std::string& out, const std::string& t, const std::string&) { out = t; }
+template <typename E, typename = std::enable_if_t<std::is_enum_v<E>>>
+void parseInto(E& out, const std::string& t, const std::string& f) {
+  out = enumFromString<E>(t, f);
+}
+void parseInto(Partition& out, const std::string& t, const std::string& f) {
+  out = Partition{};
+  if (t == "compute") return;
+  if (t == "memory") {
+    out.mode = Partition::Mode::kMemory;
+    return;
+  }
+  out.mode = Partition::Mode::kExplicit;
+  std::stringstream ss(t);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    try {
+      out.counts.push_back(parseInteger<int64_t>(item, f));
+    } catch (const Error&) {
+      PARDIT_THROW(f, " must be compute, memory or a list of block counts like 10,10,9,9; got '", t, "'");
+    }
+    PARDIT_CHECK(out.counts.back() >= 1, f, ": every stage needs at least one block, got '", t, "'");
+  }
+  PARDIT_CHECK(!out.counts.empty(), f, " must be compute, memory or a list of block counts; got '", t, "'");
+}
+void parseInto(MemoryBudget& out, const std::string& t, const std::string& f) {
+  out = MemoryBudget{};
+  if (t == "auto") return;
+  out.automatic = false;
+  out.bytes = parseSize(t, f);
+}
+
+std::string format(int v) { return std::to_string(v); }
+std::string format(int64_t v) { return std::to_string(v); }
+std::string format(uint64_t v) { return std::to_string(v); }
+std::string format(bool v) { return v ? "true" : "false"; }
+std::string format(double v) {
+  std::ostringstream os;
+  os << v;
+  return os.str();
+}
+std::string format(const std::string& v) { return v; }
+std::string format(const Partition& v) { return v.str(); }
+std::string format(const MemoryBudget& v) { return v.str(); }
+template <typename E, typename = std::enable_if_t<std::is_enum_v<E>>>
+std::string format(E v) {
+  return enumName(v);
+}
+
+// Checks of single values (relations between options are checked where they are used).
+template <typename T>
+std::function<void(const T&, const std::string&)> atLeast(T low) {
+  return [low](const T& v, const std::string& flag) {
+    PARDIT_CHECK(v >= low, flag, " must be at least ", low, ", got ", v);
+  };
+}
+
+template <typename T>
+Option opt(const char* name, T EngineConfig::*member, Group group, Sync sync, unsigned commands,
+           const char* placeholder, const char* help, std::function<void(const T&, const std::string&)> check = {}) {
+  Option o;
+  o.name = name;
+  o.group = group;
+  o.sync = sync;
+  o.commands = commands;
+  o.placeholder = placeholder;
+  o.help = help;
+  const std::string flag = std::string("--") + name;
+  o.set = [member, flag, check](EngineConfig& c, const std::string& text) {
+    // A flag given without its value must not swallow the next flag.
+    PARDIT_CHECK(text.rfind("--", 0) != 0, flag, " needs a value, got the flag '", text, "'");
+    T v{};
+    parseInto(v, text, flag);
+    if (check) check(v, flag);
+    c.*member = v;
+  };
+  o.get = [member](const EngineConfig& c) { return format(c.*member); };
+  return o;
+}
+
+Option flagOpt(const char* name, char shortName, bool EngineConfig::*member, Group group, Sync sync, unsigned commands,
+               const char* help) {
+  Option o;
+  o.name = name;
+  o.shortName = shortName;
+  o.group = group;
+  o.sync = sync;
+  o.commands = commands;
+  o.isSwitch = true;
+  o.help = help;
+  o.set = [member](EngineConfig& c, const std::string&) { c.*member = true; };
+  o.get = [member](const EngineConfig& c) { return format(c.*member); };
+  return o;
+}
+
+Option& required(Option o, unsigned commands, std::vector<Option>& table) {
+  o.requiredBy = commands;
+  table.push_back(std::move(o));
+  return table.back();
+}
+
+const std::vector<Option>& optionTable() {
+  static const std::vector<Option> table = [] {
+    using C = Command;
+    const unsigned gen = bit(C::kGenerate), fwd = bit(C::kForward), synth = bit(C::kSynth), bench = bit(C::kBench),
+                   plan = bit(C::kPlan);
+    std::vector<Option> t;
+    auto add = [&t](Option o) { t.push_back(std::move(o)); };
+    // model and device
+    required(opt("model", &EngineConfig::model, Group::kModel, Sync::kPresence, kModelCommands, "PATH",
+                 "FLUX checkpoint: a diffusers pipeline or transformer directory, or a BFL .safetensors file"),
+             gen | fwd | plan, t);
+    add(opt("dtype", &EngineConfig::dtype, Group::kModel, Sync::kValue, kAll, "TYPE",
+            "compute dtype: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or fp32 (synth: the stored dtype)"));
+    add(opt("device", &EngineConfig::device, Group::kModel, Sync::kValue, kRunCommands, "KIND",
+            "auto, cpu or cuda (one GPU per rank, by local rank)"));
+    add(opt("threads", &EngineConfig::threads, Group::kModel, Sync::kLocal, kAll, "N",
+            "intra-op CPU threads per rank (0: the library default)", atLeast(0)));
+    add(opt("log-level", &EngineConfig::logLevel, Group::kModel, Sync::kLocal, kAll, "LEVEL", "debug, info, warn or error"));
+    add(flagOpt("quiet", 'q', &EngineConfig::quiet, Group::kModel, Sync::kLocal, kAll, "print errors only"));
+    // parallel layout
+    const unsigned par = kModelCommands;
+    add(opt("ulysses-degree", &EngineConfig::ulyssesDegree, Group::kParallel, Sync::kValue, par, "N",
+            "Ulysses sequence parallelism (all-to-all over attention heads); must divide the head count", atLeast(1)));
+    add(opt("ring-degree", &EngineConfig::ringDegree, Group::kParallel, Sync::kValue, par, "N",
+            "Ring sequence parallelism (K/V blocks passed around a ring)", atLeast(1)));
+    add(opt("cfg-degree", &EngineConfig::cfgDegree, Group::kParallel, Sync::kValue, par, "N",
+            "2: the true-CFG branches (generate) or batch halves (forward) on two rank groups", atLeast(1)));
+    add(opt("pipefusion-degree", &EngineConfig::pipefusionDegree, Group::kParallel, Sync::kValue, par, "N",
+            "PipeFusion pipeline stages; each rank loads only its stage's weights", atLeast(1)));
+    add(opt("num-pipeline-patch", &EngineConfig::numPipelinePatch, Group::kParallel, Sync::kValue, par, "M",
+            "PipeFusion patches (row stripes) per image; 0: the PipeFusion degree", atLeast(0)));
+    add(opt("warmup-steps", &EngineConfig::warmupSteps, Group::kParallel, Sync::kValue, par, "N",
+            "PipeFusion synchronous steps with fresh K/V before the patch pipeline", atLeast(0)));
+    add(opt("pp-partition", &EngineConfig::ppPartition, Group::kParallel, Sync::kValue, par, "SPLIT",
+            "PipeFusion stage split: compute (equal block counts), memory (equal weight bytes) or N0,N1,..."));
+    // memory
+    add(opt("device-memory-budget", &EngineConfig::deviceMemoryBudget, Group::kMemory, Sync::kValue, par, "SIZE",
+            "device memory per rank for weights, activations and buffers: 24GiB, 12GB, bytes, or auto (free memory "
+            "minus 1 GiB headroom; the CPU: available host memory shared by the node's ranks)"));
+    add(opt("offload", &EngineConfig::offload, Group::kMemory, Sync::kValue, par, "MODE",
+            "none (all weights resident), auto (stream what does not fit) or sequential (stream every block)"));
+    add(opt("stream-from", &EngineConfig::streamFrom, Group::kMemory, Sync::kValue, par, "SOURCE",
+            "source of streamed weights: host (a host copy of this rank's shard, pinned on CUDA), file, or auto "
+            "(host on CUDA when it fits in half the available host memory, file on the CPU)"));
+    // metrics
+    add(opt("metrics", &EngineConfig::metrics, Group::kMetrics, Sync::kValue, kRunCommands, "FILE.h5",
+            "append this run's metrics (timings, communication, memory, provenance) to an HDF5 file"));
+    // inputs and outputs
+    required(opt("inputs", &EngineConfig::inputs, Group::kOutput, Sync::kPresence, fwd, "FILE",
+                 "safetensors file with hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, "
+                 "txt_ids (and guidance for models with guidance embeddings)"),
+             fwd, t);
+    required(opt("output", &EngineConfig::output, Group::kOutput, Sync::kValue, fwd | bench, "FILE",
+                 "forward: safetensors file for the prediction (tensor 'sample'); bench: JSON report of every sample"),
+             fwd, t);
+    required(opt("prompt-embeds", &EngineConfig::promptEmbeds, Group::kOutput, Sync::kPresence, gen, "FILE",
+                 "safetensors file with prompt_embeds [B,T,4096] and pooled_prompt_embeds [B,768]"),
+             gen, t);
+    add(opt("negative-prompt-embeds", &EngineConfig::negativePromptEmbeds, Group::kOutput, Sync::kPresence, gen, "FILE",
+            "the same for the negative prompt (true CFG)"));
+    add(opt("save-latents", &EngineConfig::saveLatents, Group::kOutput, Sync::kValue, gen, "FILE",
+            "write the final packed latents [B,S,64] (tensor 'latents') as safetensors"));
+    // sampling
+    add(opt("height", &EngineConfig::height, Group::kSampling, Sync::kValue, gen | bench | plan, "PX",
+            "image height in pixels (multiple of 16)", atLeast<int64_t>(16)));
+    add(opt("width", &EngineConfig::width, Group::kSampling, Sync::kValue, gen | bench | plan, "PX",
+            "image width in pixels (multiple of 16)", atLeast<int64_t>(16)));
+    add(opt("steps", &EngineConfig::steps, Group::kSampling, Sync::kValue, gen, "N", "denoising steps", atLeast(1)));
+    add(opt("guidance-scale", &EngineConfig::guidanceScale, Group::kSampling, Sync::kValue, gen, "G",
+            "distilled guidance (models with guidance embeddings, e.g. FLUX.1-dev)"));
+    add(opt("true-cfg-scale", &EngineConfig::trueCfgScale, Group::kSampling, Sync::kValue, gen | plan, "C",
+            "true classifier-free guidance; > 1 with --negative-prompt-embeds enables it (plan: both branches)"));
+    add(opt("seed", &EngineConfig::seed, Group::kSampling, Sync::kValue, gen | synth, "N",
+            "seed of the initial noise (synth: of the random weights)"));
+    add(opt("schedule", &EngineConfig::schedule, Group::kSampling, Sync::kValue, gen, "KIND",
+            "auto (scheduler_config.json, else shifted for guidance-distilled models), shift (dev) or plain (schnell)"));
+    add(opt("text-len", &EngineConfig::textLen, Group::kSampling, Sync::kValue, synth | bench | plan, "N",
+            "text tokens (plan: 512 for FLUX.1-dev, 256 for schnell; synth: of the sample prompt embeddings, 0: the "
+            "preset's)", atLeast<int64_t>(0)));
+    add(opt("batch", &EngineConfig::batch, Group::kSampling, Sync::kValue, bench | plan, "N", "images per prompt",
+            atLeast<int64_t>(1)));
+    // plan
+    add(opt("world-size", &EngineConfig::worldSize, Group::kPlan, Sync::kValue, plan, "N",
+            "ranks of the planned job (0: the product of the degrees)", atLeast(0)));
+    add(flagOpt("json", 0, &EngineConfig::json, Group::kPlan, Sync::kValue, plan, "print the plan as JSON"));
+    // synth
+    add(opt("preset", &EngineConfig::preset, Group::kSynth, Sync::kValue, synth | bench, "NAME",
+            "tiny, small, medium, flux-dev or flux-schnell (bench: the in-memory model when no --model is given)"));
+    add(opt("layout", &EngineConfig::layout, Group::kSynth, Sync::kValue, synth, "LAYOUT", "diffusers or bfl"));
+    required(opt("out", &EngineConfig::out, Group::kSynth, Sync::kValue, synth, "DIR", "output directory"), synth, t);
+    add(opt("fill", &EngineConfig::fill, Group::kSynth, Sync::kValue, synth, "KIND",
+            "random, or zeros (sparse files: real headers, no disk use)"));
+    add(opt("shard-size", &EngineConfig::shardSize, Group::kSynth, Sync::kValue, synth, "BYTES",
+            "largest diffusers shard in bytes", atLeast<uint64_t>(1)));
+    add(opt("depth", &EngineConfig::depth, Group::kSynth, Sync::kValue, synth, "N",
+            "double-stream blocks (-1: the preset's)", atLeast<int64_t>(-1)));
+    add(opt("depth-single", &EngineConfig::depthSingle, Group::kSynth, Sync::kValue, synth, "N",
+            "single-stream blocks (-1: the preset's)", atLeast<int64_t>(-1)));
+    // bench
+    add(opt("warmup", &EngineConfig::warmup, Group::kBench, Sync::kValue, bench, "N", "untimed forwards before timing",
+            atLeast(0)));
+    add(opt("iters", &EngineConfig::iters, Group::kBench, Sync::kValue, bench, "N", "timed forwards", atLeast(1)));
+    add(flagOpt("comm", 0, &EngineConfig::benchComm, Group::kBench, Sync::kValue, bench,
+                "collective micro-benchmark (all-to-all, all-gather, ring send/recv) over the world, bandwidths as "
+                "nccl-tests reports them"));
+    add(opt("comm-max-bytes", &EngineConfig::commMaxBytes, Group::kBench, Sync::kValue, bench, "BYTES",
+            "largest message of --comm", atLeast<uint64_t>(1024)));
+    return t;
+  }();
+  return table;
+}
+
+std::vector<const Option*> optionsOf(Command command) {
+  std::vector<const Option*> out;
+  for (const auto& o : optionTable())
+    if (o.commands & bit(command)) out.push_back(&o);
+  return out;
+}
+
+Command parseCommand(const std::string& name) {
+  for (const auto& [v, n] : enumTable<Command>())
+    if (name == n) return v;
+  PARDIT_THROW("unknown command '", name, "'; expected one of ", joinOr(enumNames<Command>()));
+}
+
+std::string envNameOf(const std::string& option) {
+  std::string s = "PARDIT_";
+  for (char ch : option) s += ch == '-' ? '_' : static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+  return s;
+}
+
+size_t editDistance(const std::string& a, const std::string& b) {
+  std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    cur[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j)
+      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
+    std::swap(prev, cur);
+  }
+  return prev[b.size()];
+}
+
+// The option of `command` closest to `name`, or "" when none is close.
+std::string nearestOption(const std::string& name, Command command) {
+  std::string best;
+  size_t bestDistance = 3;
+  for (const Option* o : optionsOf(command)) {
+    const size_t d = editDistance(name, o->name);
+    const bool prefix = o->name.rfind(name, 0) == 0 && name.size() >= 3;
+    if (d < bestDistance || (prefix && bestDistance > 1)) {
+      best = o->name;
+      bestDistance = prefix ? 1 : d;
+    }
+  }
+  return best;
+}
+
+std::string didYouMean(const std::string& name, Command command, const char* prefix) {
+  const std::string n = nearestOption(name, command);
+  return n.empty() ? std::string() : std::string("; did you mean ") + prefix + n + "?";
+}
+
+}  // namespace
+
+// ---- defaults, help, provenance ----------------------------------------------------------------------
+
+EngineConfig defaults(Command command) {
+  EngineConfig c;
+  c.command = command;
+  if (command == Command::kBench) {
+    c.height = c.width = 256;
+    c.textLen = 128;
+    c.preset = "small";
+  } else if (command == Command::kPlan) {
+    c.textLen = 512;
+    c.dtype = Dtype::kBf16;
+  }
+  return c;
+}
 
 const std::vector<std::pair<std::string, std::string>>& commands() {
   static const std::vector<std::pair<std::string, std::string>> list = {
@@ -26,229 +542,199 @@ const std::vector<std::pair<std::string, std::string>>& commands() {
 
 std::string usage() {
   std::ostringstream os;
-  os << "usage: pardit <command> [options]\n\ncommands:\n";
+  os << "usage: pardit <command> [options]\n       pardit --version | --help\n\ncommands:\n";
   for (const auto& [name, text] : commands()) os << "  " << name << std::string(10 - name.size(), ' ') << text << "\n";
   os << "\n'pardit <command> --help' lists a command's options. Options can also be set with PARDIT_<OPTION>\n"
-        "environment variables (e.g. PARDIT_STEPS=4) or in an INI file given with --config FILE.\n";
+        "environment variables (e.g. PARDIT_STEPS=4) or in an INI file given with --config FILE.\n"
+        "Parallel runs: mpirun -n 4 pardit generate ... --ulysses-degree 2 --ring-degree 2\n";
   return os.str();
 }
 
-namespace {
-
-void addCommon(po::options_description& d, EngineConfig& c, bool needModel) {
-  d.add_options()
-      ("help,h", "print this help")
-      ("config", po::value(&c.configFile), "INI file with options (key = value, keys as the long flags)")
-      ("dtype", po::value(&c.dtype)->default_value(c.dtype), "compute dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")
-      ("device", po::value(&c.device)->default_value(c.device), "auto, cpu or cuda")
-      ("threads", po::value(&c.threads)->default_value(c.threads), "intra-op CPU threads per rank (0: library default)")
-      ("log-level", po::value(&c.logLevel)->default_value(c.logLevel), "debug, info, warn or error")
-      ("quiet,q", po::bool_switch(&c.quiet), "print errors only");
-  if (needModel)
-    d.add_options()("model", po::value(&c.model), "FLUX checkpoint: diffusers directory or BFL .safetensors file");
-}
-
-void addMetrics(po::options_description& d, EngineConfig& c) {
-  d.add_options()("metrics", po::value(&c.metrics),
-                  "append this run's metrics (timings, communication, memory, provenance) to an HDF5 file");
-}
-
-void addParallel(po::options_description& d, EngineConfig& c) {
-  d.add_options()
-      ("ulysses-degree", po::value(&c.ulyssesDegree)->default_value(c.ulyssesDegree),
-       "Ulysses sequence parallelism (all-to-all over attention heads); must divide the head count")
-      ("ring-degree", po::value(&c.ringDegree)->default_value(c.ringDegree),
-       "Ring sequence parallelism (K/V blocks passed around a ring)")
-      ("cfg-degree", po::value(&c.cfgDegree)->default_value(c.cfgDegree),
-       "2: the true-CFG branches (generate) or batch halves (forward) on two rank groups")
-      ("pipefusion-degree", po::value(&c.pipefusionDegree)->default_value(c.pipefusionDegree),
-       "PipeFusion pipeline stages; each rank loads only its stage's weights")
-      ("num-pipeline-patch", po::value(&c.numPipelinePatch)->default_value(c.numPipelinePatch),
-       "PipeFusion patches (row stripes) per image; 0: the PipeFusion degree")
-      ("warmup-steps", po::value(&c.warmupSteps)->default_value(c.warmupSteps),
-       "PipeFusion synchronous steps with fresh K/V before the patch pipeline")
-      ("pp-partition", po::value(&c.ppPartition)->default_value(c.ppPartition),
-       "PipeFusion stage split: compute (equal block counts), memory (equal weight bytes) or N0,N1,...")
-      ("device-memory-budget", po::value(&c.deviceMemoryBudget)->default_value(c.deviceMemoryBudget),
-       "device memory per rank for weights, activations and buffers: 24GiB, 12GB, bytes, or auto (free memory "
-       "minus 1 GiB headroom)")
-      ("offload", po::value(&c.offload)->default_value(c.offload),
-       "none (all weights resident), auto (stream what does not fit) or sequential (stream every block)")
-      ("stream-from", po::value(&c.streamFrom)->default_value(c.streamFrom),
-       "source of streamed weights: host (a host copy of this rank's shard, pinned on CUDA), file, or auto "
-       "(host on CUDA when it fits in half the available host memory, file on CPU)");
-}
-
-po::options_description describe(const std::string& command, EngineConfig& c) {
-  po::options_description d("pardit " + command + " options");
-  if (command == "forward") {
-    addCommon(d, c, true);
-    addParallel(d, c);
-    addMetrics(d, c);
-    d.add_options()
-        ("inputs", po::value(&c.inputs), "safetensors file with hidden_states, encoder_hidden_states, pooled_projections, "
-                                         "timestep, img_ids, txt_ids (and guidance for models with guidance embeddings)")
-        ("output", po::value(&c.output), "safetensors file to write the prediction to (tensor 'sample')");
-  } else if (command == "generate") {
-    addCommon(d, c, true);
-    addParallel(d, c);
-    addMetrics(d, c);
-    d.add_options()
-        ("prompt-embeds", po::value(&c.promptEmbeds), "safetensors file with prompt_embeds [B,T,D] and pooled_prompt_embeds [B,P]")
-        ("negative-prompt-embeds", po::value(&c.negativePromptEmbeds), "the same for the negative prompt (true CFG)")
-        ("height", po::value(&c.height)->default_value(c.height), "image height in pixels (multiple of 16)")
-        ("width", po::value(&c.width)->default_value(c.width), "image width in pixels (multiple of 16)")
-        ("steps", po::value(&c.steps)->default_value(c.steps), "denoising steps")
-        ("guidance-scale", po::value(&c.guidanceScale)->default_value(c.guidanceScale),
-         "distilled guidance (models with guidance embeddings, e.g. FLUX.1-dev)")
-        ("true-cfg-scale", po::value(&c.trueCfgScale)->default_value(c.trueCfgScale),
-         "true classifier-free guidance scale; > 1 with --negative-prompt-embeds enables it")
-        ("seed", po::value(&c.seed)->default_value(c.seed), "seed of the initial noise")
-        ("schedule", po::value(&c.schedule)->default_value(c.schedule),
-         "auto (scheduler_config.json, else shifted for guidance-distilled models), shift (dev) or plain (schnell)")
-        ("save-latents", po::value(&c.saveLatents), "write the final packed latents [B,S,64] (tensor 'latents')");
-  } else if (command == "plan") {
-    addCommon(d, c, true);
-    addParallel(d, c);
-    d.add_options()
-        ("world-size", po::value(&c.worldSize)->default_value(c.worldSize), "ranks of the planned job")
-        ("height", po::value(&c.height)->default_value(c.height), "image height in pixels")
-        ("width", po::value(&c.width)->default_value(c.width), "image width in pixels")
-        ("text-len", po::value(&c.textLen)->default_value(512), "text tokens (512 for FLUX.1-dev, 256 for schnell)")
-        ("batch", po::value(&c.batch)->default_value(c.batch), "images per prompt")
-        ("true-cfg-scale", po::value(&c.trueCfgScale)->default_value(c.trueCfgScale),
-         "> 1 plans for true CFG (both branches: on the two CFG ranks, or as one batch of 2)")
-        ("json", po::bool_switch(&c.json), "print the plan as JSON");
-  } else if (command == "synth") {
-    addCommon(d, c, false);
-    d.add_options()
-        ("preset", po::value(&c.preset)->default_value(c.preset), "tiny, small, medium, flux-dev or flux-schnell")
-        ("layout", po::value(&c.layout)->default_value(c.layout), "diffusers or bfl")
-        ("out", po::value(&c.out), "output directory")
-        ("seed", po::value(&c.seed)->default_value(c.seed), "seed of the random weights")
-        ("fill", po::value(&c.fill)->default_value(c.fill), "random, or zeros (sparse files: real headers, no disk use)")
-        ("text-len", po::value(&c.textLen)->default_value(c.textLen), "tokens in the sample prompt embeddings (0: preset default)")
-        ("shard-size", po::value(&c.shardSize)->default_value(c.shardSize), "largest diffusers shard in bytes")
-        ("depth", po::value(&c.depth)->default_value(c.depth), "double-stream blocks (-1: the preset's)")
-        ("depth-single", po::value(&c.depthSingle)->default_value(c.depthSingle), "single-stream blocks (-1: the preset's)");
-  } else if (command == "bench") {
-    addCommon(d, c, true);
-    addParallel(d, c);
-    addMetrics(d, c);
-    d.add_options()
-        ("preset", po::value(&c.preset)->default_value("small"), "model preset when no --model is given (weights in memory)")
-        ("height", po::value(&c.height)->default_value(256), "image height in pixels")
-        ("width", po::value(&c.width)->default_value(256), "image width in pixels")
-        ("text-len", po::value(&c.textLen)->default_value(128), "text tokens")
-        ("batch", po::value(&c.batch)->default_value(c.batch), "batch size")
-        ("warmup", po::value(&c.warmup)->default_value(c.warmup), "untimed forwards before timing")
-        ("iters", po::value(&c.iters)->default_value(c.iters), "timed forwards")
-        ("output", po::value(&c.benchOutput), "write every sample and the summary as JSON to this file")
-        ("comm", po::bool_switch(&c.benchComm), "collective micro-benchmark (all-to-all, all-gather, ring send/recv) "
-                                                 "over the world, bandwidths as nccl-tests reports them")
-        ("comm-max-bytes", po::value(&c.commMaxBytes)->default_value(c.commMaxBytes), "largest message of --comm");
-  } else {
-    PARDIT_THROW("unknown command '", command, "'; expected one of generate, forward, synth, bench, plan");
+std::string help(Command command) {
+  static const std::map<Command, std::vector<std::string>> kExamples = {
+      {Command::kGenerate,
+       {"pardit generate --model tiny --prompt-embeds tiny/prompt_embeds.safetensors --height 256 --width 256 "
+        "--steps 4 --save-latents out.safetensors",
+        "mpirun -n 4 pardit generate --model FLUX.1-dev --prompt-embeds e.safetensors --ulysses-degree 2 "
+        "--ring-degree 2 --save-latents out.safetensors",
+        "mpirun -n 2 pardit generate --model M --prompt-embeds e.safetensors --pipefusion-degree 2 "
+        "--device-memory-budget 12GiB --metrics runs.h5 --save-latents out.safetensors"}},
+      {Command::kForward,
+       {"pardit forward --model M --inputs in.safetensors --output out.safetensors",
+        "mpirun -n 2 pardit forward --model M --inputs in.safetensors --output out.safetensors --ring-degree 2"}},
+      {Command::kSynth,
+       {"pardit synth --preset small --out small", "pardit synth --preset flux-dev --fill zeros --layout bfl --out dev"}},
+      {Command::kBench,
+       {"pardit bench --preset small --threads 2", "mpirun -n 2 pardit bench --ulysses-degree 2 --output r.json",
+        "mpirun -n 2 pardit bench --comm"}},
+      {Command::kPlan,
+       {"pardit plan --model FLUX.1-dev --device-memory-budget 24GiB",
+        "pardit plan --model FLUX.1-dev --pipefusion-degree 4 --device-memory-budget 8GiB --json"}},
+  };
+  const EngineConfig d = defaults(command);
+  std::ostringstream os;
+  const std::string name = commandName(command);
+  os << "usage: pardit " << name << " [options]";
+  for (const Option* o : optionsOf(command))
+    if (o->requiredBy & bit(command)) os << " --" << o->name << " " << o->placeholder;
+  os << "\n";
+  for (const auto& [n, text] : commands())
+    if (n == name) os << text << "\n";
+  for (int g = 0; g <= static_cast<int>(Group::kBench); ++g) {
+    std::vector<const Option*> in;
+    for (const Option* o : optionsOf(command))
+      if (static_cast<int>(o->group) == g) in.push_back(o);
+    if (in.empty()) continue;
+    os << "\n" << groupTitle(static_cast<Group>(g)) << ":\n";
+    for (const Option* o : in) {
+      std::string flags = "  --" + o->name + (o->isSwitch ? "" : " " + o->placeholder);
+      if (o->shortName) flags += ", -" + std::string(1, o->shortName);
+      os << flags << "\n      " << o->help;
+      if (o->requiredBy & bit(command)) {
+        os << " [required]";
+      } else if (!o->isSwitch) {
+        const std::string v = o->get(d);
+        os << " [default: " << (v.empty() ? "none" : v) << "]";
+      }
+      os << " (" << envNameOf(o->name) << ")\n";
+    }
   }
-  return d;
+  os << "\ngeneral:\n  --config FILE\n      INI file with options (key = value, keys as the long flags) (PARDIT_CONFIG)\n"
+     << "  --help, -h\n      print this help\n";
+  os << "\nexamples:\n";
+  for (const auto& e : kExamples.at(command)) os << "  " << e << "\n";
+  return os.str();
 }
-
-// PARDIT_GUIDANCE_SCALE -> guidance-scale, for the options this command has.
-std::string envName(const std::string& var, const po::options_description& d) {
-  static const std::string prefix = "PARDIT_";
-  if (var.compare(0, prefix.size(), prefix) != 0) return "";
-  std::string name = var.substr(prefix.size());
-  for (char& ch : name) ch = ch == '_' ? '-' : static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-  if (name == "help") return "";
-  return d.find_nothrow(name, false) != nullptr ? name : "";
-}
-
-}  // namespace
 
 std::map<std::string, std::string> toMap(const EngineConfig& c) {
   std::map<std::string, std::string> m;
-  auto put = [&](const char* k, const auto& v) {
-    std::ostringstream os;
-    os << v;
-    m[k] = os.str();
-  };
-  put("command", c.command);
-  put("model", c.model);
-  put("dtype", c.dtype);
-  put("device", c.device);
-  put("threads", c.threads);
-  put("ulysses-degree", c.ulyssesDegree);
-  put("ring-degree", c.ringDegree);
-  put("cfg-degree", c.cfgDegree);
-  put("pipefusion-degree", c.pipefusionDegree);
-  put("num-pipeline-patch", c.numPipelinePatch);
-  put("warmup-steps", c.warmupSteps);
-  put("pp-partition", c.ppPartition);
-  put("device-memory-budget", c.deviceMemoryBudget);
-  put("offload", c.offload);
-  put("stream-from", c.streamFrom);
-  if (c.command == "forward") {
-    put("inputs", c.inputs);
-    put("output", c.output);
-  } else {
-    put("height", c.height);
-    put("width", c.width);
-  }
-  if (c.command == "generate") {
-    put("prompt-embeds", c.promptEmbeds);
-    put("negative-prompt-embeds", c.negativePromptEmbeds);
-    put("steps", c.steps);
-    put("guidance-scale", c.guidanceScale);
-    put("true-cfg-scale", c.trueCfgScale);
-    put("seed", c.seed);
-    put("schedule", c.schedule);
-  }
-  if (c.command == "bench") {
-    put("preset", c.preset);
-    put("text-len", c.textLen);
-    put("batch", c.batch);
-    put("warmup", c.warmup);
-    put("iters", c.iters);
-  }
+  m["command"] = commandName(c.command);
+  for (const Option* o : optionsOf(c.command)) m[o->name] = o->get(c);
   return m;
 }
 
-ParseResult parseCommandLine(const std::string& command, const std::vector<std::string>& args) {
+std::vector<std::pair<std::string, std::string>> syncedOptions(const EngineConfig& c) {
+  std::vector<std::pair<std::string, std::string>> out{{"the command", commandName(c.command)}};
+  for (const Option* o : optionsOf(c.command)) {
+    if (o->sync == Sync::kValue) {
+      const std::string v = o->get(c);
+      out.push_back({"--" + o->name, v.empty() ? "(not given)" : v});
+    }
+    if (o->sync == Sync::kPresence) out.push_back({"--" + o->name, o->get(c).empty() ? "(not given)" : "(given)"});
+  }
+  return out;
+}
+
+// ---- parsing -------------------------------------------------------------------------------------
+
+ParseResult parseCommandLine(const std::string& commandText, const std::vector<std::string>& args) {
+  const Command command = parseCommand(commandText);
   ParseResult result;
   EngineConfig& c = result.config;
-  c.command = command;
-  po::options_description desc = describe(command, c);
+  c = defaults(command);
+  const auto options = optionsOf(command);
+  // Boost parses the syntax (every value as text); the table parses and checks the values.
+  po::options_description desc;
+  desc.add_options()("help,h", "")("config", po::value<std::string>(), "");
+  for (const Option* o : options) {
+    const std::string spec = o->shortName ? o->name + "," + o->shortName : o->name;
+    if (o->isSwitch) {
+      desc.add_options()(spec.c_str(), po::bool_switch(), "");
+    } else {
+      desc.add_options()(spec.c_str(), po::value<std::string>(), "");
+    }
+  }
+  const std::string where = "pardit " + commandText;
   po::variables_map vm;
+  std::vector<std::string> stray;  // reported after the values, whose errors are more specific
   try {
-    po::store(po::command_line_parser(args).options(desc).run(), vm);
+    // No prefix guessing: --prompt must not silently become --prompt-embeds.
+    const int style = po::command_line_style::default_style & ~po::command_line_style::allow_guessing;
+    const po::parsed_options parsed = po::command_line_parser(args).options(desc).style(style).run();
+    stray = po::collect_unrecognized(parsed.options, po::include_positional);
+    po::store(parsed, vm);
+  } catch (const po::unknown_option& e) {
+    std::string name = e.get_option_name();
+    while (!name.empty() && name[0] == '-') name.erase(0, 1);
+    PARDIT_THROW(where, ": unknown option '", e.get_option_name(), "'", didYouMean(name, command, "--"),
+                 " (see 'pardit ", commandText, " --help')");
   } catch (const po::error& e) {
-    PARDIT_THROW("pardit ", command, ": ", e.what(), " (see 'pardit ", command, " --help')");
+    PARDIT_THROW(where, ": ", e.what(), " (see 'pardit ", commandText, " --help')");
   }
   if (vm.count("help")) {
-    std::cout << desc << "\n";
     result.helpShown = true;
     return result;
   }
-  try {
-    po::store(po::parse_environment(desc, [&desc](const std::string& var) { return envName(var, desc); }), vm);
-  } catch (const po::error& e) {
-    PARDIT_THROW("environment: ", e.what(), " (PARDIT_* variables)");
+  // Environment: PARDIT_<OPTION> for this command's options. A variable that is no option of any
+  // command but close to one of this command's is a typo (PARDIT_STEP=3) and an error.
+  std::set<std::string> anyCommand;
+  for (const auto& o : optionTable()) anyCommand.insert(envNameOf(o.name));
+  static const std::set<std::string> kToolVariables = {"PARDIT_CONFIG"};
+  std::map<std::string, std::string> env;
+  for (char** e = environ; e && *e; ++e) {
+    const std::string kv = *e;
+    const size_t eq = kv.find('=');
+    const std::string var = kv.substr(0, eq);
+    if (var.rfind("PARDIT_", 0) != 0 || eq == std::string::npos) continue;
+    bool mine = false;
+    for (const Option* o : options)
+      if (envNameOf(o->name) == var) {
+        env[o->name] = kv.substr(eq + 1);
+        mine = true;
+      }
+    if (mine || anyCommand.count(var) || kToolVariables.count(var)) continue;
+    std::string asOption = var.substr(7);
+    for (char& ch : asOption) ch = ch == '_' ? '-' : static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    const std::string near = nearestOption(asOption, command);
+    PARDIT_CHECK(near.empty() || editDistance(asOption, near) > 2, "environment: ", var, " is not an option of pardit ",
+                 commandText, "; did you mean ", envNameOf(near), " (--", near, ")?");
   }
+  // INI file.
   std::string configFile = vm.count("config") ? vm["config"].as<std::string>() : "";
-  if (configFile.empty()) {
-    if (const char* env = std::getenv("PARDIT_CONFIG")) configFile = env;
-  }
+  if (configFile.empty())
+    if (const char* e = std::getenv("PARDIT_CONFIG")) configFile = e;
+  po::variables_map fileVm;
   if (!configFile.empty()) {
     std::ifstream in(configFile);
     PARDIT_CHECK(in.good(), configFile, ": cannot open config file (--config)");
     try {
-      po::store(po::parse_config_file(in, desc, /*allow_unregistered=*/false), vm);
+      po::store(po::parse_config_file(in, desc, /*allow_unregistered=*/false), fileVm);
+    } catch (const po::unknown_option& e) {
+      PARDIT_THROW(configFile, ": unknown key '", e.get_option_name(), "'", didYouMean(e.get_option_name(), command, ""));
     } catch (const po::error& e) {
       PARDIT_THROW(configFile, ": ", e.what());
     }
   }
-  po::notify(vm);
   c.configFile = configFile;
+  // Precedence: command line, environment, file, default.
+  for (const Option* o : options) {
+    const std::string key = o->name;
+    const bool onCommandLine = vm.count(key) && !vm[key].defaulted() && (!o->isSwitch || vm[key].as<bool>());
+    try {
+      if (onCommandLine) {
+        o->set(c, o->isSwitch ? "" : vm[key].as<std::string>());
+      } else if (env.count(key)) {
+        const std::string& v = env.at(key);
+        if (o->isSwitch) {
+          PARDIT_CHECK(v == "1" || v == "true" || v == "0" || v == "false", "must be 1, true, 0 or false, got '", v, "'");
+          if (v == "1" || v == "true") o->set(c, "");
+        } else {
+          o->set(c, v);
+        }
+      } else if (fileVm.count(key) && !fileVm[key].defaulted() && (!o->isSwitch || fileVm[key].as<bool>())) {
+        o->set(c, o->isSwitch ? "" : fileVm[key].as<std::string>());
+      }
+    } catch (const Error& e) {
+      const std::string source = onCommandLine ? "" : env.count(key) ? "environment " + envNameOf(key) + ": "
+                                                                     : configFile + ": ";
+      PARDIT_THROW(source, e.message());
+    }
+  }
+  PARDIT_CHECK(stray.empty(), where, ": unexpected argument '", stray.empty() ? "" : stray.front(),
+               "' (options are --name value; see 'pardit ", commandText, " --help')");
+  for (const Option* o : options)
+    PARDIT_CHECK(!(o->requiredBy & bit(command)) || !o->get(c).empty(), where, ": --", o->name, " is required (",
+                 o->help, ")");
   return result;
 }
 

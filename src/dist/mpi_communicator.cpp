@@ -179,4 +179,10 @@ void MpiCommunicator::barrier() {
   record(CollectiveKind::kBarrier, 0, t.seconds());
 }
 
+std::unique_ptr<Communicator> MpiCommunicator::split(int color, int key) {
+  MPI_Comm comm;
+  PARDIT_MPI_CHECK(MPI_Comm_split(comm_, color, key, &comm));
+  return std::make_unique<MpiCommunicator>(comm, /*owned=*/true);
+}
+
 }  // namespace pardit::dist

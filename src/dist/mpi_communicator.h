@@ -42,6 +42,7 @@ class MpiCommunicator final : public Communicator {
   std::unique_ptr<Work> irecv(at::Tensor& tensor, int peer) override;
   std::unique_ptr<Work> sendRecv(const at::Tensor& out, int to, at::Tensor& in, int from) override;
   void barrier() override;
+  std::unique_ptr<Communicator> split(int color, int key) override;
 
  private:
   MPI_Comm comm_;

@@ -74,6 +74,15 @@ class NcclCommunicator final : public Communicator {
     PARDIT_NCCL_CHECK(ncclCommInitRank(&comm_, size_, id, rank_));
   }
 
+  // Adopts an existing NCCL communicator (from ncclCommSplit).
+  NcclCommunicator(ncclComm_t comm, int device)
+      : device_(device), p2pStream_(c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device)), comm_(comm) {
+    PARDIT_NCCL_CHECK(ncclCommUserRank(comm_, &rank_));
+    PARDIT_NCCL_CHECK(ncclCommCount(comm_, &size_));
+  }
+  NcclCommunicator(const NcclCommunicator&) = delete;
+  NcclCommunicator& operator=(const NcclCommunicator&) = delete;
+
   ~NcclCommunicator() override {
     if (comm_ != nullptr) {
       const ncclResult_t r = ncclCommDestroy(comm_);
@@ -181,6 +190,13 @@ class NcclCommunicator final : public Communicator {
     c10::cuda::getCurrentCUDAStream(device_).synchronize();
   }
 
+  std::unique_ptr<Communicator> split(int color, int key) override {
+    ncclComm_t comm = nullptr;
+    c10::cuda::CUDAGuard guard(device_);
+    PARDIT_NCCL_CHECK(ncclCommSplit(comm_, color, key, &comm, nullptr));
+    return std::make_unique<NcclCommunicator>(comm, device_);
+  }
+
  private:
   cudaStream_t current(const at::Tensor& t) const {
     return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
@@ -207,9 +223,9 @@ class NcclCommunicator final : public Communicator {
   }
 
   int device_;
-  int rank_, size_;
-  ncclComm_t comm_ = nullptr;
+  int rank_ = 0, size_ = 1;
   c10::cuda::CUDAStream p2pStream_;
+  ncclComm_t comm_ = nullptr;
 };
 
 }  // namespace

@@ -6,7 +6,8 @@
 #include <unistd.h>
 
 #include <cstdio>
-#include <cstdlib>
+#include <algorithm>
+#include <cstring>
 
 #include "mpi_communicator.h"
 #include "nccl_communicator.h"
@@ -29,13 +30,24 @@ Runtime::Runtime(int* argc, char*** argv) {
   PARDIT_MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &worldSize_));
   MPI_Comm local;
   PARDIT_MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, worldRank_, MPI_INFO_NULL, &local));
-  MPI_Comm_rank(local, &localRank_);
-  MPI_Comm_size(local, &localSize_);
-  MPI_Comm_free(&local);
+  PARDIT_MPI_CHECK(MPI_Comm_rank(local, &localRank_));
+  PARDIT_MPI_CHECK(MPI_Comm_size(local, &localSize_));
+  PARDIT_MPI_CHECK(MPI_Comm_free(&local));
   char name[256] = {0};
   ::gethostname(name, sizeof(name) - 1);
   host_ = name;
   world_ = std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, /*owned=*/false);
+  mpiWorld_ = true;
+  setLogRank(worldRank_, worldSize_);
+}
+
+Runtime::Runtime(std::unique_ptr<Communicator> world, RankPlacement placement)
+    : worldRank_(world->rank()),
+      worldSize_(world->size()),
+      localRank_(placement.localRank),
+      localSize_(placement.localSize),
+      host_(std::move(placement.host)),
+      world_(std::move(world)) {
   setLogRank(worldRank_, worldSize_);
 }
 
@@ -57,12 +69,11 @@ void Runtime::setTopology(const ParallelDegrees& degrees, const c10::Device& dev
   cpuGroups_.clear();
   for (GroupKind kind : {GroupKind::kUlysses, GroupKind::kRing, GroupKind::kSequence, GroupKind::kPipeFusion,
                          GroupKind::kCfg}) {
-    MPI_Comm comm;
-    PARDIT_MPI_CHECK(MPI_Comm_split(MPI_COMM_WORLD, topology_.groupColor(kind), topology_.rankInGroup(kind), &comm));
-    auto cpu = std::make_unique<MpiCommunicator>(comm, /*owned=*/true);
+    auto cpu = world_->split(topology_.groupColor(kind), topology_.rankInGroup(kind));
     PARDIT_CHECK(cpu->size() == static_cast<int>(topology_.group(kind).size()), "internal: ", groupName(kind),
                  " group has ", cpu->size(), " ranks, expected ", topology_.group(kind).size());
-    if (device.is_cuda() && cpu->size() > 1) deviceGroups_[kind] = makeNcclCommunicator(*cpu, device.index());
+    // CUDA tensors travel over NCCL under MPI; the in-process backend takes them as they are.
+    if (device.is_cuda() && cpu->size() > 1 && mpiWorld_) deviceGroups_[kind] = makeNcclCommunicator(*cpu, device.index());
     cpuGroups_[kind] = std::move(cpu);
   }
 }
@@ -94,14 +105,50 @@ void Runtime::agree(const std::function<void()>& phase) {
   }
   // The lowest failing rank, or worldSize_ when none failed. Only that rank prints, so an error every
   // rank ran into (a bad flag) is reported once.
-  int mine = failed ? worldRank_ : worldSize_;
-  int first = mine;
-  if (worldSize_ > 1) PARDIT_MPI_CHECK(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
+  at::Tensor lowest = at::full({1}, failed ? worldRank_ : worldSize_, at::kInt);
+  if (worldSize_ > 1) world_->allReduce(lowest, ReduceOp::kMin);
+  const int first = lowest.item<int>();
   if (first == worldRank_) {
     logError(message);
     if (!location.empty()) logDebug("raised at ", location);
   }
   if (first < worldSize_) throw CollectiveFailure(first);
+}
+
+void Runtime::checkSame(const std::vector<std::pair<std::string, std::string>>& values, const std::string& what) {
+  if (worldSize_ == 1) return;
+  // Rank 0's values, as "name\0value\0..." bytes, go to every rank; each compares with its own.
+  std::string mine;
+  for (const auto& [name, value] : values) mine += name + '\0' + value + '\0';
+  at::Tensor size = at::full({1}, static_cast<int64_t>(mine.size()), at::kLong);
+  world_->broadcast(size, 0);
+  at::Tensor bytes = at::zeros({size.item<int64_t>()}, at::kByte);
+  if (worldRank_ == 0) std::memcpy(bytes.data_ptr(), mine.data(), mine.size());
+  world_->broadcast(bytes, 0);
+  std::map<std::string, std::string> root;
+  std::vector<std::string> rootOrder;
+  const char* p = reinterpret_cast<const char*>(bytes.data_ptr());
+  const char* end = p + bytes.numel();
+  while (p < end) {
+    std::string name(p);
+    p += name.size() + 1;
+    std::string value(p < end ? p : "");
+    p += value.size() + 1;
+    rootOrder.push_back(name);
+    root[name] = value;
+  }
+  for (const auto& [name, value] : values) {
+    auto it = root.find(name);
+    PARDIT_CHECK(it != root.end(), what, " differ between ranks: rank ", worldRank_, " has ", name,
+                 " and rank 0 does not; every rank must run the same command");
+    PARDIT_CHECK(it->second == value, what, " differ between ranks: ", name, " is '", it->second, "' on rank 0 and '",
+                 value, "' on rank ", worldRank_, "; every rank must run the same command");
+  }
+  for (const auto& name : rootOrder) {
+    const bool here = std::any_of(values.begin(), values.end(), [&](const auto& v) { return v.first == name; });
+    PARDIT_CHECK(here, what, " differ between ranks: rank 0 has ", name, " and rank ", worldRank_,
+                 " does not; every rank must run the same command");
+  }
 }
 
 void Runtime::abortJob(int code) {
@@ -111,9 +158,7 @@ void Runtime::abortJob(int code) {
   if (initialized && !finalized) {
     MPI_Comm_size(MPI_COMM_WORLD, &size);
     if (size > 1) MPI_Abort(MPI_COMM_WORLD, code);
-    MPI_Finalize();
   }
-  std::exit(code);
 }
 
 std::map<std::string, CollectiveStats> Runtime::collectiveTotals() const {
@@ -133,11 +178,10 @@ std::map<std::string, CollectiveStats> Runtime::collectiveTotals() const {
   return totals;
 }
 
-c10::Device deviceForRank(const std::string& device, int localRank) {
+c10::Device deviceForRank(config::DeviceKind device, int localRank) {
   const int gpus = at::hasCUDA() ? static_cast<int>(at::detail::getCUDAHooks().deviceCount()) : 0;
-  if (device == "cpu") return c10::Device(c10::kCPU);
-  if (device == "auto" && gpus == 0) return c10::Device(c10::kCPU);
-  PARDIT_CHECK(device == "auto" || device == "cuda", "--device must be auto, cpu or cuda, got '", device, "'");
+  if (device == config::DeviceKind::kCpu) return c10::Device(c10::kCPU);
+  if (device == config::DeviceKind::kAuto && gpus == 0) return c10::Device(c10::kCPU);
   PARDIT_CHECK(gpus > 0, "--device cuda: no CUDA device is visible to this rank");
   return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(localRank % gpus));
 }

@@ -1,5 +1,7 @@
 #include "pardit/io/safetensors.h"
 
+#include <filesystem>
+
 #include <ATen/ATen.h>
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -304,6 +306,19 @@ void writeSafetensors(const std::string& path, const std::map<std::string, at::T
   for (const auto& [k, v] : metadata) w.addMetadata(k, v);
   for (const auto& [name, t] : tensors) w.add(name, t);
   w.write(path);
+}
+
+void checkOutputPath(const std::string& path, const std::string& flag) {
+  namespace fs = std::filesystem;
+  PARDIT_CHECK(!path.empty(), flag, " needs a file name");
+  const fs::path p(path);
+  std::error_code ec;
+  const auto status = fs::status(p, ec);
+  PARDIT_CHECK(!fs::is_directory(status), flag, " ", path, ": is a directory, expected a file name");
+  PARDIT_CHECK(!fs::exists(status) || fs::is_regular_file(status), flag, " ", path,
+               ": exists and is not a regular file; refusing to replace it");
+  const fs::path dir = p.has_parent_path() ? p.parent_path() : fs::path(".");
+  PARDIT_CHECK(fs::is_directory(dir, ec), flag, " ", path, ": directory ", dir.string(), " does not exist");
 }
 
 }  // namespace pardit::io

@@ -6,55 +6,9 @@
 #include <cstdio>
 
 #include "pardit/core/error.h"
+#include "pardit/core/format.h"
 
 namespace pardit::memory {
-
-uint64_t parseSize(const std::string& text, const std::string& flag) {
-  size_t pos = 0;
-  double value = 0;
-  try {
-    value = std::stod(text, &pos);
-  } catch (const std::exception&) {
-    PARDIT_THROW(flag, " must be a size like 24GiB, 12GB, 512MiB or a byte count, got '", text, "'");
-  }
-  std::string unit = text.substr(pos);
-  for (auto& ch : unit) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-  double mult = 0;
-  if (unit.empty() || unit == "b") mult = 1;
-  else if (unit == "kb") mult = 1e3;
-  else if (unit == "mb") mult = 1e6;
-  else if (unit == "gb") mult = 1e9;
-  else if (unit == "tb") mult = 1e12;
-  else if (unit == "kib") mult = 1024.0;
-  else if (unit == "mib") mult = 1024.0 * 1024;
-  else if (unit == "gib") mult = 1024.0 * 1024 * 1024;
-  else if (unit == "tib") mult = 1024.0 * 1024 * 1024 * 1024;
-  PARDIT_CHECK(mult > 0, flag, ": unknown unit '", text.substr(pos), "' in '", text, "' (use B, KB, MB, GB, KiB, MiB, GiB)");
-  PARDIT_CHECK(value > 0 && std::isfinite(value), flag, " must be positive, got '", text, "'");
-  return static_cast<uint64_t>(value * mult);
-}
-
-std::string formatBytes(uint64_t bytes) {
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), "%.3f GiB", static_cast<double>(bytes) / (1ULL << 30));
-  return buf;
-}
-
-OffloadMode parseOffload(const std::string& text) {
-  if (text == "none") return OffloadMode::kNone;
-  if (text == "auto") return OffloadMode::kAuto;
-  if (text == "sequential") return OffloadMode::kSequential;
-  PARDIT_THROW("--offload must be none, auto or sequential, got '", text, "'");
-}
-
-const char* offloadName(OffloadMode mode) {
-  switch (mode) {
-    case OffloadMode::kNone: return "none";
-    case OffloadMode::kAuto: return "auto";
-    case OffloadMode::kSequential: return "sequential";
-  }
-  return "?";
-}
 
 uint64_t groupBytes(const model::FluxConfig& config, const std::string& group, c10::ScalarType dtype) {
   for (const auto& g : model::fluxWeightGroups(config)) {
@@ -190,11 +144,14 @@ uint64_t autoBudget(bool cuda, int deviceIndex, int ranksOnNode) {
 #if defined(PARDIT_WITH_CUDA)
     size_t f = 0, total = 0;
     int previous = 0;
-    cudaGetDevice(&previous);
-    cudaSetDevice(deviceIndex);
-    PARDIT_CHECK(cudaMemGetInfo(&f, &total) == cudaSuccess, "--device-memory-budget auto: cannot query device ",
-                 deviceIndex);
-    cudaSetDevice(previous);
+    auto check = [&](cudaError_t rc, const char* what) {
+      PARDIT_CHECK(rc == cudaSuccess, "--device-memory-budget auto: ", what, " failed for device ", deviceIndex, ": ",
+                   cudaGetErrorString(rc));
+    };
+    check(cudaGetDevice(&previous), "cudaGetDevice");
+    check(cudaSetDevice(deviceIndex), "cudaSetDevice");
+    check(cudaMemGetInfo(&f, &total), "cudaMemGetInfo");
+    check(cudaSetDevice(previous), "cudaSetDevice");
     free = f;
 #else
     PARDIT_THROW("--device-memory-budget auto: this build has no CUDA");

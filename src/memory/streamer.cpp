@@ -112,13 +112,15 @@ StreamingFluxWeights::Fetched StreamingFluxWeights::fetch(const std::string& gro
     (*tensors)[n] = dst;
     accountant_->add(dst.nbytes());  // counted from the moment it is allocated
   }
-  Fetched f{tensors, bytesOf(*tensors)};
+  Fetched f{tensors, bytesOf(*tensors), {}};
 #if defined(PARDIT_WITH_CUDA)
   if (device_.is_cuda()) {
-    // The compute stream must not read the weights before the copies finished.
-    at::cuda::CUDAEvent done;
-    done.record(c10::cuda::getCurrentCUDAStream(device_.index()));
-    done.synchronize();
+    // The compute stream must not read the weights before the copies finished: it waits on this event
+    // (the host does not).
+    auto done = std::make_shared<at::cuda::CUDAEvent>();
+    done->record(c10::cuda::getCurrentCUDAStream(device_.index()));
+    const auto index = device_.index();
+    f.orderBeforeUse = [done, index] { done->block(c10::cuda::getCurrentCUDAStream(index)); };
   }
 #endif
   return f;
@@ -137,6 +139,7 @@ StreamingFluxWeights::Fetched StreamingFluxWeights::take(const std::string& grou
     }
     f = fetch(group);
   }
+  if (f.orderBeforeUse) f.orderBeforeUse();
 #if defined(PARDIT_WITH_CUDA)
   if (device_.is_cuda()) {
     // Allocated on the copy stream, used on the compute stream: keep the allocator from reusing the memory

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <ctime>
 #include <filesystem>
+#include <unistd.h>
 #include <random>
 #include <sstream>
 
@@ -158,161 +159,184 @@ std::string utcNow(const char* fmt) {
 
 }  // namespace
 
+namespace {
+
+// Every rank's record, gathered: one tensor per quantity with the rank as dim 0.
+struct Gathered {
+  at::Tensor stepSeconds;  // [R, S] double
+  at::Tensor commSeconds;  // [R, S, K] double
+  at::Tensor commBytes;    // [R, S, K] int64
+  at::Tensor loadSeconds, totalSeconds;            // [R] double
+  at::Tensor bytesRead, peakDevice, peakRss;       // [R] int64
+  std::vector<std::string> hosts, devices;
+};
+
+std::vector<std::string> gatherStrings(dist::Communicator& world, const std::string& mine, size_t width) {
+  at::Tensor slot = at::zeros({static_cast<int64_t>(width)}, at::kByte);
+  std::memcpy(slot.data_ptr(), mine.data(), std::min(width - 1, mine.size()));
+  at::Tensor all = dist::allGather(world, slot);
+  std::vector<std::string> out;
+  for (int64_t r = 0; r < all.size(0); ++r) out.emplace_back(reinterpret_cast<const char*>(all[r].data_ptr()));
+  return out;
+}
+
+template <typename T>
+std::vector<T> values(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  return std::vector<T>(c.data_ptr<T>(), c.data_ptr<T>() + c.numel());
+}
+
+std::vector<hsize_t> dimsOf(const at::Tensor& t) {
+  std::vector<hsize_t> d;
+  for (auto s : t.sizes()) d.push_back(static_cast<hsize_t>(s));
+  return d;
+}
+
+void doubles(hid_t loc, const std::string& name, const at::Tensor& t, const std::string& units) {
+  dataset(loc, name, dimsOf(t), values<double>(t.to(at::kDouble)), H5T_NATIVE_DOUBLE, units);
+}
+
+void counts(hid_t loc, const std::string& name, const at::Tensor& t, const std::string& units) {
+  std::vector<uint64_t> v;
+  for (int64_t x : values<int64_t>(t.to(at::kLong))) v.push_back(static_cast<uint64_t>(x));
+  dataset(loc, name, dimsOf(t), v, H5T_NATIVE_UINT64, units);
+}
+
+std::string joined(const std::vector<std::string>& items) {
+  std::string s;
+  for (size_t i = 0; i < items.size(); ++i) s += (i ? "," : "") + items[i];
+  return s;
+}
+
+void writeProvenance(hid_t run, const RunInfo& info, const Gathered& g, const dist::Topology& topo) {
+  std::ostringstream cfg;
+  for (const auto& [k, v] : info.config) cfg << k << " = " << v << "\n";
+  attrString(run, "command", info.command);
+  attrString(run, "pardit_version", PARDIT_VERSION);
+  attrString(run, "git_commit", PARDIT_GIT_COMMIT);
+  attrString(run, "date", utcNow("%Y-%m-%dT%H:%M:%SZ"));
+  attrString(run, "hosts", joined(g.hosts));
+  attrString(run, "devices", joined(g.devices));
+  attrString(run, "libtorch_version", libtorchVersion());
+  attrString(run, "mpi_version", mpiVersion());
+  attrString(run, "nccl_version", ncclVersion());
+  attrString(run, "hdf5_version", hdf5Version());
+  attrString(run, "config", cfg.str());
+  attrString(run, "model", info.model);
+  attrScalar<int32_t>(run, "world_size", static_cast<int32_t>(g.hosts.size()), H5T_NATIVE_INT32);
+  const auto& d = topo.degrees();
+  attrScalar<int32_t>(run, "cfg_degree", d.cfg, H5T_NATIVE_INT32);
+  attrScalar<int32_t>(run, "pipefusion_degree", d.pipefusion, H5T_NATIVE_INT32);
+  attrScalar<int32_t>(run, "ring_degree", d.ring, H5T_NATIVE_INT32);
+  attrScalar<int32_t>(run, "ulysses_degree", d.ulysses, H5T_NATIVE_INT32);
+}
+
+void writeStepData(hid_t run, const Gathered& g) {
+  doubles(run, "step_time", g.stepSeconds, "s");
+  doubles(run, "compute_time", at::clamp_min(g.stepSeconds - g.commSeconds.sum(2), 0.0), "s");
+  H5Id ct(H5Gcreate2(run, "comm_time", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose, "group comm_time");
+  H5Id cb(H5Gcreate2(run, "comm_bytes", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose, "group comm_bytes");
+  for (size_t k = 0; k < collectiveKinds().size(); ++k) {
+    const auto kind = static_cast<int64_t>(k);
+    doubles(ct.id, collectiveKinds()[k], g.commSeconds.select(2, kind), "s");
+    counts(cb.id, collectiveKinds()[k], g.commBytes.select(2, kind), "bytes sent to other ranks");
+  }
+}
+
+void writeRankData(hid_t run, const Gathered& g) {
+  doubles(run, "load_time", g.loadSeconds, "s");
+  counts(run, "bytes_read", g.bytesRead, "bytes");
+  counts(run, "peak_device_memory", g.peakDevice, "bytes (0 on CPU)");
+  counts(run, "peak_host_rss", g.peakRss, "bytes");
+}
+
+// The slowest rank defines each step.
+void writeSummary(hid_t run, const RunInfo& info, const Gathered& g) {
+  const at::Tensor worst = std::get<0>(g.stepSeconds.max(0));  // [S]
+  const int64_t S = worst.numel();
+  const double latency = worst.sum().item<double>();
+  const int64_t counted = std::max<int64_t>(0, S - info.warmupSteps);
+  const double meanAfter = counted > 0 ? worst.narrow(0, S - counted, counted).mean().item<double>() : 0.0;
+  double total = g.totalSeconds.numel() ? g.totalSeconds.max().item<double>() : 0.0;
+  if (total <= 0) total = latency;
+  H5Id sum(H5Gcreate2(run, "summary", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose, "group summary");
+  attrScalar<double>(sum.id, "total_latency_s", total, H5T_NATIVE_DOUBLE);
+  attrScalar<double>(sum.id, "mean_step_time_s", meanAfter, H5T_NATIVE_DOUBLE);
+  attrScalar<double>(sum.id, "images_per_second", total > 0 ? info.images / total : 0.0, H5T_NATIVE_DOUBLE);
+  attrScalar<int32_t>(sum.id, "warmup_steps", info.warmupSteps, H5T_NATIVE_INT32);
+  attrScalar<int32_t>(sum.id, "steps", static_cast<int32_t>(S), H5T_NATIVE_INT32);
+}
+
+// Appends /runs/<id> to `path` through a private temporary copy renamed over it, so an interrupted
+// write never damages earlier runs.
+void appendRun(const std::string& path, const std::string& id, const RunInfo& info, const Gathered& g,
+               const dist::Topology& topo) {
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid()) + "." + id;
+  const bool existing = fs::exists(path);
+  if (existing) fs::copy_file(path, tmp, fs::copy_options::overwrite_existing);
+  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);  // errors become pardit::Error below
+  try {
+    H5Id file(existing ? H5Fopen(tmp.c_str(), H5F_ACC_RDWR, H5P_DEFAULT)
+                       : H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT),
+              H5Fclose, existing ? path + ": not an HDF5 file (--metrics)" : tmp + ": cannot create (--metrics)");
+    if (!existing) {
+      attrString(file.id, "schema", "pardit-metrics");
+      attrScalar<int32_t>(file.id, "schema_version", 1, H5T_NATIVE_INT32);
+    }
+    H5Id runs(openOrCreateGroup(file.id, "runs"), H5Gclose, "group /runs");
+    H5Id run(H5Gcreate2(runs.id, id.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose, "group /runs/" + id);
+    writeProvenance(run.id, info, g, topo);
+    writeStepData(run.id, g);
+    writeRankData(run.id, g);
+    writeSummary(run.id, info, g);
+    PARDIT_CHECK(H5Fflush(file.id, H5F_SCOPE_GLOBAL) >= 0, tmp, ": flush failed");
+  } catch (...) {
+    std::error_code ec;
+    fs::remove(tmp, ec);  // the original file is untouched
+    throw;
+  }
+  fs::rename(tmp, path);
+}
+
+}  // namespace
+
 std::string MetricsRecorder::write(const std::string& path, const RunInfo& info) {
-  const int R = rt_.worldSize(), K = static_cast<int>(collectiveKinds().size());
+  auto& world = rt_.world();
   // Every rank has the same number of steps.
   at::Tensor n = at::full({1}, static_cast<int64_t>(stepSeconds_.size()), at::kLong), nmax = n.clone();
-  rt_.world().allReduce(n, dist::ReduceOp::kMin);
-  rt_.world().allReduce(nmax, dist::ReduceOp::kMax);
+  world.allReduce(n, dist::ReduceOp::kMin);
+  world.allReduce(nmax, dist::ReduceOp::kMax);
   PARDIT_CHECK(n.item<int64_t>() == nmax.item<int64_t>(), "metrics: ranks recorded different step counts");
-  const int64_t S = n.item<int64_t>();
-  // Per rank: [step, comm seconds (S*K), load, total, then as doubles bytes...]; bytes go separately as int64.
-  std::vector<double> mineD;
-  for (int64_t s = 0; s < S; ++s) mineD.push_back(stepSeconds_[s]);
+  const int64_t S = n.item<int64_t>(), K = static_cast<int64_t>(collectiveKinds().size());
+  std::vector<double> commSeconds;
+  std::vector<int64_t> commBytes;
   for (int64_t s = 0; s < S; ++s)
-    for (int k = 0; k < K; ++k) mineD.push_back(commSeconds_[s][k]);
-  mineD.push_back(loadSeconds_);
-  mineD.push_back(totalSeconds_);
-  std::vector<int64_t> mineI;
-  for (int64_t s = 0; s < S; ++s)
-    for (int k = 0; k < K; ++k) mineI.push_back(static_cast<int64_t>(commBytes_[s][k]));
-  mineI.push_back(static_cast<int64_t>(bytesRead_));
-  mineI.push_back(static_cast<int64_t>(peakDevice_));
-  mineI.push_back(static_cast<int64_t>(peakRss_));
-  at::Tensor allD = dist::allGather(rt_.world(), at::tensor(mineD, at::kDouble));
-  at::Tensor allI = dist::allGather(rt_.world(), at::tensor(mineI, at::kLong));
-  // Host names: fixed 64-byte slots.
-  at::Tensor host = at::zeros({64}, at::kByte);
-  std::memcpy(host.data_ptr(), rt_.hostName().data(), std::min<size_t>(63, rt_.hostName().size()));
-  at::Tensor hosts = dist::allGather(rt_.world(), host);
-  at::Tensor dev = at::zeros({32}, at::kByte);
-  std::memcpy(dev.data_ptr(), info.device.data(), std::min<size_t>(31, info.device.size()));
-  at::Tensor devices = dist::allGather(rt_.world(), dev);
+    for (int64_t k = 0; k < K; ++k) {
+      commSeconds.push_back(commSeconds_[s][k]);
+      commBytes.push_back(static_cast<int64_t>(commBytes_[s][k]));
+    }
+  auto gather = [&](at::Tensor t) { return dist::allGather(world, t.contiguous()); };
+  Gathered g;
+  g.stepSeconds = gather(at::tensor(stepSeconds_, at::kDouble).reshape({S}));
+  g.commSeconds = gather(at::tensor(commSeconds, at::kDouble).reshape({S, K}));
+  g.commBytes = gather(at::tensor(commBytes, at::kLong).reshape({S, K}));
+  g.loadSeconds = gather(at::tensor({loadSeconds_}, at::kDouble)).reshape({-1});
+  g.totalSeconds = gather(at::tensor({totalSeconds_}, at::kDouble)).reshape({-1});
+  g.bytesRead = gather(at::tensor({static_cast<int64_t>(bytesRead_)}, at::kLong)).reshape({-1});
+  g.peakDevice = gather(at::tensor({static_cast<int64_t>(peakDevice_)}, at::kLong)).reshape({-1});
+  g.peakRss = gather(at::tensor({static_cast<int64_t>(peakRss_)}, at::kLong)).reshape({-1});
+  g.hosts = gatherStrings(world, rt_.hostName(), 64);
+  g.devices = gatherStrings(world, info.device, 32);
 
   // A run id every rank agrees on (rank 0's).
   at::Tensor rnd = at::full({1}, static_cast<int64_t>(std::random_device{}() & 0xffffff), at::kLong);
-  rt_.world().broadcast(rnd, 0);
+  world.broadcast(rnd, 0);
   char idbuf[64];
   std::snprintf(idbuf, sizeof(idbuf), "%s-%06llx", utcNow("%Y%m%dT%H%M%SZ").c_str(),
                 static_cast<unsigned long long>(rnd.item<int64_t>()));
   const std::string id = idbuf;
-
   rt_.agree([&] {
-    if (rt_.worldRank() != 0) return;
-    const std::string tmp = path + ".tmp";
-    if (fs::exists(path)) {
-      fs::copy_file(path, tmp, fs::copy_options::overwrite_existing);
-    } else {
-      fs::remove(tmp);
-    }
-    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);  // errors become pardit::Error below
-    try {
-      const bool existing = fs::exists(tmp);
-      H5Id file(existing ? H5Fopen(tmp.c_str(), H5F_ACC_RDWR, H5P_DEFAULT)
-                         : H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT),
-                H5Fclose, existing ? path + ": not an HDF5 file (--metrics)" : tmp + ": cannot create (--metrics)");
-      if (!existing) {
-        attrString(file.id, "schema", "pardit-metrics");
-        attrScalar<int32_t>(file.id, "schema_version", 1, H5T_NATIVE_INT32);
-      }
-      H5Id runs(openOrCreateGroup(file.id, "runs"), H5Gclose, "group /runs");
-      H5Id run(H5Gcreate2(runs.id, id.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose, "group /runs/" + id);
-      // Provenance.
-      std::ostringstream cfg, hostList, devList;
-      for (const auto& [k, v] : info.config) cfg << k << " = " << v << "\n";
-      for (int r = 0; r < R; ++r) {
-        hostList << (r ? "," : "") << reinterpret_cast<const char*>(hosts[r].data_ptr());
-        devList << (r ? "," : "") << reinterpret_cast<const char*>(devices[r].data_ptr());
-      }
-      attrString(run.id, "command", info.command);
-      attrString(run.id, "pardit_version", PARDIT_VERSION);
-      attrString(run.id, "git_commit", PARDIT_GIT_COMMIT);
-      attrString(run.id, "date", utcNow("%Y-%m-%dT%H:%M:%SZ"));
-      attrString(run.id, "hosts", hostList.str());
-      attrString(run.id, "devices", devList.str());
-      attrString(run.id, "libtorch_version", libtorchVersion());
-      attrString(run.id, "mpi_version", mpiVersion());
-      attrString(run.id, "nccl_version", ncclVersion());
-      attrString(run.id, "hdf5_version", hdf5Version());
-      attrString(run.id, "config", cfg.str());
-      attrString(run.id, "model", info.model);
-      attrScalar<int32_t>(run.id, "world_size", R, H5T_NATIVE_INT32);
-      const auto& d = rt_.topology().degrees();
-      attrScalar<int32_t>(run.id, "cfg_degree", d.cfg, H5T_NATIVE_INT32);
-      attrScalar<int32_t>(run.id, "pipefusion_degree", d.pipefusion, H5T_NATIVE_INT32);
-      attrScalar<int32_t>(run.id, "ring_degree", d.ring, H5T_NATIVE_INT32);
-      attrScalar<int32_t>(run.id, "ulysses_degree", d.ulysses, H5T_NATIVE_INT32);
-      // Per [rank, step].
-      const int64_t stride = S + S * K + 2, strideI = S * K + 3;
-      const auto* D = allD.data_ptr<double>();
-      const auto* I = allI.data_ptr<int64_t>();
-      std::vector<double> stepTime, computeTime;
-      for (int r = 0; r < R; ++r)
-        for (int64_t s = 0; s < S; ++s) {
-          double comm = 0;
-          for (int k = 0; k < K; ++k) comm += D[r * stride + S + s * K + k];
-          stepTime.push_back(D[r * stride + s]);
-          computeTime.push_back(std::max(0.0, D[r * stride + s] - comm));
-        }
-      const std::vector<hsize_t> rs{static_cast<hsize_t>(R), static_cast<hsize_t>(S)};
-      dataset(run.id, "step_time", rs, stepTime, H5T_NATIVE_DOUBLE, "s");
-      dataset(run.id, "compute_time", rs, computeTime, H5T_NATIVE_DOUBLE, "s");
-      H5Id ct(H5Gcreate2(run.id, "comm_time", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose, "group comm_time");
-      H5Id cb(H5Gcreate2(run.id, "comm_bytes", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose, "group comm_bytes");
-      for (int k = 0; k < K; ++k) {
-        std::vector<double> t;
-        std::vector<uint64_t> b;
-        for (int r = 0; r < R; ++r)
-          for (int64_t s = 0; s < S; ++s) {
-            t.push_back(D[r * stride + S + s * K + k]);
-            b.push_back(static_cast<uint64_t>(I[r * strideI + s * K + k]));
-          }
-        dataset(ct.id, collectiveKinds()[k], rs, t, H5T_NATIVE_DOUBLE, "s");
-        dataset(cb.id, collectiveKinds()[k], rs, b, H5T_NATIVE_UINT64, "bytes sent to other ranks");
-      }
-      // Per rank.
-      std::vector<double> load, total;
-      std::vector<uint64_t> bytesRead, peakDev, peakRss;
-      for (int r = 0; r < R; ++r) {
-        load.push_back(D[r * stride + S + S * K]);
-        total.push_back(D[r * stride + S + S * K + 1]);
-        bytesRead.push_back(static_cast<uint64_t>(I[r * strideI + S * K]));
-        peakDev.push_back(static_cast<uint64_t>(I[r * strideI + S * K + 1]));
-        peakRss.push_back(static_cast<uint64_t>(I[r * strideI + S * K + 2]));
-      }
-      const std::vector<hsize_t> rdim{static_cast<hsize_t>(R)};
-      dataset(run.id, "load_time", rdim, load, H5T_NATIVE_DOUBLE, "s");
-      dataset(run.id, "bytes_read", rdim, bytesRead, H5T_NATIVE_UINT64, "bytes");
-      dataset(run.id, "peak_device_memory", rdim, peakDev, H5T_NATIVE_UINT64, "bytes (0 on CPU)");
-      dataset(run.id, "peak_host_rss", rdim, peakRss, H5T_NATIVE_UINT64, "bytes");
-      // Summary: the slowest rank defines each step.
-      double latency = 0, meanAfter = 0;
-      int counted = 0;
-      for (int64_t s = 0; s < S; ++s) {
-        double worst = 0;
-        for (int r = 0; r < R; ++r) worst = std::max(worst, stepTime[r * S + s]);
-        latency += worst;
-        if (s >= info.warmupSteps) {
-          meanAfter += worst;
-          ++counted;
-        }
-      }
-      double totalMax = 0;
-      for (double t : total) totalMax = std::max(totalMax, t);
-      if (totalMax <= 0) totalMax = latency;
-      H5Id sum(H5Gcreate2(run.id, "summary", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose, "group summary");
-      attrScalar<double>(sum.id, "total_latency_s", totalMax, H5T_NATIVE_DOUBLE);
-      attrScalar<double>(sum.id, "mean_step_time_s", counted ? meanAfter / counted : 0.0, H5T_NATIVE_DOUBLE);
-      attrScalar<double>(sum.id, "images_per_second", totalMax > 0 ? info.images / totalMax : 0.0, H5T_NATIVE_DOUBLE);
-      attrScalar<int32_t>(sum.id, "warmup_steps", info.warmupSteps, H5T_NATIVE_INT32);
-      attrScalar<int32_t>(sum.id, "steps", static_cast<int32_t>(S), H5T_NATIVE_INT32);
-      PARDIT_CHECK(H5Fflush(file.id, H5F_SCOPE_GLOBAL) >= 0, tmp, ": flush failed");
-    } catch (...) {
-      std::error_code ec;
-      fs::remove(tmp, ec);  // the original file is untouched
-      throw;
-    }
-    fs::rename(tmp, path);
+    if (rt_.worldRank() == 0) appendRun(path, id, info, g, rt_.topology());
   });
   return id;
 }

@@ -122,6 +122,15 @@ std::shared_ptr<const FinalLayerWeights> ResidentFluxWeights::finalLayer() {
 
 // ------------------------------------------------------------------------------------------------
 
+at::Tensor imagePositionIds(int64_t rows, int64_t cols) {
+  at::Tensor ids = at::zeros({rows, cols, 3}, at::TensorOptions().dtype(at::kFloat));
+  ids.select(2, 1).add_(at::arange(rows, at::TensorOptions().dtype(at::kFloat)).unsqueeze(1));
+  ids.select(2, 2).add_(at::arange(cols, at::TensorOptions().dtype(at::kFloat)).unsqueeze(0));
+  return ids.reshape({rows * cols, 3});
+}
+
+at::Tensor textPositionIds(int64_t textLen) { return at::zeros({textLen, 3}, at::TensorOptions().dtype(at::kFloat)); }
+
 std::pair<at::Tensor, at::Tensor> ropeTables(const at::Tensor& ids, const std::vector<int64_t>& axesDim,
                                              double theta) {
   PARDIT_CHECK(ids.dim() == 2 && ids.size(1) == static_cast<int64_t>(axesDim.size()),

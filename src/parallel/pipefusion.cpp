@@ -8,7 +8,6 @@
 
 #include "pardit/core/error.h"
 #include "pardit/core/timer.h"
-#include "pardit/pipeline/latents.h"
 
 namespace pardit::parallel {
 
@@ -42,7 +41,7 @@ std::string StagePartition::describe(const model::FluxConfig& c) const {
 }
 
 namespace {
-uint64_t groupBytes(const model::WeightGroupSpec& g) {
+uint64_t groupElements(const model::WeightGroupSpec& g) {
   uint64_t n = 0;
   for (const auto& t : g.tensors) {
     uint64_t e = 1;
@@ -53,24 +52,24 @@ uint64_t groupBytes(const model::WeightGroupSpec& g) {
 }
 }  // namespace
 
-StagePartition partitionStages(const model::FluxConfig& c, int stages, const std::string& mode) {
+StagePartition partitionStages(const model::FluxConfig& c, int stages, const config::Partition& mode) {
   const int64_t total = c.depth + c.depthSingle;
   PARDIT_CHECK(stages >= 1 && stages <= total, "--pipefusion-degree ", stages, " must be between 1 and the ", total,
                " transformer blocks");
   std::vector<int64_t> counts;
-  if (mode == "compute") {
+  if (mode.mode == config::Partition::Mode::kCompute) {
     // Double and single blocks cost the same per token, so equal counts balance the compute.
     for (int s = 0; s < stages; ++s) counts.push_back(total / stages + (s < total % stages ? 1 : 0));
-  } else if (mode == "memory") {
-    // Contiguous split minimising the largest stage's weight bytes (dynamic programming).
+  } else if (mode.mode == config::Partition::Mode::kMemory) {
+    // Contiguous split minimising the largest stage's weight (dynamic programming).
     std::vector<uint64_t> bytes;
     const auto groups = model::fluxWeightGroups(c);
     for (const auto& g : groups)
-      if (g.name.rfind("double_blocks.", 0) == 0 || g.name.rfind("single_blocks.", 0) == 0) bytes.push_back(groupBytes(g));
+      if (g.name.rfind("double_blocks.", 0) == 0 || g.name.rfind("single_blocks.", 0) == 0) bytes.push_back(groupElements(g));
     uint64_t inputBytes = 0, finalBytes = 0;
     for (const auto& g : groups) {
-      if (g.name == "input_embedders") inputBytes = groupBytes(g);
-      if (g.name == "final_layer") finalBytes = groupBytes(g);
+      if (g.name == "input_embedders") inputBytes = groupElements(g);
+      if (g.name == "final_layer") finalBytes = groupElements(g);
     }
     const auto N = static_cast<size_t>(total);
     std::vector<uint64_t> prefix(N + 1, 0);
@@ -99,17 +98,7 @@ StagePartition partitionStages(const model::FluxConfig& c, int stages, const std
       j = cut[s][j];
     }
   } else {
-    std::stringstream ss(mode);
-    std::string item;
-    while (std::getline(ss, item, ',')) {
-      try {
-        size_t used = 0;
-        counts.push_back(std::stoll(item, &used));
-        PARDIT_CHECK(used == item.size(), "");
-      } catch (const std::exception&) {
-        PARDIT_THROW("--pp-partition must be compute, memory or a list of block counts like 10,10,9,9; got '", mode, "'");
-      }
-    }
+    counts = mode.counts;
     PARDIT_CHECK(static_cast<int>(counts.size()) == stages, "--pp-partition lists ", counts.size(),
                  " stages but --pipefusion-degree is ", stages);
     int64_t sum = 0;
@@ -187,29 +176,27 @@ uint64_t KvBuffers::bytes() const {
 // ---- runner -----------------------------------------------------------------------------------------
 
 PipeFusionRunner::PipeFusionRunner(std::shared_ptr<model::FluxTransformer> transformer,
-                                   std::shared_ptr<UspAttention> usp, StagePartition partition, int stage,
-                                   PatchLayout layout, PipeFusionComms comms, c10::Device device)
+                                   std::shared_ptr<UspAttention> usp, PipeFusionOptions options, PipeFusionComms comms)
     : transformer_(std::move(transformer)),
       usp_(std::move(usp)),
-      kv_(std::make_shared<KvBuffers>(usp_->ulyssesDegree(), layout.patches)),
-      partition_(std::move(partition)),
-      stage_(stage),
-      layout_(layout),
-      comms_(comms),
-      device_(device) {
+      kv_(std::make_shared<KvBuffers>(usp_->ulyssesDegree(), options.layout.patches)),
+      options_(std::move(options)),
+      comms_(comms) {
   PARDIT_CHECK(comms_.pipeline && comms_.sequence, "PipeFusion needs its pipeline and sequence groups");
-  PARDIT_CHECK(partition_.stages() == comms_.pipeline->size(), "PipeFusion: ", partition_.stages(),
+  PARDIT_CHECK(options_.partition.stages() == comms_.pipeline->size(), "PipeFusion: ", options_.partition.stages(),
                " stages for a pipeline group of ", comms_.pipeline->size());
-  layout_.check();
+  options_.layout.check();
   usp_->setTextMode(TextMode::kReplicated);
   usp_->setKvCache(kv_);
 }
 
 at::Tensor PipeFusionRunner::recvTensor(std::vector<int64_t> shape, int from) {
-  at::Tensor t = at::empty(shape, at::TensorOptions().dtype(transformer_->dtype()).device(device_));
+  at::Tensor t = at::empty(shape, at::TensorOptions().dtype(transformer_->dtype()).device(options_.device));
   Timer timer;
   comms_.pipeline->recv(t, from);
-  stats_.waitSeconds += timer.seconds();
+  const double waited = timer.seconds();
+  stats_.waitSeconds += waited;
+  if (!stats_.stepWaitSeconds.empty()) stats_.stepWaitSeconds.back() += waited;
   return t;
 }
 
@@ -217,14 +204,21 @@ void PipeFusionRunner::sendTensor(const at::Tensor& t, int to) {
   pendingSends_.push_back(comms_.pipeline->isend(t.contiguous(), to));
 }
 
+void PipeFusionRunner::completeSends() {
+  // Sends are complete before their buffers could be reused.
+  for (auto& w : pendingSends_) w->wait();
+  pendingSends_.clear();
+}
+
 at::Tensor PipeFusionRunner::localToFull(const at::Tensor& local) const {
+  const auto& layout = options_.layout;
   const int N = comms_.sequence->size();
-  const int64_t L = layout_.rows * layout_.cols;
+  const int64_t L = layout.rows * layout.cols;
   at::Tensor full = at::empty({local.size(0), L, local.size(2)}, local.options());
-  if (N == 1) return full.index_copy_(1, layout_.localTokenIndex().to(local.device()), local);
+  if (N == 1) return full.index_copy_(1, layout.localTokenIndex().to(local.device()), local);
   at::Tensor all = dist::allGather(*comms_.sequence, local.contiguous());  // [N, B, Lloc, C]
   for (int r = 0; r < N; ++r) {
-    PatchLayout lr = layout_;
+    PatchLayout lr = layout;
     lr.spRank = r;
     full.index_copy_(1, lr.localTokenIndex().to(local.device()), all[r]);
   }
@@ -232,169 +226,149 @@ at::Tensor PipeFusionRunner::localToFull(const at::Tensor& local) const {
 }
 
 PipeFusionRunner::Activations PipeFusionRunner::runStage(const Activations& in, const model::FluxInputs& x) const {
-  const auto& c = transformer_->config();
-  const model::FluxConfig& cfg = c;
+  const model::FluxConfig& mc = transformer_->config();
   const model::FluxConditioning cond = transformer_->conditioning(x);
   // Without text activations (later patches of a step) the blocks run on the image rows only.
   at::Tensor img = in.img, txt = in.txt;
-  const int64_t T = txt.defined() ? txt.size(1) : 0, b0 = partition_.begin(stage_), b1 = partition_.end(stage_);
-  for (int64_t b = b0; b < std::min(b1, cfg.depth); ++b) transformer_->doubleBlock(b, img, txt, cond);
-  if (b1 > cfg.depth) {
+  const int stage = options_.stage;
+  const int64_t T = txt.defined() ? txt.size(1) : 0;
+  const int64_t b0 = options_.partition.begin(stage), b1 = options_.partition.end(stage);
+  for (int64_t b = b0; b < std::min(b1, mc.depth); ++b) transformer_->doubleBlock(b, img, txt, cond);
+  if (b1 > mc.depth) {
     at::Tensor xs = T > 0 ? at::cat({txt, img}, 1) : img;
-    for (int64_t b = std::max(b0, cfg.depth); b < b1; ++b) xs = transformer_->singleBlock(b - cfg.depth, xs, T, cond);
+    for (int64_t b = std::max(b0, mc.depth); b < b1; ++b) xs = transformer_->singleBlock(b - mc.depth, xs, T, cond);
     if (T > 0) txt = xs.narrow(1, 0, T);
     img = xs.narrow(1, T, xs.size(1) - T);
   }
-  if (stage_ == partition_.stages() - 1) img = transformer_->finalLayer(img, cond);
+  if (lastStage()) img = transformer_->finalLayer(img, cond);
   return {txt, img};
 }
 
-at::Tensor PipeFusionRunner::denoise(const at::Tensor& latents, const pipeline::PromptEmbeddings& branch,
-                                     const std::optional<pipeline::PromptEmbeddings>& negative, double trueCfgScale,
-                                     const pipeline::FlowMatchEulerScheduler& scheduler, bool withGuidance,
-                                     double guidanceScale, int warmupSteps,
-                                     const std::function<void(const pipeline::StepReport&)>& onStep) {
-  Timer total;
+PipeFusionRunner::Activations PipeFusionRunner::embed(const model::FluxInputs& cond, const at::Tensor& latents,
+                                                      bool withText) const {
+  const int64_t repeat = cond.txt.size(0) / latents.size(0);
+  const at::Tensor img = repeat == 1 ? latents : latents.repeat({repeat, 1, 1});
+  return {withText ? transformer_->embedText(cond.txt) : at::Tensor(), transformer_->embedImage(img)};
+}
+
+void PipeFusionRunner::begin(const at::Tensor& latents) {
+  const auto& layout = options_.layout;
+  const at::Tensor index = layout.localTokenIndex();
+  latents_ = latents.index_select(1, index.to(latents.device())).to(options_.device);  // [B, Lloc, C]
+  imageIds_ = model::imagePositionIds(layout.rows, layout.cols).index_select(0, index).to(options_.device);
+  previous_ = SentBack::kNothing;
   stats_ = {};
-  const int P = comms_.pipeline->size(), s = stage_, next = (s + 1) % P, prev = (s + P - 1) % P;
-  const bool first = s == 0, last = s == P - 1;
-  const int steps = scheduler.steps(), M = layout_.patches;
-  const int W = std::min(warmupSteps, steps);
-  PARDIT_CHECK(W >= 1 || M == 1, "PipeFusion with --num-pipeline-patch ", M, " needs --warmup-steps >= 1");
-  const int64_t B = latents.size(0), C = latents.size(2), h = transformer_->config().hiddenSize;
-  const int64_t Lloc = layout_.localTokens(), Tp = layout_.patchTokens();
-  // True CFG on this pipeline: both branches travel together as a batch of 2B.
-  const bool paired = negative.has_value() && trueCfgScale > 1.0 && comms_.cfg == nullptr;
-  pipeline::PromptEmbeddings emb = branch;
-  if (paired) {
-    PARDIT_CHECK(negative->promptEmbeds.size(1) == branch.promptEmbeds.size(1),
-                 "PipeFusion runs both true-CFG branches as one batch: the prompt and negative prompt embeddings "
-                 "need the same token count (", branch.promptEmbeds.size(1), " vs ", negative->promptEmbeds.size(1), ")");
-    emb.promptEmbeds = at::cat({branch.promptEmbeds, negative->promptEmbeds}, 0);
-    emb.pooled = at::cat({branch.pooled, negative->pooled}, 0);
+}
+
+void PipeFusionRunner::step(const PipeFusionStep& s) {
+  PARDIT_CHECK(latents_.defined(), "PipeFusion: step() before begin()");
+  const int64_t B = latents_.size(0), Bm = s.conditioning.txt.size(0);
+  PARDIT_CHECK(Bm % B == 0, "PipeFusion: model batch ", Bm, " is not a multiple of the latents' batch ", B);
+  PARDIT_CHECK(s.synchronous || options_.layout.patches == 1 || kv_->bytes() > 0, "PipeFusion with --num-pipeline-patch ",
+               options_.layout.patches, " needs a synchronous step first (--warmup-steps >= 1) to fill its K/V buffers");
+  stats_.stepWaitSeconds.push_back(0.0);
+  model::FluxInputs x = s.conditioning;
+  if (s.synchronous || options_.layout.patches == 1) {
+    stepSynchronous(s, std::move(x));
+  } else {
+    stepPatches(s, std::move(x));
   }
-  const int64_t Bm = emb.promptEmbeds.size(0), T = emb.promptEmbeds.size(1);
-  auto dup = [&](const at::Tensor& x) { return paired ? at::cat({x, x}, 0) : x; };
-  // The velocity of this rank's tokens, after CFG.
-  auto combine = [&](const at::Tensor& v) {
-    if (paired) return pipeline::combineTrueCfg(v.narrow(0, 0, B), v.narrow(0, B, B), trueCfgScale);
-    if (comms_.cfg) {
-      at::Tensor both = dist::allGather(*comms_.cfg, v.contiguous());
-      return pipeline::combineTrueCfg(both[0], both[1], trueCfgScale);
-    }
-    return v;
-  };
+  completeSends();
+}
 
-  const at::Tensor index = layout_.localTokenIndex();
-  at::Tensor X = latents.index_select(1, index.to(latents.device())).to(device_);  // [B, Lloc, C]
-  const at::Tensor idsLocal = pipeline::imageIds({layout_.rows * 16, layout_.cols * 16, C / 4}).index_select(0, index).to(device_);
-  const at::Tensor txtIds = pipeline::textIds(T).to(device_);
-  const auto f32 = at::TensorOptions().dtype(at::kFloat).device(device_);
-  at::Tensor guidance;
-  if (withGuidance) guidance = at::full({1}, guidanceScale, f32).expand({Bm});
-  model::FluxInputs x;
-  x.pooled = emb.pooled;
-  x.guidance = guidance;
-  x.txtIds = txtIds;
+void PipeFusionRunner::stepSynchronous(const PipeFusionStep& s, model::FluxInputs x) {
+  const int64_t B = latents_.size(0), C = latents_.size(2), Bm = x.txt.size(0), T = x.txt.size(1);
+  const int64_t h = transformer_->config().hiddenSize, Lloc = options_.layout.localTokens();
+  kv_->setFull();
+  x.txtIds = model::textPositionIds(T).to(options_.device);
+  x.imgIds = imageIds_;
+  Activations in;
+  if (firstStage()) {
+    if (previous_ == SentBack::kAll) latents_ = recvTensor({B, Lloc, C}, previousStage());
+    in = embed(x, latents_, /*withText=*/true);
+  } else {
+    in.txt = recvTensor({Bm, T, h}, previousStage());
+    in.img = recvTensor({Bm, Lloc, h}, previousStage());
+  }
+  Activations out = runStage(in, x);
+  if (!lastStage()) {
+    sendTensor(out.txt, nextStage());
+    sendTensor(out.img, nextStage());
+  } else {
+    latents_ = s.update(out.img, latents_);
+    if (s.sendBack && comms_.pipeline->size() > 1) sendTensor(latents_, nextStage());
+  }
+  previous_ = s.sendBack && comms_.pipeline->size() > 1 ? SentBack::kAll : SentBack::kNothing;
+}
 
-  for (int i = 0; i < steps; ++i) {
-    Timer stepTimer;
-    const double waitBefore = stats_.waitSeconds;
-    x.timestep = at::full({1}, scheduler.timesteps()[i], f32).expand({Bm}).to(X.scalar_type()) / 1000;
-    const bool sendBack = P > 1 && i + 1 < steps;
-    if (i < W || M == 1) {
-      // Synchronous step over all local tokens: fresh K/V everywhere.
-      kv_->setFull();
-      x.txtIds = txtIds;
-      x.imgIds = idsLocal;
-      x.img = X;
-      Activations in;
-      if (first) {
-        if (i > 0 && P > 1) X = recvTensor({B, Lloc, C}, prev);
-        in = {transformer_->embedText(emb.promptEmbeds), transformer_->embedImage(dup(X))};
-      } else {
-        in.txt = recvTensor({Bm, T, h}, prev);
-        in.img = recvTensor({Bm, Lloc, h}, prev);
-      }
-      Activations out = runStage(in, x);
-      if (!last) {
-        sendTensor(out.txt, next);
-        sendTensor(out.img, next);
-      } else {
-        X = scheduler.step(combine(out.img), i, X);
-        if (sendBack) sendTensor(X, next);
-      }
+void PipeFusionRunner::stepPatches(const PipeFusionStep& s, model::FluxInputs x) {
+  const int64_t B = latents_.size(0), C = latents_.size(2), Bm = x.txt.size(0), T = x.txt.size(1);
+  const int64_t h = transformer_->config().hiddenSize, Tp = options_.layout.patchTokens();
+  const int M = options_.layout.patches;
+  const at::Tensor txtIds = model::textPositionIds(T).to(options_.device);
+  at::Tensor txtIn;
+  for (int p = 0; p < M; ++p) {
+    kv_->setPatch(p);
+    at::Tensor patch = latents_.narrow(1, p * Tp, Tp);
+    x.imgIds = imageIds_.narrow(0, p * Tp, Tp);
+    x.txtIds = p == 0 ? txtIds : txtIds.narrow(0, 0, 0);  // RoPE rows: [text ; patch] or the patch alone
+    Activations in;
+    if (firstStage()) {
+      if (previous_ == SentBack::kAll && p == 0) latents_.copy_(recvTensor({B, latents_.size(1), C}, previousStage()));
+      if (previous_ == SentBack::kPatches) patch.copy_(recvTensor({B, Tp, C}, previousStage()));
+      // The text passes the stages with the first patch only; later patches reuse its K/V.
+      in = embed(x, patch, /*withText=*/p == 0);
     } else {
-      at::Tensor txtIn;
-      for (int p = 0; p < M; ++p) {
-        kv_->setPatch(p);
-        x.imgIds = idsLocal.narrow(0, p * Tp, Tp);
-        x.txtIds = p == 0 ? txtIds : txtIds.narrow(0, 0, 0);  // RoPE rows: [text ; patch] or the patch alone
-        x.img = X.narrow(1, p * Tp, Tp);
-        Activations in;
-        if (first) {
-          if (P > 1 && i == W && p == 0 && W > 0) X = recvTensor({B, Lloc, C}, prev);  // the last warm-up step
-          if (P > 1 && i > W) X.narrow(1, p * Tp, Tp).copy_(recvTensor({B, Tp, C}, prev));
-          // The text passes the stages with the first patch only; later patches reuse its K/V.
-          in = {p == 0 ? transformer_->embedText(emb.promptEmbeds) : at::Tensor(),
-                transformer_->embedImage(dup(X.narrow(1, p * Tp, Tp)))};
-        } else {
-          // Text activations come once per step, with patch 0.
-          if (p == 0) txtIn = recvTensor({Bm, T, h}, prev);
-          in = {p == 0 ? txtIn : at::Tensor(), recvTensor({Bm, Tp, h}, prev)};
-        }
-        Activations out = runStage(in, x);
-        if (!last) {
-          if (p == 0) sendTensor(out.txt, next);
-          sendTensor(out.img, next);
-        } else {
-          at::Tensor stepped = scheduler.step(combine(out.img), i, X.narrow(1, p * Tp, Tp));
-          X.narrow(1, p * Tp, Tp).copy_(stepped);
-          if (sendBack) sendTensor(stepped, next);
-        }
-      }
+      if (p == 0) txtIn = recvTensor({Bm, T, h}, previousStage());
+      in = {p == 0 ? txtIn : at::Tensor(), recvTensor({Bm, Tp, h}, previousStage())};
     }
-    // Sends are complete before their buffers could be reused by the next step.
-    for (auto& w : pendingSends_) w->wait();
-    pendingSends_.clear();
-    stats_.stepSeconds.push_back(stepTimer.seconds());
-    stats_.stepWaitSeconds.push_back(stats_.waitSeconds - waitBefore);
-    if (onStep) onStep(pipeline::StepReport{i, steps, stats_.stepSeconds.back()});
+    Activations out = runStage(in, x);
+    if (!lastStage()) {
+      if (p == 0) sendTensor(out.txt, nextStage());
+      sendTensor(out.img, nextStage());
+    } else {
+      patch.copy_(s.update(out.img, patch));
+      if (s.sendBack && comms_.pipeline->size() > 1) sendTensor(patch.clone(), nextStage());
+    }
   }
+  previous_ = s.sendBack && comms_.pipeline->size() > 1 ? SentBack::kPatches : SentBack::kNothing;
+}
+
+at::Tensor PipeFusionRunner::finish() {
   // The last stage holds the result; every rank of the pipeline gets the full latents.
-  at::Tensor full = at::empty({B, layout_.rows * layout_.cols, C}, X.options());
-  if (last) full = localToFull(X);
-  comms_.pipeline->broadcast(full, P - 1);
-  stats_.seconds = total.seconds();
+  const auto& layout = options_.layout;
+  at::Tensor full = at::empty({latents_.size(0), layout.rows * layout.cols, latents_.size(2)}, latents_.options());
+  if (lastStage()) full = localToFull(latents_);
+  comms_.pipeline->broadcast(full, comms_.pipeline->size() - 1);
+  latents_ = at::Tensor();
   return full;
 }
 
 at::Tensor PipeFusionRunner::forward(const model::FluxInputs& in) {
-  const int P = comms_.pipeline->size(), s = stage_, next = (s + 1) % P, prev = (s + P - 1) % P;
+  const auto& layout = options_.layout;
   const int64_t B = in.img.size(0), C = transformer_->config().outChannels, h = transformer_->config().hiddenSize;
-  const int64_t T = in.txt.size(1), Lloc = layout_.localTokens();
-  const at::Tensor index = layout_.localTokenIndex().to(in.img.device());
+  const int64_t T = in.txt.size(1), Lloc = layout.localTokens();
+  const at::Tensor index = layout.localTokenIndex().to(in.img.device());
   kv_->setFull();
   model::FluxInputs x = in;
   x.img = in.img.index_select(1, index);
   x.imgIds = in.imgIds.index_select(0, index);
   Activations a;
-  if (s == 0) {
+  if (firstStage()) {
     a = {transformer_->embedText(in.txt), transformer_->embedImage(x.img)};
   } else {
-    a.txt = recvTensor({B, T, h}, prev);
-    a.img = recvTensor({B, Lloc, h}, prev);
+    a.txt = recvTensor({B, T, h}, previousStage());
+    a.img = recvTensor({B, Lloc, h}, previousStage());
   }
   Activations out = runStage(a, x);
-  if (s != P - 1) {
-    sendTensor(out.txt, next);
-    sendTensor(out.img, next);
+  if (!lastStage()) {
+    sendTensor(out.txt, nextStage());
+    sendTensor(out.img, nextStage());
   }
-  for (auto& w : pendingSends_) w->wait();
-  pendingSends_.clear();
-  at::Tensor full = at::empty({B, layout_.rows * layout_.cols, C}, out.img.options());
-  if (s == P - 1) full = localToFull(out.img);
-  comms_.pipeline->broadcast(full, P - 1);
+  completeSends();
+  at::Tensor full = at::empty({B, layout.rows * layout.cols, C}, out.img.options());
+  if (lastStage()) full = localToFull(out.img);
+  comms_.pipeline->broadcast(full, comms_.pipeline->size() - 1);
   return full;
 }
 

@@ -1,86 +1,362 @@
 #include "pardit/pipeline/engine.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Context.h>
-#include <ATen/detail/CUDAHooksInterface.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
 
-#include <filesystem>
-#include <fstream>
-#include <nlohmann/json.hpp>
+#include <algorithm>
+#include <map>
+#include <numeric>
+#include <optional>
 
 #include "pardit/core/dtype.h"
 #include "pardit/core/error.h"
+#include "pardit/core/format.h"
+#include "pardit/core/log.h"
+#include "pardit/core/sysinfo.h"
 #include "pardit/core/timer.h"
-
-namespace fs = std::filesystem;
+#include "pardit/dist/runtime.h"
+#include "pardit/io/checkpoint.h"
+#include "pardit/io/safetensors.h"
+#include "pardit/io/synth.h"
+#include "pardit/memory/streamer.h"
+#include "pardit/metrics/metrics.h"
+#include "pardit/pipeline/inputs.h"
+#include "pardit/pipeline/latents.h"
+#include "pardit/pipeline/loading.h"
+#include "engine_impl.h"
+#include "rank_setup.h"
 
 namespace pardit::pipeline {
 
-c10::Device resolveDevice(const std::string& device) {
-  const bool cuda = at::hasCUDA() && at::detail::getCUDAHooks().deviceCount() > 0;
-  if (device == "auto") return cuda ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU);
-  if (device == "cpu") return c10::Device(c10::kCPU);
-  if (device == "cuda") {
-    PARDIT_CHECK(cuda, "--device cuda: no CUDA device is available to this process");
-    return c10::Device(c10::kCUDA, 0);
-  }
-  PARDIT_THROW("--device must be auto, cpu or cuda, got '", device, "'");
+using detail::PipeFusionLayout;
+
+GenerateRequest GenerateRequest::fromConfig(const config::EngineConfig& c) {
+  GenerateRequest r;
+  r.prompt.embeddingsFile = c.promptEmbeds;
+  r.negativePrompt.embeddingsFile = c.negativePromptEmbeds;
+  r.height = c.height;
+  r.width = c.width;
+  r.steps = c.steps;
+  r.guidanceScale = c.guidanceScale;
+  r.trueCfgScale = c.trueCfgScale;
+  r.seed = c.seed;
+  r.schedule = c.schedule;
+  r.saveLatents = c.saveLatents;
+  return r;
 }
 
-c10::ScalarType resolveDtype(const std::string& dtype, const c10::Device& device) {
-  if (dtype == "auto") return device.is_cuda() ? c10::kBFloat16 : c10::kFloat;
-  try {
-    return parseDtype(dtype);
-  } catch (const Error& e) {
-    PARDIT_THROW("--dtype: ", e.message());
-  }
+Engine::Engine(config::EngineConfig options, dist::Runtime& runtime)
+    : impl_(std::make_unique<Impl>(std::move(options), runtime)) {
+  impl_->open();
 }
 
-LoadedFlux loadFlux(const std::string& modelPath, c10::ScalarType dtype, const c10::Device& device,
-                    std::shared_ptr<model::AttentionBackend> attention) {
-  PARDIT_CHECK(!modelPath.empty(), "--model is required (a diffusers directory or a BFL .safetensors file)");
-  Timer timer;
-  LoadedFlux out;
-  out.checkpoint = std::make_shared<io::FluxCheckpoint>(io::FluxCheckpoint::open(modelPath));
-  out.device = device;
-  out.dtype = dtype;
-  auto weights = std::make_shared<model::ResidentFluxWeights>(out.checkpoint->config(),
-                                                              out.checkpoint->getter(dtype, device));
-  if (!attention) attention = std::make_shared<model::LocalAttention>();
-  out.transformer = std::make_shared<model::FluxTransformer>(out.checkpoint->config(), weights, attention);
-  out.loadSeconds = timer.seconds();
-  out.bytesRead = out.checkpoint->bytesRead();
-  return out;
-}
+Engine::~Engine() = default;
 
-SchedulerConfig resolveSchedule(const std::string& schedule, const io::FluxCheckpoint& ck) {
-  if (schedule == "shift") return SchedulerConfig::dev();
-  if (schedule == "plain") return SchedulerConfig::schnell();
-  PARDIT_CHECK(schedule == "auto", "--schedule must be auto, shift or plain, got '", schedule, "'");
-  if (ck.layout() == io::CheckpointLayout::kDiffusers) {
-    // <root>/transformer/... -> <root>/scheduler/scheduler_config.json
-    const fs::path tdir = fs::path(ck.files().front()->path()).parent_path();
-    const fs::path cfg = tdir.parent_path() / "scheduler" / "scheduler_config.json";
-    if (fs::exists(cfg)) {
-      std::ifstream in(cfg);
-      nlohmann::json j;
-      try {
-        j = nlohmann::json::parse(in);
-      } catch (const nlohmann::json::exception& e) {
-        PARDIT_THROW(cfg.string(), ": not valid JSON: ", e.what());
-      }
-      SchedulerConfig s;
-      s.dynamicShift = j.value("use_dynamic_shifting", false);
-      s.shift = j.value("shift", 1.0);
-      s.baseShift = j.value("base_shift", 0.5);
-      s.maxShift = j.value("max_shift", 1.15);
-      s.baseSeqLen = j.value("base_image_seq_len", int64_t{256});
-      s.maxSeqLen = j.value("max_image_seq_len", int64_t{4096});
-      s.numTrainTimesteps = j.value("num_train_timesteps", int64_t{1000});
-      return s;
+const config::EngineConfig& Engine::options() const { return impl_->options; }
+const model::FluxConfig& Engine::modelConfig() const { return impl_->config; }
+const std::string& Engine::modelName() const { return impl_->modelName; }
+c10::Device Engine::device() const { return impl_->device; }
+c10::ScalarType Engine::dtype() const { return impl_->dtype; }
+
+void Engine::Impl::open() {
+  degrees = detail::degreesOf(options);
+  rt.agree([&] {
+    rt.checkSame(config::syncedOptions(options), "options");
+    dist::Topology::validate(degrees, rt.worldSize());
+    device = dist::deviceForRank(options.device, rt.localRank());
+    dtype = resolveDtype(options.dtype, device);
+    if (!options.model.empty()) {
+      checkpoint.emplace(io::FluxCheckpoint::open(options.model));
+      config = checkpoint->config();
+      modelName = options.model;
+      const io::FluxCheckpoint* ck = &*checkpoint;
+      read = [ck](const std::string& n, c10::ScalarType t, c10::Device d) { return ck->load(n, t, d); };
+    } else {
+      PARDIT_CHECK(!options.preset.empty(), "--model is required (or --preset for an in-memory model)");
+      config = model::FluxConfig::preset(options.preset);
+      modelName = "preset:" + options.preset;
+      std::map<std::string, std::vector<int64_t>> shapes;
+      for (const auto& g : model::fluxWeightGroups(config))
+        for (const auto& t : g.tensors) shapes[t.name] = t.shape;
+      read = [shapes](const std::string& n, c10::ScalarType t, c10::Device d) {
+        return io::synthTensor(0, n, shapes.at(n)).to(t).to(d);
+      };
     }
+  });
+  rt.setTopology(degrees, device);
+  if (checkpoint) logInfo0("model ", modelName, " (", io::layoutName(checkpoint->layout()), "): ", config.describe());
+}
+
+// ---- plan and load -------------------------------------------------------------------------------------
+
+std::shared_ptr<model::FluxWeightProvider> Engine::Impl::prepare(Run& run, int64_t batch, int64_t imageTokens,
+                                                                 int64_t textTokens) {
+  memory::RankPlan plan;
+  rt.agree([&] {
+    const auto work = detail::workloadOf(rt.topology(), config, run.pipefusion, dtype, batch, imageTokens, textTokens);
+    plan = memory::planRank(work, detail::budgetOf(options, device, rt.localSize()), options.offload);
+    PARDIT_CHECK(plan.fits, "rank ", rt.worldRank(), ": ", plan.problem);
+  });
+  std::string key;
+  for (const auto& g : plan.groups) key += g.name + (g.streamed ? "~" : "=") + ";";
+  if (loaded && loaded->key == key) return loaded->weights;
+  loaded.reset();  // release the previous weights before loading others
+  if (plan.anyStreamed()) {
+    size_t n = 0;
+    for (const auto& g : plan.groups) n += g.streamed;
+    logInfo0("memory plan (offload ", config::enumName(options.offload), ", budget ", formatBytes(plan.budget), "): ", n,
+             " weight groups (", formatBytes(plan.streamedBytes), ") streamed, ", formatBytes(plan.residentBytes),
+             " resident, planned peak ", formatBytes(plan.total()));
   }
-  return ck.config().guidanceEmbed ? SchedulerConfig::dev() : SchedulerConfig::schnell();
+  std::shared_ptr<model::FluxWeightProvider> weights;
+  rt.agree([&] {
+    Timer t;
+    weights = detail::loadPlannedWeights(options, config, read, plan, dtype, device);
+    run.loadSeconds = t.seconds();
+  });
+  logInfo0("loaded ", formatBytes(bytesRead()), " of weights in ", formatSeconds(run.loadSeconds), " as ",
+           dtypeName(dtype), " on ", device.str(), " (", degrees.describe(), ")");
+  if (run.pipefusion) logInfo0("pipeline stages: ", run.pipefusion->partition.describe(config));
+  loaded = Loaded{plan, key, weights};
+  return weights;
+}
+
+// ---- outputs, metrics, summaries -----------------------------------------------------------------------
+
+void Engine::Impl::writeOutput(const std::string& path, const std::string& flag, const std::string& tensorName,
+                               const at::Tensor& value) const {
+  if (path.empty()) return;
+  rt.agree([&] {
+    if (rt.worldRank() == 0) io::writeSafetensors(path, {{tensorName, value.cpu()}}, {{"format", "pt"}});
+  });
+  logInfo0("wrote '", tensorName, "' ", value.sizes(), " to ", path, " (", flag, ")");
+}
+
+std::string Engine::Impl::finishMetrics(Run& run, const std::string& command, double seconds, int warmupSteps,
+                                        int64_t images) {
+  if (options.metrics.empty()) return "";
+  run.recorder.setLoad(run.loadSeconds, bytesRead());
+  run.recorder.setTotalSeconds(seconds);
+  run.recorder.setPeaks(memory::devicePeakBytes(device.is_cuda(), device.is_cuda() ? device.index() : 0),
+                        peakRssBytes());
+  metrics::RunInfo info{command, config::toMap(options), modelName, device.str(), warmupSteps, images};
+  const std::string id = run.recorder.write(options.metrics, info);
+  logInfo0("metrics: appended run ", id, " to ", options.metrics);
+  return id;
+}
+
+void Engine::Impl::rankSummary(const std::shared_ptr<model::FluxWeightProvider>& weights,
+                               const std::optional<PipeFusionLayout>& pf) const {
+  std::string detail;
+  if (device.is_cuda())
+    detail += ", peak device memory " + formatBytes(memory::devicePeakBytes(true, device.index())) +
+              " (caching allocator)";
+  if (auto s = std::dynamic_pointer_cast<memory::StreamingFluxWeights>(weights))
+    detail += ", weights on the device peaked at " + formatBytes(s->accountant().peak()) + " (" +
+              std::to_string(s->streamedGroupsFetched()) + " groups streamed, " + formatSeconds(s->waitSeconds()) +
+              " waiting for them)";
+  const std::string role = pf ? "stage " + std::to_string(rt.topology().pipefusionRank()) + ": " : "";
+  const std::string source = checkpoint ? "read " + formatBytes(checkpoint->bytesRead()) + " of " +
+                                              formatBytes(checkpoint->totalBytes()) + " in the checkpoint (" +
+                                              std::to_string(checkpoint->tensorsLoaded().size()) + " tensors), "
+                                        : std::string();
+  logInfo("rank summary: ", role, source, "peak host RSS ", formatBytes(peakRssBytes()), detail);
+}
+
+std::string detail::collectiveSummary(const dist::Runtime& rt) {
+  std::string out;
+  for (const auto& [name, s] : rt.collectiveTotals()) {
+    if (s.calls == 0) continue;
+    out += (out.empty() ? "" : "; ") + name + ": " + std::to_string(s.calls) + " calls, " + formatBytes(s.bytes) +
+           " sent, " + formatSeconds(s.seconds);
+  }
+  return out.empty() ? "no communication" : out;
+}
+
+at::Tensor detail::cfgShare(const at::Tensor& t, const dist::Topology& topo, const c10::Device& device) {
+  if (!t.defined()) return t;
+  const int64_t part = t.size(0) / topo.degrees().cfg;
+  return t.narrow(0, topo.cfgRank() * part, part).to(device);
+}
+
+at::Tensor detail::cfgGather(dist::Runtime& rt, const at::Tensor& mine) {
+  if (rt.topology().degrees().cfg == 1) return mine;
+  at::Tensor all = dist::allGather(rt.group(dist::GroupKind::kCfg), mine.contiguous());  // [cfg, B/cfg, ...]
+  std::vector<int64_t> shape(mine.sizes().begin(), mine.sizes().end());
+  shape[0] *= all.size(0);
+  return all.reshape(shape);
+}
+
+// ---- forward -------------------------------------------------------------------------------------------
+
+TransformerFn Engine::Impl::forwardFn(Run& run, const model::FluxInputs& inputs, const std::string& outputPath) {
+  rt.agree([&] {
+    const int64_t B = inputs.img.size(0);
+    PARDIT_CHECK(B % degrees.cfg == 0, "--cfg-degree ", degrees.cfg, " splits the batch, but the inputs have batch ", B);
+    run.pipefusion = detail::checkLayout(options, degrees, config, inputs.img.size(1), 1, /*patched=*/false);
+    if (!outputPath.empty()) io::checkOutputPath(outputPath, "--output");
+  });
+  run.weights = prepare(run, inputs.img.size(0) / degrees.cfg, inputs.img.size(1), inputs.txt.size(1));
+  const auto& topo = rt.topology();
+  run.inputs = model::FluxInputs{detail::cfgShare(inputs.img, topo, device),      detail::cfgShare(inputs.txt, topo, device),
+                                 detail::cfgShare(inputs.pooled, topo, device),   detail::cfgShare(inputs.timestep, topo, device),
+                                 detail::cfgShare(inputs.guidance, topo, device), inputs.imgIds.to(device),
+                                 inputs.txtIds.to(device)};
+  if (run.pipefusion) {
+    auto runner = detail::makePipeFusionRunner(rt, config, run.weights, *run.pipefusion, device);
+    return [runner](const model::FluxInputs& in) { return runner->forward(in); };
+  }
+  return detail::makeRankModel(rt, config, run.weights).fn;
+}
+
+ForwardResult Engine::forward(const model::FluxInputs& inputs, const std::string& outputPath) {
+  Impl& m = *impl_;
+  Impl::Run run(m.rt);
+  const TransformerFn fn = m.forwardFn(run, inputs, outputPath);
+  const int64_t B = inputs.img.size(0);
+  const auto& weights = run.weights;
+  Timer timer;
+  run.recorder.beginStep();
+  ForwardResult result;
+  result.output = detail::cfgGather(m.rt, fn(run.inputs));
+  run.recorder.endStep();
+  result.report.runSeconds = timer.seconds();
+  result.report.stepSeconds = {result.report.runSeconds};
+  result.report.loadSeconds = run.loadSeconds;
+  m.writeOutput(outputPath, "--output", "sample", result.output);
+  result.report.metricsRun = m.finishMetrics(run, "forward", result.report.runSeconds, 0, B);
+  result.report.bytesRead = m.bytesRead();
+  logInfo0("forward ", inputs.img.sizes(), " in ", formatSeconds(result.report.runSeconds));
+  logInfo0("communication: ", detail::collectiveSummary(m.rt));
+  m.rankSummary(weights, run.pipefusion);
+  return result;
+}
+
+// ---- generate ------------------------------------------------------------------------------------------
+
+namespace {
+
+// The encode stage: prompt embeddings from tensors or files, checked against the model.
+PromptEmbeddings encodePrompt(const PromptInput& in, const model::FluxConfig& mc, const std::string& flag) {
+  if (!in.embeddingsFile.empty()) return readPromptEmbeddings(in.embeddingsFile, mc, flag);
+  checkPromptEmbeddings(in.embeddings, mc, flag);
+  return in.embeddings;
+}
+
+void checkRequest(const GenerateRequest& r, const dist::ParallelDegrees& d) {
+  PARDIT_CHECK(r.prompt.given(), "--prompt-embeds is required (safetensors with prompt_embeds and pooled_prompt_embeds)");
+  PARDIT_CHECK(r.steps >= 1, "--steps must be at least 1, got ", r.steps);
+  PARDIT_CHECK(std::isfinite(r.guidanceScale), "--guidance-scale must be finite");
+  PARDIT_CHECK(std::isfinite(r.trueCfgScale), "--true-cfg-scale must be finite");
+  PARDIT_CHECK(!(r.trueCfgScale > 1.0 && !r.negativePrompt.given()), "--true-cfg-scale ", r.trueCfgScale,
+               " needs --negative-prompt-embeds");
+  PARDIT_CHECK(d.cfg == 1 || (r.trueCfgScale > 1.0 && r.negativePrompt.given()),
+               "--cfg-degree 2 runs the two branches of true CFG and needs --negative-prompt-embeds and "
+               "--true-cfg-scale > 1");
+  LatentGeometry{r.height, r.width, 16}.validate();
+  if (!r.saveLatents.empty()) io::checkOutputPath(r.saveLatents, "--save-latents");
+}
+
+}  // namespace
+
+GenerateResult Engine::generate(const GenerateRequest& request) {
+  Impl& m = *impl_;
+  Impl::Run run(m.rt);
+  const LatentGeometry geom{request.height, request.width, 16};
+  PromptEmbeddings pos;
+  std::optional<PromptEmbeddings> neg;
+  SchedulerConfig schedule;
+  // validate + encode
+  m.rt.agree([&] {
+    checkRequest(request, m.degrees);
+    PARDIT_CHECK(m.config.inChannels == geom.packedChannels(), m.modelName, ": the model takes ", m.config.inChannels,
+                 " input channels; text-to-image needs ", geom.packedChannels());
+    pos = encodePrompt(request.prompt, m.config, "--prompt-embeds");
+    if (request.trueCfgScale > 1.0) {
+      neg = encodePrompt(request.negativePrompt, m.config, "--negative-prompt-embeds");
+      PARDIT_CHECK(neg->promptEmbeds.size(0) == pos.promptEmbeds.size(0), "--negative-prompt-embeds: batch ",
+                   neg->promptEmbeds.size(0), " differs from the batch ", pos.promptEmbeds.size(0),
+                   " of --prompt-embeds");
+    }
+    schedule = m.checkpoint ? resolveSchedule(request.schedule, *m.checkpoint) : resolveSchedule(request.schedule, m.config);
+    run.pipefusion = detail::checkLayout(m.options, m.degrees, m.config, geom.tokenRows(), geom.tokenCols(), true);
+    PARDIT_CHECK(!(run.pipefusion && neg && m.degrees.cfg == 1) || neg->promptEmbeds.size(1) == pos.promptEmbeds.size(1),
+                 "with --pipefusion-degree > 1 and without --cfg-degree 2, the prompt and negative prompt embeddings "
+                 "need the same token count (", pos.promptEmbeds.size(1), " vs ", neg ? neg->promptEmbeds.size(1) : 0, ")");
+  });
+  const int64_t B = pos.promptEmbeds.size(0);
+  // plan + load: the transformer batch of this rank (both branches together on one PipeFusion pipeline)
+  const int64_t branchBatch = B * ((run.pipefusion && m.degrees.cfg == 1 && neg) ? 2 : 1);
+  auto weights = m.prepare(run, branchBatch, geom.tokens(), pos.promptEmbeds.size(1));
+  // denoise
+  auto onDevice = [&](PromptEmbeddings e) {
+    return PromptEmbeddings{e.promptEmbeds.to(m.device).to(m.dtype), e.pooled.to(m.device).to(m.dtype)};
+  };
+  const bool cfgParallel = m.degrees.cfg == 2;
+  const PromptEmbeddings branch = onDevice(cfgParallel && m.rt.topology().cfgRank() == 1 ? *neg : pos);
+  std::optional<PromptEmbeddings> second;
+  if (neg && !cfgParallel) second = onDevice(*neg);
+  dist::Communicator* cfg = cfgParallel ? &m.rt.group(dist::GroupKind::kCfg) : nullptr;
+  std::unique_ptr<Denoiser> denoiser;
+  PipeFusionDenoiser* pipe = nullptr;
+  if (run.pipefusion) {
+    auto runner = detail::makePipeFusionRunner(m.rt, m.config, weights, *run.pipefusion, m.device);
+    auto d = std::make_unique<PipeFusionDenoiser>(runner, branch, second, cfg, run.pipefusion->warmupSteps);
+    pipe = d.get();
+    denoiser = std::move(d);
+    logInfo0("pipeline: ", run.pipefusion->layout.patches, " patches, ", run.pipefusion->warmupSteps,
+             " warm-up step(s)");
+  } else {
+    const auto rank = detail::makeRankModel(m.rt, m.config, weights);
+    const at::Tensor ids = imageIds(geom).to(m.device);
+    denoiser = cfg ? TransformerDenoiser::cfgParallel(rank.fn, ids, branch, *cfg)
+                   : TransformerDenoiser::local(rank.fn, ids, branch, second);
+  }
+  const FlowMatchEulerScheduler scheduler(schedule, request.steps, geom.tokens());
+  // The same noise on every rank: a pure function of the seed and the shape.
+  const at::Tensor noise = initialNoise(request.seed, B, geom, m.dtype).to(m.device);
+  logInfo0("generate ", request.width, "x", request.height, " (", geom.tokens(), " image tokens, ",
+           pos.promptEmbeds.size(1), " text tokens), batch ", B, ", ", request.steps,
+           request.steps == 1 ? " step, " : " steps, ", schedule.dynamicShift ? "shifted" : "plain", " schedule",
+           m.config.guidanceEmbed ? ", guidance " + formatNumber(request.guidanceScale) : std::string(),
+           neg ? ", true CFG " + formatNumber(request.trueCfgScale) : std::string());
+  GenerateResult result;
+  const uint64_t rssBeforeLoop = currentRssBytes();
+  Timer total;
+  run.recorder.beginStep();
+  auto progress = [&](const StepReport& r) {
+    run.recorder.endStep();
+    run.recorder.beginStep();
+    result.report.stepSeconds.push_back(r.seconds);
+    const double eta = total.seconds() / (r.step + 1) * (r.steps - r.step - 1);
+    logInfo0("step ", r.step + 1, "/", r.steps, "  ", formatSeconds(r.seconds), "  eta ", formatSeconds(eta));
+  };
+  Sampling sampling{m.config.guidanceEmbed, request.guidanceScale, request.trueCfgScale};
+  result.latents = denoise(*denoiser, noise, scheduler, sampling, progress);
+  result.report.runSeconds = total.seconds();
+  result.report.loadSeconds = run.loadSeconds;
+  logInfo0("denoised in ", formatSeconds(result.report.runSeconds));
+  if (pipe) m.lastPipeline = pipe->runner().stats();
+  if (pipe)
+    logInfo0("pipeline: ", formatSeconds(pipe->runner().stats().waitSeconds), " of ",
+             formatSeconds(result.report.runSeconds), " waiting for the previous stage on rank 0; K/V buffers ",
+             formatBytes(pipe->runner().kvBuffers().bytes()));
+  if (m.device.is_cpu() && !m.loaded->plan.anyStreamed()) {
+    // On the CPU the loop's memory growth is its activations (and buffers): compare with the plan's estimate.
+    const auto& plan = m.loaded->plan;
+    const uint64_t grown = peakRssBytes() > rssBeforeLoop ? peakRssBytes() - rssBeforeLoop : 0;
+    logInfo0("activations and buffers: planned ", formatBytes(plan.activationBytes + plan.kvBytes + plan.commBytes),
+             ", measured ", formatBytes(grown), " (peak RSS growth during the loop)");
+  }
+  // decode: the latents are the output today. write: the primary output first, then the metrics.
+  m.writeOutput(request.saveLatents, "--save-latents", "latents", result.latents);
+  result.report.metricsRun =
+      m.finishMetrics(run, "generate", result.report.runSeconds, run.pipefusion ? run.pipefusion->warmupSteps : 0, B);
+  result.report.bytesRead = m.bytesRead();
+  logInfo0("communication: ", detail::collectiveSummary(m.rt));
+  m.rankSummary(weights, run.pipefusion);
+  return result;
 }
 
 }  // namespace pardit::pipeline

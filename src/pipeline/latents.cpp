@@ -4,6 +4,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include "pardit/core/error.h"
+#include "pardit/model/flux.h"
 
 namespace pardit::pipeline {
 
@@ -27,15 +28,9 @@ at::Tensor unpackLatents(const at::Tensor& packed, const LatentGeometry& g) {
   return packed.view({B, rows, cols, C, 2, 2}).permute({0, 3, 1, 4, 2, 5}).reshape({B, C, rows * 2, cols * 2});
 }
 
-at::Tensor imageIds(const LatentGeometry& g) {
-  const int64_t rows = g.tokenRows(), cols = g.tokenCols();
-  at::Tensor ids = at::zeros({rows, cols, 3}, at::TensorOptions().dtype(at::kFloat));
-  ids.select(2, 1).add_(at::arange(rows, at::TensorOptions().dtype(at::kFloat)).unsqueeze(1));
-  ids.select(2, 2).add_(at::arange(cols, at::TensorOptions().dtype(at::kFloat)).unsqueeze(0));
-  return ids.reshape({rows * cols, 3});
-}
+at::Tensor imageIds(const LatentGeometry& g) { return model::imagePositionIds(g.tokenRows(), g.tokenCols()); }
 
-at::Tensor textIds(int64_t textLen) { return at::zeros({textLen, 3}, at::TensorOptions().dtype(at::kFloat)); }
+at::Tensor textIds(int64_t textLen) { return model::textPositionIds(textLen); }
 
 at::Tensor initialNoise(uint64_t seed, int64_t batch, const LatentGeometry& g, c10::ScalarType dtype) {
   g.validate();

@@ -1,51 +1,94 @@
 #pragma once
-// Typed engine configuration for every subcommand. One source of truth for option names, defaults and
-// help texts; values come from the command line, then PARDIT_* environment variables, then an INI file
-// given with --config (or PARDIT_CONFIG), then the defaults, in that order of precedence.
+// Typed engine configuration for every command, and the one option table behind it.
+//
+// Each option is declared once (src/config/config.cpp): its flag, type, default, help text, help group,
+// the commands that take it and how it must agree across the ranks of a job. From that table come the
+// command line, PARDIT_* environment and INI parsing, `--help`, the provenance map written to HDF5 and
+// the cross-rank consistency check, so no option can be left out of any of them. Values come from the
+// command line, then PARDIT_* environment variables, then an INI file given with --config (or
+// PARDIT_CONFIG), then the defaults, in that order of precedence. Every value is parsed and checked
+// here, at parse time, into the types below.
 
 #include <cstdint>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace pardit::config {
 
-struct EngineConfig {
-  std::string command;
+enum class Command { kGenerate, kForward, kSynth, kBench, kPlan };
+enum class Dtype { kAuto, kBf16, kFp16, kFp32 };            // auto: bf16 on CUDA, fp32 on the CPU
+enum class DeviceKind { kAuto, kCpu, kCuda };
+enum class Offload { kNone, kAuto, kSequential };
+enum class StreamSource { kAuto, kHost, kFile };
+enum class Schedule { kAuto, kShift, kPlain };
+enum class LogLevelOption { kDebug, kInfo, kWarn, kError };
+enum class SynthLayout { kDiffusers, kBfl };
+enum class SynthFill { kRandom, kZeros };
 
-  // Common
-  std::string model;             // checkpoint directory or file
-  std::string dtype = "auto";    // auto | bf16 | fp16 | fp32
-  std::string device = "auto";   // auto | cpu | cuda
-  int threads = 0;               // intra-op threads per rank; 0 = the library default
-  std::string logLevel = "info"; // debug | info | warn | error
+// Names as the command line spells them ("bf16", "sequential", ...).
+template <typename E>
+std::string enumName(E value);
+// The accepted names of an enum, for help texts and errors.
+template <typename E>
+std::vector<std::string> enumNames();
+
+// --pp-partition: "compute" (equal block counts), "memory" (equal weight bytes) or explicit counts.
+struct Partition {
+  enum class Mode { kCompute, kMemory, kExplicit } mode = Mode::kCompute;
+  std::vector<int64_t> counts;  // kExplicit: blocks per stage
+  std::string str() const;
+  bool operator==(const Partition& o) const { return mode == o.mode && counts == o.counts; }
+};
+
+// --device-memory-budget: "auto" (free device memory minus headroom) or a size.
+struct MemoryBudget {
+  bool automatic = true;
+  uint64_t bytes = 0;
+  std::string str() const;
+};
+
+// "24GiB", "12GB", "1.5GiB", "512MiB", "4096" (bytes). Errors name `flag`; sizes of 2^64 bytes and
+// more are refused.
+uint64_t parseSize(const std::string& text, const std::string& flag);
+
+struct EngineConfig {
+  Command command = Command::kGenerate;
+
+  // General
+  std::string model;                   // checkpoint directory or file (empty: bench's --preset)
+  Dtype dtype = Dtype::kAuto;
+  DeviceKind device = DeviceKind::kAuto;
+  int threads = 0;                     // intra-op threads per rank; 0 = the library default
+  LogLevelOption logLevel = LogLevelOption::kInfo;
   bool quiet = false;
   std::string configFile;
 
-  // Parallel degrees (forward, generate, bench): world size = cfg x ring x ulysses
+  // Parallel layout: world size = cfg x pipefusion x ring x ulysses
   int ulyssesDegree = 1;
   int ringDegree = 1;
   int cfgDegree = 1;
   int pipefusionDegree = 1;
-  int numPipelinePatch = 0;         // 0: the PipeFusion degree
+  int numPipelinePatch = 0;            // 0: the PipeFusion degree
   int warmupSteps = 1;
-  std::string ppPartition = "compute";
+  Partition ppPartition;
 
   // Memory
-  std::string deviceMemoryBudget = "auto";  // SIZE (24GiB, 12GB, bytes) or auto
-  std::string offload = "auto";             // none | auto | sequential
-  std::string streamFrom = "auto";          // host | file | auto
+  MemoryBudget deviceMemoryBudget;
+  Offload offload = Offload::kAuto;
+  StreamSource streamFrom = StreamSource::kAuto;
 
   // Metrics (generate, forward, bench)
-  std::string metrics;  // HDF5 file to append this run to
+  std::string metrics;                 // HDF5 file to append this run to
 
   // plan
-  int worldSize = 1;
+  int worldSize = 0;                   // 0: the product of the degrees
   bool json = false;
 
   // forward
   std::string inputs;
-  std::string output;
+  std::string output;                  // forward: the prediction; bench: the JSON report
 
   // generate
   std::string promptEmbeds;
@@ -57,41 +100,52 @@ struct EngineConfig {
   double guidanceScale = 3.5;
   double trueCfgScale = 1.0;
   uint64_t seed = 0;
-  std::string schedule = "auto";  // auto | shift | plain
+  Schedule schedule = Schedule::kAuto;
 
   // synth
   std::string preset = "tiny";
-  std::string layout = "diffusers";  // diffusers | bfl
+  SynthLayout layout = SynthLayout::kDiffusers;
   std::string out;
-  std::string fill = "random";       // random | zeros
-  int64_t textLen = 0;               // 0: the preset's default
+  SynthFill fill = SynthFill::kRandom;
+  int64_t textLen = 0;                 // synth: 0 = the preset's default
   uint64_t shardSize = 10'000'000'000ULL;
-  int64_t depth = -1;                // overrides of the preset's block counts (-1: keep)
+  int64_t depth = -1;                  // overrides of the preset's block counts (-1: keep)
   int64_t depthSingle = -1;
 
   // bench
   int warmup = 2;
   int iters = 5;
   int64_t batch = 1;
-  std::string benchOutput;
-  bool benchComm = false;          // collective micro-benchmark instead of the model
+  bool benchComm = false;              // collective micro-benchmark instead of the model
   uint64_t commMaxBytes = 64ULL << 20;
 };
+
+// A config with the defaults of `command` (bench and plan differ from generate in a few sizes).
+EngineConfig defaults(Command command);
 
 struct ParseResult {
   EngineConfig config;
   bool helpShown = false;  // --help was printed; nothing to run
 };
 
-// The subcommands and their one-line descriptions.
+// The commands and their one-line descriptions.
 const std::vector<std::pair<std::string, std::string>>& commands();
+std::string commandName(Command command);
 std::string usage();
+// The grouped help of one command: every option with its default, its PARDIT_* name, and examples.
+std::string help(Command command);
 
-// The resolved options as key/value text, for provenance.
+// Every option of the command with its value, for provenance (the HDF5 "config" attributes).
 std::map<std::string, std::string> toMap(const EngineConfig& c);
 
-// Parses the arguments after the subcommand name. Throws pardit::Error with a one-line message naming
-// the flag, environment variable or file and what was expected.
+// The options whose values must be the same on every rank of a job, in table order: the command, every
+// option that changes what runs or which collectives run (degrees, sizes, steps, seed, dtype, memory
+// options, metrics, outputs, ...), and for input files that may be node-local copies, only whether they
+// are given. Per-rank options (threads, log level, the paths of inputs) are left out.
+std::vector<std::pair<std::string, std::string>> syncedOptions(const EngineConfig& c);
+
+// Parses the arguments after the command name. Throws pardit::Error with a one-line message naming the
+// flag, environment variable or file and what was expected.
 ParseResult parseCommandLine(const std::string& command, const std::vector<std::string>& args);
 
 }  // namespace pardit::config

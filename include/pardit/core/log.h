@@ -1,6 +1,7 @@
 #pragma once
-// Rank-tagged logging: every line is prefixed "[rank r/W]". The rank is set once by the runtime
-// (single-process tools leave it at 0/1). Summaries and progress are printed by rank 0 only via
+// Rank-tagged logging: every line is prefixed "[rank r/W]". The rank is set by the runtime, for the
+// process and for the calling thread (the rank threads of an in-process job each log as their rank;
+// single-process tools leave it at 0/1). Summaries and progress are printed by rank 0 only via
 // logInfo0().
 
 #include <string>
@@ -29,5 +30,8 @@ void logError(const Args&... args) { logMessage(LogLevel::kError, detail::concat
 // Info line printed by rank 0 only.
 template <typename... Args>
 void logInfo0(const Args&... args) { if (logRank() == 0) logInfo(args...); }
+// Warning printed by rank 0 only (for conditions every rank shares, such as an option).
+template <typename... Args>
+void logWarn0(const Args&... args) { if (logRank() == 0) logWarn(args...); }
 
 }  // namespace pardit

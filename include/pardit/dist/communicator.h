@@ -4,6 +4,8 @@
 // Backends
 //   * MPI (CPU tensors): every call is complete when it returns, except isend/irecv, which are
 //     complete after Work::wait().
+//   * In-process (dist/in_process.h): ranks are threads of one process; CPU or CUDA tensors; every call
+//     is complete when it returns (sends are buffered), so tests exercise the parallel code without MPI.
 //   * NCCL (CUDA tensors): collectives are enqueued on the current CUDA stream of the tensors' device
 //     and the call returns after enqueueing, so results are ordered with the kernels around them.
 //     isend/irecv run on the communicator's own stream, which first waits for the current stream;
@@ -61,6 +63,9 @@ class Communicator {
   // deadlocks, whatever the group size).
   virtual std::unique_ptr<Work> sendRecv(const at::Tensor& out, int to, at::Tensor& in, int from) = 0;
   virtual void barrier() = 0;
+  // A new communicator per distinct `color` over the ranks that passed it, ordered by (key, rank).
+  // Collective over this communicator (MPI_Comm_split semantics).
+  virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
 
   const CollectiveStats& stats(CollectiveKind kind) const { return stats_[static_cast<size_t>(kind)]; }
   void resetStats() { stats_ = {}; }

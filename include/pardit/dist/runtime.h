@@ -1,7 +1,8 @@
 #pragma once
-// The process runtime: MPI initialisation and finalisation, the world and the per-group communicators
-// of the topology, the local rank (from a shared-memory split) and the device each rank uses.
-// One Runtime per process, owned by main(); it is move-only and its destructor never throws.
+// The runtime of one rank: the world communicator, the per-group communicators of the topology, the
+// local rank and the device each rank uses. Under MPI there is one Runtime per process, owned by main()
+// (it initialises and finalises MPI); in-process jobs (dist/in_process.h) have one per rank thread.
+// Non-copyable; its destructor never throws.
 
 #include <c10/core/Device.h>
 
@@ -9,7 +10,10 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
+#include "pardit/config/config.h"
 #include "pardit/dist/communicator.h"
 #include "pardit/dist/topology.h"
 
@@ -27,10 +31,19 @@ class CollectiveFailure : public std::runtime_error {
   int failedRank_;
 };
 
+// Where a rank runs: its rank among the ranks of its node, their count, and the node's name.
+struct RankPlacement {
+  int localRank = 0;
+  int localSize = 1;
+  std::string host;
+};
+
 class Runtime {
  public:
-  // Initialises MPI (MPI_THREAD_FUNNELED) unless already initialised.
+  // Initialises MPI (MPI_THREAD_FUNNELED) unless already initialised; the world is MPI_COMM_WORLD.
   Runtime(int* argc, char*** argv);
+  // A runtime over any world communicator (e.g. one rank of an in-process world).
+  Runtime(std::unique_ptr<Communicator> world, RankPlacement placement);
   ~Runtime();
   Runtime(const Runtime&) = delete;
   Runtime& operator=(const Runtime&) = delete;
@@ -41,11 +54,11 @@ class Runtime {
   int localSize() const { return localSize_; }
   std::string hostName() const { return host_; }
 
-  // World communicator on the CPU (MPI).
+  // World communicator for CPU tensors (MPI, or the in-process backend).
   Communicator& world();
 
-  // Builds the topology and its group communicators (MPI; NCCL too when `device` is CUDA).
-  // Collective over the world.
+  // Builds the topology and its group communicators (split from the world; NCCL too when `device` is
+  // CUDA and the world is MPI). Collective over the world.
   void setTopology(const ParallelDegrees& degrees, const c10::Device& device);
   const Topology& topology() const { return topology_; }
   // This rank's communicator of a group kind, for tensors on the runtime's device.
@@ -57,8 +70,14 @@ class Runtime {
   // rank throws CollectiveFailure, so all exit cleanly instead of hanging in the next collective.
   void agree(const std::function<void()>& phase);
 
-  // Ends the job from any rank after an error: MPI_Abort when there are other ranks.
-  [[noreturn]] static void abortJob(int code);
+  // Fails every rank when the ranks hold different values: `values` are (name, value) pairs in the same
+  // order on every rank; the error names the first that differs, with rank 0's and this rank's values.
+  // Collective over the world; run it inside agree().
+  void checkSame(const std::vector<std::pair<std::string, std::string>>& values, const std::string& what);
+
+  // After an error on one rank of an MPI job: MPI_Abort, so that the other ranks do not wait for it.
+  // Returns (leaving the exit to the caller) when the job has a single rank or MPI is not running.
+  static void abortJob(int code);
 
   // Sum of all communicators' counters per collective kind (this rank).
   std::map<std::string, CollectiveStats> collectiveTotals() const;
@@ -68,13 +87,14 @@ class Runtime {
   int worldRank_ = 0, worldSize_ = 1, localRank_ = 0, localSize_ = 1;
   std::string host_;
   bool ownsMpi_ = false;
+  bool mpiWorld_ = false;  // the world is MPI_COMM_WORLD (CUDA groups then get NCCL communicators)
   std::unique_ptr<Communicator> world_;
   Topology topology_;
   std::map<GroupKind, std::unique_ptr<Communicator>> cpuGroups_;
   std::map<GroupKind, std::unique_ptr<Communicator>> deviceGroups_;
 };
 
-// Device of a rank: "cpu", or CUDA device localRank % visible devices for "cuda"/"auto" with GPUs.
-c10::Device deviceForRank(const std::string& device, int localRank);
+// Device of a rank: the CPU, or CUDA device localRank % visible devices for cuda (and auto with GPUs).
+c10::Device deviceForRank(config::DeviceKind device, int localRank);
 
 }  // namespace pardit::dist

@@ -112,4 +112,8 @@ class SafetensorsWriter {
 void writeSafetensors(const std::string& path, const std::map<std::string, at::Tensor>& tensors,
                       const std::map<std::string, std::string>& metadata = {});
 
+// Checks, before any work, that `path` can be written as an output of `flag`: its directory exists, and
+// the path is not a directory or any other non-regular file. Throws naming the flag.
+void checkOutputPath(const std::string& path, const std::string& flag);
+
 }  // namespace pardit::io

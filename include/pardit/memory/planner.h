@@ -9,17 +9,12 @@
 #include <string>
 #include <vector>
 
+#include "pardit/config/config.h"
 #include "pardit/model/flux_config.h"
 
 namespace pardit::memory {
 
-// "24GiB", "12GB", "1.5GiB", "512MiB" or a byte count. Errors name `flag`.
-uint64_t parseSize(const std::string& text, const std::string& flag);
-std::string formatBytes(uint64_t bytes);  // "1.234 GiB"
-
-enum class OffloadMode { kNone, kAuto, kSequential };
-OffloadMode parseOffload(const std::string& text);  // none | auto | sequential
-const char* offloadName(OffloadMode mode);
+using OffloadMode = config::Offload;
 
 // Headroom left free by --device-memory-budget auto (allocator fragmentation, library workspaces).
 constexpr uint64_t kAutoHeadroomBytes = 1ULL << 30;

@@ -2,7 +2,7 @@
 // Weights under a memory plan: resident groups are loaded once; streamed groups are brought to the
 // device just before use while the previous group computes (a background thread reads or copies the next
 // streamed group in execution order; on CUDA the copy runs on a side stream and the compute stream waits
-// on its event). The source of a streamed group is a host copy of the rank's own shard when host memory
+// on its event, so the host never blocks on a copy). The source of a streamed group is a host copy of the rank's own shard when host memory
 // allows (pinned on CUDA), else the checkpoint file itself. Neither host nor device holds the full model.
 //
 // Accounting: every device-side weight byte is counted while it is allocated (resident groups, the group
@@ -12,6 +12,7 @@
 #include <c10/core/ScalarType.h>
 
 #include <atomic>
+#include <functional>
 #include <future>
 #include <map>
 #include <memory>
@@ -59,6 +60,7 @@ class StreamingFluxWeights final : public model::FluxWeightProvider {
   struct Fetched {
     std::shared_ptr<Tensors> tensors;
     uint64_t bytes = 0;
+    std::function<void()> orderBeforeUse;  // CUDA: makes the compute stream wait for the copies
   };
   Fetched fetch(const std::string& group);            // runs on the prefetch thread or inline
   Fetched take(const std::string& group);             // the prefetched group, or a synchronous fetch

@@ -108,6 +108,11 @@ struct FluxConditioning {
   at::Tensor cos, sin; // [1, L, 1, D] float32 RoPE tables for the joint [txt ; img] sequence
 };
 
+// Position ids of the image tokens of a rows x cols token grid: [rows * cols, 3] rows (0, r, c), row-major,
+// float32; and of T text tokens: [T, 3] zeros.
+at::Tensor imagePositionIds(int64_t rows, int64_t cols);
+at::Tensor textPositionIds(int64_t textLen);
+
 // RoPE tables for position ids [L, 3]: returns (cos, sin), each [L, D] float32, computed in float64.
 std::pair<at::Tensor, at::Tensor> ropeTables(const at::Tensor& ids, const std::vector<int64_t>& axesDim,
                                              double theta);

@@ -25,8 +25,7 @@
 #include "pardit/dist/topology.h"
 #include "pardit/model/flux.h"
 #include "pardit/parallel/usp_attention.h"
-#include "pardit/pipeline/sampler.h"
-#include "pardit/pipeline/scheduler.h"
+#include "pardit/config/config.h"
 
 namespace pardit::parallel {
 
@@ -47,9 +46,9 @@ class StagePartition {
   std::vector<int64_t> counts_;
 };
 
-// `mode`: "compute" (equal block counts; double and single blocks cost the same per token), "memory"
-// (equal weight bytes, contiguous), or explicit counts "N0,N1,...". Errors name --pp-partition.
-StagePartition partitionStages(const model::FluxConfig& config, int stages, const std::string& mode);
+// kCompute: equal block counts (double and single blocks cost the same per token); kMemory: equal weight
+// bytes, contiguous; kExplicit: the given counts. Errors name --pp-partition and --pipefusion-degree.
+StagePartition partitionStages(const model::FluxConfig& config, int stages, const config::Partition& mode);
 
 // Which image tokens a rank holds: M row stripes, each split into one sub-stripe per SP rank.
 struct PatchLayout {
@@ -92,30 +91,49 @@ class KvBuffers final : public UspAttention::KvCache {
 struct PipeFusionComms {
   dist::Communicator* pipeline = nullptr;  // this rank's PipeFusion group (stage order)
   dist::Communicator* sequence = nullptr;  // its sequence-parallel group
-  dist::Communicator* cfg = nullptr;       // its CFG group, or null without CFG parallelism
+};
+
+// Where this rank sits in the pipeline and which tokens it holds.
+struct PipeFusionOptions {
+  StagePartition partition;
+  int stage = 0;
+  PatchLayout layout;  // spRank: this rank's rank in its sequence-parallel group
+  c10::Device device = c10::kCPU;
+};
+
+// One denoising step through the pipeline. The caller (pipeline::denoise) owns the timestep, the
+// guidance and the true-CFG combine; the runner owns the patch schedule.
+struct PipeFusionStep {
+  // Synchronous (warm-up, or a single patch): every local token at once, fresh K/V everywhere.
+  // Otherwise patch by patch with stale K/V for the patches not yet refreshed this step.
+  bool synchronous = true;
+  // The last stage sends its stepped latents back to stage 0 (every step but the last).
+  bool sendBack = false;
+  // txt: prompt embeddings [Bm, T, contextInDim]; pooled [Bm, P]; timestep [Bm]; guidance [Bm] or undefined.
+  // Bm is the model batch: the latents' batch B, or a multiple of it when several branches (true CFG on
+  // one pipeline) travel together; the latents are repeated to match. The ids are set by the runner.
+  model::FluxInputs conditioning;
+  // Last stage: the stepped latents [B, n, C] of a region from the stage's output for it [Bm, n, C]
+  // and its current latents [B, n, C]. Called once per region (all local tokens, or each patch).
+  std::function<at::Tensor(const at::Tensor& output, const at::Tensor& latents)> update;
 };
 
 struct PipeFusionStats {
-  double seconds = 0.0;      // the whole loop
-  double waitSeconds = 0.0;  // blocked receiving from the previous stage (pipeline bubbles included)
-  std::vector<double> stepSeconds, stepWaitSeconds;  // per denoising step
+  double waitSeconds = 0.0;             // blocked receiving from the previous stage (bubbles included)
+  std::vector<double> stepWaitSeconds;  // the same, per step
 };
 
 class PipeFusionRunner {
  public:
   // `transformer` holds this stage's weights and uses `usp` as attention; `usp` gets the K/V hook.
   PipeFusionRunner(std::shared_ptr<model::FluxTransformer> transformer, std::shared_ptr<UspAttention> usp,
-                   StagePartition partition, int stage, PatchLayout layout, PipeFusionComms comms,
-                   c10::Device device);
+                   PipeFusionOptions options, PipeFusionComms comms);
 
-  // The denoising loop. latents: full packed initial latents [B, L, C] (the same on every rank);
-  // branch: this rank's prompt embeddings (the CFG branch with CFG parallelism, else the positive one);
-  // negative: the negative branch when true CFG runs on one CFG rank (else nullopt).
-  // Returns the final full latents on every rank of the pipeline.
-  at::Tensor denoise(const at::Tensor& latents, const pipeline::PromptEmbeddings& branch,
-                     const std::optional<pipeline::PromptEmbeddings>& negative, double trueCfgScale,
-                     const pipeline::FlowMatchEulerScheduler& scheduler, bool withGuidance, double guidanceScale,
-                     int warmupSteps, const std::function<void(const pipeline::StepReport&)>& onStep = {});
+  // Starts a denoising loop from the full packed latents [B, L, C] (the same on every rank).
+  void begin(const at::Tensor& latents);
+  void step(const PipeFusionStep& step);
+  // Ends the loop: the final full latents [B, L, C] on every rank of the pipeline.
+  at::Tensor finish();
 
   // One synchronous transformer call through the stages (no stale K/V); the full output on every rank.
   at::Tensor forward(const model::FluxInputs& in);
@@ -129,20 +147,30 @@ class PipeFusionRunner {
   };
   // Runs this stage's blocks; the first stage starts from latents / prompt embeddings.
   Activations runStage(const Activations& in, const model::FluxInputs& cond) const;
+  void stepSynchronous(const PipeFusionStep& s, model::FluxInputs x);
+  void stepPatches(const PipeFusionStep& s, model::FluxInputs x);
+  // The first stage's input: embedded text (or none) and embedded image rows, repeated to the model batch.
+  Activations embed(const model::FluxInputs& cond, const at::Tensor& latents, bool withText) const;
   at::Tensor recvTensor(std::vector<int64_t> shape, int from);
   void sendTensor(const at::Tensor& t, int to);
+  void completeSends();
   at::Tensor localToFull(const at::Tensor& local) const;
+  bool firstStage() const { return options_.stage == 0; }
+  bool lastStage() const { return options_.stage == options_.partition.stages() - 1; }
+  int nextStage() const { return (options_.stage + 1) % options_.partition.stages(); }
+  int previousStage() const { return (options_.stage + options_.partition.stages() - 1) % options_.partition.stages(); }
 
   std::shared_ptr<model::FluxTransformer> transformer_;
   std::shared_ptr<UspAttention> usp_;
   std::shared_ptr<KvBuffers> kv_;
-  StagePartition partition_;
-  int stage_;
-  PatchLayout layout_;
+  PipeFusionOptions options_;
   PipeFusionComms comms_;
-  c10::Device device_;
   std::vector<std::unique_ptr<dist::Work>> pendingSends_;
   PipeFusionStats stats_;
+  // Loop state: this rank's latents [B, Lloc, C] (current on the first and last stages), their ids, and
+  // what the previous step sent back (stage 0 receives the same: nothing, all tokens, or patches).
+  at::Tensor latents_, imageIds_;
+  enum class SentBack { kNothing, kAll, kPatches } previous_ = SentBack::kNothing;
 };
 
 }  // namespace pardit::parallel

@@ -1,39 +1,140 @@
 #pragma once
-// Loading a FLUX transformer for execution: device and dtype resolution, weights read from the
-// checkpoint (only the byte ranges of the model's tensors), the local attention backend.
+// pipeline::Engine: the library entry point that owns a run. The `pardit` commands, the tests, the
+// benchmarks and C++ programs all go through it.
+//
+//   dist::Runtime rt(&argc, &argv);                 // or one rank of dist::runInProcess
+//   config::EngineConfig options = config::defaults(config::Command::kGenerate);
+//   options.model = "FLUX.1-dev"; options.ulyssesDegree = 2;
+//   pipeline::Engine engine(options, rt);           // checks, topology, checkpoint headers
+//   pipeline::GenerateRequest request;
+//   request.prompt.embeddingsFile = "prompt_embeds.safetensors";
+//   pipeline::GenerateResult result = engine.generate(request);   // result.latents on every rank
+//
+// A run goes through its stages in order, every rank together:
+//   validate  the request against the model and the layout, and every output destination
+//   encode    the prompts (today: prompt embeddings from tensors or files)
+//   plan      this rank's weight groups, resident or streamed, under --device-memory-budget
+//   load      only this rank's byte ranges of the checkpoint (kept for the next run with the same plan)
+//   denoise   the one loop (pipeline::denoise) over this layout's Denoiser
+//   decode    (latents out today)
+//   write     outputs from rank 0, atomically; then the metrics run (--metrics)
+// Every check before loading runs through Runtime::agree(): a bad input on any rank ends every rank
+// with dist::CollectiveFailure after one error line. Calls are collective over the runtime's world.
 
+#include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
 
+#include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
+#include <vector>
 
-#include "pardit/io/checkpoint.h"
+#include "pardit/config/config.h"
 #include "pardit/model/flux.h"
-#include "pardit/pipeline/scheduler.h"
+#include "pardit/pipeline/denoise.h"
+
+namespace pardit::dist {
+class Runtime;
+}
 
 namespace pardit::pipeline {
 
-// "auto" -> CUDA when available, else CPU. "cuda" without a CUDA device is an error naming --device.
-c10::Device resolveDevice(const std::string& device);
-// "auto" -> bf16 on CUDA, fp32 on CPU.
-c10::ScalarType resolveDtype(const std::string& dtype, const c10::Device& device);
-
-struct LoadedFlux {
-  std::shared_ptr<io::FluxCheckpoint> checkpoint;
-  std::shared_ptr<model::FluxTransformer> transformer;
-  c10::Device device = c10::kCPU;
-  c10::ScalarType dtype = c10::kFloat;
-  double loadSeconds = 0.0;
-  uint64_t bytesRead = 0;
+// A prompt for the encode stage: embeddings as tensors, or a safetensors file holding them.
+struct PromptInput {
+  PromptEmbeddings embeddings;
+  std::string embeddingsFile;
+  bool given() const { return embeddings.promptEmbeds.defined() || !embeddingsFile.empty(); }
 };
 
-// Loads the model; `attention` defaults to single-device attention.
-LoadedFlux loadFlux(const std::string& modelPath, c10::ScalarType dtype, const c10::Device& device,
-                    std::shared_ptr<model::AttentionBackend> attention = nullptr);
+struct GenerateRequest {
+  PromptInput prompt;
+  PromptInput negativePrompt;  // optional; used when trueCfgScale > 1
+  int64_t height = 1024;
+  int64_t width = 1024;
+  int steps = 28;
+  double guidanceScale = 3.5;
+  double trueCfgScale = 1.0;
+  uint64_t seed = 0;
+  config::Schedule schedule = config::Schedule::kAuto;
+  std::string saveLatents;  // rank 0 writes the packed latents here (safetensors, tensor 'latents')
 
-// The schedule for a model: "shift" (dev), "plain" (schnell), or "auto": scheduler/scheduler_config.json
-// next to a diffusers transformer when present, else shifted iff the model has guidance embeddings.
-SchedulerConfig resolveSchedule(const std::string& schedule, const io::FluxCheckpoint& checkpoint);
+  // The request a `pardit generate` command line describes.
+  static GenerateRequest fromConfig(const config::EngineConfig& c);
+};
+
+// What a run did (the same on every rank unless noted).
+struct RunReport {
+  double loadSeconds = 0.0;  // 0 when the weights were already loaded
+  double runSeconds = 0.0;   // the denoise loop, or the forward call
+  std::vector<double> stepSeconds;
+  uint64_t bytesRead = 0;     // this rank's checkpoint bytes read so far
+  std::string metricsRun;     // the id of the run appended to --metrics, if any
+};
+
+struct GenerateResult {
+  at::Tensor latents;  // packed [B, S, 64], on every rank
+  RunReport report;
+};
+
+struct ForwardResult {
+  at::Tensor output;  // [B, L, outChannels], on every rank
+  RunReport report;
+};
+
+// `pardit bench`: timed transformer forwards (or, with PipeFusion, denoising steps) on random inputs.
+struct BenchmarkRequest {
+  int64_t batch = 1;
+  int64_t height = 256;
+  int64_t width = 256;
+  int64_t textLen = 128;
+  int warmup = 2;
+  int iters = 5;
+};
+
+struct BenchmarkResult {
+  std::string modelName;
+  std::vector<double> samples;   // seconds per timed forward (pipelined step with PipeFusion), slowest rank
+  double median = 0.0, best = 0.0, mean = 0.0;
+  double flops = 0.0;            // per forward, all ranks together
+  double commShare = 0.0;        // largest rank's share of the step in communication (without PipeFusion)
+  double gemmRate = 0.0;         // machine GEMM rate (FLOP/s) of one rank at this dtype (CPU), or 0
+  // Single rank: the forward's GEMMs and attention timed alone (seconds); the rest is "other".
+  double gemmSeconds = 0.0, attentionSeconds = 0.0;
+  // PipeFusion: patches, and the share of a pipelined step spent waiting for the previous stage.
+  int patches = 0, warmupSteps = 0;
+  double bubbleShareMean = 0.0, bubbleShareMax = 0.0;
+  std::vector<double> pipelineStepSeconds;  // every step, warm-up included (rank 0)
+  int threads = 1;
+  int64_t imageTokens = 0;
+};
+
+class Engine {
+ public:
+  // Checks the options (the same on every rank, a valid layout for the world size), resolves this rank's
+  // device and dtype, builds the topology and opens the checkpoint headers (no weights are read).
+  Engine(config::EngineConfig options, dist::Runtime& runtime);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  const config::EngineConfig& options() const;
+  const model::FluxConfig& modelConfig() const;
+  const std::string& modelName() const;
+  c10::Device device() const;
+  c10::ScalarType dtype() const;
+
+  // The denoising loop from prompt embeddings to latents.
+  GenerateResult generate(const GenerateRequest& request);
+  // One transformer call on full inputs (the same on every rank; the CFG degree splits the batch).
+  // Rank 0 writes the output to `outputPath` (tensor 'sample') when given.
+  ForwardResult forward(const model::FluxInputs& inputs, const std::string& outputPath = "");
+  BenchmarkResult benchmark(const BenchmarkRequest& request);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
 
 }  // namespace pardit::pipeline

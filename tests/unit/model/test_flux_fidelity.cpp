@@ -6,7 +6,7 @@
 
 #include "test_util.h"
 #include "pardit/io/safetensors.h"
-#include "pardit/pipeline/engine.h"
+#include "pardit/pipeline/loading.h"
 
 using namespace pardit;
 using pardit::test::fixture;

@@ -6,9 +6,9 @@
 #include "test_util.h"
 #include "pardit/core/error.h"
 #include "pardit/io/safetensors.h"
-#include "pardit/pipeline/engine.h"
+#include "pardit/pipeline/denoise.h"
 #include "pardit/pipeline/latents.h"
-#include "pardit/pipeline/sampler.h"
+#include "pardit/pipeline/loading.h"
 
 using namespace pardit;
 using pardit::test::fixture;
@@ -37,13 +37,14 @@ double runCase(const GenCase& c) {
   at::Tensor noise = pipeline::initialNoise(std::stoull(meta.at("seed")), B, geom, at::kFloat);
   EXPECT_TRUE(at::equal(noise, f->read("latents_in")));
 
-  pipeline::LocalDenoiser denoiser(loaded.transformer, pos, pipeline::imageIds(geom), neg, trueCfg);
-  EXPECT_EQ(denoiser.trueCfg(), neg.has_value());
-  const auto sched = pipeline::resolveSchedule("auto", *loaded.checkpoint);
+  auto denoiser = pipeline::TransformerDenoiser::local(pipeline::localTransformer(loaded.transformer),
+                                                       pipeline::imageIds(geom), pos, neg);
+  const auto sched = pipeline::resolveSchedule(config::Schedule::kAuto, *loaded.checkpoint);
   pipeline::FlowMatchEulerScheduler scheduler(sched, steps, geom.tokens());
   at::Tensor sigmas = f->read("sigmas");
   for (int i = 0; i <= steps; ++i) EXPECT_EQ(scheduler.sigmas()[i], sigmas[i].item<float>());
-  at::Tensor out = pipeline::denoise(denoiser, noise, scheduler, loaded.checkpoint->config().guidanceEmbed, guidance);
+  at::Tensor out = pipeline::denoise(*denoiser, noise, scheduler,
+                                     {loaded.checkpoint->config().guidanceEmbed, guidance, trueCfg});
   return test::maxRelError(out, f->read("latents"));
 }
 }  // namespace

@@ -1,0 +1,161 @@
+// pardit bench: the model benchmark (Engine::benchmark) or the collective micro-benchmark, printed as
+// log lines, one machine-readable BENCH line and an optional JSON report.
+#include <ATen/ATen.h>
+
+#include <cstdio>
+#include <nlohmann/json.hpp>
+
+#include "commands.h"
+#include "pardit/core/dtype.h"
+#include "pardit/core/format.h"
+#include "pardit/core/log.h"
+#include "pardit/dist/comm_bench.h"
+#include "pardit/pipeline/engine.h"
+#include "pardit/version.h"
+
+namespace pardit::app {
+
+namespace {
+
+int runCommBench(const config::EngineConfig& c, dist::Runtime& rt) {
+  c10::Device device = c10::kCPU;
+  rt.agree([&] { device = dist::deviceForRank(c.device, rt.localRank()); });
+  const auto samples = dist::benchmarkCollectives(rt, device, c.commMaxBytes);
+  logInfo0("collectives over ", rt.worldSize(), " ranks (", rt.group(dist::GroupKind::kUlysses).backend(), ", ",
+           device.str(), "); times are the slowest rank's");
+  logInfo0("      bytes  op            time_us  algbw_GB/s  busbw_GB/s");
+  nlohmann::ordered_json results = nlohmann::ordered_json::array();
+  for (const auto& s : samples) {
+    char line[160];
+    std::snprintf(line, sizeof(line), "%11llu  %-12s %9.1f  %10.3f  %10.3f", static_cast<unsigned long long>(s.bytes),
+                  s.op.c_str(), s.seconds * 1e6, s.algbw / 1e9, s.busbw / 1e9);
+    logInfo0(line);
+    results.push_back({{"bytes", s.bytes}, {"op", s.op}, {"time_s", s.seconds}, {"algbw_GBps", s.algbw / 1e9},
+                       {"busbw_GBps", s.busbw / 1e9}});
+  }
+  nlohmann::ordered_json j;
+  j["tool"] = "pardit bench --comm";
+  j["commit"] = PARDIT_GIT_COMMIT;
+  j["ranks"] = rt.worldSize();
+  j["backend"] = rt.group(dist::GroupKind::kUlysses).backend();
+  j["device"] = device.str();
+  j["results"] = results;
+  writeJsonReport(rt, c.output, j);
+  return 0;
+}
+
+void printPipeFusion(const config::EngineConfig& c, dist::Runtime& rt, const pipeline::Engine& e,
+                     const pipeline::BenchmarkResult& r) {
+  const auto& d = rt.topology().degrees();
+  logInfo0("bench ", r.modelName, " (", e.modelConfig().describe(), "), ", dtypeName(e.dtype()), ", ", rt.worldSize(),
+           " rank(s) (", d.describe(), "), ", r.patches, " patches, ", r.warmupSteps, " warm-up step(s) + ", c.iters,
+           " pipelined steps, ", r.threads, " thread(s) per rank");
+  logInfo0("pipelined step: median ", formatSeconds(r.median), " (slowest rank); waiting for the previous stage: ",
+           formatNumber(100 * r.bubbleShareMean), "% of the step on average, ", formatNumber(100 * r.bubbleShareMax),
+           "% on the worst rank");
+  if (rt.worldRank() == 0) {
+    std::printf("BENCH pardit-pipefusion model=%s dtype=%s ranks=%d pipefusion=%d patches=%d ulysses=%d ring=%d "
+                "threads=%d image_tokens=%lld text_tokens=%lld step_median_s=%.6f bubble_share_mean=%.4f "
+                "bubble_share_max=%.4f\n",
+                r.modelName.c_str(), dtypeName(e.dtype()).c_str(), rt.worldSize(), d.pipefusion, r.patches, d.ulysses,
+                d.ring, r.threads, static_cast<long long>(r.imageTokens), static_cast<long long>(c.textLen), r.median,
+                r.bubbleShareMean, r.bubbleShareMax);
+    std::fflush(stdout);
+  }
+}
+
+void printForwards(const config::EngineConfig& c, dist::Runtime& rt, const pipeline::Engine& e,
+                   const pipeline::BenchmarkResult& r) {
+  const auto& d = rt.topology().degrees();
+  const double rate = r.flops / r.median;
+  logInfo0("bench ", r.modelName, " (", e.modelConfig().describe(), "), ", dtypeName(e.dtype()), " on ",
+           e.device().str(), ", ", rt.worldSize(), " rank(s) (", d.describe(), "), ", r.threads,
+           " thread(s) per rank, batch ", c.batch, ", ", r.imageTokens, " image + ", c.textLen, " text tokens");
+  logInfo0("forward: median ", formatSeconds(r.median), ", min ", formatSeconds(r.best), ", mean ",
+           formatSeconds(r.mean), " over ", r.samples.size(), " iterations");
+  logInfo0("work: ", formatNumber(r.flops / 1e9), " GFLOP per forward -> ", formatNumber(rate / 1e9), " GFLOP/s",
+           rt.worldSize() == 1 ? "" : " (all ranks)");
+  logInfo0("communication: ", formatNumber(100.0 * r.commShare), "% of the step time (largest rank)");
+  if (r.gemmRate > 0)
+    logInfo0("machine GEMM rate (", dtypeName(e.dtype()), ", 1024^3, ", r.threads, " thread(s)): ",
+             formatNumber(r.gemmRate / 1e9), " GFLOP/s per rank -> forward reaches ",
+             formatNumber(100.0 * rate / (r.gemmRate * rt.worldSize())), "% of it");
+  if (r.gemmSeconds > 0) {
+    const double other = std::max(0.0, r.median - r.gemmSeconds - r.attentionSeconds);
+    logInfo0("time split: GEMMs ", formatSeconds(r.gemmSeconds), " (", formatNumber(100 * r.gemmSeconds / r.median),
+             "%), attention ", formatSeconds(r.attentionSeconds), " (", formatNumber(100 * r.attentionSeconds / r.median),
+             "%), other ops ", formatSeconds(other), " (", formatNumber(100 * other / r.median), "%)");
+  }
+  if (rt.worldRank() == 0) {
+    std::printf("BENCH pardit model=%s dtype=%s ranks=%d ulysses=%d ring=%d cfg=%d threads=%d batch=%lld "
+                "image_tokens=%lld text_tokens=%lld median_s=%.6f min_s=%.6f gflops=%.3f comm_share=%.4f "
+                "gemm_gflops=%.3f\n",
+                r.modelName.c_str(), dtypeName(e.dtype()).c_str(), rt.worldSize(), d.ulysses, d.ring, d.cfg, r.threads,
+                static_cast<long long>(c.batch), static_cast<long long>(r.imageTokens),
+                static_cast<long long>(c.textLen), r.median, r.best, rate / 1e9, r.commShare, r.gemmRate / 1e9);
+    std::fflush(stdout);
+  }
+}
+
+nlohmann::ordered_json toJson(const config::EngineConfig& c, dist::Runtime& rt, const pipeline::Engine& e,
+                              const pipeline::BenchmarkResult& r) {
+  const auto& d = rt.topology().degrees();
+  nlohmann::ordered_json j;
+  j["tool"] = "pardit";
+  j["version"] = PARDIT_VERSION;
+  j["commit"] = PARDIT_GIT_COMMIT;
+  j["model"] = r.modelName;
+  j["config"] = e.modelConfig().describe();
+  j["dtype"] = dtypeName(e.dtype());
+  j["device"] = e.device().str();
+  j["ranks"] = rt.worldSize();
+  j["degrees"] = {{"cfg", d.cfg}, {"pipefusion", d.pipefusion}, {"ring", d.ring}, {"ulysses", d.ulysses}};
+  j["threads"] = r.threads;
+  j["batch"] = c.batch;
+  j["image_tokens"] = r.imageTokens;
+  j["text_tokens"] = c.textLen;
+  j["warmup"] = c.warmup;
+  j["samples_s"] = r.samples;
+  j["median_s"] = r.median;
+  j["flops"] = r.flops;
+  j["gflops"] = r.flops / r.median / 1e9;
+  if (d.pipefusion > 1) {
+    j["patches"] = r.patches;
+    j["warmup_steps"] = r.warmupSteps;
+    j["step_s"] = r.pipelineStepSeconds;
+    j["bubble_share_mean"] = r.bubbleShareMean;
+    j["bubble_share_max"] = r.bubbleShareMax;
+  } else {
+    j["comm_share"] = r.commShare;
+    j["gemm_gflops"] = r.gemmRate / 1e9;
+    if (r.gemmSeconds > 0)
+      j["split_s"] = {{"gemm", r.gemmSeconds},
+                      {"attention", r.attentionSeconds},
+                      {"other", std::max(0.0, r.median - r.gemmSeconds - r.attentionSeconds)}};
+  }
+  return j;
+}
+
+}  // namespace
+
+int runBench(const config::EngineConfig& c, dist::Runtime& rt) {
+  if (c.benchComm) return runCommBench(c, rt);
+  pipeline::Engine engine(c, rt);
+  pipeline::BenchmarkRequest request;
+  request.batch = c.batch;
+  request.height = c.height;
+  request.width = c.width;
+  request.textLen = c.textLen;
+  request.warmup = c.warmup;
+  request.iters = c.iters;
+  const pipeline::BenchmarkResult r = engine.benchmark(request);
+  if (rt.topology().degrees().pipefusion > 1) {
+    printPipeFusion(c, rt, engine, r);
+  } else {
+    printForwards(c, rt, engine, r);
+  }
+  writeJsonReport(rt, c.output, toJson(c, rt, engine, r));
+  return 0;
+}
+
+}  // namespace pardit::app

@@ -1,0 +1,209 @@
+#include "pardit/pipeline/benchmark.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <map>
+#include <numeric>
+
+#include "engine_impl.h"
+#include "pardit/core/error.h"
+#include "pardit/core/timer.h"
+#include "pardit/model/attention.h"
+#include "pardit/pipeline/latents.h"
+
+namespace pardit::pipeline {
+
+double forwardFlops(const model::FluxConfig& m, int64_t B, int64_t Li, int64_t Lt) {
+  const double h = m.hiddenSize, L = static_cast<double>(Li + Lt), mlp = m.mlpHidden;
+  auto lin = [](double rows, double in, double out) { return 2.0 * rows * in * out; };
+  double f = 0;
+  f += lin(B * Li, m.inChannels, h) + lin(B * Lt, m.contextInDim, h);
+  f += lin(B, 256, h) + lin(B, h, h) + lin(B, m.vecInDim, h) + lin(B, h, h);
+  if (m.guidanceEmbed) f += lin(B, 256, h) + lin(B, h, h);
+  const double attn = 4.0 * B * L * L * h;
+  for (int64_t i = 0; i < m.depth; ++i) {
+    f += 2 * lin(B, h, 6 * h);
+    f += lin(B * L, h, 3 * h) + lin(B * L, h, h) + lin(B * L, h, mlp) + lin(B * L, mlp, h);
+    f += attn;
+  }
+  for (int64_t i = 0; i < m.depthSingle; ++i) f += lin(B, h, 3 * h) + lin(B * L, h, 3 * h + mlp) + lin(B * L, h + mlp, h) + attn;
+  f += lin(B, h, 2 * h) + lin(B * Li, h, m.outChannels);
+  return f;
+}
+
+double gemmRate(c10::ScalarType dtype, int64_t n, int reps) {
+  at::Tensor a = at::randn({n, n}).to(dtype), b = at::randn({n, n}).to(dtype);
+  at::mm(a, b);
+  double best = 1e30;
+  for (int i = 0; i < reps; ++i) {
+    Timer t;
+    at::Tensor c = at::mm(a, b);
+    best = std::min(best, t.seconds());
+  }
+  return 2.0 * static_cast<double>(n) * n * n / best;
+}
+
+namespace {
+// Waits for the device's queued work (CUDA work is asynchronous).
+void settle(const at::Tensor& t) {
+  if (t.is_cuda()) (void)t.sum().item<float>();
+}
+}  // namespace
+
+std::pair<double, double> componentTimes(const model::FluxConfig& m, int64_t B, int64_t Li, int64_t Lt,
+                                         c10::ScalarType dtype, const c10::Device& device) {
+  const int64_t h = m.hiddenSize, mlp = m.mlpHidden, L = Li + Lt;
+  // Every Linear of the forward as (rows, in, out) -> how many times it runs.
+  std::map<std::array<int64_t, 3>, int64_t> shapes;
+  shapes[{B * Li, m.inChannels, h}] += 1;
+  shapes[{B * Lt, m.contextInDim, h}] += 1;
+  for (int64_t rows : {B * Li, B * Lt}) {
+    shapes[{B, h, 6 * h}] += m.depth;
+    shapes[{rows, h, 3 * h}] += m.depth;
+    shapes[{rows, h, h}] += m.depth;
+    shapes[{rows, h, mlp}] += m.depth;
+    shapes[{rows, mlp, h}] += m.depth;
+  }
+  shapes[{B, h, 3 * h}] += m.depthSingle;
+  shapes[{B * L, h, 3 * h + mlp}] += m.depthSingle;
+  shapes[{B * L, h + mlp, h}] += m.depthSingle;
+  shapes[{B * Li, h, m.outChannels}] += 1;
+  const auto opts = at::TensorOptions().dtype(dtype).device(device);
+  double gemm = 0;
+  for (const auto& [s, count] : shapes) {
+    // One layer's operands at a time.
+    const at::Tensor x = at::randn({s[0], s[1]}, opts), w = at::randn({s[2], s[1]}, opts), b = at::randn({s[2]}, opts);
+    settle(at::linear(x, w, b));
+    double best = 1e30;
+    for (int r = 0; r < 3; ++r) {
+      Timer t;
+      settle(at::linear(x, w, b));
+      best = std::min(best, t.seconds());
+    }
+    gemm += best * static_cast<double>(count);
+  }
+  const at::Tensor q = at::randn({B, m.numHeads, L, m.headDim()}, opts), k = at::randn_like(q), v = at::randn_like(q);
+  settle(model::localAttention(q, k, v, false).out);
+  double attention = 1e30;
+  for (int r = 0; r < 3; ++r) {
+    Timer t;
+    settle(model::localAttention(q, k, v, false).out);
+    attention = std::min(attention, t.seconds());
+  }
+  return {gemm, attention * static_cast<double>(m.depth + m.depthSingle)};
+}
+
+// ---- Engine::benchmark ---------------------------------------------------------------------------------
+
+namespace {
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+}
+
+double worldReduce(dist::Runtime& rt, double v, dist::ReduceOp op) {
+  at::Tensor t = at::tensor({v}, at::kDouble);
+  rt.world().allReduce(t, op);
+  return t.item<double>();
+}
+
+}  // namespace
+
+BenchmarkResult Engine::benchmark(const BenchmarkRequest& request) {
+  Impl& m = *impl_;
+  const LatentGeometry geom{request.height, request.width, 16};
+  m.rt.agree([&] {
+    PARDIT_CHECK(request.iters >= 1 && request.warmup >= 0, "--iters must be >= 1 and --warmup >= 0");
+    PARDIT_CHECK(request.batch >= 1 && request.batch % m.degrees.cfg == 0,
+                 "--batch must be >= 1 and divisible by --cfg-degree");
+    PARDIT_CHECK(request.textLen >= 1, "--text-len must be >= 1 for bench");
+    geom.validate();
+    PARDIT_CHECK(m.config.inChannels == geom.packedChannels(), "bench needs a model with ", geom.packedChannels(),
+                 " input channels");
+    if (m.degrees.pipefusion > 1) {
+      PARDIT_CHECK(m.degrees.cfg == 1, "bench: --pipefusion-degree with --cfg-degree is not benchmarked; use generate");
+      PARDIT_CHECK(m.options.warmupSteps >= 1, "bench with PipeFusion needs --warmup-steps >= 1");
+    }
+  });
+  BenchmarkResult r;
+  r.modelName = m.modelName;
+  r.threads = at::get_num_threads();
+  r.imageTokens = geom.tokens();
+  const int64_t B = request.batch, Lt = request.textLen;
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(1234);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  if (m.degrees.pipefusion > 1) {
+    // The denoising loop: warm-up steps, then patch-pipelined steps, and the share of each pipelined step
+    // a rank spends waiting for the previous stage (bubbles and transfers).
+    GenerateRequest g;
+    g.prompt.embeddings = {at::randn({B, Lt, m.config.contextInDim}, gen, f32),
+                           at::randn({B, m.config.vecInDim}, gen, f32)};
+    g.height = request.height;
+    g.width = request.width;
+    g.steps = m.options.warmupSteps + request.iters;
+    g.schedule = config::Schedule::kShift;
+    m.rt.world().barrier();
+    const GenerateResult out = generate(g);
+    const size_t W = static_cast<size_t>(m.options.warmupSteps);
+    r.pipelineStepSeconds = out.report.stepSeconds;
+    double wait = 0, total = 0;
+    for (size_t i = W; i < out.report.stepSeconds.size(); ++i) {
+      r.samples.push_back(worldReduce(m.rt, out.report.stepSeconds[i], dist::ReduceOp::kMax));
+      wait += m.lastPipeline.stepWaitSeconds.at(i);
+      total += out.report.stepSeconds[i];
+    }
+    r.warmupSteps = static_cast<int>(W);
+    r.patches = m.options.numPipelinePatch > 0 ? m.options.numPipelinePatch : m.degrees.pipefusion;
+    r.bubbleShareMean = worldReduce(m.rt, wait / total, dist::ReduceOp::kSum) / m.rt.worldSize();
+    r.bubbleShareMax = worldReduce(m.rt, wait / total, dist::ReduceOp::kMax);
+  } else {
+    model::FluxInputs in;
+    in.img = at::randn({B, geom.tokens(), m.config.inChannels}, gen, f32).to(m.dtype);
+    in.txt = at::randn({B, Lt, m.config.contextInDim}, gen, f32).to(m.dtype);
+    in.pooled = at::randn({B, m.config.vecInDim}, gen, f32).to(m.dtype);
+    in.timestep = at::full({B}, 0.5, f32);
+    if (m.config.guidanceEmbed) in.guidance = at::full({B}, 3.5, f32);
+    in.imgIds = imageIds(geom);
+    in.txtIds = textIds(Lt);
+    Impl::Run run(m.rt);
+    const TransformerFn fn = m.forwardFn(run, in, "");
+    auto step = [&] {
+      const at::Tensor out = detail::cfgGather(m.rt, fn(run.inputs));
+      if (out.is_cuda()) (void)out.cpu();
+    };
+    for (int i = 0; i < request.warmup; ++i) step();
+    m.rt.world().barrier();
+    std::vector<double> commShares;
+    for (int i = 0; i < request.iters; ++i) {
+      const auto before = m.rt.collectiveTotals();
+      Timer t;
+      run.recorder.beginStep();
+      step();
+      run.recorder.endStep();
+      const double local = t.seconds();
+      double comm = 0;
+      for (const auto& [name, s] : m.rt.collectiveTotals())
+        if (name != "barrier") comm += s.seconds - before.at(name).seconds;
+      // A sample is the slowest rank's time; the communication share is this rank's.
+      r.samples.push_back(worldReduce(m.rt, local, dist::ReduceOp::kMax));
+      commShares.push_back(comm / local);
+    }
+    r.commShare = worldReduce(m.rt, median(commShares), dist::ReduceOp::kMax);
+    if (m.device.is_cpu()) r.gemmRate = gemmRate(m.dtype);
+    if (m.rt.worldSize() == 1)
+      std::tie(r.gemmSeconds, r.attentionSeconds) = componentTimes(m.config, B, geom.tokens(), Lt, m.dtype, m.device);
+    m.finishMetrics(run, "bench", std::accumulate(r.samples.begin(), r.samples.end(), 0.0), 0, B * request.iters);
+  }
+  r.median = median(r.samples);
+  r.best = *std::min_element(r.samples.begin(), r.samples.end());
+  r.mean = std::accumulate(r.samples.begin(), r.samples.end(), 0.0) / static_cast<double>(r.samples.size());
+  r.flops = forwardFlops(m.config, B, geom.tokens(), Lt);
+  return r;
+}
+
+}  // namespace pardit::pipeline

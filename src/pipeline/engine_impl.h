@@ -1,0 +1,74 @@
+#pragma once
+// Private to src/pipeline: the state of an Engine, shared by its run stages (engine.cpp) and its
+// benchmark (benchmark.cpp).
+#include <optional>
+#include <string>
+
+#include "pardit/dist/runtime.h"
+#include "pardit/io/checkpoint.h"
+#include "pardit/memory/planner.h"
+#include "pardit/metrics/metrics.h"
+#include "pardit/parallel/pipefusion.h"
+#include "pardit/pipeline/engine.h"
+#include "rank_setup.h"
+
+namespace pardit::pipeline {
+
+using detail::PipeFusionLayout;
+
+// ---- the engine's state ---------------------------------------------------------------------------
+
+struct Engine::Impl {
+  Impl(config::EngineConfig o, dist::Runtime& r) : options(std::move(o)), rt(r) {}
+
+  config::EngineConfig options;
+  dist::Runtime& rt;
+  dist::ParallelDegrees degrees;
+  c10::Device device = c10::kCPU;
+  c10::ScalarType dtype = c10::kFloat;
+  std::optional<io::FluxCheckpoint> checkpoint;  // none: a preset's synthetic weights in memory
+  model::FluxConfig config;
+  std::string modelName;
+  detail::TensorReader read;
+
+  // The weights of the last plan, kept while the next run plans the same groups the same way.
+  struct Loaded {
+    memory::RankPlan plan;
+    std::string key;
+    std::shared_ptr<model::FluxWeightProvider> weights;
+  };
+  std::optional<Loaded> loaded;
+  parallel::PipeFusionStats lastPipeline;  // of the last PipeFusion generate
+
+  // Everything a run needs between its stages.
+  struct Run {
+    std::optional<PipeFusionLayout> pipefusion;
+    double loadSeconds = 0.0;
+    std::shared_ptr<model::FluxWeightProvider> weights;
+    model::FluxInputs inputs;  // forward: this rank's share of the inputs
+    metrics::MetricsRecorder recorder;
+    explicit Run(dist::Runtime& rt) : recorder(rt) {}
+  };
+
+  void open();
+  // The transformer call of a forward run on `inputs` (layout checked, weights planned and loaded);
+  // run.inputs becomes this rank's share of them.
+  TransformerFn forwardFn(Run& run, const model::FluxInputs& inputs, const std::string& outputPath);
+  std::shared_ptr<model::FluxWeightProvider> prepare(Run& run, int64_t batch, int64_t imageTokens, int64_t textTokens);
+  void writeOutput(const std::string& path, const std::string& flag, const std::string& tensorName,
+                   const at::Tensor& value) const;
+  std::string finishMetrics(Run& run, const std::string& command, double seconds, int warmupSteps, int64_t images);
+  void rankSummary(const std::shared_ptr<model::FluxWeightProvider>& weights, const std::optional<PipeFusionLayout>& pf) const;
+  uint64_t bytesRead() const { return checkpoint ? checkpoint->bytesRead() : 0; }
+};
+
+namespace detail {
+// One line per collective kind with calls, bytes and time (this rank's counters).
+std::string collectiveSummary(const dist::Runtime& rt);
+// One rank's share of a CFG-split batch (dim 0), on `device`.
+at::Tensor cfgShare(const at::Tensor& t, const dist::Topology& topo, const c10::Device& device);
+// Gathers the CFG ranks' batch shares back into the full batch.
+at::Tensor cfgGather(dist::Runtime& rt, const at::Tensor& mine);
+}  // namespace detail
+
+}  // namespace pardit::pipeline

@@ -1,0 +1,125 @@
+#include "rank_setup.h"
+
+#include <ATen/ATen.h>
+
+#include "pardit/core/error.h"
+#include "pardit/memory/streamer.h"
+
+namespace pardit::pipeline::detail {
+
+dist::ParallelDegrees degreesOf(const config::EngineConfig& c) {
+  dist::ParallelDegrees d;
+  d.cfg = c.cfgDegree;
+  d.pipefusion = c.pipefusionDegree;
+  d.ring = c.ringDegree;
+  d.ulysses = c.ulyssesDegree;
+  return d;
+}
+
+std::optional<PipeFusionLayout> checkLayout(const config::EngineConfig& c, const dist::ParallelDegrees& d,
+                                            const model::FluxConfig& mc, int64_t tokenRows, int64_t tokenCols,
+                                            bool patched) {
+  if (d.pipefusion == 1) {
+    parallel::checkSequenceParallel(d, mc.numHeads, tokenRows * tokenCols);
+    return std::nullopt;
+  }
+  PARDIT_CHECK(mc.numHeads % d.ulysses == 0, "--ulysses-degree ", d.ulysses, " does not divide the model's ",
+               mc.numHeads, " attention heads");
+  PipeFusionLayout s;
+  s.partition = parallel::partitionStages(mc, d.pipefusion, c.ppPartition);
+  const int patches = !patched ? 1 : (c.numPipelinePatch > 0 ? c.numPipelinePatch : d.pipefusion);
+  s.layout = parallel::PatchLayout{tokenRows, tokenCols, patches, d.spDegree(), 0};
+  s.layout.check();
+  PARDIT_CHECK(patches == 1 || c.warmupSteps >= 1, "--num-pipeline-patch ", patches,
+               " needs --warmup-steps >= 1 (the first step fills the K/V buffers)");
+  s.warmupSteps = c.warmupSteps;
+  return s;
+}
+
+memory::RankWorkload workloadOf(const dist::Topology& topo, const model::FluxConfig& mc,
+                                const std::optional<PipeFusionLayout>& pf, c10::ScalarType dtype, int64_t batch,
+                                int64_t imageTokens, int64_t textTokens) {
+  memory::RankWorkload w;
+  w.config = mc;
+  w.dtype = dtype;
+  w.batch = batch;
+  const auto& d = topo.degrees();
+  w.ulysses = d.ulysses;
+  w.ring = d.ring;
+  w.pipefusion = d.pipefusion;
+  const int64_t sp = d.spDegree();
+  if (pf) {
+    const int stage = topo.pipefusionRank();
+    w.groups = pf->partition.groupsOf(stage, mc);
+    // Warm-up steps run all local tokens at once; the K/V buffers hold them for every layer of the stage.
+    w.imageTokens = imageTokens / sp;
+    w.imageTokensKv = imageTokens / sp;
+    w.textTokens = textTokens;
+    w.kvLayers = pf->partition.end(stage) - pf->partition.begin(stage);
+  } else {
+    for (const auto& g : model::fluxWeightGroups(mc)) w.groups.push_back(g.name);
+    w.imageTokens = imageTokens / sp;
+    w.textTokens = textTokens % sp == 0 ? textTokens / sp : textTokens;
+  }
+  return w;
+}
+
+uint64_t budgetOf(const config::EngineConfig& c, const c10::Device& device, int ranksOnNode) {
+  if (!c.deviceMemoryBudget.automatic) return c.deviceMemoryBudget.bytes;
+  return memory::autoBudget(device.is_cuda(), device.is_cuda() ? device.index() : 0, ranksOnNode);
+}
+
+std::shared_ptr<model::FluxWeightProvider> loadPlannedWeights(const config::EngineConfig& c,
+                                                              const model::FluxConfig& mc, const TensorReader& read,
+                                                              const memory::RankPlan& plan, c10::ScalarType dtype,
+                                                              const c10::Device& device) {
+  std::vector<std::string> groups;
+  for (const auto& g : plan.groups) groups.push_back(g.name);
+  if (!plan.anyStreamed())
+    return std::make_shared<model::ResidentFluxWeights>(
+        mc, [&](const std::string& n) { return read(n, dtype, device); }, groups);
+  memory::StreamingOptions opts;
+  switch (c.streamFrom) {
+    case config::StreamSource::kHost: opts.hostCache = true; break;
+    case config::StreamSource::kFile: opts.hostCache = false; break;
+    case config::StreamSource::kAuto:
+      opts.hostCache = device.is_cuda() && plan.streamedBytes < memory::hostAvailableBytes() / 2;
+      break;
+  }
+  return std::make_shared<memory::StreamingFluxWeights>(
+      mc, [read, dtype](const std::string& n) { return read(n, dtype, c10::kCPU); }, plan, device, opts);
+}
+
+RankModel makeRankModel(dist::Runtime& rt, const model::FluxConfig& mc,
+                        std::shared_ptr<model::FluxWeightProvider> weights) {
+  RankModel m;
+  if (rt.topology().spDegree() == 1) {
+    m.transformer = std::make_shared<model::FluxTransformer>(mc, std::move(weights),
+                                                             std::make_shared<model::LocalAttention>());
+    m.fn = localTransformer(m.transformer);
+    return m;
+  }
+  m.usp = std::make_shared<parallel::UspAttention>(rt.group(dist::GroupKind::kUlysses), rt.group(dist::GroupKind::kRing));
+  m.transformer = std::make_shared<model::FluxTransformer>(mc, std::move(weights), m.usp);
+  m.sp = std::make_shared<parallel::SequenceParallelTransformer>(m.transformer, m.usp,
+                                                                 rt.group(dist::GroupKind::kSequence));
+  m.fn = [sp = m.sp](const model::FluxInputs& in) { return sp->forward(in); };
+  return m;
+}
+
+std::shared_ptr<parallel::PipeFusionRunner> makePipeFusionRunner(dist::Runtime& rt, const model::FluxConfig& mc,
+                                                                 std::shared_ptr<model::FluxWeightProvider> weights,
+                                                                 const PipeFusionLayout& pf, const c10::Device& device) {
+  auto usp = std::make_shared<parallel::UspAttention>(rt.group(dist::GroupKind::kUlysses), rt.group(dist::GroupKind::kRing));
+  auto transformer = std::make_shared<model::FluxTransformer>(mc, std::move(weights), usp);
+  parallel::PipeFusionOptions options;
+  options.partition = pf.partition;
+  options.stage = rt.topology().pipefusionRank();
+  options.layout = pf.layout;
+  options.layout.spRank = rt.topology().spRank();
+  options.device = device;
+  parallel::PipeFusionComms comms{&rt.group(dist::GroupKind::kPipeFusion), &rt.group(dist::GroupKind::kSequence)};
+  return std::make_shared<parallel::PipeFusionRunner>(transformer, usp, options, comms);
+}
+
+}  // namespace pardit::pipeline::detail

@@ -1,0 +1,71 @@
+#pragma once
+// Private to src/pipeline: how one rank of a run is laid out, planned, loaded and assembled. Used by the
+// engine and by `pardit plan` (which plans every rank of a job without running any).
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "pardit/config/config.h"
+#include "pardit/dist/runtime.h"
+#include "pardit/memory/planner.h"
+#include "pardit/model/flux.h"
+#include "pardit/parallel/pipefusion.h"
+#include "pardit/parallel/sequence_parallel.h"
+#include "pardit/pipeline/denoise.h"
+
+namespace pardit::pipeline::detail {
+
+dist::ParallelDegrees degreesOf(const config::EngineConfig& c);
+
+// Reads a tensor by internal name in a dtype onto a device (from the checkpoint, or a preset's
+// synthetic weights).
+using TensorReader = std::function<at::Tensor(const std::string& name, c10::ScalarType dtype, c10::Device device)>;
+
+// The PipeFusion layout of a run.
+struct PipeFusionLayout {
+  parallel::StagePartition partition;
+  parallel::PatchLayout layout;  // spRank is filled in per rank
+  int warmupSteps = 1;
+};
+
+// Checks the parallel layout against the model and the image token grid (rows x cols; a forward call's
+// plain sequence is rows x 1) before anything is loaded; errors name the flags. Returns the PipeFusion
+// layout with --pipefusion-degree > 1. `patched`: the image is cut into --num-pipeline-patch patches
+// (generate), else PipeFusion runs one patch (forward).
+std::optional<PipeFusionLayout> checkLayout(const config::EngineConfig& c, const dist::ParallelDegrees& d,
+                                            const model::FluxConfig& mc, int64_t tokenRows, int64_t tokenCols,
+                                            bool patched);
+
+// What one rank computes, for the planner. `batch`: the transformer batch of this rank.
+memory::RankWorkload workloadOf(const dist::Topology& topo, const model::FluxConfig& mc,
+                                const std::optional<PipeFusionLayout>& pf, c10::ScalarType dtype, int64_t batch,
+                                int64_t imageTokens, int64_t textTokens);
+
+// --device-memory-budget resolved for this rank (auto: the device's free memory, or the host's share).
+uint64_t budgetOf(const config::EngineConfig& c, const c10::Device& device, int ranksOnNode);
+
+// This rank's weights under its plan: resident, or streamed (memory::StreamingFluxWeights).
+std::shared_ptr<model::FluxWeightProvider> loadPlannedWeights(const config::EngineConfig& c,
+                                                              const model::FluxConfig& mc, const TensorReader& read,
+                                                              const memory::RankPlan& plan, c10::ScalarType dtype,
+                                                              const c10::Device& device);
+
+// This rank's transformer call: local, or split over its sequence-parallel group with USP attention.
+struct RankModel {
+  std::shared_ptr<model::FluxTransformer> transformer;
+  std::shared_ptr<parallel::UspAttention> usp;
+  std::shared_ptr<parallel::SequenceParallelTransformer> sp;
+  TransformerFn fn;
+};
+RankModel makeRankModel(dist::Runtime& rt, const model::FluxConfig& mc,
+                        std::shared_ptr<model::FluxWeightProvider> weights);
+
+std::shared_ptr<parallel::PipeFusionRunner> makePipeFusionRunner(dist::Runtime& rt, const model::FluxConfig& mc,
+                                                                 std::shared_ptr<model::FluxWeightProvider> weights,
+                                                                 const PipeFusionLayout& pf, const c10::Device& device);
+
+}  // namespace pardit::pipeline::detail

@@ -7,7 +7,8 @@ build="${PARDIT_BUILD_DIR:-$root/build}"
 # --slurm: the Slurm test (label slurm) starts a one-node cluster; without root it is skipped visibly.
 venv="$("$root/launch/install.sh" $([[ $(id -u) -eq 0 ]] && echo --slurm) | tail -n 1)"
 export PARDIT_VENV="${PARDIT_VENV:-$venv}"
-"$root/launch/build.sh" -DPARDIT_BUILD_TESTS=ON
+# CI settings: warnings are errors, and every public header must compile on its own.
+"$root/launch/build.sh" -DPARDIT_BUILD_TESTS=ON -DPARDIT_WARNINGS_AS_ERRORS=ON -DPARDIT_CHECK_HEADERS=ON
 export OMP_NUM_THREADS=1
 cd "$build"
 ctest --output-on-failure -j "${PARDIT_TEST_JOBS:-$(nproc)}" "$@"

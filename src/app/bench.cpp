@@ -100,25 +100,14 @@ void printForwards(const config::EngineConfig& c, dist::Runtime& rt, const pipel
 nlohmann::ordered_json toJson(const config::EngineConfig& c, dist::Runtime& rt, const pipeline::Engine& e,
                               const pipeline::BenchmarkResult& r) {
   const auto& d = rt.topology().degrees();
-  nlohmann::ordered_json j;
-  j["tool"] = "pardit";
-  j["version"] = PARDIT_VERSION;
-  j["commit"] = PARDIT_GIT_COMMIT;
-  j["model"] = r.modelName;
-  j["config"] = e.modelConfig().describe();
-  j["dtype"] = dtypeName(e.dtype());
-  j["device"] = e.device().str();
-  j["ranks"] = rt.worldSize();
-  j["degrees"] = {{"cfg", d.cfg}, {"pipefusion", d.pipefusion}, {"ring", d.ring}, {"ulysses", d.ulysses}};
-  j["threads"] = r.threads;
-  j["batch"] = c.batch;
-  j["image_tokens"] = r.imageTokens;
-  j["text_tokens"] = c.textLen;
-  j["warmup"] = c.warmup;
-  j["samples_s"] = r.samples;
-  j["median_s"] = r.median;
-  j["flops"] = r.flops;
-  j["gflops"] = r.flops / r.median / 1e9;
+  nlohmann::ordered_json j = {
+      {"tool", "pardit"}, {"version", PARDIT_VERSION}, {"commit", PARDIT_GIT_COMMIT}, {"model", r.modelName},
+      {"config", e.modelConfig().describe()}, {"dtype", dtypeName(e.dtype())}, {"device", e.device().str()},
+      {"ranks", rt.worldSize()},
+      {"degrees", {{"cfg", d.cfg}, {"pipefusion", d.pipefusion}, {"ring", d.ring}, {"ulysses", d.ulysses}}},
+      {"threads", r.threads}, {"batch", c.batch}, {"image_tokens", r.imageTokens}, {"text_tokens", c.textLen},
+      {"warmup", c.warmup}, {"samples_s", r.samples}, {"median_s", r.median}, {"flops", r.flops},
+      {"gflops", r.flops / r.median / 1e9}};
   if (d.pipefusion > 1) {
     j["patches"] = r.patches;
     j["warmup_steps"] = r.warmupSteps;
@@ -141,14 +130,8 @@ nlohmann::ordered_json toJson(const config::EngineConfig& c, dist::Runtime& rt, 
 int runBench(const config::EngineConfig& c, dist::Runtime& rt) {
   if (c.benchComm) return runCommBench(c, rt);
   pipeline::Engine engine(c, rt);
-  pipeline::BenchmarkRequest request;
-  request.batch = c.batch;
-  request.height = c.height;
-  request.width = c.width;
-  request.textLen = c.textLen;
-  request.warmup = c.warmup;
-  request.iters = c.iters;
-  const pipeline::BenchmarkResult r = engine.benchmark(request);
+  const pipeline::BenchmarkResult r =
+      engine.benchmark(pipeline::BenchmarkRequest{c.batch, c.height, c.width, c.textLen, c.warmup, c.iters});
   if (rt.topology().degrees().pipefusion > 1) {
     printPipeFusion(c, rt, engine, r);
   } else {

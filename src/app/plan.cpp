@@ -29,20 +29,12 @@ nlohmann::ordered_json toJson(const config::EngineConfig& c, const pipeline::Job
     const auto& plan = p.ranks[r];
     size_t streamed = 0;
     for (const auto& g : plan.groups) streamed += g.streamed;
-    nlohmann::ordered_json j;
-    j["rank"] = r;
-    j["stage"] = p.stageOf[r];
-    j["groups"] = plan.groups.size();
-    j["streamed_groups"] = streamed;
-    j["resident_bytes"] = plan.residentBytes;
-    j["streamed_bytes"] = plan.streamedBytes;
-    j["stream_buffer_bytes"] = plan.streamBufferBytes;
-    j["activation_bytes"] = plan.activationBytes;
-    j["kv_buffer_bytes"] = plan.kvBytes;
-    j["comm_buffer_bytes"] = plan.commBytes;
-    j["total_bytes"] = plan.total();
-    j["budget_bytes"] = plan.budget;
-    j["fits"] = plan.fits;
+    nlohmann::ordered_json j = {
+        {"rank", r}, {"stage", p.stageOf[r]}, {"groups", plan.groups.size()}, {"streamed_groups", streamed},
+        {"resident_bytes", plan.residentBytes}, {"streamed_bytes", plan.streamedBytes},
+        {"stream_buffer_bytes", plan.streamBufferBytes}, {"activation_bytes", plan.activationBytes},
+        {"kv_buffer_bytes", plan.kvBytes}, {"comm_buffer_bytes", plan.commBytes}, {"total_bytes", plan.total()},
+        {"budget_bytes", plan.budget}, {"fits", plan.fits}};
     if (!plan.fits) j["problem"] = plan.problem;
     ranks.push_back(j);
   }

@@ -11,6 +11,7 @@
 #include <limits>
 #include <set>
 #include <sstream>
+#include <tuple>
 
 #include "pardit/core/error.h"
 
@@ -23,68 +24,20 @@ namespace pardit::config {
 // ---- enums ---------------------------------------------------------------------------------------------
 
 namespace {
+// The names of each enum's values, in declaration order (the values count up from 0).
 template <typename E>
-const std::vector<std::pair<E, const char*>>& enumTable();
-
-template <>
-const std::vector<std::pair<Command, const char*>>& enumTable() {
-  static const std::vector<std::pair<Command, const char*>> t = {{Command::kGenerate, "generate"},
-                                                                 {Command::kForward, "forward"},
-                                                                 {Command::kSynth, "synth"},
-                                                                 {Command::kBench, "bench"},
-                                                                 {Command::kPlan, "plan"}};
-  return t;
-}
-template <>
-const std::vector<std::pair<Dtype, const char*>>& enumTable() {
-  static const std::vector<std::pair<Dtype, const char*>> t = {
-      {Dtype::kAuto, "auto"}, {Dtype::kBf16, "bf16"}, {Dtype::kFp16, "fp16"}, {Dtype::kFp32, "fp32"}};
-  return t;
-}
-template <>
-const std::vector<std::pair<DeviceKind, const char*>>& enumTable() {
-  static const std::vector<std::pair<DeviceKind, const char*>> t = {
-      {DeviceKind::kAuto, "auto"}, {DeviceKind::kCpu, "cpu"}, {DeviceKind::kCuda, "cuda"}};
-  return t;
-}
-template <>
-const std::vector<std::pair<Offload, const char*>>& enumTable() {
-  static const std::vector<std::pair<Offload, const char*>> t = {
-      {Offload::kNone, "none"}, {Offload::kAuto, "auto"}, {Offload::kSequential, "sequential"}};
-  return t;
-}
-template <>
-const std::vector<std::pair<StreamSource, const char*>>& enumTable() {
-  static const std::vector<std::pair<StreamSource, const char*>> t = {
-      {StreamSource::kAuto, "auto"}, {StreamSource::kHost, "host"}, {StreamSource::kFile, "file"}};
-  return t;
-}
-template <>
-const std::vector<std::pair<Schedule, const char*>>& enumTable() {
-  static const std::vector<std::pair<Schedule, const char*>> t = {
-      {Schedule::kAuto, "auto"}, {Schedule::kShift, "shift"}, {Schedule::kPlain, "plain"}};
-  return t;
-}
-template <>
-const std::vector<std::pair<LogLevelOption, const char*>>& enumTable() {
-  static const std::vector<std::pair<LogLevelOption, const char*>> t = {{LogLevelOption::kDebug, "debug"},
-                                                                        {LogLevelOption::kInfo, "info"},
-                                                                        {LogLevelOption::kWarn, "warn"},
-                                                                        {LogLevelOption::kError, "error"}};
-  return t;
-}
-template <>
-const std::vector<std::pair<SynthLayout, const char*>>& enumTable() {
-  static const std::vector<std::pair<SynthLayout, const char*>> t = {{SynthLayout::kDiffusers, "diffusers"},
-                                                                     {SynthLayout::kBfl, "bfl"}};
-  return t;
-}
-template <>
-const std::vector<std::pair<SynthFill, const char*>>& enumTable() {
-  static const std::vector<std::pair<SynthFill, const char*>> t = {{SynthFill::kRandom, "random"},
-                                                                   {SynthFill::kZeros, "zeros"}};
-  return t;
-}
+const std::vector<const char*>& namesOf();
+// clang-format off
+template <> const std::vector<const char*>& namesOf<Command>() { static const std::vector<const char*> n{"generate", "forward", "synth", "bench", "plan"}; return n; }
+template <> const std::vector<const char*>& namesOf<Dtype>() { static const std::vector<const char*> n{"auto", "bf16", "fp16", "fp32"}; return n; }
+template <> const std::vector<const char*>& namesOf<DeviceKind>() { static const std::vector<const char*> n{"auto", "cpu", "cuda"}; return n; }
+template <> const std::vector<const char*>& namesOf<Offload>() { static const std::vector<const char*> n{"none", "auto", "sequential"}; return n; }
+template <> const std::vector<const char*>& namesOf<StreamSource>() { static const std::vector<const char*> n{"auto", "host", "file"}; return n; }
+template <> const std::vector<const char*>& namesOf<Schedule>() { static const std::vector<const char*> n{"auto", "shift", "plain"}; return n; }
+template <> const std::vector<const char*>& namesOf<LogLevelOption>() { static const std::vector<const char*> n{"debug", "info", "warn", "error"}; return n; }
+template <> const std::vector<const char*>& namesOf<SynthLayout>() { static const std::vector<const char*> n{"diffusers", "bfl"}; return n; }
+template <> const std::vector<const char*>& namesOf<SynthFill>() { static const std::vector<const char*> n{"random", "zeros"}; return n; }
+// clang-format on
 
 std::string joinOr(const std::vector<std::string>& names) {
   std::string s;
@@ -94,24 +47,22 @@ std::string joinOr(const std::vector<std::string>& names) {
 
 template <typename E>
 E enumFromString(const std::string& text, const std::string& flag) {
-  for (const auto& [v, n] : enumTable<E>())
-    if (text == n) return v;
+  const auto& names = namesOf<E>();
+  for (size_t i = 0; i < names.size(); ++i)
+    if (text == names[i]) return static_cast<E>(i);
   PARDIT_THROW(flag, " must be ", joinOr(enumNames<E>()), ", got '", text, "'");
 }
 }  // namespace
 
 template <typename E>
 std::string enumName(E value) {
-  for (const auto& [v, n] : enumTable<E>())
-    if (v == value) return n;
-  return "?";
+  const auto i = static_cast<size_t>(value);
+  return i < namesOf<E>().size() ? namesOf<E>()[i] : "?";
 }
 
 template <typename E>
 std::vector<std::string> enumNames() {
-  std::vector<std::string> out;
-  for (const auto& [v, n] : enumTable<E>()) out.push_back(n);
-  return out;
+  return std::vector<std::string>(namesOf<E>().begin(), namesOf<E>().end());
 }
 
 #define PARDIT_ENUM_INSTANTIATE(E)                 \
@@ -304,16 +255,22 @@ std::function<void(const T&, const std::string&)> atLeast(T low) {
   };
 }
 
-template <typename T>
-Option opt(const char* name, T EngineConfig::*member, Group group, Sync sync, unsigned commands,
-           const char* placeholder, const char* help, std::function<void(const T&, const std::string&)> check = {}) {
+// The fields every option has.
+Option described(const char* name, Group group, Sync sync, unsigned commands, const char* help) {
   Option o;
   o.name = name;
   o.group = group;
   o.sync = sync;
   o.commands = commands;
-  o.placeholder = placeholder;
   o.help = help;
+  return o;
+}
+
+template <typename T>
+Option opt(const char* name, T EngineConfig::*member, Group group, Sync sync, unsigned commands,
+           const char* placeholder, const char* help, std::function<void(const T&, const std::string&)> check = {}) {
+  Option o = described(name, group, sync, commands, help);
+  o.placeholder = placeholder;
   const std::string flag = std::string("--") + name;
   o.set = [member, flag, check](EngineConfig& c, const std::string& text) {
     // A flag given without its value must not swallow the next flag.
@@ -329,23 +286,17 @@ Option opt(const char* name, T EngineConfig::*member, Group group, Sync sync, un
 
 Option flagOpt(const char* name, char shortName, bool EngineConfig::*member, Group group, Sync sync, unsigned commands,
                const char* help) {
-  Option o;
-  o.name = name;
+  Option o = described(name, group, sync, commands, help);
   o.shortName = shortName;
-  o.group = group;
-  o.sync = sync;
-  o.commands = commands;
   o.isSwitch = true;
-  o.help = help;
   o.set = [member](EngineConfig& c, const std::string&) { c.*member = true; };
   o.get = [member](const EngineConfig& c) { return format(c.*member); };
   return o;
 }
 
-Option& required(Option o, unsigned commands, std::vector<Option>& table) {
+void required(Option o, unsigned commands, std::vector<Option>& table) {
   o.requiredBy = commands;
   table.push_back(std::move(o));
-  return table.back();
 }
 
 const std::vector<Option>& optionTable() {
@@ -369,14 +320,16 @@ const std::vector<Option>& optionTable() {
     add(flagOpt("quiet", 'q', &EngineConfig::quiet, Group::kModel, Sync::kLocal, kAll, "print errors only"));
     // parallel layout
     const unsigned par = kModelCommands;
-    add(opt("ulysses-degree", &EngineConfig::ulyssesDegree, Group::kParallel, Sync::kValue, par, "N",
-            "Ulysses sequence parallelism (all-to-all over attention heads); must divide the head count", atLeast(1)));
-    add(opt("ring-degree", &EngineConfig::ringDegree, Group::kParallel, Sync::kValue, par, "N",
-            "Ring sequence parallelism (K/V blocks passed around a ring)", atLeast(1)));
-    add(opt("cfg-degree", &EngineConfig::cfgDegree, Group::kParallel, Sync::kValue, par, "N",
-            "2: the true-CFG branches (generate) or batch halves (forward) on two rank groups", atLeast(1)));
-    add(opt("pipefusion-degree", &EngineConfig::pipefusionDegree, Group::kParallel, Sync::kValue, par, "N",
-            "PipeFusion pipeline stages; each rank loads only its stage's weights", atLeast(1)));
+    // The four degrees; each at least 1.
+    // clang-format off
+    const std::vector<std::tuple<const char*, int EngineConfig::*, const char*>> degrees = {
+        {"ulysses-degree", &EngineConfig::ulyssesDegree, "Ulysses sequence parallelism (all-to-all over attention heads); must divide the head count"},
+        {"ring-degree", &EngineConfig::ringDegree, "Ring sequence parallelism (K/V blocks passed around a ring)"},
+        {"cfg-degree", &EngineConfig::cfgDegree, "2: the true-CFG branches (generate) or batch halves (forward) on two rank groups"},
+        {"pipefusion-degree", &EngineConfig::pipefusionDegree, "PipeFusion pipeline stages; each rank loads only its stage's weights"}};
+    // clang-format on
+    for (const auto& [name, member, help] : degrees)
+      add(opt(name, member, Group::kParallel, Sync::kValue, par, "N", help, atLeast(1)));
     add(opt("num-pipeline-patch", &EngineConfig::numPipelinePatch, Group::kParallel, Sync::kValue, par, "M",
             "PipeFusion patches (row stripes) per image; 0: the PipeFusion degree", atLeast(0)));
     add(opt("warmup-steps", &EngineConfig::warmupSteps, Group::kParallel, Sync::kValue, par, "N",
@@ -468,8 +421,9 @@ std::vector<const Option*> optionsOf(Command command) {
 }
 
 Command parseCommand(const std::string& name) {
-  for (const auto& [v, n] : enumTable<Command>())
-    if (name == n) return v;
+  const auto& names = namesOf<Command>();
+  for (size_t i = 0; i < names.size(); ++i)
+    if (name == names[i]) return static_cast<Command>(i);
   PARDIT_THROW("unknown command '", name, "'; expected one of ", joinOr(enumNames<Command>()));
 }
 
@@ -669,7 +623,11 @@ ParseResult parseCommandLine(const std::string& commandText, const std::vector<s
   // command but close to one of this command's is a typo (PARDIT_STEP=3) and an error.
   std::set<std::string> anyCommand;
   for (const auto& o : optionTable()) anyCommand.insert(envNameOf(o.name));
-  static const std::set<std::string> kToolVariables = {"PARDIT_CONFIG"};
+  // Variables of pardit's scripts (launch/, bench/, slurm/), not options.
+  static const std::set<std::string> kToolVariables = {
+      "PARDIT_CONFIG",        "PARDIT_VENV",      "PARDIT_ROOT",        "PARDIT_BUILD_DIR", "PARDIT_BUILD_TYPE",
+      "PARDIT_JOBS",          "PARDIT_TEST_JOBS", "PARDIT_PYTHON",      "PARDIT_BASE_PYTHON", "PARDIT_OUT",
+      "PARDIT_LAUNCHER",      "PARDIT_ENV_SETUP", "PARDIT_TORCH_VERSION", "PARDIT_DIFFUSERS_VERSION"};
   std::map<std::string, std::string> env;
   for (char** e = environ; e && *e; ++e) {
     const std::string kv = *e;
@@ -685,8 +643,10 @@ ParseResult parseCommandLine(const std::string& commandText, const std::vector<s
     if (mine || anyCommand.count(var) || kToolVariables.count(var)) continue;
     std::string asOption = var.substr(7);
     for (char& ch : asOption) ch = ch == '_' ? '-' : static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    // A typo is one edit away (two for longer names): PARDIT_STEP, PARDIT_GUIDANCE_SCAL.
     const std::string near = nearestOption(asOption, command);
-    PARDIT_CHECK(near.empty() || editDistance(asOption, near) > 2, "environment: ", var, " is not an option of pardit ",
+    const size_t allowed = asOption.size() >= 6 ? 2 : 1;
+    PARDIT_CHECK(near.empty() || editDistance(asOption, near) > allowed, "environment: ", var, " is not an option of pardit ",
                  commandText, "; did you mean ", envNameOf(near), " (--", near, ")?");
   }
   // INI file.

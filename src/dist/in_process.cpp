@@ -28,6 +28,13 @@ struct World {
 
 // One rank's part of a collective.
 struct Slot {
+  static Slot of(CollectiveKind kind, at::Tensor in, at::Tensor out = {}) {
+    Slot s;
+    s.kind = kind;
+    s.in = std::move(in);
+    s.out = std::move(out);
+    return s;
+  }
   CollectiveKind kind = CollectiveKind::kBarrier;
   at::Tensor in, out;  // `in` is also the in/out tensor of broadcast and all-reduce
   int root = 0, color = 0, key = 0;
@@ -154,17 +161,12 @@ class InProcessCommunicator final : public Communicator {
     checkContiguous(in, "all_to_all");
     PARDIT_CHECK(in.dim() >= 1 && in.size(0) == size() && out.sizes() == in.sizes() && out.dtype() == in.dtype(),
                  "all_to_all: dim 0 must equal the group size ", size(), " and out must match in");
-    Timer t;
-    Slot s;
-    s.kind = CollectiveKind::kAllToAll;
-    s.in = in;
-    s.out = out;
-    hub_->rendezvous(rank_, std::move(s), [](std::vector<Slot>& all) {
-      for (size_t r = 0; r < all.size(); ++r)
-        for (size_t i = 0; i < all.size(); ++i)
-          all[r].out.select(0, static_cast<int64_t>(i)).copy_(all[i].in.select(0, static_cast<int64_t>(r)));
-    });
-    record(CollectiveKind::kAllToAll, in.nbytes() / size() * (size() - 1), t.seconds());
+    collective(Slot::of(CollectiveKind::kAllToAll, in, out), in.nbytes() / size() * (size() - 1),
+               [](std::vector<Slot>& all) {
+                 for (size_t r = 0; r < all.size(); ++r)
+                   for (size_t i = 0; i < all.size(); ++i)
+                     all[r].out.select(0, static_cast<int64_t>(i)).copy_(all[i].in.select(0, static_cast<int64_t>(r)));
+               });
   }
 
   void allGather(const at::Tensor& in, at::Tensor& out) override {
@@ -172,44 +174,32 @@ class InProcessCommunicator final : public Communicator {
     checkContiguous(out, "all_gather");
     PARDIT_CHECK(out.nbytes() == in.nbytes() * static_cast<uint64_t>(size()) && out.dtype() == in.dtype(),
                  "all_gather: output must hold ", size(), " copies of the input");
-    Timer t;
-    Slot s;
-    s.kind = CollectiveKind::kAllGather;
-    s.in = in;
-    s.out = out;
-    hub_->rendezvous(rank_, std::move(s), [](std::vector<Slot>& all) {
-      const auto n = static_cast<int64_t>(all.size());
-      for (auto& dst : all)
-        for (int64_t i = 0; i < n; ++i) dst.out.view({n, -1}).select(0, i).copy_(all[i].in.reshape({-1}));
-    });
-    record(CollectiveKind::kAllGather, in.nbytes() * static_cast<uint64_t>(size() - 1), t.seconds());
+    collective(Slot::of(CollectiveKind::kAllGather, in, out), in.nbytes() * static_cast<uint64_t>(size() - 1),
+               [](std::vector<Slot>& all) {
+                 const auto n = static_cast<int64_t>(all.size());
+                 for (auto& dst : all)
+                   for (int64_t i = 0; i < n; ++i) dst.out.view({n, -1}).select(0, i).copy_(all[i].in.reshape({-1}));
+               });
   }
 
   void broadcast(at::Tensor& tensor, int root) override {
     checkContiguous(tensor, "broadcast");
-    Timer t;
-    Slot s;
-    s.kind = CollectiveKind::kBroadcast;
-    s.in = tensor;
+    Slot s = Slot::of(CollectiveKind::kBroadcast, tensor);
     s.root = root;
-    hub_->rendezvous(rank_, std::move(s), [](std::vector<Slot>& all) {
-      const int root = all[0].root;
-      for (const auto& x : all) PARDIT_CHECK(x.root == root, "broadcast: ranks named different roots");
-      for (auto& x : all)
-        if (!x.in.is_same(all[root].in)) x.in.copy_(all[root].in);
-    });
-    record(CollectiveKind::kBroadcast, rank_ == root ? tensor.nbytes() * static_cast<uint64_t>(size() - 1) : 0,
-           t.seconds());
+    collective(std::move(s), rank_ == root ? tensor.nbytes() * static_cast<uint64_t>(size() - 1) : 0,
+               [](std::vector<Slot>& all) {
+                 const int from = all[0].root;
+                 for (const auto& x : all) PARDIT_CHECK(x.root == from, "broadcast: ranks named different roots");
+                 for (auto& x : all)
+                   if (!x.in.is_same(all[from].in)) x.in.copy_(all[from].in);
+               });
   }
 
   void allReduce(at::Tensor& tensor, ReduceOp op) override {
     checkContiguous(tensor, "all_reduce");
-    Timer t;
-    Slot s;
-    s.kind = CollectiveKind::kAllReduce;
-    s.in = tensor;
+    Slot s = Slot::of(CollectiveKind::kAllReduce, tensor);
     s.op = op;
-    hub_->rendezvous(rank_, std::move(s), [](std::vector<Slot>& all) {
+    collective(std::move(s), tensor.nbytes() * 2 * static_cast<uint64_t>(size() - 1) / size(), [](std::vector<Slot>& all) {
       at::Tensor acc = all[0].in.clone();
       for (size_t i = 1; i < all.size(); ++i) {
         switch (all[0].op) {
@@ -220,7 +210,6 @@ class InProcessCommunicator final : public Communicator {
       }
       for (auto& x : all) x.in.copy_(acc);
     });
-    record(CollectiveKind::kAllReduce, tensor.nbytes() * 2 * static_cast<uint64_t>(size() - 1) / size(), t.seconds());
   }
 
   void send(const at::Tensor& tensor, int peer) override { isend(tensor, peer)->wait(); }
@@ -256,17 +245,10 @@ class InProcessCommunicator final : public Communicator {
     return r;
   }
 
-  void barrier() override {
-    Timer t;
-    Slot s;
-    s.kind = CollectiveKind::kBarrier;
-    hub_->rendezvous(rank_, std::move(s), [](std::vector<Slot>&) {});
-    record(CollectiveKind::kBarrier, 0, t.seconds());
-  }
+  void barrier() override { collective(Slot::of(CollectiveKind::kBarrier, {}), 0, [](std::vector<Slot>&) {}); }
 
   std::unique_ptr<Communicator> split(int color, int key) override {
-    Slot s;
-    s.kind = CollectiveKind::kCount;  // not a counted collective
+    Slot s = Slot::of(CollectiveKind::kCount, {});  // not a counted collective
     s.color = color;
     s.key = key;
     auto registry = registry_;
@@ -290,6 +272,14 @@ class InProcessCommunicator final : public Communicator {
   }
 
  private:
+  // Meets the group's other ranks, and counts this rank's bytes sent and the time.
+  void collective(Slot mine, uint64_t bytesSent, const std::function<void(std::vector<Slot>&)>& all) {
+    const CollectiveKind kind = mine.kind;
+    Timer t;
+    hub_->rendezvous(rank_, std::move(mine), all);
+    record(kind, bytesSent, t.seconds());
+  }
+
   void checkPeer(int peer, const char* what) const {
     PARDIT_CHECK(peer >= 0 && peer < size(), what, ": peer ", peer, " is not in a group of ", size());
   }

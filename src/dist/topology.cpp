@@ -50,26 +50,21 @@ int Topology::rankOf(int c, int p, int r, int u) const {
 }
 
 std::vector<int> Topology::group(GroupKind kind) const {
-  const auto& d = degrees_;
+  // The coordinates that vary inside a group of this kind; the others are this rank's. Looping in rank
+  // order (cfg outermost, Ulysses innermost) orders the group by the rank inside it.
+  const bool c = kind == GroupKind::kCfg, p = kind == GroupKind::kPipeFusion;
+  const bool r = kind == GroupKind::kRing || kind == GroupKind::kSequence;
+  const bool u = kind == GroupKind::kUlysses || kind == GroupKind::kSequence;
+  auto range = [](bool varies, int mine, int degree) { return varies ? std::pair{0, degree} : std::pair{mine, mine + 1}; };
+  const auto [c0, c1] = range(c, c_, degrees_.cfg);
+  const auto [p0, p1] = range(p, p_, degrees_.pipefusion);
+  const auto [r0, r1] = range(r, r_, degrees_.ring);
+  const auto [u0, u1] = range(u, u_, degrees_.ulysses);
   std::vector<int> g;
-  switch (kind) {
-    case GroupKind::kUlysses:
-      for (int u = 0; u < d.ulysses; ++u) g.push_back(rankOf(c_, p_, r_, u));
-      break;
-    case GroupKind::kRing:
-      for (int r = 0; r < d.ring; ++r) g.push_back(rankOf(c_, p_, r, u_));
-      break;
-    case GroupKind::kSequence:
-      for (int r = 0; r < d.ring; ++r)
-        for (int u = 0; u < d.ulysses; ++u) g.push_back(rankOf(c_, p_, r, u));
-      break;
-    case GroupKind::kPipeFusion:
-      for (int p = 0; p < d.pipefusion; ++p) g.push_back(rankOf(c_, p, r_, u_));
-      break;
-    case GroupKind::kCfg:
-      for (int c = 0; c < d.cfg; ++c) g.push_back(rankOf(c, p_, r_, u_));
-      break;
-  }
+  for (int ci = c0; ci < c1; ++ci)
+    for (int pi = p0; pi < p1; ++pi)
+      for (int ri = r0; ri < r1; ++ri)
+        for (int ui = u0; ui < u1; ++ui) g.push_back(rankOf(ci, pi, ri, ui));
   return g;
 }
 

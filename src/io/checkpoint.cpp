@@ -109,19 +109,11 @@ std::vector<DiffusersPiece> diffusersSourcesOf(const std::string& internal, cons
 }
 
 std::string diffusersConfigJson(const model::FluxConfig& c) {
-  nlohmann::ordered_json j;
-  j["_class_name"] = "FluxTransformer2DModel";
-  j["attention_head_dim"] = c.headDim();
-  j["axes_dims_rope"] = c.axesDim;
-  j["guidance_embeds"] = c.guidanceEmbed;
-  j["in_channels"] = c.inChannels;
-  j["joint_attention_dim"] = c.contextInDim;
-  j["num_attention_heads"] = c.numHeads;
-  j["num_layers"] = c.depth;
-  j["num_single_layers"] = c.depthSingle;
-  j["out_channels"] = c.outChannels;
-  j["patch_size"] = 1;
-  j["pooled_projection_dim"] = c.vecInDim;
+  const nlohmann::ordered_json j = {
+      {"_class_name", "FluxTransformer2DModel"}, {"attention_head_dim", c.headDim()}, {"axes_dims_rope", c.axesDim},
+      {"guidance_embeds", c.guidanceEmbed}, {"in_channels", c.inChannels}, {"joint_attention_dim", c.contextInDim},
+      {"num_attention_heads", c.numHeads}, {"num_layers", c.depth}, {"num_single_layers", c.depthSingle},
+      {"out_channels", c.outChannels}, {"patch_size", 1}, {"pooled_projection_dim", c.vecInDim}};
   return j.dump(2) + "\n";
 }
 
@@ -134,6 +126,8 @@ class CheckpointBuilder {
  private:
   static void openDiffusersDir(FluxCheckpoint& ck, const fs::path& dir);
   static void openBflFile(FluxCheckpoint& ck, const fs::path& file);
+  // Validates the configuration read from `where` and makes it the checkpoint's.
+  static void adopt(FluxCheckpoint& ck, const model::FluxConfig& c, CheckpointLayout layout, const fs::path& where);
 };
 
 namespace {
@@ -165,6 +159,17 @@ const char* kDiffusersProbe = "transformer_blocks.0.attn.norm_k.weight";
 
 }  // namespace
 
+void CheckpointBuilder::adopt(FluxCheckpoint& ck, const model::FluxConfig& c, CheckpointLayout layout,
+                              const fs::path& where) {
+  try {
+    c.validate();
+  } catch (const Error& e) {
+    PARDIT_THROW(where.string(), ": ", e.message());
+  }
+  ck.config_ = c;
+  ck.layout_ = layout;
+}
+
 void CheckpointBuilder::openDiffusersDir(FluxCheckpoint& ck, const fs::path& dir) {
   const fs::path cfgPath = dir / "config.json";
   const nlohmann::json cfg = readJsonFile(cfgPath);
@@ -186,13 +191,7 @@ void CheckpointBuilder::openDiffusersDir(FluxCheckpoint& ck, const fs::path& dir
   c.guidanceEmbed = jsonGet<bool>(cfg, "guidance_embeds", false, cfgPath);
   c.axesDim = jsonGet<std::vector<int64_t>>(cfg, "axes_dims_rope", {16, 56, 56}, cfgPath);
   PARDIT_CHECK(jsonGet<int64_t>(cfg, "patch_size", 1, cfgPath) == 1, cfgPath.string(), ": patch_size must be 1");
-  try {
-    c.validate();
-  } catch (const Error& e) {
-    PARDIT_THROW(cfgPath.string(), ": ", e.message());
-  }
-  ck.config_ = c;
-  ck.layout_ = CheckpointLayout::kDiffusers;
+  adopt(ck, c, CheckpointLayout::kDiffusers, cfgPath);
 
   // Files: sharded (index json) or single.
   std::map<std::string, std::shared_ptr<SafetensorsFile>> byTensor;
@@ -302,13 +301,7 @@ void CheckpointBuilder::openBflFile(FluxCheckpoint& ck, const fs::path& file) {
                  " (add \"axes_dims_rope\": \"a,b,c\" to the file's __metadata__)");
     c.axesDim = {16, 56, 56};
   }
-  try {
-    c.validate();
-  } catch (const Error& e) {
-    PARDIT_THROW(file.string(), ": ", e.message());
-  }
-  ck.config_ = c;
-  ck.layout_ = CheckpointLayout::kBfl;
+  adopt(ck, c, CheckpointLayout::kBfl, file);
   for (const auto& group : model::fluxWeightGroups(c)) {
     for (const auto& spec : group.tensors) {
       const std::string n = prefix + spec.name;

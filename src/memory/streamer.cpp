@@ -167,34 +167,29 @@ model::WeightGetter StreamingFluxWeights::getterFor(const Fetched& f) const {
 
 std::shared_ptr<const model::EmbedderWeights> StreamingFluxWeights::embedders() { return emb_; }
 
-std::shared_ptr<const model::DoubleBlockWeights> StreamingFluxWeights::doubleBlock(int64_t i) {
-  if (auto it = double_.find(i); it != double_.end()) return it->second;
-  const std::string g = "double_blocks." + std::to_string(i);
-  PARDIT_CHECK(streamed_.count(g), "weight group ", g, " is not held by this rank");
-  Fetched f = take(g);
+template <typename W, typename Make>
+std::shared_ptr<const W> StreamingFluxWeights::held(const std::map<int64_t, std::shared_ptr<const W>>& resident,
+                                                    int64_t index, const std::string& group, const Make& make) {
+  if (auto it = resident.find(index); it != resident.end()) return it->second;
+  PARDIT_CHECK(streamed_.count(group), "weight group ", group, " is not held by this rank");
+  Fetched f = take(group);
   auto acc = accountant_;
   const uint64_t bytes = f.bytes;
-  return std::shared_ptr<const model::DoubleBlockWeights>(
-      new model::DoubleBlockWeights(model::makeDoubleBlockWeights(config_, i, getterFor(f))),
-      [acc, bytes](const model::DoubleBlockWeights* w) {
-        delete w;
-        acc->remove(bytes);
-      });
+  // The streamed group's device memory is released (and uncounted) when its last user lets go.
+  return std::shared_ptr<const W>(new W(make(getterFor(f))), [acc, bytes](const W* w) {
+    delete w;
+    acc->remove(bytes);
+  });
+}
+
+std::shared_ptr<const model::DoubleBlockWeights> StreamingFluxWeights::doubleBlock(int64_t i) {
+  return held(double_, i, "double_blocks." + std::to_string(i),
+              [&](const model::WeightGetter& get) { return model::makeDoubleBlockWeights(config_, i, get); });
 }
 
 std::shared_ptr<const model::SingleBlockWeights> StreamingFluxWeights::singleBlock(int64_t i) {
-  if (auto it = single_.find(i); it != single_.end()) return it->second;
-  const std::string g = "single_blocks." + std::to_string(i);
-  PARDIT_CHECK(streamed_.count(g), "weight group ", g, " is not held by this rank");
-  Fetched f = take(g);
-  auto acc = accountant_;
-  const uint64_t bytes = f.bytes;
-  return std::shared_ptr<const model::SingleBlockWeights>(
-      new model::SingleBlockWeights(model::makeSingleBlockWeights(config_, i, getterFor(f))),
-      [acc, bytes](const model::SingleBlockWeights* w) {
-        delete w;
-        acc->remove(bytes);
-      });
+  return held(single_, i, "single_blocks." + std::to_string(i),
+              [&](const model::WeightGetter& get) { return model::makeSingleBlockWeights(config_, i, get); });
 }
 
 std::shared_ptr<const model::FinalLayerWeights> StreamingFluxWeights::finalLayer() {

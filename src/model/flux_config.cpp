@@ -33,41 +33,35 @@ std::vector<std::string> FluxConfig::presetNames() { return {"tiny", "small", "m
 
 FluxConfig FluxConfig::preset(const std::string& name) {
   FluxConfig c;  // defaults are FLUX.1-dev
+  // Smaller models keep the real structure (MLP ratio 4, head dim = the RoPE axes' sum):
+  //   tiny:   every structural rule of the real model at a few hundred thousand parameters;
+  //   small:  a CPU-sized benchmark model, the real head dim and RoPE axes at 1/4 of the width;
+  //   medium: FLUX.1-dev's 19 double + 38 single blocks and interface dims at 1/3 of the width
+  //           (1.3 B parameters, 2.6 GB in bf16).
+  struct Shape {
+    const char* name;
+    int64_t vecInDim, contextInDim, hiddenSize, numHeads, depth, depthSingle;
+    std::vector<int64_t> axesDim;
+  };
+  static const std::vector<Shape> kShapes = {{"tiny", 32, 32, 64, 4, 2, 2, {4, 4, 8}},
+                                             {"small", 256, 1024, 768, 6, 4, 8, {16, 56, 56}},
+                                             {"medium", c.vecInDim, c.contextInDim, 1024, 8, c.depth, c.depthSingle,
+                                              c.axesDim}};
   if (name == "flux-dev") return c;
   if (name == "flux-schnell") {
     c.guidanceEmbed = false;
     return c;
   }
-  if (name == "tiny") {
-    // Every structural rule of the real model at a few hundred thousand parameters.
-    c.vecInDim = 32;
-    c.contextInDim = 32;
-    c.hiddenSize = 64;
-    c.numHeads = 4;
-    c.mlpHidden = 256;
-    c.depth = 2;
-    c.depthSingle = 2;
-    c.axesDim = {4, 4, 8};
-    return c;
-  }
-  if (name == "small") {
-    // A CPU-sized model for benchmarks: real head dim and RoPE axes, 1/4 of the width.
-    c.vecInDim = 256;
-    c.contextInDim = 1024;
-    c.hiddenSize = 768;
-    c.numHeads = 6;
-    c.mlpHidden = 3072;
-    c.depth = 4;
-    c.depthSingle = 8;
-    c.axesDim = {16, 56, 56};
-    return c;
-  }
-  if (name == "medium") {
-    // FLUX.1-dev's block structure (19 double + 38 single) and interface dims at 1/3 of the width:
-    // 1.3 B parameters, 2.6 GB in bf16, with the real model's balance of double and single blocks.
-    c.hiddenSize = 1024;
-    c.numHeads = 8;
-    c.mlpHidden = 4096;
+  for (const auto& s : kShapes) {
+    if (name != s.name) continue;
+    c.vecInDim = s.vecInDim;
+    c.contextInDim = s.contextInDim;
+    c.hiddenSize = s.hiddenSize;
+    c.numHeads = s.numHeads;
+    c.mlpHidden = 4 * s.hiddenSize;
+    c.depth = s.depth;
+    c.depthSingle = s.depthSingle;
+    c.axesDim = s.axesDim;
     return c;
   }
   PARDIT_THROW("unknown preset '", name, "' (expected tiny, small, medium, flux-dev or flux-schnell)");

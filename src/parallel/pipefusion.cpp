@@ -276,16 +276,13 @@ void PipeFusionRunner::step(const PipeFusionStep& s) {
   completeSends();
 }
 
-void PipeFusionRunner::stepSynchronous(const PipeFusionStep& s, model::FluxInputs x) {
-  const int64_t B = latents_.size(0), C = latents_.size(2), Bm = x.txt.size(0), T = x.txt.size(1);
+PipeFusionRunner::Activations PipeFusionRunner::passAll(const model::FluxInputs& x, const at::Tensor& latents) {
+  const int64_t Bm = x.txt.size(0), T = x.txt.size(1);
   const int64_t h = transformer_->config().hiddenSize, Lloc = options_.layout.localTokens();
   kv_->setFull();
-  x.txtIds = model::textPositionIds(T).to(options_.device);
-  x.imgIds = imageIds_;
   Activations in;
   if (firstStage()) {
-    if (previous_ == SentBack::kAll) latents_ = recvTensor({B, Lloc, C}, previousStage());
-    in = embed(x, latents_, /*withText=*/true);
+    in = embed(x, latents, /*withText=*/true);
   } else {
     in.txt = recvTensor({Bm, T, h}, previousStage());
     in.img = recvTensor({Bm, Lloc, h}, previousStage());
@@ -294,7 +291,18 @@ void PipeFusionRunner::stepSynchronous(const PipeFusionStep& s, model::FluxInput
   if (!lastStage()) {
     sendTensor(out.txt, nextStage());
     sendTensor(out.img, nextStage());
-  } else {
+  }
+  return out;
+}
+
+void PipeFusionRunner::stepSynchronous(const PipeFusionStep& s, model::FluxInputs x) {
+  const int64_t B = latents_.size(0), C = latents_.size(2);
+  x.txtIds = model::textPositionIds(x.txt.size(1)).to(options_.device);
+  x.imgIds = imageIds_;
+  if (firstStage() && previous_ == SentBack::kAll)
+    latents_ = recvTensor({B, options_.layout.localTokens(), C}, previousStage());
+  const Activations out = passAll(x, latents_);
+  if (lastStage()) {
     latents_ = s.update(out.img, latents_);
     if (s.sendBack && comms_.pipeline->size() > 1) sendTensor(latents_, nextStage());
   }
@@ -346,27 +354,14 @@ at::Tensor PipeFusionRunner::finish() {
 
 at::Tensor PipeFusionRunner::forward(const model::FluxInputs& in) {
   const auto& layout = options_.layout;
-  const int64_t B = in.img.size(0), C = transformer_->config().outChannels, h = transformer_->config().hiddenSize;
-  const int64_t T = in.txt.size(1), Lloc = layout.localTokens();
   const at::Tensor index = layout.localTokenIndex().to(in.img.device());
-  kv_->setFull();
   model::FluxInputs x = in;
   x.img = in.img.index_select(1, index);
   x.imgIds = in.imgIds.index_select(0, index);
-  Activations a;
-  if (firstStage()) {
-    a = {transformer_->embedText(in.txt), transformer_->embedImage(x.img)};
-  } else {
-    a.txt = recvTensor({B, T, h}, previousStage());
-    a.img = recvTensor({B, Lloc, h}, previousStage());
-  }
-  Activations out = runStage(a, x);
-  if (!lastStage()) {
-    sendTensor(out.txt, nextStage());
-    sendTensor(out.img, nextStage());
-  }
+  const Activations out = passAll(x, x.img);
   completeSends();
-  at::Tensor full = at::empty({B, layout.rows * layout.cols, C}, out.img.options());
+  at::Tensor full = at::empty({in.img.size(0), layout.rows * layout.cols, transformer_->config().outChannels},
+                              out.img.options());
   if (lastStage()) full = localToFull(out.img);
   comms_.pipeline->broadcast(full, comms_.pipeline->size() - 1);
   return full;

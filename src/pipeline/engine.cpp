@@ -32,18 +32,8 @@ namespace pardit::pipeline {
 using detail::PipeFusionLayout;
 
 GenerateRequest GenerateRequest::fromConfig(const config::EngineConfig& c) {
-  GenerateRequest r;
-  r.prompt.embeddingsFile = c.promptEmbeds;
-  r.negativePrompt.embeddingsFile = c.negativePromptEmbeds;
-  r.height = c.height;
-  r.width = c.width;
-  r.steps = c.steps;
-  r.guidanceScale = c.guidanceScale;
-  r.trueCfgScale = c.trueCfgScale;
-  r.seed = c.seed;
-  r.schedule = c.schedule;
-  r.saveLatents = c.saveLatents;
-  return r;
+  return GenerateRequest{{{}, c.promptEmbeds}, {{}, c.negativePromptEmbeds}, c.height, c.width, c.steps,
+                         c.guidanceScale, c.trueCfgScale, c.seed, c.schedule, c.saveLatents};
 }
 
 Engine::Engine(config::EngineConfig options, dist::Runtime& runtime)

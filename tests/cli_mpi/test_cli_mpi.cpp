@@ -37,6 +37,11 @@ void writeInputs(const std::string& path, int64_t T) {
                               {"img_ids", pipeline::imageIds(g)},
                               {"txt_ids", pipeline::textIds(T)}});
 }
+// `pardit generate` with true CFG on the tiny model synthesized in dir/m, plus `flags`.
+std::string trueCfgGenerate(const TempDir& dir, const std::string& flags) {
+  return "generate --threads 1 --model " + dir.file("m") + " --prompt-embeds " + dir.file("m/prompt_embeds.safetensors") +
+         " --negative-prompt-embeds " + dir.file("m/negative_prompt_embeds.safetensors") + " " + flags;
+}
 }  // namespace
 
 TEST(CliMpi, ForwardLayoutsMatchSingleRank) {
@@ -69,10 +74,8 @@ TEST(CliMpi, ForwardLayoutsMatchSingleRank) {
 TEST(CliMpi, GenerateLayoutsMatchSingleRank) {
   TempDir dir;
   ASSERT_EQ(runPardit("synth --preset tiny --text-len 8 --out " + dir.file("m")).exitCode, 0);
-  const std::string base = "generate --threads 1 --model " + dir.file("m") + " --prompt-embeds " +
-                           dir.file("m/prompt_embeds.safetensors") + " --negative-prompt-embeds " +
-                           dir.file("m/negative_prompt_embeds.safetensors") +
-                           " --true-cfg-scale 3 --height 64 --width 96 --steps 3 --seed 5 --save-latents ";
+  const std::string base = trueCfgGenerate(dir, "--true-cfg-scale 3 --height 64 --width 96 --steps 3 --seed 5") +
+                           " --save-latents ";
   auto r = runPardit(base + dir.file("ref.safetensors"));
   ASSERT_EQ(r.exitCode, 0) << r.output;
   const at::Tensor ref = readTensor(dir.file("ref.safetensors"), "latents");
@@ -193,10 +196,7 @@ TEST(CliMpi, RanksWithDifferentOptionsAreRefused) {
 TEST(CliMpi, StreamedWeightsGiveTheResidentResultInEveryMode) {
   TempDir dir;
   ASSERT_EQ(runPardit("synth --preset tiny --text-len 8 --out " + dir.file("m")).exitCode, 0);
-  const std::string base = "generate --threads 1 --model " + dir.file("m") + " --prompt-embeds " +
-                           dir.file("m/prompt_embeds.safetensors") + " --negative-prompt-embeds " +
-                           dir.file("m/negative_prompt_embeds.safetensors") +
-                           " --true-cfg-scale 2 --height 64 --width 64 --steps 2 --seed 1 ";
+  const std::string base = trueCfgGenerate(dir, "--true-cfg-scale 2 --height 64 --width 64 --steps 2 --seed 1") + " ";
   for (const auto& [n, flags] : std::vector<std::pair<int, std::string>>{
            {2, "--ulysses-degree 2"}, {2, "--cfg-degree 2"}, {2, "--pipefusion-degree 2"},
            {4, "--pipefusion-degree 2 --ring-degree 2"}}) {

@@ -66,6 +66,10 @@ class StreamingFluxWeights final : public model::FluxWeightProvider {
   Fetched take(const std::string& group);             // the prefetched group, or a synchronous fetch
   void prefetchAfter(const std::string& group);
   model::WeightGetter getterFor(const Fetched& f) const;
+  // A block: resident, or streamed in now (and prefetching the next streamed group).
+  template <typename W, typename Make>
+  std::shared_ptr<const W> held(const std::map<int64_t, std::shared_ptr<const W>>& resident, int64_t index,
+                                const std::string& group, const Make& make);
   std::vector<std::string> tensorNames(const std::string& group) const;
 
   model::FluxConfig config_;

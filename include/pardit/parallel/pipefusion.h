@@ -147,6 +147,9 @@ class PipeFusionRunner {
   };
   // Runs this stage's blocks; the first stage starts from latents / prompt embeddings.
   Activations runStage(const Activations& in, const model::FluxInputs& cond) const;
+  // All local tokens through this stage at once with fresh K/V: the first stage embeds `latents` (and the
+  // text), the others receive the previous stage's activations; all but the last send theirs on.
+  Activations passAll(const model::FluxInputs& x, const at::Tensor& latents);
   void stepSynchronous(const PipeFusionStep& s, model::FluxInputs x);
   void stepPatches(const PipeFusionStep& s, model::FluxInputs x);
   // The first stage's input: embedded text (or none) and embedded image rows, repeated to the model batch.

@@ -47,13 +47,15 @@ echo "H2D ${bw} GB/s"
 run() {  # name flags...
   local name=$1; shift
   "$pardit" generate --model "$model" --prompt-embeds "$model/prompt_embeds.safetensors" --device "$device" \
-    --dtype bf16 --height "$height" --width "$width" --steps "$steps" --seed 0 "$@" >"$out/$name.log" 2>&1 ||
+    --dtype bf16 --height "$height" --width "$width" --steps "$steps" --seed 0 --log-level debug "$@" \
+    >"$out/$name.log" 2>&1 ||
     { echo "$name failed:"; tail -5 "$out/$name.log"; return 0; }
   local step streamed peak
   # Mean of the steps after the first (which includes the first prefetches and kernel selection).
-  step=$(sed -n 's/.*step [0-9]*\/[0-9]*  \([0-9.]*\) s.*/\1/p' "$out/$name.log" | tail -n +2 | awk '{s+=$1; n++} END {if (n) printf "%.4f", s/n; else print "nan"}')
-  streamed=$(sed -n 's/.*weight groups (\([0-9.]*\) GiB) streamed.*/\1/p' "$out/$name.log" | head -1)
-  peak=$(sed -n 's/.*peak device memory \([0-9]*\) bytes.*/\1/p' "$out/$name.log" | head -1)
+  # The exact numbers come from the debug lines (the info lines use human units).
+  step=$(sed -n 's/.*debug: step [0-9]* seconds=\([0-9.e+-]*\).*/\1/p' "$out/$name.log" | tail -n +2 | awk '{s+=$1; n++} END {if (n) printf "%.4f", s/n; else print "nan"}')
+  streamed=$(sed -n 's/.*debug: plan: streamed_bytes=\([0-9]*\).*/\1/p' "$out/$name.log" | head -1 | awk '{printf "%.3f", $1/2^30}')
+  peak=$(sed -n 's/.*debug: rank bytes: .* peak_device=\([0-9]*\).*/\1/p' "$out/$name.log" | head -1)
   printf '%-12s step %8s s  peak device memory %8.3f GiB  streamed per step %8s GiB\n' "$name" "$step" \
     "$(awk -v p="${peak:-0}" 'BEGIN{print p/2^30}')" "${streamed:-0}"
   echo "$name $step ${streamed:-0} ${peak:-0}" >>"$out/rows.txt"

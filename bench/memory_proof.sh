@@ -24,10 +24,10 @@ if [[ ! -e "$out/tiny/done" ]]; then
 fi
 model="$out/model-$layout"
 [[ "$layout" == bfl ]] && model="$out/model-$layout/flux1-medium.safetensors"
-run() {  # model embeds dtype -> rank summary lines
-  "${mpirun[@]}" "$pardit" generate --model "$1" --prompt-embeds "$2" --dtype "$3" --threads 1 \
+run() {  # model embeds dtype -> each rank's exact byte counts
+  "${mpirun[@]}" "$pardit" generate --model "$1" --prompt-embeds "$2" --dtype "$3" --threads 1 --log-level debug \
     --height 64 --width 64 --steps 1 --pipefusion-degree 4 --num-pipeline-patch 1 --pp-partition memory \
-    --save-latents "$out/latents.safetensors" 2>&1 | grep -E "rank summary|pipeline stages|error"
+    --save-latents "$out/latents.safetensors" 2>&1 | grep -E "rank bytes|pipeline stages|error"
 }
 echo "== runtime overhead (tiny model, 4 stages)"
 run "$out/tiny" "$out/tiny/prompt_embeds.safetensors" bf16 | tee "$out/overhead.txt"
@@ -38,7 +38,7 @@ import re, sys
 def parse(path):
     rows = {}
     for line in open(path):
-        m = re.search(r"\[rank (\d+)/\d+\] rank summary: stage (\d+): read (\d+) bytes of (\d+) in the checkpoint \((\d+) tensors\), peak host RSS (\d+) bytes", line)
+        m = re.search(r"\[rank (\d+)/\d+\] debug: rank bytes: stage=(\d+) read=(\d+) total=(\d+) tensors=(\d+) peak_rss=(\d+)", line)
         if m:
             r, s, rd, tot, n, rss = map(int, m.groups())
             rows[r] = dict(stage=s, read=rd, total=tot, tensors=n, rss=rss)

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <functional>
 #include <limits>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <tuple>
@@ -581,13 +582,10 @@ std::vector<std::pair<std::string, std::string>> syncedOptions(const EngineConfi
 
 // ---- parsing -------------------------------------------------------------------------------------
 
-ParseResult parseCommandLine(const std::string& commandText, const std::vector<std::string>& args) {
-  const Command command = parseCommand(commandText);
-  ParseResult result;
-  EngineConfig& c = result.config;
-  c = defaults(command);
-  const auto options = optionsOf(command);
-  // Boost parses the syntax (every value as text); the table parses and checks the values.
+namespace {
+
+// Boost parses the syntax (every value as text); the table parses and checks the values.
+po::options_description syntaxOf(const std::vector<const Option*>& options) {
   po::options_description desc;
   desc.add_options()("help,h", "")("config", po::value<std::string>(), "");
   for (const Option* o : options) {
@@ -598,9 +596,15 @@ ParseResult parseCommandLine(const std::string& commandText, const std::vector<s
       desc.add_options()(spec.c_str(), po::value<std::string>(), "");
     }
   }
-  const std::string where = "pardit " + commandText;
+  return desc;
+}
+
+// The command line; `stray` gets the words that are no option (reported after the values, whose errors
+// are more specific).
+po::variables_map readCommandLine(const std::vector<std::string>& args, const po::options_description& desc,
+                                  Command command, std::vector<std::string>& stray) {
+  const std::string name = commandName(command);
   po::variables_map vm;
-  std::vector<std::string> stray;  // reported after the values, whose errors are more specific
   try {
     // No prefix guessing: --prompt must not silently become --prompt-embeds.
     const int style = po::command_line_style::default_style & ~po::command_line_style::allow_guessing;
@@ -608,19 +612,19 @@ ParseResult parseCommandLine(const std::string& commandText, const std::vector<s
     stray = po::collect_unrecognized(parsed.options, po::include_positional);
     po::store(parsed, vm);
   } catch (const po::unknown_option& e) {
-    std::string name = e.get_option_name();
-    while (!name.empty() && name[0] == '-') name.erase(0, 1);
-    PARDIT_THROW(where, ": unknown option '", e.get_option_name(), "'", didYouMean(name, command, "--"),
-                 " (see 'pardit ", commandText, " --help')");
+    std::string option = e.get_option_name();
+    while (!option.empty() && option[0] == '-') option.erase(0, 1);
+    PARDIT_THROW("pardit ", name, ": unknown option '", e.get_option_name(), "'", didYouMean(option, command, "--"),
+                 " (see 'pardit ", name, " --help')");
   } catch (const po::error& e) {
-    PARDIT_THROW(where, ": ", e.what(), " (see 'pardit ", commandText, " --help')");
+    PARDIT_THROW("pardit ", name, ": ", e.what(), " (see 'pardit ", name, " --help')");
   }
-  if (vm.count("help")) {
-    result.helpShown = true;
-    return result;
-  }
-  // Environment: PARDIT_<OPTION> for this command's options. A variable that is no option of any
-  // command but close to one of this command's is a typo (PARDIT_STEP=3) and an error.
+  return vm;
+}
+
+// PARDIT_<OPTION> values of this command's options. A variable that is no option of any command but
+// one edit away (two for longer names) from one of this command's is a typo (PARDIT_STEP=3): an error.
+std::map<std::string, std::string> readEnvironment(const std::vector<const Option*>& options, Command command) {
   std::set<std::string> anyCommand;
   for (const auto& o : optionTable()) anyCommand.insert(envNameOf(o.name));
   // Variables of pardit's scripts (launch/, bench/, slurm/), not options.
@@ -643,53 +647,79 @@ ParseResult parseCommandLine(const std::string& commandText, const std::vector<s
     if (mine || anyCommand.count(var) || kToolVariables.count(var)) continue;
     std::string asOption = var.substr(7);
     for (char& ch : asOption) ch = ch == '_' ? '-' : static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-    // A typo is one edit away (two for longer names): PARDIT_STEP, PARDIT_GUIDANCE_SCAL.
     const std::string near = nearestOption(asOption, command);
     const size_t allowed = asOption.size() >= 6 ? 2 : 1;
-    PARDIT_CHECK(near.empty() || editDistance(asOption, near) > allowed, "environment: ", var, " is not an option of pardit ",
-                 commandText, "; did you mean ", envNameOf(near), " (--", near, ")?");
+    PARDIT_CHECK(near.empty() || editDistance(asOption, near) > allowed, "environment: ", var,
+                 " is not an option of pardit ", commandName(command), "; did you mean ", envNameOf(near), " (--", near,
+                 ")?");
   }
-  // INI file.
-  std::string configFile = vm.count("config") ? vm["config"].as<std::string>() : "";
-  if (configFile.empty())
-    if (const char* e = std::getenv("PARDIT_CONFIG")) configFile = e;
+  return env;
+}
+
+po::variables_map readConfigFile(const std::string& configFile, const po::options_description& desc, Command command) {
   po::variables_map fileVm;
-  if (!configFile.empty()) {
-    std::ifstream in(configFile);
-    PARDIT_CHECK(in.good(), configFile, ": cannot open config file (--config)");
-    try {
-      po::store(po::parse_config_file(in, desc, /*allow_unregistered=*/false), fileVm);
-    } catch (const po::unknown_option& e) {
-      PARDIT_THROW(configFile, ": unknown key '", e.get_option_name(), "'", didYouMean(e.get_option_name(), command, ""));
-    } catch (const po::error& e) {
-      PARDIT_THROW(configFile, ": ", e.what());
-    }
+  if (configFile.empty()) return fileVm;
+  std::ifstream in(configFile);
+  PARDIT_CHECK(in.good(), configFile, ": cannot open config file (--config)");
+  try {
+    po::store(po::parse_config_file(in, desc, /*allow_unregistered=*/false), fileVm);
+  } catch (const po::unknown_option& e) {
+    PARDIT_THROW(configFile, ": unknown key '", e.get_option_name(), "'", didYouMean(e.get_option_name(), command, ""));
+  } catch (const po::error& e) {
+    PARDIT_THROW(configFile, ": ", e.what());
   }
-  c.configFile = configFile;
+  return fileVm;
+}
+
+// The text of an option given in `vm` (a switch that is set gives ""), or nothing.
+std::optional<std::string> givenIn(const po::variables_map& vm, const Option& o) {
+  if (!vm.count(o.name) || vm[o.name].defaulted()) return std::nullopt;
+  if (o.isSwitch) return vm[o.name].as<bool>() ? std::optional<std::string>("") : std::nullopt;
+  return vm[o.name].as<std::string>();
+}
+
+}  // namespace
+
+ParseResult parseCommandLine(const std::string& commandText, const std::vector<std::string>& args) {
+  const Command command = parseCommand(commandText);
+  ParseResult result;
+  EngineConfig& c = result.config;
+  c = defaults(command);
+  const auto options = optionsOf(command);
+  const po::options_description desc = syntaxOf(options);
+  std::vector<std::string> stray;
+  const po::variables_map vm = readCommandLine(args, desc, command, stray);
+  if (vm.count("help")) {
+    result.helpShown = true;
+    return result;
+  }
+  const auto env = readEnvironment(options, command);
+  c.configFile = vm.count("config") ? vm["config"].as<std::string>() : "";
+  if (c.configFile.empty())
+    if (const char* e = std::getenv("PARDIT_CONFIG")) c.configFile = e;
+  const po::variables_map fileVm = readConfigFile(c.configFile, desc, command);
   // Precedence: command line, environment, file, default.
   for (const Option* o : options) {
-    const std::string key = o->name;
-    const bool onCommandLine = vm.count(key) && !vm[key].defaulted() && (!o->isSwitch || vm[key].as<bool>());
+    const auto cli = givenIn(vm, *o), file = givenIn(fileVm, *o);
+    const auto envIt = env.find(o->name);
     try {
-      if (onCommandLine) {
-        o->set(c, o->isSwitch ? "" : vm[key].as<std::string>());
-      } else if (env.count(key)) {
-        const std::string& v = env.at(key);
-        if (o->isSwitch) {
-          PARDIT_CHECK(v == "1" || v == "true" || v == "0" || v == "false", "must be 1, true, 0 or false, got '", v, "'");
-          if (v == "1" || v == "true") o->set(c, "");
-        } else {
-          o->set(c, v);
-        }
-      } else if (fileVm.count(key) && !fileVm[key].defaulted() && (!o->isSwitch || fileVm[key].as<bool>())) {
-        o->set(c, o->isSwitch ? "" : fileVm[key].as<std::string>());
+      if (cli) {
+        o->set(c, *cli);
+      } else if (envIt != env.end()) {
+        const std::string& v = envIt->second;
+        const bool on = v == "1" || v == "true";
+        PARDIT_CHECK(!o->isSwitch || on || v == "0" || v == "false", "must be 1, true, 0 or false, got '", v, "'");
+        if (!o->isSwitch || on) o->set(c, o->isSwitch ? "" : v);
+      } else if (file) {
+        o->set(c, *file);
       }
     } catch (const Error& e) {
-      const std::string source = onCommandLine ? "" : env.count(key) ? "environment " + envNameOf(key) + ": "
-                                                                     : configFile + ": ";
+      const std::string source = cli ? "" : envIt != env.end() ? "environment " + envNameOf(o->name) + ": "
+                                                               : c.configFile + ": ";
       PARDIT_THROW(source, e.message());
     }
   }
+  const std::string where = "pardit " + commandText;
   PARDIT_CHECK(stray.empty(), where, ": unexpected argument '", stray.empty() ? "" : stray.front(),
                "' (options are --name value; see 'pardit ", commandText, " --help')");
   for (const Option* o : options)

@@ -41,7 +41,7 @@ std::string formatSeconds(double s) {
 
 std::string formatNumber(double value) {
   char buf[32];
-  std::snprintf(buf, sizeof(buf), "%.6g", value);
+  std::snprintf(buf, sizeof(buf), "%.4g", value);
   return buf;
 }
 

@@ -114,6 +114,77 @@ double worldReduce(dist::Runtime& rt, double v, dist::ReduceOp op) {
 
 }  // namespace
 
+void Engine::Impl::benchmarkPipeline(Engine& engine, const BenchmarkRequest& request, BenchmarkResult& r) {
+  // The denoising loop: warm-up steps, then patch-pipelined steps, and the share of each pipelined step a
+  // rank spends waiting for the previous stage (bubbles and transfers).
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(1234);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  GenerateRequest g;
+  g.prompt.embeddings = {at::randn({request.batch, request.textLen, config.contextInDim}, gen, f32),
+                         at::randn({request.batch, config.vecInDim}, gen, f32)};
+  g.height = request.height;
+  g.width = request.width;
+  g.steps = options.warmupSteps + request.iters;
+  g.schedule = config::Schedule::kShift;
+  rt.world().barrier();
+  const GenerateResult out = engine.generate(g);
+  const size_t W = static_cast<size_t>(options.warmupSteps);
+  r.pipelineStepSeconds = out.report.stepSeconds;
+  double wait = 0, total = 0;
+  for (size_t i = W; i < out.report.stepSeconds.size(); ++i) {
+    r.samples.push_back(worldReduce(rt, out.report.stepSeconds[i], dist::ReduceOp::kMax));
+    wait += lastPipeline.stepWaitSeconds.at(i);
+    total += out.report.stepSeconds[i];
+  }
+  r.warmupSteps = static_cast<int>(W);
+  r.patches = options.numPipelinePatch > 0 ? options.numPipelinePatch : degrees.pipefusion;
+  r.bubbleShareMean = worldReduce(rt, wait / total, dist::ReduceOp::kSum) / rt.worldSize();
+  r.bubbleShareMax = worldReduce(rt, wait / total, dist::ReduceOp::kMax);
+}
+
+void Engine::Impl::benchmarkForwards(const BenchmarkRequest& request, BenchmarkResult& r) {
+  const LatentGeometry geom{request.height, request.width, 16};
+  const int64_t B = request.batch, Lt = request.textLen;
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(1234);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  model::FluxInputs in;
+  in.img = at::randn({B, geom.tokens(), config.inChannels}, gen, f32).to(dtype);
+  in.txt = at::randn({B, Lt, config.contextInDim}, gen, f32).to(dtype);
+  in.pooled = at::randn({B, config.vecInDim}, gen, f32).to(dtype);
+  in.timestep = at::full({B}, 0.5, f32);
+  if (config.guidanceEmbed) in.guidance = at::full({B}, 3.5, f32);
+  in.imgIds = imageIds(geom);
+  in.txtIds = textIds(Lt);
+  Run run(rt);
+  const TransformerFn fn = forwardFn(run, in, "");
+  auto step = [&] {
+    const at::Tensor out = detail::cfgGather(rt, fn(run.inputs));
+    if (out.is_cuda()) (void)out.cpu();
+  };
+  for (int i = 0; i < request.warmup; ++i) step();
+  rt.world().barrier();
+  std::vector<double> commShares;
+  for (int i = 0; i < request.iters; ++i) {
+    const auto before = rt.collectiveTotals();
+    Timer t;
+    run.recorder.beginStep();
+    step();
+    run.recorder.endStep();
+    const double local = t.seconds();
+    double comm = 0;
+    for (const auto& [name, s] : rt.collectiveTotals())
+      if (name != "barrier") comm += s.seconds - before.at(name).seconds;
+    // A sample is the slowest rank's time; the communication share is this rank's.
+    r.samples.push_back(worldReduce(rt, local, dist::ReduceOp::kMax));
+    commShares.push_back(comm / local);
+  }
+  r.commShare = worldReduce(rt, median(commShares), dist::ReduceOp::kMax);
+  if (device.is_cpu()) r.gemmRate = gemmRate(dtype);
+  if (rt.worldSize() == 1)
+    std::tie(r.gemmSeconds, r.attentionSeconds) = componentTimes(config, B, geom.tokens(), Lt, dtype, device);
+  finishMetrics(run, "bench", std::accumulate(r.samples.begin(), r.samples.end(), 0.0), 0, B * request.iters);
+}
+
 BenchmarkResult Engine::benchmark(const BenchmarkRequest& request) {
   Impl& m = *impl_;
   const LatentGeometry geom{request.height, request.width, 16};
@@ -134,75 +205,15 @@ BenchmarkResult Engine::benchmark(const BenchmarkRequest& request) {
   r.modelName = m.modelName;
   r.threads = at::get_num_threads();
   r.imageTokens = geom.tokens();
-  const int64_t B = request.batch, Lt = request.textLen;
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(1234);
-  const auto f32 = at::TensorOptions().dtype(at::kFloat);
   if (m.degrees.pipefusion > 1) {
-    // The denoising loop: warm-up steps, then patch-pipelined steps, and the share of each pipelined step
-    // a rank spends waiting for the previous stage (bubbles and transfers).
-    GenerateRequest g;
-    g.prompt.embeddings = {at::randn({B, Lt, m.config.contextInDim}, gen, f32),
-                           at::randn({B, m.config.vecInDim}, gen, f32)};
-    g.height = request.height;
-    g.width = request.width;
-    g.steps = m.options.warmupSteps + request.iters;
-    g.schedule = config::Schedule::kShift;
-    m.rt.world().barrier();
-    const GenerateResult out = generate(g);
-    const size_t W = static_cast<size_t>(m.options.warmupSteps);
-    r.pipelineStepSeconds = out.report.stepSeconds;
-    double wait = 0, total = 0;
-    for (size_t i = W; i < out.report.stepSeconds.size(); ++i) {
-      r.samples.push_back(worldReduce(m.rt, out.report.stepSeconds[i], dist::ReduceOp::kMax));
-      wait += m.lastPipeline.stepWaitSeconds.at(i);
-      total += out.report.stepSeconds[i];
-    }
-    r.warmupSteps = static_cast<int>(W);
-    r.patches = m.options.numPipelinePatch > 0 ? m.options.numPipelinePatch : m.degrees.pipefusion;
-    r.bubbleShareMean = worldReduce(m.rt, wait / total, dist::ReduceOp::kSum) / m.rt.worldSize();
-    r.bubbleShareMax = worldReduce(m.rt, wait / total, dist::ReduceOp::kMax);
+    m.benchmarkPipeline(*this, request, r);
   } else {
-    model::FluxInputs in;
-    in.img = at::randn({B, geom.tokens(), m.config.inChannels}, gen, f32).to(m.dtype);
-    in.txt = at::randn({B, Lt, m.config.contextInDim}, gen, f32).to(m.dtype);
-    in.pooled = at::randn({B, m.config.vecInDim}, gen, f32).to(m.dtype);
-    in.timestep = at::full({B}, 0.5, f32);
-    if (m.config.guidanceEmbed) in.guidance = at::full({B}, 3.5, f32);
-    in.imgIds = imageIds(geom);
-    in.txtIds = textIds(Lt);
-    Impl::Run run(m.rt);
-    const TransformerFn fn = m.forwardFn(run, in, "");
-    auto step = [&] {
-      const at::Tensor out = detail::cfgGather(m.rt, fn(run.inputs));
-      if (out.is_cuda()) (void)out.cpu();
-    };
-    for (int i = 0; i < request.warmup; ++i) step();
-    m.rt.world().barrier();
-    std::vector<double> commShares;
-    for (int i = 0; i < request.iters; ++i) {
-      const auto before = m.rt.collectiveTotals();
-      Timer t;
-      run.recorder.beginStep();
-      step();
-      run.recorder.endStep();
-      const double local = t.seconds();
-      double comm = 0;
-      for (const auto& [name, s] : m.rt.collectiveTotals())
-        if (name != "barrier") comm += s.seconds - before.at(name).seconds;
-      // A sample is the slowest rank's time; the communication share is this rank's.
-      r.samples.push_back(worldReduce(m.rt, local, dist::ReduceOp::kMax));
-      commShares.push_back(comm / local);
-    }
-    r.commShare = worldReduce(m.rt, median(commShares), dist::ReduceOp::kMax);
-    if (m.device.is_cpu()) r.gemmRate = gemmRate(m.dtype);
-    if (m.rt.worldSize() == 1)
-      std::tie(r.gemmSeconds, r.attentionSeconds) = componentTimes(m.config, B, geom.tokens(), Lt, m.dtype, m.device);
-    m.finishMetrics(run, "bench", std::accumulate(r.samples.begin(), r.samples.end(), 0.0), 0, B * request.iters);
+    m.benchmarkForwards(request, r);
   }
   r.median = median(r.samples);
   r.best = *std::min_element(r.samples.begin(), r.samples.end());
   r.mean = std::accumulate(r.samples.begin(), r.samples.end(), 0.0) / static_cast<double>(r.samples.size());
-  r.flops = forwardFlops(m.config, B, geom.tokens(), Lt);
+  r.flops = forwardFlops(m.config, request.batch, geom.tokens(), request.textLen);
   return r;
 }
 

@@ -88,6 +88,8 @@ std::shared_ptr<model::FluxWeightProvider> Engine::Impl::prepare(Run& run, int64
     plan = memory::planRank(work, detail::budgetOf(options, device, rt.localSize()), options.offload);
     PARDIT_CHECK(plan.fits, "rank ", rt.worldRank(), ": ", plan.problem);
   });
+  logDebug("plan: streamed_bytes=", plan.streamedBytes, " resident_bytes=", plan.residentBytes,
+           " total_bytes=", plan.total());
   std::string key;
   for (const auto& g : plan.groups) key += g.name + (g.streamed ? "~" : "=") + ";";
   if (loaded && loaded->key == key) return loaded->weights;
@@ -105,8 +107,9 @@ std::shared_ptr<model::FluxWeightProvider> Engine::Impl::prepare(Run& run, int64
     weights = detail::loadPlannedWeights(options, config, read, plan, dtype, device);
     run.loadSeconds = t.seconds();
   });
-  logInfo0("loaded ", formatBytes(bytesRead()), " of weights in ", formatSeconds(run.loadSeconds), " as ",
-           dtypeName(dtype), " on ", device.str(), " (", degrees.describe(), ")");
+  logInfo0(checkpoint ? "loaded " : "made ", formatBytes(plan.residentBytes + plan.streamedBytes), " of ",
+           checkpoint ? "weights" : "synthetic weights", " in ", formatSeconds(run.loadSeconds), " as ", dtypeName(dtype),
+           " on ", device.str(), " (", degrees.describe(), ")");
   if (run.pipefusion) logInfo0("pipeline stages: ", run.pipefusion->partition.describe(config));
   loaded = Loaded{plan, key, weights};
   return weights;
@@ -152,6 +155,11 @@ void Engine::Impl::rankSummary(const std::shared_ptr<model::FluxWeightProvider>&
                                               std::to_string(checkpoint->tensorsLoaded().size()) + " tensors), "
                                         : std::string();
   logInfo("rank summary: ", role, source, "peak host RSS ", formatBytes(peakRssBytes()), detail);
+  // Exact counts for scripts (bench/memory_proof.sh): --log-level debug.
+  logDebug("rank bytes: stage=", pf ? rt.topology().pipefusionRank() : 0, " read=", bytesRead(),
+           " total=", checkpoint ? checkpoint->totalBytes() : 0, " tensors=",
+           checkpoint ? checkpoint->tensorsLoaded().size() : 0, " peak_rss=", peakRssBytes(), " peak_device=",
+           memory::devicePeakBytes(device.is_cuda(), device.is_cuda() ? device.index() : 0));
 }
 
 std::string detail::collectiveSummary(const dist::Runtime& rt) {
@@ -250,67 +258,88 @@ void checkRequest(const GenerateRequest& r, const dist::ParallelDegrees& d) {
 
 }  // namespace
 
+Engine::Impl::Prompts Engine::Impl::validateAndEncode(Run& run, const GenerateRequest& request,
+                                                     const LatentGeometry& geom) {
+  Prompts p;
+  rt.agree([&] {
+    checkRequest(request, degrees);
+    PARDIT_CHECK(config.inChannels == geom.packedChannels(), modelName, ": the model takes ", config.inChannels,
+                 " input channels; text-to-image needs ", geom.packedChannels());
+    p.positive = encodePrompt(request.prompt, config, "--prompt-embeds");
+    if (request.trueCfgScale > 1.0) {
+      p.negative = encodePrompt(request.negativePrompt, config, "--negative-prompt-embeds");
+      PARDIT_CHECK(p.negative->promptEmbeds.size(0) == p.positive.promptEmbeds.size(0),
+                   "--negative-prompt-embeds: batch ", p.negative->promptEmbeds.size(0), " differs from the batch ",
+                   p.positive.promptEmbeds.size(0), " of --prompt-embeds");
+    }
+    p.schedule = checkpoint ? resolveSchedule(request.schedule, *checkpoint) : resolveSchedule(request.schedule, config);
+    run.pipefusion = detail::checkLayout(options, degrees, config, geom.tokenRows(), geom.tokenCols(), true);
+    const int64_t T = p.positive.promptEmbeds.size(1), Tneg = p.negative ? p.negative->promptEmbeds.size(1) : T;
+    PARDIT_CHECK(!(run.pipefusion && degrees.cfg == 1) || T == Tneg,
+                 "with --pipefusion-degree > 1 and without --cfg-degree 2, the prompt and negative prompt embeddings "
+                 "need the same token count (", T, " vs ", Tneg, ")");
+  });
+  return p;
+}
+
+std::unique_ptr<Denoiser> Engine::Impl::makeDenoiser(Run& run, const Prompts& p, const LatentGeometry& geom) {
+  auto onDevice = [&](const PromptEmbeddings& e) {
+    return PromptEmbeddings{e.promptEmbeds.to(device).to(dtype), e.pooled.to(device).to(dtype)};
+  };
+  // With CFG parallelism each CFG rank holds one branch; else the negative branch runs on this rank too.
+  const bool cfgParallel = degrees.cfg == 2;
+  const PromptEmbeddings branch = onDevice(cfgParallel && rt.topology().cfgRank() == 1 ? *p.negative : p.positive);
+  std::optional<PromptEmbeddings> second;
+  if (p.negative && !cfgParallel) second = onDevice(*p.negative);
+  dist::Communicator* cfg = cfgParallel ? &rt.group(dist::GroupKind::kCfg) : nullptr;
+  if (run.pipefusion) {
+    auto runner = detail::makePipeFusionRunner(rt, config, run.weights, *run.pipefusion, device);
+    logInfo0("pipeline: ", run.pipefusion->layout.patches, " patches, ", run.pipefusion->warmupSteps,
+             " warm-up step(s)");
+    return std::make_unique<PipeFusionDenoiser>(runner, branch, second, cfg, run.pipefusion->warmupSteps);
+  }
+  const auto rank = detail::makeRankModel(rt, config, run.weights);
+  const at::Tensor ids = imageIds(geom).to(device);
+  return cfg ? TransformerDenoiser::cfgParallel(rank.fn, ids, branch, *cfg)
+             : TransformerDenoiser::local(rank.fn, ids, branch, second);
+}
+
+void Engine::Impl::reportLoop(const Denoiser& denoiser, double seconds, uint64_t rssBeforeLoop) {
+  logInfo0("denoised in ", formatSeconds(seconds));
+  if (const auto* pipe = dynamic_cast<const PipeFusionDenoiser*>(&denoiser)) {
+    lastPipeline = pipe->runner().stats();
+    logInfo0("pipeline: ", formatSeconds(lastPipeline.waitSeconds), " of ", formatSeconds(seconds),
+             " waiting for the previous stage on rank 0; K/V buffers ", formatBytes(pipe->runner().kvBuffers().bytes()));
+  }
+  if (device.is_cpu() && !loaded->plan.anyStreamed()) {
+    // On the CPU the loop's memory growth is its activations (and buffers): compare with the plan's estimate.
+    const auto& plan = loaded->plan;
+    const uint64_t grown = peakRssBytes() > rssBeforeLoop ? peakRssBytes() - rssBeforeLoop : 0;
+    logInfo0("activations and buffers: planned ", formatBytes(plan.activationBytes + plan.kvBytes + plan.commBytes),
+             ", measured ", formatBytes(grown), " (peak RSS growth during the loop)");
+  }
+}
+
 GenerateResult Engine::generate(const GenerateRequest& request) {
   Impl& m = *impl_;
   Impl::Run run(m.rt);
   const LatentGeometry geom{request.height, request.width, 16};
-  PromptEmbeddings pos;
-  std::optional<PromptEmbeddings> neg;
-  SchedulerConfig schedule;
   // validate + encode
-  m.rt.agree([&] {
-    checkRequest(request, m.degrees);
-    PARDIT_CHECK(m.config.inChannels == geom.packedChannels(), m.modelName, ": the model takes ", m.config.inChannels,
-                 " input channels; text-to-image needs ", geom.packedChannels());
-    pos = encodePrompt(request.prompt, m.config, "--prompt-embeds");
-    if (request.trueCfgScale > 1.0) {
-      neg = encodePrompt(request.negativePrompt, m.config, "--negative-prompt-embeds");
-      PARDIT_CHECK(neg->promptEmbeds.size(0) == pos.promptEmbeds.size(0), "--negative-prompt-embeds: batch ",
-                   neg->promptEmbeds.size(0), " differs from the batch ", pos.promptEmbeds.size(0),
-                   " of --prompt-embeds");
-    }
-    schedule = m.checkpoint ? resolveSchedule(request.schedule, *m.checkpoint) : resolveSchedule(request.schedule, m.config);
-    run.pipefusion = detail::checkLayout(m.options, m.degrees, m.config, geom.tokenRows(), geom.tokenCols(), true);
-    PARDIT_CHECK(!(run.pipefusion && neg && m.degrees.cfg == 1) || neg->promptEmbeds.size(1) == pos.promptEmbeds.size(1),
-                 "with --pipefusion-degree > 1 and without --cfg-degree 2, the prompt and negative prompt embeddings "
-                 "need the same token count (", pos.promptEmbeds.size(1), " vs ", neg ? neg->promptEmbeds.size(1) : 0, ")");
-  });
-  const int64_t B = pos.promptEmbeds.size(0);
+  const Impl::Prompts prompts = m.validateAndEncode(run, request, geom);
+  const int64_t B = prompts.positive.promptEmbeds.size(0), T = prompts.positive.promptEmbeds.size(1);
   // plan + load: the transformer batch of this rank (both branches together on one PipeFusion pipeline)
-  const int64_t branchBatch = B * ((run.pipefusion && m.degrees.cfg == 1 && neg) ? 2 : 1);
-  auto weights = m.prepare(run, branchBatch, geom.tokens(), pos.promptEmbeds.size(1));
+  const int64_t branchBatch = B * ((run.pipefusion && m.degrees.cfg == 1 && prompts.negative) ? 2 : 1);
+  run.weights = m.prepare(run, branchBatch, geom.tokens(), T);
   // denoise
-  auto onDevice = [&](PromptEmbeddings e) {
-    return PromptEmbeddings{e.promptEmbeds.to(m.device).to(m.dtype), e.pooled.to(m.device).to(m.dtype)};
-  };
-  const bool cfgParallel = m.degrees.cfg == 2;
-  const PromptEmbeddings branch = onDevice(cfgParallel && m.rt.topology().cfgRank() == 1 ? *neg : pos);
-  std::optional<PromptEmbeddings> second;
-  if (neg && !cfgParallel) second = onDevice(*neg);
-  dist::Communicator* cfg = cfgParallel ? &m.rt.group(dist::GroupKind::kCfg) : nullptr;
-  std::unique_ptr<Denoiser> denoiser;
-  PipeFusionDenoiser* pipe = nullptr;
-  if (run.pipefusion) {
-    auto runner = detail::makePipeFusionRunner(m.rt, m.config, weights, *run.pipefusion, m.device);
-    auto d = std::make_unique<PipeFusionDenoiser>(runner, branch, second, cfg, run.pipefusion->warmupSteps);
-    pipe = d.get();
-    denoiser = std::move(d);
-    logInfo0("pipeline: ", run.pipefusion->layout.patches, " patches, ", run.pipefusion->warmupSteps,
-             " warm-up step(s)");
-  } else {
-    const auto rank = detail::makeRankModel(m.rt, m.config, weights);
-    const at::Tensor ids = imageIds(geom).to(m.device);
-    denoiser = cfg ? TransformerDenoiser::cfgParallel(rank.fn, ids, branch, *cfg)
-                   : TransformerDenoiser::local(rank.fn, ids, branch, second);
-  }
-  const FlowMatchEulerScheduler scheduler(schedule, request.steps, geom.tokens());
+  const std::unique_ptr<Denoiser> denoiser = m.makeDenoiser(run, prompts, geom);
+  const FlowMatchEulerScheduler scheduler(prompts.schedule, request.steps, geom.tokens());
   // The same noise on every rank: a pure function of the seed and the shape.
   const at::Tensor noise = initialNoise(request.seed, B, geom, m.dtype).to(m.device);
-  logInfo0("generate ", request.width, "x", request.height, " (", geom.tokens(), " image tokens, ",
-           pos.promptEmbeds.size(1), " text tokens), batch ", B, ", ", request.steps,
-           request.steps == 1 ? " step, " : " steps, ", schedule.dynamicShift ? "shifted" : "plain", " schedule",
+  logInfo0("generate ", request.width, "x", request.height, " (", geom.tokens(), " image tokens, ", T,
+           " text tokens), batch ", B, ", ", request.steps, request.steps == 1 ? " step, " : " steps, ",
+           prompts.schedule.dynamicShift ? "shifted" : "plain", " schedule",
            m.config.guidanceEmbed ? ", guidance " + formatNumber(request.guidanceScale) : std::string(),
-           neg ? ", true CFG " + formatNumber(request.trueCfgScale) : std::string());
+           prompts.negative ? ", true CFG " + formatNumber(request.trueCfgScale) : std::string());
   GenerateResult result;
   const uint64_t rssBeforeLoop = currentRssBytes();
   Timer total;
@@ -321,31 +350,20 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
     result.report.stepSeconds.push_back(r.seconds);
     const double eta = total.seconds() / (r.step + 1) * (r.steps - r.step - 1);
     logInfo0("step ", r.step + 1, "/", r.steps, "  ", formatSeconds(r.seconds), "  eta ", formatSeconds(eta));
+    logDebug("step ", r.step + 1, " seconds=", r.seconds);
   };
-  Sampling sampling{m.config.guidanceEmbed, request.guidanceScale, request.trueCfgScale};
+  const Sampling sampling{m.config.guidanceEmbed, request.guidanceScale, request.trueCfgScale};
   result.latents = denoise(*denoiser, noise, scheduler, sampling, progress);
   result.report.runSeconds = total.seconds();
   result.report.loadSeconds = run.loadSeconds;
-  logInfo0("denoised in ", formatSeconds(result.report.runSeconds));
-  if (pipe) m.lastPipeline = pipe->runner().stats();
-  if (pipe)
-    logInfo0("pipeline: ", formatSeconds(pipe->runner().stats().waitSeconds), " of ",
-             formatSeconds(result.report.runSeconds), " waiting for the previous stage on rank 0; K/V buffers ",
-             formatBytes(pipe->runner().kvBuffers().bytes()));
-  if (m.device.is_cpu() && !m.loaded->plan.anyStreamed()) {
-    // On the CPU the loop's memory growth is its activations (and buffers): compare with the plan's estimate.
-    const auto& plan = m.loaded->plan;
-    const uint64_t grown = peakRssBytes() > rssBeforeLoop ? peakRssBytes() - rssBeforeLoop : 0;
-    logInfo0("activations and buffers: planned ", formatBytes(plan.activationBytes + plan.kvBytes + plan.commBytes),
-             ", measured ", formatBytes(grown), " (peak RSS growth during the loop)");
-  }
+  m.reportLoop(*denoiser, result.report.runSeconds, rssBeforeLoop);
   // decode: the latents are the output today. write: the primary output first, then the metrics.
   m.writeOutput(request.saveLatents, "--save-latents", "latents", result.latents);
   result.report.metricsRun =
       m.finishMetrics(run, "generate", result.report.runSeconds, run.pipefusion ? run.pipefusion->warmupSteps : 0, B);
   result.report.bytesRead = m.bytesRead();
   logInfo0("communication: ", detail::collectiveSummary(m.rt));
-  m.rankSummary(weights, run.pipefusion);
+  m.rankSummary(run.weights, run.pipefusion);
   return result;
 }
 

@@ -10,6 +10,8 @@
 #include "pardit/metrics/metrics.h"
 #include "pardit/parallel/pipefusion.h"
 #include "pardit/pipeline/engine.h"
+#include "pardit/pipeline/latents.h"
+#include "pardit/pipeline/scheduler.h"
 #include "rank_setup.h"
 
 namespace pardit::pipeline {
@@ -50,7 +52,23 @@ struct Engine::Impl {
     explicit Run(dist::Runtime& rt) : recorder(rt) {}
   };
 
+  // A generate request's prompts after the encode stage, and its schedule.
+  struct Prompts {
+    PromptEmbeddings positive;
+    std::optional<PromptEmbeddings> negative;  // under true CFG
+    SchedulerConfig schedule;
+  };
+
   void open();
+  // generate's checks before loading (every rank, through agree()) and its encode stage.
+  Prompts validateAndEncode(Run& run, const GenerateRequest& request, const LatentGeometry& geom);
+  // The Denoiser of this rank's layout over run.weights.
+  std::unique_ptr<Denoiser> makeDenoiser(Run& run, const Prompts& prompts, const LatentGeometry& geom);
+  // Engine::benchmark's two kinds: PipeFusion denoising steps (through engine.generate), or forwards.
+  void benchmarkPipeline(Engine& engine, const BenchmarkRequest& request, BenchmarkResult& result);
+  void benchmarkForwards(const BenchmarkRequest& request, BenchmarkResult& result);
+  // Log lines after the loop: time, PipeFusion waits, activation memory against the plan.
+  void reportLoop(const Denoiser& denoiser, double seconds, uint64_t rssBeforeLoop);
   // The transformer call of a forward run on `inputs` (layout checked, weights planned and loaded);
   // run.inputs becomes this rank's share of them.
   TransformerFn forwardFn(Run& run, const model::FluxInputs& inputs, const std::string& outputPath);

@@ -19,7 +19,8 @@ int runForward(const config::EngineConfig& c, dist::Runtime& rt) {
 
 int runGenerate(const config::EngineConfig& c, dist::Runtime& rt) {
   pipeline::Engine engine(c, rt);
-  if (c.saveLatents.empty()) logWarn0("no output requested: pass --save-latents FILE to keep the result");
+  if (c.saveLatents.empty() && c.output.empty())
+    logWarn0("no output requested: pass --output FILE.png (or --save-latents FILE) to keep the result");
   engine.generate(pipeline::GenerateRequest::fromConfig(c));
   return 0;
 }

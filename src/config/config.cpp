@@ -311,6 +311,8 @@ const std::vector<Option>& optionTable() {
     required(opt("model", &EngineConfig::model, Group::kModel, Sync::kPresence, kModelCommands, "PATH",
                  "FLUX checkpoint: a diffusers pipeline or transformer directory, or a BFL .safetensors file"),
              gen | fwd | plan, t);
+    add(opt("vae", &EngineConfig::vae, Group::kModel, Sync::kPresence, gen, "PATH",
+            "VAE for --output: a diffusers vae/ directory or a BFL ae.safetensors (default: the one beside --model)"));
     add(opt("dtype", &EngineConfig::dtype, Group::kModel, Sync::kValue, kAll, "TYPE",
             "compute dtype: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or fp32 (synth: the stored dtype)"));
     add(opt("device", &EngineConfig::device, Group::kModel, Sync::kValue, kRunCommands, "KIND",
@@ -354,8 +356,9 @@ const std::vector<Option>& optionTable() {
                  "safetensors file with hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, "
                  "txt_ids (and guidance for models with guidance embeddings)"),
              fwd, t);
-    required(opt("output", &EngineConfig::output, Group::kOutput, Sync::kValue, fwd | bench, "FILE",
-                 "forward: safetensors file for the prediction (tensor 'sample'); bench: JSON report of every sample"),
+    required(opt("output", &EngineConfig::output, Group::kOutput, Sync::kValue, fwd | gen | bench, "FILE",
+                 "generate: the PNG image (several images: FILE-0.png, FILE-1.png, ...); forward: safetensors file "
+                 "for the prediction (tensor 'sample'); bench: JSON report of every sample"),
              fwd, t);
     required(opt("prompt-embeds", &EngineConfig::promptEmbeds, Group::kOutput, Sync::kPresence, gen, "FILE",
                  "safetensors file with prompt_embeds [B,T,4096] and pooled_prompt_embeds [B,768]"),

@@ -4,12 +4,14 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "pardit/core/error.h"
 #include "pardit/io/safetensors.h"
+#include "pardit/io/vae_checkpoint.h"
 
 namespace fs = std::filesystem;
 
@@ -48,18 +50,59 @@ std::string schedulerConfigJson(bool dynamicShift) {
   j["use_dynamic_shifting"] = dynamicShift;
   return j.dump(2) + "\n";
 }
+// The VAE decoder: vae/ (diffusers) or ae.safetensors (BFL names; decoder tensors only, with the
+// configuration that shapes cannot tell in __metadata__). Values depend on the internal name only, so
+// both layouts hold the same VAE.
+std::string synthesizeVae(const SynthOptions& o, uint64_t* bytes) {
+  const model::VaeConfig& c = o.vaeConfig;
+  const auto levels = static_cast<int64_t>(c.blockOutChannels.size());
+  const bool bfl = o.layout == CheckpointLayout::kBfl;
+  SafetensorsWriter w;
+  w.addMetadata("format", "pt");
+  if (bfl) {
+    w.addMetadata("norm_num_groups", std::to_string(c.normGroups));
+    w.addMetadata("scaling_factor", std::to_string(c.scalingFactor));
+    w.addMetadata("shift_factor", std::to_string(c.shiftFactor));
+  }
+  for (const auto& t : model::vaeDecoderTensors(c)) {
+    std::vector<int64_t> shape = t.shape;
+    if (bfl && shape.size() == 2) shape.insert(shape.end(), {1, 1});  // BFL attention weights are 1x1 convs
+    SafetensorsWriter::Producer p;
+    if (!o.zeros)
+      p = [seed = o.seed, dtype = o.dtype, t, shape] { return synthTensor(seed, t.name, t.shape).reshape(shape).to(dtype); };
+    w.addLazy(bfl ? bflVaeName(t.name, levels) : t.name, o.dtype, shape, p);
+  }
+  *bytes = w.totalBytes();
+  if (bfl) {
+    const fs::path file = fs::path(o.outDir) / "ae.safetensors";
+    w.write(file.string());
+    return file.string();
+  }
+  const fs::path dir = fs::path(o.outDir) / "vae";
+  fs::create_directories(dir);
+  w.write((dir / "diffusion_pytorch_model.safetensors").string());
+  writeText(dir / "config.json", vaeConfigJson(c));
+  return dir.string();
+}
+
 }  // namespace
 
 at::Tensor synthTensor(uint64_t seed, const std::string& name, const std::vector<int64_t>& shape) {
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed ^ fnv1a(name));
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  const bool isScale = name.size() >= 6 && name.compare(name.size() - 6, 6, ".scale") == 0;
+  auto endsWith = [&](const char* suffix) {
+    const size_t n = std::strlen(suffix);
+    return name.size() >= n && name.compare(name.size() - n, n, suffix) == 0;
+  };
+  const bool isScale = endsWith(".scale") || (name.find("norm") != std::string::npos && endsWith(".weight"));
   if (shape.size() >= 2) {
-    // Like nn.Linear's default initialisation: uniform in +-1/sqrt(fan_in).
-    const double bound = 1.0 / std::sqrt(static_cast<double>(shape[1]));
+    // Like nn.Linear's and nn.Conv2d's default initialisation: uniform in +-1/sqrt(fan_in).
+    double fanIn = 1;
+    for (size_t i = 1; i < shape.size(); ++i) fanIn *= static_cast<double>(shape[i]);
+    const double bound = 1.0 / std::sqrt(fanIn);
     return at::rand(shape, gen, f32).mul_(2 * bound).sub_(bound);
   }
-  if (isScale) return at::randn(shape, gen, f32).mul_(0.1).add_(1.0);  // RMSNorm scales near 1
+  if (isScale) return at::randn(shape, gen, f32).mul_(0.1).add_(1.0);  // norm scales near 1
   return at::randn(shape, gen, f32).mul_(0.02);                       // biases
 }
 
@@ -188,11 +231,14 @@ SynthResult synthesizeCheckpoint(const SynthOptions& o) {
     mi["_class_name"] = "FluxPipeline";
     mi["scheduler"] = {"diffusers", "FlowMatchEulerDiscreteScheduler"};
     mi["transformer"] = {"diffusers", "FluxTransformer2DModel"};
+    if (o.withVae) mi["vae"] = {"diffusers", "AutoencoderKL"};
     writeText(fs::path(o.outDir) / "model_index.json", mi.dump(2) + "\n");
     result.modelPath = o.outDir;
     result.tensorBytes = total;
     result.files = static_cast<int>(shards.size());
   }
+
+  if (o.withVae) result.vaePath = synthesizeVae(o, &result.vaeBytes);
 
   // Sample prompt embeddings (positive and negative), batch 1, in the checkpoint dtype.
   const auto f32 = at::TensorOptions().dtype(at::kFloat);

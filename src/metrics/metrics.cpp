@@ -95,6 +95,12 @@ void MetricsRecorder::setLoad(double seconds, uint64_t bytesRead) {
   bytesRead_ = bytesRead;
 }
 
+void MetricsRecorder::addStage(const std::string& name, double seconds, uint64_t bytes) {
+  stageNames_.push_back(name);
+  stageSeconds_.push_back(seconds);
+  stageBytes_.push_back(static_cast<int64_t>(bytes));
+}
+
 void MetricsRecorder::setPeaks(uint64_t deviceBytes, uint64_t hostRssBytes) {
   peakDevice_ = deviceBytes;
   peakRss_ = hostRssBytes;
@@ -169,6 +175,8 @@ struct Gathered {
   at::Tensor loadSeconds, totalSeconds;            // [R] double
   at::Tensor bytesRead, peakDevice, peakRss;       // [R] int64
   std::vector<std::string> hosts, devices;
+  std::vector<std::string> stages;                 // stage names; times [R, stages] and bytes [R, stages]
+  at::Tensor stageSeconds, stageBytes;
 };
 
 std::vector<std::string> gatherStrings(dist::Communicator& world, const std::string& mine, size_t width) {
@@ -244,6 +252,14 @@ void writeStepData(hid_t run, const Gathered& g) {
 }
 
 void writeRankData(hid_t run, const Gathered& g) {
+  if (!g.stages.empty()) {
+    H5Id st(H5Gcreate2(run, "stages", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose, "group stages");
+    for (size_t i = 0; i < g.stages.size(); ++i) {
+      const auto k = static_cast<int64_t>(i);
+      doubles(st.id, g.stages[i] + "_time", g.stageSeconds.select(1, k), "s");
+      counts(st.id, g.stages[i] + "_bytes", g.stageBytes.select(1, k), "bytes");
+    }
+  }
   doubles(run, "load_time", g.loadSeconds, "s");
   counts(run, "bytes_read", g.bytesRead, "bytes");
   counts(run, "peak_device_memory", g.peakDevice, "bytes (0 on CPU)");
@@ -325,6 +341,14 @@ std::string MetricsRecorder::write(const std::string& path, const RunInfo& info)
   g.bytesRead = gather(at::tensor({static_cast<int64_t>(bytesRead_)}, at::kLong)).reshape({-1});
   g.peakDevice = gather(at::tensor({static_cast<int64_t>(peakDevice_)}, at::kLong)).reshape({-1});
   g.peakRss = gather(at::tensor({static_cast<int64_t>(peakRss_)}, at::kLong)).reshape({-1});
+  at::Tensor nStages = at::full({1}, static_cast<int64_t>(stageNames_.size()), at::kLong), mostStages = nStages.clone();
+  world.allReduce(nStages, dist::ReduceOp::kMin);
+  world.allReduce(mostStages, dist::ReduceOp::kMax);
+  PARDIT_CHECK(nStages.item<int64_t>() == mostStages.item<int64_t>(), "metrics: ranks recorded different stages");
+  g.stages = stageNames_;
+  const auto nst = static_cast<int64_t>(stageNames_.size());
+  g.stageSeconds = gather(at::tensor(stageSeconds_, at::kDouble).reshape({nst}));
+  g.stageBytes = gather(at::tensor(stageBytes_, at::kLong).reshape({nst}));
   g.hosts = gatherStrings(world, rt_.hostName(), 64);
   g.devices = gatherStrings(world, info.device, 32);
 

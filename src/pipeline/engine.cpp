@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <map>
 #include <numeric>
 #include <optional>
@@ -18,7 +19,12 @@
 #include "pardit/dist/runtime.h"
 #include "pardit/io/checkpoint.h"
 #include "pardit/io/safetensors.h"
+#include "pardit/io/png.h"
 #include "pardit/io/synth.h"
+#include "pardit/io/vae_checkpoint.h"
+#include "pardit/model/vae.h"
+#include "pardit/parallel/patch_vae.h"
+#include "pardit/version.h"
 #include "pardit/memory/streamer.h"
 #include "pardit/metrics/metrics.h"
 #include "pardit/pipeline/inputs.h"
@@ -33,7 +39,19 @@ using detail::PipeFusionLayout;
 
 GenerateRequest GenerateRequest::fromConfig(const config::EngineConfig& c) {
   return GenerateRequest{{{}, c.promptEmbeds}, {{}, c.negativePromptEmbeds}, c.height, c.width, c.steps,
-                         c.guidanceScale, c.trueCfgScale, c.seed, c.schedule, c.saveLatents};
+                         c.guidanceScale, c.trueCfgScale, c.seed, c.schedule, c.saveLatents, c.output, !c.output.empty()};
+}
+
+std::vector<std::string> imagePaths(const std::string& path, int64_t count) {
+  if (count == 1) return {path};
+  const std::filesystem::path p(path);
+  std::vector<std::string> out;
+  for (int64_t i = 0; i < count; ++i) {
+    std::filesystem::path q = p;
+    q.replace_filename(p.stem().string() + "-" + std::to_string(i) + (p.has_extension() ? p.extension().string() : ".png"));
+    out.push_back(q.string());
+  }
+  return out;
 }
 
 Engine::Engine(config::EngineConfig options, dist::Runtime& runtime)
@@ -254,6 +272,8 @@ void checkRequest(const GenerateRequest& r, const dist::ParallelDegrees& d) {
                "--true-cfg-scale > 1");
   LatentGeometry{r.height, r.width, 16}.validate();
   if (!r.saveLatents.empty()) io::checkOutputPath(r.saveLatents, "--save-latents");
+  PARDIT_CHECK(r.output.empty() || r.output != r.saveLatents, "--output and --save-latents name the same file ",
+               r.output);
 }
 
 }  // namespace
@@ -278,6 +298,11 @@ Engine::Impl::Prompts Engine::Impl::validateAndEncode(Run& run, const GenerateRe
     PARDIT_CHECK(!(run.pipefusion && degrees.cfg == 1) || T == Tneg,
                  "with --pipefusion-degree > 1 and without --cfg-degree 2, the prompt and negative prompt embeddings "
                  "need the same token count (", T, " vs ", Tneg, ")");
+    if (request.decode || !request.output.empty()) {
+      openVae(geom);
+      for (const auto& path : imagePaths(request.output, p.positive.promptEmbeds.size(0)))
+        if (!request.output.empty()) io::checkOutputPath(path, "--output");
+    }
   });
   return p;
 }
@@ -320,6 +345,67 @@ void Engine::Impl::reportLoop(const Denoiser& denoiser, double seconds, uint64_t
   }
 }
 
+void Engine::Impl::openVae(const LatentGeometry& geom) {
+  if (decoder) return;
+  std::string path = options.vae;
+  if (path.empty() && checkpoint) path = io::VaeCheckpoint::findBeside(*checkpoint);
+  PARDIT_CHECK(!path.empty(), "--output needs the VAE: none found beside ", modelName,
+               " (vae/ or ae.safetensors); pass --vae PATH");
+  vae.emplace(io::VaeCheckpoint::open(path));
+  const auto& c = vae->config();
+  PARDIT_CHECK(c.latentChannels == geom.channels && c.spatialFactor() == 8, path, ": a VAE with ", c.latentChannels,
+               " latent channels and ", c.spatialFactor(), "x upsampling; FLUX needs ", geom.channels, " and 8x");
+}
+
+at::Tensor Engine::Impl::decodeImages(Run& run, const at::Tensor& latents, const LatentGeometry& geom) {
+  Timer timer;
+  const uint64_t before = vae->bytesRead();
+  if (!decoder) decoder = std::make_unique<model::VaeDecoder>(vae->config(), vae->getter(dtype, device));
+  const at::Tensor z = model::denormalizeLatents(unpackLatents(latents, geom), vae->config());
+  // Every rank decodes a slab of rows when each can have one; else every rank decodes the whole image.
+  const bool split = z.size(2) >= rt.worldSize();
+  const at::Tensor decoded = split ? parallel::decodeParallel(*decoder, z, rt.world()) : decoder->decode(z);
+  const at::Tensor images = model::imagesToBytes(decoded);
+  const double seconds = timer.seconds();
+  run.recorder.addStage("decode", seconds, vae->bytesRead() - before);
+  logInfo0("decoded ", images.size(0), images.size(0) == 1 ? " image " : " images ", images.size(2), "x",
+           images.size(1), " in ", formatSeconds(seconds), split ? " on " + std::to_string(rt.worldSize()) + " rank(s)" : "");
+  return images;
+}
+
+std::vector<std::string> Engine::Impl::writeImages(Run& run, const GenerateRequest& request, const Prompts& prompts,
+                                                   const at::Tensor& images) {
+  Timer timer;
+  const auto paths = imagePaths(request.output, images.size(0));
+  // The run's parameters in a tEXt chunk, as other image tools write and read them.
+  std::string parameters = request.prompt.embeddingsFile.empty() ? "(prompt embeddings)"
+                                                                 : "(prompt embeddings: " + request.prompt.embeddingsFile + ")";
+  if (prompts.negative)
+    parameters += "\nNegative prompt: (prompt embeddings" +
+                  (request.negativePrompt.embeddingsFile.empty() ? "" : ": " + request.negativePrompt.embeddingsFile) + ")";
+  const auto& d = degrees;
+  parameters += "\nSteps: " + std::to_string(request.steps) + ", Sampler: flow-match Euler, Schedule: " +
+                (prompts.schedule.dynamicShift ? "shifted" : "plain") + ", Guidance: " + formatNumber(request.guidanceScale) +
+                ", CFG scale: " + formatNumber(prompts.negative ? request.trueCfgScale : 1.0) + ", Size: " +
+                std::to_string(request.width) + "x" + std::to_string(request.height) + ", Model: " + modelName +
+                ", Dtype: " + dtypeName(dtype) + ", Parallel: cfg " + std::to_string(d.cfg) + " x pipefusion " +
+                std::to_string(d.pipefusion) + " x ring " + std::to_string(d.ring) + " x ulysses " +
+                std::to_string(d.ulysses);
+  rt.agree([&] {
+    if (rt.worldRank() != 0) return;
+    for (size_t i = 0; i < paths.size(); ++i) {
+      const std::string seed = "\nSeed: " + std::to_string(request.seed) +
+                               (paths.size() > 1 ? ", Batch index: " + std::to_string(i) : std::string());
+      io::writePng(paths[i], images[static_cast<int64_t>(i)],
+                   {{"parameters", parameters + seed}, {"Software", std::string("pardit ") + PARDIT_VERSION}});
+    }
+  });
+  run.recorder.addStage("write", timer.seconds(), static_cast<uint64_t>(images.numel()));
+  logInfo0("wrote ", paths.size() == 1 ? paths[0] : std::to_string(paths.size()) + " images: " + paths[0] + " ...",
+           " (--output)");
+  return paths;
+}
+
 GenerateResult Engine::generate(const GenerateRequest& request) {
   Impl& m = *impl_;
   Impl::Run run(m.rt);
@@ -357,7 +443,9 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
   result.report.runSeconds = total.seconds();
   result.report.loadSeconds = run.loadSeconds;
   m.reportLoop(*denoiser, result.report.runSeconds, rssBeforeLoop);
-  // decode: the latents are the output today. write: the primary output first, then the metrics.
+  // decode, then write: the primary outputs first, then the metrics.
+  if (request.decode || !request.output.empty()) result.images = m.decodeImages(run, result.latents, geom);
+  if (!request.output.empty()) result.imagePaths = m.writeImages(run, request, prompts, result.images);
   m.writeOutput(request.saveLatents, "--save-latents", "latents", result.latents);
   result.report.metricsRun =
       m.finishMetrics(run, "generate", result.report.runSeconds, run.pipefusion ? run.pipefusion->warmupSteps : 0, B);

@@ -6,6 +6,8 @@
 
 #include "pardit/dist/runtime.h"
 #include "pardit/io/checkpoint.h"
+#include "pardit/io/vae_checkpoint.h"
+#include "pardit/model/vae.h"
 #include "pardit/memory/planner.h"
 #include "pardit/metrics/metrics.h"
 #include "pardit/parallel/pipefusion.h"
@@ -41,6 +43,9 @@ struct Engine::Impl {
   };
   std::optional<Loaded> loaded;
   parallel::PipeFusionStats lastPipeline;  // of the last PipeFusion generate
+  // The VAE (headers opened when a run first asks for images; the decoder loaded at its first decode).
+  std::optional<io::VaeCheckpoint> vae;
+  std::unique_ptr<model::VaeDecoder> decoder;
 
   // Everything a run needs between its stages.
   struct Run {
@@ -67,6 +72,13 @@ struct Engine::Impl {
   // Engine::benchmark's two kinds: PipeFusion denoising steps (through engine.generate), or forwards.
   void benchmarkPipeline(Engine& engine, const BenchmarkRequest& request, BenchmarkResult& result);
   void benchmarkForwards(const BenchmarkRequest& request, BenchmarkResult& result);
+  // The VAE for image outputs: --vae, or the one beside the model. Checked before anything loads.
+  void openVae(const LatentGeometry& geom);
+  // The decode stage: packed latents -> uint8 images [B, H, W, 3] on every rank.
+  at::Tensor decodeImages(Run& run, const at::Tensor& latents, const LatentGeometry& geom);
+  // The write stage of the images: PNG files from rank 0 with the run's parameters.
+  std::vector<std::string> writeImages(Run& run, const GenerateRequest& request, const Prompts& prompts,
+                                       const at::Tensor& images);
   // Log lines after the loop: time, PipeFusion waits, activation memory against the plan.
   void reportLoop(const Denoiser& denoiser, double seconds, uint64_t rssBeforeLoop);
   // The transformer call of a forward run on `inputs` (layout checked, weights planned and loaded);

@@ -58,6 +58,7 @@ struct EngineConfig {
 
   // General
   std::string model;                   // checkpoint directory or file (empty: bench's --preset)
+  std::string vae;                     // VAE (vae/ directory or ae.safetensors); empty: the one beside the model
   Dtype dtype = Dtype::kAuto;
   DeviceKind device = DeviceKind::kAuto;
   int threads = 0;                     // intra-op threads per rank; 0 = the library default
@@ -88,7 +89,7 @@ struct EngineConfig {
 
   // forward
   std::string inputs;
-  std::string output;                  // forward: the prediction; bench: the JSON report
+  std::string output;                  // forward: the prediction; generate: the PNG image; bench: the JSON report
 
   // generate
   std::string promptEmbeds;

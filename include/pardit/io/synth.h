@@ -10,6 +10,7 @@
 
 #include "pardit/io/checkpoint.h"
 #include "pardit/model/flux_config.h"
+#include "pardit/model/vae.h"
 
 namespace pardit::io {
 
@@ -23,6 +24,8 @@ struct SynthOptions {
   bool zeros = false;                        // sparse files with zero data
   uint64_t shardSize = 10'000'000'000ULL;    // largest diffusers shard
   int64_t textLen = 16;                      // tokens of the sample prompt embeddings
+  bool withVae = true;                       // also the VAE decoder (vae/ or ae.safetensors)
+  model::VaeConfig vaeConfig;
 };
 
 struct SynthResult {
@@ -31,6 +34,8 @@ struct SynthResult {
   std::string negativeEmbedsPath; // sample negative prompt embeddings
   uint64_t tensorBytes = 0;
   int files = 0;
+  std::string vaePath;            // vae/ or ae.safetensors ("" without a VAE)
+  uint64_t vaeBytes = 0;
 };
 
 // The value of internal tensor `name` (deterministic in seed and name), float32.

@@ -34,6 +34,9 @@ class MetricsRecorder {
   void setLoad(double seconds, uint64_t bytesRead);
   void setPeaks(uint64_t deviceBytes, uint64_t hostRssBytes);
   void setTotalSeconds(double seconds) { totalSeconds_ = seconds; }
+  // A stage of the run outside the denoising steps (encode, decode, write): its time and bytes on this
+  // rank. Every rank records the same stages, in the same order.
+  void addStage(const std::string& name, double seconds, uint64_t bytes = 0);
   size_t steps() const { return stepSeconds_.size(); }
 
   // Collective over the world: gathers every rank's record; rank 0 appends /runs/<id> to `path`
@@ -50,6 +53,9 @@ class MetricsRecorder {
   double stepStart_ = 0.0;
   double loadSeconds_ = 0.0, totalSeconds_ = 0.0;
   uint64_t bytesRead_ = 0, peakDevice_ = 0, peakRss_ = 0;
+  std::vector<std::string> stageNames_;
+  std::vector<double> stageSeconds_;
+  std::vector<int64_t> stageBytes_;
 };
 
 // Versions for provenance.

@@ -16,8 +16,10 @@
 //   plan      this rank's weight groups, resident or streamed, under --device-memory-budget
 //   load      only this rank's byte ranges of the checkpoint (kept for the next run with the same plan)
 //   denoise   the one loop (pipeline::denoise) over this layout's Denoiser
-//   decode    (latents out today)
-//   write     outputs from rank 0, atomically; then the metrics run (--metrics)
+//   decode    the latents into images with the VAE, every rank decoding a slab of rows
+//             (parallel::decodeParallel), when an image output is asked for
+//   write     outputs from rank 0, atomically (PNG with the run's parameters, latents); then the
+//             metrics run (--metrics)
 // Every check before loading runs through Runtime::agree(): a bad input on any rank ends every rank
 // with dist::CollectiveFailure after one error line. Calls are collective over the runtime's world.
 
@@ -59,6 +61,8 @@ struct GenerateRequest {
   uint64_t seed = 0;
   config::Schedule schedule = config::Schedule::kAuto;
   std::string saveLatents;  // rank 0 writes the packed latents here (safetensors, tensor 'latents')
+  std::string output;       // rank 0 writes the images here as PNG (several: output-0.png, output-1.png, ...)
+  bool decode = false;      // decode into GenerateResult::images even without `output`
 
   // The request a `pardit generate` command line describes.
   static GenerateRequest fromConfig(const config::EngineConfig& c);
@@ -75,8 +79,13 @@ struct RunReport {
 
 struct GenerateResult {
   at::Tensor latents;  // packed [B, S, 64], on every rank
+  at::Tensor images;   // uint8 [B, H, W, 3] on every rank, when decoded
+  std::vector<std::string> imagePaths;  // the PNG files written
   RunReport report;
 };
+
+// The PNG files of `count` images for --output `path`: path itself for one image, else path-0.png, ...
+std::vector<std::string> imagePaths(const std::string& path, int64_t count);
 
 struct ForwardResult {
   at::Tensor output;  // [B, L, outChannels], on every rank

@@ -2,9 +2,11 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <filesystem>
 #include <fstream>
 
 #include "test_util.h"
+#include "pardit/io/png.h"
 #include "pardit/io/safetensors.h"
 
 using namespace pardit;
@@ -153,4 +155,53 @@ TEST(Cli, BadInputGivesOneLineErrorAndNonZeroExit) {
     for (const auto& m : c.mustMention) EXPECT_NE(line.find(m), std::string::npos) << c.what << ": " << r.output;
   }
   EXPECT_FALSE(std::filesystem::exists(dir.file("o.safetensors")));  // nothing written on failure
+}
+
+// Prompt embeddings in, PNG out: the pixels equal diffusers' FluxPipeline (tiny dev transformer and VAE,
+// fixtures from tests/reference/make_vae_fixtures.py) on both checkpoint layouts, and the PNG carries the
+// run's parameters.
+TEST(Cli, GenerateWritesThePngOfFluxPipeline) {
+  TempDir dir;
+  auto ref = io::SafetensorsFile::open(fixture("pipeline_tiny_dev_image.safetensors"));
+  const auto& meta = ref->metadata();
+  const at::Tensor pixels = ref->read("pixels")[0];
+  for (const std::string model : {"flux_tiny_dev/diffusers", "flux_tiny_dev/flux1-tiny-dev.safetensors"}) {
+    const std::string png = dir.file("cat.png");
+    auto r = runPardit("generate --threads 1 --model " + fixture(model) + " --prompt-embeds " +
+                       fixture("pipeline_tiny_dev_image.safetensors") + " --height " + meta.at("height") + " --width " +
+                       meta.at("width") + " --steps " + meta.at("steps") + " --guidance-scale " +
+                       meta.at("guidance_scale") + " --seed " + meta.at("seed") + " --output " + png);
+    ASSERT_EQ(r.exitCode, 0) << r.output;
+    EXPECT_NE(r.output.find("decoded 1 image 96x64"), std::string::npos) << r.output;
+    const io::PngImage img = io::readPng(png);
+    ASSERT_EQ(img.pixels.sizes(), pixels.sizes());
+    const at::Tensor diff = (img.pixels.to(at::kInt) - pixels.to(at::kInt)).abs();
+    std::printf("[fidelity] pardit generate --output (%s) vs FluxPipeline: %lld of %lld values differ, max %d\n",
+                model.c_str(), static_cast<long long>(diff.gt(0).sum().item<int64_t>()),
+                static_cast<long long>(diff.numel()), diff.max().item<int>());
+    EXPECT_LE(diff.max().item<int>(), 1) << model;
+    EXPECT_LE(diff.gt(0).sum().item<int64_t>(), diff.numel() / 1000) << model;
+    ASSERT_FALSE(img.text.empty());
+    EXPECT_EQ(img.text[0].first, "parameters");
+    for (const std::string part : {"Steps: 3", "Seed: 42", "Size: 96x64", "Guidance: 3.5", "Parallel: cfg 1"})
+      EXPECT_NE(img.text[0].second.find(part), std::string::npos) << img.text[0].second;
+  }
+  // --output and --save-latents together; a missing output directory fails before anything is loaded.
+  auto both = runPardit("generate --threads 1 --model " + fixture("flux_tiny_dev/diffusers") + " --prompt-embeds " +
+                        fixture("pipeline_tiny_dev_image.safetensors") + " --height 32 --width 32 --steps 1 --output " +
+                        dir.file("a.png") + " --save-latents " + dir.file("a.safetensors"));
+  ASSERT_EQ(both.exitCode, 0) << both.output;
+  EXPECT_TRUE(std::filesystem::exists(dir.file("a.png")) && std::filesystem::exists(dir.file("a.safetensors")));
+  auto missing = runPardit("generate --threads 1 --model " + fixture("flux_tiny_dev/diffusers") + " --prompt-embeds " +
+                           fixture("pipeline_tiny_dev_image.safetensors") + " --height 32 --width 32 --steps 1 --output " +
+                           dir.file("no/such/dir/a.png"));
+  EXPECT_NE(missing.exitCode, 0);
+  EXPECT_NE(missing.output.find("--output"), std::string::npos) << missing.output;
+  EXPECT_EQ(missing.output.find("step 1/1"), std::string::npos) << "must fail before the denoising loop";
+  // A VAE that is not there: one clear line naming it.
+  auto noVae = runPardit("generate --threads 1 --model " + fixture("flux_tiny_dev/diffusers") + " --prompt-embeds " +
+                         fixture("pipeline_tiny_dev_image.safetensors") + " --vae " + dir.file("nowhere") +
+                         " --output " + dir.file("b.png"));
+  EXPECT_NE(noVae.exitCode, 0);
+  EXPECT_NE(errorLine(noVae.output).find("nowhere"), std::string::npos) << noVae.output;
 }

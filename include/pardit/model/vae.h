@@ -1,0 +1,102 @@
+#pragma once
+// The FLUX.1 VAE decoder (diffusers' AutoencoderKL decoder, BFL's AutoEncoder.decoder), numerically
+// following diffusers' op order and precision: conv_in -> mid block (resnet, single-head attention,
+// resnet) -> up blocks (layers_per_block + 1 resnets, nearest x2 upsample + 3x3 conv but the last) ->
+// GroupNorm -> SiLU -> conv_out. Plus the latent normalisation and the image post-processing of
+// diffusers' FluxPipeline / VaeImageProcessor.
+//
+// Internal tensor names are the diffusers ones ("decoder.up_blocks.0.resnets.1.conv2.weight"); io/ maps
+// BFL's ae.safetensors names onto them. Spatial operations that see beyond one pixel (3x3 convolutions,
+// GroupNorm statistics, the mid-block attention) go through VaeSpatial, so a rank can decode a row slab
+// of the image with its neighbours' halo rows and global statistics (parallel/patch_vae.h).
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "pardit/model/flux.h"
+
+namespace pardit::model {
+
+struct VaeConfig {
+  int64_t latentChannels = 16;
+  int64_t outChannels = 3;
+  std::vector<int64_t> blockOutChannels = {128, 256, 512, 512};
+  int64_t layersPerBlock = 2;
+  int64_t normGroups = 32;
+  double eps = 1e-6;
+  bool midBlockAttention = true;
+  double scalingFactor = 0.3611;
+  double shiftFactor = 0.1159;
+
+  // Pixels per latent pixel: 2^(levels - 1) (8 for FLUX.1).
+  int64_t spatialFactor() const { return int64_t{1} << (blockOutChannels.size() - 1); }
+  void validate() const;  // throws naming the rule
+  std::string describe() const;
+
+  // "flux" (FLUX.1's VAE), and smaller ones with the same structure for tests: "tiny", "small".
+  static VaeConfig preset(const std::string& name);
+};
+
+// The decoder's tensors (internal = diffusers names) with their shapes, in execution order.
+std::vector<TensorSpec> vaeDecoderTensors(const VaeConfig& config);
+
+// How the decoder's spatial operations see the image: all of it (LocalVaeSpatial), or one rank's row
+// slab (parallel::PatchVaeSpatial). x is [B, C, rows, W].
+class VaeSpatial {
+ public:
+  virtual ~VaeSpatial() = default;
+  // 3x3 convolution with zero padding 1 over the whole image.
+  virtual at::Tensor conv3x3(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) = 0;
+  // GroupNorm with statistics over the whole image. x: [B, C, ...].
+  virtual at::Tensor groupNorm(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
+                               double eps) = 0;
+  // Keys and values [B, 1, S, C] of this rank's positions -> of every position of the image.
+  virtual std::pair<at::Tensor, at::Tensor> allPositions(const at::Tensor& k, const at::Tensor& v) = 0;
+};
+
+class LocalVaeSpatial final : public VaeSpatial {
+ public:
+  at::Tensor conv3x3(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) override;
+  at::Tensor groupNorm(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
+                       double eps) override;
+  std::pair<at::Tensor, at::Tensor> allPositions(const at::Tensor& k, const at::Tensor& v) override { return {k, v}; }
+};
+
+class VaeDecoder {
+ public:
+  // `get` returns each tensor of vaeDecoderTensors(config) in the compute dtype on the compute device.
+  VaeDecoder(VaeConfig config, const WeightGetter& get);
+
+  const VaeConfig& config() const { return config_; }
+  c10::ScalarType dtype() const { return dtype_; }
+  // z: [B, latentChannels, h, w] already denormalised (z / scaling + shift) -> [B, outChannels, f*h, f*w] in
+  // the weights' dtype, nominally in [-1, 1]. With a patch `spatial`, z and the result are this rank's rows.
+  at::Tensor decode(const at::Tensor& z, VaeSpatial& spatial) const;
+  at::Tensor decode(const at::Tensor& z) const;
+  uint64_t weightBytes() const;
+
+ private:
+  at::Tensor resnet(const std::string& prefix, const at::Tensor& x, VaeSpatial& spatial) const;
+  at::Tensor attention(const std::string& prefix, const at::Tensor& x, VaeSpatial& spatial) const;
+  const at::Tensor& w(const std::string& name) const;
+
+  VaeConfig config_;
+  std::map<std::string, at::Tensor> weights_;
+  c10::ScalarType dtype_;
+};
+
+// diffusers' FluxPipeline before decoding (after unpacking the latents to [B, C, h, w]):
+// latents / scaling_factor + shift_factor, in the latents' dtype.
+at::Tensor denormalizeLatents(const at::Tensor& latents, const VaeConfig& config);
+
+// VaeImageProcessor.postprocess(output_type="pil"/"np"): (x * 0.5 + 0.5).clamp(0, 1) in the image's dtype,
+// then float32 x * 255 rounded half to even -> uint8 [B, H, W, C].
+at::Tensor imagesToBytes(const at::Tensor& decoded);
+
+}  // namespace pardit::model

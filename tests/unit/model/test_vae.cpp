@@ -1,0 +1,154 @@
+// The VAE decoder against diffusers' AutoencoderKL (fixtures from tests/reference/make_vae_fixtures.py),
+// both checkpoint layouts, the image post-processing, PNG files, and the patch-parallel decode against
+// the one-rank decode.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <mutex>
+
+#include "pardit/core/error.h"
+#include "pardit/dist/in_process.h"
+#include "pardit/dist/runtime.h"
+#include "pardit/io/png.h"
+#include "pardit/io/safetensors.h"
+#include "pardit/io/vae_checkpoint.h"
+#include "pardit/model/vae.h"
+#include "pardit/parallel/patch_vae.h"
+#include "pardit/pipeline/latents.h"
+#include "test_util.h"
+
+using namespace pardit;
+using pardit::test::fixture;
+
+namespace {
+std::shared_ptr<io::SafetensorsFile> decodeFixture() {
+  return io::SafetensorsFile::open(fixture("vae_decode_tiny.safetensors"));
+}
+}  // namespace
+
+TEST(Vae, ConfigAndNamesOfBothLayouts) {
+  const auto diffusers = io::VaeCheckpoint::open(fixture("flux_tiny_dev/diffusers"));  // finds vae/
+  const auto bfl = io::VaeCheckpoint::open(fixture("flux_tiny_dev/ae.safetensors"));
+  for (const auto* ck : {&diffusers, &bfl}) {
+    const auto& c = ck->config();
+    EXPECT_EQ(c.blockOutChannels, (std::vector<int64_t>{8, 8, 16, 16}));
+    EXPECT_EQ(c.layersPerBlock, 1);
+    EXPECT_EQ(c.normGroups, 4);
+    EXPECT_EQ(c.latentChannels, 16);
+    EXPECT_NEAR(c.scalingFactor, 0.3611, 1e-9);
+    EXPECT_NEAR(c.shiftFactor, 0.1159, 1e-9);
+    EXPECT_EQ(c.spatialFactor(), 8);
+  }
+  EXPECT_EQ(io::bflVaeName("decoder.up_blocks.0.resnets.1.conv_shortcut.weight", 4), "decoder.up.3.block.1.nin_shortcut.weight");
+  EXPECT_EQ(io::bflVaeName("decoder.up_blocks.2.upsamplers.0.conv.bias", 4), "decoder.up.1.upsample.conv.bias");
+  EXPECT_EQ(io::bflVaeName("decoder.mid_block.attentions.0.to_out.0.weight", 4), "decoder.mid.attn_1.proj_out.weight");
+  EXPECT_EQ(io::bflVaeName("decoder.conv_norm_out.bias", 4), "decoder.norm_out.bias");
+  EXPECT_EQ(model::vaeDecoderTensors(model::VaeConfig::preset("flux")).size(), 138u);  // FLUX.1's decoder tensors
+  EXPECT_THROW(io::VaeCheckpoint::open(fixture("flux_tiny_dev/flux1-tiny-dev.safetensors")), Error);
+}
+
+TEST(Vae, DecodeMatchesDiffusersOnBothLayouts) {
+  auto f = decodeFixture();
+  const at::Tensor ref = f->read("decoded_fp32"), z = f->read("z");
+  for (const std::string path : {"flux_tiny_dev/diffusers/vae", "flux_tiny_dev/ae.safetensors"}) {
+    const auto ck = io::VaeCheckpoint::open(fixture(path));
+    model::VaeDecoder decoder(ck.config(), ck.getter(at::kFloat));
+    const double err = test::maxRelError(decoder.decode(z), ref);
+    std::printf("[fidelity] VAE decode fp32 (%s): max relative error %.3e\n", path.c_str(), err);
+    EXPECT_LE(err, 1e-5) << path;
+  }
+  // bf16 weights and activations, as diffusers runs the VAE in a bf16 pipeline.
+  const auto ck = io::VaeCheckpoint::open(fixture("flux_tiny_dev/diffusers/vae"));
+  model::VaeDecoder bf16(ck.config(), ck.getter(at::kBFloat16));
+  const at::Tensor out = bf16.decode(z.to(at::kBFloat16));
+  EXPECT_EQ(out.scalar_type(), at::kBFloat16);
+  const double err = test::maxRelError(out, f->read("decoded_bf16"));
+  const double vsFp32 = test::maxRelError(out, ref);
+  std::printf("[fidelity] VAE decode bf16: max relative error %.3e against diffusers bf16, %.3e against fp32\n", err,
+              vsFp32);
+  EXPECT_LE(err, 2e-2);
+  EXPECT_LE(vsFp32, 5e-2);
+}
+
+TEST(Vae, LatentsToPixelsAsFluxPipeline) {
+  auto f = decodeFixture();
+  const auto& meta = f->metadata();
+  const pipeline::LatentGeometry geom{std::stoll(meta.at("height")), std::stoll(meta.at("width")), 16};
+  const auto ck = io::VaeCheckpoint::open(fixture("flux_tiny_dev/diffusers/vae"));
+  const at::Tensor z = model::denormalizeLatents(pipeline::unpackLatents(f->read("packed_latents"), geom), ck.config());
+  EXPECT_LE(test::maxRelError(z, f->read("z")), 1e-7);
+  model::VaeDecoder decoder(ck.config(), ck.getter(at::kFloat));
+  const at::Tensor pixels = model::imagesToBytes(decoder.decode(z));
+  const at::Tensor ref = f->read("pixels");
+  ASSERT_EQ(pixels.sizes(), ref.sizes());
+  const auto diff = (pixels.to(at::kInt) - ref.to(at::kInt)).abs();
+  const int64_t off = diff.gt(0).sum().item<int64_t>();
+  std::printf("[fidelity] pixels: %lld of %lld differ (max %d levels)\n", static_cast<long long>(off),
+              static_cast<long long>(ref.numel()), diff.max().item<int>());
+  EXPECT_LE(diff.max().item<int>(), 1);
+  EXPECT_LE(static_cast<double>(off), 1e-3 * ref.numel());
+  // The processor's rounding: half to even of x * 255 in float32, after clamping.
+  const at::Tensor edge = model::imagesToBytes(at::tensor({-3.0f, 1.0f, 0.0f, 1.0f / 255.0f}).view({1, 1, 1, 4}).permute({0, 3, 1, 2}));
+  EXPECT_EQ(edge[0][0][0][0].item<uint8_t>(), 0);
+  EXPECT_EQ(edge[0][0][0][1].item<uint8_t>(), 255);
+  EXPECT_EQ(edge[0][0][0][2].item<uint8_t>(), 128);  // 127.5 rounds to the even 128
+}
+
+TEST(Png, RoundTripWithTextAndAtomicWrite) {
+  test::TempDir dir;
+  at::manual_seed(1);
+  const at::Tensor img = at::randint(0, 256, {5, 7, 3}, at::kByte);
+  const io::PngText text = {{"parameters", "a cat\nSteps: 4, Seed: 42, Size: 7x5"}, {"Software", "pardit"}};
+  io::writePng(dir.file("x.png"), img, text);
+  const io::PngImage back = io::readPng(dir.file("x.png"));
+  EXPECT_TRUE(at::equal(back.pixels, img));
+  EXPECT_EQ(back.text, text);
+  // No temporary files are left behind; a failed write leaves the old image untouched.
+  size_t files = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir.path())) files += e.is_regular_file();
+  EXPECT_EQ(files, 1u);
+  EXPECT_THROW(io::writePng(dir.file("missing/x.png"), img), Error);
+  EXPECT_THROW(io::writePng(dir.file("y.png"), at::zeros({5, 7, 2}, at::kByte)), Error);
+  EXPECT_THROW(io::readPng(test::fixture("vae_decode_tiny.safetensors")), Error);
+  EXPECT_TRUE(at::equal(io::readPng(dir.file("x.png")).pixels, img));
+}
+
+// Every rank decodes a slab; halo rows and whole-image GroupNorm statistics give the one-rank image.
+TEST(Vae, PatchParallelDecodeEqualsOneRank) {
+  const auto ck = io::VaeCheckpoint::open(fixture("flux_tiny_dev/diffusers/vae"));
+  model::VaeDecoder decoder(ck.config(), ck.getter(at::kFloat));
+  at::manual_seed(4);
+  const at::Tensor z = at::randn({2, 16, 10, 6});  // 10 latent rows: uneven over 3 and 4 ranks
+  const at::Tensor ref = decoder.decode(z);
+  for (int n : {2, 3, 4}) {
+    std::mutex m;
+    std::vector<at::Tensor> out(n);
+    dist::runInProcess(n, [&](dist::Runtime& rt) {
+      at::Tensor img = parallel::decodeParallel(decoder, z, rt.world());
+      std::lock_guard<std::mutex> lock(m);
+      out[rt.worldRank()] = img;
+    });
+    for (int r = 0; r < n; ++r) {
+      const double err = test::maxRelError(out[r], ref);
+      if (r == 0) std::printf("[vae] patch-parallel decode on %d ranks: max relative error %.3e\n", n, err);
+      EXPECT_LE(err, 1e-5) << n << " ranks, rank " << r;
+    }
+  }
+  EXPECT_EQ(parallel::slabRows(10, 0, 4), (std::pair<int64_t, int64_t>{0, 3}));
+  EXPECT_EQ(parallel::slabRows(10, 3, 4), (std::pair<int64_t, int64_t>{8, 10}));
+}
+
+// Normalising each slab with its own statistics (what a patch-parallel VAE without the exact GroupNorm
+// does) visibly changes the image; the whole-image statistics do not.
+TEST(Vae, PerPatchGroupNormWouldBeWrong) {
+  const auto ck = io::VaeCheckpoint::open(fixture("flux_tiny_dev/diffusers/vae"));
+  model::VaeDecoder decoder(ck.config(), ck.getter(at::kFloat));
+  at::manual_seed(4);
+  const at::Tensor z = at::randn({1, 16, 8, 8}) + at::linspace(-2, 2, 8).view({1, 1, 8, 1});  // rows differ
+  const at::Tensor ref = decoder.decode(z);
+  // Per-slab normalisation: each half decoded alone (halo rows aside, the statistics are the slab's).
+  model::LocalVaeSpatial local;
+  const at::Tensor top = decoder.decode(z.narrow(2, 0, 4).contiguous(), local);
+  EXPECT_GT(test::maxRelError(top, ref.narrow(2, 0, 32)), 1e-2);
+}

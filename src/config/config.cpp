@@ -407,6 +407,9 @@ const std::vector<Option>& optionTable() {
     add(opt("warmup", &EngineConfig::warmup, Group::kBench, Sync::kValue, bench, "N", "untimed forwards before timing",
             atLeast(0)));
     add(opt("iters", &EngineConfig::iters, Group::kBench, Sync::kValue, bench, "N", "timed forwards", atLeast(1)));
+    add(flagOpt("decode", 0, &EngineConfig::benchDecode, Group::kBench, Sync::kValue, bench,
+                "time the VAE decode of one image of --height x --width on all ranks (patch-parallel) and measure "
+                "each rank's activation memory"));
     add(flagOpt("comm", 0, &EngineConfig::benchComm, Group::kBench, Sync::kValue, bench,
                 "collective micro-benchmark (all-to-all, all-gather, ring send/recv) over the world, bandwidths as "
                 "nccl-tests reports them"));
@@ -478,6 +481,7 @@ EngineConfig defaults(Command command) {
   c.command = command;
   if (command == Command::kBench) {
     c.height = c.width = 256;
+    c.iters = 5;
     c.textLen = 128;
     c.preset = "small";
   } else if (command == Command::kPlan) {

@@ -194,6 +194,24 @@ at::Tensor VaeDecoder::decode(const at::Tensor& z) const {
   return decode(z, local);
 }
 
+uint64_t vaeDecodeActivationBytes(const VaeConfig& c, int64_t batch, int64_t height, int64_t width, int ranks,
+                                  size_t elementSize) {
+  const auto levels = static_cast<int64_t>(c.blockOutChannels.size());
+  const int64_t factor = c.spatialFactor();
+  double peak = 0;  // in channel-pixels of one rank
+  int64_t prev = c.blockOutChannels.back();
+  for (int64_t i = 0; i < levels; ++i) {
+    const int64_t ch = c.blockOutChannels[levels - 1 - i];
+    const double pixels = static_cast<double>(height / factor << i) * (width / factor << i) / ranks;
+    // A resnet from cin to ch: its input, GroupNorm and SiLU outputs, conv outputs and the shortcut.
+    peak = std::max(peak, pixels * (3.0 * static_cast<double>(prev) + 2.0 * static_cast<double>(ch)));
+    if (i + 1 < levels)  // the upsampler: its input and the x2 upsampled input and output
+      peak = std::max(peak, pixels * static_cast<double>(ch) * (1 + 4 * 2));
+    prev = ch;
+  }
+  return static_cast<uint64_t>(peak * static_cast<double>(batch) * static_cast<double>(elementSize));
+}
+
 at::Tensor denormalizeLatents(const at::Tensor& latents, const VaeConfig& c) {
   return latents / c.scalingFactor + c.shiftFactor;
 }

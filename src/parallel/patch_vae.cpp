@@ -15,35 +15,60 @@ std::pair<int64_t, int64_t> slabRows(int64_t rows, int rank, int ranks) {
 at::Tensor PatchVaeSpatial::conv3x3(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   const int r = group_.rank(), n = group_.size();
   const int64_t rows = x.size(2);
-  // One halo row from each neighbour; zeros (the convolution's padding) at the image's edges.
-  at::Tensor top = at::zeros({x.size(0), x.size(1), 1, x.size(3)}, x.options());
-  at::Tensor bottom = at::zeros_like(top);
+  // One halo row from each neighbour (none at the image's edges, where the zero padding is right).
+  at::Tensor top, bottom;
   std::vector<std::unique_ptr<dist::Work>> pending;
-  if (r > 0) pending.push_back(group_.irecv(top, r - 1));
-  if (r + 1 < n) pending.push_back(group_.irecv(bottom, r + 1));
-  if (r > 0) pending.push_back(group_.isend(x.narrow(2, 0, 1).contiguous(), r - 1));
-  if (r + 1 < n) pending.push_back(group_.isend(x.narrow(2, rows - 1, 1).contiguous(), r + 1));
+  if (r > 0) {
+    top = at::empty({x.size(0), x.size(1), 1, x.size(3)}, x.options());
+    pending.push_back(group_.irecv(top, r - 1));
+    pending.push_back(group_.isend(x.narrow(2, 0, 1).contiguous(), r - 1));
+  }
+  if (r + 1 < n) {
+    bottom = at::empty({x.size(0), x.size(1), 1, x.size(3)}, x.options());
+    pending.push_back(group_.irecv(bottom, r + 1));
+    pending.push_back(group_.isend(x.narrow(2, rows - 1, 1).contiguous(), r + 1));
+  }
   for (auto& w : pending) w->wait();
-  const at::Tensor haloed = at::cat({top, x, bottom}, 2);
-  return at::conv2d(haloed, weight, bias, /*stride=*/1, /*padding=*/at::IntArrayRef{0, 1});
+  // The slab with zero padding is right everywhere but its first and last rows next to a neighbour; those
+  // are recomputed from a strip with the halo row (no copy of the whole slab).
+  at::Tensor out = at::conv2d(x, weight, bias, /*stride=*/1, /*padding=*/1);
+  auto edgeRow = [&](int64_t row) {
+    std::vector<at::Tensor> strip;
+    strip.push_back(row == 0 && top.defined() ? top : row == 0 ? at::zeros_like(x.narrow(2, 0, 1)) : x.narrow(2, row - 1, 1));
+    strip.push_back(x.narrow(2, row, 1));
+    strip.push_back(row == rows - 1 && bottom.defined() ? bottom
+                    : row == rows - 1 ? at::zeros_like(x.narrow(2, 0, 1))
+                                      : x.narrow(2, row + 1, 1));
+    out.narrow(2, row, 1).copy_(at::conv2d(at::cat(strip, 2), weight, bias, 1, at::IntArrayRef{0, 1}));
+  };
+  if (top.defined()) edgeRow(0);
+  if (bottom.defined() && (rows > 1 || !top.defined())) edgeRow(rows - 1);
+  return out;
 }
 
 at::Tensor PatchVaeSpatial::groupNorm(const at::Tensor& x, int64_t groups, const at::Tensor& weight,
                                       const at::Tensor& bias, double eps) {
   const int64_t B = x.size(0), C = x.size(1);
-  const at::Tensor g = x.reshape({B, groups, -1}).to(at::kDouble);  // [B, G, local elements]
-  // Sums of x and x^2 and the element count of every (sample, group), over the whole image.
-  at::Tensor stats = at::stack({g.sum(2), (g * g).sum(2), at::full({B, groups}, static_cast<double>(g.size(2)), g.options())});
-  group_.allReduce(stats, dist::ReduceOp::kSum);
-  const at::Tensor mean = stats[0] / stats[2];
-  const at::Tensor var = (stats[1] / stats[2] - mean * mean).clamp_min(0);
-  const at::Tensor rstd = (var + eps).rsqrt();
-  const auto f32 = at::kFloat;
-  at::Tensor y = (x.reshape({B, groups, -1}).to(f32) - mean.unsqueeze(2).to(f32)) * rstd.unsqueeze(2).to(f32);
-  std::vector<int64_t> affine(static_cast<size_t>(x.dim()), 1);
-  affine[1] = C;
-  y = y.reshape(x.sizes()) * weight.to(f32).reshape(affine) + bias.to(f32).reshape(affine);
-  return y.to(x.scalar_type());
+  // Per (sample, group): this slab's element count, mean and sum of squared deviations (one fused
+  // reduction, no copy of the slab), combined across the group in float64 (Chan et al.'s parallel variance).
+  const bool wide = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
+  const at::Tensor xg = wide ? x.reshape({B, groups, -1}) : x.reshape({B, groups, -1}).to(at::kFloat);
+  const auto [var, mean] = at::var_mean(xg, /*dim=*/{2}, /*correction=*/0, /*keepdim=*/false);
+  const double count = static_cast<double>(xg.size(2));
+  at::Tensor stats = at::stack({at::full({B, groups}, count, at::kDouble), mean.to(at::kDouble) * count,
+                                (var.to(at::kDouble) + mean.to(at::kDouble).square()) * count});
+  group_.allReduce(stats, dist::ReduceOp::kSum);  // sums of n, x and x^2 over the image
+  const at::Tensor gmean = stats[1] / stats[0];
+  const at::Tensor gvar = (stats[2] / stats[0] - gmean.square()).clamp_min(0);
+  // y = (x - mean) * rstd * w + b, folded into one multiply-add per channel: y = x * a + c.
+  const at::Tensor rstd = (gvar + eps).rsqrt();                                 // [B, G]
+  const at::Tensor perChannel = [&](const at::Tensor& g) { return g.repeat_interleave(C / groups, 1); }(rstd);  // [B, C]
+  const at::Tensor w = weight.to(at::kDouble).unsqueeze(0), bb = bias.to(at::kDouble).unsqueeze(0);
+  const at::Tensor a = perChannel * w;
+  const at::Tensor c = bb - gmean.repeat_interleave(C / groups, 1) * a;
+  std::vector<int64_t> shape{B, C};
+  for (int64_t d = 2; d < x.dim(); ++d) shape.push_back(1);
+  return at::addcmul(c.to(x.scalar_type()).view(shape), x, a.to(x.scalar_type()).view(shape));
 }
 
 at::Tensor PatchVaeSpatial::gatherRows(const at::Tensor& x, int64_t dim) {

@@ -13,6 +13,9 @@
 #include "pardit/core/error.h"
 #include "pardit/core/timer.h"
 #include "pardit/model/attention.h"
+#include "pardit/core/sysinfo.h"
+#include "pardit/io/synth.h"
+#include "pardit/parallel/patch_vae.h"
 #include "pardit/pipeline/latents.h"
 
 namespace pardit::pipeline {
@@ -185,6 +188,51 @@ void Engine::Impl::benchmarkForwards(const BenchmarkRequest& request, BenchmarkR
   finishMetrics(run, "bench", std::accumulate(r.samples.begin(), r.samples.end(), 0.0), 0, B * request.iters);
 }
 
+void Engine::Impl::benchmarkDecode(const BenchmarkRequest& request, BenchmarkResult& r) {
+  const LatentGeometry geom{request.height, request.width, 16};
+  // The model's VAE (or --vae); for an in-memory preset model, the preset's VAE with random weights.
+  model::VaeConfig vc;
+  model::WeightGetter get;
+  if (checkpoint || !options.vae.empty()) {
+    rt.agree([&] { openVae(geom); });
+    vc = vae->config();
+    get = vae->getter(dtype, device);
+    r.vae = vae->path();
+  } else {
+    vc = model::VaeConfig::preset(options.preset == "tiny" || options.preset == "small" ? options.preset : "flux");
+    std::map<std::string, std::vector<int64_t>> shapes;
+    for (const auto& t : model::vaeDecoderTensors(vc)) shapes[t.name] = t.shape;
+    get = [shapes, this](const std::string& n) { return io::synthTensor(0, n, shapes.at(n)).to(dtype).to(device); };
+    r.vae = "preset:" + options.preset;
+  }
+  const model::VaeDecoder decoder(vc, get);
+  r.decoderWeightBytes = decoder.weightBytes();
+  const int64_t h = request.height / vc.spatialFactor(), w = request.width / vc.spatialFactor();
+  PARDIT_CHECK(h >= rt.worldSize(), "bench --decode: ", h, " latent rows for ", rt.worldSize(), " ranks");
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(1234);
+  const at::Tensor z = at::randn({request.batch, vc.latentChannels, h, w}, gen).to(dtype).to(device);
+  r.decodePlannedBytes = model::vaeDecodeActivationBytes(vc, request.batch, request.height, request.width,
+                                                         rt.worldSize(), c10::elementSize(dtype));
+  Run run(rt);
+  for (int i = 0; i < request.warmup + request.iters; ++i) {
+    rt.world().barrier();
+    const uint64_t before = currentRssBytes();
+    Timer t;
+    run.recorder.beginStep();
+    const at::Tensor img = parallel::decodeParallel(decoder, z, rt.world());
+    if (img.is_cuda()) (void)img.cpu();
+    run.recorder.endStep();
+    const double local = t.seconds();
+    // The first decode's growth: later ones reuse memory the allocator kept.
+    if (i == 0) r.decodeActivationBytes = peakRssBytes() > before ? peakRssBytes() - before : 0;
+    if (i >= request.warmup) r.samples.push_back(worldReduce(rt, local, dist::ReduceOp::kMax));
+  }
+  r.decodeActivationBytesMax = static_cast<uint64_t>(
+      worldReduce(rt, static_cast<double>(r.decodeActivationBytes), dist::ReduceOp::kMax));
+  finishMetrics(run, "bench", std::accumulate(r.samples.begin(), r.samples.end(), 0.0), request.warmup,
+                request.batch * (request.warmup + request.iters));
+}
+
 BenchmarkResult Engine::benchmark(const BenchmarkRequest& request) {
   Impl& m = *impl_;
   const LatentGeometry geom{request.height, request.width, 16};
@@ -196,7 +244,7 @@ BenchmarkResult Engine::benchmark(const BenchmarkRequest& request) {
     geom.validate();
     PARDIT_CHECK(m.config.inChannels == geom.packedChannels(), "bench needs a model with ", geom.packedChannels(),
                  " input channels");
-    if (m.degrees.pipefusion > 1) {
+    if (m.degrees.pipefusion > 1 && !request.decode) {
       PARDIT_CHECK(m.degrees.cfg == 1, "bench: --pipefusion-degree with --cfg-degree is not benchmarked; use generate");
       PARDIT_CHECK(m.options.warmupSteps >= 1, "bench with PipeFusion needs --warmup-steps >= 1");
     }
@@ -205,7 +253,9 @@ BenchmarkResult Engine::benchmark(const BenchmarkRequest& request) {
   r.modelName = m.modelName;
   r.threads = at::get_num_threads();
   r.imageTokens = geom.tokens();
-  if (m.degrees.pipefusion > 1) {
+  if (request.decode) {
+    m.benchmarkDecode(request, r);
+  } else if (m.degrees.pipefusion > 1) {
     m.benchmarkPipeline(*this, request, r);
   } else {
     m.benchmarkForwards(request, r);
@@ -213,7 +263,7 @@ BenchmarkResult Engine::benchmark(const BenchmarkRequest& request) {
   r.median = median(r.samples);
   r.best = *std::min_element(r.samples.begin(), r.samples.end());
   r.mean = std::accumulate(r.samples.begin(), r.samples.end(), 0.0) / static_cast<double>(r.samples.size());
-  r.flops = forwardFlops(m.config, request.batch, geom.tokens(), request.textLen);
+  if (!request.decode) r.flops = forwardFlops(m.config, request.batch, geom.tokens(), request.textLen);
   return r;
 }
 

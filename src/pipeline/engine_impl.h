@@ -72,6 +72,7 @@ struct Engine::Impl {
   // Engine::benchmark's two kinds: PipeFusion denoising steps (through engine.generate), or forwards.
   void benchmarkPipeline(Engine& engine, const BenchmarkRequest& request, BenchmarkResult& result);
   void benchmarkForwards(const BenchmarkRequest& request, BenchmarkResult& result);
+  void benchmarkDecode(const BenchmarkRequest& request, BenchmarkResult& result);
   // The VAE for image outputs: --vae, or the one beside the model. Checked before anything loads.
   void openVae(const LatentGeometry& geom);
   // The decode stage: packed latents -> uint8 images [B, H, W, 3] on every rank.

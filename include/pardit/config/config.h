@@ -118,6 +118,7 @@ struct EngineConfig {
   int iters = 5;
   int64_t batch = 1;
   bool benchComm = false;              // collective micro-benchmark instead of the model
+  bool benchDecode = false;            // the VAE decode instead of the transformer
   uint64_t commMaxBytes = 64ULL << 20;
 };
 

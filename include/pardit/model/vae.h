@@ -91,6 +91,13 @@ class VaeDecoder {
   c10::ScalarType dtype_;
 };
 
+// Estimated peak bytes of one rank's live activations while decoding a batch of height x width images
+// split over `ranks` row slabs (the decoder's weights excluded): the largest of every resnet's input,
+// normalised and activated copies and outputs, and every upsampler's input and outputs, at that block's
+// resolution.
+uint64_t vaeDecodeActivationBytes(const VaeConfig& config, int64_t batch, int64_t height, int64_t width, int ranks,
+                                  size_t elementSize);
+
 // diffusers' FluxPipeline before decoding (after unpacking the latents to [B, C, h, w]):
 // latents / scaling_factor + shift_factor, in the latents' dtype.
 at::Tensor denormalizeLatents(const at::Tensor& latents, const VaeConfig& config);

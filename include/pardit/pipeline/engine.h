@@ -94,6 +94,7 @@ struct ForwardResult {
 
 // `pardit bench`: timed transformer forwards (or, with PipeFusion, denoising steps) on random inputs.
 struct BenchmarkRequest {
+  bool decode = false;  // the VAE decode (patch-parallel over all ranks) instead of the transformer
   int64_t batch = 1;
   int64_t height = 256;
   int64_t width = 256;
@@ -117,6 +118,10 @@ struct BenchmarkResult {
   std::vector<double> pipelineStepSeconds;  // every step, warm-up included (rank 0)
   int threads = 1;
   int64_t imageTokens = 0;
+  // decode: this rank's and the largest rank's peak RSS growth during a decode, the planned estimate
+  // of its activations, and the decoder's weights.
+  uint64_t decodeActivationBytes = 0, decodeActivationBytesMax = 0, decodePlannedBytes = 0, decoderWeightBytes = 0;
+  std::string vae;
 };
 
 class Engine {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything pardit needs to build, test and run, idempotently:
 #   * Debian packages: compiler, CMake, ccache, Open MPI, HDF5, Boost.Program_options, GoogleTest, nlohmann-json,
-#     libpng
+#     libpng, utf8proc
 #   * LibTorch: the pinned torch wheel (launch/versions.env) in a virtual environment
 #     ($PARDIT_VENV, default ~/.cache/pardit/venv-torch-<version>)
 #   * with --reference: diffusers and transformers in the same environment (fixture generation and the
@@ -27,7 +27,7 @@ done
 
 packages=(build-essential cmake ccache pkg-config git python3 python3-venv
           openmpi-bin libopenmpi-dev libhdf5-dev libboost-program-options-dev
-          libgtest-dev nlohmann-json3-dev hdf5-tools libpng-dev)
+          libgtest-dev nlohmann-json3-dev hdf5-tools libpng-dev libutf8proc-dev)
 ((slurm)) && packages+=(slurm-wlm munge)
 missing=()
 for p in "${packages[@]}"; do

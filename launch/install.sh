@@ -53,7 +53,7 @@ if ! "$venv/bin/python" -c "import sys, torch; sys.exit(torch.__version__.split(
 fi
 if ((reference)) && ! "$venv/bin/python" -c "import diffusers, transformers" 2>/dev/null; then
   echo "install.sh: installing diffusers $PARDIT_DIFFUSERS_VERSION into $venv" >&2
-  "$venv/bin/pip" install -q --disable-pip-version-check "diffusers==$PARDIT_DIFFUSERS_VERSION" transformers sentencepiece
+  "$venv/bin/pip" install -q --disable-pip-version-check "diffusers==$PARDIT_DIFFUSERS_VERSION" transformers sentencepiece protobuf
 fi
 if ((plots)) && ! "$venv/bin/python" -c "import h5py, matplotlib" 2>/dev/null; then
   echo "install.sh: installing h5py and matplotlib into $venv" >&2

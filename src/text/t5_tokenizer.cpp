@@ -47,6 +47,7 @@ std::string base64Decode(const std::string& in, const std::string& where) {
 // A minimal reader of the protobuf wire format, for SentencePiece's ModelProto.
 class ProtoReader {
  public:
+  // `data` must outlive the reader.
   ProtoReader(const std::string& data, std::string where) : p_(data.data()), end_(data.data() + data.size()), where_(std::move(where)) {}
   bool done() const { return p_ >= end_; }
   // Next field: number and wire type.
@@ -151,7 +152,8 @@ T5Tokenizer T5Tokenizer::fromSentencePiece(const std::string& path) {
   while (!model.done()) {
     const auto [field, wire] = model.tag();
     if (field == 1 && wire == 2) {  // SentencePiece { piece = 1; score = 2; type = 3 }
-      ProtoReader piece(model.bytes(), path);
+      const std::string message = model.bytes();  // the reader points into it
+      ProtoReader piece(message, path);
       Piece p;
       int type = 1;
       while (!piece.done()) {
@@ -170,7 +172,8 @@ T5Tokenizer T5Tokenizer::fromSentencePiece(const std::string& path) {
       if (type == 3 || type == 2) t.added_.push_back(p.text);                  // CONTROL and UNKNOWN are special
       t.pieces_.push_back(p);
     } else if (field == 3 && wire == 2) {  // NormalizerSpec { precompiled_charsmap = 2 }
-      ProtoReader spec(model.bytes(), path);
+      const std::string message = model.bytes();
+      ProtoReader spec(message, path);
       while (!spec.done()) {
         const auto [f, w] = spec.tag();
         if (f == 2 && w == 2) {

@@ -11,6 +11,7 @@ namespace pardit::app {
 
 int runForward(const config::EngineConfig& c, dist::Runtime& rt);
 int runGenerate(const config::EngineConfig& c, dist::Runtime& rt);
+int runEncode(const config::EngineConfig& c, dist::Runtime& rt);
 int runBench(const config::EngineConfig& c, dist::Runtime& rt);
 int runSynth(const config::EngineConfig& c);
 int runPlan(const config::EngineConfig& c);

@@ -44,6 +44,7 @@ int dispatch(const pardit::config::EngineConfig& c, pardit::dist::Runtime& rt) {
   switch (c.command) {
     case Command::kForward: return pardit::app::runForward(c, rt);
     case Command::kGenerate: return pardit::app::runGenerate(c, rt);
+    case Command::kEncode: return pardit::app::runEncode(c, rt);
     case Command::kBench: return pardit::app::runBench(c, rt);
     case Command::kPlan:
       rt.agree([&] {

@@ -17,6 +17,12 @@ int runForward(const config::EngineConfig& c, dist::Runtime& rt) {
   return 0;
 }
 
+int runEncode(const config::EngineConfig& c, dist::Runtime& rt) {
+  pipeline::Engine engine(c, rt);
+  engine.encode(pipeline::EncodeRequest::fromConfig(c));
+  return 0;
+}
+
 int runGenerate(const config::EngineConfig& c, dist::Runtime& rt) {
   pipeline::Engine engine(c, rt);
   if (c.saveLatents.empty() && c.output.empty())

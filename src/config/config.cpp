@@ -29,7 +29,7 @@ namespace {
 template <typename E>
 const std::vector<const char*>& namesOf();
 // clang-format off
-template <> const std::vector<const char*>& namesOf<Command>() { static const std::vector<const char*> n{"generate", "forward", "synth", "bench", "plan"}; return n; }
+template <> const std::vector<const char*>& namesOf<Command>() { static const std::vector<const char*> n{"generate", "forward", "synth", "bench", "plan", "encode"}; return n; }
 template <> const std::vector<const char*>& namesOf<Dtype>() { static const std::vector<const char*> n{"auto", "bf16", "fp16", "fp32"}; return n; }
 template <> const std::vector<const char*>& namesOf<DeviceKind>() { static const std::vector<const char*> n{"auto", "cpu", "cuda"}; return n; }
 template <> const std::vector<const char*>& namesOf<Offload>() { static const std::vector<const char*> n{"none", "auto", "sequential"}; return n; }
@@ -38,6 +38,7 @@ template <> const std::vector<const char*>& namesOf<Schedule>() { static const s
 template <> const std::vector<const char*>& namesOf<LogLevelOption>() { static const std::vector<const char*> n{"debug", "info", "warn", "error"}; return n; }
 template <> const std::vector<const char*>& namesOf<SynthLayout>() { static const std::vector<const char*> n{"diffusers", "bfl"}; return n; }
 template <> const std::vector<const char*>& namesOf<SynthFill>() { static const std::vector<const char*> n{"random", "zeros"}; return n; }
+template <> const std::vector<const char*>& namesOf<EncoderDevice>() { static const std::vector<const char*> n{"auto", "cpu"}; return n; }
 // clang-format on
 
 std::string joinOr(const std::vector<std::string>& names) {
@@ -78,6 +79,7 @@ PARDIT_ENUM_INSTANTIATE(Schedule)
 PARDIT_ENUM_INSTANTIATE(LogLevelOption)
 PARDIT_ENUM_INSTANTIATE(SynthLayout)
 PARDIT_ENUM_INSTANTIATE(SynthFill)
+PARDIT_ENUM_INSTANTIATE(EncoderDevice)
 #undef PARDIT_ENUM_INSTANTIATE
 
 std::string commandName(Command command) { return enumName(command); }
@@ -123,10 +125,11 @@ uint64_t parseSize(const std::string& text, const std::string& flag) {
 
 namespace {
 
-enum class Group { kModel, kParallel, kMemory, kSampling, kOutput, kMetrics, kSynth, kPlan, kBench };
+enum class Group { kModel, kText, kParallel, kMemory, kSampling, kOutput, kMetrics, kSynth, kPlan, kBench };
 const char* groupTitle(Group g) {
   switch (g) {
     case Group::kModel: return "model and device";
+    case Group::kText: return "prompts and text encoders";
     case Group::kParallel: return "parallel layout (world size = cfg x pipefusion x ring x ulysses)";
     case Group::kMemory: return "memory";
     case Group::kSampling: return "sampling";
@@ -147,8 +150,9 @@ enum class Sync {
 };
 
 unsigned bit(Command c) { return 1u << static_cast<unsigned>(c); }
-const unsigned kModelCommands = bit(Command::kGenerate) | bit(Command::kForward) | bit(Command::kBench) | bit(Command::kPlan);
-const unsigned kRunCommands = bit(Command::kGenerate) | bit(Command::kForward) | bit(Command::kBench);
+const unsigned kModelCommands =
+    bit(Command::kGenerate) | bit(Command::kForward) | bit(Command::kBench) | bit(Command::kPlan) | bit(Command::kEncode);
+const unsigned kRunCommands = bit(Command::kGenerate) | bit(Command::kForward) | bit(Command::kBench) | bit(Command::kEncode);
 const unsigned kAll = kModelCommands | bit(Command::kSynth);
 
 struct Option {
@@ -304,13 +308,13 @@ const std::vector<Option>& optionTable() {
   static const std::vector<Option> table = [] {
     using C = Command;
     const unsigned gen = bit(C::kGenerate), fwd = bit(C::kForward), synth = bit(C::kSynth), bench = bit(C::kBench),
-                   plan = bit(C::kPlan);
+                   plan = bit(C::kPlan), enc = bit(C::kEncode);
     std::vector<Option> t;
     auto add = [&t](Option o) { t.push_back(std::move(o)); };
     // model and device
     required(opt("model", &EngineConfig::model, Group::kModel, Sync::kPresence, kModelCommands, "PATH",
                  "FLUX checkpoint: a diffusers pipeline or transformer directory, or a BFL .safetensors file"),
-             gen | fwd | plan, t);
+             gen | fwd | plan | enc, t);
     add(opt("vae", &EngineConfig::vae, Group::kModel, Sync::kPresence, gen, "PATH",
             "VAE for --output: a diffusers vae/ directory or a BFL ae.safetensors (default: the one beside --model)"));
     add(opt("dtype", &EngineConfig::dtype, Group::kModel, Sync::kValue, kAll, "TYPE",
@@ -356,13 +360,36 @@ const std::vector<Option>& optionTable() {
                  "safetensors file with hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, "
                  "txt_ids (and guidance for models with guidance embeddings)"),
              fwd, t);
-    required(opt("output", &EngineConfig::output, Group::kOutput, Sync::kValue, fwd | gen | bench, "FILE",
-                 "generate: the PNG image (several images: FILE-0.png, FILE-1.png, ...); forward: safetensors file "
-                 "for the prediction (tensor 'sample'); bench: JSON report of every sample"),
-             fwd, t);
-    required(opt("prompt-embeds", &EngineConfig::promptEmbeds, Group::kOutput, Sync::kPresence, gen, "FILE",
-                 "safetensors file with prompt_embeds [B,T,4096] and pooled_prompt_embeds [B,768]"),
-             gen, t);
+    required(opt("output", &EngineConfig::output, Group::kOutput, Sync::kValue, fwd | gen | bench | enc, "FILE",
+                 "generate: the PNG image (several images: FILE-0.png, FILE-1.png, ...); encode: safetensors file for "
+                 "the prompt embeddings; forward: safetensors file for the prediction (tensor 'sample'); bench: JSON "
+                 "report of every sample"),
+             fwd | enc, t);
+    // prompts and text encoders
+    add(opt("prompt", &EngineConfig::prompt, Group::kText, Sync::kValue, gen | enc, "TEXT",
+            "the prompt (CLIP's, and T5's unless --prompt-2 is given)"));
+    add(opt("prompt-2", &EngineConfig::prompt2, Group::kText, Sync::kValue, gen | enc, "TEXT", "T5's prompt"));
+    add(opt("negative-prompt", &EngineConfig::negativePrompt, Group::kText, Sync::kValue, gen | enc, "TEXT",
+            "the negative prompt of true CFG (with --true-cfg-scale > 1)"));
+    add(opt("prompt-file", &EngineConfig::promptFile, Group::kText, Sync::kPresence, gen | enc, "FILE",
+            "one prompt per line: a batch of images (empty lines are skipped)"));
+    add(opt("max-sequence-length", &EngineConfig::maxSequenceLength, Group::kText, Sync::kValue, gen | enc | plan, "N",
+            "T5 tokens (0: 512 for guidance-distilled models such as FLUX.1-dev, 256 otherwise)", atLeast<int64_t>(0)));
+    add(opt("text-encoder", &EngineConfig::textEncoder, Group::kText, Sync::kPresence, gen | enc | plan, "PATH",
+            "CLIP text encoder: text_encoder/ or a single file such as clip_l.safetensors (default: the model's)"));
+    add(opt("text-encoder-2", &EngineConfig::textEncoder2, Group::kText, Sync::kPresence, gen | enc | plan, "PATH",
+            "T5 encoder: text_encoder_2/ or a single file such as t5xxl_fp16.safetensors (default: the model's)"));
+    add(opt("tokenizer", &EngineConfig::tokenizer, Group::kText, Sync::kPresence, gen | enc, "DIR",
+            "CLIP tokenizer: vocab.json + merges.txt, or tokenizer.json (default: the model's tokenizer/)"));
+    add(opt("tokenizer-2", &EngineConfig::tokenizer2, Group::kText, Sync::kPresence, gen | enc, "DIR",
+            "T5 tokenizer: tokenizer.json or spiece.model (default: the model's tokenizer_2/)"));
+    add(opt("text-encoder-rank", &EngineConfig::textEncoderRank, Group::kText, Sync::kValue, gen | enc | plan, "R",
+            "the rank that runs the text encoders (-1: the rank with the most spare memory after its plan)",
+            atLeast(-1)));
+    add(opt("text-encoder-device", &EngineConfig::textEncoderDevice, Group::kText, Sync::kValue, gen | enc, "KIND",
+            "auto (the rank's device) or cpu (keep the encoders off the GPU)"));
+    add(opt("prompt-embeds", &EngineConfig::promptEmbeds, Group::kOutput, Sync::kPresence, gen, "FILE",
+            "instead of --prompt: safetensors file with prompt_embeds [B,T,4096] and pooled_prompt_embeds [B,768]"));
     add(opt("negative-prompt-embeds", &EngineConfig::negativePromptEmbeds, Group::kOutput, Sync::kPresence, gen, "FILE",
             "the same for the negative prompt (true CFG)"));
     add(opt("save-latents", &EngineConfig::saveLatents, Group::kOutput, Sync::kValue, gen, "FILE",
@@ -493,7 +520,8 @@ EngineConfig defaults(Command command) {
 
 const std::vector<std::pair<std::string, std::string>>& commands() {
   static const std::vector<std::pair<std::string, std::string>> list = {
-      {"generate", "run the text-to-image sampling loop from prompt embeddings"},
+      {"generate", "prompt in, image out: encode, denoise, decode, write a PNG"},
+      {"encode", "run the text encoders: prompt embeddings as FluxPipeline.encode_prompt makes them"},
       {"forward", "run one transformer call on tensors from a safetensors file"},
       {"synth", "write a random-weight FLUX checkpoint in the real file layout"},
       {"bench", "time transformer forwards and the machine's GEMM rate"},
@@ -515,12 +543,16 @@ std::string usage() {
 std::string help(Command command) {
   static const std::map<Command, std::vector<std::string>> kExamples = {
       {Command::kGenerate,
-       {"pardit generate --model tiny --prompt-embeds tiny/prompt_embeds.safetensors --height 256 --width 256 "
+       {"pardit generate --model FLUX.1-dev --prompt \"a cat on the moon\" --output cat.png",
+        "pardit generate --model tiny --prompt-embeds tiny/prompt_embeds.safetensors --height 256 --width 256 "
         "--steps 4 --save-latents out.safetensors",
         "mpirun -n 4 pardit generate --model FLUX.1-dev --prompt-embeds e.safetensors --ulysses-degree 2 "
         "--ring-degree 2 --save-latents out.safetensors",
         "mpirun -n 2 pardit generate --model M --prompt-embeds e.safetensors --pipefusion-degree 2 "
         "--device-memory-budget 12GiB --metrics runs.h5 --save-latents out.safetensors"}},
+      {Command::kEncode,
+       {"pardit encode --model FLUX.1-dev --prompt \"a cat\" --output embeds.safetensors",
+        "pardit encode --model FLUX.1-schnell --prompt-file prompts.txt --negative-prompt blurry --output e.safetensors"}},
       {Command::kForward,
        {"pardit forward --model M --inputs in.safetensors --output out.safetensors",
         "mpirun -n 2 pardit forward --model M --inputs in.safetensors --output out.safetensors --ring-degree 2"}},

@@ -37,9 +37,41 @@ namespace pardit::pipeline {
 
 using detail::PipeFusionLayout;
 
+namespace {
+// The prompt options of a command line.
+void promptsFromConfig(const config::EngineConfig& c, PromptInput& prompt, PromptInput& negative) {
+  if (!c.prompt.empty()) prompt.texts = {c.prompt};
+  if (!c.prompt2.empty()) prompt.texts2 = {c.prompt2};
+  prompt.textFile = c.promptFile;
+  prompt.embeddingsFile = c.promptEmbeds;
+  if (!c.negativePrompt.empty()) negative.texts = {c.negativePrompt};
+  negative.embeddingsFile = c.negativePromptEmbeds;
+}
+}  // namespace
+
 GenerateRequest GenerateRequest::fromConfig(const config::EngineConfig& c) {
-  return GenerateRequest{{{}, c.promptEmbeds}, {{}, c.negativePromptEmbeds}, c.height, c.width, c.steps,
-                         c.guidanceScale, c.trueCfgScale, c.seed, c.schedule, c.saveLatents, c.output, !c.output.empty()};
+  GenerateRequest r;
+  promptsFromConfig(c, r.prompt, r.negativePrompt);
+  r.height = c.height;
+  r.width = c.width;
+  r.steps = c.steps;
+  r.guidanceScale = c.guidanceScale;
+  r.trueCfgScale = c.trueCfgScale;
+  r.seed = c.seed;
+  r.schedule = c.schedule;
+  r.saveLatents = c.saveLatents;
+  r.output = c.output;
+  r.decode = !c.output.empty();
+  r.maxSequenceLength = c.maxSequenceLength;
+  return r;
+}
+
+EncodeRequest EncodeRequest::fromConfig(const config::EngineConfig& c) {
+  EncodeRequest r;
+  promptsFromConfig(c, r.prompt, r.negativePrompt);
+  r.maxSequenceLength = c.maxSequenceLength;
+  r.output = c.output;
+  return r;
 }
 
 std::vector<std::string> imagePaths(const std::string& path, int64_t count) {
@@ -98,8 +130,7 @@ void Engine::Impl::open() {
 
 // ---- plan and load -------------------------------------------------------------------------------------
 
-std::shared_ptr<model::FluxWeightProvider> Engine::Impl::prepare(Run& run, int64_t batch, int64_t imageTokens,
-                                                                 int64_t textTokens) {
+memory::RankPlan Engine::Impl::planRun(Run& run, int64_t batch, int64_t imageTokens, int64_t textTokens) {
   memory::RankPlan plan;
   rt.agree([&] {
     const auto work = detail::workloadOf(rt.topology(), config, run.pipefusion, dtype, batch, imageTokens, textTokens);
@@ -108,6 +139,10 @@ std::shared_ptr<model::FluxWeightProvider> Engine::Impl::prepare(Run& run, int64
   });
   logDebug("plan: streamed_bytes=", plan.streamedBytes, " resident_bytes=", plan.residentBytes,
            " total_bytes=", plan.total());
+  return plan;
+}
+
+std::shared_ptr<model::FluxWeightProvider> Engine::Impl::loadRun(Run& run, const memory::RankPlan& plan) {
   std::string key;
   for (const auto& g : plan.groups) key += g.name + (g.streamed ? "~" : "=") + ";";
   if (loaded && loaded->key == key) return loaded->weights;
@@ -131,6 +166,11 @@ std::shared_ptr<model::FluxWeightProvider> Engine::Impl::prepare(Run& run, int64
   if (run.pipefusion) logInfo0("pipeline stages: ", run.pipefusion->partition.describe(config));
   loaded = Loaded{plan, key, weights};
   return weights;
+}
+
+std::shared_ptr<model::FluxWeightProvider> Engine::Impl::prepare(Run& run, int64_t batch, int64_t imageTokens,
+                                                                 int64_t textTokens) {
+  return loadRun(run, planRun(run, batch, imageTokens, textTokens));
 }
 
 // ---- outputs, metrics, summaries -----------------------------------------------------------------------
@@ -261,15 +301,15 @@ PromptEmbeddings encodePrompt(const PromptInput& in, const model::FluxConfig& mc
 }
 
 void checkRequest(const GenerateRequest& r, const dist::ParallelDegrees& d) {
-  PARDIT_CHECK(r.prompt.given(), "--prompt-embeds is required (safetensors with prompt_embeds and pooled_prompt_embeds)");
+  PARDIT_CHECK(r.prompt.given(), "a prompt is required: --prompt TEXT, --prompt-file FILE or --prompt-embeds FILE");
   PARDIT_CHECK(r.steps >= 1, "--steps must be at least 1, got ", r.steps);
   PARDIT_CHECK(std::isfinite(r.guidanceScale), "--guidance-scale must be finite");
   PARDIT_CHECK(std::isfinite(r.trueCfgScale), "--true-cfg-scale must be finite");
   PARDIT_CHECK(!(r.trueCfgScale > 1.0 && !r.negativePrompt.given()), "--true-cfg-scale ", r.trueCfgScale,
-               " needs --negative-prompt-embeds");
+               " needs a negative prompt: --negative-prompt TEXT or --negative-prompt-embeds FILE");
   PARDIT_CHECK(d.cfg == 1 || (r.trueCfgScale > 1.0 && r.negativePrompt.given()),
-               "--cfg-degree 2 runs the two branches of true CFG and needs --negative-prompt-embeds and "
-               "--true-cfg-scale > 1");
+               "--cfg-degree 2 runs the two branches of true CFG and needs a negative prompt (--negative-prompt or "
+               "--negative-prompt-embeds) and --true-cfg-scale > 1");
   LatentGeometry{r.height, r.width, 16}.validate();
   if (!r.saveLatents.empty()) io::checkOutputPath(r.saveLatents, "--save-latents");
   PARDIT_CHECK(r.output.empty() || r.output != r.saveLatents, "--output and --save-latents name the same file ",
@@ -285,22 +325,33 @@ Engine::Impl::Prompts Engine::Impl::validateAndEncode(Run& run, const GenerateRe
     checkRequest(request, degrees);
     PARDIT_CHECK(config.inChannels == geom.packedChannels(), modelName, ": the model takes ", config.inChannels,
                  " input channels; text-to-image needs ", geom.packedChannels());
-    p.positive = encodePrompt(request.prompt, config, "--prompt-embeds");
-    if (request.trueCfgScale > 1.0) {
-      p.negative = encodePrompt(request.negativePrompt, config, "--negative-prompt-embeds");
-      PARDIT_CHECK(p.negative->promptEmbeds.size(0) == p.positive.promptEmbeds.size(0),
-                   "--negative-prompt-embeds: batch ", p.negative->promptEmbeds.size(0), " differs from the batch ",
-                   p.positive.promptEmbeds.size(0), " of --prompt-embeds");
+    const bool trueCfg = request.trueCfgScale > 1.0;
+    int64_t T = 0, Tneg = 0;
+    if (request.prompt.isText()) {
+      // Text: checked here, encoded after planning (on one rank).
+      p.text = readTextPrompts(request.prompt, request.negativePrompt, trueCfg, request.maxSequenceLength);
+      checkTextEncoders();
+      T = Tneg = p.text.maxLength;
+    } else {
+      p.positive = encodePrompt(request.prompt, config, "--prompt-embeds");
+      if (trueCfg) {
+        p.negative = encodePrompt(request.negativePrompt, config, "--negative-prompt-embeds");
+        PARDIT_CHECK(p.negative->promptEmbeds.size(0) == p.positive.promptEmbeds.size(0),
+                     "--negative-prompt-embeds: batch ", p.negative->promptEmbeds.size(0), " differs from the batch ",
+                     p.positive.promptEmbeds.size(0), " of --prompt-embeds");
+      }
+      T = p.positive.promptEmbeds.size(1);
+      Tneg = p.negative ? p.negative->promptEmbeds.size(1) : T;
     }
     p.schedule = checkpoint ? resolveSchedule(request.schedule, *checkpoint) : resolveSchedule(request.schedule, config);
     run.pipefusion = detail::checkLayout(options, degrees, config, geom.tokenRows(), geom.tokenCols(), true);
-    const int64_t T = p.positive.promptEmbeds.size(1), Tneg = p.negative ? p.negative->promptEmbeds.size(1) : T;
     PARDIT_CHECK(!(run.pipefusion && degrees.cfg == 1) || T == Tneg,
                  "with --pipefusion-degree > 1 and without --cfg-degree 2, the prompt and negative prompt embeddings "
                  "need the same token count (", T, " vs ", Tneg, ")");
     if (request.decode || !request.output.empty()) {
       openVae(geom);
-      for (const auto& path : imagePaths(request.output, p.positive.promptEmbeds.size(0)))
+      const int64_t B = p.text.empty() ? p.positive.promptEmbeds.size(0) : static_cast<int64_t>(p.text.clip.size());
+      for (const auto& path : imagePaths(request.output, B))
         if (!request.output.empty()) io::checkOutputPath(path, "--output");
     }
   });
@@ -378,13 +429,20 @@ std::vector<std::string> Engine::Impl::writeImages(Run& run, const GenerateReque
   Timer timer;
   const auto paths = imagePaths(request.output, images.size(0));
   // The run's parameters in a tEXt chunk, as other image tools write and read them.
-  std::string parameters = request.prompt.embeddingsFile.empty() ? "(prompt embeddings)"
-                                                                 : "(prompt embeddings: " + request.prompt.embeddingsFile + ")";
-  if (prompts.negative)
-    parameters += "\nNegative prompt: (prompt embeddings" +
-                  (request.negativePrompt.embeddingsFile.empty() ? "" : ": " + request.negativePrompt.embeddingsFile) + ")";
+  auto promptText = [&](size_t i) {
+    if (!prompts.text.empty()) return prompts.text.clip.at(i);
+    return request.prompt.embeddingsFile.empty() ? std::string("(prompt embeddings)")
+                                                 : "(prompt embeddings: " + request.prompt.embeddingsFile + ")";
+  };
+  auto negativeText = [&](size_t i) {
+    if (!prompts.negative) return std::string();
+    if (!prompts.text.empty()) return "\nNegative prompt: " + prompts.text.negativeClip.at(i);
+    return "\nNegative prompt: (prompt embeddings" +
+           (request.negativePrompt.embeddingsFile.empty() ? "" : ": " + request.negativePrompt.embeddingsFile) + ")";
+  };
+  std::string parameters;
   const auto& d = degrees;
-  parameters += "\nSteps: " + std::to_string(request.steps) + ", Sampler: flow-match Euler, Schedule: " +
+  parameters += "Steps: " + std::to_string(request.steps) + ", Sampler: flow-match Euler, Schedule: " +
                 (prompts.schedule.dynamicShift ? "shifted" : "plain") + ", Guidance: " + formatNumber(request.guidanceScale) +
                 ", CFG scale: " + formatNumber(prompts.negative ? request.trueCfgScale : 1.0) + ", Size: " +
                 std::to_string(request.width) + "x" + std::to_string(request.height) + ", Model: " + modelName +
@@ -394,10 +452,11 @@ std::vector<std::string> Engine::Impl::writeImages(Run& run, const GenerateReque
   rt.agree([&] {
     if (rt.worldRank() != 0) return;
     for (size_t i = 0; i < paths.size(); ++i) {
-      const std::string seed = "\nSeed: " + std::to_string(request.seed) +
+      const std::string seed = ", Seed: " + std::to_string(request.seed) +
                                (paths.size() > 1 ? ", Batch index: " + std::to_string(i) : std::string());
       io::writePng(paths[i], images[static_cast<int64_t>(i)],
-                   {{"parameters", parameters + seed}, {"Software", std::string("pardit ") + PARDIT_VERSION}});
+                   {{"parameters", promptText(i) + negativeText(i) + "\n" + parameters + seed},
+                    {"Software", std::string("pardit ") + PARDIT_VERSION}});
     }
   });
   run.recorder.addStage("write", timer.seconds(), static_cast<uint64_t>(images.numel()));
@@ -411,11 +470,20 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
   Impl::Run run(m.rt);
   const LatentGeometry geom{request.height, request.width, 16};
   // validate + encode
-  const Impl::Prompts prompts = m.validateAndEncode(run, request, geom);
-  const int64_t B = prompts.positive.promptEmbeds.size(0), T = prompts.positive.promptEmbeds.size(1);
-  // plan + load: the transformer batch of this rank (both branches together on one PipeFusion pipeline)
-  const int64_t branchBatch = B * ((run.pipefusion && m.degrees.cfg == 1 && prompts.negative) ? 2 : 1);
-  run.weights = m.prepare(run, branchBatch, geom.tokens(), T);
+  Impl::Prompts prompts = m.validateAndEncode(run, request, geom);
+  const bool text = !prompts.text.empty();
+  const int64_t B = text ? static_cast<int64_t>(prompts.text.clip.size()) : prompts.positive.promptEmbeds.size(0);
+  const int64_t T = text ? prompts.text.maxLength : prompts.positive.promptEmbeds.size(1);
+  const bool trueCfg = text ? !prompts.text.negativeClip.empty() : prompts.negative.has_value();
+  // plan: the transformer batch of this rank (both branches together on one PipeFusion pipeline)
+  const int64_t branchBatch = B * ((run.pipefusion && m.degrees.cfg == 1 && trueCfg) ? 2 : 1);
+  const memory::RankPlan plan = m.planRun(run, branchBatch, geom.tokens(), T);
+  // encode: on the rank with the most memory to spare after its plan; its encoders are gone before loading.
+  if (text)
+    std::tie(prompts.positive, prompts.negative) =
+        m.encodeTexts(run, prompts.text, plan.budget > plan.total() ? plan.budget - plan.total() : 0);
+  // load
+  run.weights = m.loadRun(run, plan);
   // denoise
   const std::unique_ptr<Denoiser> denoiser = m.makeDenoiser(run, prompts, geom);
   const FlowMatchEulerScheduler scheduler(prompts.schedule, request.steps, geom.tokens());
@@ -452,6 +520,41 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
   result.report.bytesRead = m.bytesRead();
   logInfo0("communication: ", detail::collectiveSummary(m.rt));
   m.rankSummary(run.weights, run.pipefusion);
+  return result;
+}
+
+EncodeResult Engine::encode(const EncodeRequest& request) {
+  Impl& m = *impl_;
+  Impl::Run run(m.rt);
+  Impl::TextPrompts prompts;
+  const bool negative = request.negativePrompt.isText();
+  m.rt.agree([&] {
+    PARDIT_CHECK(request.prompt.isText(), "pardit encode needs a prompt: --prompt TEXT or --prompt-file FILE");
+    prompts = m.readTextPrompts(request.prompt, request.negativePrompt, negative, request.maxSequenceLength);
+    m.checkTextEncoders();
+    if (!request.output.empty()) io::checkOutputPath(request.output, "--output");
+  });
+  EncodeResult result;
+  Timer timer;
+  // Nothing else is loaded: the whole budget is spare.
+  std::tie(result.positive, result.negative) =
+      m.encodeTexts(run, prompts, detail::budgetOf(m.options, m.device, m.rt.localSize()));
+  result.report.runSeconds = timer.seconds();
+  result.report.bytesRead = m.bytesRead();
+  if (!request.output.empty()) {
+    m.rt.agree([&] {
+      if (m.rt.worldRank() != 0) return;
+      std::map<std::string, at::Tensor> t{{"prompt_embeds", result.positive.promptEmbeds},
+                                          {"pooled_prompt_embeds", result.positive.pooled}};
+      if (result.negative) {
+        t["negative_prompt_embeds"] = result.negative->promptEmbeds;
+        t["negative_pooled_prompt_embeds"] = result.negative->pooled;
+      }
+      io::writeSafetensors(request.output, t, {{"format", "pt"}, {"prompt", prompts.clip.at(0)}});
+    });
+    logInfo0("wrote prompt_embeds ", result.positive.promptEmbeds.sizes(), " and pooled_prompt_embeds ",
+             result.positive.pooled.sizes(), result.negative ? " (and the negative ones)" : "", " to ", request.output);
+  }
   return result;
 }
 

@@ -57,14 +57,35 @@ struct Engine::Impl {
     explicit Run(dist::Runtime& rt) : recorder(rt) {}
   };
 
+  // Prompts as text, after validation: CLIP's and T5's strings, and the negative ones under true CFG.
+  struct TextPrompts {
+    std::vector<std::string> clip, t5, negativeClip, negativeT5;
+    int64_t maxLength = 0;  // T5 tokens
+    bool empty() const { return clip.empty(); }
+  };
+  // Where the text encoders and tokenizers are: the flags, else the model's folder.
+  struct TextSources {
+    std::string clip, t5, clipTokenizer, t5Tokenizer;
+  };
+  uint64_t textBytesRead = 0;  // text encoder bytes read by this rank
+
   // A generate request's prompts after the encode stage, and its schedule.
   struct Prompts {
+    TextPrompts text;  // prompts as text (encoded after planning), or empty
     PromptEmbeddings positive;
     std::optional<PromptEmbeddings> negative;  // under true CFG
     SchedulerConfig schedule;
   };
 
   void open();
+  // The encode stage. readTextPrompts and checkTextEncoders run inside validation (every rank);
+  // encodeTexts runs the tokenizers and encoders on one rank and broadcasts the embeddings.
+  TextSources textSources() const;
+  TextPrompts readTextPrompts(const PromptInput& prompt, const PromptInput& negative, bool trueCfg,
+                              int64_t maxLength) const;
+  void checkTextEncoders() const;
+  std::pair<PromptEmbeddings, std::optional<PromptEmbeddings>> encodeTexts(Run& run, const TextPrompts& prompts,
+                                                                           uint64_t spareBytes);
   // generate's checks before loading (every rank, through agree()) and its encode stage.
   Prompts validateAndEncode(Run& run, const GenerateRequest& request, const LatentGeometry& geom);
   // The Denoiser of this rank's layout over run.weights.
@@ -85,12 +106,18 @@ struct Engine::Impl {
   // The transformer call of a forward run on `inputs` (layout checked, weights planned and loaded);
   // run.inputs becomes this rank's share of them.
   TransformerFn forwardFn(Run& run, const model::FluxInputs& inputs, const std::string& outputPath);
+  // This rank's plan for a run of the transformer (every rank; a plan that does not fit ends them all),
+  // and its weights under the plan (kept while the next run plans the same).
+  memory::RankPlan planRun(Run& run, int64_t batch, int64_t imageTokens, int64_t textTokens);
+  std::shared_ptr<model::FluxWeightProvider> loadRun(Run& run, const memory::RankPlan& plan);
   std::shared_ptr<model::FluxWeightProvider> prepare(Run& run, int64_t batch, int64_t imageTokens, int64_t textTokens);
   void writeOutput(const std::string& path, const std::string& flag, const std::string& tensorName,
                    const at::Tensor& value) const;
   std::string finishMetrics(Run& run, const std::string& command, double seconds, int warmupSteps, int64_t images);
   void rankSummary(const std::shared_ptr<model::FluxWeightProvider>& weights, const std::optional<PipeFusionLayout>& pf) const;
-  uint64_t bytesRead() const { return checkpoint ? checkpoint->bytesRead() : 0; }
+  uint64_t bytesRead() const {
+    return (checkpoint ? checkpoint->bytesRead() : 0) + (vae ? vae->bytesRead() : 0) + textBytesRead;
+  }
 };
 
 namespace detail {

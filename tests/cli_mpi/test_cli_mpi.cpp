@@ -238,3 +238,34 @@ TEST(CliMpi, ImageLayoutsMatchSingleRank) {
     EXPECT_LE(diff.gt(0).sum().item<int64_t>(), diff.numel() / 1000) << flags;
   }
 }
+
+// A prompt string in every layout: one rank encodes (and only that rank reads the encoders), the
+// embeddings reach every rank, and the picture is the single-rank picture.
+TEST(CliMpi, PromptLayoutsMatchSingleRank) {
+  TempDir dir;
+  const std::string base = "generate --threads 1 --model " + fixture("flux_tiny_pipeline") +
+                           " --prompt 'a photo of a cat' --negative-prompt 'blurry' --true-cfg-scale 2.5"
+                           " --max-sequence-length 16 --height 64 --width 96 --steps 3 --seed 42 --output ";
+  auto r = runPardit(base + dir.file("ref.png"));
+  ASSERT_EQ(r.exitCode, 0) << r.output;
+  const at::Tensor ref = io::readPng(dir.file("ref.png")).pixels.to(at::kInt);
+  for (const auto& [n, flags] : std::vector<std::pair<int, std::string>>{
+           {2, "--ulysses-degree 2"}, {2, "--cfg-degree 2"}, {2, "--pipefusion-degree 2 --warmup-steps 3"},
+           {2, "--ring-degree 2 --text-encoder-rank 1"}, {4, "--cfg-degree 2 --ulysses-degree 2"}}) {
+    const std::string png = dir.file("out.png");
+    auto p = mpirun(n, base + png + " " + flags);
+    ASSERT_EQ(p.exitCode, 0) << flags << "\n" << p.output;
+    size_t encoders = 0;
+    for (size_t pos = 0; (pos = p.output.find("] encoded ", pos)) != std::string::npos; ++pos) ++encoders;
+    EXPECT_EQ(encoders, 1u) << "exactly one rank encodes: " << p.output;
+    if (flags.find("--text-encoder-rank 1") != std::string::npos) {
+      EXPECT_NE(p.output.find("[rank 1/2] encoded"), std::string::npos) << p.output;
+    }
+    const at::Tensor diff = (io::readPng(png).pixels.to(at::kInt) - ref).abs();
+    std::printf("[prompt] -n %d %s: %lld of %lld values differ from one rank, max %d\n", n, flags.c_str(),
+                static_cast<long long>(diff.gt(0).sum().item<int64_t>()), static_cast<long long>(diff.numel()),
+                diff.max().item<int>());
+    EXPECT_LE(diff.max().item<int>(), 1) << flags;
+    EXPECT_LE(diff.gt(0).sum().item<int64_t>(), diff.numel() / 1000) << flags;
+  }
+}

@@ -17,7 +17,7 @@
 
 namespace pardit::config {
 
-enum class Command { kGenerate, kForward, kSynth, kBench, kPlan };
+enum class Command { kGenerate, kForward, kSynth, kBench, kPlan, kEncode };
 enum class Dtype { kAuto, kBf16, kFp16, kFp32 };            // auto: bf16 on CUDA, fp32 on the CPU
 enum class DeviceKind { kAuto, kCpu, kCuda };
 enum class Offload { kNone, kAuto, kSequential };
@@ -26,6 +26,7 @@ enum class Schedule { kAuto, kShift, kPlain };
 enum class LogLevelOption { kDebug, kInfo, kWarn, kError };
 enum class SynthLayout { kDiffusers, kBfl };
 enum class SynthFill { kRandom, kZeros };
+enum class EncoderDevice { kAuto, kCpu };      // auto: the rank's device
 
 // Names as the command line spells them ("bf16", "sequential", ...).
 template <typename E>
@@ -90,6 +91,19 @@ struct EngineConfig {
   // forward
   std::string inputs;
   std::string output;                  // forward: the prediction; generate: the PNG image; bench: the JSON report
+
+  // generate, encode: prompts as text, and the text encoders
+  std::string prompt;                  // CLIP's prompt (and T5's unless prompt2 is given)
+  std::string prompt2;                 // T5's prompt
+  std::string negativePrompt;          // true CFG
+  std::string promptFile;              // one prompt per line: a batch
+  int64_t maxSequenceLength = 0;       // T5 tokens; 0: 512 for guidance-distilled models (dev), 256 otherwise
+  std::string textEncoder;             // CLIP: text_encoder/ or clip_l.safetensors (default: the model's)
+  std::string textEncoder2;            // T5: text_encoder_2/ or t5xxl_*.safetensors
+  std::string tokenizer;               // CLIP tokenizer directory (default: the model's tokenizer/)
+  std::string tokenizer2;              // T5 tokenizer directory (default: tokenizer_2/)
+  int textEncoderRank = -1;            // the rank that encodes; -1: the one with the most spare memory
+  EncoderDevice textEncoderDevice = EncoderDevice::kAuto;
 
   // generate
   std::string promptEmbeds;

@@ -12,8 +12,11 @@
 //
 // A run goes through its stages in order, every rank together:
 //   validate  the request against the model and the layout, and every output destination
-//   encode    the prompts (today: prompt embeddings from tensors or files)
 //   plan      this rank's weight groups, resident or streamed, under --device-memory-budget
+//   encode    the prompts: tokenizers and text encoders (CLIP, T5) on one rank (the one with the most
+//             spare memory after its plan, or --text-encoder-rank), T5 streamed block by block when it
+//             does not fit; the embeddings broadcast to every rank, the encoders' memory released before
+//             the transformer loads. Or prompt embeddings from tensors or files.
 //   load      only this rank's byte ranges of the checkpoint (kept for the next run with the same plan)
 //   denoise   the one loop (pipeline::denoise) over this layout's Denoiser
 //   decode    the latents into images with the VAE, every rank decoding a slab of rows
@@ -43,11 +46,16 @@ class Runtime;
 
 namespace pardit::pipeline {
 
-// A prompt for the encode stage: embeddings as tensors, or a safetensors file holding them.
+// A prompt for the encode stage: text (a batch: one string per image) for the text encoders, or embeddings
+// as tensors or in a safetensors file.
 struct PromptInput {
+  std::vector<std::string> texts;   // CLIP's prompts
+  std::vector<std::string> texts2;  // T5's prompts (empty: the same as `texts`)
+  std::string textFile;             // one prompt per line, read by the encode stage
   PromptEmbeddings embeddings;
   std::string embeddingsFile;
-  bool given() const { return embeddings.promptEmbeds.defined() || !embeddingsFile.empty(); }
+  bool isText() const { return !texts.empty() || !textFile.empty(); }
+  bool given() const { return isText() || embeddings.promptEmbeds.defined() || !embeddingsFile.empty(); }
 };
 
 struct GenerateRequest {
@@ -63,6 +71,7 @@ struct GenerateRequest {
   std::string saveLatents;  // rank 0 writes the packed latents here (safetensors, tensor 'latents')
   std::string output;       // rank 0 writes the images here as PNG (several: output-0.png, output-1.png, ...)
   bool decode = false;      // decode into GenerateResult::images even without `output`
+  int64_t maxSequenceLength = 0;  // T5 tokens; 0: 512 for guidance-distilled models, else 256
 
   // The request a `pardit generate` command line describes.
   static GenerateRequest fromConfig(const config::EngineConfig& c);
@@ -81,6 +90,21 @@ struct GenerateResult {
   at::Tensor latents;  // packed [B, S, 64], on every rank
   at::Tensor images;   // uint8 [B, H, W, 3] on every rank, when decoded
   std::vector<std::string> imagePaths;  // the PNG files written
+  RunReport report;
+};
+
+// `pardit encode`: what FluxPipeline.encode_prompt makes of the prompts.
+struct EncodeRequest {
+  PromptInput prompt;
+  PromptInput negativePrompt;  // optional
+  int64_t maxSequenceLength = 0;
+  std::string output;          // rank 0 writes prompt_embeds, pooled_prompt_embeds (and negative_*) here
+  static EncodeRequest fromConfig(const config::EngineConfig& c);
+};
+
+struct EncodeResult {
+  PromptEmbeddings positive;
+  std::optional<PromptEmbeddings> negative;
   RunReport report;
 };
 
@@ -139,8 +163,10 @@ class Engine {
   c10::Device device() const;
   c10::ScalarType dtype() const;
 
-  // The denoising loop from prompt embeddings to latents.
+  // Prompt (text or embeddings) in, latents (and images) out.
   GenerateResult generate(const GenerateRequest& request);
+  // The text encoders alone, on one rank; the embeddings on every rank.
+  EncodeResult encode(const EncodeRequest& request);
   // One transformer call on full inputs (the same on every rank; the CFG degree splits the batch).
   // Rank 0 writes the output to `outputPath` (tensor 'sample') when given.
   ForwardResult forward(const model::FluxInputs& inputs, const std::string& outputPath = "");

@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 
 #include "test_util.h"
 #include "pardit/io/png.h"
@@ -204,4 +205,53 @@ TEST(Cli, GenerateWritesThePngOfFluxPipeline) {
                          " --output " + dir.file("b.png"));
   EXPECT_NE(noVae.exitCode, 0);
   EXPECT_NE(errorLine(noVae.output).find("nowhere"), std::string::npos) << noVae.output;
+}
+
+// A prompt string in, a PNG out: the tokenizers, CLIP and T5, the transformer and the VAE together give
+// the pixels of diffusers' FluxPipeline (the tiny pipeline of tests/reference/make_text_fixtures.py), with
+// and without true CFG; `pardit encode` gives FluxPipeline.encode_prompt's embeddings.
+TEST(Cli, PromptInImageOutEqualsFluxPipeline) {
+  TempDir dir;
+  auto ref = io::SafetensorsFile::open(fixture("text_tiny.safetensors"));
+  const auto prompts = nlohmann::json::parse(ref->metadata().at("prompts"));
+  const std::string model = fixture("flux_tiny_pipeline"), len = ref->metadata().at("max_sequence_length");
+  const std::string prompt = "'" + prompts[1].get<std::string>() + "'";
+  auto e = runPardit("encode --threads 1 --model " + model + " --prompt " + prompt + " --max-sequence-length " + len +
+                     " --output " + dir.file("e.safetensors"));
+  ASSERT_EQ(e.exitCode, 0) << e.output;
+  auto embeds = io::SafetensorsFile::open(dir.file("e.safetensors"));
+  for (const std::string name : {"prompt_embeds", "pooled_prompt_embeds"}) {
+    const double err = test::maxRelError(embeds->read(name), ref->read(name));
+    std::printf("[fidelity] pardit encode %s vs FluxPipeline.encode_prompt: max relative error %.3e\n", name.c_str(), err);
+    EXPECT_LE(err, 1e-5) << name;
+  }
+  for (const auto& [name, flags] : std::vector<std::pair<std::string, std::string>>{
+           {"plain", ""}, {"true_cfg", " --negative-prompt '" + prompts[0].get<std::string>() + "' --true-cfg-scale 2.5"}}) {
+    const std::string png = dir.file(name + ".png");
+    auto r = runPardit("generate --threads 1 --model " + model + " --prompt " + prompt + flags +
+                       " --max-sequence-length " + len + " --height 64 --width 96 --steps 3 --seed 42 --output " + png);
+    ASSERT_EQ(r.exitCode, 0) << r.output;
+    const at::Tensor diff = (io::readPng(png).pixels.to(at::kInt) - ref->read("pixels_" + name).to(at::kInt)).abs();
+    std::printf("[fidelity] pardit generate --prompt (%s) vs FluxPipeline: %lld of %lld values differ, max %d\n",
+                name.c_str(), static_cast<long long>(diff.gt(0).sum().item<int64_t>()),
+                static_cast<long long>(diff.numel()), diff.max().item<int>());
+    EXPECT_LE(diff.max().item<int>(), 1) << name;
+    EXPECT_LE(diff.gt(0).sum().item<int64_t>(), diff.numel() / 1000) << name;
+    EXPECT_NE(io::readPng(png).text[0].second.find(prompts[1].get<std::string>()), std::string::npos);
+  }
+  // A prompt file is a batch: one PNG per line.
+  std::ofstream(dir.file("prompts.txt")) << "a cat\n\na dog\n";
+  auto batch = runPardit("generate --threads 1 --model " + model + " --prompt-file " + dir.file("prompts.txt") +
+                         " --max-sequence-length 8 --height 32 --width 32 --steps 1 --output " + dir.file("b.png"));
+  ASSERT_EQ(batch.exitCode, 0) << batch.output;
+  EXPECT_TRUE(std::filesystem::exists(dir.file("b-0.png")) && std::filesystem::exists(dir.file("b-1.png")));
+  // True CFG with a text prompt needs a text negative prompt; a model without encoders names the flag.
+  auto noNeg = runPardit("generate --threads 1 --model " + model + " --prompt cat --true-cfg-scale 2 --output " +
+                         dir.file("x.png"));
+  EXPECT_NE(noNeg.exitCode, 0);
+  EXPECT_NE(errorLine(noNeg.output).find("negative"), std::string::npos) << noNeg.output;
+  auto noEncoder = runPardit("generate --threads 1 --model " + fixture("flux_tiny_dev/flux1-tiny-dev.safetensors") +
+                             " --prompt cat --output " + dir.file("y.png"));
+  EXPECT_NE(noEncoder.exitCode, 0);
+  EXPECT_NE(errorLine(noEncoder.output).find("--text-encoder"), std::string::npos) << noEncoder.output;
 }

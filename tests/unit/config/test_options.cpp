@@ -83,7 +83,7 @@ TEST(Options, BadValuesNameTheFlag) {
   for (const auto& [extra, expect] : cases)
     EXPECT_NE(errorOf("generate", generateWith(extra)).find(expect), std::string::npos)
         << expect << " <- " << errorOf("generate", generateWith(extra));
-  EXPECT_NE(errorOf("generate", {"--model", "m"}).find("--prompt-embeds is required"), std::string::npos);
+  EXPECT_NE(errorOf("encode", {"--model", "m"}).find("--output is required"), std::string::npos);
   EXPECT_NE(errorOf("frobnicate", {}).find("unknown command 'frobnicate'"), std::string::npos);
 }
 
@@ -114,6 +114,7 @@ TEST(Options, EveryOptionIsSyncedOrExplicitlyLocal) {
                                                                                         "--output", "o"}
                                          : name == "plan"    ? std::vector<std::string>{"--model", "m"}
                                          : name == "synth"   ? std::vector<std::string>{"--out", "d"}
+                                         : name == "encode"  ? std::vector<std::string>{"--model", "m", "--output", "o"}
                                                              : std::vector<std::string>{});
     std::set<std::string> synced;
     for (const auto& [flag, value] : config::syncedOptions(c)) synced.insert(flag);

@@ -18,6 +18,8 @@ int runSynth(const config::EngineConfig& c) {
   if (c.depth >= 0) o.config.depth = c.depth;
   if (c.depthSingle >= 0) o.config.depthSingle = c.depthSingle;
   o.vaeConfig = model::VaeConfig::preset(c.preset == "tiny" || c.preset == "small" ? c.preset : "flux");
+  o.clipConfig = io::clipConfigFor(c.preset, o.config);
+  o.t5Config = io::t5ConfigFor(c.preset, o.config);
   o.layout = c.layout == config::SynthLayout::kBfl ? io::CheckpointLayout::kBfl : io::CheckpointLayout::kDiffusers;
   o.outDir = c.out;
   o.seed = c.seed;
@@ -36,6 +38,8 @@ int runSynth(const config::EngineConfig& c) {
            formatSeconds(timer.seconds()));
   logInfo0("model: ", r.modelPath);
   logInfo0("VAE: ", r.vaePath, " (", o.vaeConfig.describe(), ", ", formatBytes(r.vaeBytes), ")");
+  logInfo0("text encoders: ", o.clipConfig.describe(), "; ", o.t5Config.describe(), " (", formatBytes(r.textEncoderBytes),
+           ")");
   logInfo0("prompt embeddings: ", r.promptEmbedsPath, " (negative: ", r.negativeEmbedsPath, ")");
   return 0;
 }

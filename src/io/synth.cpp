@@ -8,9 +8,12 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
 
 #include "pardit/core/error.h"
 #include "pardit/io/safetensors.h"
+#include "pardit/io/text_encoder_checkpoint.h"
 #include "pardit/io/vae_checkpoint.h"
 
 namespace fs = std::filesystem;
@@ -85,7 +88,230 @@ std::string synthesizeVae(const SynthOptions& o, uint64_t* bytes) {
   return dir.string();
 }
 
+// ---- synthetic tokenizers: trained here on a built-in text, in the published file formats ----
+
+const char* kSynthText =
+    "a photo of a cat sitting on a mat in the sun an astronaut riding a horse on the moon highly detailed oil "
+    "painting of a castle by the sea at sunset cinematic lighting ultra realistic a cozy cabin in the snowy forest "
+    "with warm light in the windows the quick brown fox jumps over the lazy dog portrait of a robot reading a book "
+    "in a library soft light watercolor sketch of city streets at night with neon signs and rain reflections "
+    "beautiful landscape mountains lake morning fog flowers garden vintage film photograph of a dog on a beach";
+
+std::vector<std::string> synthWords() {
+  std::vector<std::string> words;
+  std::stringstream ss(kSynthText);
+  for (std::string w; ss >> w;) words.push_back(w);
+  return words;
+}
+
+// GPT-2's byte alphabet, in CLIP's vocabulary order.
+std::vector<std::string> clipByteSymbols() {
+  std::vector<int> order;
+  for (int b = '!'; b <= '~'; ++b) order.push_back(b);
+  for (int b = 0xA1; b <= 0xAC; ++b) order.push_back(b);
+  for (int b = 0xAE; b <= 0xFF; ++b) order.push_back(b);
+  std::vector<std::string> symbol(256);
+  std::vector<bool> used(256, false);
+  auto utf8 = [](int cp) {
+    std::string s;
+    if (cp < 0x80) {
+      s.push_back(static_cast<char>(cp));
+    } else {
+      s.push_back(static_cast<char>(0xC0 | (cp >> 6)));
+      s.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+    }
+    return s;
+  };
+  for (int b : order) {
+    symbol[b] = utf8(b);
+    used[b] = true;
+  }
+  int n = 0;
+  for (int b = 0; b < 256; ++b)
+    if (!used[b]) {
+      symbol[b] = utf8(256 + n++);
+      order.push_back(b);
+    }
+  std::vector<std::string> out;
+  for (int b : order) out.push_back(symbol[b]);
+  return out;
+}
+
+// A CLIP-format byte-level BPE trained on the built-in text: tokenizer/vocab.json and merges.txt.
+void writeClipTokenizer(const fs::path& dir, int merges) {
+  fs::create_directories(dir);
+  std::map<std::string, int> counts;
+  for (const auto& w : synthWords()) ++counts[w];
+  std::map<std::string, std::vector<std::string>> seqs;
+  for (const auto& [w, c] : counts) {
+    auto& s = seqs[w];
+    for (char ch : w) s.push_back(std::string(1, ch));  // the built-in text is lower-case ASCII letters
+    s.back() += "</w>";
+  }
+  std::vector<std::pair<std::string, std::string>> learned;
+  for (int m = 0; m < merges; ++m) {
+    std::map<std::pair<std::string, std::string>, int> pairs;
+    for (const auto& [w, s] : seqs)
+      for (size_t i = 0; i + 1 < s.size(); ++i) pairs[{s[i], s[i + 1]}] += counts[w];
+    if (pairs.empty()) break;
+    auto best = pairs.begin();
+    for (auto it = pairs.begin(); it != pairs.end(); ++it)
+      if (it->second > best->second) best = it;
+    const auto [a, b] = best->first;
+    learned.push_back({a, b});
+    for (auto& [w, s] : seqs) {
+      std::vector<std::string> out;
+      for (size_t i = 0; i < s.size(); ++i) {
+        if (i + 1 < s.size() && s[i] == a && s[i + 1] == b) {
+          out.push_back(a + b);
+          ++i;
+        } else {
+          out.push_back(s[i]);
+        }
+      }
+      s = out;
+    }
+  }
+  nlohmann::ordered_json vocab = nlohmann::ordered_json::object();
+  int64_t id = 0;
+  auto add = [&](const std::string& t) {
+    if (!vocab.contains(t)) vocab[t] = id++;
+  };
+  const auto symbols = clipByteSymbols();
+  for (const auto& s : symbols) add(s);
+  for (const auto& s : symbols) add(s + "</w>");
+  std::string mergesText = "#version: 0.2\n";
+  for (const auto& [a, b] : learned) {
+    add(a + b);
+    mergesText += a + " " + b + "\n";
+  }
+  add("<|startoftext|>");
+  add("<|endoftext|>");
+  writeText(dir / "vocab.json", vocab.dump() + "\n");
+  writeText(dir / "merges.txt", mergesText);
+  const nlohmann::ordered_json config = {{"tokenizer_class", "CLIPTokenizer"}, {"model_max_length", 77},
+                                         {"bos_token", "<|startoftext|>"},      {"eos_token", "<|endoftext|>"},
+                                         {"pad_token", "<|endoftext|>"},        {"unk_token", "<|endoftext|>"}};
+  writeText(dir / "tokenizer_config.json", config.dump(2) + "\n");
+}
+
+// A T5-format unigram tokenizer over the built-in words and single characters: tokenizer_2/tokenizer.json.
+int64_t writeT5Tokenizer(const fs::path& dir) {
+  fs::create_directories(dir);
+  nlohmann::ordered_json vocab = nlohmann::ordered_json::array();
+  std::set<std::string> seen;
+  auto add = [&](const std::string& piece, double score) {
+    if (seen.insert(piece).second) vocab.push_back({piece, score});
+  };
+  add("<pad>", 0.0);
+  add("</s>", 0.0);
+  add("<unk>", 0.0);
+  const std::string space = "\xE2\x96\x81";
+  add(space, -2.0);
+  std::map<std::string, int> counts;
+  for (const auto& w : synthWords()) ++counts[w];
+  for (const auto& [w, c] : counts) add(space + w, -4.0 - 1.0 / c);
+  for (char ch = 33; ch < 127; ++ch) add(std::string(1, ch), -9.0);
+  for (int i = 99; i >= 0; --i) add("<extra_id_" + std::to_string(i) + ">", 0.0);
+  nlohmann::ordered_json added = nlohmann::ordered_json::array();
+  for (size_t i = 0; i < vocab.size(); ++i) {
+    const std::string piece = vocab[i][0];
+    if (piece == "<pad>" || piece == "</s>" || piece == "<unk>" || piece.rfind("<extra_id_", 0) == 0)
+      added.push_back({{"id", i}, {"content", piece}, {"single_word", false}, {"lstrip", false}, {"rstrip", false},
+                       {"normalized", false}, {"special", true}});
+  }
+  const nlohmann::ordered_json tokenizer = {
+      {"version", "1.0"},
+      {"truncation", nullptr},
+      {"padding", nullptr},
+      {"added_tokens", added},
+      {"normalizer", nullptr},
+      {"pre_tokenizer",
+       {{"type", "Sequence"},
+        {"pretokenizers",
+         {{{"type", "WhitespaceSplit"}},
+          {{"type", "Metaspace"}, {"replacement", space}, {"prepend_scheme", "always"}, {"split", true}}}}}},
+      {"post_processor",
+       {{"type", "TemplateProcessing"},
+        {"single", {{{"Sequence", {{"id", "A"}, {"type_id", 0}}}}, {{"SpecialToken", {{"id", "</s>"}, {"type_id", 0}}}}}},
+        {"pair",
+         {{{"Sequence", {{"id", "A"}, {"type_id", 0}}}}, {{"SpecialToken", {{"id", "</s>"}, {"type_id", 0}}}},
+          {{"Sequence", {{"id", "B"}, {"type_id", 0}}}}, {{"SpecialToken", {{"id", "</s>"}, {"type_id", 0}}}}}},
+        {"special_tokens", {{"</s>", {{"id", "</s>"}, {"ids", {1}}, {"tokens", {"</s>"}}}}}}}},
+      {"decoder", {{"type", "Metaspace"}, {"replacement", space}, {"prepend_scheme", "always"}, {"split", true}}},
+      {"model", {{"type", "Unigram"}, {"unk_id", 2}, {"vocab", vocab}, {"byte_fallback", false}}}};
+  writeText(dir / "tokenizer.json", tokenizer.dump() + "\n");
+  const nlohmann::ordered_json config = {{"tokenizer_class", "T5Tokenizer"}, {"model_max_length", 512},
+                                         {"extra_ids", 100},               {"eos_token", "</s>"},
+                                         {"pad_token", "<pad>"},           {"unk_token", "<unk>"}};
+  writeText(dir / "tokenizer_config.json", config.dump(2) + "\n");
+  return static_cast<int64_t>(vocab.size());
+}
+
+// One safetensors file of synthetic tensors (values depend on the seed and the name only).
+uint64_t writeSynthTensors(const SynthOptions& o, const std::vector<model::TensorSpec>& specs, const fs::path& file,
+                           const std::string& prefix, const std::map<std::string, std::string>& metadata = {}) {
+  SafetensorsWriter w;
+  w.addMetadata("format", "pt");
+  for (const auto& [k, v] : metadata) w.addMetadata(k, v);
+  for (const auto& t : specs) {
+    SafetensorsWriter::Producer p;
+    if (!o.zeros) p = [seed = o.seed, dtype = o.dtype, t] { return synthTensor(seed, t.name, t.shape).to(dtype); };
+    w.addLazy(prefix + t.name, o.dtype, t.shape, p);
+  }
+  w.write(file.string());
+  return w.totalBytes();
+}
+
+// The text encoders and tokenizers.
+uint64_t synthesizeText(const SynthOptions& o) {
+  const fs::path out(o.outDir);
+  const bool bfl = o.layout == CheckpointLayout::kBfl;
+  writeClipTokenizer(out / (bfl ? "clip_tokenizer" : "tokenizer"), 300);
+  writeT5Tokenizer(out / (bfl ? "t5_tokenizer" : "tokenizer_2"));
+  uint64_t bytes = 0;
+  if (bfl) {
+    bytes += writeSynthTensors(o, model::clipTextTensors(o.clipConfig), out / "clip_l.safetensors", "text_model.",
+                               {{"num_attention_heads", std::to_string(o.clipConfig.numHeads)}});
+    bytes += writeSynthTensors(o, model::t5EncoderTensors(o.t5Config), out / "t5xxl_fp16.safetensors", "");
+    return bytes;
+  }
+  fs::create_directories(out / "text_encoder");
+  fs::create_directories(out / "text_encoder_2");
+  bytes += writeSynthTensors(o, model::clipTextTensors(o.clipConfig), out / "text_encoder" / "model.safetensors",
+                             "text_model.");
+  writeText(out / "text_encoder" / "config.json", clipTextConfigJson(o.clipConfig));
+  bytes += writeSynthTensors(o, model::t5EncoderTensors(o.t5Config), out / "text_encoder_2" / "model.safetensors", "");
+  writeText(out / "text_encoder_2" / "config.json", t5ConfigJson(o.t5Config));
+  return bytes;
+}
+
 }  // namespace
+
+model::ClipTextConfig clipConfigFor(const std::string& preset, const model::FluxConfig& f) {
+  model::ClipTextConfig c;  // CLIP-L
+  if (preset == "tiny" || preset == "small") {
+    c.hiddenSize = f.vecInDim;
+    c.numHeads = 4;
+    c.intermediateSize = 4 * f.vecInDim;
+    c.numLayers = 2;
+    c.vocabSize = 512 + 300 + 2;  // the synthetic tokenizer's vocabulary
+  }
+  return c;
+}
+
+model::T5Config t5ConfigFor(const std::string& preset, const model::FluxConfig& f) {
+  model::T5Config c;  // T5-XXL v1.1
+  if (preset == "tiny" || preset == "small") {
+    c.dModel = f.contextInDim;
+    c.numHeads = 4;
+    c.dKv = f.contextInDim / 4;
+    c.dFf = 2 * f.contextInDim;
+    c.numLayers = 2;
+    c.vocabSize = 320;  // more than the synthetic tokenizer's pieces, as T5's 32128 > 32100
+  }
+  return c;
+}
 
 at::Tensor synthTensor(uint64_t seed, const std::string& name, const std::vector<int64_t>& shape) {
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed ^ fnv1a(name));
@@ -232,6 +458,12 @@ SynthResult synthesizeCheckpoint(const SynthOptions& o) {
     mi["scheduler"] = {"diffusers", "FlowMatchEulerDiscreteScheduler"};
     mi["transformer"] = {"diffusers", "FluxTransformer2DModel"};
     if (o.withVae) mi["vae"] = {"diffusers", "AutoencoderKL"};
+    if (o.withText) {
+      mi["text_encoder"] = {"transformers", "CLIPTextModel"};
+      mi["text_encoder_2"] = {"transformers", "T5EncoderModel"};
+      mi["tokenizer"] = {"transformers", "CLIPTokenizer"};
+      mi["tokenizer_2"] = {"transformers", "T5TokenizerFast"};
+    }
     writeText(fs::path(o.outDir) / "model_index.json", mi.dump(2) + "\n");
     result.modelPath = o.outDir;
     result.tensorBytes = total;
@@ -239,6 +471,7 @@ SynthResult synthesizeCheckpoint(const SynthOptions& o) {
   }
 
   if (o.withVae) result.vaePath = synthesizeVae(o, &result.vaeBytes);
+  if (o.withText) result.textEncoderBytes = synthesizeText(o);
 
   // Sample prompt embeddings (positive and negative), batch 1, in the checkpoint dtype.
   const auto f32 = at::TensorOptions().dtype(at::kFloat);

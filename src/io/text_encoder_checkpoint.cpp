@@ -104,6 +104,8 @@ model::WeightGetter TensorStore::getter(c10::ScalarType dtype, c10::Device devic
   return [this, dtype, device](const std::string& name) { return load(name, dtype, device); };
 }
 
+const std::map<std::string, std::string>& TensorStore::metadata() const { return files_.front()->metadata(); }
+
 uint64_t TensorStore::bytesRead() const {
   uint64_t n = 0;
   for (const auto& f : files_) n += f->bytesRead();
@@ -128,7 +130,7 @@ void checkTensors(const TensorStore& s, const std::vector<model::TensorSpec>& sp
 
 ClipTextCheckpoint ClipTextCheckpoint::open(const std::string& path) {
   const fs::path dir = modelDir(path, "text_encoder");
-  ClipTextCheckpoint ck{model::ClipTextConfig{}, TensorStore::open(dir.string(), {"cond_stage_model.transformer.text_model.", ""})};
+  ClipTextCheckpoint ck{model::ClipTextConfig{}, TensorStore::open(dir.string(), {"cond_stage_model.transformer.text_model.", "text_model."})};
   auto& c = ck.config;
   if (fs::is_directory(dir)) {
     const fs::path file = dir / "config.json";
@@ -151,7 +153,9 @@ ClipTextCheckpoint ClipTextCheckpoint::open(const std::string& path) {
     c.intermediateSize = ck.store.info("encoder.layers.0.mlp.fc1.weight").shape.at(0);
     c.numLayers = 0;
     while (ck.store.has("encoder.layers." + std::to_string(c.numLayers) + ".mlp.fc1.weight")) ++c.numLayers;
-    c.numHeads = c.hiddenSize / 64;  // CLIP's head dimension
+    c.numHeads = c.hiddenSize / 64;  // CLIP's head dimension, unless the file says otherwise
+    const auto& meta = ck.store.metadata();
+    if (meta.count("num_attention_heads")) c.numHeads = std::stoll(meta.at("num_attention_heads"));
   }
   try {
     c.validate();

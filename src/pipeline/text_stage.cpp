@@ -42,8 +42,8 @@ Engine::Impl::TextSources Engine::Impl::textSources() const {
   pick(s.clip, "text_encoder", {"clip_l.safetensors"}, "--text-encoder");
   pick(s.t5, "text_encoder_2", {"t5xxl_fp16.safetensors", "t5xxl_fp8_e4m3fn.safetensors", "t5xxl.safetensors"},
        "--text-encoder-2");
-  pick(s.clipTokenizer, "tokenizer", {}, "--tokenizer");
-  pick(s.t5Tokenizer, "tokenizer_2", {}, "--tokenizer-2");
+  pick(s.clipTokenizer, "tokenizer", {"clip_tokenizer"}, "--tokenizer");
+  pick(s.t5Tokenizer, "tokenizer_2", {"t5_tokenizer"}, "--tokenizer-2");
   return s;
 }
 

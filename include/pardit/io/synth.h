@@ -10,6 +10,7 @@
 
 #include "pardit/io/checkpoint.h"
 #include "pardit/model/flux_config.h"
+#include "pardit/model/text_encoders.h"
 #include "pardit/model/vae.h"
 
 namespace pardit::io {
@@ -26,7 +27,17 @@ struct SynthOptions {
   int64_t textLen = 16;                      // tokens of the sample prompt embeddings
   bool withVae = true;                       // also the VAE decoder (vae/ or ae.safetensors)
   model::VaeConfig vaeConfig;
+  // The text encoders and tokenizers (text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ in the
+  // diffusers layout; clip_l.safetensors, t5xxl_fp16.safetensors and tokenizer folders beside a BFL file).
+  bool withText = true;
+  model::ClipTextConfig clipConfig;
+  model::T5Config t5Config;
 };
+
+// The text encoders of a preset: FLUX.1's CLIP-L and T5-XXL for flux-dev, flux-schnell and medium; smaller
+// ones with the same structure whose widths are the transformer's text inputs for tiny and small.
+model::ClipTextConfig clipConfigFor(const std::string& preset, const model::FluxConfig& transformer);
+model::T5Config t5ConfigFor(const std::string& preset, const model::FluxConfig& transformer);
 
 struct SynthResult {
   std::string modelPath;          // what to pass as --model
@@ -36,6 +47,7 @@ struct SynthResult {
   int files = 0;
   std::string vaePath;            // vae/ or ae.safetensors ("" without a VAE)
   uint64_t vaeBytes = 0;
+  uint64_t textEncoderBytes = 0;  // CLIP and T5 together
 };
 
 // The value of internal tensor `name` (deterministic in seed and name), float32.

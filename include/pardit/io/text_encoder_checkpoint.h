@@ -2,7 +2,8 @@
 // The text encoders' weights: a transformers model directory (text_encoder/, text_encoder_2/: config.json
 // and model.safetensors, or shards listed in model.safetensors.index.json), a pipeline directory holding
 // it, or a single file of the kind kept beside BFL checkpoints (clip_l.safetensors, t5xxl_fp16.safetensors,
-// t5xxl_fp8_e4m3fn.safetensors; the configuration is read from the tensor shapes). Only the byte ranges
+// t5xxl_fp8_e4m3fn.safetensors; the configuration is read from the tensor shapes, and CLIP's head count
+// from __metadata__ "num_attention_heads" when present, else 64-wide heads as in CLIP-L). Only the byte ranges
 // of the tensors that are loaded are read; float8 weights are converted to the compute dtype on loading.
 
 #include <c10/core/Device.h>
@@ -30,6 +31,7 @@ class TensorStore {
   uint64_t bytesRead() const;
   uint64_t bytesOf(const std::vector<model::TensorSpec>& tensors) const;  // stored bytes of these tensors
   const std::string& path() const { return path_; }
+  const std::map<std::string, std::string>& metadata() const;  // of the first file
   void alias(const std::string& name, const std::string& target);
 
  private:

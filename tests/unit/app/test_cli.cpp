@@ -68,6 +68,15 @@ TEST(Cli, SynthThenGenerateIsDeterministicAcrossLayouts) {
   ASSERT_EQ(c.exitCode, 0) << c.output;
   at::Tensor lc = io::SafetensorsFile::open(dir.file("c.safetensors"))->read("latents");
   EXPECT_FALSE(at::allclose(la, lc));
+  // The synthetic pipeline is complete: a text prompt through its tokenizers and encoders to a PNG, the same
+  // picture from both layouts.
+  for (const std::string& model : {dir.file("diffusers"), dir.file("bfl/flux1-tiny.safetensors")}) {
+    auto p = runPardit("generate --model " + model + " --prompt 'a cozy cabin in the snow' --max-sequence-length 16"
+                       " --height 32 --width 48 --steps 2 --seed 9 --threads 1 --output " + dir.file(std::to_string(model.size()) + ".png"));
+    ASSERT_EQ(p.exitCode, 0) << p.output;
+  }
+  EXPECT_TRUE(at::equal(io::readPng(dir.file(std::to_string(dir.file("diffusers").size()) + ".png")).pixels,
+                        io::readPng(dir.file(std::to_string(dir.file("bfl/flux1-tiny.safetensors").size()) + ".png")).pixels));
 }
 
 TEST(Cli, EnvironmentAndIniFileFillOptionsWithCommandLinePrecedence) {

@@ -76,7 +76,8 @@ TEST(Options, BadValuesNameTheFlag) {
       {{"--guidance-scale", "nan"}, "--guidance-scale must be a finite number"},
       {{"--pp-partition", "3,x"}, "--pp-partition must be compute, memory or a list"},
       {{"--metrics", "--save-latents", "x"}, "--metrics needs a value, got the flag '--save-latents'"},
-      {{"--prompt", "a cat"}, "unknown option '--prompt'; did you mean --prompt-embeds?"},
+      {{"--promt", "a cat"}, "unknown option '--promt'; did you mean --prompt?"},
+      {{"--prompt-embed", "e"}, "unknown option '--prompt-embed'; did you mean --prompt-embeds?"},
       {{"--step", "3"}, "unknown option '--step'"},
       {{"stray"}, "unexpected argument 'stray'"},
   };

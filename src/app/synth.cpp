@@ -17,9 +17,6 @@ int runSynth(const config::EngineConfig& c) {
   o.presetName = c.preset;
   if (c.depth >= 0) o.config.depth = c.depth;
   if (c.depthSingle >= 0) o.config.depthSingle = c.depthSingle;
-  o.vaeConfig = model::VaeConfig::preset(c.preset == "tiny" || c.preset == "small" ? c.preset : "flux");
-  o.clipConfig = io::clipConfigFor(c.preset, o.config);
-  o.t5Config = io::t5ConfigFor(c.preset, o.config);
   o.layout = c.layout == config::SynthLayout::kBfl ? io::CheckpointLayout::kBfl : io::CheckpointLayout::kDiffusers;
   o.outDir = c.out;
   o.seed = c.seed;
@@ -37,8 +34,8 @@ int runSynth(const config::EngineConfig& c) {
            dtypeName(o.dtype), ": ", formatBytes(r.tensorBytes), " of tensors in ", r.files, " file(s), ",
            formatSeconds(timer.seconds()));
   logInfo0("model: ", r.modelPath);
-  logInfo0("VAE: ", r.vaePath, " (", o.vaeConfig.describe(), ", ", formatBytes(r.vaeBytes), ")");
-  logInfo0("text encoders: ", o.clipConfig.describe(), "; ", o.t5Config.describe(), " (", formatBytes(r.textEncoderBytes),
+  logInfo0("VAE: ", r.vaePath, " (", o.vae().describe(), ", ", formatBytes(r.vaeBytes), ")");
+  logInfo0("text encoders: ", o.clip().describe(), "; ", o.t5().describe(), " (", formatBytes(r.textEncoderBytes),
            ")");
   logInfo0("prompt embeddings: ", r.promptEmbedsPath, " (negative: ", r.negativeEmbedsPath, ")");
   return 0;

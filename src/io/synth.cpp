@@ -57,7 +57,7 @@ std::string schedulerConfigJson(bool dynamicShift) {
 // configuration that shapes cannot tell in __metadata__). Values depend on the internal name only, so
 // both layouts hold the same VAE.
 std::string synthesizeVae(const SynthOptions& o, uint64_t* bytes) {
-  const model::VaeConfig& c = o.vaeConfig;
+  const model::VaeConfig c = o.vae();
   const auto levels = static_cast<int64_t>(c.blockOutChannels.size());
   const bool bfl = o.layout == CheckpointLayout::kBfl;
   SafetensorsWriter w;
@@ -270,43 +270,58 @@ uint64_t synthesizeText(const SynthOptions& o) {
   writeClipTokenizer(out / (bfl ? "clip_tokenizer" : "tokenizer"), 300);
   writeT5Tokenizer(out / (bfl ? "t5_tokenizer" : "tokenizer_2"));
   uint64_t bytes = 0;
+  const model::ClipTextConfig clip = o.clip();
+  const model::T5Config t5 = o.t5();
   if (bfl) {
-    bytes += writeSynthTensors(o, model::clipTextTensors(o.clipConfig), out / "clip_l.safetensors", "text_model.",
-                               {{"num_attention_heads", std::to_string(o.clipConfig.numHeads)}});
-    bytes += writeSynthTensors(o, model::t5EncoderTensors(o.t5Config), out / "t5xxl_fp16.safetensors", "");
+    bytes += writeSynthTensors(o, model::clipTextTensors(clip), out / "clip_l.safetensors", "text_model.",
+                               {{"num_attention_heads", std::to_string(clip.numHeads)}});
+    bytes += writeSynthTensors(o, model::t5EncoderTensors(t5), out / "t5xxl_fp16.safetensors", "");
     return bytes;
   }
   fs::create_directories(out / "text_encoder");
   fs::create_directories(out / "text_encoder_2");
-  bytes += writeSynthTensors(o, model::clipTextTensors(o.clipConfig), out / "text_encoder" / "model.safetensors",
+  bytes += writeSynthTensors(o, model::clipTextTensors(clip), out / "text_encoder" / "model.safetensors",
                              "text_model.");
-  writeText(out / "text_encoder" / "config.json", clipTextConfigJson(o.clipConfig));
-  bytes += writeSynthTensors(o, model::t5EncoderTensors(o.t5Config), out / "text_encoder_2" / "model.safetensors", "");
-  writeText(out / "text_encoder_2" / "config.json", t5ConfigJson(o.t5Config));
+  writeText(out / "text_encoder" / "config.json", clipTextConfigJson(clip));
+  bytes += writeSynthTensors(o, model::t5EncoderTensors(t5), out / "text_encoder_2" / "model.safetensors", "");
+  writeText(out / "text_encoder_2" / "config.json", t5ConfigJson(t5));
   return bytes;
 }
 
 }  // namespace
 
-model::ClipTextConfig clipConfigFor(const std::string& preset, const model::FluxConfig& f) {
+bool SynthOptions::realConfigs() const {
+  return presetName == "flux-dev" || presetName == "flux-schnell" || presetName == "flux";
+}
+
+model::VaeConfig SynthOptions::vae() const {
+  if (vaeConfig) return *vaeConfig;
+  return model::VaeConfig::preset(realConfigs() || presetName == "medium" ? "flux"
+                                  : presetName == "small"                ? "small"
+                                                                         : "tiny");
+}
+
+model::ClipTextConfig SynthOptions::clip() const {
+  if (clipConfig) return *clipConfig;
   model::ClipTextConfig c;  // CLIP-L
-  if (preset == "tiny" || preset == "small") {
-    c.hiddenSize = f.vecInDim;
+  if (!realConfigs()) {
+    c.hiddenSize = config.vecInDim;
     c.numHeads = 4;
-    c.intermediateSize = 4 * f.vecInDim;
+    c.intermediateSize = 4 * config.vecInDim;
     c.numLayers = 2;
     c.vocabSize = 512 + 300 + 2;  // the synthetic tokenizer's vocabulary
   }
   return c;
 }
 
-model::T5Config t5ConfigFor(const std::string& preset, const model::FluxConfig& f) {
+model::T5Config SynthOptions::t5() const {
+  if (t5Config) return *t5Config;
   model::T5Config c;  // T5-XXL v1.1
-  if (preset == "tiny" || preset == "small") {
-    c.dModel = f.contextInDim;
+  if (!realConfigs()) {
+    c.dModel = config.contextInDim;
     c.numHeads = 4;
-    c.dKv = f.contextInDim / 4;
-    c.dFf = 2 * f.contextInDim;
+    c.dKv = config.contextInDim / 4;
+    c.dFf = 2 * config.contextInDim;
     c.numLayers = 2;
     c.vocabSize = 320;  // more than the synthetic tokenizer's pieces, as T5's 32128 > 32100
   }

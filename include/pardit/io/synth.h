@@ -6,6 +6,7 @@
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "pardit/io/checkpoint.h"
@@ -25,19 +26,23 @@ struct SynthOptions {
   bool zeros = false;                        // sparse files with zero data
   uint64_t shardSize = 10'000'000'000ULL;    // largest diffusers shard
   int64_t textLen = 16;                      // tokens of the sample prompt embeddings
+  // The VAE and text encoder configurations; unset: the preset's (realConfigs(): FLUX.1's VAE, CLIP-L and
+  // T5-XXL; else smaller ones with the same structure, sized to the transformer).
   bool withVae = true;                       // also the VAE decoder (vae/ or ae.safetensors)
-  model::VaeConfig vaeConfig;
+  std::optional<model::VaeConfig> vaeConfig;
   // The text encoders and tokenizers (text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ in the
   // diffusers layout; clip_l.safetensors, t5xxl_fp16.safetensors and tokenizer folders beside a BFL file).
   bool withText = true;
-  model::ClipTextConfig clipConfig;
-  model::T5Config t5Config;
+  std::optional<model::ClipTextConfig> clipConfig;
+  std::optional<model::T5Config> t5Config;
+
+  // flux-dev and flux-schnell: the real pipeline's parts; the others test sizes (medium: FLUX.1's VAE).
+  bool realConfigs() const;
+  model::VaeConfig vae() const;
+  model::ClipTextConfig clip() const;
+  model::T5Config t5() const;
 };
 
-// The text encoders of a preset: FLUX.1's CLIP-L and T5-XXL for flux-dev, flux-schnell and medium; smaller
-// ones with the same structure whose widths are the transformer's text inputs for tiny and small.
-model::ClipTextConfig clipConfigFor(const std::string& preset, const model::FluxConfig& transformer);
-model::T5Config t5ConfigFor(const std::string& preset, const model::FluxConfig& transformer);
 
 struct SynthResult {
   std::string modelPath;          // what to pass as --model

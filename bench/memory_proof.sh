@@ -38,7 +38,8 @@ import re, sys
 def parse(path):
     rows = {}
     for line in open(path):
-        m = re.search(r"\[rank (\d+)/\d+\] debug: rank bytes: stage=(\d+) read=(\d+) total=(\d+) tensors=(\d+) peak_rss=(\d+)", line)
+        m = re.search(r"\[rank (\d+)/\d+\] debug: rank bytes: stage=(\d+) read=(\d+) vae_read=\d+ text_read=\d+ "
+                      r"total=(\d+) tensors=(\d+) peak_rss=(\d+)", line)
         if m:
             r, s, rd, tot, n, rss = map(int, m.groups())
             rows[r] = dict(stage=s, read=rd, total=tot, tensors=n, rss=rss)

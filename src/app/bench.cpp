@@ -101,18 +101,34 @@ void printDecode(const config::EngineConfig& c, dist::Runtime& rt, const pipelin
                  const pipeline::BenchmarkResult& r) {
   logInfo0("bench VAE decode (", r.vae, ", ", formatBytes(r.decoderWeightBytes), " of weights), ", dtypeName(e.dtype()),
            " on ", e.device().str(), ", batch ", c.batch, " of ", c.width, "x", c.height, " px, ", rt.worldSize(),
-           " rank(s) decoding row slabs, ", r.threads, " thread(s) per rank");
+           " rank(s) decoding ", r.decodeMode == "patches" ? "row slabs" : r.decodeMode == "whole" ? "the whole image" : "tiles (" + r.decodeMode.substr(6) + " px)",
+           ", ", r.threads, " thread(s) per rank");
   logInfo0("decode: median ", formatSeconds(r.median), ", min ", formatSeconds(r.best), " over ", r.samples.size(),
            " decode(s)");
   logInfo0("activations per rank: planned ", formatBytes(r.decodePlannedBytes), ", measured ",
            formatBytes(r.decodeActivationBytesMax), " (largest rank's peak RSS growth during the first decode)");
   if (rt.worldRank() == 0) {
     std::printf("BENCH pardit-decode vae=%s dtype=%s ranks=%d threads=%d batch=%lld height=%lld width=%lld "
-                "median_s=%.6f activation_bytes_max=%llu activation_bytes_planned=%llu\n",
+                "median_s=%.6f activation_bytes_max=%llu activation_bytes_planned=%llu mode=%s\n",
                 r.vae.c_str(), dtypeName(e.dtype()).c_str(), rt.worldSize(), r.threads, static_cast<long long>(c.batch),
                 static_cast<long long>(c.height), static_cast<long long>(c.width), r.median,
                 static_cast<unsigned long long>(r.decodeActivationBytesMax),
-                static_cast<unsigned long long>(r.decodePlannedBytes));
+                static_cast<unsigned long long>(r.decodePlannedBytes), r.decodeMode.c_str());
+    std::fflush(stdout);
+  }
+}
+
+void printEncode(const config::EngineConfig& c, dist::Runtime& rt, const pipeline::Engine& e,
+                 const pipeline::BenchmarkResult& r) {
+  logInfo0("bench encode (", r.modelName, "), ", dtypeName(e.dtype()), " on ", e.device().str(), ", batch ", c.batch,
+           ", T5 ", r.textLen, " tokens (", r.encodeT5Streamed ? "streamed" : "resident", "), ", r.threads,
+           " thread(s); encoders loaded in ", formatSeconds(r.encodeLoadSeconds));
+  logInfo0("encode: median ", formatSeconds(r.median), ", min ", formatSeconds(r.best), " over ", r.samples.size(),
+           " encode(s)");
+  if (rt.worldRank() == 0) {
+    std::printf("BENCH pardit-encode model=%s dtype=%s threads=%d batch=%lld text_len=%lld median_s=%.6f\n",
+                r.modelName.c_str(), dtypeName(e.dtype()).c_str(), r.threads, static_cast<long long>(c.batch),
+                static_cast<long long>(r.textLen), r.median);
     std::fflush(stdout);
   }
 }
@@ -128,11 +144,21 @@ nlohmann::ordered_json toJson(const config::EngineConfig& c, dist::Runtime& rt, 
       {"threads", r.threads}, {"batch", c.batch}, {"image_tokens", r.imageTokens}, {"text_tokens", c.textLen},
       {"warmup", c.warmup}, {"samples_s", r.samples}, {"median_s", r.median}, {"flops", r.flops},
       {"gflops", r.flops / r.median / 1e9}};
+  if (c.benchEncode) {
+    j["text_tokens"] = r.textLen;
+    j["t5_streamed"] = r.encodeT5Streamed;
+    j["load_s"] = r.encodeLoadSeconds;
+    j.erase("image_tokens");
+    j.erase("flops");
+    j.erase("gflops");
+    return j;
+  }
   if (c.benchDecode) {
     j["vae"] = r.vae;
     j["decoder_weight_bytes"] = r.decoderWeightBytes;
     j["activation_bytes_max"] = r.decodeActivationBytesMax;
     j["activation_bytes_planned"] = r.decodePlannedBytes;
+    j["decode_mode"] = r.decodeMode;
     return j;
   }
   if (d.pipefusion > 1) {
@@ -158,9 +184,11 @@ int runBench(const config::EngineConfig& c, dist::Runtime& rt) {
   if (c.benchComm) return runCommBench(c, rt);
   pipeline::Engine engine(c, rt);
   const pipeline::BenchmarkResult r =
-      engine.benchmark(pipeline::BenchmarkRequest{c.benchDecode, c.batch, c.height, c.width, c.textLen, c.warmup,
-                                                  c.iters});
-  if (c.benchDecode) {
+      engine.benchmark(pipeline::BenchmarkRequest{c.benchDecode, c.benchEncode, c.batch, c.height, c.width, c.textLen,
+                                                  c.warmup, c.iters});
+  if (c.benchEncode) {
+    printEncode(c, rt, engine, r);
+  } else if (c.benchDecode) {
     printDecode(c, rt, engine, r);
   } else if (rt.topology().degrees().pipefusion > 1) {
     printPipeFusion(c, rt, engine, r);

@@ -5,7 +5,6 @@
 // cleanly with status 1 and the failing rank prints its one-line message. Any other error is logged
 // by the rank that hit it, which then aborts the whole job (MPI_Abort) so that no rank hangs.
 #include <ATen/Parallel.h>
-#include <malloc.h>
 
 #include <cstdio>
 #include <exception>
@@ -64,10 +63,6 @@ int dispatch(const pardit::config::EngineConfig& c, pardit::dist::Runtime& rt) {
 
 int main(int argc, char** argv) {
   using namespace pardit;
-  // Tensors of 1 MiB and more get their own mappings, so freeing one returns its memory to the system at
-  // once (glibc's adaptive threshold would otherwise move them to the heap, where freed weight-loading
-  // buffers stay resident).
-  mallopt(M_MMAP_THRESHOLD, 1 << 20);
   if (argc < 2) {
     std::fputs(config::usage().c_str(), stderr);
     return 2;

@@ -39,6 +39,14 @@ nlohmann::ordered_json toJson(const config::EngineConfig& c, const pipeline::Job
     ranks.push_back(j);
   }
   out["ranks"] = ranks;
+  if (p.textEncoderRank >= 0)
+    out["text_encoders"] = {{"rank", p.textEncoderRank}, {"clip_bytes", p.clipBytes}, {"t5_bytes", p.t5Bytes},
+                            {"t5_streamed", p.t5Streamed}};
+  if (p.decode) {
+    const auto& d = *p.decode;
+    out["decode"] = {{"mode", d.modeName()}, {"tile_px", d.tile * d.factor}, {"activation_bytes", d.activationBytes},
+                     {"weight_bytes", d.weightBytes}, {"free_bytes", d.freeBytes}, {"fits", d.fits}};
+  }
   return out;
 }
 
@@ -64,6 +72,11 @@ void printTable(const config::EngineConfig& c, const pipeline::JobPlan& p) {
   }
   for (size_t r = 0; r < p.ranks.size(); ++r)
     if (!p.ranks[r].fits) std::printf("rank %zu: %s\n", r, p.ranks[r].problem.c_str());
+  if (p.textEncoderRank >= 0)
+    std::printf("text encoders on rank %d, before the transformer loads: CLIP %s, T5 %s (%s)\n", p.textEncoderRank,
+                formatBytes(p.clipBytes).c_str(), formatBytes(p.t5Bytes).c_str(),
+                p.t5Streamed ? "streamed block by block: they do not fit the rank's budget together" : "resident");
+  if (p.decode) std::printf("decode: %s%s\n", p.decode->describe().c_str(), p.decode->fits ? "" : " (DOES NOT FIT)");
 }
 
 }  // namespace

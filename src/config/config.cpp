@@ -39,6 +39,7 @@ template <> const std::vector<const char*>& namesOf<LogLevelOption>() { static c
 template <> const std::vector<const char*>& namesOf<SynthLayout>() { static const std::vector<const char*> n{"diffusers", "bfl"}; return n; }
 template <> const std::vector<const char*>& namesOf<SynthFill>() { static const std::vector<const char*> n{"random", "zeros"}; return n; }
 template <> const std::vector<const char*>& namesOf<EncoderDevice>() { static const std::vector<const char*> n{"auto", "cpu"}; return n; }
+template <> const std::vector<const char*>& namesOf<VaeTiling>() { static const std::vector<const char*> n{"auto", "on", "off"}; return n; }
 // clang-format on
 
 std::string joinOr(const std::vector<std::string>& names) {
@@ -80,6 +81,7 @@ PARDIT_ENUM_INSTANTIATE(LogLevelOption)
 PARDIT_ENUM_INSTANTIATE(SynthLayout)
 PARDIT_ENUM_INSTANTIATE(SynthFill)
 PARDIT_ENUM_INSTANTIATE(EncoderDevice)
+PARDIT_ENUM_INSTANTIATE(VaeTiling)
 #undef PARDIT_ENUM_INSTANTIATE
 
 std::string commandName(Command command) { return enumName(command); }
@@ -315,8 +317,14 @@ const std::vector<Option>& optionTable() {
     required(opt("model", &EngineConfig::model, Group::kModel, Sync::kPresence, kModelCommands, "PATH",
                  "FLUX checkpoint: a diffusers pipeline or transformer directory, or a BFL .safetensors file"),
              gen | fwd | plan | enc, t);
-    add(opt("vae", &EngineConfig::vae, Group::kModel, Sync::kPresence, gen, "PATH",
+    add(opt("vae", &EngineConfig::vae, Group::kModel, Sync::kPresence, gen | bench | plan, "PATH",
             "VAE for --output: a diffusers vae/ directory or a BFL ae.safetensors (default: the one beside --model)"));
+    add(opt("vae-tiling", &EngineConfig::vaeTiling, Group::kMemory, Sync::kValue, gen | bench | plan, "MODE",
+            "decode in overlapping tiles as diffusers' enable_tiling (seams: not the exact decode): auto (only when "
+            "the patch-parallel decode does not fit the budget), on or off"));
+    add(opt("vae-tile-size", &EngineConfig::vaeTileSize, Group::kMemory, Sync::kValue, gen | bench | plan, "PX",
+            "tile of the tiled decode, a multiple of 8 (0: the VAE's sample_size, 1024 for FLUX.1, halved until one "
+            "tile fits the budget)", atLeast<int64_t>(0)));
     add(opt("dtype", &EngineConfig::dtype, Group::kModel, Sync::kValue, kAll, "TYPE",
             "compute dtype: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or fp32 (synth: the stored dtype)"));
     add(opt("device", &EngineConfig::device, Group::kModel, Sync::kValue, kRunCommands, "KIND",
@@ -366,27 +374,27 @@ const std::vector<Option>& optionTable() {
                  "report of every sample"),
              fwd | enc, t);
     // prompts and text encoders
-    add(opt("prompt", &EngineConfig::prompt, Group::kText, Sync::kValue, gen | enc, "TEXT",
+    add(opt("prompt", &EngineConfig::prompt, Group::kText, Sync::kValue, gen | enc | bench, "TEXT",
             "the prompt (CLIP's, and T5's unless --prompt-2 is given)"));
     add(opt("prompt-2", &EngineConfig::prompt2, Group::kText, Sync::kValue, gen | enc, "TEXT", "T5's prompt"));
     add(opt("negative-prompt", &EngineConfig::negativePrompt, Group::kText, Sync::kValue, gen | enc, "TEXT",
             "the negative prompt of true CFG (with --true-cfg-scale > 1)"));
     add(opt("prompt-file", &EngineConfig::promptFile, Group::kText, Sync::kPresence, gen | enc, "FILE",
             "one prompt per line: a batch of images (empty lines are skipped)"));
-    add(opt("max-sequence-length", &EngineConfig::maxSequenceLength, Group::kText, Sync::kValue, gen | enc | plan, "N",
+    add(opt("max-sequence-length", &EngineConfig::maxSequenceLength, Group::kText, Sync::kValue, gen | enc | plan | bench, "N",
             "T5 tokens (0: 512 for guidance-distilled models such as FLUX.1-dev, 256 otherwise)", atLeast<int64_t>(0)));
-    add(opt("text-encoder", &EngineConfig::textEncoder, Group::kText, Sync::kPresence, gen | enc | plan, "PATH",
+    add(opt("text-encoder", &EngineConfig::textEncoder, Group::kText, Sync::kPresence, gen | enc | plan | bench, "PATH",
             "CLIP text encoder: text_encoder/ or a single file such as clip_l.safetensors (default: the model's)"));
-    add(opt("text-encoder-2", &EngineConfig::textEncoder2, Group::kText, Sync::kPresence, gen | enc | plan, "PATH",
+    add(opt("text-encoder-2", &EngineConfig::textEncoder2, Group::kText, Sync::kPresence, gen | enc | plan | bench, "PATH",
             "T5 encoder: text_encoder_2/ or a single file such as t5xxl_fp16.safetensors (default: the model's)"));
-    add(opt("tokenizer", &EngineConfig::tokenizer, Group::kText, Sync::kPresence, gen | enc, "DIR",
+    add(opt("tokenizer", &EngineConfig::tokenizer, Group::kText, Sync::kPresence, gen | enc | bench, "DIR",
             "CLIP tokenizer: vocab.json + merges.txt, or tokenizer.json (default: the model's tokenizer/)"));
-    add(opt("tokenizer-2", &EngineConfig::tokenizer2, Group::kText, Sync::kPresence, gen | enc, "DIR",
+    add(opt("tokenizer-2", &EngineConfig::tokenizer2, Group::kText, Sync::kPresence, gen | enc | bench, "DIR",
             "T5 tokenizer: tokenizer.json or spiece.model (default: the model's tokenizer_2/)"));
     add(opt("text-encoder-rank", &EngineConfig::textEncoderRank, Group::kText, Sync::kValue, gen | enc | plan, "R",
             "the rank that runs the text encoders (-1: the rank with the most spare memory after its plan)",
             atLeast(-1)));
-    add(opt("text-encoder-device", &EngineConfig::textEncoderDevice, Group::kText, Sync::kValue, gen | enc, "KIND",
+    add(opt("text-encoder-device", &EngineConfig::textEncoderDevice, Group::kText, Sync::kValue, gen | enc | bench, "KIND",
             "auto (the rank's device) or cpu (keep the encoders off the GPU)"));
     add(opt("prompt-embeds", &EngineConfig::promptEmbeds, Group::kOutput, Sync::kPresence, gen, "FILE",
             "instead of --prompt: safetensors file with prompt_embeds [B,T,4096] and pooled_prompt_embeds [B,768]"));
@@ -435,8 +443,11 @@ const std::vector<Option>& optionTable() {
             atLeast(0)));
     add(opt("iters", &EngineConfig::iters, Group::kBench, Sync::kValue, bench, "N", "timed forwards", atLeast(1)));
     add(flagOpt("decode", 0, &EngineConfig::benchDecode, Group::kBench, Sync::kValue, bench,
-                "time the VAE decode of one image of --height x --width on all ranks (patch-parallel) and measure "
-                "each rank's activation memory"));
+                "time the VAE decode of one image of --height x --width on all ranks (planned as generate plans it: "
+                "patch-parallel, or tiles) and measure each rank's activation memory"));
+    add(flagOpt("encode", 0, &EngineConfig::benchEncode, Group::kBench, Sync::kValue, bench,
+                "time the encode stage (tokenizers, CLIP, T5) of --batch copies of --prompt (default: a built-in "
+                "prompt) at --max-sequence-length on one rank"));
     add(flagOpt("comm", 0, &EngineConfig::benchComm, Group::kBench, Sync::kValue, bench,
                 "collective micro-benchmark (all-to-all, all-gather, ring send/recv) over the world, bandwidths as "
                 "nccl-tests reports them"));

@@ -1,5 +1,6 @@
 #include "pardit/core/sysinfo.h"
 
+#include <malloc.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -17,5 +18,28 @@ uint64_t currentRssBytes() {
   uint64_t size = 0, resident = 0;
   in >> size >> resident;
   return resident * static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+}
+
+void releaseFreedMemory() { malloc_trim(0); }
+
+namespace {
+void computingAllocations() {
+  // glibc's adaptive thresholds at their limits: what a long-running process settles on.
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  mallopt(M_TRIM_THRESHOLD, 64 << 20);
+}
+// The process starts computing.
+const bool kComputing = (computingAllocations(), true);
+}  // namespace
+
+LoadingAllocations::LoadingAllocations() {
+  (void)kComputing;
+  mallopt(M_MMAP_THRESHOLD, 1 << 20);
+  mallopt(M_TRIM_THRESHOLD, 1 << 20);
+}
+
+LoadingAllocations::~LoadingAllocations() {
+  computingAllocations();
+  releaseFreedMemory();
 }
 }  // namespace pardit

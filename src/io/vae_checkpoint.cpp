@@ -39,6 +39,10 @@ model::VaeConfig configFromJson(const fs::path& file) {
     c.normGroups = j.value("norm_num_groups", c.normGroups);
     c.midBlockAttention = j.value("mid_block_add_attention", true);
     c.scalingFactor = j.value("scaling_factor", c.scalingFactor);
+    if (j.contains("sample_size")) {  // an int, or [height, width]
+      const auto& size = j["sample_size"];
+      c.sampleSize = size.is_array() ? size.at(0).get<int64_t>() : size.get<int64_t>();
+    }
     c.shiftFactor = j.contains("shift_factor") && !j["shift_factor"].is_null() ? j["shift_factor"].get<double>() : 0.0;
     PARDIT_CHECK(!j.value("use_post_quant_conv", false), file.string(),
                  ": use_post_quant_conv is true; the FLUX VAE has no post-quant convolution");
@@ -119,7 +123,7 @@ std::string vaeConfigJson(const model::VaeConfig& c) {
       {"down_block_types", down}, {"up_block_types", up}, {"force_upcast", true}, {"in_channels", c.outChannels},
       {"latent_channels", c.latentChannels}, {"latents_mean", nullptr}, {"latents_std", nullptr},
       {"layers_per_block", c.layersPerBlock}, {"mid_block_add_attention", c.midBlockAttention},
-      {"norm_num_groups", c.normGroups}, {"out_channels", c.outChannels}, {"sample_size", 1024},
+      {"norm_num_groups", c.normGroups}, {"out_channels", c.outChannels}, {"sample_size", c.sampleSize},
       {"scaling_factor", c.scalingFactor}, {"shift_factor", c.shiftFactor}, {"use_post_quant_conv", false},
       {"use_quant_conv", false}};
   return j.dump(2) + "\n";

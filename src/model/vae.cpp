@@ -19,6 +19,7 @@ void VaeConfig::validate() const {
     PARDIT_CHECK(c >= 1 && c % normGroups == 0, "VAE: block_out_channels ", c, " is not divisible by norm_num_groups ",
                  normGroups);
   PARDIT_CHECK(scalingFactor != 0.0, "VAE: scaling_factor must not be 0");
+  PARDIT_CHECK(sampleSize >= 1, "VAE: sample_size must be positive");
 }
 
 std::string VaeConfig::describe() const {
@@ -210,6 +211,88 @@ uint64_t vaeDecodeActivationBytes(const VaeConfig& c, int64_t batch, int64_t hei
     prev = ch;
   }
   return static_cast<uint64_t>(peak * static_cast<double>(batch) * static_cast<double>(elementSize));
+}
+
+// ---- tiled decode -------------------------------------------------------------------------------------
+
+std::pair<int64_t, int64_t> VaeTileGrid::rowRange(int64_t i, int64_t height) const {
+  return {i * stride, std::min(height, i * stride + tile)};
+}
+std::pair<int64_t, int64_t> VaeTileGrid::colRange(int64_t j, int64_t width) const {
+  return {j * stride, std::min(width, j * stride + tile)};
+}
+
+VaeTileGrid vaeTileGrid(const VaeConfig& c, int64_t latentHeight, int64_t latentWidth, int64_t tile, double overlap) {
+  PARDIT_CHECK(tile >= 1, "VAE tiled decode: the tile must be at least 1 latent pixel, got ", tile);
+  PARDIT_CHECK(overlap >= 0 && overlap < 1, "VAE tiled decode: the overlap must be in [0, 1), got ", overlap);
+  VaeTileGrid g;
+  g.tile = tile;
+  g.stride = std::max<int64_t>(1, static_cast<int64_t>(static_cast<double>(tile) * (1 - overlap)));
+  g.rows = (latentHeight + g.stride - 1) / g.stride;
+  g.cols = (latentWidth + g.stride - 1) / g.stride;
+  const int64_t tilePixels = tile * c.spatialFactor();
+  g.blend = static_cast<int64_t>(static_cast<double>(tilePixels) * overlap);
+  g.keep = g.stride * c.spatialFactor();  // diffusers' f * tile - blend where that is whole
+  return g;
+}
+
+at::Tensor vaeTileOf(const VaeTileGrid& g, const at::Tensor& z, int64_t k) {
+  const auto [r0, r1] = g.rowRange(k / g.cols, z.size(2));
+  const auto [c0, c1] = g.colRange(k % g.cols, z.size(3));
+  return z.narrow(2, r0, r1 - r0).narrow(3, c0, c1 - c0).contiguous();
+}
+
+namespace {
+// b's first rows (dim 2) or columns (dim 3) := a's last ones * (1 - t) + b's * t, t = y / extent.
+void blendInto(const at::Tensor& a, at::Tensor& b, int64_t extent, int64_t dim) {
+  const int64_t e = std::min({a.size(dim), b.size(dim), extent});
+  for (int64_t y = 0; y < e; ++y) {
+    const double t = static_cast<double>(y) / static_cast<double>(e);
+    at::Tensor line = b.select(dim, y);
+    line.copy_(a.select(dim, a.size(dim) - e + y) * (1 - t) + line * t);
+  }
+}
+}  // namespace
+
+at::Tensor blendVaeTiles(const VaeTileGrid& g, std::vector<at::Tensor>& decoded) {
+  PARDIT_CHECK(static_cast<int64_t>(decoded.size()) == g.count(), "VAE tiled decode: ", decoded.size(),
+               " decoded tiles for a grid of ", g.count());
+  std::vector<at::Tensor> rows;
+  for (int64_t i = 0; i < g.rows; ++i) {
+    std::vector<at::Tensor> row;
+    for (int64_t j = 0; j < g.cols; ++j) {
+      at::Tensor& tile = decoded[static_cast<size_t>(i * g.cols + j)];
+      if (i > 0) blendInto(decoded[static_cast<size_t>((i - 1) * g.cols + j)], tile, g.blend, 2);
+      if (j > 0) blendInto(decoded[static_cast<size_t>(i * g.cols + j - 1)], tile, g.blend, 3);
+      row.push_back(tile.narrow(2, 0, std::min(g.keep, tile.size(2))).narrow(3, 0, std::min(g.keep, tile.size(3))));
+    }
+    rows.push_back(at::cat(row, 3));
+  }
+  return at::cat(rows, 2);
+}
+
+at::Tensor decodeTiled(const VaeDecoder& decoder, const at::Tensor& z, int64_t tile, double overlap) {
+  PARDIT_CHECK(z.dim() == 4, "VAE tiled decode: latents must be [B, C, h, w], got ", z.sizes());
+  const VaeTileGrid g = vaeTileGrid(decoder.config(), z.size(2), z.size(3), tile, overlap);
+  std::vector<at::Tensor> decoded;
+  decoded.reserve(static_cast<size_t>(g.count()));
+  for (int64_t k = 0; k < g.count(); ++k) decoded.push_back(decoder.decode(vaeTileOf(g, z, k)));
+  return blendVaeTiles(g, decoded);
+}
+
+uint64_t vaeTiledDecodeBytes(const VaeConfig& c, int64_t batch, int64_t height, int64_t width, int64_t tile,
+                             size_t elementSize) {
+  const int64_t f = c.spatialFactor();
+  const VaeTileGrid g = vaeTileGrid(c, height / f, width / f, tile);
+  uint64_t kept = 0;
+  for (int64_t k = 0; k < g.count(); ++k) {
+    const auto [r0, r1] = g.rowRange(k / g.cols, height / f);
+    const auto [c0, c1] = g.colRange(k % g.cols, width / f);
+    kept += static_cast<uint64_t>(batch * c.outChannels * (r1 - r0) * (c1 - c0) * f * f) * elementSize;
+  }
+  // The largest tile is tile x tile latent pixels, or the image where it is smaller.
+  return vaeDecodeActivationBytes(c, batch, std::min(tile * f, height), std::min(tile * f, width), 1, elementSize) +
+         kept;
 }
 
 at::Tensor denormalizeLatents(const at::Tensor& latents, const VaeConfig& c) {

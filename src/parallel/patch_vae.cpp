@@ -104,4 +104,25 @@ at::Tensor decodeParallel(const model::VaeDecoder& decoder, const at::Tensor& z,
   return spatial.gatherRows(mine, 2);  // every rank's rows, in order
 }
 
+at::Tensor decodeTiledParallel(const model::VaeDecoder& decoder, const at::Tensor& z, dist::Communicator& group,
+                               int64_t tile, double overlap) {
+  const auto& c = decoder.config();
+  const model::VaeTileGrid g = model::vaeTileGrid(c, z.size(2), z.size(3), tile, overlap);
+  const int64_t f = c.spatialFactor();
+  std::vector<at::Tensor> decoded(static_cast<size_t>(g.count()));
+  // Every rank decodes its tiles first, then each tile goes from its owner to every rank.
+  for (int64_t k = group.rank(); k < g.count(); k += group.size())
+    decoded[static_cast<size_t>(k)] = decoder.decode(model::vaeTileOf(g, z, k));
+  for (int64_t k = 0; k < g.count(); ++k) {
+    at::Tensor& t = decoded[static_cast<size_t>(k)];
+    if (!t.defined()) {
+      const auto [r0, r1] = g.rowRange(k / g.cols, z.size(2));
+      const auto [c0, c1] = g.colRange(k % g.cols, z.size(3));
+      t = at::empty({z.size(0), c.outChannels, f * (r1 - r0), f * (c1 - c0)}, z.options().dtype(decoder.dtype()));
+    }
+    if (group.size() > 1) group.broadcast(t, static_cast<int>(k % group.size()));
+  }
+  return model::blendVaeTiles(g, decoded);
+}
+
 }  // namespace pardit::parallel

@@ -8,6 +8,7 @@
 #include <array>
 #include <map>
 #include <numeric>
+#include <optional>
 
 #include "engine_impl.h"
 #include "pardit/core/error.h"
@@ -109,11 +110,7 @@ double median(std::vector<double> v) {
   return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
 }
 
-double worldReduce(dist::Runtime& rt, double v, dist::ReduceOp op) {
-  at::Tensor t = at::tensor({v}, at::kDouble);
-  rt.world().allReduce(t, op);
-  return t.item<double>();
-}
+using detail::worldReduce;
 
 }  // namespace
 
@@ -205,21 +202,31 @@ void Engine::Impl::benchmarkDecode(const BenchmarkRequest& request, BenchmarkRes
     get = [shapes, this](const std::string& n) { return io::synthTensor(0, n, shapes.at(n)).to(dtype).to(device); };
     r.vae = "preset:" + options.preset;
   }
-  const model::VaeDecoder decoder(vc, get);
+  std::optional<model::VaeDecoder> loaded;
+  {
+    const LoadingAllocations loading;
+    loaded.emplace(vc, get);
+  }
+  const model::VaeDecoder& decoder = *loaded;
   r.decoderWeightBytes = decoder.weightBytes();
   const int64_t h = request.height / vc.spatialFactor(), w = request.width / vc.spatialFactor();
-  PARDIT_CHECK(h >= rt.worldSize(), "bench --decode: ", h, " latent rows for ", rt.worldSize(), " ranks");
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(1234);
   const at::Tensor z = at::randn({request.batch, vc.latentChannels, h, w}, gen).to(dtype).to(device);
-  r.decodePlannedBytes = model::vaeDecodeActivationBytes(vc, request.batch, request.height, request.width,
-                                                         rt.worldSize(), c10::elementSize(dtype));
+  // Planned as generate plans it, with the whole budget free (no transformer here).
+  const auto free = static_cast<uint64_t>(
+      worldReduce(rt, static_cast<double>(detail::budgetOf(options, device, rt.localSize())), dist::ReduceOp::kMin));
+  DecodePlan plan;
+  rt.agree([&] { plan = planDecode(vc, options, request.batch, request.height, request.width, rt.worldSize(), dtype, free); });
+  r.decodePlannedBytes = plan.activationBytes;
+  r.decodeMode = plan.modeName();
+  if (plan.mode == DecodePlan::Mode::kTiles) r.decodeMode += ":" + std::to_string(plan.tile * plan.factor);
   Run run(rt);
   for (int i = 0; i < request.warmup + request.iters; ++i) {
     rt.world().barrier();
     const uint64_t before = currentRssBytes();
     Timer t;
     run.recorder.beginStep();
-    const at::Tensor img = parallel::decodeParallel(decoder, z, rt.world());
+    const at::Tensor img = runDecode(decoder, z, plan);
     if (img.is_cuda()) (void)img.cpu();
     run.recorder.endStep();
     const double local = t.seconds();
@@ -244,7 +251,8 @@ BenchmarkResult Engine::benchmark(const BenchmarkRequest& request) {
     geom.validate();
     PARDIT_CHECK(m.config.inChannels == geom.packedChannels(), "bench needs a model with ", geom.packedChannels(),
                  " input channels");
-    if (m.degrees.pipefusion > 1 && !request.decode) {
+    PARDIT_CHECK(!(request.encode && request.decode), "bench: --encode or --decode, not both");
+    if (m.degrees.pipefusion > 1 && !request.decode && !request.encode) {
       PARDIT_CHECK(m.degrees.cfg == 1, "bench: --pipefusion-degree with --cfg-degree is not benchmarked; use generate");
       PARDIT_CHECK(m.options.warmupSteps >= 1, "bench with PipeFusion needs --warmup-steps >= 1");
     }
@@ -253,7 +261,9 @@ BenchmarkResult Engine::benchmark(const BenchmarkRequest& request) {
   r.modelName = m.modelName;
   r.threads = at::get_num_threads();
   r.imageTokens = geom.tokens();
-  if (request.decode) {
+  if (request.encode) {
+    m.benchmarkEncode(request, r);
+  } else if (request.decode) {
     m.benchmarkDecode(request, r);
   } else if (m.degrees.pipefusion > 1) {
     m.benchmarkPipeline(*this, request, r);
@@ -263,7 +273,7 @@ BenchmarkResult Engine::benchmark(const BenchmarkRequest& request) {
   r.median = median(r.samples);
   r.best = *std::min_element(r.samples.begin(), r.samples.end());
   r.mean = std::accumulate(r.samples.begin(), r.samples.end(), 0.0) / static_cast<double>(r.samples.size());
-  if (!request.decode) r.flops = forwardFlops(m.config, request.batch, geom.tokens(), request.textLen);
+  if (!request.decode && !request.encode) r.flops = forwardFlops(m.config, request.batch, geom.tokens(), request.textLen);
   return r;
 }
 

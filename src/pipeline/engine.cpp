@@ -157,6 +157,7 @@ std::shared_ptr<model::FluxWeightProvider> Engine::Impl::loadRun(Run& run, const
   std::shared_ptr<model::FluxWeightProvider> weights;
   rt.agree([&] {
     Timer t;
+    const LoadingAllocations loading;
     weights = detail::loadPlannedWeights(options, config, read, plan, dtype, device);
     run.loadSeconds = t.seconds();
   });
@@ -214,7 +215,8 @@ void Engine::Impl::rankSummary(const std::shared_ptr<model::FluxWeightProvider>&
                                         : std::string();
   logInfo("rank summary: ", role, source, "peak host RSS ", formatBytes(peakRssBytes()), detail);
   // Exact counts for scripts (bench/memory_proof.sh): --log-level debug.
-  logDebug("rank bytes: stage=", pf ? rt.topology().pipefusionRank() : 0, " read=", bytesRead(),
+  logDebug("rank bytes: stage=", pf ? rt.topology().pipefusionRank() : 0, " read=", checkpoint ? checkpoint->bytesRead() : 0,
+           " vae_read=", vae ? vae->bytesRead() : 0, " text_read=", textBytesRead,
            " total=", checkpoint ? checkpoint->totalBytes() : 0, " tensors=",
            checkpoint ? checkpoint->tensorsLoaded().size() : 0, " peak_rss=", peakRssBytes(), " peak_device=",
            memory::devicePeakBytes(device.is_cuda(), device.is_cuda() ? device.index() : 0));
@@ -408,19 +410,57 @@ void Engine::Impl::openVae(const LatentGeometry& geom) {
                " latent channels and ", c.spatialFactor(), "x upsampling; FLUX needs ", geom.channels, " and 8x");
 }
 
+DecodePlan Engine::Impl::planImageDecode(int64_t batch, const LatentGeometry& geom, uint64_t freeBytes) {
+  const auto free = static_cast<uint64_t>(detail::worldReduce(rt, static_cast<double>(freeBytes), dist::ReduceOp::kMin));
+  DecodePlan d;
+  rt.agree([&] {
+    d = planDecode(vae->config(), options, batch, geom.height, geom.width, rt.worldSize(), dtype, free);
+    PARDIT_CHECK(d.fits || options.vaeTiling != config::VaeTiling::kAuto,
+                 "the VAE decode does not fit: even in ", d.tile * d.factor, " px tiles it needs ",
+                 formatBytes(d.activationBytes), " per rank beside the transformer, and --device-memory-budget leaves ",
+                 formatBytes(d.freeBytes), " (raise it, or decode on more ranks)");
+  });
+  if (!d.fits)
+    logWarn0("the VAE decode (", d.describe(), ") exceeds the budget; --vae-tiling ",
+             config::enumName(options.vaeTiling), " was asked for");
+  logDebug("decode plan: ", d.describe());
+  return d;
+}
+
+at::Tensor Engine::Impl::runDecode(const model::VaeDecoder& dec, const at::Tensor& z, const DecodePlan& plan) {
+  switch (plan.mode) {
+    case DecodePlan::Mode::kTiles:
+      return parallel::decodeTiledParallel(dec, z, rt.world(), plan.tile);
+    case DecodePlan::Mode::kPatches:
+      return parallel::decodeParallel(dec, z, rt.world());
+    case DecodePlan::Mode::kWhole:
+      break;
+  }
+  return dec.decode(z);
+}
+
 at::Tensor Engine::Impl::decodeImages(Run& run, const at::Tensor& latents, const LatentGeometry& geom) {
   Timer timer;
   const uint64_t before = vae->bytesRead();
-  if (!decoder) decoder = std::make_unique<model::VaeDecoder>(vae->config(), vae->getter(dtype, device));
+  if (!decoder) {
+    const LoadingAllocations loading;
+    decoder = std::make_unique<model::VaeDecoder>(vae->config(), vae->getter(dtype, device));
+  }
   const at::Tensor z = model::denormalizeLatents(unpackLatents(latents, geom), vae->config());
-  // Every rank decodes a slab of rows when each can have one; else every rank decodes the whole image.
-  const bool split = z.size(2) >= rt.worldSize();
-  const at::Tensor decoded = split ? parallel::decodeParallel(*decoder, z, rt.world()) : decoder->decode(z);
-  const at::Tensor images = model::imagesToBytes(decoded);
+  PARDIT_CHECK(run.decode.has_value(), "internal: the decode stage was not planned");
+  const DecodePlan& plan = *run.decode;
+  const at::Tensor images = model::imagesToBytes(runDecode(*decoder, z, plan));
+  releaseFreedMemory();  // the decoder's activations
   const double seconds = timer.seconds();
   run.recorder.addStage("decode", seconds, vae->bytesRead() - before);
+  const std::string how = plan.mode == DecodePlan::Mode::kTiles
+                              ? " in " + std::to_string(plan.tile * plan.factor) + " px tiles"
+                              : plan.mode == DecodePlan::Mode::kPatches && rt.worldSize() > 1
+                                    ? " patch-parallel"
+                                    : "";
   logInfo0("decoded ", images.size(0), images.size(0) == 1 ? " image " : " images ", images.size(2), "x",
-           images.size(1), " in ", formatSeconds(seconds), split ? " on " + std::to_string(rt.worldSize()) + " rank(s)" : "");
+           images.size(1), how, " in ", formatSeconds(seconds),
+           rt.worldSize() > 1 && plan.mode != DecodePlan::Mode::kWhole ? " on " + std::to_string(rt.worldSize()) + " ranks" : "");
   return images;
 }
 
@@ -478,10 +518,17 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
   // plan: the transformer batch of this rank (both branches together on one PipeFusion pipeline)
   const int64_t branchBatch = B * ((run.pipefusion && m.degrees.cfg == 1 && trueCfg) ? 2 : 1);
   const memory::RankPlan plan = m.planRun(run, branchBatch, geom.tokens(), T);
+  if (request.decode || !request.output.empty()) {
+    const uint64_t held = plan.residentBytes + plan.streamBufferBytes;  // the transformer's, during the decode
+    run.decode = m.planImageDecode(B, geom, plan.budget > held ? plan.budget - held : 0);
+  }
   // encode: on the rank with the most memory to spare after its plan; its encoders are gone before loading.
-  if (text)
+  if (text) {
+    const uint64_t held = m.loaded ? m.loaded->plan.total() : 0;  // weights kept from an earlier run
     std::tie(prompts.positive, prompts.negative) =
-        m.encodeTexts(run, prompts.text, plan.budget > plan.total() ? plan.budget - plan.total() : 0);
+        m.encodeTexts(run, prompts.text, plan.budget > plan.total() ? plan.budget - plan.total() : 0,
+                      plan.budget > held ? plan.budget - held : 0);
+  }
   // load
   run.weights = m.loadRun(run, plan);
   // denoise
@@ -537,8 +584,8 @@ EncodeResult Engine::encode(const EncodeRequest& request) {
   EncodeResult result;
   Timer timer;
   // Nothing else is loaded: the whole budget is spare.
-  std::tie(result.positive, result.negative) =
-      m.encodeTexts(run, prompts, detail::budgetOf(m.options, m.device, m.rt.localSize()));
+  const uint64_t budget = detail::budgetOf(m.options, m.device, m.rt.localSize());
+  std::tie(result.positive, result.negative) = m.encodeTexts(run, prompts, budget, budget);
   result.report.runSeconds = timer.seconds();
   result.report.bytesRead = m.bytesRead();
   if (!request.output.empty()) {

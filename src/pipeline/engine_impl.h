@@ -12,6 +12,7 @@
 #include "pardit/metrics/metrics.h"
 #include "pardit/parallel/pipefusion.h"
 #include "pardit/pipeline/engine.h"
+#include "pardit/pipeline/job_plan.h"
 #include "pardit/pipeline/latents.h"
 #include "pardit/pipeline/scheduler.h"
 #include "rank_setup.h"
@@ -53,6 +54,7 @@ struct Engine::Impl {
     double loadSeconds = 0.0;
     std::shared_ptr<model::FluxWeightProvider> weights;
     model::FluxInputs inputs;  // forward: this rank's share of the inputs
+    std::optional<DecodePlan> decode;  // generate with images: planned beside the transformer's plan
     metrics::MetricsRecorder recorder;
     explicit Run(dist::Runtime& rt) : recorder(rt) {}
   };
@@ -63,10 +65,7 @@ struct Engine::Impl {
     int64_t maxLength = 0;  // T5 tokens
     bool empty() const { return clip.empty(); }
   };
-  // Where the text encoders and tokenizers are: the flags, else the model's folder.
-  struct TextSources {
-    std::string clip, t5, clipTokenizer, t5Tokenizer;
-  };
+  using TextSources = detail::TextSources;
   uint64_t textBytesRead = 0;  // text encoder bytes read by this rank
 
   // A generate request's prompts after the encode stage, and its schedule.
@@ -84,8 +83,10 @@ struct Engine::Impl {
   TextPrompts readTextPrompts(const PromptInput& prompt, const PromptInput& negative, bool trueCfg,
                               int64_t maxLength) const;
   void checkTextEncoders() const;
+  // spareBytes: this rank's budget left after its plan (which rank encodes); freeBytes: its memory free
+  // now (whether T5 must stream).
   std::pair<PromptEmbeddings, std::optional<PromptEmbeddings>> encodeTexts(Run& run, const TextPrompts& prompts,
-                                                                           uint64_t spareBytes);
+                                                                           uint64_t spareBytes, uint64_t freeBytes);
   // generate's checks before loading (every rank, through agree()) and its encode stage.
   Prompts validateAndEncode(Run& run, const GenerateRequest& request, const LatentGeometry& geom);
   // The Denoiser of this rank's layout over run.weights.
@@ -94,8 +95,14 @@ struct Engine::Impl {
   void benchmarkPipeline(Engine& engine, const BenchmarkRequest& request, BenchmarkResult& result);
   void benchmarkForwards(const BenchmarkRequest& request, BenchmarkResult& result);
   void benchmarkDecode(const BenchmarkRequest& request, BenchmarkResult& result);
+  void benchmarkEncode(const BenchmarkRequest& request, BenchmarkResult& result);
   // The VAE for image outputs: --vae, or the one beside the model. Checked before anything loads.
   void openVae(const LatentGeometry& geom);
+  // The decode stage's plan, the same on every rank (with the least free memory of any); a decode that
+  // cannot fit even in tiles ends every rank before anything loads.
+  DecodePlan planImageDecode(int64_t batch, const LatentGeometry& geom, uint64_t freeBytes);
+  // Decodes z [B, C, h, w] (denormalised) as planned; every rank returns the images.
+  at::Tensor runDecode(const model::VaeDecoder& decoder, const at::Tensor& z, const DecodePlan& plan);
   // The decode stage: packed latents -> uint8 images [B, H, W, 3] on every rank.
   at::Tensor decodeImages(Run& run, const at::Tensor& latents, const LatentGeometry& geom);
   // The write stage of the images: PNG files from rank 0 with the run's parameters.

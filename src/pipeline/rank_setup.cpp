@@ -122,4 +122,10 @@ std::shared_ptr<parallel::PipeFusionRunner> makePipeFusionRunner(dist::Runtime& 
   return std::make_shared<parallel::PipeFusionRunner>(transformer, usp, options, comms);
 }
 
+double worldReduce(dist::Runtime& rt, double v, dist::ReduceOp op) {
+  at::Tensor t = at::tensor({v}, at::kDouble);
+  rt.world().allReduce(t, op);
+  return t.item<double>();
+}
+
 }  // namespace pardit::pipeline::detail

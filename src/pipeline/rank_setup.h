@@ -11,6 +11,7 @@
 
 #include "pardit/config/config.h"
 #include "pardit/dist/runtime.h"
+#include "pardit/io/checkpoint.h"
 #include "pardit/memory/planner.h"
 #include "pardit/model/flux.h"
 #include "pardit/parallel/pipefusion.h"
@@ -48,6 +49,9 @@ memory::RankWorkload workloadOf(const dist::Topology& topo, const model::FluxCon
 // --device-memory-budget resolved for this rank (auto: the device's free memory, or the host's share).
 uint64_t budgetOf(const config::EngineConfig& c, const c10::Device& device, int ranksOnNode);
 
+// v reduced over every rank of the world.
+double worldReduce(dist::Runtime& rt, double v, dist::ReduceOp op);
+
 // This rank's weights under its plan: resident, or streamed (memory::StreamingFluxWeights).
 std::shared_ptr<model::FluxWeightProvider> loadPlannedWeights(const config::EngineConfig& c,
                                                               const model::FluxConfig& mc, const TensorReader& read,
@@ -67,5 +71,14 @@ RankModel makeRankModel(dist::Runtime& rt, const model::FluxConfig& mc,
 std::shared_ptr<parallel::PipeFusionRunner> makePipeFusionRunner(dist::Runtime& rt, const model::FluxConfig& mc,
                                                                  std::shared_ptr<model::FluxWeightProvider> weights,
                                                                  const PipeFusionLayout& pf, const c10::Device& device);
+
+// Where the text encoders and tokenizers are: the flags, else the model's folder (a diffusers pipeline's
+// text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/; beside a BFL file clip_l.safetensors,
+// t5xxl_*.safetensors, clip_tokenizer/, t5_tokenizer/). Throws naming the flag of what is missing.
+struct TextSources {
+  std::string clip, t5, clipTokenizer, t5Tokenizer;
+};
+TextSources textSourcesOf(const config::EngineConfig& options, const io::FluxCheckpoint* checkpoint,
+                          const std::string& modelName);
 
 }  // namespace pardit::pipeline::detail

@@ -4,11 +4,15 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <numeric>
+#include <optional>
 
 #include "engine_impl.h"
 #include "pardit/core/error.h"
 #include "pardit/core/format.h"
 #include "pardit/core/log.h"
+#include "pardit/core/sysinfo.h"
 #include "pardit/core/timer.h"
 #include "pardit/io/text_encoder_checkpoint.h"
 #include "pardit/model/text_encoders.h"
@@ -19,7 +23,8 @@ namespace fs = std::filesystem;
 
 namespace pardit::pipeline {
 
-Engine::Impl::TextSources Engine::Impl::textSources() const {
+detail::TextSources detail::textSourcesOf(const config::EngineConfig& options, const io::FluxCheckpoint* checkpoint,
+                                          const std::string& modelName) {
   TextSources s{options.textEncoder, options.textEncoder2, options.tokenizer, options.tokenizer2};
   // A diffusers pipeline folder holds every part; beside a BFL file, the single files users keep there.
   fs::path root;
@@ -45,6 +50,10 @@ Engine::Impl::TextSources Engine::Impl::textSources() const {
   pick(s.clipTokenizer, "tokenizer", {"clip_tokenizer"}, "--tokenizer");
   pick(s.t5Tokenizer, "tokenizer_2", {"t5_tokenizer"}, "--tokenizer-2");
   return s;
+}
+
+Engine::Impl::TextSources Engine::Impl::textSources() const {
+  return detail::textSourcesOf(options, checkpoint ? &*checkpoint : nullptr, modelName);
 }
 
 Engine::Impl::TextPrompts Engine::Impl::readTextPrompts(const PromptInput& prompt, const PromptInput& negative,
@@ -97,13 +106,74 @@ at::Tensor idsTensor(const std::vector<std::vector<int64_t>>& rows) {
   return t;
 }
 
+// One rank's text encoders, loaded: the tokenizers, CLIP resident, and T5 resident when it fits
+// `freeBytes` beside CLIP, else streamed (each block read when it runs).
+class LoadedEncoders {
+ public:
+  LoadedEncoders(const detail::TextSources& sources, c10::ScalarType dtype, const c10::Device& where,
+                 uint64_t freeBytes)
+      : sources_(sources),
+        clipTok_(text::ClipTokenizer::open(sources.clipTokenizer)),
+        t5Tok_(text::T5Tokenizer::open(sources.t5Tokenizer)),
+        clipCk_(io::ClipTextCheckpoint::open(sources.clip)),
+        t5Ck_(io::T5Checkpoint::open(sources.t5)),
+        clip_(clipCk_.config, clipCk_.store.getter(dtype, where)) {
+    const auto t5Tensors = model::t5EncoderTensors(t5Ck_.config);
+    uint64_t t5Bytes = 0;
+    for (const auto& t : t5Tensors) t5Bytes += c10::elementSize(dtype) * static_cast<uint64_t>(c10::multiply_integers(t.shape));
+    streamed_ = t5Bytes + clip_.weightBytes() > freeBytes;
+    if (!streamed_)
+      for (const auto& t : t5Tensors) resident_[t.name] = t5Ck_.store.load(t.name, dtype, where);
+    t5_.emplace(t5Ck_.config, streamed_ ? t5Ck_.store.getter(dtype, where)
+                                        : model::WeightGetter([this](const std::string& n) { return resident_.at(n); }));
+  }
+  LoadedEncoders(const LoadedEncoders&) = delete;
+  LoadedEncoders& operator=(const LoadedEncoders&) = delete;
+
+  // T5's hidden states [B, maxLength, D] and CLIP's pooled output [B, P], on the CPU.
+  std::pair<at::Tensor, at::Tensor> encode(const std::vector<std::string>& clipTexts,
+                                           const std::vector<std::string>& t5Texts, int64_t maxLength) const {
+    Timer timer;
+    std::vector<std::vector<int64_t>> c, t;
+    for (const auto& s : clipTexts) c.push_back(clipTok_.encodeForModel(s, clipCk_.config.maxPositions));
+    for (const auto& s : t5Texts) t.push_back(t5Tok_.encodeForModel(s, maxLength));
+    const at::Tensor cids = idsTensor(c), tids = idsTensor(t);
+    PARDIT_CHECK(cids.max().item<int64_t>() < clipCk_.config.vocabSize, sources_.clipTokenizer,
+                 ": token ids beyond CLIP's vocabulary of ", clipCk_.config.vocabSize);
+    PARDIT_CHECK(tids.max().item<int64_t>() < t5Ck_.config.vocabSize, sources_.t5Tokenizer,
+                 ": token ids beyond T5's vocabulary of ", t5Ck_.config.vocabSize);
+    const double tokenize = timer.seconds();
+    const at::Tensor pooled = clip_.pooled(cids).cpu();
+    const double clip = timer.seconds();
+    at::Tensor hidden = t5_->forward(tids).cpu();
+    logDebug("encode: tokenizers ", formatSeconds(tokenize), ", CLIP ", formatSeconds(clip - tokenize), ", T5 ",
+             formatSeconds(timer.seconds() - clip));
+    return {hidden, pooled};
+  }
+  bool t5Streamed() const { return streamed_; }
+  uint64_t bytesRead() const { return clipCk_.store.bytesRead() + t5Ck_.store.bytesRead(); }
+
+ private:
+  detail::TextSources sources_;
+  text::ClipTokenizer clipTok_;
+  text::T5Tokenizer t5Tok_;
+  io::ClipTextCheckpoint clipCk_;
+  io::T5Checkpoint t5Ck_;
+  model::ClipTextModel clip_;
+  bool streamed_ = false;
+  std::map<std::string, at::Tensor> resident_;
+  std::optional<model::T5Encoder> t5_;
+};
+
 }  // namespace
 
 std::pair<PromptEmbeddings, std::optional<PromptEmbeddings>> Engine::Impl::encodeTexts(Run& run,
                                                                                        const TextPrompts& prompts,
-                                                                                       uint64_t spareBytes) {
+                                                                                       uint64_t spareBytes,
+                                                                                       uint64_t freeBytes) {
   Timer timer;
-  // The encoding rank: --text-encoder-rank, or the one with the most spare memory (the lowest on ties).
+  // The encoding rank: --text-encoder-rank, or the one with the most spare memory after its plan (the
+  // lowest on ties).
   int encoder = options.textEncoderRank;
   if (encoder < 0) {
     const at::Tensor spare = dist::allGather(rt.world(), at::tensor({static_cast<double>(spareBytes)}, at::kDouble));
@@ -123,38 +193,22 @@ std::pair<PromptEmbeddings, std::optional<PromptEmbeddings>> Engine::Impl::encod
   rt.agree([&] {
     if (rt.worldRank() != encoder) return;
     const c10::Device where = options.textEncoderDevice == config::EncoderDevice::kCpu ? c10::Device(c10::kCPU) : device;
-    const auto clipTok = text::ClipTokenizer::open(sources.clipTokenizer);
-    const auto t5Tok = text::T5Tokenizer::open(sources.t5Tokenizer);
-    auto clipCk = io::ClipTextCheckpoint::open(sources.clip);
-    auto t5Ck = io::T5Checkpoint::open(sources.t5);
-    const model::ClipTextModel clip(clipCk.config, clipCk.store.getter(dtype, where));
-    // T5 resident when it fits the spare memory, else streamed: each block read when it runs.
-    const auto t5Tensors = model::t5EncoderTensors(t5Ck.config);
-    uint64_t t5Bytes = 0;
-    for (const auto& t : t5Tensors) t5Bytes += c10::elementSize(dtype) * static_cast<uint64_t>(c10::multiply_integers(t.shape));
-    streamed = t5Bytes > spareBytes;
-    std::map<std::string, at::Tensor> resident;
-    if (!streamed)
-      for (const auto& t : t5Tensors) resident[t.name] = t5Ck.store.load(t.name, dtype, where);
-    const model::WeightGetter t5Get = streamed ? t5Ck.store.getter(dtype, where)
-                                               : model::WeightGetter([&](const std::string& n) { return resident.at(n); });
-    const model::T5Encoder t5(t5Ck.config, t5Get);
-    for (int b = 0; b < branches; ++b) {
-      const auto& clipTexts = b == 0 ? prompts.clip : prompts.negativeClip;
-      const auto& t5Texts = b == 0 ? prompts.t5 : prompts.negativeT5;
-      std::vector<std::vector<int64_t>> c, t;
-      for (const auto& s : clipTexts) c.push_back(clipTok.encodeForModel(s, clipConfig.maxPositions));
-      for (const auto& s : t5Texts) t.push_back(t5Tok.encodeForModel(s, L));
-      const at::Tensor cids = idsTensor(c), tids = idsTensor(t);
-      PARDIT_CHECK(cids.max().item<int64_t>() < clipConfig.vocabSize, sources.clipTokenizer,
-                   ": token ids beyond CLIP's vocabulary of ", clipConfig.vocabSize);
-      PARDIT_CHECK(tids.max().item<int64_t>() < t5Config.vocabSize, sources.t5Tokenizer,
-                   ": token ids beyond T5's vocabulary of ", t5Config.vocabSize);
-      pooled[b].copy_(clip.pooled(cids).cpu());
-      hidden[b].copy_(t5.forward(tids).cpu());
+    std::optional<LoadedEncoders> loaded;
+    {
+      const LoadingAllocations loading;
+      loaded.emplace(sources, dtype, where, freeBytes);
     }
-    textBytesRead += clipCk.store.bytesRead() + t5Ck.store.bytesRead();
+    const LoadedEncoders& encoders = *loaded;
+    streamed = encoders.t5Streamed();
+    for (int b = 0; b < branches; ++b) {
+      auto [h, p] = b == 0 ? encoders.encode(prompts.clip, prompts.t5, L)
+                           : encoders.encode(prompts.negativeClip, prompts.negativeT5, L);
+      hidden[b].copy_(h);
+      pooled[b].copy_(p);
+    }
+    textBytesRead += encoders.bytesRead();
   });
+  releaseFreedMemory();  // the encoders are gone before the transformer loads
   rt.world().broadcast(hidden, encoder);
   rt.world().broadcast(pooled, encoder);
   const double seconds = timer.seconds();
@@ -166,6 +220,43 @@ std::pair<PromptEmbeddings, std::optional<PromptEmbeddings>> Engine::Impl::encod
   std::optional<PromptEmbeddings> negative;
   if (branches == 2) negative = PromptEmbeddings{hidden[1], pooled[1]};
   return {PromptEmbeddings{hidden[0], pooled[0]}, negative};
+}
+
+void Engine::Impl::benchmarkEncode(const BenchmarkRequest& request, BenchmarkResult& r) {
+  rt.agree([&] {
+    PARDIT_CHECK(rt.worldSize() == 1, "bench --encode runs on one rank (the encode stage runs on one), not ",
+                 rt.worldSize());
+    checkTextEncoders();
+  });
+  const TextSources sources = textSources();
+  const std::string prompt = options.prompt.empty()
+                                 ? "a photograph of an astronaut riding a horse across the surface of the moon, "
+                                   "earth in the sky, 35 mm film, high detail"
+                                 : options.prompt;
+  const std::vector<std::string> texts(static_cast<size_t>(request.batch), prompt);
+  const int64_t L = options.maxSequenceLength > 0 ? options.maxSequenceLength : (config.guidanceEmbed ? 512 : 256);
+  const c10::Device where = options.textEncoderDevice == config::EncoderDevice::kCpu ? c10::Device(c10::kCPU) : device;
+  Timer load;
+  std::optional<LoadedEncoders> loaded;
+  {
+    const LoadingAllocations loading;
+    loaded.emplace(sources, dtype, where, detail::budgetOf(options, device, rt.localSize()));
+  }
+  const LoadedEncoders& encoders = *loaded;
+  r.encodeLoadSeconds = load.seconds();
+  r.encodeT5Streamed = encoders.t5Streamed();
+  r.textLen = L;
+  Run run(rt);
+  for (int i = 0; i < request.warmup + request.iters; ++i) {
+    Timer t;
+    run.recorder.beginStep();
+    (void)encoders.encode(texts, texts, L);  // tokenizers, CLIP and T5; results on the CPU
+    run.recorder.endStep();
+    if (i >= request.warmup) r.samples.push_back(t.seconds());
+  }
+  textBytesRead += encoders.bytesRead();
+  finishMetrics(run, "bench", std::accumulate(r.samples.begin(), r.samples.end(), 0.0), request.warmup,
+                request.batch * (request.warmup + request.iters));
 }
 
 }  // namespace pardit::pipeline

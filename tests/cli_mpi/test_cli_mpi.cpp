@@ -229,7 +229,7 @@ TEST(CliMpi, ImageLayoutsMatchSingleRank) {
     const std::string png = dir.file("out.png");
     auto p = mpirun(n, base + png + " " + flags);
     ASSERT_EQ(p.exitCode, 0) << flags << "\n" << p.output;
-    EXPECT_NE(p.output.find("on " + std::to_string(n) + " rank(s)"), std::string::npos) << p.output;
+    EXPECT_NE(p.output.find("on " + std::to_string(n) + " ranks"), std::string::npos) << p.output;
     const at::Tensor diff = (io::readPng(png).pixels.to(at::kInt) - ref).abs();
     std::printf("[image] -n %d %s: %lld of %lld values differ from one rank, max %d\n", n, flags.c_str(),
                 static_cast<long long>(diff.gt(0).sum().item<int64_t>()), static_cast<long long>(diff.numel()),
@@ -267,5 +267,43 @@ TEST(CliMpi, PromptLayoutsMatchSingleRank) {
                 diff.max().item<int>());
     EXPECT_LE(diff.max().item<int>(), 1) << flags;
     EXPECT_LE(diff.gt(0).sum().item<int64_t>(), diff.numel() / 1000) << flags;
+  }
+}
+
+// With the small preset's whole pipeline: the embeddings that one rank encodes and broadcasts are the
+// one-rank embeddings bit for bit, whichever rank encodes; and prompt -> latents under PipeFusion with
+// full warm-up and CFG parallelism (the layouts that compute what one rank computes) is the one-rank
+// result bit for bit on 2 and 4 ranks.
+TEST(CliMpi, EncodeAndGenerateOnRanksEqualOneRankBitForBit) {
+  TempDir dir;
+  ASSERT_EQ(runPardit("synth --preset small --out " + dir.file("m") + " -q").exitCode, 0);
+  const std::string prompt = " --threads 1 --model " + dir.file("m") +
+                             " --prompt 'a lighthouse at dusk' --negative-prompt 'fog' --max-sequence-length 24 ";
+  auto r = runPardit("encode" + prompt + "--output " + dir.file("e1.safetensors"));
+  ASSERT_EQ(r.exitCode, 0) << r.output;
+  for (const auto& [n, flags] : std::vector<std::pair<int, std::string>>{
+           {2, "--ulysses-degree 2"}, {4, "--cfg-degree 2 --ulysses-degree 2 --text-encoder-rank 3"},
+           {4, "--pipefusion-degree 4 --text-encoder-device cpu"}}) {
+    auto p = mpirun(n, "encode" + prompt + "--output " + dir.file("en.safetensors") + " " + flags);
+    ASSERT_EQ(p.exitCode, 0) << flags << "\n" << p.output;
+    for (const char* t : {"prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds"})
+      EXPECT_TRUE(at::equal(readTensor(dir.file("en.safetensors"), t), readTensor(dir.file("e1.safetensors"), t))) << n << " " << t;
+  }
+  // Without and with true CFG (its branches on two rank groups: each the one-rank branch).
+  for (const std::string cfg : {"", "--true-cfg-scale 2 "}) {
+    const std::string gen = "generate" + prompt + cfg + "--height 64 --width 64 --steps 2 --seed 3 --warmup-steps 2 "
+                            "--save-latents ";
+    r = runPardit(gen + dir.file("l1.safetensors"));
+    ASSERT_EQ(r.exitCode, 0) << r.output;
+    const std::vector<std::pair<int, std::string>> layouts =
+        cfg.empty() ? std::vector<std::pair<int, std::string>>{{2, "--pipefusion-degree 2"}, {4, "--pipefusion-degree 4"}}
+                    : std::vector<std::pair<int, std::string>>{{2, "--cfg-degree 2"},
+                                                               {4, "--cfg-degree 2 --pipefusion-degree 2"}};
+    for (const auto& [n, flags] : layouts) {
+      auto p = mpirun(n, gen + dir.file("ln.safetensors") + " " + flags);
+      ASSERT_EQ(p.exitCode, 0) << flags << "\n" << p.output;
+      EXPECT_TRUE(at::equal(readTensor(dir.file("ln.safetensors"), "latents"), readTensor(dir.file("l1.safetensors"), "latents")))
+          << cfg << flags;
+    }
   }
 }

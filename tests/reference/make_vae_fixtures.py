@@ -9,7 +9,8 @@ Writes
     attention; narrow channels) into flux_tiny_dev/diffusers/vae (save_pretrained) and, with BFL names,
     into flux_tiny_dev/ae.safetensors (decoder tensors; the configuration shapes cannot tell in __metadata__),
   * vae_decode_tiny.safetensors: packed latents as FluxPipeline returns them, the denormalised latents,
-    AutoencoderKL.decode in float32 and bfloat16, and VaeImageProcessor.postprocess's uint8 pixels,
+    AutoencoderKL.decode in float32 and bfloat16, with tiling enabled (two tile sizes), and
+    VaeImageProcessor.postprocess's uint8 pixels,
   * pipeline_tiny_dev_image.safetensors: a whole FluxPipeline run (the tiny dev transformer + this VAE,
     prompt embeddings and seed given, output_type="pil") and its pixels.
 """
@@ -98,6 +99,15 @@ def main():
         vae_bf16.load_state_dict(vae.state_dict())
         vae_bf16 = vae_bf16.to(torch.bfloat16)
         out["decoded_bf16"] = vae_bf16.decode(z.to(torch.bfloat16), return_dict=False)[0]
+        # Tiled decode (enable_tiling): sample_size 32 gives 4 x 4 latent tiles every 3 latent pixels,
+        # blended over 8 px; then 8 x 8 tiles (64 px) every 6, blended over 16 px.
+        for model, suffix in ((vae, "fp32"), (vae_bf16, "bf16")):
+            model.enable_tiling()
+            out[f"decoded_tiled_{suffix}"] = model.decode(z.to(model.dtype), return_dict=False)[0]
+        vae.tile_latent_min_size, vae.tile_sample_min_size = 8, 64
+        out["decoded_tiled8_fp32"] = vae.decode(z, return_dict=False)[0]
+        vae.tile_latent_min_size, vae.tile_sample_min_size = 4, 32
+        vae.disable_tiling()
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(OUT, "vae_decode_tiny.safetensors"),
               metadata={"height": str(height), "width": str(width)})
 

@@ -27,6 +27,7 @@ enum class LogLevelOption { kDebug, kInfo, kWarn, kError };
 enum class SynthLayout { kDiffusers, kBfl };
 enum class SynthFill { kRandom, kZeros };
 enum class EncoderDevice { kAuto, kCpu };      // auto: the rank's device
+enum class VaeTiling { kAuto, kOn, kOff };      // auto: tiled only when the whole decode does not fit
 
 // Names as the command line spells them ("bf16", "sequential", ...).
 template <typename E>
@@ -60,6 +61,8 @@ struct EngineConfig {
   // General
   std::string model;                   // checkpoint directory or file (empty: bench's --preset)
   std::string vae;                     // VAE (vae/ directory or ae.safetensors); empty: the one beside the model
+  VaeTiling vaeTiling = VaeTiling::kAuto;
+  int64_t vaeTileSize = 0;             // pixels; 0: the VAE's sample_size, halved until a tile fits
   Dtype dtype = Dtype::kAuto;
   DeviceKind device = DeviceKind::kAuto;
   int threads = 0;                     // intra-op threads per rank; 0 = the library default
@@ -133,6 +136,7 @@ struct EngineConfig {
   int64_t batch = 1;
   bool benchComm = false;              // collective micro-benchmark instead of the model
   bool benchDecode = false;            // the VAE decode instead of the transformer
+  bool benchEncode = false;            // the encode stage instead of the transformer
   uint64_t commMaxBytes = 64ULL << 20;
 };
 

@@ -12,6 +12,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -33,6 +34,10 @@ struct VaeConfig {
   bool midBlockAttention = true;
   double scalingFactor = 0.3611;
   double shiftFactor = 0.1159;
+  int64_t sampleSize = 1024;  // config.json sample_size: the pixel tile of diffusers' tiled decode
+
+  // The latent tile of diffusers' tiled decode (tile_latent_min_size): sampleSize / spatialFactor().
+  int64_t defaultTileLatent() const { return std::max<int64_t>(1, sampleSize / spatialFactor()); }
 
   // Pixels per latent pixel: 2^(levels - 1) (8 for FLUX.1).
   int64_t spatialFactor() const { return int64_t{1} << (blockOutChannels.size() - 1); }
@@ -97,6 +102,35 @@ class VaeDecoder {
 // resolution.
 uint64_t vaeDecodeActivationBytes(const VaeConfig& config, int64_t batch, int64_t height, int64_t width, int ranks,
                                   size_t elementSize);
+
+// Tiled decode, as diffusers' AutoencoderKL.tiled_decode (enable_tiling): the latents are cut into
+// tile x tile squares every floor(tile * (1 - overlap)) latent pixels, each is decoded on its own (its
+// GroupNorm statistics are the tile's: the result is not the whole-image decode), and each decoded tile
+// is blended linearly over floor(f * tile * overlap) pixels into the one above and the one to its left,
+// in place and in the same order, then cut to f * stride pixels. With tile = defaultTileLatent() (or any
+// tile that is a multiple of 4) and overlap 0.25 the result equals diffusers' with tiling enabled
+// (diffusers cuts f * tile - blend, the same for those tiles and too many pixels for others). Peak
+// activations are one tile's.
+struct VaeTileGrid {
+  int64_t tile = 0, stride = 0;  // latent pixels
+  int64_t rows = 0, cols = 0;    // tiles
+  int64_t blend = 0, keep = 0;   // decoded pixels blended with the previous tile; kept of each tile
+  // Latent rows [begin, end) of tile row i (columns alike).
+  std::pair<int64_t, int64_t> rowRange(int64_t i, int64_t height) const;
+  std::pair<int64_t, int64_t> colRange(int64_t j, int64_t width) const;
+  int64_t count() const { return rows * cols; }
+};
+VaeTileGrid vaeTileGrid(const VaeConfig& config, int64_t latentHeight, int64_t latentWidth, int64_t tile,
+                        double overlap = 0.25);
+// Tile k (row-major) of z.
+at::Tensor vaeTileOf(const VaeTileGrid& grid, const at::Tensor& z, int64_t k);
+// Blends the decoded tiles (row-major; modified in place) into the image.
+at::Tensor blendVaeTiles(const VaeTileGrid& grid, std::vector<at::Tensor>& decoded);
+at::Tensor decodeTiled(const VaeDecoder& decoder, const at::Tensor& z, int64_t tile, double overlap = 0.25);
+// Bytes of a tiled decode's activations: one tile's (vaeDecodeActivationBytes) and every decoded tile,
+// kept for the blend.
+uint64_t vaeTiledDecodeBytes(const VaeConfig& config, int64_t batch, int64_t height, int64_t width, int64_t tile,
+                             size_t elementSize);
 
 // diffusers' FluxPipeline before decoding (after unpacking the latents to [B, C, h, w]):
 // latents / scaling_factor + shift_factor, in the latents' dtype.

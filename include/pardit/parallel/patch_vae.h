@@ -44,4 +44,9 @@ class PatchVaeSpatial final : public model::VaeSpatial {
 // slab; every rank returns the whole decoded image [B, outChannels, f*h, f*w].
 at::Tensor decodeParallel(const model::VaeDecoder& decoder, const at::Tensor& z, dist::Communicator& group);
 
+// model::decodeTiled with the tiles dealt round-robin over the ranks of `group` (each tile decoded by
+// one rank, then broadcast): the same result as one rank's tiled decode; every rank returns the image.
+at::Tensor decodeTiledParallel(const model::VaeDecoder& decoder, const at::Tensor& z, dist::Communicator& group,
+                               int64_t tile, double overlap = 0.25);
+
 }  // namespace pardit::parallel

@@ -19,8 +19,9 @@
 //             the transformer loads. Or prompt embeddings from tensors or files.
 //   load      only this rank's byte ranges of the checkpoint (kept for the next run with the same plan)
 //   denoise   the one loop (pipeline::denoise) over this layout's Denoiser
-//   decode    the latents into images with the VAE, every rank decoding a slab of rows
-//             (parallel::decodeParallel), when an image output is asked for
+//   decode    the latents into images with the VAE, when an image output is asked for: every rank
+//             decodes a slab of rows (parallel::decodeParallel), or, when that does not fit the
+//             budget, a share of overlapping tiles (parallel::decodeTiledParallel; planDecode)
 //   write     outputs from rank 0, atomically (PNG with the run's parameters, latents); then the
 //             metrics run (--metrics)
 // Every check before loading runs through Runtime::agree(): a bad input on any rank ends every rank
@@ -118,7 +119,8 @@ struct ForwardResult {
 
 // `pardit bench`: timed transformer forwards (or, with PipeFusion, denoising steps) on random inputs.
 struct BenchmarkRequest {
-  bool decode = false;  // the VAE decode (patch-parallel over all ranks) instead of the transformer
+  bool decode = false;  // the VAE decode (over all ranks, planned as generate's) instead of the transformer
+  bool encode = false;  // the encode stage (tokenizers, CLIP, T5; one rank) instead of the transformer
   int64_t batch = 1;
   int64_t height = 256;
   int64_t width = 256;
@@ -145,6 +147,11 @@ struct BenchmarkResult {
   // decode: this rank's and the largest rank's peak RSS growth during a decode, the planned estimate
   // of its activations, and the decoder's weights.
   uint64_t decodeActivationBytes = 0, decodeActivationBytesMax = 0, decodePlannedBytes = 0, decoderWeightBytes = 0;
+  std::string decodeMode;  // "patches", "tiles:<px>" or "whole"
+  // encode: the encoders' load time, whether T5 streamed, and the T5 tokens encoded per prompt.
+  double encodeLoadSeconds = 0.0;
+  bool encodeT5Streamed = false;
+  int64_t textLen = 0;
   std::string vae;
 };
 

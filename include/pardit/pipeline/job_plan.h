@@ -5,6 +5,7 @@
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -12,8 +13,33 @@
 #include "pardit/dist/topology.h"
 #include "pardit/memory/planner.h"
 #include "pardit/model/flux_config.h"
+#include "pardit/model/vae.h"
 
 namespace pardit::pipeline {
+
+// The decode stage of a job: how the VAE decodes its images within every rank's memory.
+struct DecodePlan {
+  enum class Mode {
+    kWhole,    // every rank decodes the whole image (fewer latent rows than ranks)
+    kPatches,  // the ranks decode row slabs of each image together: exactly the one-rank decode
+    kTiles,    // overlapping tiles dealt over the ranks, blended as diffusers' tiled decode (seams)
+  } mode = Mode::kPatches;
+  int64_t tile = 0;              // latent pixels per tile side (kTiles)
+  int64_t factor = 8;            // pixels per latent pixel
+  uint64_t activationBytes = 0;  // planned per rank (kTiles: one tile's, and the decoded tiles kept)
+  uint64_t weightBytes = 0;      // the decoder's, in the compute dtype
+  uint64_t freeBytes = 0;        // the budget left beside the transformer's weights
+  bool fits = true;
+  const char* modeName() const;  // "whole", "patches", "tiles"
+  std::string describe() const;  // "patch-parallel (exact), 1.1 GiB of activations ..."
+};
+
+// config::EngineConfig's --vae-tiling / --vae-tile-size for a batch of height x width images on `ranks`
+// ranks. auto: the patch-parallel decode when it fits freeBytes (the least any rank has), else tiles:
+// the VAE's sample_size (diffusers' tile) halved until one fits; it does not fit when not even 64 px
+// tiles do. on: tiles (--vae-tile-size, or as auto chooses them). off: never tiles.
+DecodePlan planDecode(const model::VaeConfig& vae, const config::EngineConfig& c, int64_t batch, int64_t height,
+                      int64_t width, int ranks, c10::ScalarType dtype, uint64_t freeBytes);
 
 struct JobPlan {
   std::string model;
@@ -28,6 +54,13 @@ struct JobPlan {
   std::vector<memory::RankPlan> ranks;
   std::vector<int> stageOf;            // PipeFusion stage of each rank
   bool allFit = true;
+  // The text encoders, when the model has them (or --text-encoder/-2 name them): the rank planned to run
+  // them (the one with the most memory to spare after its plan, or --text-encoder-rank), their weights
+  // in the compute dtype, and whether T5 streams block by block there.
+  int textEncoderRank = -1;
+  uint64_t clipBytes = 0, t5Bytes = 0;
+  bool t5Streamed = false;
+  std::optional<DecodePlan> decode;  // when a VAE is found (--vae, or beside the model)
 };
 
 // --world-size 0 takes the product of the degrees. auto budgets are refused (no device is queried).

@@ -11,7 +11,11 @@
 #include "pardit/dist/in_process.h"
 #include "pardit/dist/runtime.h"
 #include "pardit/io/synth.h"
+#include "pardit/io/vae_checkpoint.h"
+#include "pardit/model/vae.h"
 #include "pardit/pipeline/engine.h"
+#include "pardit/pipeline/job_plan.h"
+#include "pardit/pipeline/latents.h"
 #include "test_util.h"
 
 using namespace pardit;
@@ -201,4 +205,88 @@ TEST_F(EngineTest, BadRequestsEndEveryRankBeforeLoading) {
     }
   });
   EXPECT_EQ(failures.load(), 2);
+}
+
+// The decode plan: patch-parallel when it fits; else tiles from diffusers' size (the VAE's sample_size),
+// halved until they fit, none below 64 px; --vae-tiling on/off and --vae-tile-size as asked.
+TEST(DecodePlan, PatchesWhenTheyFitElseTheLargestTilesThatDo) {
+  using Mode = pipeline::DecodePlan::Mode;
+  const auto flux = model::VaeConfig::preset("flux");
+  auto c = config::defaults(config::Command::kGenerate);
+  const int64_t px = 2048;
+  const uint64_t patches4 = model::vaeDecodeActivationBytes(flux, 1, px, px, 4, 2);
+  auto plan = [&](uint64_t free, int ranks = 4) {
+    return pipeline::planDecode(flux, c, 1, px, px, ranks, at::kBFloat16, free);
+  };
+  const uint64_t weights = plan(0).weightBytes;
+  EXPECT_GT(weights, 90u << 20);  // FLUX.1's decoder: ~100 MB in bf16
+  auto d = plan(weights + patches4);
+  EXPECT_EQ(d.mode, Mode::kPatches);
+  EXPECT_TRUE(d.fits);
+  EXPECT_EQ(d.activationBytes, patches4);
+  // Less: 1024 px tiles (diffusers' for FLUX.1) when they fit, then 512, 256, 128, 64.
+  const uint64_t tiles1024 = model::vaeTiledDecodeBytes(flux, 1, px, px, 128, 2);
+  const uint64_t tiles512 = model::vaeTiledDecodeBytes(flux, 1, px, px, 64, 2);
+  ASSERT_LT(tiles1024, patches4 * 4);
+  d = plan(weights + tiles1024);
+  EXPECT_EQ(d.mode, patches4 <= tiles1024 ? Mode::kPatches : Mode::kTiles);
+  d = plan(weights + std::min(tiles1024, patches4) - 1);
+  EXPECT_EQ(d.mode, Mode::kTiles);
+  EXPECT_EQ(d.tile * d.factor, tiles1024 < patches4 ? 1024 : 512);
+  d = plan(weights + tiles512 - 1);
+  EXPECT_EQ(d.tile * d.factor, 256);
+  EXPECT_TRUE(d.fits);
+  d = plan(weights + 1000);
+  EXPECT_EQ(d.tile * d.factor, 64);
+  EXPECT_FALSE(d.fits);
+  // Fewer latent rows than ranks: every rank decodes the whole image.
+  EXPECT_EQ(pipeline::planDecode(flux, c, 1, 16, 64, 4, at::kBFloat16, 1ull << 40).mode, Mode::kWhole);
+  // off: never tiles (it does not fit); on: tiles even when patches fit; --vae-tile-size as given.
+  c.vaeTiling = config::VaeTiling::kOff;
+  d = plan(weights + 1000);
+  EXPECT_EQ(d.mode, Mode::kPatches);
+  EXPECT_FALSE(d.fits);
+  c.vaeTiling = config::VaeTiling::kOn;
+  d = plan(1ull << 40);
+  EXPECT_EQ(d.mode, Mode::kTiles);
+  EXPECT_EQ(d.tile * d.factor, 1024);
+  c.vaeTileSize = 384;
+  EXPECT_EQ(plan(1ull << 40).tile * 8, 384);
+  EXPECT_EQ(plan(1000).tile * 8, 384);  // as given, even when it does not fit
+  c.vaeTileSize = 100;
+  EXPECT_THROW(plan(1ull << 40), Error);  // not a multiple of 8
+}
+
+// generate decodes in tiles when asked (or when the patches do not fit): on 2 ranks as on one, and as
+// the one-rank tiled decode of the same latents.
+TEST_F(EngineTest, TiledDecodeOnRanksEqualsOneRank) {
+  auto o = base_;
+  o.vaeTiling = config::VaeTiling::kOn;
+  o.vaeTileSize = 32;
+  auto r = request(false);
+  r.decode = true;
+  std::vector<at::Tensor> images(2), latents(2);
+  for (int ranks : {1, 2}) {
+    std::mutex m;
+    dist::runInProcess(ranks, [&](dist::Runtime& rt) {
+      pipeline::Engine engine(withDegrees(o, 1, 1, 1, ranks), rt);
+      auto out = engine.generate(r);
+      std::lock_guard<std::mutex> lock(m);
+      if (rt.worldRank() == 0) {
+        images[ranks - 1] = out.images;
+        latents[ranks - 1] = out.latents;
+      }
+    });
+  }
+  ASSERT_TRUE(images[0].defined() && images[1].defined());
+  EXPECT_EQ(images[0].sizes(), (std::vector<int64_t>{1, 64, 96, 3}));
+  const auto vae = io::VaeCheckpoint::open(model_.vaePath);
+  const model::VaeDecoder decoder(vae.config(), vae.getter(at::kFloat));
+  const pipeline::LatentGeometry geom{64, 96, 16};
+  for (int i = 0; i < 2; ++i) {
+    const at::Tensor z = model::denormalizeLatents(pipeline::unpackLatents(latents[i], geom), vae.config());
+    EXPECT_TRUE(at::equal(images[i], model::imagesToBytes(model::decodeTiled(decoder, z, 4)))) << i + 1 << " rank(s)";
+  }
+  const int maxDiff = (images[0].to(at::kInt) - images[1].to(at::kInt)).abs().max().item<int>();
+  EXPECT_LE(maxDiff, 1);  // the latents of 2 Ulysses ranks differ from one rank's by round-off
 }

@@ -12,6 +12,7 @@
 
 #include "pardit/core/dtype.h"
 #include "pardit/core/error.h"
+#include "json_file.h"
 
 namespace fs = std::filesystem;
 
@@ -132,25 +133,8 @@ class CheckpointBuilder {
 
 namespace {
 
-nlohmann::json readJsonFile(const fs::path& p) {
-  std::ifstream in(p);
-  PARDIT_CHECK(in.good(), p.string(), ": cannot open");
-  try {
-    return nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    PARDIT_THROW(p.string(), ": not valid JSON: ", e.what());
-  }
-}
-
-template <typename T>
-T jsonGet(const nlohmann::json& j, const char* key, const T& fallback, const fs::path& file) {
-  if (!j.contains(key) || j[key].is_null()) return fallback;
-  try {
-    return j[key].get<T>();
-  } catch (const nlohmann::json::exception&) {
-    PARDIT_THROW(file.string(), ": key '", key, "' has the wrong type");
-  }
-}
+using detail::jsonField;
+using detail::readJsonFile;
 
 bool isSafetensors(const fs::path& p) { return p.extension() == ".safetensors" || p.extension() == ".sft"; }
 
@@ -174,23 +158,23 @@ void CheckpointBuilder::openDiffusersDir(FluxCheckpoint& ck, const fs::path& dir
   const fs::path cfgPath = dir / "config.json";
   const nlohmann::json cfg = readJsonFile(cfgPath);
   PARDIT_CHECK(cfg.is_object(), cfgPath.string(), ": expected a JSON object");
-  const std::string cls = jsonGet<std::string>(cfg, "_class_name", "FluxTransformer2DModel", cfgPath);
+  const std::string cls = jsonField<std::string>(cfg, "_class_name", "FluxTransformer2DModel", cfgPath);
   PARDIT_CHECK(cls == "FluxTransformer2DModel", cfgPath.string(), ": _class_name is '", cls,
                "', expected FluxTransformer2DModel");
   model::FluxConfig c;
-  c.inChannels = jsonGet<int64_t>(cfg, "in_channels", 64, cfgPath);
-  c.outChannels = jsonGet<int64_t>(cfg, "out_channels", c.inChannels, cfgPath);
-  c.depth = jsonGet<int64_t>(cfg, "num_layers", 19, cfgPath);
-  c.depthSingle = jsonGet<int64_t>(cfg, "num_single_layers", 38, cfgPath);
-  const int64_t headDim = jsonGet<int64_t>(cfg, "attention_head_dim", 128, cfgPath);
-  c.numHeads = jsonGet<int64_t>(cfg, "num_attention_heads", 24, cfgPath);
+  c.inChannels = jsonField<int64_t>(cfg, "in_channels", 64, cfgPath);
+  c.outChannels = jsonField<int64_t>(cfg, "out_channels", c.inChannels, cfgPath);
+  c.depth = jsonField<int64_t>(cfg, "num_layers", 19, cfgPath);
+  c.depthSingle = jsonField<int64_t>(cfg, "num_single_layers", 38, cfgPath);
+  const int64_t headDim = jsonField<int64_t>(cfg, "attention_head_dim", 128, cfgPath);
+  c.numHeads = jsonField<int64_t>(cfg, "num_attention_heads", 24, cfgPath);
   c.hiddenSize = headDim * c.numHeads;
   c.mlpHidden = 4 * c.hiddenSize;
-  c.contextInDim = jsonGet<int64_t>(cfg, "joint_attention_dim", 4096, cfgPath);
-  c.vecInDim = jsonGet<int64_t>(cfg, "pooled_projection_dim", 768, cfgPath);
-  c.guidanceEmbed = jsonGet<bool>(cfg, "guidance_embeds", false, cfgPath);
-  c.axesDim = jsonGet<std::vector<int64_t>>(cfg, "axes_dims_rope", {16, 56, 56}, cfgPath);
-  PARDIT_CHECK(jsonGet<int64_t>(cfg, "patch_size", 1, cfgPath) == 1, cfgPath.string(), ": patch_size must be 1");
+  c.contextInDim = jsonField<int64_t>(cfg, "joint_attention_dim", 4096, cfgPath);
+  c.vecInDim = jsonField<int64_t>(cfg, "pooled_projection_dim", 768, cfgPath);
+  c.guidanceEmbed = jsonField<bool>(cfg, "guidance_embeds", false, cfgPath);
+  c.axesDim = jsonField<std::vector<int64_t>>(cfg, "axes_dims_rope", {16, 56, 56}, cfgPath);
+  PARDIT_CHECK(jsonField<int64_t>(cfg, "patch_size", 1, cfgPath) == 1, cfgPath.string(), ": patch_size must be 1");
   adopt(ck, c, CheckpointLayout::kDiffusers, cfgPath);
 
   // Files: sharded (index json) or single.

@@ -8,31 +8,16 @@
 
 #include "pardit/core/error.h"
 
+#include "json_file.h"
+
 namespace fs = std::filesystem;
 
 namespace pardit::io {
 
 namespace {
 
-nlohmann::json readJson(const fs::path& p) {
-  std::ifstream in(p);
-  PARDIT_CHECK(in.good(), p.string(), ": cannot open");
-  try {
-    return nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    PARDIT_THROW(p.string(), ": not valid JSON: ", e.what());
-  }
-}
-
-template <typename T>
-T field(const nlohmann::json& j, const char* key, T fallback, const fs::path& file) {
-  if (!j.contains(key) || j[key].is_null()) return fallback;
-  try {
-    return j[key].get<T>();
-  } catch (const nlohmann::json::exception&) {
-    PARDIT_THROW(file.string(), ": '", key, "' has the wrong type");
-  }
-}
+using detail::jsonField;
+using detail::readJsonFile;
 
 // A model directory inside a pipeline directory, when `path` is one.
 fs::path modelDir(const fs::path& path, const char* sub) {
@@ -50,7 +35,7 @@ TensorStore TensorStore::open(const std::string& path, const std::vector<std::st
   std::vector<fs::path> files;
   if (fs::is_directory(p)) {
     if (fs::exists(p / "model.safetensors.index.json")) {
-      const auto index = readJson(p / "model.safetensors.index.json");
+      const auto index = readJsonFile(p / "model.safetensors.index.json");
       PARDIT_CHECK(index.contains("weight_map") && index["weight_map"].is_object(),
                    (p / "model.safetensors.index.json").string(), ": no weight_map");
       std::map<std::string, bool> seen;
@@ -134,16 +119,16 @@ ClipTextCheckpoint ClipTextCheckpoint::open(const std::string& path) {
   auto& c = ck.config;
   if (fs::is_directory(dir)) {
     const fs::path file = dir / "config.json";
-    const auto j = readJson(file);
-    c.vocabSize = field<int64_t>(j, "vocab_size", c.vocabSize, file);
-    c.hiddenSize = field<int64_t>(j, "hidden_size", c.hiddenSize, file);
-    c.intermediateSize = field<int64_t>(j, "intermediate_size", c.intermediateSize, file);
-    c.numLayers = field<int64_t>(j, "num_hidden_layers", c.numLayers, file);
-    c.numHeads = field<int64_t>(j, "num_attention_heads", c.numHeads, file);
-    c.maxPositions = field<int64_t>(j, "max_position_embeddings", c.maxPositions, file);
-    c.eps = field<double>(j, "layer_norm_eps", c.eps, file);
-    c.eosTokenId = field<int64_t>(j, "eos_token_id", c.eosTokenId, file);
-    const std::string act = field<std::string>(j, "hidden_act", "quick_gelu", file);
+    const auto j = readJsonFile(file);
+    c.vocabSize = jsonField<int64_t>(j, "vocab_size", c.vocabSize, file);
+    c.hiddenSize = jsonField<int64_t>(j, "hidden_size", c.hiddenSize, file);
+    c.intermediateSize = jsonField<int64_t>(j, "intermediate_size", c.intermediateSize, file);
+    c.numLayers = jsonField<int64_t>(j, "num_hidden_layers", c.numLayers, file);
+    c.numHeads = jsonField<int64_t>(j, "num_attention_heads", c.numHeads, file);
+    c.maxPositions = jsonField<int64_t>(j, "max_position_embeddings", c.maxPositions, file);
+    c.eps = jsonField<double>(j, "layer_norm_eps", c.eps, file);
+    c.eosTokenId = jsonField<int64_t>(j, "eos_token_id", c.eosTokenId, file);
+    const std::string act = jsonField<std::string>(j, "hidden_act", "quick_gelu", file);
     PARDIT_CHECK(act == "quick_gelu", file.string(), ": hidden_act '", act, "' (FLUX's CLIP uses quick_gelu)");
   } else {
     const auto& emb = ck.store.info("embeddings.token_embedding.weight").shape;
@@ -173,17 +158,17 @@ T5Checkpoint T5Checkpoint::open(const std::string& path) {
   auto& c = ck.config;
   if (fs::is_directory(dir)) {
     const fs::path file = dir / "config.json";
-    const auto j = readJson(file);
-    c.vocabSize = field<int64_t>(j, "vocab_size", c.vocabSize, file);
-    c.dModel = field<int64_t>(j, "d_model", c.dModel, file);
-    c.dKv = field<int64_t>(j, "d_kv", c.dKv, file);
-    c.dFf = field<int64_t>(j, "d_ff", c.dFf, file);
-    c.numLayers = field<int64_t>(j, "num_layers", c.numLayers, file);
-    c.numHeads = field<int64_t>(j, "num_heads", c.numHeads, file);
-    c.buckets = field<int64_t>(j, "relative_attention_num_buckets", c.buckets, file);
-    c.maxDistance = field<int64_t>(j, "relative_attention_max_distance", c.maxDistance, file);
-    c.eps = field<double>(j, "layer_norm_epsilon", c.eps, file);
-    const std::string ff = field<std::string>(j, "feed_forward_proj", "gated-gelu", file);
+    const auto j = readJsonFile(file);
+    c.vocabSize = jsonField<int64_t>(j, "vocab_size", c.vocabSize, file);
+    c.dModel = jsonField<int64_t>(j, "d_model", c.dModel, file);
+    c.dKv = jsonField<int64_t>(j, "d_kv", c.dKv, file);
+    c.dFf = jsonField<int64_t>(j, "d_ff", c.dFf, file);
+    c.numLayers = jsonField<int64_t>(j, "num_layers", c.numLayers, file);
+    c.numHeads = jsonField<int64_t>(j, "num_heads", c.numHeads, file);
+    c.buckets = jsonField<int64_t>(j, "relative_attention_num_buckets", c.buckets, file);
+    c.maxDistance = jsonField<int64_t>(j, "relative_attention_max_distance", c.maxDistance, file);
+    c.eps = jsonField<double>(j, "layer_norm_epsilon", c.eps, file);
+    const std::string ff = jsonField<std::string>(j, "feed_forward_proj", "gated-gelu", file);
     PARDIT_CHECK(ff == "gated-gelu", file.string(), ": feed_forward_proj '", ff, "' (FLUX's T5 v1.1 uses gated-gelu)");
   } else {
     const auto& emb = ck.store.info("shared.weight").shape;

@@ -8,6 +8,7 @@
 #include <regex>
 
 #include "pardit/core/error.h"
+#include "json_file.h"
 
 namespace fs = std::filesystem;
 
@@ -22,14 +23,7 @@ std::string shapeText(const std::vector<int64_t>& s) {
 }
 
 model::VaeConfig configFromJson(const fs::path& file) {
-  std::ifstream in(file);
-  PARDIT_CHECK(in.good(), file.string(), ": cannot open");
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    PARDIT_THROW(file.string(), ": not valid JSON: ", e.what());
-  }
+  const nlohmann::json j = detail::readJsonFile(file);
   model::VaeConfig c;
   try {
     c.latentChannels = j.value("latent_channels", c.latentChannels);

@@ -15,6 +15,7 @@
 #include "pardit/io/safetensors.h"
 #include "pardit/io/text_encoder_checkpoint.h"
 #include "pardit/io/vae_checkpoint.h"
+#include "pardit/text/clip_tokenizer.h"
 
 namespace fs = std::filesystem;
 
@@ -104,39 +105,6 @@ std::vector<std::string> synthWords() {
   return words;
 }
 
-// GPT-2's byte alphabet, in CLIP's vocabulary order.
-std::vector<std::string> clipByteSymbols() {
-  std::vector<int> order;
-  for (int b = '!'; b <= '~'; ++b) order.push_back(b);
-  for (int b = 0xA1; b <= 0xAC; ++b) order.push_back(b);
-  for (int b = 0xAE; b <= 0xFF; ++b) order.push_back(b);
-  std::vector<std::string> symbol(256);
-  std::vector<bool> used(256, false);
-  auto utf8 = [](int cp) {
-    std::string s;
-    if (cp < 0x80) {
-      s.push_back(static_cast<char>(cp));
-    } else {
-      s.push_back(static_cast<char>(0xC0 | (cp >> 6)));
-      s.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-    }
-    return s;
-  };
-  for (int b : order) {
-    symbol[b] = utf8(b);
-    used[b] = true;
-  }
-  int n = 0;
-  for (int b = 0; b < 256; ++b)
-    if (!used[b]) {
-      symbol[b] = utf8(256 + n++);
-      order.push_back(b);
-    }
-  std::vector<std::string> out;
-  for (int b : order) out.push_back(symbol[b]);
-  return out;
-}
-
 // A CLIP-format byte-level BPE trained on the built-in text: tokenizer/vocab.json and merges.txt.
 void writeClipTokenizer(const fs::path& dir, int merges) {
   fs::create_directories(dir);
@@ -177,7 +145,7 @@ void writeClipTokenizer(const fs::path& dir, int merges) {
   auto add = [&](const std::string& t) {
     if (!vocab.contains(t)) vocab[t] = id++;
   };
-  const auto symbols = clipByteSymbols();
+  const auto symbols = text::clipByteSymbolsInVocabOrder();
   for (const auto& s : symbols) add(s);
   for (const auto& s : symbols) add(s + "</w>");
   std::string mergesText = "#version: 0.2\n";

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <variant>
 
 #include "pardit/core/error.h"
 
@@ -18,6 +19,28 @@ namespace {
 
 using detail::jsonField;
 using detail::readJsonFile;
+
+// A configuration's numeric fields from config.json: each key into its member (absent or null: kept).
+template <typename C>
+struct JsonField {
+  const char* key;
+  std::variant<int64_t C::*, double C::*> member;
+};
+
+// A configuration from dir/config.json: the numeric fields, and a string `key` that must be `required`
+// (its default).
+template <typename C>
+C readConfigJson(const fs::path& dir, const std::vector<JsonField<C>>& fields, const char* key,
+                 const std::string& required, const char* model) {
+  C c;
+  const fs::path file = dir / "config.json";
+  const auto j = readJsonFile(file);
+  for (const auto& f : fields)
+    std::visit([&](auto member) { c.*member = jsonField(j, f.key, c.*member, file); }, f.member);
+  const std::string value = jsonField<std::string>(j, key, required, file);
+  PARDIT_CHECK(value == required, file.string(), ": ", key, " '", value, "' (FLUX's ", model, " uses ", required, ")");
+  return c;
+}
 
 // A model directory inside a pipeline directory, when `path` is one.
 fs::path modelDir(const fs::path& path, const char* sub) {
@@ -104,50 +127,80 @@ uint64_t TensorStore::bytesOf(const std::vector<model::TensorSpec>& tensors) con
 }
 
 namespace {
-// Checks every expected tensor's presence and shape, naming the file.
-void checkTensors(const TensorStore& s, const std::vector<model::TensorSpec>& specs, const std::string& what) {
+// How many of prefix + i + suffix the store holds, counting from i = 0 (layers of a single file).
+int64_t countIndexed(const TensorStore& s, const std::string& prefix, const std::string& suffix) {
+  int64_t n = 0;
+  while (s.has(prefix + std::to_string(n) + suffix)) ++n;
+  return n;
+}
+
+// Validates a configuration read from `path`, then checks every tensor it implies for presence and shape.
+template <typename C>
+void checkConfig(const C& c, const std::string& path, const TensorStore& s, const std::vector<model::TensorSpec>& specs,
+                 const std::string& what) {
+  try {
+    c.validate();
+  } catch (const Error& e) {
+    PARDIT_THROW(path, ": ", e.message());
+  }
   for (const auto& t : specs) {
     PARDIT_CHECK(s.has(t.name), s.path(), ": ", what, " tensor '", t.name, "' not found");
     PARDIT_CHECK(s.info(t.name).shape == t.shape, s.path(), ": ", what, " tensor '", t.name, "' has the wrong shape");
   }
 }
+// The numeric fields of CLIPTextConfig's and T5Config's config.json.
+const std::vector<JsonField<model::ClipTextConfig>> kClipFields = {
+    {"vocab_size", &model::ClipTextConfig::vocabSize}, {"hidden_size", &model::ClipTextConfig::hiddenSize},
+    {"intermediate_size", &model::ClipTextConfig::intermediateSize},
+    {"num_hidden_layers", &model::ClipTextConfig::numLayers}, {"num_attention_heads", &model::ClipTextConfig::numHeads},
+    {"max_position_embeddings", &model::ClipTextConfig::maxPositions}, {"layer_norm_eps", &model::ClipTextConfig::eps},
+    {"eos_token_id", &model::ClipTextConfig::eosTokenId}};
+const std::vector<JsonField<model::T5Config>> kT5Fields = {
+    {"vocab_size", &model::T5Config::vocabSize}, {"d_model", &model::T5Config::dModel}, {"d_kv", &model::T5Config::dKv},
+    {"d_ff", &model::T5Config::dFf}, {"num_layers", &model::T5Config::numLayers},
+    {"num_heads", &model::T5Config::numHeads}, {"relative_attention_num_buckets", &model::T5Config::buckets},
+    {"relative_attention_max_distance", &model::T5Config::maxDistance},
+    {"layer_norm_epsilon", &model::T5Config::eps}};
+
+// A single file's configuration, from its tensors' shapes.
+model::ClipTextConfig clipConfigFromShapes(const TensorStore& s) {
+  model::ClipTextConfig c;
+  const auto& emb = s.info("embeddings.token_embedding.weight").shape;
+  c.vocabSize = emb.at(0);
+  c.hiddenSize = emb.at(1);
+  c.maxPositions = s.info("embeddings.position_embedding.weight").shape.at(0);
+  c.intermediateSize = s.info("encoder.layers.0.mlp.fc1.weight").shape.at(0);
+  c.numLayers = countIndexed(s, "encoder.layers.", ".mlp.fc1.weight");
+  c.numHeads = c.hiddenSize / 64;  // CLIP's head dimension, unless the file says otherwise
+  const auto& meta = s.metadata();
+  if (meta.count("num_attention_heads")) c.numHeads = std::stoll(meta.at("num_attention_heads"));
+  return c;
+}
+
+// A single file's configuration, from its tensors' shapes.
+model::T5Config t5ConfigFromShapes(const TensorStore& s) {
+  model::T5Config c;
+  const auto& emb = s.info("shared.weight").shape;
+  c.vocabSize = emb.at(0);
+  c.dModel = emb.at(1);
+  const auto& rel = s.info("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight").shape;
+  c.buckets = rel.at(0);
+  c.numHeads = rel.at(1);
+  c.dKv = s.info("encoder.block.0.layer.0.SelfAttention.q.weight").shape.at(0) / c.numHeads;
+  c.dFf = s.info("encoder.block.0.layer.1.DenseReluDense.wi_0.weight").shape.at(0);
+  c.numLayers = countIndexed(s, "encoder.block.", ".layer.0.SelfAttention.q.weight");
+  return c;
+}
+
 }  // namespace
 
 ClipTextCheckpoint ClipTextCheckpoint::open(const std::string& path) {
   const fs::path dir = modelDir(path, "text_encoder");
   ClipTextCheckpoint ck{model::ClipTextConfig{}, TensorStore::open(dir.string(), {"cond_stage_model.transformer.text_model.", "text_model."})};
   auto& c = ck.config;
-  if (fs::is_directory(dir)) {
-    const fs::path file = dir / "config.json";
-    const auto j = readJsonFile(file);
-    c.vocabSize = jsonField<int64_t>(j, "vocab_size", c.vocabSize, file);
-    c.hiddenSize = jsonField<int64_t>(j, "hidden_size", c.hiddenSize, file);
-    c.intermediateSize = jsonField<int64_t>(j, "intermediate_size", c.intermediateSize, file);
-    c.numLayers = jsonField<int64_t>(j, "num_hidden_layers", c.numLayers, file);
-    c.numHeads = jsonField<int64_t>(j, "num_attention_heads", c.numHeads, file);
-    c.maxPositions = jsonField<int64_t>(j, "max_position_embeddings", c.maxPositions, file);
-    c.eps = jsonField<double>(j, "layer_norm_eps", c.eps, file);
-    c.eosTokenId = jsonField<int64_t>(j, "eos_token_id", c.eosTokenId, file);
-    const std::string act = jsonField<std::string>(j, "hidden_act", "quick_gelu", file);
-    PARDIT_CHECK(act == "quick_gelu", file.string(), ": hidden_act '", act, "' (FLUX's CLIP uses quick_gelu)");
-  } else {
-    const auto& emb = ck.store.info("embeddings.token_embedding.weight").shape;
-    c.vocabSize = emb.at(0);
-    c.hiddenSize = emb.at(1);
-    c.maxPositions = ck.store.info("embeddings.position_embedding.weight").shape.at(0);
-    c.intermediateSize = ck.store.info("encoder.layers.0.mlp.fc1.weight").shape.at(0);
-    c.numLayers = 0;
-    while (ck.store.has("encoder.layers." + std::to_string(c.numLayers) + ".mlp.fc1.weight")) ++c.numLayers;
-    c.numHeads = c.hiddenSize / 64;  // CLIP's head dimension, unless the file says otherwise
-    const auto& meta = ck.store.metadata();
-    if (meta.count("num_attention_heads")) c.numHeads = std::stoll(meta.at("num_attention_heads"));
-  }
-  try {
-    c.validate();
-  } catch (const Error& e) {
-    PARDIT_THROW(path, ": ", e.message());
-  }
-  checkTensors(ck.store, model::clipTextTensors(c), "CLIP");
+  c = fs::is_directory(dir) ? readConfigJson(dir, kClipFields, "hidden_act", "quick_gelu", "CLIP")
+                            : clipConfigFromShapes(ck.store);
+  checkConfig(c, path, ck.store, model::clipTextTensors(c), "CLIP");
   return ck;
 }
 
@@ -156,38 +209,9 @@ T5Checkpoint T5Checkpoint::open(const std::string& path) {
   T5Checkpoint ck{model::T5Config{}, TensorStore::open(dir.string())};
   ck.store.alias("shared.weight", "encoder.embed_tokens.weight");
   auto& c = ck.config;
-  if (fs::is_directory(dir)) {
-    const fs::path file = dir / "config.json";
-    const auto j = readJsonFile(file);
-    c.vocabSize = jsonField<int64_t>(j, "vocab_size", c.vocabSize, file);
-    c.dModel = jsonField<int64_t>(j, "d_model", c.dModel, file);
-    c.dKv = jsonField<int64_t>(j, "d_kv", c.dKv, file);
-    c.dFf = jsonField<int64_t>(j, "d_ff", c.dFf, file);
-    c.numLayers = jsonField<int64_t>(j, "num_layers", c.numLayers, file);
-    c.numHeads = jsonField<int64_t>(j, "num_heads", c.numHeads, file);
-    c.buckets = jsonField<int64_t>(j, "relative_attention_num_buckets", c.buckets, file);
-    c.maxDistance = jsonField<int64_t>(j, "relative_attention_max_distance", c.maxDistance, file);
-    c.eps = jsonField<double>(j, "layer_norm_epsilon", c.eps, file);
-    const std::string ff = jsonField<std::string>(j, "feed_forward_proj", "gated-gelu", file);
-    PARDIT_CHECK(ff == "gated-gelu", file.string(), ": feed_forward_proj '", ff, "' (FLUX's T5 v1.1 uses gated-gelu)");
-  } else {
-    const auto& emb = ck.store.info("shared.weight").shape;
-    c.vocabSize = emb.at(0);
-    c.dModel = emb.at(1);
-    const auto& rel = ck.store.info("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight").shape;
-    c.buckets = rel.at(0);
-    c.numHeads = rel.at(1);
-    c.dKv = ck.store.info("encoder.block.0.layer.0.SelfAttention.q.weight").shape.at(0) / c.numHeads;
-    c.dFf = ck.store.info("encoder.block.0.layer.1.DenseReluDense.wi_0.weight").shape.at(0);
-    c.numLayers = 0;
-    while (ck.store.has("encoder.block." + std::to_string(c.numLayers) + ".layer.0.SelfAttention.q.weight")) ++c.numLayers;
-  }
-  try {
-    c.validate();
-  } catch (const Error& e) {
-    PARDIT_THROW(path, ": ", e.message());
-  }
-  checkTensors(ck.store, model::t5EncoderTensors(c), "T5");
+  c = fs::is_directory(dir) ? readConfigJson(dir, kT5Fields, "feed_forward_proj", "gated-gelu", "T5 v1.1")
+                            : t5ConfigFromShapes(ck.store);
+  checkConfig(c, path, ck.store, model::t5EncoderTensors(c), "T5");
   return ck;
 }
 

@@ -28,6 +28,28 @@ at::Tensor modulate(const at::Tensor& x, const at::Tensor& shift, const at::Tens
 
 at::Tensor Linear::operator()(const at::Tensor& x) const { return at::linear(x, weight, bias); }
 
+NamedWeights::NamedWeights(const std::vector<TensorSpec>& specs, const WeightGetter& get, std::string model)
+    : model_(std::move(model)) {
+  for (const auto& t : specs) {
+    at::Tensor v = get(t.name);
+    PARDIT_CHECK(v.sizes().vec() == t.shape, model_, " tensor '", t.name, "' has shape ", v.sizes(), ", expected ",
+                 at::IntArrayRef(t.shape));
+    tensors_.emplace(t.name, std::move(v));
+  }
+}
+
+const at::Tensor& NamedWeights::at(const std::string& name) const {
+  auto it = tensors_.find(name);
+  PARDIT_CHECK(it != tensors_.end(), model_, " tensor '", name, "' is not loaded");
+  return it->second;
+}
+
+uint64_t NamedWeights::bytes() const {
+  uint64_t n = 0;
+  for (const auto& [name, t] : tensors_) n += t.nbytes();
+  return n;
+}
+
 EmbedderWeights makeEmbedderWeights(const FluxConfig& c, const WeightGetter& get, bool withInputProjections) {
   EmbedderWeights w;
   if (withInputProjections) {

@@ -93,27 +93,9 @@ std::vector<TensorSpec> t5EncoderTensors(const T5Config& c) {
 
 // ---- CLIP ----------------------------------------------------------------------------------------------
 
-ClipTextModel::ClipTextModel(ClipTextConfig config, const WeightGetter& get) : config_(std::move(config)) {
-  config_.validate();
-  for (const auto& t : clipTextTensors(config_)) {
-    at::Tensor v = get(t.name);
-    PARDIT_CHECK(v.sizes().vec() == t.shape, "CLIP tensor '", t.name, "' has shape ", v.sizes(), ", expected ",
-                 at::IntArrayRef(t.shape));
-    weights_.emplace_back(t.name, v);
-  }
-}
+ClipTextModel::ClipTextModel(ClipTextConfig config, const WeightGetter& get)
+    : config_((config.validate(), std::move(config))), weights_(clipTextTensors(config_), get, "CLIP") {}
 
-const at::Tensor& ClipTextModel::w(const std::string& name) const {
-  for (const auto& [n, t] : weights_)
-    if (n == name) return t;
-  PARDIT_THROW("CLIP tensor '", name, "' is not loaded");
-}
-
-uint64_t ClipTextModel::weightBytes() const {
-  uint64_t n = 0;
-  for (const auto& [k, v] : weights_) n += v.nbytes();
-  return n;
-}
 
 at::Tensor ClipTextModel::hidden(const at::Tensor& ids) const {
   const int64_t B = ids.size(0), L = ids.size(1), h = config_.hiddenSize, H = config_.numHeads, D = h / H;

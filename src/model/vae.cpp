@@ -114,28 +114,11 @@ at::Tensor LocalVaeSpatial::groupNorm(const at::Tensor& x, int64_t groups, const
 
 // ---- decoder -------------------------------------------------------------------------------------------
 
-VaeDecoder::VaeDecoder(VaeConfig config, const WeightGetter& get) : config_(std::move(config)) {
-  config_.validate();
-  for (const auto& t : vaeDecoderTensors(config_)) {
-    at::Tensor v = get(t.name);
-    PARDIT_CHECK(v.sizes().vec() == t.shape, "VAE tensor '", t.name, "' has shape ", v.sizes(), ", expected ",
-                 at::IntArrayRef(t.shape));
-    weights_[t.name] = v;
-  }
-  dtype_ = weights_.at("decoder.conv_in.weight").scalar_type();
-}
+VaeDecoder::VaeDecoder(VaeConfig config, const WeightGetter& get)
+    : config_((config.validate(), std::move(config))),
+      weights_(vaeDecoderTensors(config_), get, "VAE"),
+      dtype_(weights_.at("decoder.conv_in.weight").scalar_type()) {}
 
-const at::Tensor& VaeDecoder::w(const std::string& name) const {
-  auto it = weights_.find(name);
-  PARDIT_CHECK(it != weights_.end(), "VAE tensor '", name, "' is not loaded");
-  return it->second;
-}
-
-uint64_t VaeDecoder::weightBytes() const {
-  uint64_t n = 0;
-  for (const auto& [k, v] : weights_) n += v.nbytes();
-  return n;
-}
 
 // diffusers ResnetBlock2D (no time embedding): conv2(silu(norm2(conv1(silu(norm1(x)))))) + shortcut(x).
 at::Tensor VaeDecoder::resnet(const std::string& p, const at::Tensor& x, VaeSpatial& s) const {
@@ -145,7 +128,7 @@ at::Tensor VaeDecoder::resnet(const std::string& p, const at::Tensor& x, VaeSpat
   h = s.groupNorm(h, G, w(p + ".norm2.weight"), w(p + ".norm2.bias"), config_.eps);
   h = s.conv3x3(at::silu(h), w(p + ".conv2.weight"), w(p + ".conv2.bias"));
   at::Tensor shortcut = x;
-  if (weights_.count(p + ".conv_shortcut.weight"))
+  if (weights_.has(p + ".conv_shortcut.weight"))
     shortcut = at::conv2d(x, w(p + ".conv_shortcut.weight"), w(p + ".conv_shortcut.bias"));  // as strided as it is
   return (shortcut + h) / 1.0;  // output_scale_factor 1, as the reference computes it
 }

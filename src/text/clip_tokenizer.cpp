@@ -18,24 +18,6 @@ namespace {
 const char* kBos = "<|startoftext|>";
 const char* kEos = "<|endoftext|>";
 
-// GPT-2's reversible byte -> printable character table.
-std::vector<std::string> byteAlphabet() {
-  std::vector<int> printable;
-  for (int b = '!'; b <= '~'; ++b) printable.push_back(b);
-  for (int b = 0xA1; b <= 0xAC; ++b) printable.push_back(b);
-  for (int b = 0xAE; b <= 0xFF; ++b) printable.push_back(b);
-  std::vector<std::string> out(256);
-  std::vector<bool> used(256, false);
-  for (int b : printable) {
-    out[b] = unicode::encode(static_cast<char32_t>(b));
-    used[b] = true;
-  }
-  int n = 0;
-  for (int b = 0; b < 256; ++b)
-    if (!used[b]) out[b] = unicode::encode(static_cast<char32_t>(256 + n++));
-  return out;
-}
-
 nlohmann::json readJson(const std::string& path) {
   std::ifstream in(path);
   PARDIT_CHECK(in.good(), path, ": cannot open");
@@ -107,9 +89,45 @@ std::vector<std::string> pieces(const std::vector<char32_t>& t) {
 
 }  // namespace
 
+namespace {
+// The bytes GPT-2's alphabet keeps as their own character, in CLIP's vocabulary order.
+std::vector<int> printableBytes() {
+  std::vector<int> printable;
+  for (int b = '!'; b <= '~'; ++b) printable.push_back(b);
+  for (int b = 0xA1; b <= 0xAC; ++b) printable.push_back(b);
+  for (int b = 0xAE; b <= 0xFF; ++b) printable.push_back(b);
+  return printable;
+}
+}  // namespace
+
+std::vector<std::string> clipByteAlphabet() {
+  std::vector<std::string> out(256);
+  std::vector<bool> used(256, false);
+  for (int b : printableBytes()) {
+    out[b] = unicode::encode(static_cast<char32_t>(b));
+    used[b] = true;
+  }
+  int n = 0;
+  for (int b = 0; b < 256; ++b)
+    if (!used[b]) out[b] = unicode::encode(static_cast<char32_t>(256 + n++));
+  return out;
+}
+
+std::vector<std::string> clipByteSymbolsInVocabOrder() {
+  const auto alphabet = clipByteAlphabet();
+  std::vector<int> order = printableBytes();
+  std::vector<bool> listed(256, false);
+  for (int b : order) listed[b] = true;
+  for (int b = 0; b < 256; ++b)
+    if (!listed[b]) order.push_back(b);
+  std::vector<std::string> out;
+  for (int b : order) out.push_back(alphabet[b]);
+  return out;
+}
+
 ClipTokenizer::ClipTokenizer(std::unordered_map<std::string, int64_t> vocab,
                              const std::vector<std::pair<std::string, std::string>>& merges, const std::string& where)
-    : vocab_(std::move(vocab)), byteChars_(byteAlphabet()) {
+    : vocab_(std::move(vocab)), byteChars_(clipByteAlphabet()) {
   for (size_t r = 0; r < merges.size(); ++r) {
     const std::string key = merges[r].first + " " + merges[r].second;
     PARDIT_CHECK(vocab_.count(merges[r].first) && vocab_.count(merges[r].second) &&

@@ -130,18 +130,22 @@ T5Tokenizer T5Tokenizer::fromTokenizerJson(const std::string& path) {
   for (const auto& n : normalizers)
     if (n.value("type", "") == "Precompiled") {
       const std::string blob = base64Decode(n.value("precompiled_charsmap", ""), path);
-      if (!blob.empty()) {
-        uint32_t trieBytes = 0;
-        PARDIT_CHECK(blob.size() >= 4, path, ": precompiled_charsmap is truncated");
-        std::memcpy(&trieBytes, blob.data(), 4);
-        PARDIT_CHECK(trieBytes % 4 == 0 && 4 + trieBytes <= blob.size(), path, ": precompiled_charsmap is malformed");
-        t.trie_.resize(trieBytes / 4);
-        std::memcpy(t.trie_.data(), blob.data() + 4, trieBytes);
-        t.replacements_ = blob.substr(4 + trieBytes);
-      }
+      t.setCharsmap(blob, path);
     }
   t.finish(path);
   return t;
+}
+
+void T5Tokenizer::setCharsmap(const std::string& blob, const std::string& where) {
+  if (blob.empty()) return;  // no normaliser
+  uint32_t trieBytes = 0;
+  PARDIT_CHECK(blob.size() >= 4, where, ": precompiled_charsmap is truncated");
+  std::memcpy(&trieBytes, blob.data(), 4);
+  PARDIT_CHECK(trieBytes % 4 == 0 && 4 + static_cast<uint64_t>(trieBytes) <= blob.size(), where,
+               ": precompiled_charsmap is malformed");
+  trie_.resize(trieBytes / 4);
+  std::memcpy(trie_.data(), blob.data() + 4, trieBytes);
+  replacements_ = blob.substr(4 + trieBytes);
 }
 
 T5Tokenizer T5Tokenizer::fromSentencePiece(const std::string& path) {
@@ -193,15 +197,7 @@ T5Tokenizer T5Tokenizer::fromSentencePiece(const std::string& path) {
     t.pieces_.push_back({s, 0.0});
     t.added_.push_back(s);
   }
-  if (!charsmap.empty()) {
-    uint32_t trieBytes = 0;
-    std::memcpy(&trieBytes, charsmap.data(), 4);
-    PARDIT_CHECK(charsmap.size() >= 4 && trieBytes % 4 == 0 && 4 + trieBytes <= charsmap.size(), path,
-                 ": precompiled_charsmap is malformed");
-    t.trie_.resize(trieBytes / 4);
-    std::memcpy(t.trie_.data(), charsmap.data() + 4, trieBytes);
-    t.replacements_ = charsmap.substr(4 + trieBytes);
-  }
+  t.setCharsmap(charsmap, path);
   t.finish(path);
   return t;
 }

@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -54,6 +55,20 @@ struct FinalLayerWeights {
 
 // Fetches a tensor by internal name, already in the compute dtype and on the compute device.
 using WeightGetter = std::function<at::Tensor(const std::string& name)>;
+
+// A model's weights by name: every tensor of `specs` from `get`, checked against its shape (errors name
+// `model` and the tensor).
+class NamedWeights {
+ public:
+  NamedWeights(const std::vector<TensorSpec>& specs, const WeightGetter& get, std::string model);
+  const at::Tensor& at(const std::string& name) const;
+  bool has(const std::string& name) const { return tensors_.count(name) != 0; }
+  uint64_t bytes() const;
+
+ private:
+  std::map<std::string, at::Tensor> tensors_;
+  std::string model_;
+};
 
 EmbedderWeights makeEmbedderWeights(const FluxConfig& c, const WeightGetter& get, bool withInputProjections = true);
 DoubleBlockWeights makeDoubleBlockWeights(const FluxConfig& c, int64_t index, const WeightGetter& get);

@@ -13,6 +13,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -63,12 +64,12 @@ class ClipTextModel {
   at::Tensor pooled(const at::Tensor& ids) const;
   // The last hidden state [B, L, hidden].
   at::Tensor hidden(const at::Tensor& ids) const;
-  uint64_t weightBytes() const;
+  uint64_t weightBytes() const { return weights_.bytes(); }
 
  private:
   ClipTextConfig config_;
-  std::vector<std::pair<std::string, at::Tensor>> weights_;
-  const at::Tensor& w(const std::string& name) const;
+  NamedWeights weights_;
+  const at::Tensor& w(const std::string& name) const { return weights_.at(name); }
 };
 
 class T5Encoder {

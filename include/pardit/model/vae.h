@@ -84,15 +84,15 @@ class VaeDecoder {
   // the weights' dtype, nominally in [-1, 1]. With a patch `spatial`, z and the result are this rank's rows.
   at::Tensor decode(const at::Tensor& z, VaeSpatial& spatial) const;
   at::Tensor decode(const at::Tensor& z) const;
-  uint64_t weightBytes() const;
+  uint64_t weightBytes() const { return weights_.bytes(); }
 
  private:
   at::Tensor resnet(const std::string& prefix, const at::Tensor& x, VaeSpatial& spatial) const;
   at::Tensor attention(const std::string& prefix, const at::Tensor& x, VaeSpatial& spatial) const;
-  const at::Tensor& w(const std::string& name) const;
+  const at::Tensor& w(const std::string& name) const { return weights_.at(name); }
 
   VaeConfig config_;
-  std::map<std::string, at::Tensor> weights_;
+  NamedWeights weights_;
   c10::ScalarType dtype_;
 };
 

@@ -15,6 +15,11 @@
 
 namespace pardit::text {
 
+// GPT-2's reversible byte -> printable character table that CLIP maps bytes with (indexed by byte).
+std::vector<std::string> clipByteAlphabet();
+// The same 256 symbols in the order CLIP's vocabulary lists them (ids 0-255).
+std::vector<std::string> clipByteSymbolsInVocabOrder();
+
 class ClipTokenizer {
  public:
   // A directory holding vocab.json and merges.txt, or tokenizer.json.

@@ -38,6 +38,8 @@ class T5Tokenizer {
   };
   T5Tokenizer() = default;
   void finish(const std::string& where);
+  // The Precompiled normaliser's blob: a uint32 byte count, the double-array trie, the replacements.
+  void setCharsmap(const std::string& blob, const std::string& where);
   std::string precompiled(const std::string& chunk) const;  // the charsmap's replacement, or the chunk itself
   bool transform(const std::string& chunk, std::string* out) const;
   void unigram(const std::string& word, std::vector<int64_t>& out) const;

@@ -89,3 +89,40 @@ TEST(TextEncoders, TinyTokenizersOnBothFileForms) {
   EXPECT_EQ(jsonSame, texts.size());
   EXPECT_EQ(spmSame, texts.size());
 }
+
+// Single files as ComfyUI and stable-diffusion.cpp users keep them: t5xxl_fp8_e4m3fn.safetensors holds
+// float8 (e4m3) weights, upcast to the compute dtype as they load; clip_l.safetensors carries the
+// "text_model." prefix. Both give the encoders of the same weights.
+TEST(TextEncoders, SingleFilesIncludingFloat8T5) {
+  test::TempDir dir;
+  const auto t5 = io::T5Checkpoint::open(fixture("flux_tiny_pipeline"));
+  std::map<std::string, at::Tensor> fp8, f32;
+  for (const auto& t : model::t5EncoderTensors(t5.config)) {
+    fp8[t.name] = t5.store.load(t.name, at::kFloat).to(at::kFloat8_e4m3fn);
+    f32[t.name] = fp8[t.name].to(at::kFloat);  // what the fp8 file holds, in fp32
+  }
+  io::writeSafetensors(dir.file("t5xxl_fp8_e4m3fn.safetensors"), fp8);
+  const auto single = io::T5Checkpoint::open(dir.file("t5xxl_fp8_e4m3fn.safetensors"));
+  EXPECT_EQ(single.config.describe(), t5.config.describe());
+  EXPECT_EQ(single.store.info("shared.weight").dtype, "F8_E4M3");
+  const at::Tensor ids = textFixture()->read("t5_ids.0");
+  const at::Tensor fromFile = model::T5Encoder(single.config, single.store.getter(at::kFloat)).forward(ids);
+  const at::Tensor expected =
+      model::T5Encoder(t5.config, [&](const std::string& n) { return f32.at(n); }).forward(ids);
+  EXPECT_TRUE(at::equal(fromFile, expected));
+  // The fp8 weights are close to the originals: the encoder output moves by float8's rounding only.
+  const at::Tensor original = model::T5Encoder(t5.config, t5.store.getter(at::kFloat)).forward(ids);
+  std::printf("[fidelity] T5 from float8 e4m3 weights: max relative error %.3e against the fp32 weights\n",
+              test::maxRelError(fromFile, original));
+  EXPECT_LE(test::maxRelError(fromFile, original), 0.25);
+
+  const auto clip = io::ClipTextCheckpoint::open(fixture("flux_tiny_pipeline"));
+  std::map<std::string, at::Tensor> prefixed;
+  for (const auto& t : model::clipTextTensors(clip.config)) prefixed["text_model." + t.name] = clip.store.load(t.name, at::kFloat);
+  io::writeSafetensors(dir.file("clip_l.safetensors"), prefixed, {{"num_attention_heads", std::to_string(clip.config.numHeads)}});
+  const auto clipFile = io::ClipTextCheckpoint::open(dir.file("clip_l.safetensors"));
+  EXPECT_EQ(clipFile.config.describe(), clip.config.describe());
+  const at::Tensor cids = textFixture()->read("clip_ids.0");
+  EXPECT_TRUE(at::equal(model::ClipTextModel(clipFile.config, clipFile.store.getter(at::kFloat)).pooled(cids),
+                        model::ClipTextModel(clip.config, clip.store.getter(at::kFloat)).pooled(cids)));
+}

@@ -106,6 +106,8 @@ void Engine::Impl::open() {
     dist::Topology::validate(degrees, rt.worldSize());
     device = dist::deviceForRank(options.device, rt.localRank());
     dtype = resolveDtype(options.dtype, device);
+    // The metrics file is appended to after the run: its directory must exist before anything runs.
+    if (!options.metrics.empty()) io::checkOutputPath(options.metrics, "--metrics");
     if (!options.model.empty()) {
       checkpoint.emplace(io::FluxCheckpoint::open(options.model));
       config = checkpoint->config();

@@ -193,6 +193,18 @@ TEST_F(EngineTest, BadRequestsEndEveryRankBeforeLoading) {
   r.height = 48;  // 3 token rows for 2 sequence-parallel ranks
   r.width = 16;
   expectFailure(r, withDegrees(base_, 1, 1, 2, 1));
+  // A metrics file in a missing directory is refused when the engine is built, not after the run.
+  failures = 0;
+  dist::runInProcess(2, [&](dist::Runtime& rt) {
+    config::EngineConfig o = withDegrees(base_, 1, 1, 1, 2);
+    o.metrics = dir_.file("missing/m.h5");
+    try {
+      pipeline::Engine engine(o, rt);
+    } catch (const dist::CollectiveFailure&) {
+      ++failures;
+    }
+  });
+  EXPECT_EQ(failures.load(), 2);
   // Options that differ between ranks are refused when the engine is built.
   failures = 0;
   dist::runInProcess(2, [&](dist::Runtime& rt) {

@@ -491,6 +491,8 @@ std::vector<std::string> Engine::Impl::writeImages(Run& run, const GenerateReque
                 ", Dtype: " + dtypeName(dtype) + ", Parallel: cfg " + std::to_string(d.cfg) + " x pipefusion " +
                 std::to_string(d.pipefusion) + " x ring " + std::to_string(d.ring) + " x ulysses " +
                 std::to_string(d.ulysses);
+  if (run.decode && run.decode->mode == DecodePlan::Mode::kTiles)  // not the exact decode: say so
+    parameters += ", VAE tiles: " + std::to_string(run.decode->tile * run.decode->factor) + " px";
   rt.agree([&] {
     if (rt.worldRank() != 0) return;
     for (size_t i = 0; i < paths.size(); ++i) {

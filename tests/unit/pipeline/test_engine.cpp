@@ -10,6 +10,7 @@
 #include "pardit/core/log.h"
 #include "pardit/dist/in_process.h"
 #include "pardit/dist/runtime.h"
+#include "pardit/io/png.h"
 #include "pardit/io/synth.h"
 #include "pardit/io/vae_checkpoint.h"
 #include "pardit/model/vae.h"
@@ -279,6 +280,7 @@ TEST_F(EngineTest, TiledDecodeOnRanksEqualsOneRank) {
   r.decode = true;
   std::vector<at::Tensor> images(2), latents(2);
   for (int ranks : {1, 2}) {
+    r.output = dir_.file("tiled" + std::to_string(ranks) + ".png");
     std::mutex m;
     dist::runInProcess(ranks, [&](dist::Runtime& rt) {
       pipeline::Engine engine(withDegrees(o, 1, 1, 1, ranks), rt);
@@ -301,4 +303,10 @@ TEST_F(EngineTest, TiledDecodeOnRanksEqualsOneRank) {
   }
   const int maxDiff = (images[0].to(at::kInt) - images[1].to(at::kInt)).abs().max().item<int>();
   EXPECT_LE(maxDiff, 1);  // the latents of 2 Ulysses ranks differ from one rank's by round-off
+  // The PNG says that it was decoded in tiles (not the exact decode).
+  const auto png = io::readPng(dir_.file("tiled1.png"));
+  EXPECT_TRUE(at::equal(png.pixels, images[0][0]));
+  ASSERT_FALSE(png.text.empty());
+  EXPECT_EQ(png.text[0].first, "parameters");
+  EXPECT_NE(png.text[0].second.find("VAE tiles: 32 px"), std::string::npos) << png.text[0].second;
 }

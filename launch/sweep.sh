@@ -8,7 +8,9 @@
 # CFG 2 x the rest when negative embeddings are given; --layouts replaces that list with explicit flag sets
 # (separated by ';', each run on the world size its degrees multiply to, if that size is in --ranks); a 1 in
 # --ranks always adds the single-rank baseline.
-# Layouts the model or image cannot take are reported and skipped.
+# Layouts the model or image cannot take (as `pardit plan` finds) are reported and skipped; a run that
+# fails for any other reason fails the sweep (listed at the end, exit status 1), and so does a model or
+# image size that no run can take.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 model="" embeds="" negative="" metrics="" ranks="1 2 4" resolutions="256x256" steps=4 extra=() explicit=""
@@ -60,23 +62,41 @@ layouts() {  # n -> lines of flags
   return 0
 }
 
-cfgflags=()
-[[ -n "$negative" ]] && cfgflags=(--negative-prompt-embeds "$negative" --true-cfg-scale 2)
-ok=0 failed=0
+cfgflags=() planflags=()
+[[ -n "$negative" ]] && cfgflags=(--negative-prompt-embeds "$negative" --true-cfg-scale 2) && planflags=(--true-cfg-scale 2)
+pardit="${PARDIT:-$root/build/pardit}"
+firstError() { grep -m1 'error:' "$1" | sed 's/.*error: //'; }
+ok=0 skipped=0 failures=()
 for res in $resolutions; do
   h=${res%x*} w=${res#*x}
+  # The model and the image size on one rank: if these fail, no run of the sweep can succeed.
+  if ! "$pardit" plan --model "$model" --height "$h" --width "$w" "${planflags[@]}" >"$metrics.last.log" 2>&1; then
+    echo "sweep.sh: ${res}: $(firstError "$metrics.last.log")" >&2
+    rm -f "$metrics.last.log"
+    exit 1
+  fi
   for n in $ranks; do
     while IFS= read -r flags; do
+      # shellcheck disable=SC2086
+      if ! "$pardit" plan --model "$model" --height "$h" --width "$w" "${planflags[@]}" $flags >"$metrics.last.log" 2>&1; then
+        skipped=$((skipped + 1)); echo "sweep: ${res} n=${n} ${flags}: skipped ($(firstError "$metrics.last.log"))"
+        continue
+      fi
       # shellcheck disable=SC2086
       if "$root/launch/pardit-run" -n "$n" generate --model "$model" --prompt-embeds "$embeds" "${cfgflags[@]}" \
            --height "$h" --width "$w" --steps "$steps" --seed 0 --quiet --metrics "$metrics" $flags "${extra[@]}" \
            >"$metrics.last.log" 2>&1 </dev/null; then
         ok=$((ok + 1)); echo "sweep: ${res} n=${n} ${flags:-single rank}: ok"
       else
-        failed=$((failed + 1)); echo "sweep: ${res} n=${n} ${flags}: skipped ($(grep -m1 'error:' "$metrics.last.log" | sed 's/.*error: //'))"
+        failures+=("${res} n=${n} ${flags:-single rank}: $(firstError "$metrics.last.log")")
+        echo "sweep: ${res} n=${n} ${flags:-single rank}: FAILED (${failures[-1]#*: })"
       fi
     done < <(layouts "$n")
   done
 done
 rm -f "$metrics.last.log"
-echo "sweep done: $ok runs in $metrics, $failed skipped"
+echo "sweep done: $ok runs in $metrics, $skipped skipped (layouts the model or image cannot take), ${#failures[@]} failed"
+if (( ${#failures[@]} > 0 )); then
+  printf 'failed: %s\n' "${failures[@]}" >&2
+  exit 1
+fi

@@ -39,6 +39,7 @@ nlohmann::ordered_json toJson(const config::EngineConfig& c, const pipeline::Job
     ranks.push_back(j);
   }
   out["ranks"] = ranks;
+  if (!p.budgetSource.empty()) out["budget_source"] = p.budgetSource;
   if (p.textEncoderRank >= 0)
     out["text_encoders"] = {{"rank", p.textEncoderRank}, {"clip_bytes", p.clipBytes}, {"t5_bytes", p.t5Bytes},
                             {"t5_streamed", p.t5Streamed}};
@@ -58,6 +59,7 @@ void printTable(const config::EngineConfig& c, const pipeline::JobPlan& p) {
               static_cast<long long>(p.imageTokens), static_cast<long long>(c.textLen), static_cast<long long>(c.batch),
               p.trueCfg ? ", true CFG" : "", config::enumName(c.offload).c_str());
   if (!p.stages.empty()) std::printf("stages: %s\n", p.stages.c_str());
+  if (!p.budgetSource.empty()) std::printf("budget %s\n", p.budgetSource.c_str());
   std::printf("%4s %5s %8s %11s %11s %11s %11s %11s %11s %11s %11s  %s\n", "rank", "stage", "streamed", "resident",
               "streamed", "stream_buf", "activations", "kv_buffers", "comm_buf", "total", "budget", "fits");
   for (size_t r = 0; r < p.ranks.size(); ++r) {

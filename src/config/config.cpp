@@ -327,8 +327,8 @@ const std::vector<Option>& optionTable() {
             "tile fits the budget)", atLeast<int64_t>(0)));
     add(opt("dtype", &EngineConfig::dtype, Group::kModel, Sync::kValue, kAll, "TYPE",
             "compute dtype: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or fp32 (synth: the stored dtype)"));
-    add(opt("device", &EngineConfig::device, Group::kModel, Sync::kValue, kRunCommands, "KIND",
-            "auto, cpu or cuda (one GPU per rank, by local rank)"));
+    add(opt("device", &EngineConfig::device, Group::kModel, Sync::kValue, kModelCommands, "KIND",
+            "auto, cpu or cuda (one GPU per rank, by local rank; plan: cpu plans a CPU run)"));
     add(opt("threads", &EngineConfig::threads, Group::kModel, Sync::kLocal, kAll, "N",
             "intra-op CPU threads per rank (0: the library default)", atLeast(0)));
     add(opt("log-level", &EngineConfig::logLevel, Group::kModel, Sync::kLocal, kAll, "LEVEL", "debug, info, warn or error"));
@@ -354,7 +354,8 @@ const std::vector<Option>& optionTable() {
     // memory
     add(opt("device-memory-budget", &EngineConfig::deviceMemoryBudget, Group::kMemory, Sync::kValue, par, "SIZE",
             "device memory per rank for weights, activations and buffers: 24GiB, 12GB, bytes, or auto (free memory "
-            "minus 1 GiB headroom; the CPU: available host memory shared by the node's ranks)"));
+            "minus 1 GiB headroom; the CPU: available host memory shared by the node's ranks; plan: what a rank "
+            "would get on this machine)"));
     add(opt("offload", &EngineConfig::offload, Group::kMemory, Sync::kValue, par, "MODE",
             "none (all weights resident), auto (stream what does not fit) or sequential (stream every block)"));
     add(opt("stream-from", &EngineConfig::streamFrom, Group::kMemory, Sync::kValue, par, "SOURCE",

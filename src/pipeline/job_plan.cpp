@@ -4,6 +4,7 @@
 
 #include "pardit/core/error.h"
 #include "pardit/core/format.h"
+#include "pardit/dist/runtime.h"
 #include "pardit/io/checkpoint.h"
 #include "pardit/io/text_encoder_checkpoint.h"
 #include "pardit/io/vae_checkpoint.h"
@@ -63,9 +64,18 @@ JobPlan planJob(const config::EngineConfig& c) {
   p.degrees = detail::degreesOf(c);
   p.worldSize = c.worldSize > 0 ? c.worldSize : p.degrees.worldSize();
   dist::Topology::validate(p.degrees, p.worldSize);
-  PARDIT_CHECK(!c.deviceMemoryBudget.automatic,
-               "pardit plan needs an explicit --device-memory-budget (e.g. 24GiB): it queries no device");
-  p.dtype = resolveDtype(c.dtype, c10::Device(c10::kCUDA, 0));
+  // Plans are for GPU runs unless --device cpu says otherwise; an auto budget is what a rank of the job
+  // would get on this machine.
+  const bool cpu = c.device == config::DeviceKind::kCpu;
+  p.dtype = resolveDtype(c.dtype, cpu ? c10::Device(c10::kCPU) : c10::Device(c10::kCUDA, 0));
+  uint64_t budget = c.deviceMemoryBudget.bytes;
+  if (c.deviceMemoryBudget.automatic) {
+    const c10::Device here = dist::deviceForRank(c.device, 0);
+    budget = detail::budgetOf(c, here, p.worldSize);
+    p.budgetSource = here.is_cuda() ? "auto: free memory of " + here.str() + " on this machine, minus 1 GiB headroom"
+                                    : "auto: this machine's available host memory shared by " +
+                                          std::to_string(p.worldSize) + " rank(s), minus 1 GiB headroom";
+  }
   const io::FluxCheckpoint ck = io::FluxCheckpoint::open(c.model);  // headers only
   p.model = c.model;
   p.config = ck.config();
@@ -80,7 +90,7 @@ JobPlan planJob(const config::EngineConfig& c) {
   for (int r = 0; r < p.worldSize; ++r) {
     const dist::Topology topo(p.degrees, r);
     const auto w = detail::workloadOf(topo, p.config, pf, p.dtype, batch, geom.tokens(), c.textLen);
-    p.ranks.push_back(memory::planRank(w, c.deviceMemoryBudget.bytes, c.offload));
+    p.ranks.push_back(memory::planRank(w, budget, c.offload));
     p.stageOf.push_back(topo.pipefusionRank());
     p.allFit &= p.ranks.back().fits;
   }

@@ -54,6 +54,7 @@ struct JobPlan {
   std::vector<memory::RankPlan> ranks;
   std::vector<int> stageOf;            // PipeFusion stage of each rank
   bool allFit = true;
+  std::string budgetSource;            // how an auto budget was found, or empty
   // The text encoders, when the model has them (or --text-encoder/-2 name them): the rank planned to run
   // them (the one with the most memory to spare after its plan, or --text-encoder-rank), their weights
   // in the compute dtype, and whether T5 streams block by block there.
@@ -63,7 +64,8 @@ struct JobPlan {
   std::optional<DecodePlan> decode;  // when a VAE is found (--vae, or beside the model)
 };
 
-// --world-size 0 takes the product of the degrees. auto budgets are refused (no device is queried).
+// --world-size 0 takes the product of the degrees. An auto budget is what a rank would get on this
+// machine (the free memory of its first GPU, or its available host memory shared by the ranks).
 JobPlan planJob(const config::EngineConfig& c);
 
 }  // namespace pardit::pipeline

@@ -264,3 +264,21 @@ TEST(Cli, PromptInImageOutEqualsFluxPipeline) {
   EXPECT_NE(noEncoder.exitCode, 0);
   EXPECT_NE(errorLine(noEncoder.output).find("--text-encoder"), std::string::npos) << noEncoder.output;
 }
+
+// `pardit plan` with the default budget (auto) plans for what a rank would get on this machine, and derives
+// the world size from the degrees; it shows the text encoders' rank and the decode it would run.
+TEST(Cli, PlanWithTheDefaultBudgetAndDerivedWorldSize) {
+  auto r = runPardit("plan --model " + fixture("flux_tiny_pipeline") + " --pipefusion-degree 2 --height 64 --width 64");
+  ASSERT_EQ(r.exitCode, 0) << r.output;
+  EXPECT_NE(r.output.find("budget auto: this machine's available host memory shared by 2 rank(s)"), std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("2 rank(s): cfg 1 x pipefusion 2"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("text encoders on rank"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("decode: patch-parallel (exact)"), std::string::npos) << r.output;
+  r = runPardit("plan --model " + fixture("flux_tiny_pipeline") + " --json --device-memory-budget 1GiB --vae-tiling on");
+  ASSERT_EQ(r.exitCode, 0) << r.output;
+  const auto j = nlohmann::json::parse(r.output);
+  EXPECT_EQ(j["decode"]["mode"], "tiles");
+  EXPECT_EQ(j["ranks"][0]["budget_bytes"], 1ull << 30);
+  EXPECT_FALSE(j.contains("budget_source"));
+}

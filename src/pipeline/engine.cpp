@@ -179,10 +179,11 @@ std::shared_ptr<model::FluxWeightProvider> Engine::Impl::prepare(Run& run, int64
 // ---- outputs, metrics, summaries -----------------------------------------------------------------------
 
 void Engine::Impl::writeOutput(const std::string& path, const std::string& flag, const std::string& tensorName,
-                               const at::Tensor& value) const {
+                               const at::Tensor& value, std::map<std::string, std::string> metadata) const {
   if (path.empty()) return;
+  metadata["format"] = "pt";
   rt.agree([&] {
-    if (rt.worldRank() == 0) io::writeSafetensors(path, {{tensorName, value.cpu()}}, {{"format", "pt"}});
+    if (rt.worldRank() == 0) io::writeSafetensors(path, {{tensorName, value.cpu()}}, metadata);
   });
   logInfo0("wrote '", tensorName, "' ", value.sizes(), " to ", path, " (", flag, ")");
 }
@@ -565,7 +566,17 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
   // decode, then write: the primary outputs first, then the metrics.
   if (request.decode || !request.output.empty()) result.images = m.decodeImages(run, result.latents, geom);
   if (!request.output.empty()) result.imagePaths = m.writeImages(run, request, prompts, result.images);
-  m.writeOutput(request.saveLatents, "--save-latents", "latents", result.latents);
+  // The latents say what they are, so they can be unpacked and traced without the command line.
+  std::map<std::string, std::string> meta = {
+      {"height", std::to_string(request.height)}, {"width", std::to_string(request.width)},
+      {"seed", std::to_string(request.seed)}, {"steps", std::to_string(request.steps)},
+      {"guidance_scale", formatNumber(request.guidanceScale)},
+      {"true_cfg_scale", formatNumber(prompts.negative ? request.trueCfgScale : 1.0)},
+      {"schedule", prompts.schedule.dynamicShift ? "shifted" : "plain"}, {"model", m.modelName},
+      {"layout", m.degrees.describe()}, {"dtype", dtypeName(m.dtype)}, {"latents_layout", "packed [B, (height/16)*(width/16), 64]"},
+      {"software", std::string("pardit ") + PARDIT_VERSION}};
+  if (text) meta["prompt"] = prompts.text.clip.at(0);
+  m.writeOutput(request.saveLatents, "--save-latents", "latents", result.latents, meta);
   result.report.metricsRun =
       m.finishMetrics(run, "generate", result.report.runSeconds, run.pipefusion ? run.pipefusion->warmupSteps : 0, B);
   result.report.bytesRead = m.bytesRead();

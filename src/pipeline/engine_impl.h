@@ -118,8 +118,9 @@ struct Engine::Impl {
   memory::RankPlan planRun(Run& run, int64_t batch, int64_t imageTokens, int64_t textTokens);
   std::shared_ptr<model::FluxWeightProvider> loadRun(Run& run, const memory::RankPlan& plan);
   std::shared_ptr<model::FluxWeightProvider> prepare(Run& run, int64_t batch, int64_t imageTokens, int64_t textTokens);
+  // Rank 0 writes `value` as the one tensor of a safetensors file, with `metadata` (and "format": "pt").
   void writeOutput(const std::string& path, const std::string& flag, const std::string& tensorName,
-                   const at::Tensor& value) const;
+                   const at::Tensor& value, std::map<std::string, std::string> metadata = {}) const;
   std::string finishMetrics(Run& run, const std::string& command, double seconds, int warmupSteps, int64_t images);
   void rankSummary(const std::shared_ptr<model::FluxWeightProvider>& weights, const std::optional<PipeFusionLayout>& pf) const;
   uint64_t bytesRead() const {

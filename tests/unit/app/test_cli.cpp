@@ -60,6 +60,15 @@ TEST(Cli, SynthThenGenerateIsDeterministicAcrossLayouts) {
   at::Tensor lb = io::SafetensorsFile::open(dir.file("b.safetensors"))->read("latents");
   EXPECT_EQ(la.sizes(), (std::vector<int64_t>{1, 6, 64}));
   EXPECT_TRUE(at::equal(la, lb));
+  // The latents carry what it takes to unpack and trace them.
+  const auto meta = io::SafetensorsFile::open(dir.file("a.safetensors"))->metadata();
+  for (const auto& [k, v] : std::map<std::string, std::string>{{"height", "32"}, {"width", "48"}, {"seed", "9"},
+                                                                {"steps", "2"}, {"guidance_scale", "3.5"},
+                                                                {"true_cfg_scale", "1"}, {"schedule", "shifted"},
+                                                                {"model", dir.file("diffusers")}, {"dtype", "fp32"},
+                                                                {"format", "pt"}})
+    EXPECT_EQ(meta.count(k) ? meta.at(k) : "(missing)", v) << k;
+  EXPECT_NE(meta.at("layout").find("ulysses 1"), std::string::npos) << meta.at("layout");
   // True CFG changes the result; the negative file comes from synth.
   auto c = runPardit("generate --model " + dir.file("diffusers") + " --prompt-embeds " + embeds +
                      " --negative-prompt-embeds " + dir.file("diffusers/negative_prompt_embeds.safetensors") +

@@ -5,6 +5,7 @@
 #include <mpi.h>
 #include <torch/version.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <ctime>
@@ -231,6 +232,12 @@ void writeProvenance(hid_t run, const RunInfo& info, const Gathered& g, const di
   attrString(run, "hdf5_version", hdf5Version());
   attrString(run, "config", cfg.str());
   attrString(run, "model", info.model);
+  attrString(run, "dtype", info.dtype);
+  attrString(run, "device", info.device);
+  attrScalar<int64_t>(run, "height", info.height, H5T_NATIVE_INT64);
+  attrScalar<int64_t>(run, "width", info.width, H5T_NATIVE_INT64);
+  attrScalar<int32_t>(run, "steps", info.steps, H5T_NATIVE_INT32);
+  attrScalar<int64_t>(run, "images", info.images, H5T_NATIVE_INT64);
   attrScalar<int32_t>(run, "world_size", static_cast<int32_t>(g.hosts.size()), H5T_NATIVE_INT32);
   const auto& d = topo.degrees();
   attrScalar<int32_t>(run, "cfg_degree", d.cfg, H5T_NATIVE_INT32);
@@ -283,6 +290,156 @@ void writeSummary(hid_t run, const RunInfo& info, const Gathered& g) {
   attrScalar<int32_t>(sum.id, "steps", static_cast<int32_t>(S), H5T_NATIVE_INT32);
 }
 
+
+// ---- /run_index: one row per run, for tables (pandas, CSV) -----------------------------------------------
+
+// Attributes of earlier runs may be missing (files from older versions): the fallback then.
+std::string readString(hid_t obj, const char* name, const std::string& fallback = "") {
+  if (H5Aexists(obj, name) <= 0) return fallback;
+  H5Id a(H5Aopen(obj, name, H5P_DEFAULT), H5Aclose, std::string("attribute ") + name);
+  H5Id t(H5Tcopy(H5T_C_S1), H5Tclose, "string type");
+  H5Tset_size(t.id, H5T_VARIABLE);
+  H5Tset_cset(t.id, H5T_CSET_UTF8);
+  char* v = nullptr;
+  if (H5Aread(a.id, t.id, &v) < 0 || v == nullptr) return fallback;
+  std::string out(v);
+  H5free_memory(v);
+  return out;
+}
+
+template <typename T>
+T readNumber(hid_t obj, const char* name, hid_t type, T fallback) {
+  if (H5Aexists(obj, name) <= 0) return fallback;
+  H5Id a(H5Aopen(obj, name, H5P_DEFAULT), H5Aclose, std::string("attribute ") + name);
+  T v = fallback;
+  return H5Aread(a.id, type, &v) >= 0 ? v : fallback;
+}
+
+uint64_t datasetMax(hid_t run, const char* name) {
+  if (H5Lexists(run, name, H5P_DEFAULT) <= 0) return 0;
+  H5Id ds(H5Dopen2(run, name, H5P_DEFAULT), H5Dclose, std::string("dataset ") + name);
+  H5Id sp(H5Dget_space(ds.id), H5Sclose, "space");
+  std::vector<uint64_t> v(static_cast<size_t>(std::max<hssize_t>(0, H5Sget_simple_extent_npoints(sp.id))));
+  if (v.empty() || H5Dread(ds.id, H5T_NATIVE_UINT64, H5S_ALL, H5S_ALL, H5P_DEFAULT, v.data()) < 0) return 0;
+  return *std::max_element(v.begin(), v.end());
+}
+
+struct IndexRow {
+  const char *id, *date, *command, *model, *dtype, *device;
+  int64_t height, width, images;
+  int32_t steps, worldSize, cfg, pipefusion, ring, ulysses;
+  double totalLatency, meanStepTime, imagesPerSecond;
+  uint64_t peakHostRss, peakDeviceMemory;
+};
+
+// A row's strings live here while the row is written.
+struct IndexStrings {
+  std::string id, date, command, model, dtype, device;
+};
+
+IndexRow indexRow(hid_t runs, const std::string& id, IndexStrings& keep) {
+  H5Id run(H5Gopen2(runs, id.c_str(), H5P_DEFAULT), H5Gclose, "group /runs/" + id);
+  keep = {id, readString(run.id, "date"), readString(run.id, "command"), readString(run.id, "model"),
+          readString(run.id, "dtype"), readString(run.id, "device")};
+  IndexRow r{};
+  r.id = keep.id.c_str();
+  r.date = keep.date.c_str();
+  r.command = keep.command.c_str();
+  r.model = keep.model.c_str();
+  r.dtype = keep.dtype.c_str();
+  r.device = keep.device.c_str();
+  r.height = readNumber<int64_t>(run.id, "height", H5T_NATIVE_INT64, -1);
+  r.width = readNumber<int64_t>(run.id, "width", H5T_NATIVE_INT64, -1);
+  r.images = readNumber<int64_t>(run.id, "images", H5T_NATIVE_INT64, -1);
+  r.steps = readNumber<int32_t>(run.id, "steps", H5T_NATIVE_INT32, -1);
+  r.worldSize = readNumber<int32_t>(run.id, "world_size", H5T_NATIVE_INT32, -1);
+  r.cfg = readNumber<int32_t>(run.id, "cfg_degree", H5T_NATIVE_INT32, -1);
+  r.pipefusion = readNumber<int32_t>(run.id, "pipefusion_degree", H5T_NATIVE_INT32, -1);
+  r.ring = readNumber<int32_t>(run.id, "ring_degree", H5T_NATIVE_INT32, -1);
+  r.ulysses = readNumber<int32_t>(run.id, "ulysses_degree", H5T_NATIVE_INT32, -1);
+  if (H5Lexists(run.id, "summary", H5P_DEFAULT) > 0) {
+    H5Id sum(H5Gopen2(run.id, "summary", H5P_DEFAULT), H5Gclose, "group summary");
+    r.totalLatency = readNumber<double>(sum.id, "total_latency_s", H5T_NATIVE_DOUBLE, 0.0);
+    r.meanStepTime = readNumber<double>(sum.id, "mean_step_time_s", H5T_NATIVE_DOUBLE, 0.0);
+    r.imagesPerSecond = readNumber<double>(sum.id, "images_per_second", H5T_NATIVE_DOUBLE, 0.0);
+  }
+  r.peakHostRss = datasetMax(run.id, "peak_host_rss");
+  r.peakDeviceMemory = datasetMax(run.id, "peak_device_memory");
+  return r;
+}
+
+hid_t indexType() {
+  const hid_t t = H5Tcreate(H5T_COMPOUND, sizeof(IndexRow));
+  const hid_t str = H5Tcopy(H5T_C_S1);
+  H5Tset_size(str, H5T_VARIABLE);
+  H5Tset_cset(str, H5T_CSET_UTF8);
+  H5Tinsert(t, "id", HOFFSET(IndexRow, id), str);
+  H5Tinsert(t, "date", HOFFSET(IndexRow, date), str);
+  H5Tinsert(t, "command", HOFFSET(IndexRow, command), str);
+  H5Tinsert(t, "model", HOFFSET(IndexRow, model), str);
+  H5Tinsert(t, "dtype", HOFFSET(IndexRow, dtype), str);
+  H5Tinsert(t, "device", HOFFSET(IndexRow, device), str);
+  H5Tinsert(t, "height", HOFFSET(IndexRow, height), H5T_NATIVE_INT64);
+  H5Tinsert(t, "width", HOFFSET(IndexRow, width), H5T_NATIVE_INT64);
+  H5Tinsert(t, "images", HOFFSET(IndexRow, images), H5T_NATIVE_INT64);
+  H5Tinsert(t, "steps", HOFFSET(IndexRow, steps), H5T_NATIVE_INT32);
+  H5Tinsert(t, "world_size", HOFFSET(IndexRow, worldSize), H5T_NATIVE_INT32);
+  H5Tinsert(t, "cfg_degree", HOFFSET(IndexRow, cfg), H5T_NATIVE_INT32);
+  H5Tinsert(t, "pipefusion_degree", HOFFSET(IndexRow, pipefusion), H5T_NATIVE_INT32);
+  H5Tinsert(t, "ring_degree", HOFFSET(IndexRow, ring), H5T_NATIVE_INT32);
+  H5Tinsert(t, "ulysses_degree", HOFFSET(IndexRow, ulysses), H5T_NATIVE_INT32);
+  H5Tinsert(t, "total_latency_s", HOFFSET(IndexRow, totalLatency), H5T_NATIVE_DOUBLE);
+  H5Tinsert(t, "mean_step_time_s", HOFFSET(IndexRow, meanStepTime), H5T_NATIVE_DOUBLE);
+  H5Tinsert(t, "images_per_second", HOFFSET(IndexRow, imagesPerSecond), H5T_NATIVE_DOUBLE);
+  H5Tinsert(t, "peak_host_rss_max", HOFFSET(IndexRow, peakHostRss), H5T_NATIVE_UINT64);
+  H5Tinsert(t, "peak_device_memory_max", HOFFSET(IndexRow, peakDeviceMemory), H5T_NATIVE_UINT64);
+  H5Tclose(str);
+  return t;
+}
+
+// Appends run `id` to /run_index, creating the index from every run when the file has none (files
+// written before it existed).
+void appendIndexRow(hid_t file, hid_t runs, const std::string& id) {
+  H5Id type(indexType(), H5Tclose, "index type");
+  if (H5Lexists(file, "run_index", H5P_DEFAULT) <= 0) {
+    std::vector<std::string> ids;
+    H5G_info_t gi;
+    PARDIT_CHECK(H5Gget_info(runs, &gi) >= 0, "HDF5: listing /runs");
+    for (hsize_t i = 0; i < gi.nlinks; ++i) {
+      const ssize_t n = H5Lget_name_by_idx(runs, ".", H5_INDEX_NAME, H5_ITER_INC, i, nullptr, 0, H5P_DEFAULT);
+      std::string name(static_cast<size_t>(std::max<ssize_t>(0, n)), '\0');
+      H5Lget_name_by_idx(runs, ".", H5_INDEX_NAME, H5_ITER_INC, i, name.data(), name.size() + 1, H5P_DEFAULT);
+      ids.push_back(name);
+    }
+    std::vector<IndexStrings> keep(ids.size());
+    std::vector<IndexRow> rows;
+    for (size_t i = 0; i < ids.size(); ++i) rows.push_back(indexRow(runs, ids[i], keep[i]));
+    const hsize_t dims = rows.size(), maxDims = H5S_UNLIMITED, chunk = 64;
+    H5Id space(H5Screate_simple(1, &dims, &maxDims), H5Sclose, "index space");
+    H5Id props(H5Pcreate(H5P_DATASET_CREATE), H5Pclose, "index properties");
+    H5Pset_chunk(props.id, 1, &chunk);
+    H5Id ds(H5Dcreate2(file, "run_index", type.id, space.id, H5P_DEFAULT, props.id, H5P_DEFAULT), H5Dclose,
+            "dataset /run_index");
+    PARDIT_CHECK(H5Dwrite(ds.id, type.id, H5S_ALL, H5S_ALL, H5P_DEFAULT, rows.data()) >= 0, "HDF5: writing /run_index");
+    attrString(ds.id, "units", "one row per run of /runs, in id (time) order; seconds, bytes");
+    return;
+  }
+  H5Id ds(H5Dopen2(file, "run_index", H5P_DEFAULT), H5Dclose, "dataset /run_index");
+  hsize_t n = 0;
+  {
+    H5Id sp(H5Dget_space(ds.id), H5Sclose, "index space");
+    H5Sget_simple_extent_dims(sp.id, &n, nullptr);
+  }
+  const hsize_t grown = n + 1, one = 1;
+  PARDIT_CHECK(H5Dset_extent(ds.id, &grown) >= 0, "HDF5: growing /run_index");
+  H5Id fileSpace(H5Dget_space(ds.id), H5Sclose, "index space");
+  H5Sselect_hyperslab(fileSpace.id, H5S_SELECT_SET, &n, nullptr, &one, nullptr);
+  H5Id memSpace(H5Screate_simple(1, &one, nullptr), H5Sclose, "row space");
+  IndexStrings keep;
+  const IndexRow row = indexRow(runs, id, keep);
+  PARDIT_CHECK(H5Dwrite(ds.id, type.id, memSpace.id, fileSpace.id, H5P_DEFAULT, &row) >= 0, "HDF5: appending to /run_index");
+}
+
 // Appends /runs/<id> to `path` through a private temporary copy renamed over it, so an interrupted
 // write never damages earlier runs.
 void appendRun(const std::string& path, const std::string& id, const RunInfo& info, const Gathered& g,
@@ -305,6 +462,7 @@ void appendRun(const std::string& path, const std::string& id, const RunInfo& in
     writeStepData(run.id, g);
     writeRankData(run.id, g);
     writeSummary(run.id, info, g);
+    appendIndexRow(file.id, runs.id, id);
     PARDIT_CHECK(H5Fflush(file.id, H5F_SCOPE_GLOBAL) >= 0, tmp, ": flush failed");
   } catch (...) {
     std::error_code ec;

@@ -156,6 +156,9 @@ void Engine::Impl::benchmarkForwards(const BenchmarkRequest& request, BenchmarkR
   in.imgIds = imageIds(geom);
   in.txtIds = textIds(Lt);
   Run run(rt);
+  run.height = request.height;
+  run.width = request.width;
+  run.steps = request.iters;
   const TransformerFn fn = forwardFn(run, in, "");
   auto step = [&] {
     const at::Tensor out = detail::cfgGather(rt, fn(run.inputs));
@@ -221,6 +224,9 @@ void Engine::Impl::benchmarkDecode(const BenchmarkRequest& request, BenchmarkRes
   r.decodeMode = plan.modeName();
   if (plan.mode == DecodePlan::Mode::kTiles) r.decodeMode += ":" + std::to_string(plan.tile * plan.factor);
   Run run(rt);
+  run.height = request.height;
+  run.width = request.width;
+  run.steps = request.iters;
   for (int i = 0; i < request.warmup + request.iters; ++i) {
     rt.world().barrier();
     const uint64_t before = currentRssBytes();

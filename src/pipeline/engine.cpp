@@ -195,7 +195,8 @@ std::string Engine::Impl::finishMetrics(Run& run, const std::string& command, do
   run.recorder.setTotalSeconds(seconds);
   run.recorder.setPeaks(memory::devicePeakBytes(device.is_cuda(), device.is_cuda() ? device.index() : 0),
                         peakRssBytes());
-  metrics::RunInfo info{command, config::toMap(options), modelName, device.str(), warmupSteps, images};
+  metrics::RunInfo info{command, config::toMap(options), modelName, device.str(), warmupSteps, images,
+                        run.height, run.width, run.steps, dtypeName(dtype)};
   const std::string id = run.recorder.write(options.metrics, info);
   logInfo0("metrics: appended run ", id, " to ", options.metrics);
   return id;
@@ -516,6 +517,9 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
   const LatentGeometry geom{request.height, request.width, 16};
   // validate + encode
   Impl::Prompts prompts = m.validateAndEncode(run, request, geom);
+  run.height = request.height;
+  run.width = request.width;
+  run.steps = request.steps;
   const bool text = !prompts.text.empty();
   const int64_t B = text ? static_cast<int64_t>(prompts.text.clip.size()) : prompts.positive.promptEmbeds.size(0);
   const int64_t T = text ? prompts.text.maxLength : prompts.positive.promptEmbeds.size(1);

@@ -55,6 +55,8 @@ struct Engine::Impl {
     std::shared_ptr<model::FluxWeightProvider> weights;
     model::FluxInputs inputs;  // forward: this rank's share of the inputs
     std::optional<DecodePlan> decode;  // generate with images: planned beside the transformer's plan
+    int64_t height = 0, width = 0;     // for the metrics: the image size (0 for forward)
+    int steps = 0;                     // for the metrics: denoising steps, or timed iterations
     metrics::MetricsRecorder recorder;
     explicit Run(dist::Runtime& rt) : recorder(rt) {}
   };

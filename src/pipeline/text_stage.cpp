@@ -247,6 +247,7 @@ void Engine::Impl::benchmarkEncode(const BenchmarkRequest& request, BenchmarkRes
   r.encodeT5Streamed = encoders.t5Streamed();
   r.textLen = L;
   Run run(rt);
+  run.steps = request.iters;
   for (int i = 0; i < request.warmup + request.iters; ++i) {
     Timer t;
     run.recorder.beginStep();

@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <set>
 
 #include "mpi_env.h"
 #include "pardit/core/error.h"
@@ -66,6 +67,56 @@ std::vector<std::string> runIds(hid_t file) {
   H5Gclose(g);
   return ids;
 }
+// The fields of /run_index a test looks at (HDF5 converts the compound by field name).
+struct IndexRow {
+  std::string id, model, dtype;
+  int64_t height = 0, width = 0;
+  int32_t steps = 0, worldSize = 0, ulysses = 0;
+  double totalLatency = 0;
+  uint64_t peakHostRss = 0;
+};
+
+std::vector<IndexRow> readIndex(hid_t file) {
+  struct Raw {
+    char *id, *model, *dtype;
+    int64_t height, width;
+    int32_t steps, worldSize, ulysses;
+    double totalLatency;
+    uint64_t peakHostRss;
+  };
+  hid_t str = H5Tcopy(H5T_C_S1);
+  H5Tset_size(str, H5T_VARIABLE);
+  H5Tset_cset(str, H5T_CSET_UTF8);
+  hid_t t = H5Tcreate(H5T_COMPOUND, sizeof(Raw));
+  H5Tinsert(t, "id", HOFFSET(Raw, id), str);
+  H5Tinsert(t, "model", HOFFSET(Raw, model), str);
+  H5Tinsert(t, "dtype", HOFFSET(Raw, dtype), str);
+  H5Tinsert(t, "height", HOFFSET(Raw, height), H5T_NATIVE_INT64);
+  H5Tinsert(t, "width", HOFFSET(Raw, width), H5T_NATIVE_INT64);
+  H5Tinsert(t, "steps", HOFFSET(Raw, steps), H5T_NATIVE_INT32);
+  H5Tinsert(t, "world_size", HOFFSET(Raw, worldSize), H5T_NATIVE_INT32);
+  H5Tinsert(t, "ulysses_degree", HOFFSET(Raw, ulysses), H5T_NATIVE_INT32);
+  H5Tinsert(t, "total_latency_s", HOFFSET(Raw, totalLatency), H5T_NATIVE_DOUBLE);
+  H5Tinsert(t, "peak_host_rss_max", HOFFSET(Raw, peakHostRss), H5T_NATIVE_UINT64);
+  std::vector<IndexRow> rows;
+  auto d = dims(file, "run_index");
+  if (d.size() == 1) {
+    std::vector<Raw> raw(d[0]);
+    hid_t ds = H5Dopen2(file, "run_index", H5P_DEFAULT);
+    EXPECT_GE(H5Dread(ds, t, H5S_ALL, H5S_ALL, H5P_DEFAULT, raw.data()), 0);
+    for (auto& r : raw) {
+      rows.push_back({r.id, r.model, r.dtype, r.height, r.width, r.steps, r.worldSize, r.ulysses, r.totalLatency,
+                      r.peakHostRss});
+      H5free_memory(r.id);
+      H5free_memory(r.model);
+      H5free_memory(r.dtype);
+    }
+    H5Dclose(ds);
+  }
+  H5Tclose(t);
+  H5Tclose(str);
+  return rows;
+}
 }  // namespace
 
 TEST(Metrics, WriteReadBackAndAppend) {
@@ -89,7 +140,7 @@ TEST(Metrics, WriteReadBackAndAppend) {
     }
     rec.setPeaks(0, 12345);
     rec.setTotalSeconds(1.0);
-    ids[run] = rec.write(path, {"bench", {{"steps", "3"}}, "model-x", "cpu", 1, 2});
+    ids[run] = rec.write(path, {"bench", {{"steps", "3"}}, "model-x", "cpu", 1, 2, 64, 96 + 16 * run, 3, "fp32"});
   }
   if (rt.worldRank() == 0) {
     hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
@@ -124,6 +175,51 @@ TEST(Metrics, WriteReadBackAndAppend) {
       H5Dclose(ds);
       for (auto v : b) EXPECT_EQ(v, static_cast<uint64_t>(4 * 4 * (R - 1)));
     }
+    // /run_index: one row per run, readable as a table (h5py -> pandas in one line).
+    const auto rows = readIndex(f);
+    ASSERT_EQ(rows.size(), 2u);
+    for (int run = 0; run < 2; ++run) {
+      EXPECT_EQ(rows[run].id, ids[run]);
+      EXPECT_EQ(rows[run].model, "model-x");
+      EXPECT_EQ(rows[run].dtype, "fp32");
+      EXPECT_EQ(rows[run].height, 64);
+      EXPECT_EQ(rows[run].width, 96 + 16 * run);
+      EXPECT_EQ(rows[run].steps, 3);
+      EXPECT_EQ(rows[run].worldSize, R);
+      EXPECT_EQ(rows[run].ulysses, R);
+      EXPECT_GT(rows[run].totalLatency, 0.0);
+      EXPECT_EQ(rows[run].peakHostRss, 12345u);
+    }
+    hid_t g = H5Gopen2(f, ("runs/" + ids[0]).c_str(), H5P_DEFAULT);
+    EXPECT_EQ(readStringAttr(g, "dtype"), "fp32");
+    EXPECT_EQ(readStringAttr(g, "device"), "cpu");
+    H5Gclose(g);
+    H5Fclose(f);
+    // A file written before the index existed gets one for all its runs at its next append.
+    f = H5Fopen(path.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+    ASSERT_GE(H5Ldelete(f, "run_index", H5P_DEFAULT), 0);
+    H5Fclose(f);
+  }
+  rt.world().barrier();
+  std::string added;
+  {
+    metrics::MetricsRecorder rec(rt);
+    rec.addStep(0.1);
+    added = rec.write(path, {"generate", {}, "model-y", "cpu", 0, 1, 32, 32, 1, "bf16"});
+  }
+  if (rt.worldRank() == 0) {
+    hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+    ASSERT_GE(f, 0);
+    const auto rows = readIndex(f);
+    ASSERT_EQ(rows.size(), 3u);
+    // Every run, in id order, the new one included.
+    EXPECT_EQ(std::set<std::string>({rows[0].id, rows[1].id, rows[2].id}), std::set<std::string>({ids[0], ids[1], added}));
+    EXPECT_LT(rows[0].id, rows[1].id);
+    EXPECT_LT(rows[1].id, rows[2].id);
+    for (const auto& row : rows) {
+      EXPECT_EQ(row.model, row.id == added ? "model-y" : "model-x");
+      EXPECT_EQ(row.dtype, row.id == added ? "bf16" : "fp32");
+    }
     H5Fclose(f);
     std::filesystem::remove(path);
     std::ofstream(path + ".txt") << "not hdf5";
@@ -132,7 +228,7 @@ TEST(Metrics, WriteReadBackAndAppend) {
   // A file that is not HDF5 is refused on every rank and left as it was.
   metrics::MetricsRecorder rec(rt);
   rec.addStep(0.1);
-  EXPECT_THROW(rec.write(path + ".txt", {"bench", {}, "m", "cpu", 0, 1}), dist::CollectiveFailure);
+  EXPECT_THROW(rec.write(path + ".txt", {"bench", {}, "m", "cpu", 0, 1, 0, 0, 1, "fp32"}), dist::CollectiveFailure);
   if (rt.worldRank() == 0) {
     std::ifstream in(path + ".txt");
     std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());

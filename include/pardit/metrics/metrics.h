@@ -22,6 +22,9 @@ struct RunInfo {
   std::string device;                          // "cpu" or "cuda:N" (this rank's device kind)
   int warmupSteps = 0;                         // steps excluded from the mean step time
   int64_t images = 1;                          // images produced per run (for images per second)
+  int64_t height = 0, width = 0;               // pixels (0: not an image run)
+  int steps = 0;                               // denoising steps (bench: timed iterations)
+  std::string dtype;                           // compute dtype: "bf16", "fp32", ...
 };
 
 class MetricsRecorder {

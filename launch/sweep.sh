@@ -12,7 +12,7 @@
 # fails for any other reason fails the sweep (listed at the end, exit status 1), and so does a model or
 # image size that no run can take.
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"  # launch/ in a checkout, bin/ in an installed prefix
 model="" embeds="" negative="" metrics="" ranks="1 2 4" resolutions="256x256" steps=4 extra=() explicit=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -64,7 +64,8 @@ layouts() {  # n -> lines of flags
 
 cfgflags=() planflags=()
 [[ -n "$negative" ]] && cfgflags=(--negative-prompt-embeds "$negative" --true-cfg-scale 2) && planflags=(--true-cfg-scale 2)
-pardit="${PARDIT:-$root/build/pardit}"
+if [[ -x "$here/pardit" ]]; then pardit="${PARDIT:-$here/pardit}"; else pardit="${PARDIT:-$here/../build/pardit}"; fi
+export PARDIT="$pardit"  # the runs (launch/pardit-run) use the same binary as the plans
 firstError() { grep -m1 'error:' "$1" | sed 's/.*error: //'; }
 ok=0 skipped=0 failures=()
 for res in $resolutions; do
@@ -83,7 +84,7 @@ for res in $resolutions; do
         continue
       fi
       # shellcheck disable=SC2086
-      if "$root/launch/pardit-run" -n "$n" generate --model "$model" --prompt-embeds "$embeds" "${cfgflags[@]}" \
+      if "$here/pardit-run" -n "$n" generate --model "$model" --prompt-embeds "$embeds" "${cfgflags[@]}" \
            --height "$h" --width "$w" --steps "$steps" --seed 0 --quiet --metrics "$metrics" $flags "${extra[@]}" \
            >"$metrics.last.log" 2>&1 </dev/null; then
         ok=$((ok + 1)); echo "sweep: ${res} n=${n} ${flags:-single rank}: ok"

@@ -54,7 +54,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
 MpiDefault=none
-NodeName=$host CPUs=$(nproc) State=UNKNOWN
+NodeName=$host CPUs=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
 export SLURM_CONF="$work/slurm.conf"
@@ -88,4 +88,31 @@ runs=$(h5ls "$metrics/runs" | wc -l)
 for r in $(h5ls "$metrics/runs" | awk '{print $1}'); do
   h5ls "$metrics/runs/$r/step_time" | grep -q "Dataset {[12], 2}" || { echo "run $r: unexpected step_time shape"; h5ls "$metrics/runs/$r/step_time"; exit 1; }
 done
-echo "slurm test passed: job $job wrote $runs runs"
+
+# generate.sbatch exactly as its header documents it, with the variables it documents (an environment
+# hook among them), from a submit directory of its own.
+cat >"$work/env.sh" <<'ENV'
+echo "environment hook ran"
+export PARDIT_HOOK_MARK=1
+ENV
+# It runs from an installed prefix, as on a cluster with a shared install (PARDIT_ROOT=<prefix>).
+cmake --install "$(dirname "$pardit")" --prefix "$work/prefix" >/dev/null
+mkdir -p "$work/submit"
+job=$(cd "$work/submit" && PARDIT_ROOT="$work/prefix" PARDIT_ENV_SETUP="$work/env.sh" OUT="$work/gen" \
+      HEIGHT=64 WIDTH=64 STEPS=2 FLAGS="--ulysses-degree 2 --max-sequence-length 16" \
+      sbatch --parsable --ntasks=2 --export=ALL,MODEL="$work/model",PROMPT="a cat on the moon" \
+      "$work/prefix/share/pardit/slurm/generate.sbatch")
+echo "submitted job $job (generate.sbatch)"
+deadline=$((SECONDS + ${PARDIT_SLURM_TIMEOUT:-300}))
+while squeue -h -j "$job" 2>/dev/null | grep -q .; do
+  (( SECONDS < deadline )) || { echo "job $job did not finish in ${PARDIT_SLURM_TIMEOUT:-300} s"; scontrol show job "$job";
+                                 scancel "$job"; cat "$work/submit/"*.out; tail -20 "$work/log/slurmd.log"; grep -iE "error|job_?2|JobId=2" "$work/log/slurmctld.log" | tail -20; exit 1; }
+  sleep 2
+done
+cat "$work/submit/slurm-$job.out"
+grep -q "environment hook ran" "$work/submit/slurm-$job.out" || { echo "PARDIT_ENV_SETUP was not sourced"; exit 1; }
+grep -q "2 task(s) on 1 node(s)" "$work/submit/slurm-$job.out" || { echo "the job did not get 2 tasks"; exit 1; }
+grep -q "pardit generate: .* binary $work/prefix/bin/pardit" "$work/submit/slurm-$job.out" || { echo "the job did not run the installed pardit"; exit 1; }
+[[ -s "$work/gen/image.png" ]] || { echo "generate.sbatch wrote no image"; exit 1; }
+h5ls "$work/gen/metrics.h5/runs" | grep -q . || { echo "generate.sbatch wrote no metrics run"; exit 1; }
+echo "slurm test passed: the sweep wrote $runs runs; generate.sbatch wrote $work/gen/image.png"

@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "pardit/core/error.h"
+#include "pardit/core/files.h"
 
 extern char** environ;
 
@@ -349,6 +350,9 @@ const std::vector<Option>& optionTable() {
             "PipeFusion patches (row stripes) per image; 0: the PipeFusion degree", atLeast(0)));
     add(opt("warmup-steps", &EngineConfig::warmupSteps, Group::kParallel, Sync::kValue, par, "N",
             "PipeFusion synchronous steps with fresh K/V before the patch pipeline", atLeast(0)));
+    add(opt("collective-timeout", &EngineConfig::collectiveTimeout, Group::kParallel, Sync::kValue, kRunCommands,
+            "SECONDS", "abort the job when a collective or transfer has not completed after this long (a stopped, "
+            "hung or unreachable rank), naming the operation and the step; 0: never", atLeast(0.0)));
     add(opt("pp-partition", &EngineConfig::ppPartition, Group::kParallel, Sync::kValue, par, "SPLIT",
             "PipeFusion stage split: compute (equal block counts), memory (equal weight bytes) or N0,N1,..."));
     // memory
@@ -712,6 +716,7 @@ po::variables_map readConfigFile(const std::string& configFile, const po::option
   if (configFile.empty()) return fileVm;
   std::ifstream in(configFile);
   PARDIT_CHECK(in.good(), configFile, ": cannot open config file (--config)");
+  registerInputFile(configFile);
   try {
     po::store(po::parse_config_file(in, desc, /*allow_unregistered=*/false), fileVm);
   } catch (const po::unknown_option& e) {

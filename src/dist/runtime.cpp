@@ -115,7 +115,8 @@ void Runtime::agree(const std::function<void()>& phase) {
   if (first < worldSize_) throw CollectiveFailure(first);
 }
 
-void Runtime::checkSame(const std::vector<std::pair<std::string, std::string>>& values, const std::string& what) {
+void Runtime::checkSame(const std::vector<std::pair<std::string, std::string>>& values, const std::string& what,
+                        const std::string& hint) {
   if (worldSize_ == 1) return;
   // Rank 0's values, as "name\0value\0..." bytes, go to every rank; each compares with its own.
   std::string mine;
@@ -140,14 +141,14 @@ void Runtime::checkSame(const std::vector<std::pair<std::string, std::string>>& 
   for (const auto& [name, value] : values) {
     auto it = root.find(name);
     PARDIT_CHECK(it != root.end(), what, " differ between ranks: rank ", worldRank_, " has ", name,
-                 " and rank 0 does not; every rank must run the same command");
+                 " and rank 0 does not; ", hint);
     PARDIT_CHECK(it->second == value, what, " differ between ranks: ", name, " is '", it->second, "' on rank 0 and '",
-                 value, "' on rank ", worldRank_, "; every rank must run the same command");
+                 value, "' on rank ", worldRank_, "; ", hint);
   }
   for (const auto& name : rootOrder) {
     const bool here = std::any_of(values.begin(), values.end(), [&](const auto& v) { return v.first == name; });
     PARDIT_CHECK(here, what, " differ between ranks: rank 0 has ", name, " and rank ", worldRank_,
-                 " does not; every rank must run the same command");
+                 " does not; ", hint);
   }
 }
 

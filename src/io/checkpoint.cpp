@@ -343,7 +343,10 @@ const TensorSource& FluxCheckpoint::source(const std::string& name) const {
 
 at::Tensor FluxCheckpoint::load(const std::string& name, c10::ScalarType dtype, c10::Device device) const {
   const TensorSource& src = source(name);
-  loaded_.insert(name);
+  {
+    std::lock_guard<std::mutex> lock(*loadedMutex_);
+    loaded_.insert(name);
+  }
   std::vector<at::Tensor> parts;
   parts.reserve(src.pieces.size());
   for (const auto& p : src.pieces) parts.push_back(p.file->readRows(p.tensor, p.rowBegin, p.rowEnd).to(dtype));
@@ -355,6 +358,11 @@ at::Tensor FluxCheckpoint::load(const std::string& name, c10::ScalarType dtype, 
 
 model::WeightGetter FluxCheckpoint::getter(c10::ScalarType dtype, c10::Device device) const {
   return [this, dtype, device](const std::string& name) { return load(name, dtype, device); };
+}
+
+std::set<std::string> FluxCheckpoint::tensorsLoaded() const {
+  std::lock_guard<std::mutex> lock(*loadedMutex_);
+  return loaded_;
 }
 
 uint64_t FluxCheckpoint::bytesRead() const {

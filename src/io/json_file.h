@@ -7,12 +7,14 @@
 #include <fstream>
 
 #include "pardit/core/error.h"
+#include "pardit/core/files.h"
 
 namespace pardit::io::detail {
 
 inline nlohmann::json readJsonFile(const std::filesystem::path& file) {
   std::ifstream in(file);
   PARDIT_CHECK(in.good(), file.string(), ": cannot open");
+  registerInputFile(file.string());
   try {
     return nlohmann::json::parse(in);
   } catch (const nlohmann::json::exception& e) {

@@ -8,9 +8,9 @@
 #include <cstring>
 #include <filesystem>
 #include <memory>
-#include <random>
 
 #include "pardit/core/error.h"
+#include "pardit/core/files.h"
 
 namespace fs = std::filesystem;
 
@@ -101,28 +101,17 @@ void writePng(const std::string& path, const at::Tensor& image, const PngText& t
                ": a PNG image must be uint8 [H, W, C] on the CPU, got ", image.sizes(), " ", image.scalar_type());
   PARDIT_CHECK(image.size(0) > 0 && image.size(1) > 0, path, ": empty image");
   const at::Tensor img = image.contiguous();
-  const fs::path target(path);
-  const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
-  const fs::path tmp = dir / ("." + target.filename().string() + "." + std::to_string(::getpid()) + "." +
-                              std::to_string(std::random_device{}()) + ".tmp");
+  TemporaryFile temp(path);
   std::string error;
   {
-    File f(std::fopen(tmp.c_str(), "wb"));
-    PARDIT_CHECK(f != nullptr, path, ": cannot create ", tmp.string());
+    File f(std::fopen(temp.path().c_str(), "wbx"));
+    PARDIT_CHECK(f != nullptr, path, ": cannot create ", temp.path());
     writeTo(f.get(), img, text, error);
     const bool flushed = std::fflush(f.get()) == 0 && ::fsync(fileno(f.get())) == 0;
     if (error.empty() && !flushed) error = "write failed (disk full?)";
   }
-  std::error_code ec;
-  if (!error.empty()) {
-    fs::remove(tmp, ec);
-    PARDIT_THROW(path, ": ", error);
-  }
-  fs::rename(tmp, target, ec);
-  if (ec) {
-    fs::remove(tmp, ec);
-    PARDIT_THROW(path, ": cannot rename the finished image into place");
-  }
+  if (!error.empty()) PARDIT_THROW(path, ": ", error);  // the temporary is removed by its guard
+  temp.commit("--output");
 }
 
 PngImage readPng(const std::string& path) {

@@ -14,6 +14,8 @@
 
 #include "pardit/core/dtype.h"
 #include "pardit/core/error.h"
+#include "pardit/core/files.h"
+#include "pardit/core/format.h"
 
 namespace pardit::io {
 
@@ -73,6 +75,7 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
   struct stat st {};
   PARDIT_CHECK(::fstat(file->fd_, &st) == 0, path, ": cannot stat: ", errnoText());
   PARDIT_CHECK(S_ISREG(st.st_mode), path, ": not a regular file");
+  registerInputFile(path);  // no output of this run may replace it
   file->fileSize_ = static_cast<uint64_t>(st.st_size);
   PARDIT_CHECK(file->fileSize_ >= 8, path, ": not a safetensors file (", file->fileSize_,
                " bytes, shorter than the 8-byte header length)");
@@ -87,6 +90,7 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
   PARDIT_CHECK(headerLen >= 2, path, ": header length ", headerLen, " is too small for a JSON object");
   std::string header(headerLen, '\0');
   preadAll(file->fd_, header.data(), headerLen, 8, path);
+  file->headerHash_ = fnv1a(header.data(), header.size());
   file->dataOffset_ = 8 + headerLen;
   file->parseHeader(header);
   return file;
@@ -94,6 +98,17 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
 
 SafetensorsFile::~SafetensorsFile() {
   if (fd_ >= 0) ::close(fd_);
+}
+
+uint64_t SafetensorsFile::sampleHash() const {
+  const uint64_t data = fileSize_ - dataOffset_, window = std::min<uint64_t>(4096, data);
+  uint64_t h = kFnvOffset;
+  std::string buf(window, '\0');
+  for (uint64_t start : {uint64_t{0}, (data - window) / 2, data - window}) {
+    preadAll(fd_, buf.data(), window, dataOffset_ + start, path_);
+    h = fnv1a(buf.data(), buf.size(), h);
+  }
+  return h;
 }
 
 void SafetensorsFile::parseHeader(const std::string& header) {
@@ -184,7 +199,7 @@ void SafetensorsFile::readBytes(const TensorInfo& t, uint64_t offset, uint64_t n
   PARDIT_CHECK(offset + nbytes <= t.nbytes(), path_, ": tensor '", t.name, "': read of ", nbytes,
                " bytes at offset ", offset, " is outside the tensor");
   preadAll(fd_, dst, nbytes, dataOffset_ + t.begin + offset, path_ + ": tensor '" + t.name + "'");
-  *bytesRead_ += nbytes;
+  bytesRead_->fetch_add(nbytes, std::memory_order_relaxed);
 }
 
 at::Tensor SafetensorsFile::read(const std::string& name) const {
@@ -266,9 +281,10 @@ void SafetensorsWriter::write(const std::string& path) const {
   const uint64_t headerLen = text.size();
   const uint64_t total = 8 + headerLen + offset;
 
-  const std::string tmp = path + ".tmp";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  PARDIT_CHECK(fd >= 0, tmp, ": cannot create: ", errnoText());
+  TemporaryFile temp(path);
+  const std::string& tmp = temp.path();
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  PARDIT_CHECK(fd >= 0, path, ": cannot create ", tmp, ": ", errnoText());
   try {
     unsigned char lenBytes[8];
     for (int i = 0; i < 8; ++i) lenBytes[i] = static_cast<unsigned char>((headerLen >> (8 * i)) & 0xff);
@@ -292,12 +308,11 @@ void SafetensorsWriter::write(const std::string& path) const {
     PARDIT_CHECK(::ftruncate(fd, static_cast<off_t>(total)) == 0, tmp, ": truncate failed: ", errnoText());
     PARDIT_CHECK(::close(fd) == 0, tmp, ": close failed: ", errnoText());
     fd = -1;
-    PARDIT_CHECK(::rename(tmp.c_str(), path.c_str()) == 0, path, ": cannot rename from ", tmp, ": ", errnoText());
   } catch (...) {
     if (fd >= 0) ::close(fd);
-    ::unlink(tmp.c_str());
-    throw;
+    throw;  // the temporary is removed by its guard
   }
+  temp.commit(path);
 }
 
 void writeSafetensors(const std::string& path, const std::map<std::string, at::Tensor>& tensors,
@@ -315,8 +330,7 @@ void checkOutputPath(const std::string& path, const std::string& flag) {
   std::error_code ec;
   const auto status = fs::status(p, ec);
   PARDIT_CHECK(!fs::is_directory(status), flag, " ", path, ": is a directory, expected a file name");
-  PARDIT_CHECK(!fs::exists(status) || fs::is_regular_file(status), flag, " ", path,
-               ": exists and is not a regular file; refusing to replace it");
+  checkReplaceable(path, flag);
   const fs::path dir = p.has_parent_path() ? p.parent_path() : fs::path(".");
   PARDIT_CHECK(fs::is_directory(dir, ec), flag, " ", path, ": directory ", dir.string(), " does not exist");
 }

@@ -12,6 +12,8 @@
 #include <sstream>
 
 #include "pardit/core/error.h"
+#include "pardit/core/format.h"
+#include "pardit/core/files.h"
 #include "pardit/io/safetensors.h"
 #include "pardit/io/text_encoder_checkpoint.h"
 #include "pardit/io/vae_checkpoint.h"
@@ -22,24 +24,17 @@ namespace fs = std::filesystem;
 namespace pardit::io {
 
 namespace {
-uint64_t fnv1a(const std::string& s) {
-  uint64_t h = 1469598103934665603ULL;
-  for (unsigned char ch : s) {
-    h ^= ch;
-    h *= 1099511628211ULL;
-  }
-  return h;
-}
 
 void writeText(const fs::path& p, const std::string& text) {
-  const fs::path tmp = p.string() + ".tmp";
+  TemporaryFile tmp(p.string());
   {
-    std::ofstream out(tmp);
-    PARDIT_CHECK(out.good(), tmp.string(), ": cannot create");
+    std::ofstream out(tmp.path());
+    PARDIT_CHECK(out.good(), tmp.path(), ": cannot create");
     out << text;
-    PARDIT_CHECK(out.good(), tmp.string(), ": write failed");
+    out.flush();
+    PARDIT_CHECK(out.good(), tmp.path(), ": write failed");
   }
-  fs::rename(tmp, p);
+  tmp.commit("--out");
 }
 
 std::string schedulerConfigJson(bool dynamicShift) {
@@ -297,7 +292,7 @@ model::T5Config SynthOptions::t5() const {
 }
 
 at::Tensor synthTensor(uint64_t seed, const std::string& name, const std::vector<int64_t>& shape) {
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed ^ fnv1a(name));
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed ^ fnv1a(name.data(), name.size()));
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   auto endsWith = [&](const char* suffix) {
     const size_t n = std::strlen(suffix);

@@ -102,6 +102,7 @@ StreamingFluxWeights::Fetched StreamingFluxWeights::fetch(const std::string& gro
   if (device_.is_cuda()) guard.emplace(c10::cuda::getStreamFromPool(false, device_.index()));
 #endif
   for (const auto& n : tensorNames(group)) {
+    if (stopping_.load()) break;  // the run ended: this read-ahead is not needed
     at::Tensor src;
     if (options_.hostCache) {
       src = hostCache_.at(group).at(n);
@@ -127,6 +128,7 @@ StreamingFluxWeights::Fetched StreamingFluxWeights::fetch(const std::string& gro
 }
 
 StreamingFluxWeights::Fetched StreamingFluxWeights::take(const std::string& group) {
+  stopping_.store(false);  // a new run (endOfRun() left nothing pending)
   Fetched f;
   if (pending_.valid() && pendingGroup_ == group) {
     Timer t;
@@ -153,7 +155,15 @@ StreamingFluxWeights::Fetched StreamingFluxWeights::take(const std::string& grou
   return f;
 }
 
+void StreamingFluxWeights::endOfRun() {
+  stopping_.store(true);
+  if (!pending_.valid()) return;
+  Fetched unused = pending_.get();
+  accountant_->remove(unused.bytes);
+}
+
 void StreamingFluxWeights::prefetchAfter(const std::string& group) {
+  if (stopping_.load()) return;
   auto it = std::find(streamOrder_.begin(), streamOrder_.end(), group);
   if (it == streamOrder_.end() || streamOrder_.size() < 2) return;
   const std::string next = (it + 1 == streamOrder_.end()) ? streamOrder_.front() : *(it + 1);

@@ -10,11 +10,17 @@
 #include <cstring>
 #include <ctime>
 #include <filesystem>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 #include <random>
 #include <sstream>
+#include <thread>
 
 #include "pardit/core/error.h"
+#include "pardit/core/files.h"
+#include "pardit/core/format.h"
+#include "pardit/core/log.h"
 #include "pardit/core/timer.h"
 #include "pardit/version.h"
 
@@ -25,6 +31,8 @@
 namespace fs = std::filesystem;
 
 namespace pardit::metrics {
+
+constexpr double kMetricsLockWaitSeconds = 600;
 
 const std::vector<std::string>& collectiveKinds() {
   static const std::vector<std::string> kinds = {"all_to_all", "all_gather", "broadcast", "all_reduce", "send_recv"};
@@ -440,22 +448,75 @@ void appendIndexRow(hid_t file, hid_t runs, const std::string& id) {
   PARDIT_CHECK(H5Dwrite(ds.id, type.id, memSpace.id, fileSpace.id, H5P_DEFAULT, &row) >= 0, "HDF5: appending to /run_index");
 }
 
-// Appends /runs/<id> to `path` through a private temporary copy renamed over it, so an interrupted
-// write never damages earlier runs.
+// An advisory lock (flock) on `<target>.lock`, so that jobs appending to one metrics file, on this node or
+// on others sharing the file system, take turns: each copies the file as it is under the lock, so no run
+// is lost. Waits up to kMetricsLockWaitSeconds for another job's append, then fails naming the lock.
+class AppendLock {
+ public:
+  explicit AppendLock(const std::string& target) : name_(target + ".lock") {
+    fd_ = ::open(name_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    PARDIT_CHECK(fd_ >= 0, "--metrics ", target, ": cannot open the lock file ", name_, ": ", std::strerror(errno));
+    Timer waited;
+    bool told = false;
+    while (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+      const int e = errno;
+      if (e != EWOULDBLOCK && e != EINTR) {
+        ::close(fd_);
+        PARDIT_THROW("--metrics ", target, ": cannot lock ", name_, ": ", std::strerror(e));
+      }
+      if (!told && waited.seconds() > 5) {
+        logWarn("metrics: waiting for another job appending to ", target, " (lock ", name_, ")");
+        told = true;
+      }
+      if (waited.seconds() > kMetricsLockWaitSeconds) {
+        ::close(fd_);
+        PARDIT_THROW("--metrics ", target, ": another job has held ", name_, " for ",
+                     formatSeconds(kMetricsLockWaitSeconds), "; this run was not appended");
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  }
+  ~AppendLock() {
+    ::flock(fd_, LOCK_UN);
+    ::close(fd_);
+  }
+  AppendLock(const AppendLock&) = delete;
+  AppendLock& operator=(const AppendLock&) = delete;
+
+ private:
+  std::string name_;
+  int fd_ = -1;
+};
+
+// Number of runs in an existing metrics file (0 when it has none).
+hsize_t runCount(hid_t file) {
+  if (H5Lexists(file, "runs", H5P_DEFAULT) <= 0) return 0;
+  H5Id runs(H5Gopen2(file, "runs", H5P_DEFAULT), H5Gclose, "group /runs");
+  H5G_info_t gi{};
+  PARDIT_CHECK(H5Gget_info(runs.id, &gi) >= 0, "HDF5: reading /runs");
+  return gi.nlinks;
+}
+
+// Appends /runs/<id> to `path`: under the file's lock, a private temporary copy gets the run and is
+// renamed over the file, so an interrupted write never damages earlier runs and concurrent jobs never
+// drop each other's.
 void appendRun(const std::string& path, const std::string& id, const RunInfo& info, const Gathered& g,
                const dist::Topology& topo) {
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid()) + "." + id;
+  checkReplaceable(path, "--metrics");
+  AppendLock lock(path);
+  TemporaryFile tmp(path);
   const bool existing = fs::exists(path);
-  if (existing) fs::copy_file(path, tmp, fs::copy_options::overwrite_existing);
+  if (existing) fs::copy_file(path, tmp.path(), fs::copy_options::overwrite_existing);
   H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);  // errors become pardit::Error below
-  try {
-    H5Id file(existing ? H5Fopen(tmp.c_str(), H5F_ACC_RDWR, H5P_DEFAULT)
-                       : H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT),
-              H5Fclose, existing ? path + ": not an HDF5 file (--metrics)" : tmp + ": cannot create (--metrics)");
+  {
+    H5Id file(existing ? H5Fopen(tmp.path().c_str(), H5F_ACC_RDWR, H5P_DEFAULT)
+                       : H5Fcreate(tmp.path().c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT),
+              H5Fclose, existing ? path + ": not an HDF5 file (--metrics)" : tmp.path() + ": cannot create (--metrics)");
     if (!existing) {
       attrString(file.id, "schema", "pardit-metrics");
       attrScalar<int32_t>(file.id, "schema_version", 1, H5T_NATIVE_INT32);
     }
+    const hsize_t before = runCount(file.id);
     H5Id runs(openOrCreateGroup(file.id, "runs"), H5Gclose, "group /runs");
     H5Id run(H5Gcreate2(runs.id, id.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose, "group /runs/" + id);
     writeProvenance(run.id, info, g, topo);
@@ -463,13 +524,10 @@ void appendRun(const std::string& path, const std::string& id, const RunInfo& in
     writeRankData(run.id, g);
     writeSummary(run.id, info, g);
     appendIndexRow(file.id, runs.id, id);
-    PARDIT_CHECK(H5Fflush(file.id, H5F_SCOPE_GLOBAL) >= 0, tmp, ": flush failed");
-  } catch (...) {
-    std::error_code ec;
-    fs::remove(tmp, ec);  // the original file is untouched
-    throw;
+    PARDIT_CHECK(H5Fflush(file.id, H5F_SCOPE_GLOBAL) >= 0, tmp.path(), ": flush failed");
+    PARDIT_CHECK(runCount(file.id) == before + 1, path, ": the run set did not grow by one run (--metrics)");
   }
-  fs::rename(tmp, path);
+  tmp.commit("--metrics");  // on any error above the temporary is removed and the file is untouched
 }
 
 }  // namespace

@@ -4,7 +4,9 @@
 
 #include "pardit/core/error.h"
 #include "pardit/core/timer.h"
+#include "pardit/dist/watchdog.h"
 #include "pardit/parallel/pipefusion.h"
+#include "pardit/pipeline/inputs.h"
 #include "pardit/pipeline/latents.h"
 
 namespace pardit::pipeline {
@@ -141,7 +143,10 @@ at::Tensor denoise(Denoiser& denoiser, at::Tensor latents, const FlowMatchEulerS
   at::Tensor guidance;
   if (sampling.withGuidance) guidance = at::full({1}, sampling.guidanceScale, f32);
   denoiser.begin(latents);
+  // One flag per step, set on the device without a sync: whether the latents stopped being finite.
+  at::Tensor nonFinite = at::zeros({scheduler.steps()}, at::TensorOptions().dtype(at::kBool).device(latents.device()));
   for (int i = 0; i < scheduler.steps(); ++i) {
+    dist::setWatchContext("step " + std::to_string(i + 1) + "/" + std::to_string(scheduler.steps()));
     Timer timer;
     DenoiseStep step;
     step.index = i;
@@ -155,9 +160,16 @@ at::Tensor denoise(Denoiser& denoiser, at::Tensor latents, const FlowMatchEulerS
       return scheduler.step(v, i, x);
     };
     latents = denoiser.step(latents, step);
+    nonFinite[i] = at::isfinite(latents).all().logical_not();
     if (onStep) onStep(StepReport{i, scheduler.steps(), timer.seconds()});
   }
-  return denoiser.finish(latents);
+  latents = denoiser.finish(latents);
+  const at::Tensor bad = nonFinite.cpu();
+  for (int i = 0; i < scheduler.steps(); ++i)
+    PARDIT_CHECK(!bad[i].item<bool>(), "the latents became non-finite (NaN or Inf) at step ", i + 1, " of ",
+                 scheduler.steps(), ": the weights or the inputs hold values the model cannot take");
+  checkFinite(latents, "denoise", "latents");
+  return latents;
 }
 
 }  // namespace pardit::pipeline

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <filesystem>
 #include <map>
 #include <numeric>
@@ -26,6 +27,7 @@
 #include "pardit/parallel/patch_vae.h"
 #include "pardit/version.h"
 #include "pardit/memory/streamer.h"
+#include "pardit/dist/watchdog.h"
 #include "pardit/metrics/metrics.h"
 #include "pardit/pipeline/inputs.h"
 #include "pardit/pipeline/latents.h"
@@ -38,6 +40,12 @@ namespace pardit::pipeline {
 using detail::PipeFusionLayout;
 
 namespace {
+// The hash of a tensor's bytes (what ranks compare to know they hold the same input).
+std::string tensorHash(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous().cpu();
+  return formatHash(fnv1a(c.data_ptr(), c.nbytes()));
+}
+
 // The prompt options of a command line.
 void promptsFromConfig(const config::EngineConfig& c, PromptInput& prompt, PromptInput& negative) {
   if (!c.prompt.empty()) prompt.texts = {c.prompt};
@@ -101,6 +109,10 @@ c10::ScalarType Engine::dtype() const { return impl_->dtype; }
 
 void Engine::Impl::open() {
   degrees = detail::degreesOf(options);
+  // A stopped or unreachable rank ends the job instead of hanging it (one rank has nobody to wait for).
+  dist::setCollectiveTimeout(rt.worldSize() > 1 ? options.collectiveTimeout : 0.0);
+  dist::setWatchContext("opening the model");
+  std::vector<std::pair<std::string, std::string>> checkpointFiles;
   rt.agree([&] {
     rt.checkSame(config::syncedOptions(options), "options");
     dist::Topology::validate(degrees, rt.worldSize());
@@ -114,6 +126,12 @@ void Engine::Impl::open() {
       modelName = options.model;
       const io::FluxCheckpoint* ck = &*checkpoint;
       read = [ck](const std::string& n, c10::ScalarType t, c10::Device d) { return ck->load(n, t, d); };
+      // The same path may name another file on another node: every rank must read the same checkpoint
+      // (compared in the next phase: a collective must not follow a check that may fail on some ranks only).
+      for (const auto& f : checkpoint->files())
+        checkpointFiles.emplace_back("--model file " + std::filesystem::path(f->path()).filename().string(),
+                                     "size " + std::to_string(f->fileSize()) + ", header hash " +
+                                         formatHash(f->headerHash()) + ", data sample hash " + formatHash(f->sampleHash()));
     } else {
       PARDIT_CHECK(!options.preset.empty(), "--model is required (or --preset for an in-memory model)");
       config = model::FluxConfig::preset(options.preset);
@@ -125,6 +143,10 @@ void Engine::Impl::open() {
         return io::synthTensor(0, n, shapes.at(n)).to(t).to(d);
       };
     }
+  });
+  rt.agree([&] {
+    rt.checkSame(checkpointFiles, "the checkpoint files",
+                 "every rank must read the same checkpoint (a node with another copy under the same path?)");
   });
   rt.setTopology(degrees, device);
   if (checkpoint) logInfo0("model ", modelName, " (", io::layoutName(checkpoint->layout()), "): ", config.describe());
@@ -282,6 +304,7 @@ ForwardResult Engine::forward(const model::FluxInputs& inputs, const std::string
   run.recorder.beginStep();
   ForwardResult result;
   result.output = detail::cfgGather(m.rt, fn(run.inputs));
+  if (weights) weights->endOfRun();
   run.recorder.endStep();
   result.report.runSeconds = timer.seconds();
   result.report.stepSeconds = {result.report.runSeconds};
@@ -317,7 +340,6 @@ void checkRequest(const GenerateRequest& r, const dist::ParallelDegrees& d) {
                "--cfg-degree 2 runs the two branches of true CFG and needs a negative prompt (--negative-prompt or "
                "--negative-prompt-embeds) and --true-cfg-scale > 1");
   LatentGeometry{r.height, r.width, 16}.validate();
-  if (!r.saveLatents.empty()) io::checkOutputPath(r.saveLatents, "--save-latents");
   PARDIT_CHECK(r.output.empty() || r.output != r.saveLatents, "--output and --save-latents name the same file ",
                r.output);
 }
@@ -327,6 +349,7 @@ void checkRequest(const GenerateRequest& r, const dist::ParallelDegrees& d) {
 Engine::Impl::Prompts Engine::Impl::validateAndEncode(Run& run, const GenerateRequest& request,
                                                      const LatentGeometry& geom) {
   Prompts p;
+  std::vector<std::pair<std::string, std::string>> inputs;  // what identifies the prompts, compared across ranks
   rt.agree([&] {
     checkRequest(request, degrees);
     PARDIT_CHECK(config.inChannels == geom.packedChannels(), modelName, ": the model takes ", config.inChannels,
@@ -349,6 +372,19 @@ Engine::Impl::Prompts Engine::Impl::validateAndEncode(Run& run, const GenerateRe
       T = p.positive.promptEmbeds.size(1);
       Tneg = p.negative ? p.negative->promptEmbeds.size(1) : T;
     }
+    // Every rank must denoise the same prompts, whichever file or text each was given.
+    if (request.prompt.isText()) {
+      std::string all;
+      for (const auto* list : {&p.text.clip, &p.text.t5, &p.text.negativeClip, &p.text.negativeT5})
+        for (const auto& text : *list) all += text + '\0';
+      inputs.emplace_back("the prompts", formatHash(fnv1a(all.data(), all.size())));
+    } else {
+      inputs.emplace_back("--prompt-embeds contents", tensorHash(p.positive.promptEmbeds) + tensorHash(p.positive.pooled));
+      if (p.negative)
+        inputs.emplace_back("--negative-prompt-embeds contents",
+                            tensorHash(p.negative->promptEmbeds) + tensorHash(p.negative->pooled));
+    }
+
     p.schedule = checkpoint ? resolveSchedule(request.schedule, *checkpoint) : resolveSchedule(request.schedule, config);
     run.pipefusion = detail::checkLayout(options, degrees, config, geom.tokenRows(), geom.tokenCols(), true);
     PARDIT_CHECK(!(run.pipefusion && degrees.cfg == 1) || T == Tneg,
@@ -360,7 +396,11 @@ Engine::Impl::Prompts Engine::Impl::validateAndEncode(Run& run, const GenerateRe
       for (const auto& path : imagePaths(request.output, B))
         if (!request.output.empty()) io::checkOutputPath(path, "--output");
     }
+    // Every input is open by now: no output may replace one (the writers check again before renaming).
+    if (!request.saveLatents.empty()) io::checkOutputPath(request.saveLatents, "--save-latents");
+    if (!options.metrics.empty()) io::checkOutputPath(options.metrics, "--metrics");
   });
+  rt.agree([&] { rt.checkSame(inputs, "the inputs", "every rank must be given the same prompt"); });
   return p;
 }
 
@@ -564,6 +604,8 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
   };
   const Sampling sampling{m.config.guidanceEmbed, request.guidanceScale, request.trueCfgScale};
   result.latents = denoise(*denoiser, noise, scheduler, sampling, progress);
+  if (run.weights) run.weights->endOfRun();
+  dist::setWatchContext("decoding and writing");
   result.report.runSeconds = total.seconds();
   result.report.loadSeconds = run.loadSeconds;
   m.reportLoop(*denoiser, result.report.runSeconds, rssBeforeLoop);

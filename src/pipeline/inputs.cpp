@@ -37,7 +37,34 @@ at::Tensor perSample(const io::SafetensorsFile& f, const std::string& name, cons
   return t.reshape({-1}).expand({B});
 }
 
+// A floating-point tensor with at least one element along each of `nonEmptyDims`.
+void checkFloat(const std::string& where, const std::string& name, const at::Tensor& t,
+                const std::vector<int64_t>& nonEmptyDims) {
+  PARDIT_CHECK(at::isFloatingType(t.scalar_type()), where, ": tensor '", name, "' is ", t.scalar_type(),
+               ", expected a floating-point dtype");
+  for (int64_t d : nonEmptyDims)
+    PARDIT_CHECK(t.size(d) > 0, where, ": tensor '", name, "' has shape ", t.sizes(), ": dimension ", d,
+                 " is empty");
+  checkFinite(t, where, name);
+}
+
 }  // namespace
+
+void checkFinite(const at::Tensor& t, const std::string& where, const std::string& name) {
+  if (!at::isFloatingType(t.scalar_type()) || t.numel() == 0) return;
+  const at::Tensor bad = at::isfinite(t).logical_not();
+  if (!bad.any().item<bool>()) return;
+  const at::Tensor first = bad.nonzero()[0].cpu();
+  std::ostringstream index;
+  index << "[";
+  for (int64_t d = 0; d < first.numel(); ++d) index << (d ? ", " : "") << first[d].item<int64_t>();
+  index << "]";
+  at::Tensor value = t;
+  for (int64_t d = 0; d < first.numel(); ++d) value = value[first[d].item<int64_t>()];
+  const int64_t count = bad.sum().item<int64_t>();
+  PARDIT_THROW(where, ": tensor '", name, "' has a non-finite value (", value.item<double>(), ") at index ",
+               index.str(), count > 1 ? " and " + std::to_string(count - 1) + " more" : std::string());
+}
 
 model::FluxInputs readForwardInputs(const std::string& path, const model::FluxConfig& mc) {
   auto in = io::SafetensorsFile::open(path);
@@ -57,6 +84,13 @@ model::FluxInputs readForwardInputs(const std::string& path, const model::FluxCo
   checkShape(path, "pooled_projections", x.pooled, {B, mc.vecInDim});
   checkShape(path, "img_ids", x.imgIds, {L, 3});
   checkShape(path, "txt_ids", x.txtIds, {x.txt.size(1), 3});
+  checkFloat(path, "hidden_states", x.img, {0, 1});
+  checkFloat(path, "encoder_hidden_states", x.txt, {1});
+  checkFloat(path, "pooled_projections", x.pooled, {});
+  checkFloat(path, "timestep", x.timestep, {});
+  if (x.guidance.defined()) checkFloat(path, "guidance", x.guidance, {});
+  checkFinite(x.imgIds, path, "img_ids");
+  checkFinite(x.txtIds, path, "txt_ids");
   x.timestep = perSample(*in, "timestep", x.timestep, B);
   if (x.guidance.defined()) x.guidance = perSample(*in, "guidance", x.guidance, B);
   return x;
@@ -66,6 +100,8 @@ void checkPromptEmbeddings(const PromptEmbeddings& e, const model::FluxConfig& m
   PARDIT_CHECK(e.promptEmbeds.defined() && e.pooled.defined(), what, ": prompt embeddings are missing");
   checkShape(what, "prompt_embeds", e.promptEmbeds, {-1, -1, mc.contextInDim});
   checkShape(what, "pooled_prompt_embeds", e.pooled, {e.promptEmbeds.size(0), mc.vecInDim});
+  checkFloat(what, "prompt_embeds", e.promptEmbeds, {0, 1});
+  checkFloat(what, "pooled_prompt_embeds", e.pooled, {});
 }
 
 PromptEmbeddings readPromptEmbeddings(const std::string& path, const model::FluxConfig& mc, const std::string& flag) {
@@ -79,6 +115,8 @@ PromptEmbeddings readPromptEmbeddings(const std::string& path, const model::Flux
   PromptEmbeddings e{requireTensor(*f, pe, why), requireTensor(*f, pp, why)};
   checkShape(path, pe, e.promptEmbeds, {-1, -1, mc.contextInDim});
   checkShape(path, pp, e.pooled, {e.promptEmbeds.size(0), mc.vecInDim});
+  checkFloat(path, pe, e.promptEmbeds, {0, 1});
+  checkFloat(path, pp, e.pooled, {});
   return e;
 }
 

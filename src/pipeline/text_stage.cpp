@@ -10,6 +10,7 @@
 
 #include "engine_impl.h"
 #include "pardit/core/error.h"
+#include "pardit/core/files.h"
 #include "pardit/core/format.h"
 #include "pardit/core/log.h"
 #include "pardit/core/sysinfo.h"
@@ -64,6 +65,7 @@ Engine::Impl::TextPrompts Engine::Impl::readTextPrompts(const PromptInput& promp
   if (!prompt.textFile.empty()) {
     std::ifstream in(prompt.textFile);
     PARDIT_CHECK(in.good(), prompt.textFile, ": cannot open (--prompt-file)");
+    registerInputFile(prompt.textFile);
     std::string line;
     while (std::getline(in, line)) {
       if (!line.empty() && line.back() == '\r') line.pop_back();

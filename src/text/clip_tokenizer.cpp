@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "pardit/core/error.h"
+#include "pardit/core/files.h"
 #include "unicode.h"
 
 namespace fs = std::filesystem;
@@ -21,6 +22,7 @@ const char* kEos = "<|endoftext|>";
 nlohmann::json readJson(const std::string& path) {
   std::ifstream in(path);
   PARDIT_CHECK(in.good(), path, ": cannot open");
+  registerInputFile(path);
   try {
     return nlohmann::json::parse(in);
   } catch (const nlohmann::json::exception& e) {
@@ -144,6 +146,7 @@ ClipTokenizer::ClipTokenizer(std::unordered_map<std::string, int64_t> vocab,
 ClipTokenizer ClipTokenizer::fromFiles(const std::string& vocabJson, const std::string& mergesTxt) {
   std::ifstream in(mergesTxt);
   PARDIT_CHECK(in.good(), mergesTxt, ": cannot open");
+  registerInputFile(mergesTxt);
   std::vector<std::pair<std::string, std::string>> merges;
   std::string line;
   size_t number = 0;

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "pardit/core/error.h"
+#include "pardit/core/files.h"
 #include "unicode.h"
 
 namespace fs = std::filesystem;
@@ -22,6 +23,7 @@ const char* kSpace = "\xE2\x96\x81";  // U+2581, SentencePiece's space
 std::string readFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   PARDIT_CHECK(in.good(), path, ": cannot open");
+  registerInputFile(path);
   return std::string(std::istreambuf_iterator<char>(in), {});
 }
 

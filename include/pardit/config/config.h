@@ -78,6 +78,7 @@ struct EngineConfig {
   int numPipelinePatch = 0;            // 0: the PipeFusion degree
   int warmupSteps = 1;
   Partition ppPartition;
+  double collectiveTimeout = 300;      // seconds a blocking collective may take before the job is aborted; 0: off
 
   // Memory
   MemoryBudget deviceMemoryBudget;

@@ -44,7 +44,11 @@ class Work {
 
 class Communicator {
  public:
+  Communicator() = default;
   virtual ~Communicator() = default;
+  // A communicator owns a group handle (an MPI communicator, an NCCL comm): never copied.
+  Communicator(const Communicator&) = delete;
+  Communicator& operator=(const Communicator&) = delete;
   virtual int rank() const = 0;
   virtual int size() const = 0;
   virtual std::string backend() const = 0;

@@ -73,7 +73,8 @@ class Runtime {
   // Fails every rank when the ranks hold different values: `values` are (name, value) pairs in the same
   // order on every rank; the error names the first that differs, with rank 0's and this rank's values.
   // Collective over the world; run it inside agree().
-  void checkSame(const std::vector<std::pair<std::string, std::string>>& values, const std::string& what);
+  void checkSame(const std::vector<std::pair<std::string, std::string>>& values, const std::string& what,
+                 const std::string& hint = "every rank must run the same command");
 
   // After an error on one rank of an MPI job: MPI_Abort, so that the other ranks do not wait for it.
   // Returns (leaving the exit to the caller) when the job has a single rank or MPI is not running.

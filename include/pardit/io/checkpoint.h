@@ -15,6 +15,7 @@
 #include <c10/core/Device.h>
 
 #include <map>
+#include <mutex>
 #include <set>
 #include <memory>
 #include <string>
@@ -64,7 +65,8 @@ class FluxCheckpoint {
 
   uint64_t bytesRead() const;   // tensor bytes read through this checkpoint so far
   // Internal names of the tensors loaded so far (each tensor's bytes are read once per load).
-  const std::set<std::string>& tensorsLoaded() const { return loaded_; }
+  // A copy: the streamer's prefetch thread may be loading while another thread asks.
+  std::set<std::string> tensorsLoaded() const;
   uint64_t totalBytes() const;  // bytes of all model tensors
 
  private:
@@ -77,6 +79,7 @@ class FluxCheckpoint {
   c10::ScalarType storedDtype_ = c10::kFloat;
   std::vector<std::shared_ptr<SafetensorsFile>> files_;
   std::map<std::string, TensorSource> sources_;
+  mutable std::shared_ptr<std::mutex> loadedMutex_ = std::make_shared<std::mutex>();  // guards loaded_
   mutable std::set<std::string> loaded_;
 
   friend class CheckpointBuilder;

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <atomic>
 #include <map>
 #include <memory>
 #include <string>
@@ -61,8 +62,13 @@ class SafetensorsFile {
   // Reads `nbytes` bytes starting `offset` bytes into tensor `info` into `dst`.
   void readBytes(const TensorInfo& info, uint64_t offset, uint64_t nbytes, void* dst) const;
 
-  // Bytes of tensor data read through this handle so far.
-  uint64_t bytesRead() const { return *bytesRead_; }
+  // Bytes of tensor data read through this handle so far (atomic: a prefetch thread may be reading).
+  uint64_t bytesRead() const { return bytesRead_->load(std::memory_order_relaxed); }
+  // FNV-1a hash of the header bytes, and the file size: what ranks compare to know they read the same file.
+  uint64_t headerHash() const { return headerHash_; }
+  // FNV-1a hash of three 4 KiB windows of the tensor data (its start, middle and end): cheap, and different
+  // for two files with the same layout but other weights (a fine-tune, another seed). Not counted as read.
+  uint64_t sampleHash() const;
 
  private:
   SafetensorsFile() = default;
@@ -75,7 +81,8 @@ class SafetensorsFile {
   std::vector<TensorInfo> tensors_;
   std::map<std::string, size_t> index_;
   std::map<std::string, std::string> metadata_;
-  std::shared_ptr<uint64_t> bytesRead_ = std::make_shared<uint64_t>(0);
+  uint64_t headerHash_ = 0;
+  std::shared_ptr<std::atomic<uint64_t>> bytesRead_ = std::make_shared<std::atomic<uint64_t>>(0);
 };
 
 // Writes a safetensors file. Tensors are produced one at a time (a producer callback per tensor), so

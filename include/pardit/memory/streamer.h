@@ -50,6 +50,9 @@ class StreamingFluxWeights final : public model::FluxWeightProvider {
   std::shared_ptr<const model::DoubleBlockWeights> doubleBlock(int64_t index) override;
   std::shared_ptr<const model::SingleBlockWeights> singleBlock(int64_t index) override;
   std::shared_ptr<const model::FinalLayerWeights> finalLayer() override;
+  // Stops the read-ahead (the wrap-around prefetch of the first streamed group for a next step that will
+  // not come): the pending fetch stops between tensors, and its memory is released.
+  void endOfRun() override;
 
   const WeightAccountant& accountant() const { return *accountant_; }
   uint64_t streamedGroupsFetched() const { return fetched_; }
@@ -86,6 +89,7 @@ class StreamingFluxWeights final : public model::FluxWeightProvider {
   std::shared_ptr<const model::FinalLayerWeights> final_;
   std::string pendingGroup_;
   std::future<Fetched> pending_;
+  std::atomic<bool> stopping_{false};  // set by endOfRun(): fetches in flight stop between tensors
   uint64_t fetched_ = 0;
   double waitSeconds_ = 0.0;
 };

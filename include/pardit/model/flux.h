@@ -84,6 +84,8 @@ class FluxWeightProvider {
   virtual std::shared_ptr<const DoubleBlockWeights> doubleBlock(int64_t index) = 0;
   virtual std::shared_ptr<const SingleBlockWeights> singleBlock(int64_t index) = 0;
   virtual std::shared_ptr<const FinalLayerWeights> finalLayer() = 0;
+  // The run's last forward is done: a provider that reads ahead stops reading (nothing more is needed).
+  virtual void endOfRun() {}
 };
 
 // Weight groups held in memory: all of them, or a pipeline stage's share (group names as in

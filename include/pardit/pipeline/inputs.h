@@ -20,6 +20,10 @@ model::FluxInputs readForwardInputs(const std::string& path, const model::FluxCo
 PromptEmbeddings readPromptEmbeddings(const std::string& path, const model::FluxConfig& config,
                                       const std::string& flag);
 
+// Throws, naming `where`, the tensor, the first offending index and the count, when a floating-point
+// tensor holds NaN or Inf.
+void checkFinite(const at::Tensor& t, const std::string& where, const std::string& name);
+
 // Checks embeddings given as tensors (from a file or a C++ caller) against the model.
 void checkPromptEmbeddings(const PromptEmbeddings& e, const model::FluxConfig& config, const std::string& what);
 

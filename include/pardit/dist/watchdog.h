@@ -1,0 +1,31 @@
+#pragma once
+// The collective watchdog (--collective-timeout): a rank that stops (SIGSTOP, a hung node, a lost link)
+// would leave the others spinning in a collective forever. Every blocking MPI operation is watched; when
+// one has not completed after the timeout, this rank prints which operation, on which communicator, at
+// which point of the run (the context, e.g. "step 3/28") and for how long, and aborts the whole job
+// (MPI_Abort). One watchdog thread per process; it only reads the watched state, so an idle job costs
+// nothing but one wake-up per second.
+#include <string>
+
+namespace pardit::dist {
+
+// Starts (or re-arms) the watchdog of this process; seconds <= 0 turns it off.
+void setCollectiveTimeout(double seconds);
+double collectiveTimeout();
+
+// What the run is doing, named in the watchdog's message ("loading weights", "step 3/28", ...).
+void setWatchContext(const std::string& context);
+
+// Marks one blocking operation in flight for its lifetime (the MPI backend wraps every call in one).
+class WatchedOperation {
+ public:
+  explicit WatchedOperation(const char* what);
+  ~WatchedOperation();
+  WatchedOperation(const WatchedOperation&) = delete;
+  WatchedOperation& operator=(const WatchedOperation&) = delete;
+
+ private:
+  bool armed_ = false;
+};
+
+}  // namespace pardit::dist

@@ -85,9 +85,17 @@ TEST(Streamer, OutputEqualsResidentAndPeakStaysWithinBudget) {
   for (bool hostCache : {false, true}) {
     auto streaming = std::make_shared<memory::StreamingFluxWeights>(c, read, plan, at::kCPU,
                                                                     memory::StreamingOptions{hostCache});
+    const uint64_t residentOnly = streaming->accountant().current();
     model::FluxTransformer t(c, streaming, std::make_shared<model::LocalAttention>());
     for (int rep = 0; rep < 2; ++rep) EXPECT_TRUE(at::equal(t.forward(in), ref)) << "host cache " << hostCache;
     EXPECT_EQ(streaming->streamedGroupsFetched(), 2 * streamedGroups);
+    // The read-ahead of the first streamed group for a next pass is held until the run says it is over.
+    EXPECT_GT(streaming->accountant().current(), residentOnly);
+    streaming->endOfRun();
+    EXPECT_EQ(streaming->accountant().current(), residentOnly);
+    EXPECT_TRUE(at::equal(t.forward(in), ref)) << "a run after endOfRun()";
+    streaming->endOfRun();
+    EXPECT_EQ(streaming->streamedGroupsFetched(), 3 * streamedGroups);
     EXPECT_LE(streaming->accountant().peak(), budget) << "host cache " << hostCache;
     EXPECT_LE(streaming->accountant().peak(), plan.residentBytes + plan.streamBufferBytes);
     EXPECT_GT(streaming->accountant().peak(), plan.residentBytes);  // streamed groups were counted

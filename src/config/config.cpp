@@ -333,6 +333,9 @@ const std::vector<Option>& optionTable() {
     add(opt("threads", &EngineConfig::threads, Group::kModel, Sync::kLocal, kAll, "N",
             "intra-op CPU threads per rank (0: the library default)", atLeast(0)));
     add(opt("log-level", &EngineConfig::logLevel, Group::kModel, Sync::kLocal, kAll, "LEVEL", "debug, info, warn or error"));
+    add(flagOpt("strict", 0, &EngineConfig::strict, Group::kModel, Sync::kValue, kModelCommands,
+                "stop on what is otherwise a warning: tensors in the checkpoint the model does not use, an invalid "
+                "model_index.json"));
     add(flagOpt("quiet", 'q', &EngineConfig::quiet, Group::kModel, Sync::kLocal, kAll, "print errors only"));
     // parallel layout
     const unsigned par = kModelCommands;

@@ -129,6 +129,9 @@ class CheckpointBuilder {
   static void openBflFile(FluxCheckpoint& ck, const fs::path& file);
   // Validates the configuration read from `where` and makes it the checkpoint's.
   static void adopt(FluxCheckpoint& ck, const model::FluxConfig& c, CheckpointLayout layout, const fs::path& where);
+  static fs::path chooseBflFile(const fs::path& dir);
+  static void checkModelIndex(FluxCheckpoint& ck, const fs::path& file);
+  static void noteUnused(FluxCheckpoint& ck, const std::string& where, const std::vector<std::string>& unused);
 };
 
 namespace {
@@ -142,6 +145,59 @@ const char* kBflProbe = "double_blocks.0.img_attn.norm.key_norm.scale";
 const char* kDiffusersProbe = "transformer_blocks.0.attn.norm_k.weight";
 
 }  // namespace
+
+// A folder of BFL single files (the transformer beside ae.safetensors, clip_l, t5xxl_*): the transformer is
+// the one file named flux1-*; otherwise the one file, among those that are not a known other part, whose
+// header has FLUX transformer tensors. Files that cannot be opened are skipped with a note, so an unrelated
+// damaged file does not hide a good model.
+fs::path CheckpointBuilder::chooseBflFile(const fs::path& dir) {
+  std::vector<fs::path> named, others;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    if (!e.is_regular_file() || !isSafetensors(e.path())) continue;
+    const std::string n = e.path().filename().string();
+    if (n.rfind("flux1-", 0) == 0 || n.rfind("flux1_", 0) == 0) {
+      named.push_back(e.path());
+    } else if (n.rfind("ae.", 0) != 0 && n.rfind("clip_", 0) != 0 && n.rfind("t5", 0) != 0) {
+      others.push_back(e.path());
+    }
+  }
+  std::sort(named.begin(), named.end());
+  std::sort(others.begin(), others.end());
+  if (named.size() == 1) return named[0];
+  PARDIT_CHECK(named.size() < 2, dir.string(), ": ", named.size(), " flux1-* transformer files (", named[0].filename().string(),
+               ", ", named[1].filename().string(), ", ...); pass one of them as --model");
+  std::vector<fs::path> flux;
+  std::string skipped;
+  for (const auto& cpath : others) {
+    try {
+      auto f = SafetensorsFile::open(cpath.string());
+      if (f->contains(kBflProbe) || f->contains(std::string("model.diffusion_model.") + kBflProbe)) flux.push_back(cpath);
+    } catch (const Error& e) {
+      skipped += (skipped.empty() ? "" : "; ") + e.message();
+    }
+  }
+  PARDIT_CHECK(!flux.empty(), dir.string(), ": no FLUX transformer found (expected transformer/config.json with "
+               "diffusion_pytorch_model*.safetensors, or a BFL flux1-*.safetensors file)",
+               skipped.empty() ? std::string() : "; skipped: " + skipped);
+  PARDIT_CHECK(flux.size() == 1, dir.string(), ": ", flux.size(), " FLUX transformer files found (",
+               flux[0].filename().string(), ", ", flux[1].filename().string(), ", ...); pass one of them as --model");
+  return flux[0];
+}
+
+// model_index.json of a diffusers pipeline folder: not needed to run, but a damaged or foreign one is worth
+// a word (another pipeline's folder?).
+void CheckpointBuilder::checkModelIndex(FluxCheckpoint& ck, const fs::path& file) {
+  if (!fs::exists(file)) return;
+  try {
+    const nlohmann::json j = readJsonFile(file);
+    PARDIT_CHECK(j.is_object(), file.string(), ": expected a JSON object");
+    const std::string cls = jsonField<std::string>(j, "_class_name", "", file);
+    PARDIT_CHECK(cls.find("Flux") != std::string::npos, file.string(), ": _class_name is '", cls,
+                 "', expected a FLUX pipeline (FluxPipeline)");
+  } catch (const Error& e) {
+    ck.findings_.push_back(e.message());
+  }
+}
 
 void CheckpointBuilder::adopt(FluxCheckpoint& ck, const model::FluxConfig& c, CheckpointLayout layout,
                               const fs::path& where) {
@@ -230,6 +286,19 @@ void CheckpointBuilder::openDiffusersDir(FluxCheckpoint& ck, const fs::path& dir
       ck.addSource(std::move(src));
     }
   }
+  std::set<std::string> used;
+  for (const auto& [name, src] : ck.sources_)
+    for (const auto& piece : src.pieces) used.insert(piece.tensor);
+  std::vector<std::string> unused;
+  for (const auto& [name, file] : byTensor)
+    if (!used.count(name)) unused.push_back(name);
+  noteUnused(ck, dir.string(), unused);
+}
+
+void CheckpointBuilder::noteUnused(FluxCheckpoint& ck, const std::string& where, const std::vector<std::string>& unused) {
+  if (unused.empty()) return;
+  ck.findings_.push_back(where + ": " + std::to_string(unused.size()) + " tensor(s) the model does not use, e.g. '" +
+                         unused.front() + "' (another model's weights, or a newer variant?)");
 }
 
 void CheckpointBuilder::openBflFile(FluxCheckpoint& ck, const fs::path& file) {
@@ -296,6 +365,10 @@ void CheckpointBuilder::openBflFile(FluxCheckpoint& ck, const fs::path& file) {
       ck.addSource(TensorSource{spec.name, spec.shape, {{f, n, 0, info->rows()}}});
     }
   }
+  std::vector<std::string> unused;
+  for (const auto& t : f->tensors())
+    if (t.name.size() < prefix.size() || !ck.sources_.count(t.name.substr(prefix.size()))) unused.push_back(t.name);
+  noteUnused(ck, file.string(), unused);
 }
 
 FluxCheckpoint CheckpointBuilder::build(const std::string& path) {
@@ -306,22 +379,13 @@ FluxCheckpoint CheckpointBuilder::build(const std::string& path) {
   if (fs::is_directory(p)) {
     if (fs::exists(p / "transformer" / "config.json")) {
       openDiffusersDir(ck, p / "transformer");
+      checkModelIndex(ck, p / "model_index.json");
     } else if (fs::exists(p / "config.json")) {
       openDiffusersDir(ck, p);
     } else {
-      std::vector<fs::path> candidates;
-      for (const auto& e : fs::directory_iterator(p))
-        if (e.is_regular_file() && isSafetensors(e.path())) candidates.push_back(e.path());
-      std::vector<fs::path> flux;
-      for (const auto& cpath : candidates) {
-        auto f = SafetensorsFile::open(cpath.string());
-        if (f->contains(kBflProbe) || f->contains(std::string("model.diffusion_model.") + kBflProbe))
-          flux.push_back(cpath);
-      }
-      PARDIT_CHECK(!flux.empty(), path, ": no FLUX transformer found (expected transformer/config.json with "
-                   "diffusion_pytorch_model*.safetensors, or a BFL flux1-*.safetensors file)");
-      PARDIT_CHECK(flux.size() == 1, path, ": ", flux.size(), " FLUX transformer files found; pass one of them");
-      openBflFile(ck, flux[0]);
+      const fs::path chosen = chooseBflFile(p);
+      ck.choice_ = "the transformer of " + path + " is " + chosen.filename().string();
+      openBflFile(ck, chosen);
     }
   } else {
     openBflFile(ck, p);

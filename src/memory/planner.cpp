@@ -114,6 +114,12 @@ RankPlan planRank(const RankWorkload& w, uint64_t budget, OffloadMode mode) {
                     formatBytes(plan.kvBytes).c_str(), formatBytes(plan.commBytes).c_str(), formatBytes(budget).c_str());
     }
     plan.problem = line;
+    // When the activations alone exceed the budget, no offload helps: say what does.
+    if (plan.activationBytes + plan.kvBytes + plan.commBytes >= budget)
+      plan.problem += "; the activations of " + std::to_string(w.imageTokens) + " image + " +
+                      std::to_string(w.textTokens) +
+                      " text tokens per rank do not fit: use a smaller --height/--width or more ranks "
+                      "(--ulysses-degree, --ring-degree, --pipefusion-degree)";
   }
   return plan;
 }

@@ -122,6 +122,11 @@ void Engine::Impl::open() {
     if (!options.metrics.empty()) io::checkOutputPath(options.metrics, "--metrics");
     if (!options.model.empty()) {
       checkpoint.emplace(io::FluxCheckpoint::open(options.model));
+      if (!checkpoint->choice().empty()) logInfo0(checkpoint->choice());
+      for (const auto& finding : checkpoint->findings()) {
+        PARDIT_CHECK(!options.strict, finding, " (--strict)");
+        logWarn0(finding, " (ignored; --strict makes this an error)");
+      }
       config = checkpoint->config();
       modelName = options.model;
       const io::FluxCheckpoint* ck = &*checkpoint;

@@ -68,6 +68,7 @@ struct EngineConfig {
   int threads = 0;                     // intra-op threads per rank; 0 = the library default
   LogLevelOption logLevel = LogLevelOption::kInfo;
   bool quiet = false;
+  bool strict = false;                 // unexpected checkpoint contents are errors, not warnings
   std::string configFile;
 
   // Parallel layout: world size = cfg x pipefusion x ring x ulysses

@@ -68,6 +68,11 @@ class FluxCheckpoint {
   // A copy: the streamer's prefetch thread may be loading while another thread asks.
   std::set<std::string> tensorsLoaded() const;
   uint64_t totalBytes() const;  // bytes of all model tensors
+  // What opening found questionable but could go on without: tensors the model does not use, an invalid
+  // model_index.json. Warnings by default; errors under --strict (the caller decides).
+  const std::vector<std::string>& findings() const { return findings_; }
+  // How the transformer was found (e.g. which file of a folder was chosen), for the log.
+  const std::string& choice() const { return choice_; }
 
  private:
   void addSource(TensorSource source) { sources_[source.name] = std::move(source); }
@@ -81,6 +86,8 @@ class FluxCheckpoint {
   std::map<std::string, TensorSource> sources_;
   mutable std::shared_ptr<std::mutex> loadedMutex_ = std::make_shared<std::mutex>();  // guards loaded_
   mutable std::set<std::string> loaded_;
+  std::vector<std::string> findings_;
+  std::string choice_;
 
   friend class CheckpointBuilder;
 };

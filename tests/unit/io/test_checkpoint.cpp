@@ -1,11 +1,13 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <filesystem>
 #include <fstream>
 
 #include "test_util.h"
 #include "pardit/core/error.h"
 #include "pardit/io/checkpoint.h"
+#include "pardit/io/safetensors.h"
 #include "pardit/io/synth.h"
 
 using namespace pardit;
@@ -156,4 +158,57 @@ TEST(Checkpoint, ErrorsNameTheFileAndTheTensor) {
       << R"({"metadata": {}, "weight_map": {"x_embedder.weight": "diffusion_pytorch_model-00001-of-00002.safetensors"}})";
   msg = openError(dir.file("idx"));
   EXPECT_NE(msg.find("does not exist"), std::string::npos) << msg;
+}
+
+TEST(Checkpoint, UnusedTensorsAndAForeignModelIndexAreFindingsNotSilence) {
+  TempDir dir;
+  io::SynthOptions o;
+  o.config = model::FluxConfig::preset("tiny");
+  o.presetName = "tiny";
+  o.outDir = dir.file("d");
+  auto rd = io::synthesizeCheckpoint(o);
+  EXPECT_TRUE(io::FluxCheckpoint::open(rd.modelPath).findings().empty());
+  // A BFL file with one tensor the model does not use.
+  const std::string bfl = dir.file("flux1-tiny.safetensors");
+  {
+    o.layout = io::CheckpointLayout::kBfl;
+    o.outDir = dir.file("b");
+    auto rb = io::synthesizeCheckpoint(o);
+    auto f = io::SafetensorsFile::open(rb.modelPath);
+    std::map<std::string, at::Tensor> tensors;
+    for (const auto& t : f->tensors()) tensors[t.name] = f->read(t.name);
+    tensors["lora_unet.extra.weight"] = at::zeros({2, 2});
+    io::writeSafetensors(bfl, tensors, f->metadata());
+  }
+  const auto ck = io::FluxCheckpoint::open(bfl);
+  ASSERT_EQ(ck.findings().size(), 1u);
+  EXPECT_NE(ck.findings()[0].find("1 tensor(s) the model does not use, e.g. 'lora_unet.extra.weight'"), std::string::npos)
+      << ck.findings()[0];
+  // model_index.json of another pipeline beside a FLUX transformer.
+  std::ofstream(rd.modelPath + "/model_index.json") << "{\"_class_name\": \"StableDiffusionPipeline\"}";
+  const auto d = io::FluxCheckpoint::open(rd.modelPath);
+  ASSERT_EQ(d.findings().size(), 1u);
+  EXPECT_NE(d.findings()[0].find("expected a FLUX pipeline"), std::string::npos) << d.findings()[0];
+  std::ofstream(rd.modelPath + "/model_index.json") << "{not json";
+  EXPECT_NE(io::FluxCheckpoint::open(rd.modelPath).findings().at(0).find("not valid JSON"), std::string::npos);
+}
+
+TEST(Checkpoint, AFolderOfBflFilesPicksTheTransformerAndSkipsADamagedNeighbour) {
+  TempDir dir;
+  io::SynthOptions o;
+  o.config = model::FluxConfig::preset("tiny");
+  o.presetName = "tiny";
+  o.layout = io::CheckpointLayout::kBfl;
+  o.outDir = dir.file("b");
+  auto rb = io::synthesizeCheckpoint(o);
+  std::ofstream(dir.file("b/zz_damaged.safetensors")) << "not a safetensors file";
+  const auto ck = io::FluxCheckpoint::open(dir.file("b"));  // flux1-tiny.safetensors by its name
+  EXPECT_NE(ck.choice().find("flux1-tiny.safetensors"), std::string::npos) << ck.choice();
+  // Renamed: found by its tensors; the damaged file is skipped, not fatal.
+  std::filesystem::rename(rb.modelPath, dir.file("b/my-finetune.safetensors"));
+  const auto renamed = io::FluxCheckpoint::open(dir.file("b"));
+  EXPECT_NE(renamed.choice().find("my-finetune.safetensors"), std::string::npos) << renamed.choice();
+  // Two transformers: ambiguous, named.
+  std::filesystem::copy_file(dir.file("b/my-finetune.safetensors"), dir.file("b/other.safetensors"));
+  EXPECT_NE(openError(dir.file("b")).find("2 FLUX transformer files found"), std::string::npos) << openError(dir.file("b"));
 }

@@ -105,3 +105,13 @@ TEST(Streamer, OutputEqualsResidentAndPeakStaysWithinBudget) {
                 static_cast<unsigned long long>(plan.residentBytes + plan.streamBufferBytes));
   }
 }
+
+TEST(Planner, ActivationsBeyondTheBudgetNameTheImageSizeAndTheRanks) {
+  const model::FluxConfig c = model::FluxConfig::preset("small");
+  const auto plan = memory::planRank(fullModel(c, at::kFloat, 1 << 20, 64), uint64_t{2} << 30, memory::OffloadMode::kAuto);
+  ASSERT_FALSE(plan.fits);
+  EXPECT_NE(plan.problem.find("the activations of 1048576 image + 64 text tokens per rank do not fit: use a smaller "
+                              "--height/--width or more ranks"),
+            std::string::npos)
+      << plan.problem;
+}

@@ -22,6 +22,7 @@
 #include "pardit/core/format.h"
 #include "pardit/core/log.h"
 #include "pardit/core/timer.h"
+#include "pardit/io/safetensors.h"
 #include "pardit/version.h"
 
 #if defined(PARDIT_WITH_NCCL)
@@ -40,6 +41,13 @@ const std::vector<std::string>& collectiveKinds() {
 }
 
 std::string libtorchVersion() { return TORCH_VERSION; }
+
+void checkMetricsFile(const std::string& path) {
+  io::checkOutputPath(path, "--metrics");
+  if (!fs::exists(path)) return;
+  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  PARDIT_CHECK(H5Fis_hdf5(path.c_str()) > 0, "--metrics ", path, ": exists and is not an HDF5 file; refusing to append to it");
+}
 
 std::string mpiVersion() {
   char buf[MPI_MAX_LIBRARY_VERSION_STRING];

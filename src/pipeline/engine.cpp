@@ -119,7 +119,7 @@ void Engine::Impl::open() {
     device = dist::deviceForRank(options.device, rt.localRank());
     dtype = resolveDtype(options.dtype, device);
     // The metrics file is appended to after the run: its directory must exist before anything runs.
-    if (!options.metrics.empty()) io::checkOutputPath(options.metrics, "--metrics");
+    if (!options.metrics.empty()) metrics::checkMetricsFile(options.metrics);
     if (!options.model.empty()) {
       checkpoint.emplace(io::FluxCheckpoint::open(options.model));
       if (!checkpoint->choice().empty()) logInfo0(checkpoint->choice());
@@ -403,7 +403,7 @@ Engine::Impl::Prompts Engine::Impl::validateAndEncode(Run& run, const GenerateRe
     }
     // Every input is open by now: no output may replace one (the writers check again before renaming).
     if (!request.saveLatents.empty()) io::checkOutputPath(request.saveLatents, "--save-latents");
-    if (!options.metrics.empty()) io::checkOutputPath(options.metrics, "--metrics");
+    if (!options.metrics.empty()) metrics::checkMetricsFile(options.metrics);
   });
   rt.agree([&] { rt.checkSame(inputs, "the inputs", "every rank must be given the same prompt"); });
   return p;

@@ -63,6 +63,9 @@ class MetricsRecorder {
 
 // Versions for provenance.
 std::string libtorchVersion();
+// Checks a --metrics destination before a run: its folder exists, it is not an input or a non-regular file,
+// and an existing file is an HDF5 file (a run must not be lost at the end to a file it cannot append to).
+void checkMetricsFile(const std::string& path);
 std::string mpiVersion();
 std::string ncclVersion();
 std::string hdf5Version();

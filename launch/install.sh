@@ -8,20 +8,22 @@
 #     speed comparison against diffusers)
 #   * with --plots: h5py and matplotlib (tools/plot_metrics.py)
 #   * with --slurm: Debian's slurm-wlm and munge (the one-node Slurm test)
+#   * with --fuzz: clang and its libFuzzer/sanitizer runtimes (fuzz/run.sh)
 # Prints the environment's path on the last line.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.env
 source "$here/versions.env"
 
-reference=0 plots=0 slurm=0
+reference=0 plots=0 slurm=0 fuzz=0
 for arg in "$@"; do
   case "$arg" in
     --reference) reference=1 ;;
     --plots) plots=1 ;;
     --slurm) slurm=1 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
-    *) echo "install.sh: unknown argument '$arg' (expected --reference, --plots or --slurm)" >&2; exit 2 ;;
+    --fuzz) fuzz=1 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown argument '$arg' (expected --reference, --plots, --slurm or --fuzz)" >&2; exit 2 ;;
   esac
 done
 
@@ -29,6 +31,11 @@ packages=(build-essential cmake ccache pkg-config git python3 python3-venv
           openmpi-bin libopenmpi-dev libhdf5-dev libboost-program-options-dev
           libgtest-dev nlohmann-json3-dev hdf5-tools libpng-dev libutf8proc-dev)
 ((slurm)) && packages+=(slurm-wlm munge)
+if ((fuzz)); then
+  packages+=(clang)
+  # Debian 12 ships libFuzzer and the sanitizer runtimes apart from clang.
+  apt-cache show libclang-rt-14-dev >/dev/null 2>&1 && packages+=(libclang-rt-14-dev)
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

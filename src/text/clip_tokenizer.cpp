@@ -144,37 +144,45 @@ ClipTokenizer::ClipTokenizer(std::unordered_map<std::string, int64_t> vocab,
 }
 
 ClipTokenizer ClipTokenizer::fromFiles(const std::string& vocabJson, const std::string& mergesTxt) {
-  std::ifstream in(mergesTxt);
-  PARDIT_CHECK(in.good(), mergesTxt, ": cannot open");
-  registerInputFile(mergesTxt);
-  std::vector<std::pair<std::string, std::string>> merges;
-  std::string line;
-  size_t number = 0;
-  while (std::getline(in, line)) {
-    ++number;
-    if (!line.empty() && line.back() == '\r') line.pop_back();
-    if (line.empty() || (number == 1 && line.rfind("#version", 0) == 0)) continue;
-    merges.push_back(splitMerge(line, mergesTxt, number));
+  try {
+    std::ifstream in(mergesTxt);
+    PARDIT_CHECK(in.good(), mergesTxt, ": cannot open");
+    registerInputFile(mergesTxt);
+    std::vector<std::pair<std::string, std::string>> merges;
+    std::string line;
+    size_t number = 0;
+    while (std::getline(in, line)) {
+      ++number;
+      if (!line.empty() && line.back() == '\r') line.pop_back();
+      if (line.empty() || (number == 1 && line.rfind("#version", 0) == 0)) continue;
+      merges.push_back(splitMerge(line, mergesTxt, number));
+    }
+    return ClipTokenizer(vocabOf(readJson(vocabJson), vocabJson), merges, mergesTxt);
+  } catch (const nlohmann::json::exception& e) {  // a value of an unexpected type
+    PARDIT_THROW(vocabJson, ": unexpected JSON structure: ", e.what());
   }
-  return ClipTokenizer(vocabOf(readJson(vocabJson), vocabJson), merges, mergesTxt);
 }
 
 ClipTokenizer ClipTokenizer::fromTokenizerJson(const std::string& path) {
-  const nlohmann::json j = readJson(path);
-  PARDIT_CHECK(j.contains("model") && j["model"].value("type", "") == "BPE", path, ": not a BPE tokenizer.json");
-  const auto& model = j["model"];
-  std::vector<std::pair<std::string, std::string>> merges;
-  size_t number = 0;
-  for (const auto& m : model.value("merges", nlohmann::json::array())) {
-    ++number;
-    if (m.is_string()) {
-      merges.push_back(splitMerge(m.get<std::string>(), path, number));
-    } else {
-      PARDIT_CHECK(m.is_array() && m.size() == 2, path, ": merge ", number, " is neither \"a b\" nor [a, b]");
-      merges.emplace_back(m[0].get<std::string>(), m[1].get<std::string>());
+  try {
+    const nlohmann::json j = readJson(path);
+    PARDIT_CHECK(j.contains("model") && j["model"].value("type", "") == "BPE", path, ": not a BPE tokenizer.json");
+    const auto& model = j["model"];
+    std::vector<std::pair<std::string, std::string>> merges;
+    size_t number = 0;
+    for (const auto& m : model.value("merges", nlohmann::json::array())) {
+      ++number;
+      if (m.is_string()) {
+        merges.push_back(splitMerge(m.get<std::string>(), path, number));
+      } else {
+        PARDIT_CHECK(m.is_array() && m.size() == 2, path, ": merge ", number, " is neither \"a b\" nor [a, b]");
+        merges.emplace_back(m[0].get<std::string>(), m[1].get<std::string>());
+      }
     }
+    return ClipTokenizer(vocabOf(model.value("vocab", nlohmann::json::object()), path), merges, path);
+  } catch (const nlohmann::json::exception& e) {  // a value of an unexpected type
+    PARDIT_THROW(path, ": unexpected JSON structure: ", e.what());
   }
-  return ClipTokenizer(vocabOf(model.value("vocab", nlohmann::json::object()), path), merges, path);
 }
 
 ClipTokenizer ClipTokenizer::open(const std::string& dir) {

@@ -106,36 +106,44 @@ class ProtoReader {
 // ---- loading -------------------------------------------------------------------------------------------
 
 T5Tokenizer T5Tokenizer::fromTokenizerJson(const std::string& path) {
-  nlohmann::json j;
   try {
-    j = nlohmann::json::parse(readFile(path));
-  } catch (const nlohmann::json::exception& e) {
-    PARDIT_THROW(path, ": not valid JSON: ", e.what());
-  }
-  PARDIT_CHECK(j.contains("model") && j["model"].value("type", "") == "Unigram", path, ": not a Unigram tokenizer.json");
-  T5Tokenizer t;
-  for (const auto& v : j["model"]["vocab"]) {
-    PARDIT_CHECK(v.is_array() && v.size() == 2, path, ": vocabulary entries must be [piece, score]");
-    t.pieces_.push_back({v[0].get<std::string>(), v[1].get<double>()});
-  }
-  t.unk_ = j["model"].value("unk_id", int64_t{2});
-  for (const auto& a : j.value("added_tokens", nlohmann::json::array())) t.added_.push_back(a["content"].get<std::string>());
-  // The precompiled normaliser (alone, or inside a Sequence).
-  std::vector<nlohmann::json> normalizers;
-  if (j.contains("normalizer") && !j["normalizer"].is_null()) {
-    if (j["normalizer"].value("type", "") == "Sequence") {
-      for (const auto& n : j["normalizer"]["normalizers"]) normalizers.push_back(n);
-    } else {
-      normalizers.push_back(j["normalizer"]);
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(readFile(path));
+    } catch (const nlohmann::json::exception& e) {
+      PARDIT_THROW(path, ": not valid JSON: ", e.what());
     }
-  }
-  for (const auto& n : normalizers)
-    if (n.value("type", "") == "Precompiled") {
-      const std::string blob = base64Decode(n.value("precompiled_charsmap", ""), path);
-      t.setCharsmap(blob, path);
+    PARDIT_CHECK(j.contains("model") && j["model"].value("type", "") == "Unigram", path, ": not a Unigram tokenizer.json");
+    T5Tokenizer t;
+    for (const auto& v : j["model"]["vocab"]) {
+      PARDIT_CHECK(v.is_array() && v.size() == 2, path, ": vocabulary entries must be [piece, score]");
+      t.pieces_.push_back({v[0].get<std::string>(), v[1].get<double>()});
     }
-  t.finish(path);
-  return t;
+    t.unk_ = j["model"].value("unk_id", int64_t{2});
+    for (const auto& a : j.value("added_tokens", nlohmann::json::array())) {
+      PARDIT_CHECK(a.is_object() && a.contains("content") && a["content"].is_string(), path,
+                   ": added_tokens entries must be objects with a string 'content'");
+      t.added_.push_back(a["content"].get<std::string>());
+    }
+    // The precompiled normaliser (alone, or inside a Sequence).
+    std::vector<nlohmann::json> normalizers;
+    if (j.contains("normalizer") && !j["normalizer"].is_null()) {
+      if (j["normalizer"].value("type", "") == "Sequence") {
+        for (const auto& n : j["normalizer"]["normalizers"]) normalizers.push_back(n);
+      } else {
+        normalizers.push_back(j["normalizer"]);
+      }
+    }
+    for (const auto& n : normalizers)
+      if (n.value("type", "") == "Precompiled") {
+        const std::string blob = base64Decode(n.value("precompiled_charsmap", ""), path);
+        t.setCharsmap(blob, path);
+      }
+    t.finish(path);
+    return t;
+  } catch (const nlohmann::json::exception& e) {  // a value of an unexpected type
+    PARDIT_THROW(path, ": unexpected JSON structure: ", e.what());
+  }
 }
 
 void T5Tokenizer::setCharsmap(const std::string& blob, const std::string& where) {

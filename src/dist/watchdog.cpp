@@ -90,13 +90,17 @@ void setWatchContext(const std::string& context) {
 WatchedOperation::WatchedOperation(const char* what) {
   State& s = state();
   if (s.timeout.load() <= 0) return;
-  s.what.store(what);
-  s.startedNs.store(nowNs());
+  // Nested (an MPI call inside a watched GPU step): the inner one is watched, then the outer one resumes.
+  previousWhat_ = s.what.exchange(what);
+  previousStartNs_ = s.startedNs.exchange(nowNs());
   armed_ = true;
 }
 
 WatchedOperation::~WatchedOperation() {
-  if (armed_) state().startedNs.store(0);
+  if (!armed_) return;
+  State& s = state();
+  s.what.store(previousWhat_);
+  s.startedNs.store(previousStartNs_);
 }
 
 }  // namespace pardit::dist

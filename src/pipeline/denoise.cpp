@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
 #include "pardit/core/error.h"
 #include "pardit/core/timer.h"
 #include "pardit/dist/watchdog.h"
@@ -147,6 +149,9 @@ at::Tensor denoise(Denoiser& denoiser, at::Tensor latents, const FlowMatchEulerS
   at::Tensor nonFinite = at::zeros({scheduler.steps()}, at::TensorOptions().dtype(at::kBool).device(latents.device()));
   for (int i = 0; i < scheduler.steps(); ++i) {
     dist::setWatchContext("step " + std::to_string(i + 1) + "/" + std::to_string(scheduler.steps()));
+    // On a GPU the whole step is watched (its NCCL collectives do not block the host; the step's end does).
+    std::optional<dist::WatchedOperation> watched;
+    if (latents.is_cuda()) watched.emplace("a denoise step on the GPU (its NCCL collectives)");
     Timer timer;
     DenoiseStep step;
     step.index = i;
@@ -163,8 +168,13 @@ at::Tensor denoise(Denoiser& denoiser, at::Tensor latents, const FlowMatchEulerS
     nonFinite[i] = at::isfinite(latents).all().logical_not();
     if (onStep) onStep(StepReport{i, scheduler.steps(), timer.seconds()});
   }
-  latents = denoiser.finish(latents);
-  const at::Tensor bad = nonFinite.cpu();
+  at::Tensor bad;
+  {
+    std::optional<dist::WatchedOperation> watched;  // the host waits here for the GPU's last steps
+    if (latents.is_cuda()) watched.emplace("the end of the denoise loop on the GPU (its NCCL collectives)");
+    latents = denoiser.finish(latents);
+    bad = nonFinite.cpu();
+  }
   for (int i = 0; i < scheduler.steps(); ++i)
     PARDIT_CHECK(!bad[i].item<bool>(), "the latents became non-finite (NaN or Inf) at step ", i + 1, " of ",
                  scheduler.steps(), ": the weights or the inputs hold values the model cannot take");

@@ -118,8 +118,6 @@ void Engine::Impl::open() {
     dist::Topology::validate(degrees, rt.worldSize());
     device = dist::deviceForRank(options.device, rt.localRank());
     dtype = resolveDtype(options.dtype, device);
-    // The metrics file is appended to after the run: its directory must exist before anything runs.
-    if (!options.metrics.empty()) metrics::checkMetricsFile(options.metrics);
     if (!options.model.empty()) {
       checkpoint.emplace(io::FluxCheckpoint::open(options.model));
       if (!checkpoint->choice().empty()) logInfo0(checkpoint->choice());
@@ -148,6 +146,9 @@ void Engine::Impl::open() {
         return io::synthTensor(0, n, shapes.at(n)).to(t).to(d);
       };
     }
+    // The metrics file is appended to after the run: checked now (after the checkpoint's files are known
+    // as inputs), before any weight is read.
+    if (!options.metrics.empty()) metrics::checkMetricsFile(options.metrics);
   });
   rt.agree([&] {
     rt.checkSame(checkpointFiles, "the checkpoint files",

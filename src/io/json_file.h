@@ -5,6 +5,8 @@
 
 #include <filesystem>
 #include <fstream>
+#include <type_traits>
+#include <vector>
 
 #include "pardit/core/error.h"
 #include "pardit/core/files.h"
@@ -26,6 +28,15 @@ inline nlohmann::json readJsonFile(const std::filesystem::path& file) {
 template <typename T>
 T jsonField(const nlohmann::json& j, const char* key, const T& fallback, const std::filesystem::path& file) {
   if (!j.contains(key) || j[key].is_null()) return fallback;
+  // Integers must be JSON integers: converting 5e41 to int64 is undefined behaviour.
+  auto integral = [&](const nlohmann::json& v) {
+    PARDIT_CHECK(v.is_number_integer(), file.string(), ": '", key, "' must be an integer, got ", v.dump());
+  };
+  if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) integral(j[key]);
+  if constexpr (std::is_same_v<T, std::vector<int64_t>>) {
+    PARDIT_CHECK(j[key].is_array(), file.string(), ": '", key, "' must be an array of integers");
+    for (const auto& v : j[key]) integral(v);
+  }
   try {
     return j[key].get<T>();
   } catch (const nlohmann::json::exception&) {

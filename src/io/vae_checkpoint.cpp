@@ -26,19 +26,23 @@ model::VaeConfig configFromJson(const fs::path& file) {
   const nlohmann::json j = detail::readJsonFile(file);
   model::VaeConfig c;
   try {
-    c.latentChannels = j.value("latent_channels", c.latentChannels);
-    c.outChannels = j.value("out_channels", c.outChannels);
-    c.blockOutChannels = j.value("block_out_channels", c.blockOutChannels);
-    c.layersPerBlock = j.value("layers_per_block", c.layersPerBlock);
-    c.normGroups = j.value("norm_num_groups", c.normGroups);
-    c.midBlockAttention = j.value("mid_block_add_attention", true);
-    c.scalingFactor = j.value("scaling_factor", c.scalingFactor);
+    PARDIT_CHECK(j.is_object(), file.string(), ": expected a JSON object");
+    using detail::jsonField;
+    c.latentChannels = jsonField(j, "latent_channels", c.latentChannels, file);
+    c.outChannels = jsonField(j, "out_channels", c.outChannels, file);
+    c.blockOutChannels = jsonField(j, "block_out_channels", c.blockOutChannels, file);
+    c.layersPerBlock = jsonField(j, "layers_per_block", c.layersPerBlock, file);
+    c.normGroups = jsonField(j, "norm_num_groups", c.normGroups, file);
+    c.midBlockAttention = jsonField(j, "mid_block_add_attention", true, file);
+    c.scalingFactor = jsonField(j, "scaling_factor", c.scalingFactor, file);
     if (j.contains("sample_size")) {  // an int, or [height, width]
       const auto& size = j["sample_size"];
-      c.sampleSize = size.is_array() ? size.at(0).get<int64_t>() : size.get<int64_t>();
+      const auto& first = size.is_array() && !size.empty() ? size[0] : size;
+      PARDIT_CHECK(first.is_number_integer(), file.string(), ": 'sample_size' must be an integer or [height, width]");
+      c.sampleSize = first.get<int64_t>();
     }
-    c.shiftFactor = j.contains("shift_factor") && !j["shift_factor"].is_null() ? j["shift_factor"].get<double>() : 0.0;
-    PARDIT_CHECK(!j.value("use_post_quant_conv", false), file.string(),
+    c.shiftFactor = jsonField(j, "shift_factor", 0.0, file);
+    PARDIT_CHECK(!jsonField(j, "use_post_quant_conv", false, file), file.string(),
                  ": use_post_quant_conv is true; the FLUX VAE has no post-quant convolution");
   } catch (const nlohmann::json::exception& e) {
     PARDIT_THROW(file.string(), ": ", e.what());

@@ -8,6 +8,7 @@
 
 #include "pardit/core/dtype.h"
 #include "pardit/core/error.h"
+#include "pardit/core/files.h"
 #include "pardit/core/timer.h"
 
 namespace fs = std::filesystem;
@@ -60,14 +61,26 @@ SchedulerConfig resolveSchedule(config::Schedule schedule, const io::FluxCheckpo
       } catch (const nlohmann::json::exception& e) {
         PARDIT_THROW(cfg.string(), ": not valid JSON: ", e.what());
       }
+      registerInputFile(cfg.string());
+      PARDIT_CHECK(j.is_object(), cfg.string(), ": expected a JSON object");
+      // Integers must be JSON integers (a float beyond int64 would be undefined behaviour to convert).
+      auto integer = [&](const char* key, int64_t fallback) {
+        if (!j.contains(key) || j[key].is_null()) return fallback;
+        PARDIT_CHECK(j[key].is_number_integer(), cfg.string(), ": '", key, "' must be an integer, got ", j[key].dump());
+        return j[key].get<int64_t>();
+      };
       SchedulerConfig s;
-      s.dynamicShift = j.value("use_dynamic_shifting", false);
-      s.shift = j.value("shift", 1.0);
-      s.baseShift = j.value("base_shift", 0.5);
-      s.maxShift = j.value("max_shift", 1.15);
-      s.baseSeqLen = j.value("base_image_seq_len", int64_t{256});
-      s.maxSeqLen = j.value("max_image_seq_len", int64_t{4096});
-      s.numTrainTimesteps = j.value("num_train_timesteps", int64_t{1000});
+      try {
+        s.dynamicShift = j.value("use_dynamic_shifting", false);
+        s.shift = j.value("shift", 1.0);
+        s.baseShift = j.value("base_shift", 0.5);
+        s.maxShift = j.value("max_shift", 1.15);
+      } catch (const nlohmann::json::exception& e) {
+        PARDIT_THROW(cfg.string(), ": a value of the wrong type: ", e.what());
+      }
+      s.baseSeqLen = integer("base_image_seq_len", 256);
+      s.maxSeqLen = integer("max_image_seq_len", 4096);
+      s.numTrainTimesteps = integer("num_train_timesteps", 1000);
       return s;
     }
   }

@@ -119,7 +119,9 @@ T5Tokenizer T5Tokenizer::fromTokenizerJson(const std::string& path) {
       PARDIT_CHECK(v.is_array() && v.size() == 2, path, ": vocabulary entries must be [piece, score]");
       t.pieces_.push_back({v[0].get<std::string>(), v[1].get<double>()});
     }
-    t.unk_ = j["model"].value("unk_id", int64_t{2});
+    const auto& unk = j["model"].contains("unk_id") ? j["model"]["unk_id"] : nlohmann::json(2);
+    PARDIT_CHECK(unk.is_number_integer(), path, ": model.unk_id must be an integer");
+    t.unk_ = unk.get<int64_t>();
     for (const auto& a : j.value("added_tokens", nlohmann::json::array())) {
       PARDIT_CHECK(a.is_object() && a.contains("content") && a["content"].is_string(), path,
                    ": added_tokens entries must be objects with a string 'content'");

@@ -224,6 +224,8 @@ void CheckpointBuilder::openDiffusersDir(FluxCheckpoint& ck, const fs::path& dir
   c.depthSingle = jsonField<int64_t>(cfg, "num_single_layers", 38, cfgPath);
   const int64_t headDim = jsonField<int64_t>(cfg, "attention_head_dim", 128, cfgPath);
   c.numHeads = jsonField<int64_t>(cfg, "num_attention_heads", 24, cfgPath);
+  PARDIT_CHECK(headDim > 0 && headDim <= 65536 && c.numHeads > 0 && c.numHeads <= 65536, cfgPath.string(),
+               ": attention_head_dim ", headDim, " and num_attention_heads ", c.numHeads, " must be in [1, 65536]");
   c.hiddenSize = headDim * c.numHeads;
   c.mlpHidden = 4 * c.hiddenSize;
   c.contextInDim = jsonField<int64_t>(cfg, "joint_attention_dim", 4096, cfgPath);

@@ -18,6 +18,13 @@ void FluxConfig::validate() const {
   PARDIT_CHECK(inChannels > 0 && outChannels > 0 && vecInDim > 0 && contextInDim > 0 && mlpHidden > 0,
                "model config: dimensions must be positive");
   PARDIT_CHECK(depth >= 0 && depthSingle >= 0 && depth + depthSingle > 0, "model config: no transformer blocks");
+  // Far beyond any real model (FLUX.1: 19 + 38 blocks, width 3072): a config past these is damaged, and
+  // would otherwise ask for absurd allocations.
+  constexpr int64_t kMaxBlocks = 4096, kMaxDim = int64_t{1} << 20;
+  PARDIT_CHECK(depth <= kMaxBlocks && depthSingle <= kMaxBlocks, "model config: ", depth, " double + ", depthSingle,
+               " single blocks is beyond ", kMaxBlocks, " each (a damaged config?)");
+  for (int64_t d : {hiddenSize, mlpHidden, inChannels, outChannels, vecInDim, contextInDim})
+    PARDIT_CHECK(d <= kMaxDim, "model config: dimension ", d, " is beyond ", kMaxDim, " (a damaged config?)");
 }
 
 std::string FluxConfig::describe() const {

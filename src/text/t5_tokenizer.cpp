@@ -235,6 +235,8 @@ void T5Tokenizer::finish(const std::string& where) {
   pad_ = ids_.at("<pad>");
   std::sort(added_.begin(), added_.end());
   added_.erase(std::unique(added_.begin(), added_.end()), added_.end());
+  for (const auto& a : added_)
+    PARDIT_CHECK(ids_.count(a), where, ": added token '", a, "' is not in the vocabulary");
 }
 
 // ---- normalisation -------------------------------------------------------------------------------------

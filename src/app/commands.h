@@ -15,6 +15,7 @@ int runEncode(const config::EngineConfig& c, dist::Runtime& rt);
 int runBench(const config::EngineConfig& c, dist::Runtime& rt);
 int runSynth(const config::EngineConfig& c);
 int runPlan(const config::EngineConfig& c);
+int runQuantize(const config::EngineConfig& c);
 
 // Rank 0 writes a JSON report (a failure to write ends every rank).
 void writeJsonReport(dist::Runtime& rt, const std::string& path, const nlohmann::ordered_json& report);

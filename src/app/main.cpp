@@ -55,6 +55,11 @@ int dispatch(const pardit::config::EngineConfig& c, pardit::dist::Runtime& rt) {
         if (rt.worldRank() == 0) status = pardit::app::runSynth(c);
       });
       return status;
+    case Command::kQuantize:
+      rt.agree([&] {
+        if (rt.worldRank() == 0) status = pardit::app::runQuantize(c);
+      });
+      return status;
   }
   return 2;
 }

@@ -18,6 +18,7 @@ nlohmann::ordered_json toJson(const config::EngineConfig& c, const pipeline::Job
   out["config"] = p.config.describe();
   out["checkpoint_bytes"] = p.checkpointBytes;
   out["dtype"] = dtypeName(p.dtype);
+  out["weights"] = model::weightFormatName(p.weightFormat);
   out["world_size"] = p.worldSize;
   out["degrees"] = {{"cfg", p.degrees.cfg}, {"pipefusion", p.degrees.pipefusion}, {"ring", p.degrees.ring},
                     {"ulysses", p.degrees.ulysses}};
@@ -52,8 +53,9 @@ nlohmann::ordered_json toJson(const config::EngineConfig& c, const pipeline::Job
 }
 
 void printTable(const config::EngineConfig& c, const pipeline::JobPlan& p) {
-  std::printf("model %s: %s, %s of weights (%s)\n", p.model.c_str(), p.config.describe().c_str(),
-              formatBytes(p.checkpointBytes).c_str(), dtypeName(p.dtype).c_str());
+  std::printf("model %s: %s, %s of weights in the checkpoint; computed in %s%s\n", p.model.c_str(),
+              p.config.describe().c_str(), formatBytes(p.checkpointBytes).c_str(), dtypeName(p.dtype).c_str(),
+              p.weightFormat == model::WeightFormat::kFp8 ? " with FP8 block weights (e4m3, per-row scales)" : "");
   std::printf("%d rank(s): %s; %lldx%lld px (%lld image + %lld text tokens), batch %lld%s; offload %s\n", p.worldSize,
               p.degrees.describe().c_str(), static_cast<long long>(c.width), static_cast<long long>(c.height),
               static_cast<long long>(p.imageTokens), static_cast<long long>(c.textLen), static_cast<long long>(c.batch),

@@ -30,8 +30,9 @@ namespace {
 template <typename E>
 const std::vector<const char*>& namesOf();
 // clang-format off
-template <> const std::vector<const char*>& namesOf<Command>() { static const std::vector<const char*> n{"generate", "forward", "synth", "bench", "plan", "encode"}; return n; }
+template <> const std::vector<const char*>& namesOf<Command>() { static const std::vector<const char*> n{"generate", "forward", "synth", "bench", "plan", "encode", "quantize"}; return n; }
 template <> const std::vector<const char*>& namesOf<Dtype>() { static const std::vector<const char*> n{"auto", "bf16", "fp16", "fp32"}; return n; }
+template <> const std::vector<const char*>& namesOf<WeightDtype>() { static const std::vector<const char*> n{"auto", "fp8", "compute"}; return n; }
 template <> const std::vector<const char*>& namesOf<DeviceKind>() { static const std::vector<const char*> n{"auto", "cpu", "cuda"}; return n; }
 template <> const std::vector<const char*>& namesOf<Offload>() { static const std::vector<const char*> n{"none", "auto", "sequential"}; return n; }
 template <> const std::vector<const char*>& namesOf<StreamSource>() { static const std::vector<const char*> n{"auto", "host", "file"}; return n; }
@@ -74,6 +75,7 @@ std::vector<std::string> enumNames() {
   template std::vector<std::string> enumNames<E>();
 PARDIT_ENUM_INSTANTIATE(Command)
 PARDIT_ENUM_INSTANTIATE(Dtype)
+PARDIT_ENUM_INSTANTIATE(WeightDtype)
 PARDIT_ENUM_INSTANTIATE(DeviceKind)
 PARDIT_ENUM_INSTANTIATE(Offload)
 PARDIT_ENUM_INSTANTIATE(StreamSource)
@@ -157,6 +159,8 @@ const unsigned kModelCommands =
     bit(Command::kGenerate) | bit(Command::kForward) | bit(Command::kBench) | bit(Command::kPlan) | bit(Command::kEncode);
 const unsigned kRunCommands = bit(Command::kGenerate) | bit(Command::kForward) | bit(Command::kBench) | bit(Command::kEncode);
 const unsigned kAll = kModelCommands | bit(Command::kSynth);
+// Options every command takes (logging, threads).
+const unsigned kEvery = kAll | bit(Command::kQuantize);
 
 struct Option {
   std::string name;
@@ -311,13 +315,13 @@ const std::vector<Option>& optionTable() {
   static const std::vector<Option> table = [] {
     using C = Command;
     const unsigned gen = bit(C::kGenerate), fwd = bit(C::kForward), synth = bit(C::kSynth), bench = bit(C::kBench),
-                   plan = bit(C::kPlan), enc = bit(C::kEncode);
+                   plan = bit(C::kPlan), enc = bit(C::kEncode), quant = bit(C::kQuantize);
     std::vector<Option> t;
     auto add = [&t](Option o) { t.push_back(std::move(o)); };
     // model and device
-    required(opt("model", &EngineConfig::model, Group::kModel, Sync::kPresence, kModelCommands, "PATH",
+    required(opt("model", &EngineConfig::model, Group::kModel, Sync::kPresence, kModelCommands | quant, "PATH",
                  "FLUX checkpoint: a diffusers pipeline or transformer directory, or a BFL .safetensors file"),
-             gen | fwd | plan | enc, t);
+             gen | fwd | plan | enc | quant, t);
     add(opt("vae", &EngineConfig::vae, Group::kModel, Sync::kPresence, gen | bench | plan, "PATH",
             "VAE for --output: a diffusers vae/ directory or a BFL ae.safetensors (default: the one beside --model)"));
     add(opt("vae-tiling", &EngineConfig::vaeTiling, Group::kMemory, Sync::kValue, gen | bench | plan, "MODE",
@@ -328,15 +332,19 @@ const std::vector<Option>& optionTable() {
             "tile fits the budget)", atLeast<int64_t>(0)));
     add(opt("dtype", &EngineConfig::dtype, Group::kModel, Sync::kValue, kAll, "TYPE",
             "compute dtype: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or fp32 (synth: the stored dtype)"));
+    add(opt("weight-dtype", &EngineConfig::weightDtype, Group::kModel, Sync::kValue, kModelCommands, "TYPE",
+            "transformer weights: fp8 (the blocks' linear weights as float8 e4m3 with one scale per output row, "
+            "quantized while loading when stored otherwise; halves resident and streamed bytes), compute (every "
+            "weight in --dtype), or auto (fp8 for an FP8 checkpoint, else compute)"));
     add(opt("device", &EngineConfig::device, Group::kModel, Sync::kValue, kModelCommands, "KIND",
             "auto, cpu or cuda (one GPU per rank, by local rank; plan: cpu plans a CPU run)"));
-    add(opt("threads", &EngineConfig::threads, Group::kModel, Sync::kLocal, kAll, "N",
+    add(opt("threads", &EngineConfig::threads, Group::kModel, Sync::kLocal, kEvery, "N",
             "intra-op CPU threads per rank (0: the library default)", atLeast(0)));
-    add(opt("log-level", &EngineConfig::logLevel, Group::kModel, Sync::kLocal, kAll, "LEVEL", "debug, info, warn or error"));
+    add(opt("log-level", &EngineConfig::logLevel, Group::kModel, Sync::kLocal, kEvery, "LEVEL", "debug, info, warn or error"));
     add(flagOpt("strict", 0, &EngineConfig::strict, Group::kModel, Sync::kValue, kModelCommands,
                 "stop on what is otherwise a warning: tensors in the checkpoint the model does not use, an invalid "
                 "model_index.json"));
-    add(flagOpt("quiet", 'q', &EngineConfig::quiet, Group::kModel, Sync::kLocal, kAll, "print errors only"));
+    add(flagOpt("quiet", 'q', &EngineConfig::quiet, Group::kModel, Sync::kLocal, kEvery, "print errors only"));
     // parallel layout
     const unsigned par = kModelCommands;
     // The four degrees; each at least 1.
@@ -437,7 +445,9 @@ const std::vector<Option>& optionTable() {
     add(opt("preset", &EngineConfig::preset, Group::kSynth, Sync::kValue, synth | bench, "NAME",
             "tiny, small, medium, flux-dev or flux-schnell (bench: the in-memory model when no --model is given)"));
     add(opt("layout", &EngineConfig::layout, Group::kSynth, Sync::kValue, synth, "LAYOUT", "diffusers or bfl"));
-    required(opt("out", &EngineConfig::out, Group::kSynth, Sync::kValue, synth, "DIR", "output directory"), synth, t);
+    required(opt("out", &EngineConfig::out, Group::kSynth, Sync::kValue, synth | quant, "DIR",
+                 "output directory (quantize: it must not hold the input)"),
+             synth | quant, t);
     add(opt("fill", &EngineConfig::fill, Group::kSynth, Sync::kValue, synth, "KIND",
             "random, or zeros (sparse files: real headers, no disk use)"));
     add(opt("shard-size", &EngineConfig::shardSize, Group::kSynth, Sync::kValue, synth, "BYTES",
@@ -545,6 +555,7 @@ const std::vector<std::pair<std::string, std::string>>& commands() {
       {"synth", "write a random-weight FLUX checkpoint in the real file layout"},
       {"bench", "time transformer forwards and the machine's GEMM rate"},
       {"plan", "print each rank's memory plan from the checkpoint headers (no weights read)"},
+      {"quantize", "write an FP8 copy of a checkpoint (float8 e4m3 block weights with per-row scales), same layout"},
   };
   return list;
 }
@@ -580,6 +591,9 @@ std::string help(Command command) {
       {Command::kBench,
        {"pardit bench --preset small --threads 2", "mpirun -n 2 pardit bench --ulysses-degree 2 --output r.json",
         "mpirun -n 2 pardit bench --comm"}},
+      {Command::kQuantize,
+       {"pardit quantize --model FLUX.1-dev --out FLUX.1-dev-fp8",
+        "pardit quantize --model flux1-dev.safetensors --out fp8   (writes fp8/flux1-dev-fp8.safetensors)"}},
       {Command::kPlan,
        {"pardit plan --model FLUX.1-dev --device-memory-budget 24GiB",
         "pardit plan --model FLUX.1-dev --pipefusion-degree 4 --device-memory-budget 8GiB --json"}},

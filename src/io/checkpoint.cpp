@@ -9,6 +9,7 @@
 #include <regex>
 #include <set>
 #include <sstream>
+#include <tuple>
 
 #include "pardit/core/dtype.h"
 #include "pardit/core/error.h"
@@ -24,9 +25,59 @@ std::string layoutName(CheckpointLayout layout) {
 
 uint64_t TensorSource::nbytes() const {
   uint64_t n = 0;
-  for (const auto& p : pieces) n += static_cast<uint64_t>(p.rowEnd - p.rowBegin) * p.file->info(p.tensor).rowBytes();
+  for (const auto& p : pieces) {
+    n += static_cast<uint64_t>(p.rowEnd - p.rowBegin) * p.file->info(p.tensor).rowBytes();
+    if (p.scaleFile) {
+      const TensorInfo& s = p.scaleFile->info(p.scaleTensor);
+      n += s.numel() == 1 ? s.nbytes() : static_cast<uint64_t>(p.rowEnd - p.rowBegin) * s.rowBytes();
+    }
+  }
   return n;
 }
+
+namespace {
+
+bool isFloat8(const std::string& safetensorsDtype) { return safetensorsDtype.rfind("F8_", 0) == 0; }
+
+// A 2-D linear weight of the model (which may carry a scale when stored as float8).
+bool fluxLinearWeight(const std::string& internal) {
+  return internal.size() > 7 && internal.compare(internal.size() - 7, 7, ".weight") == 0;
+}
+
+// Tensors of FP8 checkpoints that go with a weight and that pardit understands without needing them:
+// ComfyUI's "scaled_fp8" marker and the activation scales of its FP8 matmuls (pardit computes its own).
+bool isFp8Companion(const std::string& name) {
+  if (name == "scaled_fp8" || (name.size() >= 11 && name.compare(name.size() - 11, 11, ".scaled_fp8") == 0)) return true;
+  for (const char* suffix : {".scale_input", ".input_scale", ".comfy_quant"}) {
+    const std::string s = suffix;
+    if (name.size() > s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0) return true;
+  }
+  return false;
+}
+
+// The scale tensor of a float8 weight "<layer>.weight" among `has` (a name lookup), checked: one value,
+// or one per row ([rows] or [rows, 1]), in a float dtype. Returns "" when there is none (a plain cast).
+template <typename Find>
+std::pair<std::shared_ptr<SafetensorsFile>, std::string> findScale(const std::string& weight, const TensorInfo& w,
+                                                                   const Find& find) {
+  const std::string stem = weight.substr(0, weight.size() - std::string(".weight").size());
+  for (const std::string& cand : {stem + ".weight_scale", stem + ".scale_weight"}) {
+    auto [file, info] = find(cand);
+    if (!file) continue;
+    const int64_t rows = w.rows();
+    const bool one = info->numel() == 1 && info->shape.size() <= 2;
+    const bool perRow = (info->shape == std::vector<int64_t>{rows}) || (info->shape == std::vector<int64_t>{rows, 1});
+    PARDIT_CHECK(one || perRow, file->path(), ": scale tensor '", cand, "' of the float8 weight '", weight,
+                 "' has shape ", at::IntArrayRef(info->shape), ", expected one value or one per row ([", rows,
+                 "] or [", rows, ", 1])");
+    PARDIT_CHECK(info->dtype == "F32" || info->dtype == "BF16" || info->dtype == "F16", file->path(),
+                 ": scale tensor '", cand, "' has dtype ", info->dtype, ", expected F32, BF16 or F16");
+    return {file, cand};
+  }
+  return {nullptr, ""};
+}
+
+}  // namespace
 
 namespace {
 
@@ -283,17 +334,27 @@ void CheckpointBuilder::openDiffusersDir(FluxCheckpoint& ck, const fs::path& dir
         PARDIT_CHECK(info.shape == expect, it->second->path(), ": tensor '", dp.name, "' has shape ",
                      shapeText(info.shape), ", expected ", shapeText(expect), " for ", cfgPath.filename().string(),
                      " (", c.describe(), ")");
-        src.pieces.push_back({it->second, dp.name, dp.rowBegin, dp.rowEnd});
+        TensorPiece piece{it->second, dp.name, dp.rowBegin, dp.rowEnd, nullptr, ""};
+        if (isFloat8(info.dtype) && dp.name.size() > 7 && dp.name.compare(dp.name.size() - 7, 7, ".weight") == 0)
+          std::tie(piece.scaleFile, piece.scaleTensor) = findScale(dp.name, info, [&](const std::string& n) {
+            auto f = byTensor.find(n);
+            return f == byTensor.end() ? std::make_pair(std::shared_ptr<SafetensorsFile>(), static_cast<const TensorInfo*>(nullptr))
+                                       : std::make_pair(f->second, &f->second->info(n));
+          });
+        src.pieces.push_back(std::move(piece));
       }
       ck.addSource(std::move(src));
     }
   }
   std::set<std::string> used;
   for (const auto& [name, src] : ck.sources_)
-    for (const auto& piece : src.pieces) used.insert(piece.tensor);
+    for (const auto& piece : src.pieces) {
+      used.insert(piece.tensor);
+      if (piece.scaleFile) used.insert(piece.scaleTensor);
+    }
   std::vector<std::string> unused;
   for (const auto& [name, file] : byTensor)
-    if (!used.count(name)) unused.push_back(name);
+    if (!used.count(name) && !isFp8Companion(name)) unused.push_back(name);
   noteUnused(ck, dir.string(), unused);
 }
 
@@ -364,12 +425,23 @@ void CheckpointBuilder::openBflFile(FluxCheckpoint& ck, const fs::path& file) {
       PARDIT_CHECK(info != nullptr, file.string(), ": tensor '", n, "' not found");
       PARDIT_CHECK(info->shape == spec.shape, file.string(), ": tensor '", n, "' has shape ", shapeText(info->shape),
                    ", expected ", shapeText(spec.shape), " (", c.describe(), ")");
-      ck.addSource(TensorSource{spec.name, spec.shape, {{f, n, 0, info->rows()}}});
+      TensorPiece piece{f, n, 0, info->rows(), nullptr, ""};
+      if (isFloat8(info->dtype) && fluxLinearWeight(spec.name))
+        std::tie(piece.scaleFile, piece.scaleTensor) = findScale(n, *info, [&](const std::string& cand) {
+          return std::make_pair(f->contains(cand) ? f : std::shared_ptr<SafetensorsFile>(), f->find(cand));
+        });
+      ck.addSource(TensorSource{spec.name, spec.shape, {std::move(piece)}});
     }
   }
+  std::set<std::string> scales;
+  for (const auto& [name, src] : ck.sources_)
+    for (const auto& piece : src.pieces)
+      if (piece.scaleFile) scales.insert(piece.scaleTensor);
   std::vector<std::string> unused;
   for (const auto& t : f->tensors())
-    if (t.name.size() < prefix.size() || !ck.sources_.count(t.name.substr(prefix.size()))) unused.push_back(t.name);
+    if ((t.name.size() < prefix.size() || !ck.sources_.count(t.name.substr(prefix.size()))) && !scales.count(t.name) &&
+        !isFp8Companion(t.name))
+      unused.push_back(t.name);
   noteUnused(ck, file.string(), unused);
 }
 
@@ -396,6 +468,7 @@ FluxCheckpoint CheckpointBuilder::build(const std::string& path) {
   const std::string probe = ck.config_.depth > 0 ? "double_blocks.0.img_mod.lin.weight" : "single_blocks.0.linear1.weight";
   const auto& piece = ck.sources_.at(probe).pieces.at(0);
   ck.storedDtype_ = safetensorsToScalarType(piece.file->info(piece.tensor).dtype);
+  ck.storedFormat_ = ck.storedFp8(probe) ? model::WeightFormat::kFp8 : model::WeightFormat::kDense;
   return ck;
 }
 
@@ -415,11 +488,56 @@ at::Tensor FluxCheckpoint::load(const std::string& name, c10::ScalarType dtype, 
   }
   std::vector<at::Tensor> parts;
   parts.reserve(src.pieces.size());
-  for (const auto& p : src.pieces) parts.push_back(p.file->readRows(p.tensor, p.rowBegin, p.rowEnd).to(dtype));
+  for (const auto& p : src.pieces) {
+    at::Tensor rows = p.file->readRows(p.tensor, p.rowBegin, p.rowEnd);
+    if (p.scaleFile) rows = rows.to(at::kFloat) * readScale(p).unsqueeze(1);  // a scaled float8 weight
+    parts.push_back(rows.to(dtype));
+  }
   at::Tensor t = parts.size() == 1 ? parts[0] : at::cat(parts, 0);
   PARDIT_CHECK(t.sizes().vec() == src.shape, path_, ": tensor '", name, "' assembled with shape ", t.sizes(),
                ", expected ", shapeText(src.shape));
   return device.is_cpu() ? t : t.to(device);
+}
+
+at::Tensor FluxCheckpoint::readScale(const TensorPiece& p) {
+  const TensorInfo& info = p.scaleFile->info(p.scaleTensor);
+  const int64_t n = p.rowEnd - p.rowBegin;
+  if (info.numel() == 1) return p.scaleFile->read(p.scaleTensor).to(at::kFloat).reshape({1}).expand({n}).contiguous();
+  return p.scaleFile->readRows(p.scaleTensor, p.rowBegin, p.rowEnd).to(at::kFloat).reshape({n});
+}
+
+bool FluxCheckpoint::storedFp8(const std::string& name) const {
+  for (const auto& p : source(name).pieces)
+    if (p.file->info(p.tensor).dtype != "F8_E4M3") return false;
+  return true;
+}
+
+model::Fp8Rows FluxCheckpoint::loadFp8(const std::string& name) const {
+  const TensorSource& src = source(name);
+  PARDIT_CHECK(src.shape.size() == 2, path_, ": tensor '", name, "' is not a 2-D weight and has no FP8 form");
+  {
+    std::lock_guard<std::mutex> lock(*loadedMutex_);
+    loaded_.insert(name);
+  }
+  std::vector<at::Tensor> values, scales;
+  for (const auto& p : src.pieces) {
+    at::Tensor rows = p.file->readRows(p.tensor, p.rowBegin, p.rowEnd);
+    if (rows.scalar_type() == at::kFloat8_e4m3fn) {
+      values.push_back(rows);
+      scales.push_back(p.scaleFile ? readScale(p) : at::ones({p.rowEnd - p.rowBegin}, at::kFloat));
+    } else {  // another dtype (or float8 e5m2): quantized here, row by row
+      if (p.scaleFile) rows = rows.to(at::kFloat) * readScale(p).unsqueeze(1);
+      model::Fp8Rows q = model::quantizeFp8Rows(rows);
+      values.push_back(q.values);
+      scales.push_back(q.scale);
+    }
+  }
+  model::Fp8Rows out{values.size() == 1 ? values[0] : at::cat(values, 0), scales.size() == 1 ? scales[0] : at::cat(scales, 0)};
+  PARDIT_CHECK(out.values.sizes().vec() == src.shape, path_, ": tensor '", name, "' assembled with shape ",
+               out.values.sizes(), ", expected ", shapeText(src.shape));
+  PARDIT_CHECK(at::isfinite(out.scale).all().item<bool>() && (out.scale > 0).all().item<bool>(), path_,
+               ": the scales of the float8 weight '", name, "' must be finite and positive");
+  return out;
 }
 
 model::WeightGetter FluxCheckpoint::getter(c10::ScalarType dtype, c10::Device device) const {

@@ -13,6 +13,19 @@
 
 namespace pardit::io::detail {
 
+// Writes a text file safely (a temporary renamed over the target); `flag` names the option in errors.
+inline void writeTextFile(const std::filesystem::path& p, const std::string& text, const std::string& flag) {
+  TemporaryFile tmp(p.string());
+  {
+    std::ofstream out(tmp.path());
+    PARDIT_CHECK(out.good(), tmp.path(), ": cannot create");
+    out << text;
+    out.flush();
+    PARDIT_CHECK(out.good(), tmp.path(), ": write failed");
+  }
+  tmp.commit(flag);
+}
+
 inline nlohmann::json readJsonFile(const std::filesystem::path& file) {
   std::ifstream in(file);
   PARDIT_CHECK(in.good(), file.string(), ": cannot open");

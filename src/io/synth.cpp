@@ -19,23 +19,15 @@
 #include "pardit/io/vae_checkpoint.h"
 #include "pardit/text/clip_tokenizer.h"
 
+#include "json_file.h"
+
 namespace fs = std::filesystem;
 
 namespace pardit::io {
 
 namespace {
 
-void writeText(const fs::path& p, const std::string& text) {
-  TemporaryFile tmp(p.string());
-  {
-    std::ofstream out(tmp.path());
-    PARDIT_CHECK(out.good(), tmp.path(), ": cannot create");
-    out << text;
-    out.flush();
-    PARDIT_CHECK(out.good(), tmp.path(), ": write failed");
-  }
-  tmp.commit("--out");
-}
+void writeText(const fs::path& p, const std::string& text) { detail::writeTextFile(p, text, "--out"); }
 
 std::string schedulerConfigJson(bool dynamicShift) {
   nlohmann::ordered_json j;

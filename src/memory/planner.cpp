@@ -10,16 +10,20 @@
 
 namespace pardit::memory {
 
-uint64_t groupBytes(const model::FluxConfig& config, const std::string& group, c10::ScalarType dtype) {
-  for (const auto& g : model::fluxWeightGroups(config)) {
+uint64_t groupBytes(const model::FluxConfig& config, const std::string& group, c10::ScalarType dtype,
+                    model::WeightFormat format) {
+  for (const auto& g : model::fluxWeightGroups(config, format)) {
     if (g.name != group) continue;
     uint64_t n = 0;
     for (const auto& t : g.tensors) {
       uint64_t e = 1;
       for (auto d : t.shape) e *= static_cast<uint64_t>(d);
-      n += e;
+      const uint64_t size = t.storage == model::TensorStorage::kFp8       ? 1
+                            : t.storage == model::TensorStorage::kFloat32 ? 4
+                                                                          : c10::elementSize(dtype);
+      n += e * size;
     }
-    return n * c10::elementSize(dtype);
+    return n;
   }
   PARDIT_THROW("unknown weight group '", group, "'");
 }
@@ -67,7 +71,7 @@ RankPlan planRank(const RankWorkload& w, uint64_t budget, OffloadMode mode) {
   plan.activationBytes = activationEstimate(w);
   plan.kvBytes = kvBufferEstimate(w);
   plan.commBytes = commBufferEstimate(w);
-  for (const auto& g : w.groups) plan.groups.push_back({g, groupBytes(w.config, g, w.dtype), false});
+  for (const auto& g : w.groups) plan.groups.push_back({g, groupBytes(w.config, g, w.dtype, w.weightFormat), false});
   auto isBlock = [](const std::string& n) { return n.rfind("double_blocks.", 0) == 0 || n.rfind("single_blocks.", 0) == 0; };
   auto recompute = [&] {
     plan.residentBytes = plan.streamedBytes = 0;

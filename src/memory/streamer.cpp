@@ -34,7 +34,7 @@ uint64_t bytesOf(const std::map<std::string, at::Tensor>& tensors) {
 }  // namespace
 
 std::vector<std::string> StreamingFluxWeights::tensorNames(const std::string& group) const {
-  for (const auto& g : model::fluxWeightGroups(config_))
+  for (const auto& g : model::fluxWeightGroups(config_, options_.format))
     if (g.name == group) {
       std::vector<std::string> names;
       for (const auto& t : g.tensors) names.push_back(t.name);

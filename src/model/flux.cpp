@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "pardit/core/error.h"
+#include "pardit/model/fp8.h"
 
 namespace pardit::model {
 
@@ -13,7 +14,9 @@ namespace {
 constexpr double kNormEps = 1e-6;
 
 Linear makeLinear(const WeightGetter& get, const std::string& prefix) {
-  return Linear{get(prefix + ".weight"), get(prefix + ".bias")};
+  Linear l{get(prefix + ".weight"), get(prefix + ".bias"), {}};
+  if (isFp8(l.weight)) l.scale = get(fp8ScaleName(prefix + ".weight"));
+  return l;
 }
 
 at::Tensor layerNorm(const at::Tensor& x) {  // no affine parameters, eps 1e-6
@@ -26,7 +29,9 @@ at::Tensor modulate(const at::Tensor& x, const at::Tensor& shift, const at::Tens
 }
 }  // namespace
 
-at::Tensor Linear::operator()(const at::Tensor& x) const { return at::linear(x, weight, bias); }
+at::Tensor Linear::operator()(const at::Tensor& x) const {
+  return scale.defined() ? fp8Linear(x, weight, scale, bias) : at::linear(x, weight, bias);
+}
 
 NamedWeights::NamedWeights(const std::vector<TensorSpec>& specs, const WeightGetter& get, std::string model)
     : model_(std::move(model)) {

@@ -81,7 +81,29 @@ void addLinear(std::vector<TensorSpec>& t, const std::string& prefix, int64_t ou
 }
 }  // namespace
 
-std::vector<WeightGroupSpec> fluxWeightGroups(const FluxConfig& c) {
+std::string weightFormatName(WeightFormat format) { return format == WeightFormat::kFp8 ? "fp8" : "dense"; }
+
+bool fluxFp8Eligible(const std::string& name) {
+  const bool block = name.rfind("double_blocks.", 0) == 0 || name.rfind("single_blocks.", 0) == 0;
+  const std::string suffix = ".weight";
+  return block && name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+namespace {
+// The FP8 view of a group: eligible weights become FP8 and gain their scale.
+void toFp8(WeightGroupSpec& g) {
+  std::vector<TensorSpec> out;
+  for (auto& t : g.tensors) {
+    const bool q = fluxFp8Eligible(t.name);
+    if (q) t.storage = TensorStorage::kFp8;
+    out.push_back(t);
+    if (q) out.push_back({t.name + "_scale", {t.shape[0]}, TensorStorage::kFloat32});
+  }
+  g.tensors = std::move(out);
+}
+}  // namespace
+
+std::vector<WeightGroupSpec> fluxWeightGroups(const FluxConfig& c, WeightFormat format) {
   const int64_t h = c.hiddenSize, d = c.headDim();
   std::vector<WeightGroupSpec> groups;
   // The conditioning embedders (every pipeline stage computes the conditioning vector), then the input
@@ -129,6 +151,8 @@ std::vector<WeightGroupSpec> fluxWeightGroups(const FluxConfig& c) {
   addLinear(fin.tensors, "final_layer.adaLN_modulation.1", 2 * h, h);
   addLinear(fin.tensors, "final_layer.linear", c.outChannels, h);
   groups.push_back(std::move(fin));
+  if (format == WeightFormat::kFp8)
+    for (auto& g : groups) toFp8(g);
   return groups;
 }
 

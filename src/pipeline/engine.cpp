@@ -127,8 +127,8 @@ void Engine::Impl::open() {
       }
       config = checkpoint->config();
       modelName = options.model;
-      const io::FluxCheckpoint* ck = &*checkpoint;
-      read = [ck](const std::string& n, c10::ScalarType t, c10::Device d) { return ck->load(n, t, d); };
+      weightFormat = resolveWeightFormat(options.weightDtype, &*checkpoint);
+      read = checkpointReader(*checkpoint, weightFormat);
       // The same path may name another file on another node: every rank must read the same checkpoint
       // (compared in the next phase: a collective must not follow a check that may fail on some ranks only).
       for (const auto& f : checkpoint->files())
@@ -142,9 +142,13 @@ void Engine::Impl::open() {
       std::map<std::string, std::vector<int64_t>> shapes;
       for (const auto& g : model::fluxWeightGroups(config))
         for (const auto& t : g.tensors) shapes[t.name] = t.shape;
-      read = [shapes](const std::string& n, c10::ScalarType t, c10::Device d) {
-        return io::synthTensor(0, n, shapes.at(n)).to(t).to(d);
-      };
+      weightFormat = resolveWeightFormat(options.weightDtype, nullptr);
+      read = formatReader(
+          weightFormat,
+          [shapes](const std::string& n, c10::ScalarType t, c10::Device d) {
+            return io::synthTensor(0, n, shapes.at(n)).to(t).to(d);
+          },
+          [shapes](const std::string& n) { return model::quantizeFp8Rows(io::synthTensor(0, n, shapes.at(n))); });
     }
     // The metrics file is appended to after the run: checked now (after the checkpoint's files are known
     // as inputs), before any weight is read.
@@ -163,7 +167,8 @@ void Engine::Impl::open() {
 memory::RankPlan Engine::Impl::planRun(Run& run, int64_t batch, int64_t imageTokens, int64_t textTokens) {
   memory::RankPlan plan;
   rt.agree([&] {
-    const auto work = detail::workloadOf(rt.topology(), config, run.pipefusion, dtype, batch, imageTokens, textTokens);
+    const auto work = detail::workloadOf(rt.topology(), config, run.pipefusion, dtype, weightFormat, batch, imageTokens,
+                                         textTokens);
     plan = memory::planRank(work, detail::budgetOf(options, device, rt.localSize()), options.offload);
     PARDIT_CHECK(plan.fits, "rank ", rt.worldRank(), ": ", plan.problem);
   });
@@ -188,11 +193,11 @@ std::shared_ptr<model::FluxWeightProvider> Engine::Impl::loadRun(Run& run, const
   rt.agree([&] {
     Timer t;
     const LoadingAllocations loading;
-    weights = detail::loadPlannedWeights(options, config, read, plan, dtype, device);
+    weights = detail::loadPlannedWeights(options, config, read, plan, dtype, weightFormat, device);
     run.loadSeconds = t.seconds();
   });
   logInfo0(checkpoint ? "loaded " : "made ", formatBytes(plan.residentBytes + plan.streamedBytes), " of ",
-           checkpoint ? "weights" : "synthetic weights", " in ", formatSeconds(run.loadSeconds), " as ", dtypeName(dtype),
+           checkpoint ? "weights" : "synthetic weights", " in ", formatSeconds(run.loadSeconds), " as ", weightsName(),
            " on ", device.str(), " (", degrees.describe(), ")");
   if (run.pipefusion) logInfo0("pipeline stages: ", run.pipefusion->partition.describe(config));
   loaded = Loaded{plan, key, weights};
@@ -205,6 +210,10 @@ std::shared_ptr<model::FluxWeightProvider> Engine::Impl::prepare(Run& run, int64
 }
 
 // ---- outputs, metrics, summaries -----------------------------------------------------------------------
+
+std::string Engine::Impl::weightsName() const {
+  return weightFormat == model::WeightFormat::kFp8 ? "fp8 e4m3 (row scales) + " + dtypeName(dtype) : dtypeName(dtype);
+}
 
 void Engine::Impl::writeOutput(const std::string& path, const std::string& flag, const std::string& tensorName,
                                const at::Tensor& value, std::map<std::string, std::string> metadata) const {
@@ -536,7 +545,7 @@ std::vector<std::string> Engine::Impl::writeImages(Run& run, const GenerateReque
                 (prompts.schedule.dynamicShift ? "shifted" : "plain") + ", Guidance: " + formatNumber(request.guidanceScale) +
                 ", CFG scale: " + formatNumber(prompts.negative ? request.trueCfgScale : 1.0) + ", Size: " +
                 std::to_string(request.width) + "x" + std::to_string(request.height) + ", Model: " + modelName +
-                ", Dtype: " + dtypeName(dtype) + ", Parallel: cfg " + std::to_string(d.cfg) + " x pipefusion " +
+                ", Dtype: " + weightsName() + ", Parallel: cfg " + std::to_string(d.cfg) + " x pipefusion " +
                 std::to_string(d.pipefusion) + " x ring " + std::to_string(d.ring) + " x ulysses " +
                 std::to_string(d.ulysses);
   if (run.decode && run.decode->mode == DecodePlan::Mode::kTiles)  // not the exact decode: say so
@@ -625,7 +634,8 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
       {"guidance_scale", formatNumber(request.guidanceScale)},
       {"true_cfg_scale", formatNumber(prompts.negative ? request.trueCfgScale : 1.0)},
       {"schedule", prompts.schedule.dynamicShift ? "shifted" : "plain"}, {"model", m.modelName},
-      {"layout", m.degrees.describe()}, {"dtype", dtypeName(m.dtype)}, {"latents_layout", "packed [B, (height/16)*(width/16), 64]"},
+      {"layout", m.degrees.describe()}, {"dtype", dtypeName(m.dtype)},
+      {"weights", m.weightsName()}, {"latents_layout", "packed [B, (height/16)*(width/16), 64]"},
       {"software", std::string("pardit ") + PARDIT_VERSION}};
   if (text) meta["prompt"] = prompts.text.clip.at(0);
   m.writeOutput(request.saveLatents, "--save-latents", "latents", result.latents, meta);

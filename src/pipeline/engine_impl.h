@@ -31,6 +31,7 @@ struct Engine::Impl {
   dist::ParallelDegrees degrees;
   c10::Device device = c10::kCPU;
   c10::ScalarType dtype = c10::kFloat;
+  model::WeightFormat weightFormat = model::WeightFormat::kDense;  // --weight-dtype resolved
   std::optional<io::FluxCheckpoint> checkpoint;  // none: a preset's synthetic weights in memory
   model::FluxConfig config;
   std::string modelName;
@@ -123,6 +124,8 @@ struct Engine::Impl {
   // Rank 0 writes `value` as the one tensor of a safetensors file, with `metadata` (and "format": "pt").
   void writeOutput(const std::string& path, const std::string& flag, const std::string& tensorName,
                    const at::Tensor& value, std::map<std::string, std::string> metadata = {}) const;
+  // "bf16", or "fp8 e4m3 (row scales) + bf16" with FP8 weights.
+  std::string weightsName() const;
   std::string finishMetrics(Run& run, const std::string& command, double seconds, int warmupSteps, int64_t images);
   void rankSummary(const std::shared_ptr<model::FluxWeightProvider>& weights, const std::optional<PipeFusionLayout>& pf) const;
   uint64_t bytesRead() const {

@@ -80,6 +80,7 @@ JobPlan planJob(const config::EngineConfig& c) {
   p.model = c.model;
   p.config = ck.config();
   p.checkpointBytes = ck.totalBytes();
+  p.weightFormat = resolveWeightFormat(c.weightDtype, &ck);
   const LatentGeometry geom{c.height, c.width, 16};
   geom.validate();
   p.imageTokens = geom.tokens();
@@ -89,7 +90,7 @@ JobPlan planJob(const config::EngineConfig& c) {
   const int64_t batch = c.batch * ((p.trueCfg && p.degrees.cfg == 1 && pf) ? 2 : 1);
   for (int r = 0; r < p.worldSize; ++r) {
     const dist::Topology topo(p.degrees, r);
-    const auto w = detail::workloadOf(topo, p.config, pf, p.dtype, batch, geom.tokens(), c.textLen);
+    const auto w = detail::workloadOf(topo, p.config, pf, p.dtype, p.weightFormat, batch, geom.tokens(), c.textLen);
     p.ranks.push_back(memory::planRank(w, budget, c.offload));
     p.stageOf.push_back(topo.pipefusionRank());
     p.allFit &= p.ranks.back().fits;

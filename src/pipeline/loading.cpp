@@ -4,6 +4,8 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <mutex>
 #include <nlohmann/json.hpp>
 
 #include "pardit/core/dtype.h"
@@ -25,16 +27,74 @@ c10::ScalarType resolveDtype(config::Dtype dtype, const c10::Device& device) {
   return device.is_cuda() ? c10::kBFloat16 : c10::kFloat;
 }
 
+model::WeightFormat resolveWeightFormat(config::WeightDtype weightDtype, const io::FluxCheckpoint* checkpoint) {
+  switch (weightDtype) {
+    case config::WeightDtype::kFp8: return model::WeightFormat::kFp8;
+    case config::WeightDtype::kCompute: return model::WeightFormat::kDense;
+    case config::WeightDtype::kAuto: break;
+  }
+  return checkpoint ? checkpoint->storedFormat() : model::WeightFormat::kDense;
+}
+
+TensorReader formatReader(model::WeightFormat format, TensorReader dense, Fp8Source fp8) {
+  if (format == model::WeightFormat::kDense) return dense;
+  struct Pending {
+    std::mutex mutex;
+    std::map<std::string, at::Tensor> scales;  // scale name -> [out] float32, until asked for
+  };
+  auto pending = std::make_shared<Pending>();
+  const std::string suffix = ".weight_scale";
+  return [dense = std::move(dense), fp8 = std::move(fp8), pending, suffix](const std::string& name, c10::ScalarType dtype,
+                                                                           c10::Device device) -> at::Tensor {
+    if (model::fluxFp8Eligible(name)) {
+      model::Fp8Rows q = fp8(name);
+      {
+        std::lock_guard<std::mutex> lock(pending->mutex);
+        pending->scales[model::fp8ScaleName(name)] = q.scale;
+      }
+      return q.values.to(device);
+    }
+    if (name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0) {
+      const std::string weight = name.substr(0, name.size() - std::string("_scale").size());
+      if (model::fluxFp8Eligible(weight)) {
+        at::Tensor scale;
+        {
+          std::lock_guard<std::mutex> lock(pending->mutex);
+          auto it = pending->scales.find(name);
+          if (it != pending->scales.end()) {
+            scale = it->second;
+            pending->scales.erase(it);
+          }
+        }
+        if (!scale.defined()) scale = fp8(weight).scale;
+        return scale.to(device);
+      }
+    }
+    return dense(name, dtype, device);
+  };
+}
+
+TensorReader checkpointReader(const io::FluxCheckpoint& checkpoint, model::WeightFormat format) {
+  const io::FluxCheckpoint* ck = &checkpoint;
+  return formatReader(
+      format, [ck](const std::string& n, c10::ScalarType t, c10::Device d) { return ck->load(n, t, d); },
+      [ck](const std::string& n) { return ck->loadFp8(n); });
+}
+
+model::WeightGetter getterOf(TensorReader read, c10::ScalarType dtype, c10::Device device) {
+  return [read = std::move(read), dtype, device](const std::string& name) { return read(name, dtype, device); };
+}
+
 LoadedFlux loadFlux(const std::string& modelPath, c10::ScalarType dtype, const c10::Device& device,
-                    std::shared_ptr<model::AttentionBackend> attention) {
+                    std::shared_ptr<model::AttentionBackend> attention, model::WeightFormat format) {
   PARDIT_CHECK(!modelPath.empty(), "--model is required (a diffusers directory or a BFL .safetensors file)");
   Timer timer;
   LoadedFlux out;
   out.checkpoint = std::make_shared<io::FluxCheckpoint>(io::FluxCheckpoint::open(modelPath));
   out.device = device;
   out.dtype = dtype;
-  auto weights = std::make_shared<model::ResidentFluxWeights>(out.checkpoint->config(),
-                                                              out.checkpoint->getter(dtype, device));
+  auto weights = std::make_shared<model::ResidentFluxWeights>(
+      out.checkpoint->config(), getterOf(checkpointReader(*out.checkpoint, format), dtype, device));
   if (!attention) attention = std::make_shared<model::LocalAttention>();
   out.transformer = std::make_shared<model::FluxTransformer>(out.checkpoint->config(), weights, attention);
   out.loadSeconds = timer.seconds();

@@ -37,11 +37,12 @@ std::optional<PipeFusionLayout> checkLayout(const config::EngineConfig& c, const
 }
 
 memory::RankWorkload workloadOf(const dist::Topology& topo, const model::FluxConfig& mc,
-                                const std::optional<PipeFusionLayout>& pf, c10::ScalarType dtype, int64_t batch,
-                                int64_t imageTokens, int64_t textTokens) {
+                                const std::optional<PipeFusionLayout>& pf, c10::ScalarType dtype,
+                                model::WeightFormat format, int64_t batch, int64_t imageTokens, int64_t textTokens) {
   memory::RankWorkload w;
   w.config = mc;
   w.dtype = dtype;
+  w.weightFormat = format;
   w.batch = batch;
   const auto& d = topo.degrees();
   w.ulysses = d.ulysses;
@@ -72,13 +73,14 @@ uint64_t budgetOf(const config::EngineConfig& c, const c10::Device& device, int 
 std::shared_ptr<model::FluxWeightProvider> loadPlannedWeights(const config::EngineConfig& c,
                                                               const model::FluxConfig& mc, const TensorReader& read,
                                                               const memory::RankPlan& plan, c10::ScalarType dtype,
-                                                              const c10::Device& device) {
+                                                              model::WeightFormat format, const c10::Device& device) {
   std::vector<std::string> groups;
   for (const auto& g : plan.groups) groups.push_back(g.name);
   if (!plan.anyStreamed())
     return std::make_shared<model::ResidentFluxWeights>(
         mc, [&](const std::string& n) { return read(n, dtype, device); }, groups);
   memory::StreamingOptions opts;
+  opts.format = format;
   switch (c.streamFrom) {
     case config::StreamSource::kHost: opts.hostCache = true; break;
     case config::StreamSource::kFile: opts.hostCache = false; break;

@@ -17,14 +17,15 @@
 #include "pardit/parallel/pipefusion.h"
 #include "pardit/parallel/sequence_parallel.h"
 #include "pardit/pipeline/denoise.h"
+#include "pardit/pipeline/loading.h"
 
 namespace pardit::pipeline::detail {
 
 dist::ParallelDegrees degreesOf(const config::EngineConfig& c);
 
 // Reads a tensor by internal name in a dtype onto a device (from the checkpoint, or a preset's
-// synthetic weights).
-using TensorReader = std::function<at::Tensor(const std::string& name, c10::ScalarType dtype, c10::Device device)>;
+// synthetic weights), in the run's weight format.
+using TensorReader = pipeline::TensorReader;
 
 // The PipeFusion layout of a run.
 struct PipeFusionLayout {
@@ -43,8 +44,8 @@ std::optional<PipeFusionLayout> checkLayout(const config::EngineConfig& c, const
 
 // What one rank computes, for the planner. `batch`: the transformer batch of this rank.
 memory::RankWorkload workloadOf(const dist::Topology& topo, const model::FluxConfig& mc,
-                                const std::optional<PipeFusionLayout>& pf, c10::ScalarType dtype, int64_t batch,
-                                int64_t imageTokens, int64_t textTokens);
+                                const std::optional<PipeFusionLayout>& pf, c10::ScalarType dtype,
+                                model::WeightFormat format, int64_t batch, int64_t imageTokens, int64_t textTokens);
 
 // --device-memory-budget resolved for this rank (auto: the device's free memory, or the host's share).
 uint64_t budgetOf(const config::EngineConfig& c, const c10::Device& device, int ranksOnNode);
@@ -56,7 +57,7 @@ double worldReduce(dist::Runtime& rt, double v, dist::ReduceOp op);
 std::shared_ptr<model::FluxWeightProvider> loadPlannedWeights(const config::EngineConfig& c,
                                                               const model::FluxConfig& mc, const TensorReader& read,
                                                               const memory::RankPlan& plan, c10::ScalarType dtype,
-                                                              const c10::Device& device);
+                                                              model::WeightFormat format, const c10::Device& device);
 
 // This rank's transformer call: local, or split over its sequence-parallel group with USP attention.
 struct RankModel {

@@ -17,9 +17,12 @@
 
 namespace pardit::config {
 
-enum class Command { kGenerate, kForward, kSynth, kBench, kPlan, kEncode };
+enum class Command { kGenerate, kForward, kSynth, kBench, kPlan, kEncode, kQuantize };
 enum class Dtype { kAuto, kBf16, kFp16, kFp32 };            // auto: bf16 on CUDA, fp32 on the CPU
 enum class DeviceKind { kAuto, kCpu, kCuda };
+// auto: FP8 when the checkpoint stores FP8 block weights, else the compute dtype; fp8: block weights in FP8
+// (quantized while loading when stored otherwise); compute: every weight in the compute dtype.
+enum class WeightDtype { kAuto, kFp8, kCompute };
 enum class Offload { kNone, kAuto, kSequential };
 enum class StreamSource { kAuto, kHost, kFile };
 enum class Schedule { kAuto, kShift, kPlain };
@@ -64,6 +67,7 @@ struct EngineConfig {
   VaeTiling vaeTiling = VaeTiling::kAuto;
   int64_t vaeTileSize = 0;             // pixels; 0: the VAE's sample_size, halved until a tile fits
   Dtype dtype = Dtype::kAuto;
+  WeightDtype weightDtype = WeightDtype::kAuto;
   DeviceKind device = DeviceKind::kAuto;
   int threads = 0;                     // intra-op threads per rank; 0 = the library default
   LogLevelOption logLevel = LogLevelOption::kInfo;

@@ -24,6 +24,7 @@
 #include "pardit/io/safetensors.h"
 #include "pardit/model/flux.h"
 #include "pardit/model/flux_config.h"
+#include "pardit/model/fp8.h"
 
 namespace pardit::io {
 
@@ -35,13 +36,17 @@ struct TensorPiece {
   std::string tensor;  // name inside the file
   int64_t rowBegin = 0;
   int64_t rowEnd = 0;  // rows along dim 0 (1 row for scalars)
+  // A float8 weight's scale tensor when the file has one ("<layer>.weight_scale" or ComfyUI's
+  // "<layer>.scale_weight": one value for the tensor, or one per row); empty for plain casts.
+  std::shared_ptr<SafetensorsFile> scaleFile;
+  std::string scaleTensor;
 };
 
 struct TensorSource {
   std::string name;  // internal name
   std::vector<int64_t> shape;
   std::vector<TensorPiece> pieces;  // concatenated along dim 0
-  uint64_t nbytes() const;          // bytes read from disk to load it
+  uint64_t nbytes() const;          // bytes read from disk to load it (with the scales of FP8 pieces)
 };
 
 class FluxCheckpoint {
@@ -59,8 +64,16 @@ class FluxCheckpoint {
 
   bool has(const std::string& name) const { return sources_.count(name) != 0; }
   const TensorSource& source(const std::string& name) const;
-  // Reads one tensor (only its bytes), converted to dtype and moved to device.
+  // Reads one tensor (only its bytes), converted to dtype and moved to device (FP8 pieces are
+  // dequantized with their scales).
   at::Tensor load(const std::string& name, c10::ScalarType dtype, c10::Device device = c10::kCPU) const;
+  // A 2-D weight as FP8 rows: stored float8_e4m3fn values with their scales (1 for plain casts) as they
+  // are, anything else quantized row by row (model/fp8.h). On the CPU.
+  model::Fp8Rows loadFp8(const std::string& name) const;
+  // Whether every piece of a tensor is stored as float8_e4m3fn.
+  bool storedFp8(const std::string& name) const;
+  // kFp8 when the blocks' linear weights are stored as float8_e4m3fn (an FP8 checkpoint), else kDense.
+  model::WeightFormat storedFormat() const { return storedFormat_; }
   model::WeightGetter getter(c10::ScalarType dtype, c10::Device device = c10::kCPU) const;
 
   uint64_t bytesRead() const;   // tensor bytes read through this checkpoint so far
@@ -76,12 +89,14 @@ class FluxCheckpoint {
 
  private:
   void addSource(TensorSource source) { sources_[source.name] = std::move(source); }
+  static at::Tensor readScale(const TensorPiece& piece);  // [rows] float32
   void validate() const;
 
   std::string path_;
   CheckpointLayout layout_ = CheckpointLayout::kBfl;
   model::FluxConfig config_;
   c10::ScalarType storedDtype_ = c10::kFloat;
+  model::WeightFormat storedFormat_ = model::WeightFormat::kDense;
   std::vector<std::shared_ptr<SafetensorsFile>> files_;
   std::map<std::string, TensorSource> sources_;
   mutable std::shared_ptr<std::mutex> loadedMutex_ = std::make_shared<std::mutex>();  // guards loaded_

@@ -24,6 +24,7 @@ struct RankWorkload {
   model::FluxConfig config;
   std::vector<std::string> groups;  // weight groups this rank holds (all, or its PipeFusion stage's)
   c10::ScalarType dtype = c10::kBFloat16;
+  model::WeightFormat weightFormat = model::WeightFormat::kDense;  // FP8 block weights: 1 byte + row scales
   int64_t batch = 1;                // transformer batch on this rank (2x with true CFG on one rank)
   int64_t imageTokens = 0;          // image tokens this rank computes at once (its shard or patch)
   int64_t imageTokensKv = 0;        // image tokens in its PipeFusion K/V buffers (0 without PipeFusion)
@@ -51,7 +52,9 @@ struct RankPlan {
   bool anyStreamed() const { return streamedBytes > 0; }
 };
 
-uint64_t groupBytes(const model::FluxConfig& config, const std::string& group, c10::ScalarType dtype);
+// Bytes of a weight group on the device: compute-dtype tensors, FP8 values (1 byte) and float32 scales.
+uint64_t groupBytes(const model::FluxConfig& config, const std::string& group, c10::ScalarType dtype,
+                    model::WeightFormat format = model::WeightFormat::kDense);
 uint64_t activationEstimate(const RankWorkload& w);
 uint64_t kvBufferEstimate(const RankWorkload& w);
 uint64_t commBufferEstimate(const RankWorkload& w);

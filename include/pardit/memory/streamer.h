@@ -37,6 +37,7 @@ class WeightAccountant {
 
 struct StreamingOptions {
   bool hostCache = true;  // keep streamed groups in host memory (pinned on CUDA) instead of re-reading the file
+  model::WeightFormat format = model::WeightFormat::kDense;  // FP8: the groups carry their scale tensors too
 };
 
 class StreamingFluxWeights final : public model::FluxWeightProvider {

@@ -18,9 +18,11 @@
 
 namespace pardit::model {
 
+// A linear layer's weights: dense in the compute dtype, or FP8 rows with their scales (model/fp8.h).
 struct Linear {
-  at::Tensor weight;  // [out, in]
+  at::Tensor weight;  // [out, in]: compute dtype, or float8_e4m3fn
   at::Tensor bias;    // [out]
+  at::Tensor scale;   // [out] float32 when weight is FP8, else undefined
   at::Tensor operator()(const at::Tensor& x) const;
 };
 
@@ -53,7 +55,9 @@ struct FinalLayerWeights {
   Linear linear;  // [out, h]
 };
 
-// Fetches a tensor by internal name, already in the compute dtype and on the compute device.
+// Fetches a tensor by internal name, already in the compute dtype and on the compute device. A getter for
+// FP8 weights returns a linear layer's "<layer>.weight" as float8_e4m3fn and then serves its
+// "<layer>.weight_scale" ([out] float32); the layers build themselves from what they get.
 using WeightGetter = std::function<at::Tensor(const std::string& name)>;
 
 // A model's weights by name: every tensor of `specs` from `get`, checked against its shape (errors name

@@ -34,11 +34,20 @@ struct FluxConfig {
   static std::vector<std::string> presetNames();
 };
 
-// One tensor the model expects: internal name, shape.
+// How a tensor is stored on the device: in the compute dtype, as FP8 (e4m3fn) values, or float32 (scales).
+enum class TensorStorage { kCompute, kFp8, kFloat32 };
+
+// One tensor the model expects: internal name, shape, storage.
 struct TensorSpec {
   std::string name;
   std::vector<int64_t> shape;
+  TensorStorage storage = TensorStorage::kCompute;
 };
+
+// The weights' format: every tensor in the compute dtype, or the blocks' linear weights in FP8 with one
+// float32 scale per output row (model/fp8.h states the rule).
+enum class WeightFormat { kDense, kFp8 };
+std::string weightFormatName(WeightFormat format);
 
 // A weight group is the unit of loading and residency: "conditioning" (time/guidance/pooled-text
 // embedders, needed by every pipeline stage), "input_embedders" (img_in, txt_in: first stage),
@@ -48,7 +57,10 @@ struct WeightGroupSpec {
   std::vector<TensorSpec> tensors;
 };
 
-// Every tensor of the model, grouped, in execution order.
-std::vector<WeightGroupSpec> fluxWeightGroups(const FluxConfig& config);
+// Every tensor of the model, grouped, in execution order. With kFp8 the blocks' linear weights are
+// kFp8 and each is followed by its "<layer>.weight_scale" ([out], kFloat32).
+std::vector<WeightGroupSpec> fluxWeightGroups(const FluxConfig& config, WeightFormat format = WeightFormat::kDense);
+// Whether an internal FLUX tensor is FP8 under WeightFormat::kFp8 (a linear weight inside a block).
+bool fluxFp8Eligible(const std::string& name);
 
 }  // namespace pardit::model

@@ -46,6 +46,7 @@ struct JobPlan {
   model::FluxConfig config;
   uint64_t checkpointBytes = 0;
   c10::ScalarType dtype = c10::kBFloat16;
+  model::WeightFormat weightFormat = model::WeightFormat::kDense;  // of the transformer's weights
   int worldSize = 1;
   dist::ParallelDegrees degrees;
   int64_t imageTokens = 0;

@@ -6,18 +6,39 @@
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 
 #include "pardit/config/config.h"
 #include "pardit/io/checkpoint.h"
 #include "pardit/model/flux.h"
+#include "pardit/model/fp8.h"
 #include "pardit/pipeline/scheduler.h"
 
 namespace pardit::pipeline {
 
 // auto -> bf16 on CUDA, fp32 on the CPU.
 c10::ScalarType resolveDtype(config::Dtype dtype, const c10::Device& device);
+
+// --weight-dtype resolved for a checkpoint (null: synthetic weights, stored dense): auto -> the stored format.
+model::WeightFormat resolveWeightFormat(config::WeightDtype weightDtype, const io::FluxCheckpoint* checkpoint);
+
+// Reads a tensor by internal name in a dtype onto a device.
+using TensorReader = std::function<at::Tensor(const std::string& name, c10::ScalarType dtype, c10::Device device)>;
+// A 2-D weight as FP8 rows (on the CPU).
+using Fp8Source = std::function<model::Fp8Rows(const std::string& name)>;
+
+// The reader of a weight format. kDense: `dense`. kFp8: the blocks' linear weights
+// (model::fluxFp8Eligible) come from `fp8` as float8 values, and "<layer>.weight_scale" serves the
+// scales of the weight read just before (kept until asked for; read again if asked first); every other
+// tensor comes from `dense`. Safe to call from several threads.
+TensorReader formatReader(model::WeightFormat format, TensorReader dense, Fp8Source fp8);
+// The reader of a checkpoint in a format (stored FP8 read as is; anything else quantized while loading).
+// The checkpoint must outlive the reader.
+TensorReader checkpointReader(const io::FluxCheckpoint& checkpoint, model::WeightFormat format);
+// A model::WeightGetter over a reader, for one dtype and device.
+model::WeightGetter getterOf(TensorReader read, c10::ScalarType dtype, c10::Device device = c10::kCPU);
 
 struct LoadedFlux {
   std::shared_ptr<io::FluxCheckpoint> checkpoint;
@@ -30,7 +51,8 @@ struct LoadedFlux {
 
 // Loads the model; `attention` defaults to single-device attention.
 LoadedFlux loadFlux(const std::string& modelPath, c10::ScalarType dtype, const c10::Device& device,
-                    std::shared_ptr<model::AttentionBackend> attention = nullptr);
+                    std::shared_ptr<model::AttentionBackend> attention = nullptr,
+                    model::WeightFormat format = model::WeightFormat::kDense);
 
 // The schedule for a model: shift (dev), plain (schnell), or auto: scheduler/scheduler_config.json next
 // to a diffusers transformer when present, else shifted iff the model has guidance embeddings.

@@ -116,7 +116,8 @@ TEST(Options, EveryOptionIsSyncedOrExplicitlyLocal) {
                                          : name == "plan"    ? std::vector<std::string>{"--model", "m"}
                                          : name == "synth"   ? std::vector<std::string>{"--out", "d"}
                                          : name == "encode"  ? std::vector<std::string>{"--model", "m", "--output", "o"}
-                                                             : std::vector<std::string>{});
+                                         : name == "quantize" ? std::vector<std::string>{"--model", "m", "--out", "d"}
+                                                              : std::vector<std::string>{});
     std::set<std::string> synced;
     for (const auto& [flag, value] : config::syncedOptions(c)) synced.insert(flag);
     EXPECT_TRUE(synced.count("the command"));

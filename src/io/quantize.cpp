@@ -1,0 +1,151 @@
+#include "pardit/io/quantize.h"
+
+#include <ATen/ATen.h>
+
+#include <filesystem>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "pardit/core/dtype.h"
+#include "pardit/core/error.h"
+#include "pardit/core/files.h"
+#include "pardit/io/checkpoint.h"
+#include "pardit/io/safetensors.h"
+#include "pardit/model/fp8.h"
+#include "json_file.h"
+
+namespace fs = std::filesystem;
+
+namespace pardit::io {
+
+namespace {
+
+const char* kFlag = "--out";
+
+// The file tensors that hold FP8-eligible model weights, by file path.
+std::map<std::string, std::set<std::string>> eligibleTensors(const FluxCheckpoint& ck) {
+  std::map<std::string, std::set<std::string>> out;
+  for (const auto& g : model::fluxWeightGroups(ck.config()))
+    for (const auto& t : g.tensors)
+      if (model::fluxFp8Eligible(t.name))
+        for (const auto& p : ck.source(t.name).pieces) out[p.file->path()].insert(p.tensor);
+  return out;
+}
+
+// Writes `file` to `target` with its eligible tensors in FP8; returns the tensor bytes written.
+uint64_t writeQuantized(const std::shared_ptr<SafetensorsFile>& file, const std::set<std::string>& eligible,
+                        const fs::path& target, QuantizeResult& result) {
+  SafetensorsWriter w;
+  for (const auto& [k, v] : file->metadata()) w.addMetadata(k, v);
+  w.addMetadata("pardit_fp8", "float8_e4m3fn block linear weights with per-output-row float32 scales in "
+                              "<layer>.weight_scale");
+  for (const auto& t : file->tensors()) {
+    const std::string name = t.name;
+    if (eligible.count(name)) {
+      PARDIT_CHECK(t.shape.size() == 2, file->path(), ": tensor '", name, "' is not a 2-D weight");
+      // Both producers quantize the same tensor the same way (deterministic): the scales are written
+      // first, so keeping the values between the two would hold every weight in memory at once.
+      w.addLazy(name, at::kFloat8_e4m3fn, t.shape, [file, name] { return model::quantizeFp8Rows(file->read(name)).values; });
+      w.addLazy(model::fp8ScaleName(name), at::kFloat, {t.shape[0]},
+                [file, name] { return model::quantizeFp8Rows(file->read(name)).scale; });
+      ++result.weightsQuantized;
+    } else {
+      w.addLazy(name, safetensorsToScalarType(t.dtype), t.shape, [file, name] { return file->read(name); });
+    }
+    result.bytesIn += t.nbytes();
+  }
+  w.write(target.string());
+  return w.totalBytes();
+}
+
+// Links (hard link, else a copy) `from` as `to`, replacing an earlier output there.
+void linkOrCopy(const fs::path& from, const fs::path& to, QuantizeResult& result) {
+  if (fs::exists(to) && fs::equivalent(from, to)) return;  // already linked by an earlier run
+  checkReplaceable(to.string(), kFlag);
+  fs::create_directories(to.parent_path());
+  std::error_code ec;
+  if (fs::exists(to)) fs::remove(to);
+  fs::create_hard_link(from, to, ec);
+  if (ec) {
+    TemporaryFile tmp(to.string());
+    fs::copy_file(from, tmp.path(), fs::copy_options::overwrite_existing);
+    tmp.commit(kFlag);
+  }
+  result.linked.push_back(to.string());
+}
+
+// Every regular file under `dir` (recursively when asked) except those under `skip`, mirrored into `out`.
+void linkTree(const fs::path& dir, const fs::path& out, const std::vector<fs::path>& skip, bool recursive,
+              QuantizeResult& result) {
+  auto skipped = [&](const fs::path& p) {
+    for (const auto& s : skip)
+      if (fs::exists(s) && fs::equivalent(p, s)) return true;
+    return false;
+  };
+  for (const auto& e : fs::directory_iterator(dir)) {
+    if (skipped(e.path())) continue;
+    if (e.is_directory()) {
+      if (recursive) linkTree(e.path(), out / e.path().filename(), skip, true, result);
+    } else if (e.is_regular_file()) {
+      linkOrCopy(e.path(), out / e.path().filename(), result);
+    }
+  }
+}
+
+fs::path fp8Name(const fs::path& file) { return file.stem().string() + "-fp8" + file.extension().string(); }
+
+}  // namespace
+
+QuantizeResult quantizeCheckpoint(const std::string& modelPath, const std::string& outDir) {
+  PARDIT_CHECK(!outDir.empty(), "--out is required (the folder to write the FP8 checkpoint to)");
+  const FluxCheckpoint ck = FluxCheckpoint::open(modelPath);
+  for (const auto& f : ck.files()) registerInputFile(f->path());
+  PARDIT_CHECK(ck.storedFormat() != model::WeightFormat::kFp8, modelPath,
+               ": already an FP8 checkpoint (float8_e4m3fn block weights); pardit runs it as it is");
+  const fs::path in(modelPath), out(outDir);
+  PARDIT_CHECK(!fs::exists(out) || fs::is_directory(out), "--out ", outDir, ": exists and is not a directory");
+  if (fs::is_directory(in))
+    PARDIT_CHECK(!fs::exists(out) || !fs::equivalent(in, out), "--out ", outDir,
+                 ": is the input folder; name a new folder for the FP8 checkpoint");
+  fs::create_directories(out);
+  const auto eligible = eligibleTensors(ck);
+  QuantizeResult r;
+  auto quantizeFile = [&](const std::shared_ptr<SafetensorsFile>& f, const fs::path& target) {
+    auto it = eligible.find(f->path());
+    r.bytesOut += writeQuantized(f, it == eligible.end() ? std::set<std::string>{} : it->second, target, r);
+  };
+  if (ck.layout() == CheckpointLayout::kBfl) {
+    const auto& file = ck.files().front();
+    const fs::path target = out / fp8Name(file->path());
+    quantizeFile(file, target);
+    r.modelPath = target.string();
+    // A folder of BFL files: the other parts (ae, clip_l, t5xxl) come along, so OUT runs as the input did.
+    if (fs::is_directory(in)) {
+      linkTree(in, out, {file->path(), out}, /*recursive=*/false, r);
+      r.modelPath = out.string();
+    }
+    return r;
+  }
+  // diffusers: the transformer folder of the checkpoint, and the pipeline folder above it when there is one.
+  const fs::path tdir = fs::path(ck.files().front()->path()).parent_path();
+  const bool pipelineFolder = fs::is_directory(in) && fs::exists(in / "transformer" / "config.json");
+  const fs::path tout = pipelineFolder ? out / "transformer" : out;
+  fs::create_directories(tout);
+  for (const auto& f : ck.files()) quantizeFile(f, tout / fs::path(f->path()).filename());
+  detail::writeTextFile(tout / "config.json", detail::readJsonFile(tdir / "config.json").dump(2) + "\n", kFlag);
+  const fs::path index = tdir / "diffusion_pytorch_model.safetensors.index.json";
+  if (fs::exists(index)) {
+    nlohmann::json j = detail::readJsonFile(index);
+    nlohmann::json& map = j["weight_map"];
+    for (const auto& [path, names] : eligible)
+      for (const auto& n : names) map[model::fp8ScaleName(n)] = fs::path(path).filename().string();
+    j["metadata"]["total_size"] = r.bytesOut;
+    detail::writeTextFile(tout / index.filename(), j.dump(2) + "\n", kFlag);
+  }
+  if (pipelineFolder) linkTree(in, out, {tdir, out}, /*recursive=*/true, r);
+  r.modelPath = out.string();
+  return r;
+}
+
+}  // namespace pardit::io

@@ -1,0 +1,87 @@
+#include "pardit/model/fp8.h"
+
+#include <ATen/ATen.h>
+
+#include <atomic>
+
+#include "pardit/core/error.h"
+#include "pardit/core/log.h"
+
+#if defined(PARDIT_WITH_CUDA)
+#include <ATen/cuda/CUDAContext.h>
+#endif
+
+namespace pardit::model {
+
+bool isFp8(const at::Tensor& t) { return t.defined() && t.scalar_type() == at::kFloat8_e4m3fn; }
+
+std::string fp8ScaleName(const std::string& weightName) {
+  const std::string suffix = ".weight";
+  PARDIT_CHECK(weightName.size() > suffix.size() &&
+                   weightName.compare(weightName.size() - suffix.size(), suffix.size(), suffix) == 0,
+               "FP8 weights are '<layer>.weight' tensors, not '", weightName, "'");
+  return weightName + "_scale";
+}
+
+Fp8Rows quantizeFp8Rows(const at::Tensor& weight) {
+  PARDIT_CHECK(weight.dim() == 2, "FP8 quantization is per row of a 2-D weight, got shape ", weight.sizes());
+  const at::Tensor w = weight.to(at::kFloat);
+  at::Tensor amax = w.abs().amax(1);  // [out]
+  PARDIT_CHECK(at::isfinite(amax).all().item<bool>(), "cannot quantize a weight with NaN or infinite values to FP8");
+  at::Tensor scale = at::where(amax > 0, amax / kFp8E4m3Max, at::ones_like(amax));
+  // |w / scale| <= 448 up to the division's rounding: clamp so that no value rounds beyond e4m3fn's range.
+  at::Tensor values = (w / scale.unsqueeze(1)).clamp(-kFp8E4m3Max, kFp8E4m3Max).to(at::kFloat8_e4m3fn);
+  return {values, scale.contiguous()};
+}
+
+at::Tensor dequantizeFp8Rows(const at::Tensor& values, const at::Tensor& scale, c10::ScalarType dtype) {
+  PARDIT_CHECK(isFp8(values) && values.dim() == 2 && scale.dim() == 1 && scale.size(0) == values.size(0),
+               "FP8 weight ", values.sizes(), " with scale ", scale.sizes(), ": expected [out, in] float8_e4m3fn and [out]");
+  return (values.to(at::kFloat) * scale.to(at::kFloat).unsqueeze(1)).to(dtype);
+}
+
+namespace {
+std::atomic<bool> scaledMmFailed{false};  // a device where _scaled_mm refused: dequantize from then on
+}
+
+bool fp8TensorCoresUsable(const at::Tensor& x, const at::Tensor& values) {
+#if defined(PARDIT_WITH_CUDA)
+  if (!x.is_cuda() || x.scalar_type() != at::kBFloat16 || scaledMmFailed.load()) return false;
+  // _scaled_mm wants K and N multiples of 16.
+  if (values.size(0) % 16 != 0 || values.size(1) % 16 != 0) return false;
+  const auto* prop = at::cuda::getDeviceProperties(x.device().index());
+  return prop->major * 10 + prop->minor >= 89;
+#else
+  (void)x;
+  (void)values;
+  return false;
+#endif
+}
+
+at::Tensor fp8Linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& scale, const at::Tensor& bias) {
+#if defined(PARDIT_WITH_CUDA)
+  if (fp8TensorCoresUsable(x, values)) {
+    const int64_t K = values.size(1), N = values.size(0);
+    const at::Tensor x2 = x.reshape({-1, K});  // [M, K]
+    // Per-token activation scales (see the header): max|x[t, :]| / 448, kept away from 0.
+    const at::Tensor xs = (x2.abs().amax(1, /*keepdim=*/true).to(at::kFloat) / kFp8E4m3Max).clamp_min(1e-12);  // [M, 1]
+    const at::Tensor xq = (x2.to(at::kFloat) / xs).clamp(-kFp8E4m3Max, kFp8E4m3Max).to(at::kFloat8_e4m3fn).contiguous();
+    try {
+      // values is [N, K] row-major, so values.t() is the column-major [K, N] operand _scaled_mm wants.
+      at::Tensor y = at::_scaled_mm(xq, values.t(), xs.contiguous(), scale.to(at::kFloat).reshape({1, N}).contiguous(),
+                                    std::nullopt, std::nullopt, at::kBFloat16);
+      if (bias.defined()) y.add_(bias.to(y.scalar_type()));
+      std::vector<int64_t> shape = x.sizes().vec();
+      shape.back() = N;
+      return y.view(shape);
+    } catch (const c10::Error& e) {
+      scaledMmFailed.store(true);
+      logWarn("FP8 GEMM (at::_scaled_mm, row-wise scales) failed on ", x.device().str(),
+              "; using dequantized bf16 GEMMs from now on: ", e.what_without_backtrace());
+    }
+  }
+#endif
+  return at::linear(x, dequantizeFp8Rows(values, scale, x.scalar_type()), bias);
+}
+
+}  // namespace pardit::model

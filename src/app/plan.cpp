@@ -43,7 +43,7 @@ nlohmann::ordered_json toJson(const config::EngineConfig& c, const pipeline::Job
   if (!p.budgetSource.empty()) out["budget_source"] = p.budgetSource;
   if (p.textEncoderRank >= 0)
     out["text_encoders"] = {{"rank", p.textEncoderRank}, {"clip_bytes", p.clipBytes}, {"t5_bytes", p.t5Bytes},
-                            {"t5_streamed", p.t5Streamed}};
+                            {"t5_weights", model::weightFormatName(p.t5Format)}, {"t5_streamed", p.t5Streamed}};
   if (p.decode) {
     const auto& d = *p.decode;
     out["decode"] = {{"mode", d.modeName()}, {"tile_px", d.tile * d.factor}, {"activation_bytes", d.activationBytes},
@@ -77,8 +77,9 @@ void printTable(const config::EngineConfig& c, const pipeline::JobPlan& p) {
   for (size_t r = 0; r < p.ranks.size(); ++r)
     if (!p.ranks[r].fits) std::printf("rank %zu: %s\n", r, p.ranks[r].problem.c_str());
   if (p.textEncoderRank >= 0)
-    std::printf("text encoders on rank %d, before the transformer loads: CLIP %s, T5 %s (%s)\n", p.textEncoderRank,
+    std::printf("text encoders on rank %d, before the transformer loads: CLIP %s, T5 %s%s (%s)\n", p.textEncoderRank,
                 formatBytes(p.clipBytes).c_str(), formatBytes(p.t5Bytes).c_str(),
+                p.t5Format == model::WeightFormat::kFp8 ? " in FP8" : "",
                 p.t5Streamed ? "streamed block by block: they do not fit the rank's budget together" : "resident");
   if (p.decode) std::printf("decode: %s%s\n", p.decode->describe().c_str(), p.decode->fits ? "" : " (DOES NOT FIT)");
 }

@@ -13,6 +13,7 @@
 
 #include "pardit/core/dtype.h"
 #include "pardit/core/error.h"
+#include "fp8_file.h"
 #include "json_file.h"
 
 namespace fs = std::filesystem;
@@ -35,48 +36,15 @@ uint64_t TensorSource::nbytes() const {
   return n;
 }
 
+using detail::findScale;
+using detail::isFloat8;
+using detail::isFp8Companion;
+
 namespace {
-
-bool isFloat8(const std::string& safetensorsDtype) { return safetensorsDtype.rfind("F8_", 0) == 0; }
-
 // A 2-D linear weight of the model (which may carry a scale when stored as float8).
 bool fluxLinearWeight(const std::string& internal) {
   return internal.size() > 7 && internal.compare(internal.size() - 7, 7, ".weight") == 0;
 }
-
-// Tensors of FP8 checkpoints that go with a weight and that pardit understands without needing them:
-// ComfyUI's "scaled_fp8" marker and the activation scales of its FP8 matmuls (pardit computes its own).
-bool isFp8Companion(const std::string& name) {
-  if (name == "scaled_fp8" || (name.size() >= 11 && name.compare(name.size() - 11, 11, ".scaled_fp8") == 0)) return true;
-  for (const char* suffix : {".scale_input", ".input_scale", ".comfy_quant"}) {
-    const std::string s = suffix;
-    if (name.size() > s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0) return true;
-  }
-  return false;
-}
-
-// The scale tensor of a float8 weight "<layer>.weight" among `has` (a name lookup), checked: one value,
-// or one per row ([rows] or [rows, 1]), in a float dtype. Returns "" when there is none (a plain cast).
-template <typename Find>
-std::pair<std::shared_ptr<SafetensorsFile>, std::string> findScale(const std::string& weight, const TensorInfo& w,
-                                                                   const Find& find) {
-  const std::string stem = weight.substr(0, weight.size() - std::string(".weight").size());
-  for (const std::string& cand : {stem + ".weight_scale", stem + ".scale_weight"}) {
-    auto [file, info] = find(cand);
-    if (!file) continue;
-    const int64_t rows = w.rows();
-    const bool one = info->numel() == 1 && info->shape.size() <= 2;
-    const bool perRow = (info->shape == std::vector<int64_t>{rows}) || (info->shape == std::vector<int64_t>{rows, 1});
-    PARDIT_CHECK(one || perRow, file->path(), ": scale tensor '", cand, "' of the float8 weight '", weight,
-                 "' has shape ", at::IntArrayRef(info->shape), ", expected one value or one per row ([", rows,
-                 "] or [", rows, ", 1])");
-    PARDIT_CHECK(info->dtype == "F32" || info->dtype == "BF16" || info->dtype == "F16", file->path(),
-                 ": scale tensor '", cand, "' has dtype ", info->dtype, ", expected F32, BF16 or F16");
-    return {file, cand};
-  }
-  return {nullptr, ""};
-}
-
 }  // namespace
 
 namespace {
@@ -500,10 +468,7 @@ at::Tensor FluxCheckpoint::load(const std::string& name, c10::ScalarType dtype, 
 }
 
 at::Tensor FluxCheckpoint::readScale(const TensorPiece& p) {
-  const TensorInfo& info = p.scaleFile->info(p.scaleTensor);
-  const int64_t n = p.rowEnd - p.rowBegin;
-  if (info.numel() == 1) return p.scaleFile->read(p.scaleTensor).to(at::kFloat).reshape({1}).expand({n}).contiguous();
-  return p.scaleFile->readRows(p.scaleTensor, p.rowBegin, p.rowEnd).to(at::kFloat).reshape({n});
+  return detail::readScaleRows(*p.scaleFile, p.scaleTensor, p.rowBegin, p.rowEnd);
 }
 
 bool FluxCheckpoint::storedFp8(const std::string& name) const {

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -12,6 +13,8 @@
 #include "pardit/core/files.h"
 #include "pardit/io/checkpoint.h"
 #include "pardit/io/safetensors.h"
+#include "pardit/io/text_encoder_checkpoint.h"
+#include "pardit/model/text_encoders.h"
 #include "pardit/model/fp8.h"
 #include "json_file.h"
 
@@ -93,7 +96,50 @@ void linkTree(const fs::path& dir, const fs::path& out, const std::vector<fs::pa
   }
 }
 
+bool isFloat8Dtype(const std::string& safetensorsDtype) { return safetensorsDtype.rfind("F8_", 0) == 0; }
+
 fs::path fp8Name(const fs::path& file) { return file.stem().string() + "-fp8" + file.extension().string(); }
+
+}  // namespace
+
+namespace {
+
+// The FP8 copy of a model folder of shards (FLUX transformer/, T5 text_encoder_2/): each file with the
+// tensors `eligible` picks in FP8, config.json, and the index (when there is one) with the scales added.
+void quantizeFolder(const std::vector<std::shared_ptr<SafetensorsFile>>& files,
+                    const std::function<std::set<std::string>(const SafetensorsFile&)>& eligible, const fs::path& in,
+                    const fs::path& out, const std::string& indexName, QuantizeResult& r) {
+  fs::create_directories(out);
+  uint64_t total = 0;
+  std::map<std::string, std::string> scales;  // scale tensor -> its file
+  for (const auto& f : files) {
+    const std::set<std::string> names = eligible(*f);
+    const std::string target = fs::path(f->path()).filename().string();
+    total += writeQuantized(f, names, out / target, r);
+    for (const auto& n : names) scales[model::fp8ScaleName(n)] = target;
+  }
+  r.bytesOut += total;
+  if (fs::exists(in / "config.json"))
+    detail::writeTextFile(out / "config.json", detail::readJsonFile(in / "config.json").dump(2) + "\n", kFlag);
+  if (fs::exists(in / indexName)) {
+    nlohmann::json j = detail::readJsonFile(in / indexName);
+    for (const auto& [scale, file] : scales) j["weight_map"][scale] = file;
+    j["metadata"]["total_size"] = total;
+    detail::writeTextFile(out / indexName, j.dump(2) + "\n", kFlag);
+  }
+}
+
+std::set<std::string> t5Eligible(const SafetensorsFile& f) {
+  std::set<std::string> out;
+  for (const auto& t : f.tensors())
+    if (model::t5Fp8Eligible(t.name) && !isFloat8Dtype(t.dtype)) out.insert(t.name);
+  return out;
+}
+
+// T5 in FP8 unless it already is.
+bool t5NeedsQuantizing(const std::string& path) {
+  return T5Checkpoint::open(path).storedFormat() == model::WeightFormat::kDense;
+}
 
 }  // namespace
 
@@ -111,18 +157,27 @@ QuantizeResult quantizeCheckpoint(const std::string& modelPath, const std::strin
   fs::create_directories(out);
   const auto eligible = eligibleTensors(ck);
   QuantizeResult r;
-  auto quantizeFile = [&](const std::shared_ptr<SafetensorsFile>& f, const fs::path& target) {
-    auto it = eligible.find(f->path());
-    r.bytesOut += writeQuantized(f, it == eligible.end() ? std::set<std::string>{} : it->second, target, r);
-  };
   if (ck.layout() == CheckpointLayout::kBfl) {
     const auto& file = ck.files().front();
     const fs::path target = out / fp8Name(file->path());
-    quantizeFile(file, target);
+    auto it = eligible.find(file->path());
+    r.bytesOut += writeQuantized(file, it == eligible.end() ? std::set<std::string>{} : it->second, target, r);
     r.modelPath = target.string();
-    // A folder of BFL files: the other parts (ae, clip_l, t5xxl) come along, so OUT runs as the input did.
+    // A folder of BFL files: the other parts come along, so OUT runs as the input did; T5 (t5xxl_fp16 or
+    // t5xxl) in FP8 as t5xxl_fp8_e4m3fn_scaled.safetensors.
     if (fs::is_directory(in)) {
-      linkTree(in, out, {file->path(), out}, /*recursive=*/false, r);
+      std::vector<fs::path> skip = {file->path(), out};
+      for (const char* name : {"t5xxl_fp16.safetensors", "t5xxl.safetensors"}) {
+        const fs::path t5 = in / name;
+        if (!fs::exists(t5) || !t5NeedsQuantizing(t5.string())) continue;
+        auto f = SafetensorsFile::open(t5.string());
+        registerInputFile(t5.string());
+        r.bytesOut += writeQuantized(f, t5Eligible(*f), out / "t5xxl_fp8_e4m3fn_scaled.safetensors", r);
+        r.t5Quantized = true;
+        skip.push_back(t5);
+        break;
+      }
+      linkTree(in, out, skip, /*recursive=*/false, r);
       r.modelPath = out.string();
     }
     return r;
@@ -130,21 +185,30 @@ QuantizeResult quantizeCheckpoint(const std::string& modelPath, const std::strin
   // diffusers: the transformer folder of the checkpoint, and the pipeline folder above it when there is one.
   const fs::path tdir = fs::path(ck.files().front()->path()).parent_path();
   const bool pipelineFolder = fs::is_directory(in) && fs::exists(in / "transformer" / "config.json");
-  const fs::path tout = pipelineFolder ? out / "transformer" : out;
-  fs::create_directories(tout);
-  for (const auto& f : ck.files()) quantizeFile(f, tout / fs::path(f->path()).filename());
-  detail::writeTextFile(tout / "config.json", detail::readJsonFile(tdir / "config.json").dump(2) + "\n", kFlag);
-  const fs::path index = tdir / "diffusion_pytorch_model.safetensors.index.json";
-  if (fs::exists(index)) {
-    nlohmann::json j = detail::readJsonFile(index);
-    nlohmann::json& map = j["weight_map"];
-    for (const auto& [path, names] : eligible)
-      for (const auto& n : names) map[model::fp8ScaleName(n)] = fs::path(path).filename().string();
-    j["metadata"]["total_size"] = r.bytesOut;
-    detail::writeTextFile(tout / index.filename(), j.dump(2) + "\n", kFlag);
-  }
-  if (pipelineFolder) linkTree(in, out, {tdir, out}, /*recursive=*/true, r);
+  quantizeFolder(
+      ck.files(),
+      [&](const SafetensorsFile& f) {
+        auto it = eligible.find(f.path());
+        return it == eligible.end() ? std::set<std::string>{} : it->second;
+      },
+      tdir, pipelineFolder ? out / "transformer" : out, "diffusion_pytorch_model.safetensors.index.json", r);
   r.modelPath = out.string();
+  if (!pipelineFolder) return r;
+  std::vector<fs::path> skip = {tdir, out};
+  // The pipeline's T5 (text_encoder_2/) in FP8 too, unless it already is.
+  const fs::path t5dir = in / "text_encoder_2";
+  if (fs::exists(t5dir / "config.json") && t5NeedsQuantizing(t5dir.string())) {
+    std::vector<std::shared_ptr<SafetensorsFile>> files;
+    for (const auto& e : fs::directory_iterator(t5dir))
+      if (e.is_regular_file() && e.path().extension() == ".safetensors") {
+        files.push_back(SafetensorsFile::open(e.path().string()));
+        registerInputFile(e.path().string());
+      }
+    quantizeFolder(files, t5Eligible, t5dir, out / "text_encoder_2", "model.safetensors.index.json", r);
+    r.t5Quantized = true;
+    skip.push_back(t5dir);
+  }
+  linkTree(in, out, skip, /*recursive=*/true, r);
   return r;
 }
 

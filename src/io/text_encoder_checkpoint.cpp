@@ -9,6 +9,7 @@
 
 #include "pardit/core/error.h"
 
+#include "fp8_file.h"
 #include "json_file.h"
 
 namespace fs = std::filesystem;
@@ -101,11 +102,38 @@ const TensorInfo& TensorStore::info(const std::string& name) const {
   return files_[it->second.first]->info(it->second.second);
 }
 
+at::Tensor TensorStore::scaleOf(const std::string& name) const {
+  const TensorInfo& w = info(name);
+  if (!detail::isFloat8(w.dtype) || !detail::endsWith(name, ".weight") || w.shape.size() != 2) return {};
+  auto [file, scale] = detail::findScale(name, w, [&](const std::string& cand) {
+    auto it = where_.find(cand);
+    return it == where_.end() ? std::make_pair(std::shared_ptr<SafetensorsFile>(), static_cast<const TensorInfo*>(nullptr))
+                              : std::make_pair(files_[it->second.first], &files_[it->second.first]->info(it->second.second));
+  });
+  if (!file) return {};
+  return detail::readScaleRows(*file, where_.at(scale).second, 0, w.rows());
+}
+
 at::Tensor TensorStore::load(const std::string& name, c10::ScalarType dtype, c10::Device device) const {
   auto it = where_.find(name);
   PARDIT_CHECK(it != where_.end(), path_, ": tensor '", name, "' not found");
-  at::Tensor t = files_[it->second.first]->read(it->second.second).to(dtype);
+  at::Tensor t = files_[it->second.first]->read(it->second.second);
+  if (const at::Tensor scale = scaleOf(name); scale.defined()) t = t.to(at::kFloat) * scale.unsqueeze(1);  // scaled float8
+  t = t.to(dtype);
   return device.is_cpu() ? t : t.to(device);
+}
+
+bool TensorStore::storedFp8(const std::string& name) const { return has(name) && info(name).dtype == "F8_E4M3"; }
+
+model::Fp8Rows TensorStore::loadFp8(const std::string& name) const {
+  auto it = where_.find(name);
+  PARDIT_CHECK(it != where_.end(), path_, ": tensor '", name, "' not found");
+  at::Tensor t = files_[it->second.first]->read(it->second.second);
+  PARDIT_CHECK(t.dim() == 2, path_, ": tensor '", name, "' is not a 2-D weight and has no FP8 form");
+  const at::Tensor scale = scaleOf(name);
+  if (t.scalar_type() == at::kFloat8_e4m3fn) return {t, scale.defined() ? scale : at::ones({t.size(0)}, at::kFloat)};
+  if (scale.defined()) t = t.to(at::kFloat) * scale.unsqueeze(1);
+  return model::quantizeFp8Rows(t);
 }
 
 model::WeightGetter TensorStore::getter(c10::ScalarType dtype, c10::Device device) const {
@@ -213,6 +241,11 @@ T5Checkpoint T5Checkpoint::open(const std::string& path) {
                             : t5ConfigFromShapes(ck.store);
   checkConfig(c, path, ck.store, model::t5EncoderTensors(c), "T5");
   return ck;
+}
+
+model::WeightFormat T5Checkpoint::storedFormat() const {
+  return store.storedFp8("encoder.block.0.layer.1.DenseReluDense.wi_0.weight") ? model::WeightFormat::kFp8
+                                                                               : model::WeightFormat::kDense;
 }
 
 std::string clipTextConfigJson(const model::ClipTextConfig& c) {

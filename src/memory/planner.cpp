@@ -7,24 +7,14 @@
 
 #include "pardit/core/error.h"
 #include "pardit/core/format.h"
+#include "pardit/model/fp8.h"
 
 namespace pardit::memory {
 
 uint64_t groupBytes(const model::FluxConfig& config, const std::string& group, c10::ScalarType dtype,
                     model::WeightFormat format) {
-  for (const auto& g : model::fluxWeightGroups(config, format)) {
-    if (g.name != group) continue;
-    uint64_t n = 0;
-    for (const auto& t : g.tensors) {
-      uint64_t e = 1;
-      for (auto d : t.shape) e *= static_cast<uint64_t>(d);
-      const uint64_t size = t.storage == model::TensorStorage::kFp8       ? 1
-                            : t.storage == model::TensorStorage::kFloat32 ? 4
-                                                                          : c10::elementSize(dtype);
-      n += e * size;
-    }
-    return n;
-  }
+  for (const auto& g : model::fluxWeightGroups(config, format))
+    if (g.name == group) return model::storedBytes(g.tensors, dtype);
   PARDIT_THROW("unknown weight group '", group, "'");
 }
 

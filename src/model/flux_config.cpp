@@ -1,4 +1,5 @@
 #include "pardit/model/flux_config.h"
+#include "pardit/model/fp8.h"
 
 #include <numeric>
 #include <sstream>
@@ -89,20 +90,6 @@ bool fluxFp8Eligible(const std::string& name) {
   return block && name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-namespace {
-// The FP8 view of a group: eligible weights become FP8 and gain their scale.
-void toFp8(WeightGroupSpec& g) {
-  std::vector<TensorSpec> out;
-  for (auto& t : g.tensors) {
-    const bool q = fluxFp8Eligible(t.name);
-    if (q) t.storage = TensorStorage::kFp8;
-    out.push_back(t);
-    if (q) out.push_back({t.name + "_scale", {t.shape[0]}, TensorStorage::kFloat32});
-  }
-  g.tensors = std::move(out);
-}
-}  // namespace
-
 std::vector<WeightGroupSpec> fluxWeightGroups(const FluxConfig& c, WeightFormat format) {
   const int64_t h = c.hiddenSize, d = c.headDim();
   std::vector<WeightGroupSpec> groups;
@@ -152,7 +139,7 @@ std::vector<WeightGroupSpec> fluxWeightGroups(const FluxConfig& c, WeightFormat 
   addLinear(fin.tensors, "final_layer.linear", c.outChannels, h);
   groups.push_back(std::move(fin));
   if (format == WeightFormat::kFp8)
-    for (auto& g : groups) toFp8(g);
+    for (auto& g : groups) g.tensors = withFp8(g.tensors, fluxFp8Eligible);
   return groups;
 }
 

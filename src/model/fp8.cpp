@@ -23,6 +23,30 @@ std::string fp8ScaleName(const std::string& weightName) {
   return weightName + "_scale";
 }
 
+uint64_t storedBytes(const std::vector<TensorSpec>& tensors, c10::ScalarType dtype) {
+  uint64_t n = 0;
+  for (const auto& t : tensors) {
+    uint64_t e = 1;
+    for (auto d : t.shape) e *= static_cast<uint64_t>(d);
+    const uint64_t size = t.storage == TensorStorage::kFp8       ? 1
+                          : t.storage == TensorStorage::kFloat32 ? 4
+                                                                 : c10::elementSize(dtype);
+    n += e * size;
+  }
+  return n;
+}
+
+std::vector<TensorSpec> withFp8(const std::vector<TensorSpec>& tensors, bool (*eligible)(const std::string&)) {
+  std::vector<TensorSpec> out;
+  for (auto t : tensors) {
+    const bool q = eligible(t.name);
+    if (q) t.storage = TensorStorage::kFp8;
+    out.push_back(t);
+    if (q) out.push_back({fp8ScaleName(t.name), {t.shape.at(0)}, TensorStorage::kFloat32});
+  }
+  return out;
+}
+
 Fp8Rows quantizeFp8Rows(const at::Tensor& weight) {
   PARDIT_CHECK(weight.dim() == 2, "FP8 quantization is per row of a 2-D weight, got shape ", weight.sizes());
   const at::Tensor w = weight.to(at::kFloat);

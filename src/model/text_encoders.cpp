@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "pardit/core/error.h"
+#include "pardit/model/fp8.h"
 
 namespace pardit::model {
 
@@ -62,7 +63,18 @@ std::vector<TensorSpec> clipTextTensors(const ClipTextConfig& c) {
   return t;
 }
 
-std::vector<WeightGroupSpec> t5WeightGroups(const T5Config& c) {
+bool t5Fp8Eligible(const std::string& name) {
+  if (name.rfind("encoder.block.", 0) != 0) return false;
+  for (const char* leaf : {".SelfAttention.q.weight", ".SelfAttention.k.weight", ".SelfAttention.v.weight",
+                           ".SelfAttention.o.weight", ".DenseReluDense.wi_0.weight", ".DenseReluDense.wi_1.weight",
+                           ".DenseReluDense.wo.weight"}) {
+    const std::string l = leaf;
+    if (name.size() > l.size() && name.compare(name.size() - l.size(), l.size(), l) == 0) return true;
+  }
+  return false;
+}
+
+std::vector<WeightGroupSpec> t5WeightGroups(const T5Config& c, WeightFormat format) {
   const int64_t inner = c.numHeads * c.dKv;
   std::vector<WeightGroupSpec> g;
   g.push_back({"t5.embeddings",
@@ -82,12 +94,14 @@ std::vector<WeightGroupSpec> t5WeightGroups(const T5Config& c) {
                   {p + "1.DenseReluDense.wo.weight", {c.dModel, c.dFf}}}});
   }
   g.push_back({"t5.final", {{"encoder.final_layer_norm.weight", {c.dModel}}}});
+  if (format == WeightFormat::kFp8)
+    for (auto& group : g) group.tensors = withFp8(group.tensors, t5Fp8Eligible);
   return g;
 }
 
-std::vector<TensorSpec> t5EncoderTensors(const T5Config& c) {
+std::vector<TensorSpec> t5EncoderTensors(const T5Config& c, WeightFormat format) {
   std::vector<TensorSpec> t;
-  for (const auto& g : t5WeightGroups(c)) t.insert(t.end(), g.tensors.begin(), g.tensors.end());
+  for (const auto& g : t5WeightGroups(c, format)) t.insert(t.end(), g.tensors.begin(), g.tensors.end());
   return t;
 }
 
@@ -188,6 +202,13 @@ at::Tensor clampHalf(const at::Tensor& x) {
 
 }  // namespace
 
+at::Tensor T5Encoder::linear(const at::Tensor& x, const std::string& weight) const {
+  const at::Tensor w = get_(weight);
+  if (isFp8(w)) return fp8Linear(x, w, get_(fp8ScaleName(weight)), {});
+  // A weight kept in another dtype (wo in float32, as transformers keeps it for float16): the input follows it.
+  return at::linear(x.scalar_type() == w.scalar_type() ? x : x.to(w.scalar_type()), w);
+}
+
 at::Tensor T5Encoder::forward(const at::Tensor& ids) const {
   const int64_t B = ids.size(0), L = ids.size(1), H = config_.numHeads, D = config_.dKv;
   const at::Tensor shared = get_("shared.weight");
@@ -198,18 +219,15 @@ at::Tensor T5Encoder::forward(const at::Tensor& ids) const {
     const std::string p = "encoder.block." + std::to_string(i) + ".layer.";
     at::Tensor h = rmsNorm(x, get_(p + "0.layer_norm.weight"), config_.eps);
     auto heads = [&](const char* proj) {
-      return at::linear(h, get_(p + "0.SelfAttention." + proj + ".weight")).view({B, L, H, D}).transpose(1, 2);
+      return linear(h, p + "0.SelfAttention." + proj + ".weight").view({B, L, H, D}).transpose(1, 2);
     };
     // No 1/sqrt(d) scaling; the position bias is the additive mask.
     at::Tensor a = at::scaled_dot_product_attention(heads("q"), heads("k"), heads("v"), bias, 0.0, false, 1.0);
     a = a.transpose(1, 2).reshape({B, L, H * D});
-    x = clampHalf(x + at::linear(a, get_(p + "0.SelfAttention.o.weight")));
+    x = clampHalf(x + linear(a, p + "0.SelfAttention.o.weight"));
     h = rmsNorm(x, get_(p + "1.layer_norm.weight"), config_.eps);
-    at::Tensor ff = geluNew(at::linear(h, get_(p + "1.DenseReluDense.wi_0.weight"))) *
-                    at::linear(h, get_(p + "1.DenseReluDense.wi_1.weight"));
-    const at::Tensor wo = get_(p + "1.DenseReluDense.wo.weight");
-    if (ff.scalar_type() != wo.scalar_type()) ff = ff.to(wo.scalar_type());
-    x = clampHalf(x + at::linear(ff, wo));
+    at::Tensor ff = geluNew(linear(h, p + "1.DenseReluDense.wi_0.weight")) * linear(h, p + "1.DenseReluDense.wi_1.weight");
+    x = clampHalf(x + linear(ff, p + "1.DenseReluDense.wo.weight"));
   }
   return rmsNorm(x, get_("encoder.final_layer_norm.weight"), config_.eps);
 }

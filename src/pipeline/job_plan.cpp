@@ -8,6 +8,7 @@
 #include "pardit/io/checkpoint.h"
 #include "pardit/io/text_encoder_checkpoint.h"
 #include "pardit/io/vae_checkpoint.h"
+#include "pardit/model/fp8.h"
 #include "pardit/model/text_encoders.h"
 #include "pardit/pipeline/latents.h"
 #include "pardit/pipeline/loading.h"
@@ -115,13 +116,9 @@ JobPlan planJob(const config::EngineConfig& c) {
   }
   const auto clip = io::ClipTextCheckpoint::open(sources.clip);
   const auto t5 = io::T5Checkpoint::open(sources.t5);
-  auto bytes = [&](const std::vector<model::TensorSpec>& specs) {
-    uint64_t n = 0;
-    for (const auto& t : specs) n += c10::elementSize(p.dtype) * static_cast<uint64_t>(c10::multiply_integers(t.shape));
-    return n;
-  };
-  p.clipBytes = bytes(model::clipTextTensors(clip.config));
-  p.t5Bytes = bytes(model::t5EncoderTensors(t5.config));
+  p.t5Format = detail::t5WeightFormat(c.weightDtype, t5);
+  p.clipBytes = model::storedBytes(model::clipTextTensors(clip.config), p.dtype);
+  p.t5Bytes = model::storedBytes(model::t5EncoderTensors(t5.config, p.t5Format), p.dtype);
   std::vector<uint64_t> spare;
   for (const auto& r : p.ranks) spare.push_back(r.budget > r.total() ? r.budget - r.total() : 0);
   p.textEncoderRank = c.textEncoderRank >= 0 ? c.textEncoderRank

@@ -36,7 +36,8 @@ model::WeightFormat resolveWeightFormat(config::WeightDtype weightDtype, const i
   return checkpoint ? checkpoint->storedFormat() : model::WeightFormat::kDense;
 }
 
-TensorReader formatReader(model::WeightFormat format, TensorReader dense, Fp8Source fp8) {
+TensorReader formatReader(model::WeightFormat format, TensorReader dense, Fp8Source fp8,
+                          bool (*eligible)(const std::string&)) {
   if (format == model::WeightFormat::kDense) return dense;
   struct Pending {
     std::mutex mutex;
@@ -44,9 +45,9 @@ TensorReader formatReader(model::WeightFormat format, TensorReader dense, Fp8Sou
   };
   auto pending = std::make_shared<Pending>();
   const std::string suffix = ".weight_scale";
-  return [dense = std::move(dense), fp8 = std::move(fp8), pending, suffix](const std::string& name, c10::ScalarType dtype,
-                                                                           c10::Device device) -> at::Tensor {
-    if (model::fluxFp8Eligible(name)) {
+  return [dense = std::move(dense), fp8 = std::move(fp8), pending, suffix, eligible](
+             const std::string& name, c10::ScalarType dtype, c10::Device device) -> at::Tensor {
+    if (eligible(name)) {
       model::Fp8Rows q = fp8(name);
       {
         std::lock_guard<std::mutex> lock(pending->mutex);
@@ -56,7 +57,7 @@ TensorReader formatReader(model::WeightFormat format, TensorReader dense, Fp8Sou
     }
     if (name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0) {
       const std::string weight = name.substr(0, name.size() - std::string("_scale").size());
-      if (model::fluxFp8Eligible(weight)) {
+      if (eligible(weight)) {
         at::Tensor scale;
         {
           std::lock_guard<std::mutex> lock(pending->mutex);

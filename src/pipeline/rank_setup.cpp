@@ -124,6 +124,12 @@ std::shared_ptr<parallel::PipeFusionRunner> makePipeFusionRunner(dist::Runtime& 
   return std::make_shared<parallel::PipeFusionRunner>(transformer, usp, options, comms);
 }
 
+model::WeightFormat t5WeightFormat(config::WeightDtype weightDtype, const io::T5Checkpoint& t5) {
+  if (weightDtype == config::WeightDtype::kFp8) return model::WeightFormat::kFp8;
+  if (weightDtype == config::WeightDtype::kCompute) return model::WeightFormat::kDense;
+  return t5.storedFormat();
+}
+
 double worldReduce(dist::Runtime& rt, double v, dist::ReduceOp op) {
   at::Tensor t = at::tensor({v}, at::kDouble);
   rt.world().allReduce(t, op);

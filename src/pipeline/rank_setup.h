@@ -12,6 +12,7 @@
 #include "pardit/config/config.h"
 #include "pardit/dist/runtime.h"
 #include "pardit/io/checkpoint.h"
+#include "pardit/io/text_encoder_checkpoint.h"
 #include "pardit/memory/planner.h"
 #include "pardit/model/flux.h"
 #include "pardit/parallel/pipefusion.h"
@@ -79,6 +80,9 @@ std::shared_ptr<parallel::PipeFusionRunner> makePipeFusionRunner(dist::Runtime& 
 struct TextSources {
   std::string clip, t5, clipTokenizer, t5Tokenizer;
 };
+// --weight-dtype for T5: auto keeps an FP8 file (float8 e4m3 layer weights) in FP8.
+model::WeightFormat t5WeightFormat(config::WeightDtype weightDtype, const io::T5Checkpoint& t5);
+
 TextSources textSourcesOf(const config::EngineConfig& options, const io::FluxCheckpoint* checkpoint,
                           const std::string& modelName);
 

@@ -46,7 +46,8 @@ detail::TextSources detail::textSourcesOf(const config::EngineConfig& options, c
     PARDIT_THROW("a text prompt needs ", flag, ": ", modelName, " has no ", sub, "/ beside it");
   };
   pick(s.clip, "text_encoder", {"clip_l.safetensors"}, "--text-encoder");
-  pick(s.t5, "text_encoder_2", {"t5xxl_fp16.safetensors", "t5xxl_fp8_e4m3fn.safetensors", "t5xxl.safetensors"},
+  pick(s.t5, "text_encoder_2", {"t5xxl_fp16.safetensors", "t5xxl_fp8_e4m3fn.safetensors",
+                                      "t5xxl_fp8_e4m3fn_scaled.safetensors", "t5xxl.safetensors"},
        "--text-encoder-2");
   pick(s.clipTokenizer, "tokenizer", {"clip_tokenizer"}, "--tokenizer");
   pick(s.t5Tokenizer, "tokenizer_2", {"t5_tokenizer"}, "--tokenizer-2");
@@ -112,21 +113,25 @@ at::Tensor idsTensor(const std::vector<std::vector<int64_t>>& rows) {
 // `freeBytes` beside CLIP, else streamed (each block read when it runs).
 class LoadedEncoders {
  public:
-  LoadedEncoders(const detail::TextSources& sources, c10::ScalarType dtype, const c10::Device& where,
-                 uint64_t freeBytes)
+  LoadedEncoders(const detail::TextSources& sources, c10::ScalarType dtype, config::WeightDtype weightDtype,
+                 const c10::Device& where, uint64_t freeBytes)
       : sources_(sources),
         clipTok_(text::ClipTokenizer::open(sources.clipTokenizer)),
         t5Tok_(text::T5Tokenizer::open(sources.t5Tokenizer)),
         clipCk_(io::ClipTextCheckpoint::open(sources.clip)),
         t5Ck_(io::T5Checkpoint::open(sources.t5)),
         clip_(clipCk_.config, clipCk_.store.getter(dtype, where)) {
-    const auto t5Tensors = model::t5EncoderTensors(t5Ck_.config);
-    uint64_t t5Bytes = 0;
-    for (const auto& t : t5Tensors) t5Bytes += c10::elementSize(dtype) * static_cast<uint64_t>(c10::multiply_integers(t.shape));
+    t5Format_ = detail::t5WeightFormat(weightDtype, t5Ck_);
+    const io::TensorStore* store = &t5Ck_.store;
+    const TensorReader read = formatReader(
+        t5Format_, [store](const std::string& n, c10::ScalarType t, c10::Device d) { return store->load(n, t, d); },
+        [store](const std::string& n) { return store->loadFp8(n); }, model::t5Fp8Eligible);
+    const auto t5Tensors = model::t5EncoderTensors(t5Ck_.config, t5Format_);
+    const uint64_t t5Bytes = model::storedBytes(t5Tensors, dtype);
     streamed_ = t5Bytes + clip_.weightBytes() > freeBytes;
     if (!streamed_)
-      for (const auto& t : t5Tensors) resident_[t.name] = t5Ck_.store.load(t.name, dtype, where);
-    t5_.emplace(t5Ck_.config, streamed_ ? t5Ck_.store.getter(dtype, where)
+      for (const auto& t : t5Tensors) resident_[t.name] = read(t.name, dtype, where);
+    t5_.emplace(t5Ck_.config, streamed_ ? getterOf(read, dtype, where)
                                         : model::WeightGetter([this](const std::string& n) { return resident_.at(n); }));
   }
   LoadedEncoders(const LoadedEncoders&) = delete;
@@ -153,6 +158,7 @@ class LoadedEncoders {
     return {hidden, pooled};
   }
   bool t5Streamed() const { return streamed_; }
+  model::WeightFormat t5Format() const { return t5Format_; }
   uint64_t bytesRead() const { return clipCk_.store.bytesRead() + t5Ck_.store.bytesRead(); }
 
  private:
@@ -165,6 +171,7 @@ class LoadedEncoders {
   bool streamed_ = false;
   std::map<std::string, at::Tensor> resident_;
   std::optional<model::T5Encoder> t5_;
+  model::WeightFormat t5Format_ = model::WeightFormat::kDense;
 };
 
 }  // namespace
@@ -192,16 +199,18 @@ std::pair<PromptEmbeddings, std::optional<PromptEmbeddings>> Engine::Impl::encod
   at::Tensor hidden = at::empty({branches, B, L, t5Config.dModel}, at::TensorOptions().dtype(dtype));
   at::Tensor pooled = at::empty({branches, B, clipConfig.hiddenSize}, at::TensorOptions().dtype(dtype));
   bool streamed = false;
+  model::WeightFormat t5Format = model::WeightFormat::kDense;
   rt.agree([&] {
     if (rt.worldRank() != encoder) return;
     const c10::Device where = options.textEncoderDevice == config::EncoderDevice::kCpu ? c10::Device(c10::kCPU) : device;
     std::optional<LoadedEncoders> loaded;
     {
       const LoadingAllocations loading;
-      loaded.emplace(sources, dtype, where, freeBytes);
+      loaded.emplace(sources, dtype, options.weightDtype, where, freeBytes);
     }
     const LoadedEncoders& encoders = *loaded;
     streamed = encoders.t5Streamed();
+    t5Format = encoders.t5Format();
     for (int b = 0; b < branches; ++b) {
       auto [h, p] = b == 0 ? encoders.encode(prompts.clip, prompts.t5, L)
                            : encoders.encode(prompts.negativeClip, prompts.negativeT5, L);
@@ -217,7 +226,8 @@ std::pair<PromptEmbeddings, std::optional<PromptEmbeddings>> Engine::Impl::encod
   run.recorder.addStage("encode", seconds, rt.worldRank() == encoder ? textBytesRead : 0);
   if (rt.worldRank() == encoder)
     logInfo("encoded ", B, B == 1 ? " prompt" : " prompts", branches == 2 ? " and negative prompts" : "", " on rank ",
-            encoder, " (CLIP; T5 ", L, " tokens, ", streamed ? "streamed block by block" : "resident", "; ",
+            encoder, " (CLIP; T5 ", L, " tokens, ", t5Format == model::WeightFormat::kFp8 ? "FP8 weights, " : "",
+            streamed ? "streamed block by block" : "resident", "; ",
             formatBytes(textBytesRead), " of encoder weights read) in ", formatSeconds(seconds));
   std::optional<PromptEmbeddings> negative;
   if (branches == 2) negative = PromptEmbeddings{hidden[1], pooled[1]};
@@ -242,7 +252,7 @@ void Engine::Impl::benchmarkEncode(const BenchmarkRequest& request, BenchmarkRes
   std::optional<LoadedEncoders> loaded;
   {
     const LoadingAllocations loading;
-    loaded.emplace(sources, dtype, where, detail::budgetOf(options, device, rt.localSize()));
+    loaded.emplace(sources, dtype, options.weightDtype, where, detail::budgetOf(options, device, rt.localSize()));
   }
   const LoadedEncoders& encoders = *loaded;
   r.encodeLoadSeconds = load.seconds();

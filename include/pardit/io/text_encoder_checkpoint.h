@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "pardit/io/safetensors.h"
+#include "pardit/model/fp8.h"
 #include "pardit/model/text_encoders.h"
 
 namespace pardit::io {
@@ -26,7 +27,12 @@ class TensorStore {
   static TensorStore open(const std::string& path, const std::vector<std::string>& prefixes = {});
   bool has(const std::string& name) const { return where_.count(name) != 0; }
   const TensorInfo& info(const std::string& name) const;
+  // In dtype (float8 weights dequantized with their scale tensors, when the file has them).
   at::Tensor load(const std::string& name, c10::ScalarType dtype, c10::Device device = c10::kCPU) const;
+  // A 2-D weight as FP8 rows: stored float8_e4m3fn as is (with its scales, 1 for plain casts), anything else
+  // quantized row by row. On the CPU.
+  model::Fp8Rows loadFp8(const std::string& name) const;
+  bool storedFp8(const std::string& name) const;
   model::WeightGetter getter(c10::ScalarType dtype, c10::Device device = c10::kCPU) const;
   uint64_t bytesRead() const;
   uint64_t bytesOf(const std::vector<model::TensorSpec>& tensors) const;  // stored bytes of these tensors
@@ -35,6 +41,7 @@ class TensorStore {
   void alias(const std::string& name, const std::string& target);
 
  private:
+  at::Tensor scaleOf(const std::string& name) const;  // [rows] float32 of a scaled float8 weight, else undefined
   std::string path_;
   std::vector<std::shared_ptr<SafetensorsFile>> files_;
   std::map<std::string, std::pair<size_t, std::string>> where_;  // internal name -> (file, name in the file)
@@ -52,6 +59,8 @@ struct T5Checkpoint {
   TensorStore store;
   // text_encoder_2/ (or a pipeline directory holding it), or a single file such as t5xxl_fp16.safetensors.
   static T5Checkpoint open(const std::string& path);
+  // kFp8 when the layers' linear weights are stored as float8_e4m3fn (t5xxl_fp8_e4m3fn files), else kDense.
+  model::WeightFormat storedFormat() const;
 };
 
 // config.json content as transformers writes it, for synth.

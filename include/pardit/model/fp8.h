@@ -24,7 +24,11 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
 #include <string>
+#include <vector>
+
+#include "pardit/model/flux_config.h"
 
 namespace pardit::model {
 
@@ -46,6 +50,12 @@ at::Tensor fp8Linear(const at::Tensor& x, const at::Tensor& values, const at::Te
 
 // Whether fp8Linear uses FP8 tensor cores for these activations on this device (else it dequantizes).
 bool fp8TensorCoresUsable(const at::Tensor& x, const at::Tensor& values);
+
+// Bytes of tensors on the device: kCompute in `dtype`, kFp8 1 byte, kFloat32 4 bytes per element.
+uint64_t storedBytes(const std::vector<TensorSpec>& tensors, c10::ScalarType dtype);
+// The FP8 view of a tensor list: the tensors `eligible` names become kFp8, each followed by its
+// "<layer>.weight_scale" ([out], kFloat32).
+std::vector<TensorSpec> withFp8(const std::vector<TensorSpec>& tensors, bool (*eligible)(const std::string&));
 
 // Internal name of the scale tensor of an FP8 weight: "<layer>.weight" -> "<layer>.weight_scale".
 std::string fp8ScaleName(const std::string& weightName);

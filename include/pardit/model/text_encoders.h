@@ -52,9 +52,12 @@ struct T5Config {
 
 // Every tensor, by transformers' names, with its shape.
 std::vector<TensorSpec> clipTextTensors(const ClipTextConfig& config);
-std::vector<TensorSpec> t5EncoderTensors(const T5Config& config);
+// With kFp8 the layers' linear weights are FP8 with their scales (t5Fp8Eligible).
+std::vector<TensorSpec> t5EncoderTensors(const T5Config& config, WeightFormat format = WeightFormat::kDense);
+// Whether a T5 tensor is FP8 under WeightFormat::kFp8: the q, k, v, o, wi_0, wi_1 and wo weights of the layers.
+bool t5Fp8Eligible(const std::string& name);
 // T5's weight groups for streaming: "t5.embeddings" (shared + relative bias), "t5.block.i", "t5.final".
-std::vector<WeightGroupSpec> t5WeightGroups(const T5Config& config);
+std::vector<WeightGroupSpec> t5WeightGroups(const T5Config& config, WeightFormat format = WeightFormat::kDense);
 
 class ClipTextModel {
  public:
@@ -83,6 +86,7 @@ class T5Encoder {
 
  private:
   at::Tensor positionBias(int64_t length, const at::Tensor& table) const;
+  at::Tensor linear(const at::Tensor& x, const std::string& weight) const;  // dense or FP8 (and its scale)
   T5Config config_;
   WeightGetter get_;
 };

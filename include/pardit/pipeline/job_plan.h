@@ -61,6 +61,7 @@ struct JobPlan {
   // in the compute dtype, and whether T5 streams block by block there.
   int textEncoderRank = -1;
   uint64_t clipBytes = 0, t5Bytes = 0;
+  model::WeightFormat t5Format = model::WeightFormat::kDense;
   bool t5Streamed = false;
   std::optional<DecodePlan> decode;  // when a VAE is found (--vae, or beside the model)
 };

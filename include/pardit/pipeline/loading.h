@@ -29,11 +29,12 @@ using TensorReader = std::function<at::Tensor(const std::string& name, c10::Scal
 // A 2-D weight as FP8 rows (on the CPU).
 using Fp8Source = std::function<model::Fp8Rows(const std::string& name)>;
 
-// The reader of a weight format. kDense: `dense`. kFp8: the blocks' linear weights
-// (model::fluxFp8Eligible) come from `fp8` as float8 values, and "<layer>.weight_scale" serves the
+// The reader of a weight format. kDense: `dense`. kFp8: the tensors `eligible` names (the FLUX blocks'
+// linear weights by default) come from `fp8` as float8 values, and "<layer>.weight_scale" serves the
 // scales of the weight read just before (kept until asked for; read again if asked first); every other
 // tensor comes from `dense`. Safe to call from several threads.
-TensorReader formatReader(model::WeightFormat format, TensorReader dense, Fp8Source fp8);
+TensorReader formatReader(model::WeightFormat format, TensorReader dense, Fp8Source fp8,
+                          bool (*eligible)(const std::string&) = model::fluxFp8Eligible);
 // The reader of a checkpoint in a format (stored FP8 read as is; anything else quantized while loading).
 // The checkpoint must outlive the reader.
 TensorReader checkpointReader(const io::FluxCheckpoint& checkpoint, model::WeightFormat format);

@@ -307,3 +307,83 @@ TEST(CliMpi, EncodeAndGenerateOnRanksEqualOneRankBitForBit) {
     }
   }
 }
+
+// FP8 weights in every parallel mode: the layouts that compute what one rank computes (PipeFusion with full
+// warm-up, CFG, their hybrid, and streamed FP8 groups under a budget) give the one-rank FP8 latents bit for
+// bit; USP (Ulysses, Ring, both) within floating-point reassociation. A checkpoint written by
+// `pardit quantize` runs like quantizing while loading, and PipeFusion stages read only their FP8 groups.
+// (True CFG on one PipeFusion group runs both branches as one batch of 2, which the GEMMs may round
+// differently from two batches of 1: PipeFusion is compared without true CFG, as for dense weights.)
+TEST(CliMpi, Fp8WeightsInEveryParallelMode) {
+  TempDir dir;
+  ASSERT_EQ(runPardit("synth --preset tiny --text-len 8 --out " + dir.file("m")).exitCode, 0);
+  ASSERT_EQ(runPardit("quantize --model " + dir.file("m") + " --out " + dir.file("q")).exitCode, 0);
+  const std::string common = "--height 64 --width 64 --steps 3 --seed 2 --warmup-steps 3 ";
+  const std::string cfgBase = trueCfgGenerate(dir, "--true-cfg-scale 2 " + common);
+  const std::string plainBase = "generate --threads 1 --model " + dir.file("m") + " --prompt-embeds " +
+                                dir.file("m/prompt_embeds.safetensors") + " " + common;
+  auto oneRank = [&](const std::string& base, const std::string& file) {
+    auto r = runPardit(base + " --weight-dtype fp8 --save-latents " + dir.file(file));
+    EXPECT_EQ(r.exitCode, 0) << r.output;
+    EXPECT_NE(r.output.find("as fp8 e4m3 (row scales)"), std::string::npos) << r.output;
+    return readTensor(dir.file(file), "latents");
+  };
+  const at::Tensor oneCfg = oneRank(cfgBase, "one_cfg.safetensors"), onePlain = oneRank(plainBase, "one.safetensors");
+  auto r = runPardit(plainBase + " --save-latents " + dir.file("dense.safetensors"));
+  ASSERT_EQ(r.exitCode, 0) << r.output;
+  EXPECT_FALSE(at::equal(onePlain, readTensor(dir.file("dense.safetensors"), "latents"))) << "FP8 must change the latents";
+  struct Layout {
+    int n;
+    std::string flags;
+    bool trueCfg, exact;
+  };
+  for (const auto& l : std::vector<Layout>{{2, "--pipefusion-degree 2", false, true},
+                                           {2, "--pipefusion-degree 2 --offload sequential --device-memory-budget 1GiB", false, true},
+                                           {2, "--cfg-degree 2", true, true},
+                                           {4, "--cfg-degree 2 --pipefusion-degree 2", true, true},
+                                           {2, "--ulysses-degree 2", true, false},
+                                           {2, "--ring-degree 2", true, false},
+                                           {4, "--ulysses-degree 2 --ring-degree 2", true, false}}) {
+    auto p = mpirun(l.n, (l.trueCfg ? cfgBase : plainBase) + " --weight-dtype fp8 --save-latents " +
+                             dir.file("n.safetensors") + " " + l.flags);
+    ASSERT_EQ(p.exitCode, 0) << l.flags << "\n" << p.output;
+    const at::Tensor out = readTensor(dir.file("n.safetensors"), "latents"), &one = l.trueCfg ? oneCfg : onePlain;
+    const double err = test::maxRelError(out, one);
+    std::printf("[fp8] -n %d %s%s: max relative error %.3e against one rank with FP8 weights%s\n", l.n, l.flags.c_str(),
+                l.trueCfg ? " (true CFG)" : "", err, at::equal(out, one) ? " (bit-identical)" : "");
+    if (l.exact) {
+      EXPECT_TRUE(at::equal(out, one)) << l.flags;
+    } else {
+      EXPECT_LE(err, 1e-5) << l.flags;
+    }
+    if (l.flags.find("offload") != std::string::npos) {
+      EXPECT_NE(p.output.find("streamed"), std::string::npos) << p.output;
+    }
+  }
+  // The quantized checkpoint: FP8 by itself (auto), the same latents, on one rank and on a pipeline.
+  for (int n : {1, 2}) {
+    const std::string q = "generate --threads 1 --model " + dir.file("q") + " --prompt-embeds " +
+                          dir.file("m/prompt_embeds.safetensors") + " " + common + "--save-latents " +
+                          dir.file("q.safetensors") + (n == 2 ? " --pipefusion-degree 2 --log-level debug" : "");
+    auto p = n == 1 ? runPardit(q) : mpirun(n, q);
+    ASSERT_EQ(p.exitCode, 0) << p.output;
+    EXPECT_TRUE(at::equal(readTensor(dir.file("q.safetensors"), "latents"), onePlain)) << n;
+    if (n == 2) {
+      // Each stage read its own FP8 groups only: together the two read the checkpoint's transformer bytes once
+      // plus the conditioning embedders both stages hold.
+      std::vector<uint64_t> read;
+      for (size_t pos = 0; (pos = p.output.find("rank bytes: stage=", pos)) != std::string::npos; ++pos) {
+        const size_t at = p.output.find(" read=", pos);
+        read.push_back(std::stoull(p.output.substr(at + 6)));
+      }
+      ASSERT_EQ(read.size(), 2u) << p.output;
+      const uint64_t total = std::stoull(p.output.substr(p.output.find(" total=") + 7));
+      std::printf("[fp8] pipeline stages read %llu and %llu of the FP8 checkpoint's %llu bytes\n",
+                  static_cast<unsigned long long>(read[0]), static_cast<unsigned long long>(read[1]),
+                  static_cast<unsigned long long>(total));
+      EXPECT_LT(read[0], total);
+      EXPECT_LT(read[1], total);
+      EXPECT_GE(read[0] + read[1], total);
+    }
+  }
+}

@@ -2,7 +2,8 @@
 # GPU check of the memory planner and the weight streamer (run on a machine with one CUDA GPU).
 # Builds pardit against the machine's own PyTorch (CUDA LibTorch), writes FLUX.1-dev-shaped weights
 # (bf16, 23.8 GB, zero-filled sparse files: timing does not depend on values), and runs a few 1024x1024
-# steps each of: fully resident, --device-memory-budget 24GiB, 12GiB, and --offload sequential.
+# steps each of: fully resident, --device-memory-budget 24GiB, 12GiB, and --offload sequential; then with
+# FP8 block weights (--weight-dtype fp8): resident, 24GiB and 12GiB.
 # Reports seconds per step, peak device memory (caching allocator), the measured pinned host-to-device
 # bandwidth, and the ratios to the resident run and to the transfer bound (streamed bytes per step /
 # bandwidth). Everything it prints also goes to $OUT/summary.txt.
@@ -64,6 +65,9 @@ rm -f "$out/rows.txt"
 run resident --offload none --device-memory-budget 1000GiB
 for b in "${budgets[@]}"; do run "budget-$b" --offload auto --device-memory-budget "$b" --stream-from host; done
 run sequential --offload sequential --device-memory-budget 1000GiB --stream-from host
+# FP8 block weights (quantized while loading; FP8 tensor cores on sm_89+): resident, and under the budgets.
+run fp8-resident --weight-dtype fp8 --offload none --device-memory-budget 1000GiB
+for b in "${budgets[@]}"; do run "fp8-$b" --weight-dtype fp8 --offload auto --device-memory-budget "$b" --stream-from host; done
 echo "== ratios"
 awk -v bw="$bw" 'NR == 1 {base = $2} {bound = (bw > 0 && $3 > 0) ? $3 * 1.073741824 / bw : 0;
   printf "%-12s %6.3fx resident", $1, $2 / base;

@@ -81,6 +81,21 @@ TEST(Fp8, QuantizerMatchesTorch) {
   EXPECT_THROW(model::quantizeFp8Rows(at::full({2, 2}, INFINITY)), Error);
 }
 
+// The CPU dequantizer (a table per code) rounds as ATen's float8 -> float32 -> product -> dtype does, for
+// every code (NaN included) and scales across the range, in each compute dtype.
+TEST(Fp8, DequantizerMatchesATen) {
+  const at::Tensor codes = at::arange(256, at::kInt).to(at::kByte).repeat({5, 3}).view(at::kFloat8_e4m3fn);  // [5, 768]
+  const at::Tensor scale = at::tensor({1.0f, 3.1e-3f, 7.7f, 1e-30f, 2.5e30f});
+  for (auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    const at::Tensor fast = model::dequantizeFp8Rows(codes, scale, dtype);
+    const at::Tensor slow = (codes.to(at::kFloat) * scale.unsqueeze(1)).to(dtype);
+    const at::Tensor differ = (fast.to(at::kFloat) != slow.to(at::kFloat)) & ~(fast.isnan() & slow.isnan());
+    EXPECT_TRUE(sameBits(fast.masked_fill(fast.isnan(), 0), slow.masked_fill(slow.isnan(), 0)))
+        << c10::toString(dtype) << ": " << differ.sum().item<int64_t>() << " values differ";
+    EXPECT_TRUE(at::equal(fast.isnan(), slow.isnan())) << c10::toString(dtype);
+  }
+}
+
 // The transformer with FP8 block weights computes what diffusers computes with the same dequantized
 // weights (both layouts: per-row scales commute with the q|k|v and linear1 fusions), in fp32 and bf16.
 TEST(Fp8, ForwardMatchesDiffusersWithTheSameFp8Weights) {

@@ -108,6 +108,20 @@ def setup():
     os.makedirs(os.path.join(D, "nomodel"), exist_ok=True)
     open(os.path.join(D, "nomodel", "notes.txt"), "w").write("no model here\n")
     open(os.path.join(D, "notes.txt"), "w").write("not HDF5\n")
+    # An FP8 checkpoint (pardit quantize), and one whose scale tensor has neither one value nor one per row.
+    subprocess.run([PARDIT, "quantize", "--model", "m", "--out", "m8", "-q"], cwd=D, env=ENV, check=True)
+    q = os.path.join(D, "m8/transformer/diffusion_pytorch_model.safetensors")
+    raw8 = open(q, "rb").read()
+    n8 = struct.unpack("<Q", raw8[:8])[0]
+    h8 = json.loads(raw8[8:8 + n8])
+    rows = h8["transformer_blocks.0.attn.to_q.weight_scale"]["shape"][0]
+    h8["transformer_blocks.0.attn.to_q.weight_scale"]["shape"] = [2, rows // 2]
+    text = json.dumps(h8).encode()
+    text += b" " * ((8 - len(text) % 8) % 8)
+    os.makedirs(os.path.join(D, "badscale"), exist_ok=True)
+    shutil.copy(os.path.join(D, "m/transformer/config.json"), os.path.join(D, "badscale", "config.json"))
+    open(os.path.join(D, "badscale", "diffusion_pytorch_model.safetensors"), "wb").write(
+        struct.pack("<Q", len(text)) + text + raw8[8 + n8:])
 
 
 G = ["generate", "--model", "m", "--prompt-embeds", "m/prompt_embeds.safetensors", "--height", "64", "--width", "64",
@@ -129,6 +143,7 @@ CASES = [
     ("unknown size unit", G + ["--device-memory-budget", "12GiBs"], "--device-memory-budget"),
     ("unknown enum value", G + ["--stream-from", "tape"], "--stream-from must be"),
     ("unknown dtype", G + ["--dtype", "fp4"], "--dtype"),
+    ("unknown weight dtype", G + ["--weight-dtype", "int4"], "--weight-dtype must be"),
     ("typo in a PARDIT_ variable", ["env", "PARDIT_STEP=3", PARDIT] + G, "PARDIT_STEP"),
     ("unknown key in --config", G + ["--config", "bad.ini"], "stepz"),
     ("missing --config file", G + ["--config", "nope.ini"], "nope.ini"),
@@ -174,6 +189,10 @@ CASES = [
     ("output is a folder", G + ["--output", "."], "is a directory"),
     ("metrics file is not HDF5", G + ["--metrics", "notes.txt"], "not an HDF5 file"),
     ("budget too small for any plan", G + ["--device-memory-budget", "1MiB"], "budget"),
+    ("FP8 scale of the wrong shape", ["generate", "--model", "badscale", "--prompt-embeds",
+                                      "m/prompt_embeds.safetensors"], "expected one value or one per row"),
+    ("quantizing an FP8 checkpoint", ["quantize", "--model", "m8", "--out", "again"], "already an FP8 checkpoint"),
+    ("quantizing into the input folder", ["quantize", "--model", "m", "--out", "m"], "is the input folder"),
     ("forward without inputs", ["forward", "--model", "m", "--output", "o.safetensors"], "--inputs"),
     ("plan with a world size the degrees do not make", ["plan", "--model", "m", "--world-size", "3",
                                                        "--ulysses-degree", "2"], "3"),

@@ -133,7 +133,10 @@ at::Tensor fp8Linear(const at::Tensor& x, const at::Tensor& values, const at::Te
 #if defined(PARDIT_WITH_CUDA)
   if (fp8TensorCoresUsable(x, values)) {
     const int64_t K = values.size(1), N = values.size(0);
-    const at::Tensor x2 = x.reshape({-1, K});  // [M, K]
+    at::Tensor x2 = x.reshape({-1, K});  // [M, K]
+    const int64_t M = x2.size(0);
+    // Rows padded to a multiple of 16 (the modulation GEMMs have one row per image): zero rows cost nothing.
+    if (M % 16 != 0) x2 = at::constant_pad_nd(x2, {0, 0, 0, 16 - M % 16});
     // Per-token activation scales (see the header): max|x[t, :]| / 448, kept away from 0.
     const at::Tensor xs = (x2.abs().amax(1, /*keepdim=*/true).to(at::kFloat) / kFp8E4m3Max).clamp_min(1e-12);  // [M, 1]
     const at::Tensor xq = (x2.to(at::kFloat) / xs).clamp(-kFp8E4m3Max, kFp8E4m3Max).to(at::kFloat8_e4m3fn).contiguous();
@@ -141,10 +144,11 @@ at::Tensor fp8Linear(const at::Tensor& x, const at::Tensor& values, const at::Te
       // values is [N, K] row-major, so values.t() is the column-major [K, N] operand _scaled_mm wants.
       at::Tensor y = at::_scaled_mm(xq, values.t(), xs.contiguous(), scale.to(at::kFloat).reshape({1, N}).contiguous(),
                                     std::nullopt, std::nullopt, at::kBFloat16);
-      if (bias.defined()) y.add_(bias.to(y.scalar_type()));
+      if (y.size(0) != M) y = y.narrow(0, 0, M);
+      if (bias.defined()) y = y + bias.to(y.scalar_type());
       std::vector<int64_t> shape = x.sizes().vec();
       shape.back() = N;
-      return y.view(shape);
+      return y.reshape(shape);
     } catch (const c10::Error& e) {
       scaledMmFailed.store(true);
       logWarn("FP8 GEMM (at::_scaled_mm, row-wise scales) failed on ", x.device().str(),

@@ -232,7 +232,9 @@ std::string Engine::Impl::finishMetrics(Run& run, const std::string& command, do
   run.recorder.setTotalSeconds(seconds);
   run.recorder.setPeaks(memory::devicePeakBytes(device.is_cuda(), device.is_cuda() ? device.index() : 0),
                         peakRssBytes());
-  metrics::RunInfo info{command, config::toMap(options), modelName, device.str(), warmupSteps, images,
+  auto resolved = config::toMap(options);
+  resolved["weight-dtype"] = weightFormat == model::WeightFormat::kFp8 ? "fp8" : "compute";  // auto resolved
+  metrics::RunInfo info{command, resolved, modelName, device.str(), warmupSteps, images,
                         run.height, run.width, run.steps, dtypeName(dtype)};
   const std::string id = run.recorder.write(options.metrics, info);
   logInfo0("metrics: appended run ", id, " to ", options.metrics);

@@ -2,7 +2,9 @@
 // log lines, one machine-readable BENCH line and an optional JSON report.
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
@@ -64,6 +66,29 @@ void printPipeFusion(const config::EngineConfig& c, dist::Runtime& rt, const pip
   }
 }
 
+// The operator profile of one forward: classes, then the operators that take 0.5% or more.
+void printProfile(const pipeline::BenchmarkResult& r) {
+  std::map<std::string, std::pair<double, int64_t>> classes;
+  double total = 0;
+  for (const auto& op : r.profile) {
+    auto& c = classes[pipeline::OpProfile::classOf(op.name)];
+    c.first += op.seconds;
+    c.second += op.calls;
+    total += op.seconds;
+  }
+  logInfo0("operator profile of one forward (", formatSeconds(r.profileSeconds), " with the profiler, ",
+           formatSeconds(total), " in top-level operators):");
+  std::vector<std::pair<std::string, std::pair<double, int64_t>>> sorted(classes.begin(), classes.end());
+  std::sort(sorted.begin(), sorted.end(), [](const auto& a, const auto& b) { return a.second.first > b.second.first; });
+  for (const auto& [name, c] : sorted)
+    logInfo0("  ", name, ": ", formatSeconds(c.first), " (", formatNumber(100 * c.first / total), "%, ", c.second,
+             " calls)");
+  for (const auto& op : r.profile)
+    if (op.seconds >= 0.005 * total)
+      logInfo0("    ", op.name, ": ", formatSeconds(op.seconds), " (", formatNumber(100 * op.seconds / total), "%), ",
+               op.calls, " calls, ", pipeline::OpProfile::classOf(op.name));
+}
+
 void printForwards(const config::EngineConfig& c, dist::Runtime& rt, const pipeline::Engine& e,
                    const pipeline::BenchmarkResult& r) {
   const auto& d = rt.topology().degrees();
@@ -86,6 +111,7 @@ void printForwards(const config::EngineConfig& c, dist::Runtime& rt, const pipel
              "%), attention ", formatSeconds(r.attentionSeconds), " (", formatNumber(100 * r.attentionSeconds / r.median),
              "%), other ops ", formatSeconds(other), " (", formatNumber(100 * other / r.median), "%)");
   }
+  if (!r.profile.empty()) printProfile(r);
   if (rt.worldRank() == 0) {
     std::printf("BENCH pardit model=%s dtype=%s ranks=%d ulysses=%d ring=%d cfg=%d threads=%d batch=%lld "
                 "image_tokens=%lld text_tokens=%lld median_s=%.6f min_s=%.6f gflops=%.3f comm_share=%.4f "
@@ -185,7 +211,7 @@ int runBench(const config::EngineConfig& c, dist::Runtime& rt) {
   pipeline::Engine engine(c, rt);
   const pipeline::BenchmarkResult r =
       engine.benchmark(pipeline::BenchmarkRequest{c.benchDecode, c.benchEncode, c.batch, c.height, c.width, c.textLen,
-                                                  c.warmup, c.iters});
+                                                  c.warmup, c.iters, c.benchProfile});
   if (c.benchEncode) {
     printEncode(c, rt, engine, r);
   } else if (c.benchDecode) {

@@ -466,6 +466,9 @@ const std::vector<Option>& optionTable() {
     add(flagOpt("encode", 0, &EngineConfig::benchEncode, Group::kBench, Sync::kValue, bench,
                 "time the encode stage (tokenizers, CLIP, T5) of --batch copies of --prompt (default: a built-in "
                 "prompt) at --max-sequence-length on one rank"));
+    add(flagOpt("profile", 0, &EngineConfig::benchProfile, Group::kBench, Sync::kValue, bench,
+                "after timing, run one more forward under an operator profiler and print each ATen operator's total "
+                "time and calls (rank 0), grouped into GEMM, attention, norms, copies and elementwise work"));
     add(flagOpt("comm", 0, &EngineConfig::benchComm, Group::kBench, Sync::kValue, bench,
                 "collective micro-benchmark (all-to-all, all-gather, ring send/recv) over the world, bandwidths as "
                 "nccl-tests reports them"));

@@ -18,6 +18,7 @@
 #include "pardit/io/synth.h"
 #include "pardit/parallel/patch_vae.h"
 #include "pardit/pipeline/latents.h"
+#include "pardit/pipeline/op_profile.h"
 
 namespace pardit::pipeline {
 
@@ -182,6 +183,15 @@ void Engine::Impl::benchmarkForwards(const BenchmarkRequest& request, BenchmarkR
     commShares.push_back(comm / local);
   }
   r.commShare = worldReduce(rt, median(commShares), dist::ReduceOp::kMax);
+  if (request.profile) {
+    Timer t;
+    {
+      OpProfile profile;
+      step();
+      r.profile = profile.ops();
+    }
+    r.profileSeconds = t.seconds();
+  }
   if (device.is_cpu()) r.gemmRate = gemmRate(dtype);
   if (rt.worldSize() == 1)
     std::tie(r.gemmSeconds, r.attentionSeconds) = componentTimes(config, B, geom.tokens(), Lt, dtype, device);

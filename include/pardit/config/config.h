@@ -142,6 +142,7 @@ struct EngineConfig {
   int64_t batch = 1;
   bool benchComm = false;              // collective micro-benchmark instead of the model
   bool benchDecode = false;            // the VAE decode instead of the transformer
+  bool benchProfile = false;           // one more forward under the operator profiler
   bool benchEncode = false;            // the encode stage instead of the transformer
   uint64_t commMaxBytes = 64ULL << 20;
 };

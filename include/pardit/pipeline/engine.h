@@ -40,6 +40,7 @@
 #include "pardit/config/config.h"
 #include "pardit/model/flux.h"
 #include "pardit/pipeline/denoise.h"
+#include "pardit/pipeline/op_profile.h"
 
 namespace pardit::dist {
 class Runtime;
@@ -127,6 +128,7 @@ struct BenchmarkRequest {
   int64_t textLen = 128;
   int warmup = 2;
   int iters = 5;
+  bool profile = false;  // one more forward under the operator profiler (pipeline/op_profile.h)
 };
 
 struct BenchmarkResult {
@@ -153,6 +155,9 @@ struct BenchmarkResult {
   bool encodeT5Streamed = false;
   int64_t textLen = 0;
   std::string vae;
+  // profile: the operators of one forward on this rank, by total time.
+  std::vector<OpProfile::Op> profile;
+  double profileSeconds = 0.0;
 };
 
 class Engine {

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <map>
 #include <mutex>
 
 #include "pardit/core/error.h"
@@ -12,6 +13,7 @@
 #include "pardit/dist/runtime.h"
 #include "pardit/io/png.h"
 #include "pardit/io/synth.h"
+#include "pardit/pipeline/op_profile.h"
 #include "pardit/io/vae_checkpoint.h"
 #include "pardit/model/vae.h"
 #include "pardit/pipeline/engine.h"
@@ -309,4 +311,28 @@ TEST_F(EngineTest, TiledDecodeOnRanksEqualsOneRank) {
   ASSERT_FALSE(png.text.empty());
   EXPECT_EQ(png.text[0].first, "parameters");
   EXPECT_NE(png.text[0].second.find("VAE tiles: 32 px"), std::string::npos) << png.text[0].second;
+}
+
+// The operator profiler counts the top-level operators of its thread: calls inside another operator
+// (addmm inside linear) count in their caller, and nothing is recorded once it is gone.
+TEST(OpProfile, CountsTopLevelOperatorsOfItsThread) {
+  const at::Tensor x = at::randn({64, 32}), w = at::randn({16, 32}), b = at::randn({16});
+  std::vector<pipeline::OpProfile::Op> ops;
+  {
+    pipeline::OpProfile profile;
+    for (int i = 0; i < 3; ++i) (void)at::linear(x, w, b);
+    (void)at::gelu(x);
+    ops = profile.ops();
+  }
+  std::map<std::string, int64_t> calls;
+  for (const auto& op : ops) calls[op.name] = op.calls;
+  EXPECT_EQ(calls["aten::linear"], 3);
+  EXPECT_EQ(calls["aten::gelu"], 1);
+  EXPECT_EQ(calls.count("aten::addmm"), 0u) << "addmm runs inside linear";
+  EXPECT_EQ(pipeline::OpProfile::classOf("aten::linear"), "GEMM");
+  EXPECT_EQ(pipeline::OpProfile::classOf("aten::_scaled_dot_product_flash_attention_for_cpu"), "attention");
+  {
+    pipeline::OpProfile again;  // a second profile starts empty
+    EXPECT_TRUE(again.ops().empty());
+  }
 }

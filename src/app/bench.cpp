@@ -11,7 +11,9 @@
 #include "pardit/core/dtype.h"
 #include "pardit/core/format.h"
 #include "pardit/core/log.h"
+#include "pardit/core/sysinfo.h"
 #include "pardit/dist/comm_bench.h"
+#include "pardit/memory/planner.h"
 #include "pardit/pipeline/engine.h"
 #include "pardit/version.h"
 
@@ -115,10 +117,13 @@ void printForwards(const config::EngineConfig& c, dist::Runtime& rt, const pipel
   if (rt.worldRank() == 0) {
     std::printf("BENCH pardit model=%s dtype=%s ranks=%d ulysses=%d ring=%d cfg=%d threads=%d batch=%lld "
                 "image_tokens=%lld text_tokens=%lld median_s=%.6f min_s=%.6f gflops=%.3f comm_share=%.4f "
-                "gemm_gflops=%.3f\n",
+                "gemm_gflops=%.3f peak_device_bytes=%llu peak_rss_bytes=%llu\n",
                 r.modelName.c_str(), dtypeName(e.dtype()).c_str(), rt.worldSize(), d.ulysses, d.ring, d.cfg, r.threads,
                 static_cast<long long>(c.batch), static_cast<long long>(r.imageTokens),
-                static_cast<long long>(c.textLen), r.median, r.best, rate / 1e9, r.commShare, r.gemmRate / 1e9);
+                static_cast<long long>(c.textLen), r.median, r.best, rate / 1e9, r.commShare, r.gemmRate / 1e9,
+                static_cast<unsigned long long>(
+                    memory::devicePeakBytes(e.device().is_cuda(), e.device().is_cuda() ? e.device().index() : 0)),
+                static_cast<unsigned long long>(peakRssBytes()));
     std::fflush(stdout);
   }
 }

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The GPU check: pardit against diffusers on one GPU (speed, fidelity, peak memory, FP8, offload), run
+# from a bundle that needs nothing on the GPU machine but its driver and a Python with PyTorch.
+#
+#   bench/gpu_check.sh bundle [DIR]    on a machine with the CUDA toolkit: a Release build against the
+#                                      CUDA LibTorch of launch/install.sh, then DIR (default out/gpu-check):
+#                                      bin/pardit, lib/ (the shared libraries a GPU host may lack: Open MPI,
+#                                      HDF5, Boost, libpng, utf8proc and their dependencies; not LibTorch or
+#                                      CUDA, which come from the host's PyTorch), openmpi/ (Open MPI's
+#                                      components for a singleton rank), python/ (diffusers, for hosts without
+#                                      it), gpu_check.py and run.sh
+#   DIR/run.sh [gpu_check.py options]  on the GPU machine; prints one table, writes DIR/results/
+#   bench/gpu_check.sh dry-run [DIR]   bundle, then run it here on the CPU (small preset, 256 px) in a clean
+#                                      environment (env -i): what CI runs
+#
+# Knobs: BUILD (build folder, default build-gpu-check; an existing build's pardit is used as it is),
+# PYTHON (the build's and the dry run's Python).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cmd="${1:-}"
+dir="${2:-$root/out/gpu-check}"
+[[ "$cmd" == bundle || "$cmd" == dry-run ]] || { sed -n '2,18p' "${BASH_SOURCE[0]}"; exit 2; }
+
+bundle() {
+  local venv py build
+  venv="${PARDIT_VENV:-$("$root/launch/install.sh" | tail -n 1)}"
+  py="${PYTHON:-$venv/bin/python}"
+  build="${BUILD:-$root/build-gpu-check}"
+  mkdir -p "$(dirname "$dir")"
+  if [[ -z "${BUILD:-}" || ! -x "$build/pardit" ]]; then  # BUILD=an existing build: its pardit as it is
+    cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DPARDIT_PYTHON="$py" -DPARDIT_BUILD_TESTS=OFF \
+          -DPARDIT_INSTALL_RUNTIME=OFF >"$dir.configure.log" 2>&1 || { cat "$dir.configure.log"; exit 1; }
+    cmake --build "$build" -j "$(nproc)" --target pardit >"$dir.build.log" 2>&1 || { tail -40 "$dir.build.log"; exit 1; }
+  fi
+  rm -rf "$dir" && mkdir -p "$dir/bin" "$dir/lib" "$dir/openmpi" "$dir/python"
+  cp "$build/pardit" "$dir/bin/"
+  # Open MPI's components for one rank without mpirun; the network transports (UCX, libfabric, verbs, PSM)
+  # and OpenSHMEM are left out with the libraries they pull in.
+  local comps
+  comps="$(dirname "$(ldd "$build/pardit" | awk '$1 ~ /^libmpi.so/ {print $3}')")/openmpi/lib/openmpi3"
+  [[ -d "$comps" ]] || comps=/usr/lib/x86_64-linux-gnu/openmpi/lib/openmpi3
+  for c in "$comps"/*.so; do
+    ldd "$c" 2>/dev/null | grep -Eq 'libucp|libucs|libuct|libfabric|libibverbs|libpsm|liboshmem|libmlx' && continue
+    cp "$c" "$dir/openmpi/"
+  done
+  # Every library the binary and those components load, except glibc's, the C++ runtime's, LibTorch's and CUDA's.
+  local skip='(/site-packages/torch/|/nvidia/|/usr/local/cuda|/libc\.so|/libm\.so|/libdl\.so|/librt\.so|/libpthread\.so|/ld-linux|/libstdc\+\+|/libgcc_s|/libresolv\.so|/libutil\.so)'
+  for f in "$dir/bin/pardit" "$dir"/openmpi/*.so; do ldd "$f" 2>/dev/null | awk '$3 ~ /^\// {print $3}'; done |
+    sort -u | grep -Ev "$skip" | while read -r lib; do cp -L "$lib" "$dir/lib/"; done
+  # diffusers (pure Python) and its two packages a PyTorch host may lack, used only when the host has none.
+  local wheels
+  wheels="$(mktemp -d)"
+  # shellcheck disable=SC1091
+  source "$root/launch/versions.env"
+  if "$py" -m pip download -q --no-deps -d "$wheels" "diffusers==$PARDIT_DIFFUSERS_VERSION" huggingface_hub safetensors \
+       >/dev/null 2>&1; then
+    # Pure-Python wheels import from the zip (PYTHONPATH); safetensors has a compiled module: unpacked.
+    cp "$wheels"/diffusers-*.whl "$wheels"/huggingface_hub-*.whl "$dir/python/"
+    "$py" -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" "$wheels"/safetensors-*.whl "$dir/python"
+  else
+    echo "gpu_check: could not download the diffusers wheels (offline?); the GPU host must have diffusers" >&2
+  fi
+  rm -rf "$wheels"
+  cp "$root/bench/gpu_check.py" "$dir/"
+  cat >"$dir/run.sh" <<'RUN'
+#!/usr/bin/env bash
+# Runs the GPU check with the host's PyTorch: its libraries and CUDA's come from the torch package.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+py="${PYTHON:-python3}"
+libs="$("$py" -c 'import glob, os, torch
+d = os.path.dirname(torch.__file__)
+print(":".join([os.path.join(d, "lib")] + sorted(glob.glob(os.path.join(d, "..", "nvidia", "*", "lib")))))')"
+export LD_LIBRARY_PATH="$here/lib:$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# One rank without mpirun: Open MPI's singleton mode with the bundled components.
+export OMPI_MCA_ess_singleton_isolated=1 OMPI_MCA_mca_base_component_path="$here/openmpi"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+# The bundled diffusers when the host has none (or when asked: the dry run checks that they import).
+if [[ -n "${PARDIT_BUNDLED_PYTHON:-}" ]] || ! "$py" -c "import diffusers" 2>/dev/null; then
+  extra="$here/python"
+  for w in "$here"/python/*.whl; do [[ -e "$w" ]] && extra="$extra:$w"; done
+  export PYTHONPATH="$extra${PYTHONPATH:+:$PYTHONPATH}"
+fi
+exec "$py" "$here/gpu_check.py" --pardit "$here/bin/pardit" --out "$here/results" "$@"
+RUN
+  chmod +x "$dir/run.sh"
+  echo "bundle: $dir ($(du -sh "$dir" | cut -f1); bin $(du -sh "$dir/bin" | cut -f1), lib $(du -sh "$dir/lib" | cut -f1)," \
+       "openmpi $(du -sh "$dir/openmpi" | cut -f1), python $(du -sh "$dir/python" | cut -f1))"
+}
+
+bundle
+if [[ "$cmd" == dry-run ]]; then
+  venv="${PARDIT_VENV:-$("$root/launch/install.sh" | tail -n 1)}"
+  # A clean environment, as on a GPU host: only the bundle, the venv's torch and the system's basics.
+  env -i HOME="${HOME:-/tmp}" PATH=/usr/bin:/bin PYTHON="${PYTHON:-$venv/bin/python}" PARDIT_BUNDLED_PYTHON=1 \
+    bash "$dir/run.sh" --device cpu --preset small --sizes 128 --text-len 32 --iters 2 --warmup 1 --steps 3 \
+    --budgets "150MB" --threads "${PARDIT_DRY_RUN_THREADS:-2}"
+fi

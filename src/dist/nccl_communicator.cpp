@@ -13,6 +13,7 @@
 
 #include "pardit/core/log.h"
 #include "pardit/core/timer.h"
+#include "pardit/dist/watchdog.h"
 
 #define PARDIT_NCCL_CHECK(call)                                                              \
   do {                                                                                       \
@@ -72,6 +73,7 @@ class NcclCommunicator final : public Communicator {
     std::memcpy(&id, buf.data_ptr(), sizeof(id));
     c10::cuda::CUDAGuard guard(device_);
     PARDIT_NCCL_CHECK(ncclCommInitRank(&comm_, size_, id, rank_));
+    watch();
   }
 
   // Adopts an existing NCCL communicator (from ncclCommSplit).
@@ -79,11 +81,13 @@ class NcclCommunicator final : public Communicator {
       : device_(device), p2pStream_(c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device)), comm_(comm) {
     PARDIT_NCCL_CHECK(ncclCommUserRank(comm_, &rank_));
     PARDIT_NCCL_CHECK(ncclCommCount(comm_, &size_));
+    watch();
   }
   NcclCommunicator(const NcclCommunicator&) = delete;
   NcclCommunicator& operator=(const NcclCommunicator&) = delete;
 
   ~NcclCommunicator() override {
+    if (watchId_ != 0) unregisterCommunicator(watchId_);
     if (comm_ != nullptr) {
       const ncclResult_t r = ncclCommDestroy(comm_);
       if (r != ncclSuccess) logWarn("ncclCommDestroy failed: ", ncclGetErrorString(r));
@@ -198,6 +202,21 @@ class NcclCommunicator final : public Communicator {
   }
 
  private:
+  // The watchdog polls NCCL's asynchronous errors while an operation is watched (a failed peer ends the job
+  // at once) and aborts the communicator before the job ends (its kernels waiting for a lost peer return),
+  // as c10d's watchdog does with blocking communicators.
+  void watch() {
+    const ncclComm_t comm = comm_;
+    watchId_ = registerCommunicator(
+        [comm]() -> std::string {
+          ncclResult_t state = ncclSuccess;
+          if (ncclCommGetAsyncError(comm, &state) != ncclSuccess) return "";
+          if (state == ncclSuccess || state == ncclInProgress) return "";
+          return std::string("NCCL reports ") + ncclGetErrorString(state);
+        },
+        [comm] { (void)ncclCommAbort(comm); });
+  }
+  uint64_t watchId_ = 0;
   cudaStream_t current(const at::Tensor& t) const {
     return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
   }

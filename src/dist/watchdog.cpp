@@ -7,7 +7,9 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <map>
 #include <mutex>
+#include <vector>
 #include <thread>
 
 #include "pardit/core/format.h"
@@ -28,6 +30,12 @@ struct State {
   std::mutex mutex;  // guards context and the thread's start
   std::string context = "starting";
   bool running = false;  // the watching thread was started (it runs until the process ends)
+  struct Hooks {
+    std::function<std::string()> asyncError;
+    std::function<void()> abort;
+  };
+  std::map<uint64_t, Hooks> communicators;  // guarded by mutex
+  uint64_t nextId = 1;
 };
 
 State& state() {
@@ -38,6 +46,20 @@ State& state() {
 [[noreturn]] void abortJob(const std::string& line) {
   logError(line);  // one line (errors print at every log level), then the whole job goes
   std::fflush(stderr);
+  // Device-side work first (NCCL kernels waiting for a lost peer), then the processes.
+  std::vector<std::function<void()>> aborts;
+  {
+    State& s = state();
+    std::unique_lock<std::mutex> lock(s.mutex, std::try_to_lock);  // never wait here: the job must end
+    if (lock.owns_lock())
+      for (const auto& [id, hooks] : s.communicators) aborts.push_back(hooks.abort);
+  }
+  for (const auto& abort : aborts) {
+    try {
+      if (abort) abort();
+    } catch (...) {  // ending the job matters more than a clean abort
+    }
+  }
   int initialized = 0, finalized = 0;
   MPI_Initialized(&initialized);
   MPI_Finalized(&finalized);
@@ -52,6 +74,24 @@ void watch() {
     const double timeout = s.timeout.load();
     const int64_t started = s.startedNs.load();
     if (timeout <= 0 || started == 0) continue;
+    // An asynchronous error a communicator reports (a failed peer, a broken link) ends the job now.
+    std::vector<std::function<std::string()>> checks;
+    {
+      std::lock_guard<std::mutex> lock(s.mutex);
+      for (const auto& [id, hooks] : s.communicators) checks.push_back(hooks.asyncError);
+    }
+    for (const auto& check : checks) {
+      std::string error;
+      try {
+        if (check) error = check();
+      } catch (const std::exception& e) {
+        error = e.what();
+      }
+      if (!error.empty()) {
+        const char* what = s.what.load();
+        abortJob(std::string(what ? what : "a collective") + " failed: " + error + "; aborting the job");
+      }
+    }
     const double waited = static_cast<double>(nowNs() - started) * 1e-9;
     if (waited < timeout) continue;
     const char* what = s.what.load();
@@ -80,6 +120,20 @@ void setCollectiveTimeout(double seconds) {
 }
 
 double collectiveTimeout() { return state().timeout.load(); }
+
+uint64_t registerCommunicator(std::function<std::string()> asyncError, std::function<void()> abort) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  const uint64_t id = s.nextId++;
+  s.communicators[id] = State::Hooks{std::move(asyncError), std::move(abort)};
+  return id;
+}
+
+void unregisterCommunicator(uint64_t id) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  s.communicators.erase(id);
+}
 
 void setWatchContext(const std::string& context) {
   State& s = state();

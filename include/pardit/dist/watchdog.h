@@ -6,6 +6,7 @@
 // (MPI_Abort). One watchdog thread per process; it only reads the watched state, so an idle job costs
 // nothing but one wake-up per second.
 #include <cstdint>
+#include <functional>
 #include <string>
 
 namespace pardit::dist {
@@ -32,5 +33,14 @@ class WatchedOperation {
   const char* previousWhat_ = nullptr;
   int64_t previousStartNs_ = 0;
 };
+
+// A communicator with device-side work the watchdog must know about (NCCL): `asyncError` returns a
+// non-empty description when the library reports an asynchronous error (ncclCommGetAsyncError: a peer
+// failed, a link broke), which ends the job at once instead of after the timeout; `abort` cancels the
+// communicator's in-flight operations (ncclCommAbort, so GPU kernels waiting for a lost peer return) just
+// before the job is aborted. Both are called from the watchdog thread, only while an operation is watched
+// (asyncError) or when the job ends (abort). Returns an id for unregisterCommunicator().
+uint64_t registerCommunicator(std::function<std::string()> asyncError, std::function<void()> abort);
+void unregisterCommunicator(uint64_t id);
 
 }  // namespace pardit::dist

@@ -1,0 +1,44 @@
+// The watchdog's communicator hooks (NCCL's ncclCommGetAsyncError and ncclCommAbort plug in here): an
+// asynchronous error a communicator reports ends the job at once, naming the operation and the error, and
+// every registered communicator is aborted before the processes go. Run in a child process (the job ends).
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <thread>
+
+#include "pardit/dist/watchdog.h"
+#include "test_util.h"
+
+using namespace pardit;
+
+TEST(Watchdog, ChildSide) {
+  const char* marker = std::getenv("PARDIT_WATCHDOG_CHILD");
+  if (!marker) GTEST_SKIP() << "the child side of Watchdog.AsyncErrorEndsTheJobAndAbortsCommunicators";
+  dist::setCollectiveTimeout(600);  // far away: the error, not the timeout, must end the job
+  const std::string path = marker;
+  dist::registerCommunicator([] { return std::string(); }, [path] { std::ofstream(path + ".healthy") << "aborted\n"; });
+  dist::registerCommunicator([] { return std::string("unhandled system error (a peer died)"); },
+                             [path] { std::ofstream(path + ".failed") << "aborted\n"; });
+  dist::setWatchContext("step 2/4");
+  dist::WatchedOperation op("ncclAllToAll");
+  std::this_thread::sleep_for(std::chrono::seconds(30));
+  ADD_FAILURE() << "the watchdog did not end the process";
+}
+
+TEST(Watchdog, AsyncErrorEndsTheJobAndAbortsCommunicators) {
+  test::TempDir dir;
+  const std::string marker = dir.file("m");
+  const auto start = std::chrono::steady_clock::now();
+  const auto r = test::runCommand("PARDIT_WATCHDOG_CHILD=" + marker + " /proc/" + std::to_string(::getpid()) +
+                                  "/exe --gtest_filter=Watchdog.ChildSide");
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_EQ(r.exitCode, 124) << r.output;
+  EXPECT_NE(r.output.find("ncclAllToAll failed: unhandled system error (a peer died); aborting the job"),
+            std::string::npos)
+      << r.output;
+  EXPECT_LT(seconds, 10.0);
+  EXPECT_TRUE(std::ifstream(marker + ".healthy").good()) << "every registered communicator is aborted";
+  EXPECT_TRUE(std::ifstream(marker + ".failed").good());
+}

@@ -445,8 +445,8 @@ const std::vector<Option>& optionTable() {
     add(opt("preset", &EngineConfig::preset, Group::kSynth, Sync::kValue, synth | bench, "NAME",
             "tiny, small, medium, flux-dev or flux-schnell (bench: the in-memory model when no --model is given)"));
     add(opt("layout", &EngineConfig::layout, Group::kSynth, Sync::kValue, synth, "LAYOUT", "diffusers or bfl"));
-    required(opt("out", &EngineConfig::out, Group::kSynth, Sync::kValue, synth | quant, "DIR",
-                 "output directory (quantize: it must not hold the input)"),
+    required(opt("out", &EngineConfig::out, Group::kOutput, Sync::kValue, synth | quant, "DIR",
+                 "output directory (synth: the model; quantize: the FP8 copy, another folder than the input's)"),
              synth | quant, t);
     add(opt("fill", &EngineConfig::fill, Group::kSynth, Sync::kValue, synth, "KIND",
             "random, or zeros (sparse files: real headers, no disk use)"));

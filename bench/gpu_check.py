@@ -245,6 +245,8 @@ def main():
             cases += [(f"{b} host", ["--device-memory-budget", b, "--stream-from", "host"]),
                       (f"{b} file", ["--device-memory-budget", b, "--stream-from", "file"])]
         cases += [("sequential", ["--offload", "sequential", "--device-memory-budget", "100000GiB", "--stream-from", "host"]),
+                  ("sequential file", ["--offload", "sequential", "--device-memory-budget", "100000GiB",
+                                       "--stream-from", "file"]),
                   (f"FP8 {budgets[0]} host", ["--weight-dtype", "fp8", "--device-memory-budget", budgets[0],
                                               "--stream-from", "host"])]
         size = sizes[0]
@@ -257,9 +259,14 @@ def main():
                 rows.append({"what": f"generate {name}", "size": size, "s": None, "note": "failed"})
                 continue
             steps = [float(x) for x in re.findall(r"debug: step \d+ seconds=([0-9.e+-]+)", out)][1:]
-            rows.append({"what": f"generate {name}", "size": size, "s": statistics.mean(steps) if steps else None,
-                         "peak_bytes": field(out, "peak_device"), "rss_bytes": field(out, "peak_rss"),
-                         "streamed_bytes": field(out, "streamed_bytes"), "per": "step"})
+            row = {"what": f"generate {name}", "size": size, "s": statistics.mean(steps) if steps else None,
+                   "peak_bytes": field(out, "peak_device"), "rss_bytes": field(out, "peak_rss"),
+                   "streamed_bytes": field(out, "streamed_bytes"), "per": "step"}
+            # The file source's own read rate (parallel pread() into the staging buffers) and its host memory.
+            read, secs = field(out, "stored_read"), re.search(r"stored_read_seconds=([0-9.e+-]+)", out)
+            if read and secs and float(secs.group(1)) > 0:
+                row["note"] = f"file read {read / float(secs.group(1)) / 1e9:.1f} GB/s"
+            rows.append(row)
 
     # The table.
     base = {r["size"]: r["s"] for r in rows if r["what"] == "diffusers eager" and r.get("s")}

@@ -58,8 +58,16 @@ int main() {
     w.imageTokens = Li;
     w.textTokens = Lt;
     const auto plan = memory::planRank(w, 1ULL << 40, config::Offload::kSequential);
-    auto streaming = std::make_shared<memory::StreamingFluxWeights>(
-        c, getter(streamed), plan, at::kCPU, memory::StreamingOptions{/*hostCache=*/false, format});
+    // Tensors stored as they are used are read as bytes by several threads; the others through the getter.
+    memory::StreamingOptions options;
+    options.hostCache = false;
+    options.format = format;
+    options.readThreads = 3;
+    options.prefetchDepth = 2;
+    options.stored = [&streamed](const std::string& n, c10::ScalarType t) {
+      return streamed.has(n) ? streamed.storedRanges(n, t) : std::vector<io::StoredRange>{};
+    };
+    auto streaming = std::make_shared<memory::StreamingFluxWeights>(c, getter(streamed), plan, at::kCPU, options);
     model::FluxTransformer t(c, streaming, std::make_shared<model::LocalAttention>());
     std::atomic<bool> done{false};
     std::atomic<uint64_t> polls{0};

@@ -36,6 +36,11 @@ nlohmann::ordered_json toJson(const config::EngineConfig& c, const pipeline::Job
         {"stream_buffer_bytes", plan.streamBufferBytes}, {"activation_bytes", plan.activationBytes},
         {"kv_buffer_bytes", plan.kvBytes}, {"comm_buffer_bytes", plan.commBytes}, {"total_bytes", plan.total()},
         {"budget_bytes", plan.budget}, {"fits", plan.fits}};
+    if (plan.anyStreamed() && plan.fits) {
+      j["stream_from"] = plan.streamFromHost ? "host" : "file";
+      j["prefetch_depth"] = plan.prefetchDepth;
+      j["host_stream_bytes"] = plan.hostBytes;
+    }
     if (!plan.fits) j["problem"] = plan.problem;
     ranks.push_back(j);
   }
@@ -74,8 +79,14 @@ void printTable(const config::EngineConfig& c, const pipeline::JobPlan& p) {
                 formatBytes(plan.kvBytes).c_str(), formatBytes(plan.commBytes).c_str(), formatBytes(plan.total()).c_str(),
                 formatBytes(plan.budget).c_str(), plan.fits ? "yes" : "NO");
   }
-  for (size_t r = 0; r < p.ranks.size(); ++r)
-    if (!p.ranks[r].fits) std::printf("rank %zu: %s\n", r, p.ranks[r].problem.c_str());
+  for (size_t r = 0; r < p.ranks.size(); ++r) {
+    const auto& plan = p.ranks[r];
+    if (!plan.fits) std::printf("rank %zu: %s\n", r, plan.problem.c_str());
+    else if (plan.anyStreamed())
+      std::printf("rank %zu: streams from %s, %d group(s) ahead, %s of host memory for it\n", r,
+                  plan.streamFromHost ? "a host copy (--stream-from host)" : "the file (--stream-from file)",
+                  plan.prefetchDepth, formatBytes(plan.hostBytes).c_str());
+  }
   if (p.textEncoderRank >= 0)
     std::printf("text encoders on rank %d, before the transformer loads: CLIP %s, T5 %s%s (%s)\n", p.textEncoderRank,
                 formatBytes(p.clipBytes).c_str(), formatBytes(p.t5Bytes).c_str(),

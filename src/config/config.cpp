@@ -374,8 +374,12 @@ const std::vector<Option>& optionTable() {
     add(opt("offload", &EngineConfig::offload, Group::kMemory, Sync::kValue, par, "MODE",
             "none (all weights resident), auto (stream what does not fit) or sequential (stream every block)"));
     add(opt("stream-from", &EngineConfig::streamFrom, Group::kMemory, Sync::kValue, par, "SOURCE",
-            "source of streamed weights: host (a host copy of this rank's shard, pinned on CUDA), file, or auto "
-            "(host on CUDA when it fits in half the available host memory, file on the CPU)"));
+            "source of streamed weights: host (a copy of this rank's streamed groups in host memory, pinned on "
+            "CUDA), file (read from the checkpoint by several threads each time), or auto (host on CUDA when the "
+            "copy fits --host-memory-budget, else file)"));
+    add(opt("host-memory-budget", &EngineConfig::hostMemoryBudget, Group::kMemory, Sync::kValue, par, "SIZE",
+            "host memory per rank for streaming: 64GiB, bytes, or auto (available host memory shared by the "
+            "node's ranks, minus 1 GiB headroom)"));
     // metrics
     add(opt("metrics", &EngineConfig::metrics, Group::kMetrics, Sync::kValue, kRunCommands, "FILE.h5",
             "append this run's metrics (timings, communication, memory, provenance) to an HDF5 file"));

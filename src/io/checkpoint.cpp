@@ -505,6 +505,38 @@ model::Fp8Rows FluxCheckpoint::loadFp8(const std::string& name) const {
   return out;
 }
 
+std::vector<StoredRange> FluxCheckpoint::storedRanges(const std::string& name, c10::ScalarType dtype) const {
+  const TensorSource& src = source(name);
+  std::vector<StoredRange> ranges;
+  for (const auto& p : src.pieces) {
+    const TensorInfo& info = p.file->info(p.tensor);
+    if (p.scaleFile || safetensorsToScalarType(info.dtype) != dtype) return {};
+    const uint64_t row = info.rowBytes();
+    const uint64_t begin = static_cast<uint64_t>(p.rowBegin) * row, bytes = static_cast<uint64_t>(p.rowEnd - p.rowBegin) * row;
+    // Consecutive rows of the same tensor (the final layer's swapped halves are not) become one range.
+    if (!ranges.empty() && ranges.back().tensor == &info && ranges.back().offset + ranges.back().bytes == begin)
+      ranges.back().bytes += bytes;
+    else
+      ranges.push_back({p.file, &info, begin, bytes});
+  }
+  {
+    std::lock_guard<std::mutex> lock(*loadedMutex_);
+    loaded_.insert(name);
+  }
+  return ranges;
+}
+
+at::Tensor FluxCheckpoint::loadFp8Scale(const std::string& name) const {
+  if (!storedFp8(name)) return loadFp8(name).scale;
+  std::vector<at::Tensor> scales;
+  for (const auto& p : source(name).pieces)
+    scales.push_back(p.scaleFile ? readScale(p) : at::ones({p.rowEnd - p.rowBegin}, at::kFloat));
+  at::Tensor scale = scales.size() == 1 ? scales[0] : at::cat(scales, 0);
+  PARDIT_CHECK(at::isfinite(scale).all().item<bool>() && (scale > 0).all().item<bool>(), path_,
+               ": the scales of the float8 weight '", name, "' must be finite and positive");
+  return scale;
+}
+
 model::WeightGetter FluxCheckpoint::getter(c10::ScalarType dtype, c10::Device device) const {
   return [this, dtype, device](const std::string& name) { return load(name, dtype, device); };
 }

@@ -18,6 +18,18 @@ uint64_t groupBytes(const model::FluxConfig& config, const std::string& group, c
   PARDIT_THROW("unknown weight group '", group, "'");
 }
 
+uint64_t groupBufferBytes(const model::FluxConfig& config, const std::string& group, c10::ScalarType dtype,
+                          model::WeightFormat format) {
+  for (const auto& g : model::fluxWeightGroups(config, format)) {
+    if (g.name != group) continue;
+    uint64_t n = 0;
+    for (const auto& t : g.tensors)
+      n += (model::storedBytes({t}, dtype) + kGroupAlignment - 1) / kGroupAlignment * kGroupAlignment;
+    return n;
+  }
+  PARDIT_THROW("unknown weight group '", group, "'");
+}
+
 uint64_t activationEstimate(const RankWorkload& w) {
   // Live tensors at the peak of a single-stream block, per token: the residual stream and its modulated
   // copy (2h), linear1's output (3h + mlp), q/k/v after norm and RoPE (3h, plus float32 RoPE temporaries
@@ -61,16 +73,18 @@ RankPlan planRank(const RankWorkload& w, uint64_t budget, OffloadMode mode) {
   plan.activationBytes = activationEstimate(w);
   plan.kvBytes = kvBufferEstimate(w);
   plan.commBytes = commBufferEstimate(w);
-  for (const auto& g : w.groups) plan.groups.push_back({g, groupBytes(w.config, g, w.dtype, w.weightFormat), false});
+  for (const auto& g : w.groups)
+    plan.groups.push_back({g, groupBytes(w.config, g, w.dtype, w.weightFormat), false,
+                           groupBufferBytes(w.config, g, w.dtype, w.weightFormat)});
   auto isBlock = [](const std::string& n) { return n.rfind("double_blocks.", 0) == 0 || n.rfind("single_blocks.", 0) == 0; };
   auto recompute = [&] {
     plan.residentBytes = plan.streamedBytes = 0;
     uint64_t largest = 0;
     for (const auto& g : plan.groups) {
       (g.streamed ? plan.streamedBytes : plan.residentBytes) += g.bytes;
-      if (g.streamed) largest = std::max(largest, g.bytes);
+      if (g.streamed) largest = std::max(largest, g.bufferBytes);
     }
-    plan.streamBufferBytes = 2 * largest;
+    plan.streamBufferBytes = static_cast<uint64_t>(plan.prefetchDepth + 1) * largest;
   };
   // Streaming order for auto: single blocks from the last, then double blocks from the last.
   std::vector<size_t> order;
@@ -87,6 +101,20 @@ RankPlan planRank(const RankWorkload& w, uint64_t budget, OffloadMode mode) {
     for (size_t k = 0; k < order.size() && plan.total() > budget; ++k) {
       plan.groups[order[k]].streamed = true;
       recompute();
+    }
+  }
+  // Deeper read-ahead while the budget has room for it (it evens out groups of unequal compute and size).
+  if (plan.anyStreamed()) {
+    size_t streamedGroups = 0;
+    for (const auto& g : plan.groups) streamedGroups += g.streamed;
+    while (plan.prefetchDepth < kMaxPrefetchDepth && static_cast<size_t>(plan.prefetchDepth) + 1 < streamedGroups) {
+      ++plan.prefetchDepth;
+      recompute();
+      if (plan.total() > budget) {
+        --plan.prefetchDepth;
+        recompute();
+        break;
+      }
     }
   }
   if (plan.total() > budget) {
@@ -136,6 +164,33 @@ uint64_t hostAvailableBytes() {
   while (in >> key >> value >> unit)
     if (key == "MemAvailable:") return value * 1024;
   return 0;
+}
+
+uint64_t hostBudget(const config::MemoryBudget& budget, int ranksOnNode) {
+  if (!budget.automatic) return budget.bytes;
+  const uint64_t share = hostAvailableBytes() / static_cast<uint64_t>(std::max(1, ranksOnNode));
+  return share > kAutoHeadroomBytes ? share - kAutoHeadroomBytes : 0;
+}
+
+void chooseStreamSource(RankPlan& plan, config::StreamSource source, bool cuda, uint64_t hostBudget) {
+  plan.streamFromHost = false;
+  plan.hostBytes = 0;
+  if (!plan.anyStreamed()) return;
+  uint64_t copies = 0;  // the host copies: every streamed group's buffer
+  for (const auto& g : plan.groups)
+    if (g.streamed) copies += g.bufferBytes;
+  const uint64_t fileBytes = cuda ? 2 * kStagingBytes : 0;
+  switch (source) {
+    case config::StreamSource::kHost:
+      PARDIT_CHECK(copies <= hostBudget, "--stream-from host needs ", formatBytes(copies),
+                   " of host memory for this rank's streamed weights, but --host-memory-budget is ",
+                   formatBytes(hostBudget), ": use --stream-from file (or auto), or a larger --host-memory-budget");
+      plan.streamFromHost = true;
+      break;
+    case config::StreamSource::kFile: plan.streamFromHost = false; break;
+    case config::StreamSource::kAuto: plan.streamFromHost = cuda && copies <= hostBudget; break;
+  }
+  plan.hostBytes = plan.streamFromHost ? copies : fileBytes;
 }
 
 uint64_t autoBudget(bool cuda, int deviceIndex, int ranksOnNode) {

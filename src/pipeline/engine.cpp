@@ -171,6 +171,7 @@ memory::RankPlan Engine::Impl::planRun(Run& run, int64_t batch, int64_t imageTok
                                          textTokens);
     plan = memory::planRank(work, detail::budgetOf(options, device, rt.localSize()), options.offload);
     PARDIT_CHECK(plan.fits, "rank ", rt.worldRank(), ": ", plan.problem);
+    memory::chooseStreamSource(plan, options.streamFrom, device.is_cuda(), detail::hostBudgetOf(options, rt.localSize()));
   });
   logDebug("plan: streamed_bytes=", plan.streamedBytes, " resident_bytes=", plan.residentBytes,
            " total_bytes=", plan.total());
@@ -186,14 +187,17 @@ std::shared_ptr<model::FluxWeightProvider> Engine::Impl::loadRun(Run& run, const
     size_t n = 0;
     for (const auto& g : plan.groups) n += g.streamed;
     logInfo0("memory plan (offload ", config::enumName(options.offload), ", budget ", formatBytes(plan.budget), "): ", n,
-             " weight groups (", formatBytes(plan.streamedBytes), ") streamed, ", formatBytes(plan.residentBytes),
-             " resident, planned peak ", formatBytes(plan.total()));
+             " weight groups (", formatBytes(plan.streamedBytes), ") streamed from ",
+             plan.streamFromHost ? "a host copy" : "the file", " (", formatBytes(plan.hostBytes), " of host memory, ",
+             plan.prefetchDepth, " ahead), ", formatBytes(plan.residentBytes), " resident, planned peak ",
+             formatBytes(plan.total()));
   }
   std::shared_ptr<model::FluxWeightProvider> weights;
   rt.agree([&] {
     Timer t;
     const LoadingAllocations loading;
-    weights = detail::loadPlannedWeights(options, config, read, plan, dtype, weightFormat, device);
+    weights = detail::loadPlannedWeights(config, read, checkpoint ? &*checkpoint : nullptr, plan, dtype, weightFormat,
+                                         device);
     run.loadSeconds = t.seconds();
   });
   logInfo0(checkpoint ? "loaded " : "made ", formatBytes(plan.residentBytes + plan.streamedBytes), " of ",
@@ -247,10 +251,16 @@ void Engine::Impl::rankSummary(const std::shared_ptr<model::FluxWeightProvider>&
   if (device.is_cuda())
     detail += ", peak device memory " + formatBytes(memory::devicePeakBytes(true, device.index())) +
               " (caching allocator)";
-  if (auto s = std::dynamic_pointer_cast<memory::StreamingFluxWeights>(weights))
+  if (auto s = std::dynamic_pointer_cast<memory::StreamingFluxWeights>(weights)) {
     detail += ", weights on the device peaked at " + formatBytes(s->accountant().peak()) + " (" +
-              std::to_string(s->streamedGroupsFetched()) + " groups streamed, " + formatSeconds(s->waitSeconds()) +
-              " waiting for them)";
+              std::to_string(s->streamedGroupsFetched()) + " groups streamed from " +
+              (s->fromHost() ? "a host copy" : "the file") + ", " + formatSeconds(s->waitSeconds()) +
+              " waiting for them); streaming held " + formatBytes(s->hostBytes()) + " of host memory";
+    if (s->storedReadSeconds() > 0)
+      detail += "; read " + formatBytes(s->storedBytesRead()) + " from the file at " +
+                formatRate(static_cast<double>(s->storedBytesRead()) / s->storedReadSeconds()) + " with " +
+                std::to_string(s->readThreads()) + " threads";
+  }
   const std::string role = pf ? "stage " + std::to_string(rt.topology().pipefusionRank()) + ": " : "";
   const std::string source = checkpoint ? "read " + formatBytes(checkpoint->bytesRead()) + " of " +
                                               formatBytes(checkpoint->totalBytes()) + " in the checkpoint (" +
@@ -263,6 +273,11 @@ void Engine::Impl::rankSummary(const std::shared_ptr<model::FluxWeightProvider>&
            " total=", checkpoint ? checkpoint->totalBytes() : 0, " tensors=",
            checkpoint ? checkpoint->tensorsLoaded().size() : 0, " peak_rss=", peakRssBytes(), " peak_device=",
            memory::devicePeakBytes(device.is_cuda(), device.is_cuda() ? device.index() : 0));
+  if (auto s = std::dynamic_pointer_cast<memory::StreamingFluxWeights>(weights))
+    logDebug("rank streaming: source=", s->fromHost() ? "host" : "file", " groups=", s->streamedGroupsFetched(),
+             " stored_read=", s->storedBytesRead(), " stored_read_seconds=", s->storedReadSeconds(),
+             " getter_read=", s->getterBytesRead(), " host_bytes=", s->hostBytes(), " wait_seconds=", s->waitSeconds(),
+             " read_threads=", s->readThreads());
 }
 
 std::string detail::collectiveSummary(const dist::Runtime& rt) {

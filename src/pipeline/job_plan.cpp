@@ -93,6 +93,8 @@ JobPlan planJob(const config::EngineConfig& c) {
     const dist::Topology topo(p.degrees, r);
     const auto w = detail::workloadOf(topo, p.config, pf, p.dtype, p.weightFormat, batch, geom.tokens(), c.textLen);
     p.ranks.push_back(memory::planRank(w, budget, c.offload));
+    if (p.ranks.back().fits)
+      memory::chooseStreamSource(p.ranks.back(), c.streamFrom, !cpu, detail::hostBudgetOf(c, p.worldSize));
     p.stageOf.push_back(topo.pipefusionRank());
     p.allFit &= p.ranks.back().fits;
   }

@@ -37,7 +37,7 @@ model::WeightFormat resolveWeightFormat(config::WeightDtype weightDtype, const i
 }
 
 TensorReader formatReader(model::WeightFormat format, TensorReader dense, Fp8Source fp8,
-                          bool (*eligible)(const std::string&)) {
+                          bool (*eligible)(const std::string&), Fp8ScaleSource scaleOnly) {
   if (format == model::WeightFormat::kDense) return dense;
   struct Pending {
     std::mutex mutex;
@@ -45,7 +45,7 @@ TensorReader formatReader(model::WeightFormat format, TensorReader dense, Fp8Sou
   };
   auto pending = std::make_shared<Pending>();
   const std::string suffix = ".weight_scale";
-  return [dense = std::move(dense), fp8 = std::move(fp8), pending, suffix, eligible](
+  return [dense = std::move(dense), fp8 = std::move(fp8), scaleOnly = std::move(scaleOnly), pending, suffix, eligible](
              const std::string& name, c10::ScalarType dtype, c10::Device device) -> at::Tensor {
     if (eligible(name)) {
       model::Fp8Rows q = fp8(name);
@@ -67,7 +67,7 @@ TensorReader formatReader(model::WeightFormat format, TensorReader dense, Fp8Sou
             pending->scales.erase(it);
           }
         }
-        if (!scale.defined()) scale = fp8(weight).scale;
+        if (!scale.defined()) scale = scaleOnly ? scaleOnly(weight) : fp8(weight).scale;
         return scale.to(device);
       }
     }
@@ -79,7 +79,8 @@ TensorReader checkpointReader(const io::FluxCheckpoint& checkpoint, model::Weigh
   const io::FluxCheckpoint* ck = &checkpoint;
   return formatReader(
       format, [ck](const std::string& n, c10::ScalarType t, c10::Device d) { return ck->load(n, t, d); },
-      [ck](const std::string& n) { return ck->loadFp8(n); });
+      [ck](const std::string& n) { return ck->loadFp8(n); }, model::fluxFp8Eligible,
+      [ck](const std::string& n) { return ck->loadFp8Scale(n); });
 }
 
 model::WeightGetter getterOf(TensorReader read, c10::ScalarType dtype, c10::Device device) {

@@ -70,8 +70,12 @@ uint64_t budgetOf(const config::EngineConfig& c, const c10::Device& device, int 
   return memory::autoBudget(device.is_cuda(), device.is_cuda() ? device.index() : 0, ranksOnNode);
 }
 
-std::shared_ptr<model::FluxWeightProvider> loadPlannedWeights(const config::EngineConfig& c,
-                                                              const model::FluxConfig& mc, const TensorReader& read,
+uint64_t hostBudgetOf(const config::EngineConfig& c, int ranksOnNode) {
+  return memory::hostBudget(c.hostMemoryBudget, ranksOnNode);
+}
+
+std::shared_ptr<model::FluxWeightProvider> loadPlannedWeights(const model::FluxConfig& mc, const TensorReader& read,
+                                                              const io::FluxCheckpoint* checkpoint,
                                                               const memory::RankPlan& plan, c10::ScalarType dtype,
                                                               model::WeightFormat format, const c10::Device& device) {
   std::vector<std::string> groups;
@@ -81,13 +85,13 @@ std::shared_ptr<model::FluxWeightProvider> loadPlannedWeights(const config::Engi
         mc, [&](const std::string& n) { return read(n, dtype, device); }, groups);
   memory::StreamingOptions opts;
   opts.format = format;
-  switch (c.streamFrom) {
-    case config::StreamSource::kHost: opts.hostCache = true; break;
-    case config::StreamSource::kFile: opts.hostCache = false; break;
-    case config::StreamSource::kAuto:
-      opts.hostCache = device.is_cuda() && plan.streamedBytes < memory::hostAvailableBytes() / 2;
-      break;
-  }
+  opts.dtype = dtype;
+  opts.hostCache = plan.streamFromHost;
+  opts.prefetchDepth = plan.prefetchDepth;
+  if (checkpoint)
+    opts.stored = [checkpoint](const std::string& n, c10::ScalarType t) {
+      return checkpoint->has(n) ? checkpoint->storedRanges(n, t) : std::vector<io::StoredRange>{};
+    };
   return std::make_shared<memory::StreamingFluxWeights>(
       mc, [read, dtype](const std::string& n) { return read(n, dtype, c10::kCPU); }, plan, device, opts);
 }

@@ -54,9 +54,14 @@ uint64_t budgetOf(const config::EngineConfig& c, const c10::Device& device, int 
 // v reduced over every rank of the world.
 double worldReduce(dist::Runtime& rt, double v, dist::ReduceOp op);
 
-// This rank's weights under its plan: resident, or streamed (memory::StreamingFluxWeights).
-std::shared_ptr<model::FluxWeightProvider> loadPlannedWeights(const config::EngineConfig& c,
-                                                              const model::FluxConfig& mc, const TensorReader& read,
+// --host-memory-budget resolved for this rank.
+uint64_t hostBudgetOf(const config::EngineConfig& c, int ranksOnNode);
+
+// This rank's weights under its plan: resident, or streamed (memory::StreamingFluxWeights) from the source
+// the plan chose (memory::chooseStreamSource). `checkpoint` (null: synthetic weights) gives the file ranges
+// of tensors stored as they are used.
+std::shared_ptr<model::FluxWeightProvider> loadPlannedWeights(const model::FluxConfig& mc, const TensorReader& read,
+                                                              const io::FluxCheckpoint* checkpoint,
                                                               const memory::RankPlan& plan, c10::ScalarType dtype,
                                                               model::WeightFormat format, const c10::Device& device);
 

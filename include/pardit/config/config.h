@@ -47,7 +47,8 @@ struct Partition {
   bool operator==(const Partition& o) const { return mode == o.mode && counts == o.counts; }
 };
 
-// --device-memory-budget: "auto" (free device memory minus headroom) or a size.
+// --device-memory-budget: "auto" (free device memory minus headroom) or a size; --host-memory-budget too
+// (auto: available host memory shared by the node's ranks, minus headroom).
 struct MemoryBudget {
   bool automatic = true;
   uint64_t bytes = 0;
@@ -87,6 +88,7 @@ struct EngineConfig {
 
   // Memory
   MemoryBudget deviceMemoryBudget;
+  MemoryBudget hostMemoryBudget;
   Offload offload = Offload::kAuto;
   StreamSource streamFrom = StreamSource::kAuto;
 

@@ -1,5 +1,6 @@
 #pragma once
-// Human units for log lines and tables: "1.50 GiB", "512 MiB", "2.29 ms", "1.23 s", "3 min 12 s", "3.5".
+// Human units for log lines and tables: "1.50 GiB", "512 MiB", "2.29 ms", "1.23 s", "3 min 12 s", "3.5",
+// "5.31 GB/s".
 
 #include <cstddef>
 #include <cstdint>
@@ -9,6 +10,8 @@ namespace pardit {
 
 std::string formatBytes(uint64_t bytes);
 std::string formatSeconds(double seconds);
+// A bandwidth in decimal units, as disks and links are rated: "5.31 GB/s", "820 MB/s".
+std::string formatRate(double bytesPerSecond);
 // Shortest natural form: 3.5, 1000, 0.001 (no trailing zeros).
 std::string formatNumber(double value);
 

@@ -42,6 +42,14 @@ struct TensorPiece {
   std::string scaleTensor;
 };
 
+// Bytes of one tensor in a file, to be read as they are stored.
+struct StoredRange {
+  std::shared_ptr<SafetensorsFile> file;
+  const TensorInfo* tensor = nullptr;  // owned by `file`
+  uint64_t offset = 0;                 // into the tensor's data
+  uint64_t bytes = 0;
+};
+
 struct TensorSource {
   std::string name;  // internal name
   std::vector<int64_t> shape;
@@ -70,6 +78,14 @@ class FluxCheckpoint {
   // A 2-D weight as FP8 rows: stored float8_e4m3fn values with their scales (1 for plain casts) as they
   // are, anything else quantized row by row (model/fp8.h). On the CPU.
   model::Fp8Rows loadFp8(const std::string& name) const;
+  // The file ranges whose bytes, concatenated, are internal tensor `name` in `dtype` (its pieces' rows in
+  // order): when every piece is stored in `dtype` with no scale to apply. Empty when the tensor must be
+  // converted while loading (another stored dtype, a scaled float8 weight read densely). For readers that
+  // copy bytes without going through load(); the tensor counts as loaded.
+  std::vector<StoredRange> storedRanges(const std::string& name, c10::ScalarType dtype) const;
+  // The [rows] float32 row scales of a weight stored as float8_e4m3fn (1 for plain casts) without reading
+  // its values; a weight stored otherwise is quantized (loadFp8) to find them. Checked finite and positive.
+  at::Tensor loadFp8Scale(const std::string& name) const;
   // Whether every piece of a tensor is stored as float8_e4m3fn.
   bool storedFp8(const std::string& name) const;
   // kFp8 when the blocks' linear weights are stored as float8_e4m3fn (an FP8 checkpoint), else kDense.

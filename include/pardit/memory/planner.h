@@ -18,6 +18,12 @@ using OffloadMode = config::Offload;
 
 // Headroom left free by --device-memory-budget auto (allocator fragmentation, library workspaces).
 constexpr uint64_t kAutoHeadroomBytes = 1ULL << 30;
+// A streamed group is one buffer with its tensors at offsets aligned to this (memory/streamer.h).
+constexpr uint64_t kGroupAlignment = 256;
+// Streaming from the file on CUDA: each of the two pinned staging buffers.
+constexpr uint64_t kStagingBytes = 64ULL << 20;
+// Streamed groups fetched ahead of the one in use, at most (more when the budget leaves room).
+constexpr int kMaxPrefetchDepth = 3;
 
 // What one rank runs, for the estimates.
 struct RankWorkload {
@@ -37,12 +43,17 @@ struct GroupPlan {
   std::string name;
   uint64_t bytes = 0;
   bool streamed = false;
+  uint64_t bufferBytes = 0;  // as one streamed buffer (groupBufferBytes)
 };
 
 struct RankPlan {
   std::vector<GroupPlan> groups;
   uint64_t residentBytes = 0, streamedBytes = 0;
-  uint64_t streamBufferBytes = 0;  // room for the group in use and the one being prefetched
+  uint64_t streamBufferBytes = 0;  // room for the group in use and the ones being prefetched
+  int prefetchDepth = 1;           // streamed groups fetched ahead of the one in use
+  // Where streamed groups come from (chooseStreamSource) and the host memory that takes.
+  bool streamFromHost = false;
+  uint64_t hostBytes = 0;
   uint64_t activationBytes = 0, kvBytes = 0, commBytes = 0;
   uint64_t budget = 0;
   bool fits = true;
@@ -55,6 +66,9 @@ struct RankPlan {
 // Bytes of a weight group on the device: compute-dtype tensors, FP8 values (1 byte) and float32 scales.
 uint64_t groupBytes(const model::FluxConfig& config, const std::string& group, c10::ScalarType dtype,
                     model::WeightFormat format = model::WeightFormat::kDense);
+// Bytes of a streamed group's buffer: its tensors at kGroupAlignment-aligned offsets.
+uint64_t groupBufferBytes(const model::FluxConfig& config, const std::string& group, c10::ScalarType dtype,
+                          model::WeightFormat format = model::WeightFormat::kDense);
 uint64_t activationEstimate(const RankWorkload& w);
 uint64_t kvBufferEstimate(const RankWorkload& w);
 uint64_t commBufferEstimate(const RankWorkload& w);
@@ -62,8 +76,15 @@ uint64_t commBufferEstimate(const RankWorkload& w);
 // The plan. kAuto keeps resident first what is hardest to hide when streamed (the embedders and final
 // layer, then double blocks, which carry 2.4x the bytes of a single block for the same compute) and
 // streams single blocks first, then double blocks, until the budget holds. kSequential streams every
-// block. kNone streams nothing.
+// block. kNone streams nothing. With streamed groups, the prefetch depth grows (up to kMaxPrefetchDepth)
+// while the budget has room for another group buffer.
 RankPlan planRank(const RankWorkload& workload, uint64_t budget, OffloadMode mode);
+
+// Where a plan's streamed groups come from (--stream-from) under --host-memory-budget: host copies of
+// them all (pinned on CUDA), or the checkpoint file (CUDA: two pinned staging buffers; the CPU reads into
+// the stream buffers the device budget already holds). auto: the host on CUDA when the copies fit the
+// host budget, else the file. An explicit host source beyond the host budget is an error naming both.
+void chooseStreamSource(RankPlan& plan, config::StreamSource source, bool cuda, uint64_t hostBudget);
 
 }  // namespace pardit::memory
 
@@ -73,6 +94,9 @@ namespace pardit::memory {
 uint64_t autoBudget(bool cuda, int deviceIndex, int ranksOnNode);
 // Available host memory (MemAvailable), in bytes.
 uint64_t hostAvailableBytes();
+// --host-memory-budget resolved: a size, or auto: available host memory shared by the node's ranks, minus
+// kAutoHeadroomBytes (0 when less is available).
+uint64_t hostBudget(const config::MemoryBudget& budget, int ranksOnNode);
 }  // namespace pardit::memory
 
 namespace pardit::memory {

@@ -28,13 +28,15 @@ model::WeightFormat resolveWeightFormat(config::WeightDtype weightDtype, const i
 using TensorReader = std::function<at::Tensor(const std::string& name, c10::ScalarType dtype, c10::Device device)>;
 // A 2-D weight as FP8 rows (on the CPU).
 using Fp8Source = std::function<model::Fp8Rows(const std::string& name)>;
+// The [rows] float32 scales of a weight's FP8 rows without its values (on the CPU).
+using Fp8ScaleSource = std::function<at::Tensor(const std::string& weight)>;
 
 // The reader of a weight format. kDense: `dense`. kFp8: the tensors `eligible` names (the FLUX blocks'
 // linear weights by default) come from `fp8` as float8 values, and "<layer>.weight_scale" serves the
-// scales of the weight read just before (kept until asked for; read again if asked first); every other
-// tensor comes from `dense`. Safe to call from several threads.
+// scales of the weight read just before (kept until asked for; when asked first, from `scale` if given,
+// else by reading the weight); every other tensor comes from `dense`. Safe to call from several threads.
 TensorReader formatReader(model::WeightFormat format, TensorReader dense, Fp8Source fp8,
-                          bool (*eligible)(const std::string&) = model::fluxFp8Eligible);
+                          bool (*eligible)(const std::string&) = model::fluxFp8Eligible, Fp8ScaleSource scale = nullptr);
 // The reader of a checkpoint in a format (stored FP8 read as is; anything else quantized while loading).
 // The checkpoint must outlive the reader.
 TensorReader checkpointReader(const io::FluxCheckpoint& checkpoint, model::WeightFormat format);

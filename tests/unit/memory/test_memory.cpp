@@ -48,7 +48,9 @@ TEST(Planner, FluxDevOnOne24GiBCardStreamsSingleBlocksFirst) {
   EXPECT_TRUE(memory::planRank(w, budget, memory::OffloadMode::kAuto).fits);
   auto seq = memory::planRank(w, 4ULL << 30, memory::OffloadMode::kSequential);
   EXPECT_TRUE(seq.fits) << seq.problem;
-  EXPECT_EQ(seq.streamBufferBytes, 2 * memory::groupBytes(dev, "double_blocks.0", at::kBFloat16));
+  // The group in use and those read ahead, each a buffer of the largest group (a double block).
+  EXPECT_EQ(seq.streamBufferBytes,
+            static_cast<uint64_t>(seq.prefetchDepth + 1) * memory::groupBufferBytes(dev, "double_blocks.0", at::kBFloat16));
   auto impossible = memory::planRank(w, 1ULL << 30, memory::OffloadMode::kAuto);
   EXPECT_FALSE(impossible.fits);
   EXPECT_NE(impossible.problem.find("even streaming every block"), std::string::npos);
@@ -83,8 +85,9 @@ TEST(Streamer, OutputEqualsResidentAndPeakStaysWithinBudget) {
   size_t streamedGroups = 0;
   for (const auto& g : plan.groups) streamedGroups += g.streamed;
   for (bool hostCache : {false, true}) {
-    auto streaming = std::make_shared<memory::StreamingFluxWeights>(c, read, plan, at::kCPU,
-                                                                    memory::StreamingOptions{hostCache});
+    memory::StreamingOptions options;
+    options.hostCache = hostCache;
+    auto streaming = std::make_shared<memory::StreamingFluxWeights>(c, read, plan, at::kCPU, options);
     const uint64_t residentOnly = streaming->accountant().current();
     model::FluxTransformer t(c, streaming, std::make_shared<model::LocalAttention>());
     for (int rep = 0; rep < 2; ++rep) EXPECT_TRUE(at::equal(t.forward(in), ref)) << "host cache " << hostCache;

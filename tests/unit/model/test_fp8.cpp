@@ -337,8 +337,10 @@ TEST(Fp8, StreamedGroupsMoveHalfTheBytes) {
               double(dense.streamedBytes) / plan.streamedBytes);
   EXPECT_LT(plan.streamedBytes * 2, dense.streamedBytes / 2 + dense.streamedBytes / 50);  // 1 byte for 4, plus scales
   for (bool hostCache : {false, true}) {
-    auto s = std::make_shared<memory::StreamingFluxWeights>(c, get, plan, at::kCPU,
-                                                           memory::StreamingOptions{hostCache, model::WeightFormat::kFp8});
+    memory::StreamingOptions options;
+    options.hostCache = hostCache;
+    options.format = model::WeightFormat::kFp8;
+    auto s = std::make_shared<memory::StreamingFluxWeights>(c, get, plan, at::kCPU, options);
     model::FluxTransformer t(c, s, std::make_shared<model::LocalAttention>());
     EXPECT_TRUE(at::equal(t.forward(in), ref)) << "host cache " << hostCache;
     s->endOfRun();

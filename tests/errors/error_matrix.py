@@ -142,6 +142,8 @@ CASES = [
     ("size beyond 2^64 bytes", G + ["--device-memory-budget", "99999999999999999999GiB"], "more than 2^64"),
     ("unknown size unit", G + ["--device-memory-budget", "12GiBs"], "--device-memory-budget"),
     ("unknown enum value", G + ["--stream-from", "tape"], "--stream-from must be"),
+    ("host copy beyond the host budget", G + ["--offload", "sequential", "--stream-from", "host",
+                                              "--host-memory-budget", "1MiB"], "--stream-from host needs"),
     ("unknown dtype", G + ["--dtype", "fp4"], "--dtype"),
     ("unknown weight dtype", G + ["--weight-dtype", "int4"], "--weight-dtype must be"),
     ("typo in a PARDIT_ variable", ["env", "PARDIT_STEP=3", PARDIT] + G, "PARDIT_STEP"),

@@ -264,7 +264,7 @@ def main():
                    "streamed_bytes": field(out, "streamed_bytes"), "per": "step"}
             # The file source's own read rate (parallel pread() into the staging buffers) and its host memory.
             read, secs = field(out, "stored_read"), re.search(r"stored_read_seconds=([0-9.e+-]+)", out)
-            if read and secs and float(secs.group(1)) > 0:
+            if read and secs and float(secs.group(1)) > 0 and "source=file" in out:
                 row["note"] = f"file read {read / float(secs.group(1)) / 1e9:.1f} GB/s"
             rows.append(row)
 

@@ -34,20 +34,21 @@ ddrate() {  # GB/s of one dd pass over the file
 }
 median() { tr ' ' '\n' | { grep -E '^[0-9.]+$' || true; } | sort -g | awk '{v[NR] = $1} END { if (NR) print v[int((NR + 1) / 2)]; else print "nan" }'; }
 
-run() {  # name cold(0|1) steps flags... -> "s_per_step read_gbps peak_rss_bytes"
+run() {  # name cold(0|1) steps flags... -> "s_per_step read_gbps peak_rss_bytes streamed_bytes_per_step"
   local name=$1 cold=$2 n=$3; shift 3
   local log="$out/$name.log"
   [[ "$cold" == 1 ]] && evict "$file"
   "$pardit" generate --model "$file" --prompt-embeds "$model/prompt_embeds.safetensors" --device "$device" \
     --dtype "$dtype" --height "$height" --width "$width" --steps "$n" --threads "$threads" --seed 0 \
-    --output "$out/$name.png" --log-level debug "$@" >"$log" 2>&1 || { echo "$name failed:" >&2; tail -3 "$log" >&2; echo "nan nan nan"; return; }
-  local step read rss
+    --output "$out/$name.png" --log-level debug "$@" >"$log" 2>&1 || { echo "$name failed:" >&2; tail -3 "$log" >&2; echo "nan nan nan 0"; return; }
+  local step read rss streamed
   step=$(sed -n 's/.*debug: step [0-9]* seconds=\([0-9.e+-]*\).*/\1/p' "$log" | tail -n +2 |
          awk '{s += $1; n++} END { if (n) printf "%.4f", s / n; else print "nan" }')
   read=$(sed -n 's/.*stored_read=\([0-9]*\) stored_read_seconds=\([0-9.e+-]*\).*/\1 \2/p' "$log" | head -1 |
          awk '{ if ($2 > 0) printf "%.2f", $1 / $2 / 1e9; else print "-" }')
   rss=$(sed -n 's/.*peak_rss=\([0-9]*\).*/\1/p' "$log" | head -1)
-  echo "$step ${read:--} ${rss:-0}"
+  streamed=$(sed -n 's/.*debug: plan: streamed_bytes=\([0-9]*\).*/\1/p' "$log" | head -1)
+  echo "$step ${read:--} ${rss:-0} ${streamed:-0}"
 }
 
 echo "== $preset preset, $dtype, $(awk -v b="$bytes" 'BEGIN { printf "%.0f MB", b / 1e6 }') file, ${height}x${width}, $steps steps, device $device, $threads thread(s), $(nproc) cores; median of $repeat"
@@ -63,20 +64,29 @@ for ((i = 0; i < repeat; i++)); do
       file) dd if="$file" of=/dev/null bs=16M status=none; r=$(run "$name" 0 "$steps" --offload sequential --stream-from file) ;;
       file-cold) r=$(run "$name" 1 1 --offload sequential --stream-from file) ;;
     esac
-    read -r s g m <<<"$r"
+    read -r s g m b <<<"$r"
+    [[ $name == file ]] && per_step=$b
     S[$name]+=" $s"; R[$name]+=" $g"; M[$name]+=" $m"
   done
 done
 base=$(echo "${S[resident]}" | median)
-printf '\n| run | s per step | vs resident | file read GB/s | dd GB/s (same cache state) | read / dd | peak host RSS MiB |\n|---|---|---|---|---|---|---|\n'
+# The overlap bound: a step streamed from the file can take no less than the compute (the resident step)
+# or the transfer (the bytes streamed per step at the file source's read rate), whichever is longer.
+bound=$(awk -v c="$base" -v b="${per_step:-0}" -v g="$(echo "${R[file]}" | median)" \
+  'BEGIN { t = (g + 0 > 0) ? b / (g * 1e9) : 0; printf "%.4f %.4f", (c > t ? c : t), t }')
+read -r bound transfer <<<"$bound"
+printf '\n| run | s per step | vs resident | vs max(compute, transfer) | file read GB/s | dd GB/s (same cache state) | read / dd | peak host RSS MiB |\n|---|---|---|---|---|---|---|---|\n'
 for name in resident host file file-cold; do
   s=$(echo "${S[$name]}" | median); g=$(echo "${R[$name]}" | median); [[ $g == nan ]] && g="-"
   m=$(echo "${M[$name]}" | median)
   d="-"; [[ $name == file ]] && d=$(echo "$dd_warm" | median); [[ $name == file-cold ]] && d=$(echo "$dd_cold" | median)
   ratio=$(awk -v s="$s" -v b="$base" 'BEGIN { if (s + 0 > 0 && b + 0 > 0) printf "%.3fx", s / b; else print "-" }')
   vsdd=$(awk -v g="$g" -v d="$d" 'BEGIN { if (g + 0 > 0 && d + 0 > 0) printf "%.2f", g / d; else print "-" }')
+  overlap="-"; [[ $name == file ]] && overlap=$(awk -v s="$s" -v b="$bound" 'BEGIN { if (b > 0) printf "%.3fx", s / b; else print "-" }')
   [[ $name == file-cold ]] && { s="(1 step)"; ratio="-"; }
-  printf '| %s | %s | %s | %s | %s | %s | %.0f |\n' "$name" "$s" "$ratio" "$g" "$d" "$vsdd" "$(awk -v m="$m" 'BEGIN { print m / 1048576 }')"
+  printf '| %s | %s | %s | %s | %s | %s | %s | %.0f |\n' "$name" "$s" "$ratio" "$overlap" "$g" "$d" "$vsdd" \
+    "$(awk -v m="$m" 'BEGIN { print m / 1048576 }')"
 done
 echo
+echo "streamed per step $(awk -v b="${per_step:-0}" 'BEGIN { printf "%.0f MB", b / 1e6 }'): transfer at the file read rate ${transfer} s, compute (resident step) ${base} s"
 echo "spread (all runs): resident${S[resident]}; host${S[host]}; file${S[file]}; file read GB/s warm${R[file]} cold${R[file-cold]}; dd warm$dd_warm cold$dd_cold"

@@ -9,6 +9,9 @@
 #include <fstream>
 #include <functional>
 #include <limits>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <set>
 #include <sstream>
@@ -766,7 +769,17 @@ ParseResult parseCommandLine(const std::string& commandText, const std::vector<s
   EngineConfig& c = result.config;
   c = defaults(command);
   const auto options = optionsOf(command);
-  const po::options_description desc = syntaxOf(options);
+  // Boost's description of a command's syntax is the same on every call: built once per command.
+  static std::mutex syntaxMutex;
+  static std::map<Command, std::shared_ptr<const po::options_description>> syntaxes;
+  std::shared_ptr<const po::options_description> syntax;
+  {
+    std::lock_guard<std::mutex> lock(syntaxMutex);
+    auto& cached = syntaxes[command];
+    if (!cached) cached = std::make_shared<const po::options_description>(syntaxOf(options));
+    syntax = cached;
+  }
+  const po::options_description& desc = *syntax;
   std::vector<std::string> stray;
   const po::variables_map vm = readCommandLine(args, desc, command, stray);
   if (vm.count("help")) {

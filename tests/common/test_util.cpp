@@ -21,6 +21,18 @@ TempDir::~TempDir() {
   std::filesystem::remove_all(path_, ec);
 }
 
+model::FluxInputs fixtureInputs(const io::SafetensorsFile& f, at::ScalarType dtype) {
+  model::FluxInputs in;
+  in.img = f.read("hidden_states").to(dtype);
+  in.txt = f.read("encoder_hidden_states").to(dtype);
+  in.pooled = f.read("pooled_projections").to(dtype);
+  in.timestep = f.read("timestep");
+  if (f.contains("guidance")) in.guidance = f.read("guidance");
+  in.imgIds = f.read("img_ids");
+  in.txtIds = f.read("txt_ids");
+  return in;
+}
+
 double maxRelError(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor x = a.to(at::kDouble), y = b.to(at::kDouble);
   return (x - y).abs().max().item<double>() / y.abs().max().item<double>();

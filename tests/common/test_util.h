@@ -5,6 +5,9 @@
 #include <filesystem>
 #include <string>
 
+#include "pardit/io/safetensors.h"
+#include "pardit/model/flux.h"
+
 namespace pardit::test {
 
 inline std::string fixture(const std::string& rel) { return std::string(PARDIT_FIXTURE_DIR) + "/" + rel; }
@@ -20,6 +23,10 @@ class TempDir {
  private:
   std::filesystem::path path_;
 };
+
+// A transformer call's inputs from a fixture written by tests/reference (hidden_states,
+// encoder_hidden_states, pooled_projections and guidance in `dtype`; timestep and position ids as stored).
+model::FluxInputs fixtureInputs(const io::SafetensorsFile& f, at::ScalarType dtype);
 
 // max |a - b| / max |b|
 double maxRelError(const at::Tensor& a, const at::Tensor& b);

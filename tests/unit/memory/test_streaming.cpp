@@ -4,7 +4,6 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
-#include <filesystem>
 #include <fstream>
 
 #include "pardit/core/error.h"
@@ -20,7 +19,6 @@
 #include "test_util.h"
 
 using namespace pardit;
-namespace fs = std::filesystem;
 
 namespace {
 
@@ -56,13 +54,6 @@ void resetPeakRss() {
   clear << "5";
   clear.close();
   ASSERT_TRUE(clear.good()) << "cannot reset the peak RSS through /proc/self/clear_refs";
-}
-
-std::string tempDir(const std::string& name) {
-  const fs::path dir = fs::temp_directory_path() / ("pardit-streaming-" + name + "-" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir.string();
 }
 
 }  // namespace
@@ -111,8 +102,8 @@ TEST(StreamingSources, StoredRangesAreTheLoadedBytes) {
 // threads, the getter only for FP8 scales); the read-ahead depth the plan allows is used and stays within
 // the planned stream buffers; the host copy reads the file once and never again.
 TEST(StreamingSources, FileAndHostSourcesReadWhatThePlanSays) {
-  const std::string dir = tempDir("fp8");
-  const auto quantized = io::quantizeCheckpoint(test::fixture("flux_tiny_dev/diffusers"), dir);
+  const test::TempDir dir;
+  const auto quantized = io::quantizeCheckpoint(test::fixture("flux_tiny_dev/diffusers"), dir.file("fp8"));
   struct Case {
     std::string name, path;
     model::WeightFormat format;
@@ -176,7 +167,6 @@ TEST(StreamingSources, FileAndHostSourcesReadWhatThePlanSays) {
       }
     }
   }
-  fs::remove_all(dir);
 }
 
 // Host memory on the CPU, measured: streaming every block of a 312 MB model from the file holds the
@@ -186,12 +176,12 @@ TEST(StreamingSources, HostMemoryStaysWithinWhatTheSourceMustHold) {
 #if defined(__SANITIZE_ADDRESS__)
   GTEST_SKIP() << "AddressSanitizer keeps freed memory in quarantine: RSS bounds do not apply";
 #endif
-  const std::string dir = tempDir("rss");
+  const test::TempDir dir;
   io::SynthOptions so;
   so.config = model::FluxConfig::preset("small");
   so.presetName = "small";
   so.layout = io::CheckpointLayout::kBfl;
-  so.outDir = dir;
+  so.outDir = dir.file("small");
   so.dtype = at::kBFloat16;
   so.withVae = false;
   so.withText = false;
@@ -246,7 +236,6 @@ TEST(StreamingSources, HostMemoryStaysWithinWhatTheSourceMustHold) {
     if (!ref.defined()) ref = out;
     EXPECT_TRUE(at::equal(out, ref));
   }
-  fs::remove_all(dir);
 }
 
 // --stream-from under --host-memory-budget: auto takes the host copy on CUDA when it fits, else the file;

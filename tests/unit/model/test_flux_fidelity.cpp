@@ -20,15 +20,7 @@ void PrintTo(const Case& c, std::ostream* os) { *os << c.model; }
 
 at::Tensor runForward(const std::string& modelPath, const io::SafetensorsFile& f, at::ScalarType dtype) {
   auto loaded = pipeline::loadFlux(modelPath, dtype, at::kCPU);
-  model::FluxInputs in;
-  in.img = f.read("hidden_states").to(dtype);
-  in.txt = f.read("encoder_hidden_states").to(dtype);
-  in.pooled = f.read("pooled_projections").to(dtype);
-  in.timestep = f.read("timestep");
-  if (f.contains("guidance")) in.guidance = f.read("guidance");
-  in.imgIds = f.read("img_ids");
-  in.txtIds = f.read("txt_ids");
-  return loaded.transformer->forward(in);
+  return loaded.transformer->forward(test::fixtureInputs(f, dtype));
 }
 }  // namespace
 

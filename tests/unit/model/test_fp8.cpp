@@ -42,21 +42,9 @@ double relL2(const at::Tensor& a, const at::Tensor& b) {
   return ((a.to(at::kDouble) - b.to(at::kDouble)).norm() / b.to(at::kDouble).norm()).item<double>();
 }
 
-model::FluxInputs inputsOf(const io::SafetensorsFile& f, at::ScalarType dtype) {
-  model::FluxInputs in;
-  in.img = f.read("hidden_states").to(dtype);
-  in.txt = f.read("encoder_hidden_states").to(dtype);
-  in.pooled = f.read("pooled_projections").to(dtype);
-  in.timestep = f.read("timestep");
-  if (f.contains("guidance")) in.guidance = f.read("guidance");
-  in.imgIds = f.read("img_ids");
-  in.txtIds = f.read("txt_ids");
-  return in;
-}
-
 at::Tensor forward(const std::string& model, at::ScalarType dtype, model::WeightFormat format, const std::string& inputs) {
   auto loaded = pipeline::loadFlux(fixture(model), dtype, at::kCPU, nullptr, format);
-  return loaded.transformer->forward(inputsOf(*io::SafetensorsFile::open(fixture(inputs)), dtype));
+  return loaded.transformer->forward(test::fixtureInputs(*io::SafetensorsFile::open(fixture(inputs)), dtype));
 }
 
 }  // namespace
@@ -171,7 +159,7 @@ TEST(Fp8, QuantizeRoundTripIsExact) {
       }
     const at::Tensor onLoad = forward(model, at::kFloat, model::WeightFormat::kFp8, "forward_tiny_dev.safetensors");
     const at::Tensor fromFile = pipeline::loadFlux(r.modelPath, at::kFloat, at::kCPU, nullptr, q.storedFormat())
-                                    .transformer->forward(inputsOf(*io::SafetensorsFile::open(
+                                    .transformer->forward(test::fixtureInputs(*io::SafetensorsFile::open(
                                                                        fixture("forward_tiny_dev.safetensors")),
                                                                    at::kFloat));
     EXPECT_TRUE(at::equal(onLoad, fromFile)) << model;

@@ -510,7 +510,9 @@ std::vector<StoredRange> FluxCheckpoint::storedRanges(const std::string& name, c
   std::vector<StoredRange> ranges;
   for (const auto& p : src.pieces) {
     const TensorInfo& info = p.file->info(p.tensor);
-    if (p.scaleFile || safetensorsToScalarType(info.dtype) != dtype) return {};
+    // A scaled float8 weight's values are stored as used in FP8 (its scales are read apart); read densely
+    // they must be scaled.
+    if ((p.scaleFile && dtype != at::kFloat8_e4m3fn) || safetensorsToScalarType(info.dtype) != dtype) return {};
     const uint64_t row = info.rowBytes();
     const uint64_t begin = static_cast<uint64_t>(p.rowBegin) * row, bytes = static_cast<uint64_t>(p.rowEnd - p.rowBegin) * row;
     // Consecutive rows of the same tensor (the final layer's swapped halves are not) become one range.

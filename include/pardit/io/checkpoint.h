@@ -79,9 +79,10 @@ class FluxCheckpoint {
   // are, anything else quantized row by row (model/fp8.h). On the CPU.
   model::Fp8Rows loadFp8(const std::string& name) const;
   // The file ranges whose bytes, concatenated, are internal tensor `name` in `dtype` (its pieces' rows in
-  // order): when every piece is stored in `dtype` with no scale to apply. Empty when the tensor must be
-  // converted while loading (another stored dtype, a scaled float8 weight read densely). For readers that
-  // copy bytes without going through load(); the tensor counts as loaded.
+  // order): when every piece is stored in `dtype` with no scale to apply; for float8_e4m3fn, the values of
+  // an FP8 weight whose scales (loadFp8Scale) are read apart. Empty when the tensor must be converted while
+  // loading (another stored dtype, a scaled float8 weight read densely). For readers that copy bytes
+  // without going through load(); the tensor counts as loaded.
   std::vector<StoredRange> storedRanges(const std::string& name, c10::ScalarType dtype) const;
   // The [rows] float32 row scales of a weight stored as float8_e4m3fn (1 for plain casts) without reading
   // its values; a weight stored otherwise is quantized (loadFp8) to find them. Checked finite and positive.

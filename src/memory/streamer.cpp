@@ -157,7 +157,7 @@ StreamingFluxWeights::StreamingFluxWeights(const model::FluxConfig& config, mode
       at::Tensor host = at::empty({static_cast<int64_t>(l.bytes)},
                                   at::TensorOptions().dtype(at::kByte).pinned_memory(device_.is_cuda()));
       readStored(l, 0, l.bytes, host.data_ptr<uint8_t>());
-      readThroughGetter(l, host.data_ptr<uint8_t>());
+      readThroughGetter(l, host);
       hostCache_[g] = host;
     }
   } else if (device_.is_cuda() && !streamOrder_.empty()) {
@@ -275,14 +275,15 @@ void StreamingFluxWeights::readStored(const GroupLayout& l, uint64_t lo, uint64_
   if (failure) std::rethrow_exception(failure);
 }
 
-void StreamingFluxWeights::readThroughGetter(const GroupLayout& l, uint8_t* base) {
+void StreamingFluxWeights::readThroughGetter(const GroupLayout& l, const at::Tensor& buffer) {
   for (const auto& t : l.tensors) {
     if (!t.ranges.empty()) continue;
     if (stopping_.load()) return;
     at::Tensor v = read_(t.name).contiguous();
-    PARDIT_CHECK(v.scalar_type() == t.dtype && v.sizes().vec() == t.shape && v.device().is_cpu(), "tensor '", t.name,
-                 "' was read as ", v.scalar_type(), " ", v.sizes(), ", expected ", t.dtype, " ", at::IntArrayRef(t.shape));
-    std::memcpy(base + t.offset, v.data_ptr(), t.bytes);
+    PARDIT_CHECK(v.scalar_type() == t.dtype && v.sizes().vec() == t.shape, "tensor '", t.name, "' was read as ",
+                 v.scalar_type(), " ", v.sizes(), ", expected ", t.dtype, " ", at::IntArrayRef(t.shape));
+    buffer.narrow(0, static_cast<int64_t>(t.offset), static_cast<int64_t>(t.bytes))
+        .copy_(v.view({-1}).view(at::kByte));
     getterRead_.fetch_add(t.bytes);
   }
 }
@@ -308,7 +309,7 @@ StreamingFluxWeights::Fetched StreamingFluxWeights::fetch(const std::string& gro
       std::memcpy(base, hostCache_.at(group).data_ptr<uint8_t>(), l.bytes);
     } else {
       readStored(l, 0, l.bytes, base);
-      readThroughGetter(l, base);
+      readThroughGetter(l, f.buffer);
     }
     f.tensors = std::make_shared<Tensors>(viewsOf(l, f.buffer));
     return f;
@@ -335,15 +336,7 @@ StreamingFluxWeights::Fetched StreamingFluxWeights::fetch(const std::string& gro
           .copy_(s.buffer[slot].narrow(0, 0, static_cast<int64_t>(n)), /*non_blocking=*/true);
       s.copied[slot].record(copyStream);
     }
-    // Tensors converted while reading (few and small: scales, other dtypes) go one by one.
-    for (const auto& t : l.tensors) {
-      if (!t.ranges.empty() || stopping_.load()) continue;
-      at::Tensor v = read_(t.name).contiguous();
-      PARDIT_CHECK(v.scalar_type() == t.dtype && v.sizes().vec() == t.shape, "tensor '", t.name, "' was read as ",
-                   v.scalar_type(), " ", v.sizes(), ", expected ", t.dtype, " ", at::IntArrayRef(t.shape));
-      f.buffer.narrow(0, static_cast<int64_t>(t.offset), static_cast<int64_t>(t.bytes)).copy_(v.view({-1}).view(at::kByte));
-      getterRead_.fetch_add(t.bytes);
-    }
+    readThroughGetter(l, f.buffer);  // tensors converted while reading (few and small: scales, other dtypes)
   }
   f.tensors = std::make_shared<Tensors>(viewsOf(l, f.buffer));
   // The compute stream must not read the weights before the copies finished: it waits on this event

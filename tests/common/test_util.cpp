@@ -33,6 +33,18 @@ model::FluxInputs fixtureInputs(const io::SafetensorsFile& f, at::ScalarType dty
   return in;
 }
 
+memory::RankWorkload wholeModel(const model::FluxConfig& c, c10::ScalarType dtype, int64_t imageTokens,
+                                int64_t textTokens, model::WeightFormat format) {
+  memory::RankWorkload w;
+  w.config = c;
+  w.dtype = dtype;
+  w.weightFormat = format;
+  for (const auto& g : model::fluxWeightGroups(c)) w.groups.push_back(g.name);
+  w.imageTokens = imageTokens;
+  w.textTokens = textTokens;
+  return w;
+}
+
 double maxRelError(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor x = a.to(at::kDouble), y = b.to(at::kDouble);
   return (x - y).abs().max().item<double>() / y.abs().max().item<double>();

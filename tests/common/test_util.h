@@ -6,6 +6,7 @@
 #include <string>
 
 #include "pardit/io/safetensors.h"
+#include "pardit/memory/planner.h"
 #include "pardit/model/flux.h"
 
 namespace pardit::test {
@@ -28,8 +29,27 @@ class TempDir {
 // encoder_hidden_states, pooled_projections and guidance in `dtype`; timestep and position ids as stored).
 model::FluxInputs fixtureInputs(const io::SafetensorsFile& f, at::ScalarType dtype);
 
+// One rank holding every weight group of `c` (no parallelism), for the planner and streamer tests.
+memory::RankWorkload wholeModel(const model::FluxConfig& c, c10::ScalarType dtype, int64_t imageTokens,
+                                int64_t textTokens, model::WeightFormat format = model::WeightFormat::kDense);
+
 // max |a - b| / max |b|
 double maxRelError(const at::Tensor& a, const at::Tensor& b);
+
+// Whether this binary was built with AddressSanitizer (gcc's and clang's ways of saying so).
+constexpr bool underAddressSanitizer() {
+#if defined(__SANITIZE_ADDRESS__)
+  return true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+  return true;
+#else
+  return false;
+#endif
+#else
+  return false;
+#endif
+}
 
 struct CommandResult {
   int exitCode = -1;

@@ -124,9 +124,10 @@ class StreamingFluxWeights final : public model::FluxWeightProvider {
   void drop(Fetched& f);                              // a fetched group that will not be used
   void worker();
   // The stored tensors' bytes in [lo, hi) of a group's buffer into `at` (the address of byte lo), by
-  // several threads; the getter's tensors into `base` (the buffer's start).
+  // several threads; the tensors converted while reading (through the getter) into the group's `buffer`
+  // (host or device bytes).
   void readStored(const GroupLayout& l, uint64_t lo, uint64_t hi, uint8_t* at);
-  void readThroughGetter(const GroupLayout& l, uint8_t* base);
+  void readThroughGetter(const GroupLayout& l, const at::Tensor& buffer);
   Tensors viewsOf(const GroupLayout& l, const at::Tensor& buffer) const;
   model::WeightGetter getterFor(const Fetched& f) const;
   // A block: resident, or streamed in now (and prefetching the next streamed group).

@@ -31,8 +31,9 @@ TEST(Watchdog, AsyncErrorEndsTheJobAndAbortsCommunicators) {
   test::TempDir dir;
   const std::string marker = dir.file("m");
   const auto start = std::chrono::steady_clock::now();
-  const auto r = test::runCommand("PARDIT_WATCHDOG_CHILD=" + marker + " /proc/" + std::to_string(::getpid()) +
-                                  "/exe --gtest_filter=Watchdog.ChildSide");
+  // (Without the sharding variables of a sharded run, which would leave the child nothing to run.)
+  const auto r = test::runCommand("env -u GTEST_TOTAL_SHARDS -u GTEST_SHARD_INDEX PARDIT_WATCHDOG_CHILD=" + marker +
+                                  " /proc/" + std::to_string(::getpid()) + "/exe --gtest_filter=Watchdog.ChildSide");
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   EXPECT_EQ(r.exitCode, 124) << r.output;
   EXPECT_NE(r.output.find("ncclAllToAll failed: unhandled system error (a peer died); aborting the job"),

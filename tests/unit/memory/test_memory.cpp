@@ -11,21 +11,9 @@
 
 using namespace pardit;
 
-namespace {
-memory::RankWorkload fullModel(const model::FluxConfig& c, c10::ScalarType dtype, int64_t tokens, int64_t text) {
-  memory::RankWorkload w;
-  w.config = c;
-  w.dtype = dtype;
-  for (const auto& g : model::fluxWeightGroups(c)) w.groups.push_back(g.name);
-  w.imageTokens = tokens;
-  w.textTokens = text;
-  return w;
-}
-}  // namespace
-
 TEST(Planner, FluxDevOnOne24GiBCardStreamsSingleBlocksFirst) {
   const auto dev = model::FluxConfig::preset("flux-dev");
-  const auto w = fullModel(dev, at::kBFloat16, 4096, 512);
+  const auto w = test::wholeModel(dev, at::kBFloat16, 4096, 512);
   const uint64_t budget = 24ULL << 30;
   auto none = memory::planRank(w, 20ULL << 30, memory::OffloadMode::kNone);
   EXPECT_FALSE(none.fits);
@@ -75,7 +63,7 @@ TEST(Streamer, OutputEqualsResidentAndPeakStaysWithinBudget) {
                                     std::make_shared<model::LocalAttention>());
     ref = resident.forward(in);
   }
-  auto w = fullModel(c, at::kFloat, geom.tokens(), 8);
+  auto w = test::wholeModel(c, at::kFloat, geom.tokens(), 8);
   uint64_t weights = 0;
   for (const auto& g : w.groups) weights += memory::groupBytes(c, g, at::kFloat);
   const uint64_t budget = weights * 4 / 10;
@@ -111,7 +99,8 @@ TEST(Streamer, OutputEqualsResidentAndPeakStaysWithinBudget) {
 
 TEST(Planner, ActivationsBeyondTheBudgetNameTheImageSizeAndTheRanks) {
   const model::FluxConfig c = model::FluxConfig::preset("small");
-  const auto plan = memory::planRank(fullModel(c, at::kFloat, 1 << 20, 64), uint64_t{2} << 30, memory::OffloadMode::kAuto);
+  const auto plan =
+      memory::planRank(test::wholeModel(c, at::kFloat, 1 << 20, 64), uint64_t{2} << 30, memory::OffloadMode::kAuto);
   ASSERT_FALSE(plan.fits);
   EXPECT_NE(plan.problem.find("the activations of 1048576 image + 64 text tokens per rank do not fit: use a smaller "
                               "--height/--width or more ranks"),

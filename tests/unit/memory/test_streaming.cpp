@@ -22,18 +22,6 @@ using namespace pardit;
 
 namespace {
 
-memory::RankWorkload everyGroup(const model::FluxConfig& c, c10::ScalarType dtype, model::WeightFormat format,
-                                int64_t tokens, int64_t text) {
-  memory::RankWorkload w;
-  w.config = c;
-  w.dtype = dtype;
-  w.weightFormat = format;
-  for (const auto& g : model::fluxWeightGroups(c)) w.groups.push_back(g.name);
-  w.imageTokens = tokens;
-  w.textTokens = text;
-  return w;
-}
-
 model::FluxInputs inputsFor(const model::FluxConfig& c, c10::ScalarType dtype) {
   const pipeline::LatentGeometry geom{32, 32, 16};
   at::manual_seed(11);
@@ -119,7 +107,8 @@ TEST(StreamingSources, FileAndHostSourcesReadWhatThePlanSays) {
     const at::Tensor ref = model::FluxTransformer(c, std::make_shared<model::ResidentFluxWeights>(c, read),
                                                   std::make_shared<model::LocalAttention>())
                                .forward(in);
-    const auto plan = memory::planRank(everyGroup(c, dtype, k.format, 16, 8), 1ULL << 40, config::Offload::kSequential);
+    const auto plan =
+        memory::planRank(test::wholeModel(c, dtype, 16, 8, k.format), 1ULL << 40, config::Offload::kSequential);
     ASSERT_EQ(plan.prefetchDepth, memory::kMaxPrefetchDepth) << "an ample budget reads further ahead";
     uint64_t largest = 0, storedPerPass = 0;
     for (const auto& g : plan.groups)
@@ -178,9 +167,9 @@ TEST(StreamingSources, FileAndHostSourcesReadWhatThePlanSays) {
 // planned stream buffers, not the model; the host copy holds the streamed bytes once (no second copy
 // while reading them), within 10% of what each must hold.
 TEST(StreamingSources, HostMemoryStaysWithinWhatTheSourceMustHold) {
-#if defined(__SANITIZE_ADDRESS__)
-  GTEST_SKIP() << "AddressSanitizer keeps freed memory in quarantine: RSS bounds do not apply";
-#endif
+  if (test::underAddressSanitizer()) {
+    GTEST_SKIP() << "AddressSanitizer keeps freed memory in quarantine: RSS bounds do not apply";
+  }
   const test::TempDir dir;
   io::SynthOptions so;
   so.config = model::FluxConfig::preset("small");
@@ -195,7 +184,7 @@ TEST(StreamingSources, HostMemoryStaysWithinWhatTheSourceMustHold) {
   const model::FluxConfig& c = ck.config();
   const auto read = ck.getter(at::kBFloat16);
   const auto in = inputsFor(c, at::kBFloat16);
-  auto plan = memory::planRank(everyGroup(c, at::kBFloat16, model::WeightFormat::kDense, 16, 8), 1ULL << 40,
+  auto plan = memory::planRank(test::wholeModel(c, at::kBFloat16, 16, 8), 1ULL << 40,
                                config::Offload::kSequential);
   plan.prefetchDepth = 1;  // the tightest buffers
   uint64_t largest = 0, copies = 0;
@@ -247,7 +236,7 @@ TEST(StreamingSources, HostMemoryStaysWithinWhatTheSourceMustHold) {
 // on the CPU the file; host beyond the budget is a one-line error naming both flags.
 TEST(StreamingSources, SourceChoiceFollowsTheHostBudget) {
   const auto c = model::FluxConfig::preset("flux-dev");
-  auto plan = memory::planRank(everyGroup(c, at::kBFloat16, model::WeightFormat::kDense, 4096, 512), 12ULL << 30,
+  auto plan = memory::planRank(test::wholeModel(c, at::kBFloat16, 4096, 512), 12ULL << 30,
                                config::Offload::kAuto);
   ASSERT_TRUE(plan.fits && plan.anyStreamed());
   uint64_t copies = 0;
@@ -273,7 +262,7 @@ TEST(StreamingSources, SourceChoiceFollowsTheHostBudget) {
     EXPECT_NE(m.find("--host-memory-budget is 1.00 GiB"), std::string::npos) << m;
   }
   // A plan without streamed groups needs nothing.
-  auto resident = memory::planRank(everyGroup(c, at::kBFloat16, model::WeightFormat::kDense, 4096, 512), 80ULL << 30,
+  auto resident = memory::planRank(test::wholeModel(c, at::kBFloat16, 4096, 512), 80ULL << 30,
                                    config::Offload::kNone);
   memory::chooseStreamSource(resident, config::StreamSource::kHost, true, 0);
   EXPECT_EQ(resident.hostBytes, 0u);
@@ -283,7 +272,7 @@ TEST(StreamingSources, SourceChoiceFollowsTheHostBudget) {
 // of the largest streamed group.
 TEST(StreamingSources, PrefetchDepthGrowsWithTheBudget) {
   const auto c = model::FluxConfig::preset("flux-dev");
-  const auto w = everyGroup(c, at::kBFloat16, model::WeightFormat::kDense, 4096, 512);
+  const auto w = test::wholeModel(c, at::kBFloat16, 4096, 512);
   const auto tight = memory::planRank(w, 12ULL << 30, config::Offload::kAuto);
   const auto seq = memory::planRank(w, 80ULL << 30, config::Offload::kSequential);
   const uint64_t doubleBlock = memory::groupBufferBytes(c, "double_blocks.0", at::kBFloat16);

@@ -137,22 +137,23 @@ TEST_F(EngineTest, ForwardLayoutsMatchOneRankAndWriteTheOutput) {
     ref = e.forward(in, dir_.file("ref.safetensors")).output;
   });
   EXPECT_TRUE(std::filesystem::exists(dir_.file("ref.safetensors")));
-  for (const auto& [name, ranks, options] : std::vector<Layout>{{"U2", 2, withDegrees(fwd, 1, 1, 1, 2)},
-                                                                 {"R2", 2, withDegrees(fwd, 1, 1, 2, 1)},
-                                                                 {"CFG2", 2, withDegrees(fwd, 2, 1, 1, 1)},
-                                                                 {"PP2", 2, withDegrees(fwd, 1, 2, 1, 1)},
-                                                                 {"CFG2xU2", 4, withDegrees(fwd, 2, 1, 1, 2)}}) {
+  // (The lambda uses the struct's members: clang before 16 does not capture structured bindings.)
+  for (const auto& layout : std::vector<Layout>{{"U2", 2, withDegrees(fwd, 1, 1, 1, 2)},
+                                                {"R2", 2, withDegrees(fwd, 1, 1, 2, 1)},
+                                                {"CFG2", 2, withDegrees(fwd, 2, 1, 1, 1)},
+                                                {"PP2", 2, withDegrees(fwd, 1, 2, 1, 1)},
+                                                {"CFG2xU2", 4, withDegrees(fwd, 2, 1, 1, 2)}}) {
     std::mutex m;
     at::Tensor out;
-    dist::runInProcess(ranks, [&](dist::Runtime& rt) {
-      pipeline::Engine e(options, rt);
+    dist::runInProcess(layout.ranks, [&](dist::Runtime& rt) {
+      pipeline::Engine e(layout.options, rt);
       at::Tensor o = e.forward(in).output;
-      if (rt.worldRank() == ranks - 1) {
+      if (rt.worldRank() == layout.ranks - 1) {
         std::lock_guard<std::mutex> lock(m);
         out = o;
       }
     });
-    EXPECT_LE(test::maxRelError(out, ref), 1e-5) << name;
+    EXPECT_LE(test::maxRelError(out, ref), 1e-5) << layout.name;
   }
 }
 

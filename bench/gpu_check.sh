@@ -30,7 +30,7 @@ bundle() {
   if [[ -z "${BUILD:-}" || ! -x "$build/pardit" ]]; then  # BUILD=an existing build: its pardit as it is
     cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DPARDIT_PYTHON="$py" -DPARDIT_BUILD_TESTS=OFF \
           -DPARDIT_INSTALL_RUNTIME=OFF >"$dir.configure.log" 2>&1 || { cat "$dir.configure.log"; exit 1; }
-    cmake --build "$build" -j "$(nproc)" --target pardit >"$dir.build.log" 2>&1 || { tail -40 "$dir.build.log"; exit 1; }
+    cmake --build "$build" -j "$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)" --target pardit >"$dir.build.log" 2>&1 || { tail -40 "$dir.build.log"; exit 1; }
   fi
   rm -rf "$dir" && mkdir -p "$dir/bin" "$dir/lib" "$dir/openmpi" "$dir/python"
   cp "$build/pardit" "$dir/bin/"

@@ -25,7 +25,7 @@ exec > >(tee "$out/summary.txt") 2>&1
 if [[ ! -x "$build/pardit" ]]; then
   cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DPARDIT_PYTHON="$py" -DPARDIT_BUILD_TESTS=OFF >"$out/configure.log" 2>&1 ||
     { cat "$out/configure.log"; exit 1; }
-  cmake --build "$build" -j "$(nproc)" >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
+  cmake --build "$build" -j "$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)" >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
 fi
 pardit="$build/pardit"
 model="$out/model-$preset"

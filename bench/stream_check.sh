@@ -51,7 +51,7 @@ run() {  # name cold(0|1) steps flags... -> "s_per_step read_gbps peak_rss_bytes
   echo "$step ${read:--} ${rss:-0} ${streamed:-0}"
 }
 
-echo "== $preset preset, $dtype, $(awk -v b="$bytes" 'BEGIN { printf "%.0f MB", b / 1e6 }') file, ${height}x${width}, $steps steps, device $device, $threads thread(s), $(nproc) cores; median of $repeat"
+echo "== $preset preset, $dtype, $(awk -v b="$bytes" 'BEGIN { printf "%.0f MB", b / 1e6 }') file, ${height}x${width}, $steps steps, device $device, $threads thread(s), $(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) cores; median of $repeat"
 declare -A S R M
 for name in resident host file file-cold; do S[$name]=""; R[$name]=""; M[$name]=""; done
 dd_warm="" dd_cold=""

@@ -8,7 +8,7 @@ venv="${PARDIT_VENV:-$("$root/launch/install.sh" | tail -n 1)}"
 export PARDIT_VENV="$venv"
 export CCACHE_DIR="${CCACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/pardit/ccache}"
 mkdir -p "$build"
-jobs="${PARDIT_JOBS:-$(nproc)}"
+jobs="${PARDIT_JOBS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}"  # (GNU nproc heeds OMP_NUM_THREADS)
 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE="${PARDIT_BUILD_TYPE:-Release}" \
       -DPARDIT_PYTHON="$venv/bin/python" "$@" >"$build/configure.log" 2>&1 || {
   cat "$build/configure.log" >&2; exit 1; }

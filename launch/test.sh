@@ -10,6 +10,8 @@ venv="$("$root/launch/install.sh" --plots --fuzz $([[ $(id -u) -eq 0 ]] && echo 
 export PARDIT_VENV="${PARDIT_VENV:-$venv}"
 # CI settings: warnings are errors, and every public header must compile on its own.
 "$root/launch/build.sh" -DPARDIT_BUILD_TESTS=ON -DPARDIT_WARNINGS_AS_ERRORS=ON -DPARDIT_CHECK_HEADERS=ON
+# Jobs from the cores (GNU nproc would take OMP_NUM_THREADS, about to be 1, for the answer).
+jobs="${PARDIT_TEST_JOBS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}"
 export OMP_NUM_THREADS=1
 cd "$build"
-ctest --output-on-failure -j "${PARDIT_TEST_JOBS:-$(nproc)}" "$@"
+ctest --output-on-failure -j "$jobs" "$@"

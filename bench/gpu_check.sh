@@ -4,7 +4,8 @@
 #
 #   bench/gpu_check.sh bundle [DIR]    on a machine with the CUDA toolkit: a Release build against the
 #                                      CUDA LibTorch of launch/install.sh, then DIR (default out/gpu-check):
-#                                      bin/pardit, lib/ (the shared libraries a GPU host may lack: Open MPI,
+#                                      bin/pardit and bin/pardit_unit_tests (its Cuda* suites run first, with
+#                                      fixtures/), lib/ (the shared libraries a GPU host may lack: Open MPI,
 #                                      HDF5, Boost, libpng, utf8proc and their dependencies; not LibTorch or
 #                                      CUDA, which come from the host's PyTorch), openmpi/ (Open MPI's
 #                                      components for a singleton rank), python/ (diffusers, for hosts without
@@ -19,7 +20,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cmd="${1:-}"
 dir="${2:-$root/out/gpu-check}"
-[[ "$cmd" == bundle || "$cmd" == dry-run ]] || { sed -n '2,18p' "${BASH_SOURCE[0]}"; exit 2; }
+[[ "$cmd" == bundle || "$cmd" == dry-run ]] || { sed -n '2,19p' "${BASH_SOURCE[0]}"; exit 2; }
 
 bundle() {
   local venv py build
@@ -27,13 +28,21 @@ bundle() {
   py="${PYTHON:-$venv/bin/python}"
   build="${BUILD:-$root/build-gpu-check}"
   mkdir -p "$(dirname "$dir")"
-  if [[ -z "${BUILD:-}" || ! -x "$build/pardit" ]]; then  # BUILD=an existing build: its pardit as it is
-    cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DPARDIT_PYTHON="$py" -DPARDIT_BUILD_TESTS=OFF \
+  if [[ -z "${BUILD:-}" || ! -x "$build/pardit" ]]; then  # BUILD=an existing build: its binaries as they are
+    cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DPARDIT_PYTHON="$py" -DPARDIT_BUILD_TESTS=ON \
           -DPARDIT_INSTALL_RUNTIME=OFF >"$dir.configure.log" 2>&1 || { cat "$dir.configure.log"; exit 1; }
-    cmake --build "$build" -j "$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)" --target pardit >"$dir.build.log" 2>&1 || { tail -40 "$dir.build.log"; exit 1; }
+    cmake --build "$build" -j "$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)" --target pardit pardit_unit_tests \
+      >"$dir.build.log" 2>&1 || { tail -40 "$dir.build.log"; exit 1; }
   fi
   rm -rf "$dir" && mkdir -p "$dir/bin" "$dir/lib" "$dir/openmpi" "$dir/python"
   cp "$build/pardit" "$dir/bin/"
+  # The CUDA unit tests (suites Cuda*, CTest label gpu) with the fixture model they read.
+  if [[ -x "$build/tests/pardit_unit_tests" ]]; then
+    cp "$build/tests/pardit_unit_tests" "$dir/bin/"
+    mkdir -p "$dir/fixtures/flux_tiny_dev"
+    cp -r "$root/tests/fixtures/flux_tiny_dev/diffusers" "$dir/fixtures/flux_tiny_dev/"
+  fi
+  strip --strip-unneeded "$dir"/bin/* 2>/dev/null || true  # their symbol tables: a sixth of their size
   # Open MPI's components for one rank without mpirun; the network transports (UCX, libfabric, verbs, PSM)
   # and OpenSHMEM are left out with the libraries they pull in.
   local comps
@@ -45,7 +54,7 @@ bundle() {
   done
   # Every library the binary and those components load, except glibc's, the C++ runtime's, LibTorch's and CUDA's.
   local skip='(/site-packages/torch/|/nvidia/|/usr/local/cuda|/libc\.so|/libm\.so|/libdl\.so|/librt\.so|/libpthread\.so|/ld-linux|/libstdc\+\+|/libgcc_s|/libresolv\.so|/libutil\.so)'
-  for f in "$dir/bin/pardit" "$dir"/openmpi/*.so; do ldd "$f" 2>/dev/null | awk '$3 ~ /^\// {print $3}'; done |
+  for f in "$dir"/bin/* "$dir"/openmpi/*.so; do ldd "$f" 2>/dev/null | awk '$3 ~ /^\// {print $3}'; done |
     sort -u | grep -Ev "$skip" | while read -r lib; do cp -L "$lib" "$dir/lib/"; done
   # diffusers (pure Python) and its two packages a PyTorch host may lack, used only when the host has none.
   local wheels
@@ -81,7 +90,21 @@ if [[ -n "${PARDIT_BUNDLED_PYTHON:-}" ]] || ! "$py" -c "import diffusers" 2>/dev
   for w in "$here"/python/*.whl; do [[ -e "$w" ]] && extra="$extra:$w"; done
   export PYTHONPATH="$extra${PYTHONPATH:+:$PYTHONPATH}"
 fi
-exec "$py" "$here/gpu_check.py" --pardit "$here/bin/pardit" --out "$here/results" "$@"
+mkdir -p "$here/results"
+# The CUDA unit tests first (they skip without a CUDA device); their log goes with the results.
+tests=0
+if [[ -x "$here/bin/pardit_unit_tests" ]]; then
+  PARDIT_FIXTURE_DIR="$here/fixtures" OMP_NUM_THREADS=1 "$here/bin/pardit_unit_tests" --gtest_filter='Cuda*' \
+    >"$here/results/gpu_tests.log" 2>&1 || tests=$?
+  grep -E '^\[cuda\]' "$here/results/gpu_tests.log" || true
+  echo "gpu tests: $(grep -E '^\[  (PASSED|SKIPPED|FAILED) +\] [0-9]' "$here/results/gpu_tests.log" | tr -s ' ' | paste -sd ';')" \
+       "(results/gpu_tests.log)"
+  grep -E '^\[  FAILED  \] [A-Z]' "$here/results/gpu_tests.log" || true
+fi
+rc=0
+"$py" "$here/gpu_check.py" --pardit "$here/bin/pardit" --out "$here/results" "$@" || rc=$?
+(( rc != 0 )) && exit $rc
+exit $tests
 RUN
   chmod +x "$dir/run.sh"
   echo "bundle: $dir ($(du -sh "$dir" | cut -f1); bin $(du -sh "$dir/bin" | cut -f1), lib $(du -sh "$dir/lib" | cut -f1)," \
@@ -90,6 +113,9 @@ RUN
 
 bundle
 if [[ "$cmd" == dry-run ]]; then
+  # What travels to a GPU host stays within 50 MB.
+  size=$(du -sm "$dir" | cut -f1)
+  (( size <= 50 )) || { echo "gpu_check: the bundle is $size MB, more than 50 MB" >&2; exit 1; }
   venv="${PARDIT_VENV:-$("$root/launch/install.sh" | tail -n 1)}"
   # A clean environment, as on a GPU host: only the bundle, the venv's torch and the system's basics.
   env -i HOME="${HOME:-/tmp}" PATH=/usr/bin:/bin PYTHON="${PYTHON:-$venv/bin/python}" PARDIT_BUNDLED_PYTHON=1 \

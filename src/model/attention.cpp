@@ -34,7 +34,8 @@ AttentionResult localAttention(const at::Tensor& q, const at::Tensor& k, const a
       return {std::get<0>(r), needLse ? std::get<1>(r) : at::Tensor()};
     }
     auto r = at::_scaled_dot_product_efficient_attention(q, k, v, std::nullopt, needLse, 0.0, false);
-    return {std::get<0>(r), needLse ? std::get<1>(r) : at::Tensor()};
+    // Its log-sum-exp rows are padded to a multiple of 32: only the first Sq are the queries'.
+    return {std::get<0>(r), needLse ? std::get<1>(r).narrow(-1, 0, q.size(2)) : at::Tensor()};
   }
   return mathAttention(q, k, v);
 }

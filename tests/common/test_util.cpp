@@ -21,6 +21,11 @@ TempDir::~TempDir() {
   std::filesystem::remove_all(path_, ec);
 }
 
+model::FluxInputs inputsOn(const model::FluxInputs& in, const c10::Device& device) {
+  auto to = [&](const at::Tensor& t) { return t.defined() ? t.to(device) : t; };
+  return {to(in.img), to(in.txt), to(in.pooled), to(in.timestep), to(in.guidance), to(in.imgIds), to(in.txtIds)};
+}
+
 model::FluxInputs fixtureInputs(const io::SafetensorsFile& f, at::ScalarType dtype) {
   model::FluxInputs in;
   in.img = f.read("hidden_states").to(dtype);

@@ -2,6 +2,7 @@
 // Helpers shared by the unit tests.
 #include <ATen/ATen.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <string>
 
@@ -9,9 +10,18 @@
 #include "pardit/memory/planner.h"
 #include "pardit/model/flux.h"
 
+// The first statement of a CUDA test (suite names start with "Cuda", CTest label gpu): skips it, visibly,
+// where LibTorch has no CUDA device.
+#define PARDIT_REQUIRE_CUDA() \
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device (LibTorch sees none)"
+
 namespace pardit::test {
 
-inline std::string fixture(const std::string& rel) { return std::string(PARDIT_FIXTURE_DIR) + "/" + rel; }
+// A file of tests/fixtures (the environment's PARDIT_FIXTURE_DIR first: the test binary run from a bundle).
+inline std::string fixture(const std::string& rel) {
+  const char* dir = std::getenv("PARDIT_FIXTURE_DIR");
+  return std::string(dir && *dir ? dir : PARDIT_FIXTURE_DIR) + "/" + rel;
+}
 
 // A fresh directory under the system temp dir, removed by the destructor.
 class TempDir {
@@ -24,6 +34,9 @@ class TempDir {
  private:
   std::filesystem::path path_;
 };
+
+// The same inputs on another device.
+model::FluxInputs inputsOn(const model::FluxInputs& in, const c10::Device& device);
 
 // A transformer call's inputs from a fixture written by tests/reference (hidden_states,
 // encoder_hidden_states, pooled_projections and guidance in `dtype`; timestep and position ids as stored).

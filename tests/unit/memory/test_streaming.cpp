@@ -163,6 +163,68 @@ TEST(StreamingSources, FileAndHostSourcesReadWhatThePlanSays) {
   }
 }
 
+// The streamer on CUDA (label gpu): every block streamed to the device, from the file through the two
+// pinned staging buffers (small here, so that every group crosses several chunks) and from the pinned
+// host copy, gives the resident CUDA run bit for bit over three passes; each pass reads exactly the
+// streamed groups' bytes from the file (the host copy: once, at construction); the host memory is the two
+// staging buffers, or the streamed groups' buffers.
+TEST(CudaStreaming, FileAndHostSourcesEqualTheResidentRun) {
+  PARDIT_REQUIRE_CUDA();
+  const c10::Device cuda(c10::kCUDA, 0);
+  {  // diffusers' layout: q, k, v read as three ranges, the final layer's halves swapped
+    const std::string layout = "diffusers";
+    const auto ck = io::FluxCheckpoint::open(test::fixture("flux_tiny_dev/" + layout));
+    const model::FluxConfig& c = ck.config();
+    const c10::ScalarType dtype = ck.storedDtype();
+    const auto reader = pipeline::checkpointReader(ck, model::WeightFormat::kDense);
+    const auto in = test::inputsOn(inputsFor(c, dtype), cuda);
+    const auto resident = std::make_shared<model::ResidentFluxWeights>(c, pipeline::getterOf(reader, dtype, cuda));
+    const at::Tensor ref =
+        model::FluxTransformer(c, resident, std::make_shared<model::LocalAttention>()).forward(in).cpu();
+    const auto plan = memory::planRank(test::wholeModel(c, dtype, 16, 8), 1ULL << 40, config::Offload::kSequential);
+    uint64_t largest = 0;
+    for (const auto& g : plan.groups)
+      if (g.streamed) largest = std::max(largest, g.bufferBytes);
+    for (const bool host : {false, true}) {
+      const std::string what = layout + (host ? ", host copy" : ", file");
+      memory::StreamingOptions o;
+      o.hostCache = host;
+      o.dtype = dtype;
+      o.stored = storedOf(ck);
+      o.readThreads = 3;
+      o.prefetchDepth = plan.prefetchDepth;
+      o.stagingBytes = 4096;
+      auto s = std::make_shared<memory::StreamingFluxWeights>(c, pipeline::getterOf(reader, dtype), plan, cuda, o);
+      uint64_t storedPerPass = 0, buffers = 0;
+      for (const auto& g : plan.groups)
+        if (g.streamed) {
+          storedPerPass += s->layout(g.name).storedBytes;
+          buffers += s->layout(g.name).bytes;
+        }
+      EXPECT_EQ(storedPerPass, plan.streamedBytes) << what << ": every tensor read as stored";
+      const uint64_t atStart = ck.bytesRead();
+      model::FluxTransformer t(c, s, std::make_shared<model::LocalAttention>());
+      for (int pass = 0; pass < 3; ++pass) {
+        const at::Tensor out = t.forward(in);
+        EXPECT_TRUE(out.is_cuda()) << what;
+        EXPECT_TRUE(at::equal(out.cpu(), ref)) << what << ", pass " << pass;
+      }
+      s->endOfRun();
+      if (host) {
+        EXPECT_EQ(s->storedBytesRead(), storedPerPass) << what << ": the host copy reads the file once";
+        EXPECT_EQ(ck.bytesRead(), atStart) << what;
+        EXPECT_EQ(s->hostBytes(), buffers) << what;
+      } else {
+        EXPECT_GE(s->storedBytesRead(), 3 * storedPerPass) << what;
+        EXPECT_LE(s->storedBytesRead(), 3 * storedPerPass + static_cast<uint64_t>(plan.prefetchDepth) * largest)
+            << what;
+        EXPECT_EQ(s->hostBytes(), 2 * std::min<uint64_t>(o.stagingBytes, largest)) << what;
+      }
+      EXPECT_LE(s->accountant().peak(), plan.residentBytes + plan.streamBufferBytes) << what;
+    }
+  }
+}
+
 // Host memory on the CPU, measured: streaming every block of a 312 MB model from the file holds the
 // planned stream buffers, not the model; the host copy holds the streamed bytes once (no second copy
 // while reading them), within 10% of what each must hold.

@@ -1,0 +1,110 @@
+// The CUDA kernels pardit picks (label gpu; each test skips, visibly, without a CUDA device): local
+// attention (flash attention for bf16/fp16, memory-efficient attention for fp32) against the math path in
+// float64, output and log-sum-exp, and blocks merged by their log-sum-exp as Ring attention merges them;
+// FP8 linear layers (FP8 tensor cores on sm_89+, else the dequantized weight) against the dequantized
+// product.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+
+#include "pardit/model/attention.h"
+#include "pardit/model/fp8.h"
+#include "pardit/parallel/usp_attention.h"
+#include "test_util.h"
+
+using namespace pardit;
+
+namespace {
+struct Reference {
+  at::Tensor out, lse;  // float64 on the CPU
+};
+// Softmax attention in float64 on the CPU, from the (already rounded) inputs.
+Reference mathAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  const at::Tensor qd = q.cpu().to(at::kDouble), kd = k.cpu().to(at::kDouble), vd = v.cpu().to(at::kDouble);
+  const at::Tensor scores = at::matmul(qd, kd.transpose(-2, -1)) / std::sqrt(static_cast<double>(q.size(-1)));
+  const at::Tensor lse = at::logsumexp(scores, -1);
+  return {at::matmul(at::exp(scores - lse.unsqueeze(-1)), vd), lse};
+}
+double maxAbs(const at::Tensor& a, const at::Tensor& b) {
+  return (a.cpu().to(at::kDouble) - b.cpu().to(at::kDouble)).abs().max().item<double>();
+}
+}  // namespace
+
+// Query lengths that are not multiples of 32 included: the memory-efficient kernel pads its log-sum-exp
+// rows, and only the first Sq may come back.
+TEST(CudaAttention, KernelsMatchTheMathPathWithLogSumExp) {
+  PARDIT_REQUIRE_CUDA();
+  struct Case {
+    at::ScalarType dtype;
+    double outTol, lseTol;
+  };
+  for (const Case& c : {Case{at::kBFloat16, 2e-2, 2e-3}, Case{at::kHalf, 4e-3, 2e-3}, Case{at::kFloat, 2e-3, 2e-3}}) {
+    for (const auto& [sq, sk] : std::vector<std::pair<int64_t, int64_t>>{{77, 77}, {128, 300}, {40, 1000}}) {
+      at::manual_seed(3);
+      const auto opts = at::TensorOptions().dtype(c.dtype).device(at::kCUDA);
+      const at::Tensor q = at::randn({2, 3, sq, 128}, opts), k = at::randn({2, 3, sk, 128}, opts),
+                       v = at::randn({2, 3, sk, 128}, opts);
+      const model::AttentionResult r = model::localAttention(q, k, v, /*needLse=*/true);
+      const Reference ref = mathAttention(q, k, v);
+      ASSERT_EQ(r.out.sizes(), q.sizes());
+      ASSERT_EQ(r.out.scalar_type(), c.dtype);
+      ASSERT_EQ(r.lse.sizes(), (std::vector<int64_t>{2, 3, sq})) << c.dtype << " Sq " << sq;
+      const double outErr = maxAbs(r.out, ref.out), lseErr = maxAbs(r.lse, ref.lse);
+      std::printf("[cuda] attention %s Sq %lld Sk %lld: max |out - math| %.2e, max |lse - math| %.2e\n",
+                  c10::toString(c.dtype), static_cast<long long>(sq), static_cast<long long>(sk), outErr, lseErr);
+      EXPECT_LE(outErr, c.outTol) << c.dtype << " Sq " << sq << " Sk " << sk;
+      EXPECT_LE(lseErr, c.lseTol) << c.dtype << " Sq " << sq << " Sk " << sk;
+      EXPECT_FALSE(model::localAttention(q, k, v, /*needLse=*/false).lse.defined());
+    }
+  }
+}
+
+// Ring attention's step: attention over two key blocks, merged by their log-sum-exp, is attention over the
+// whole keys.
+TEST(CudaAttention, BlocksMergedByLogSumExpEqualOneBlock) {
+  PARDIT_REQUIRE_CUDA();
+  for (const auto& [dtype, tol] : std::vector<std::pair<at::ScalarType, double>>{{at::kBFloat16, 1e-2}, {at::kFloat, 1e-4}}) {
+    at::manual_seed(5);
+    const auto opts = at::TensorOptions().dtype(dtype).device(at::kCUDA);
+    const at::Tensor q = at::randn({1, 4, 90, 64}, opts), k = at::randn({1, 4, 250, 64}, opts),
+                     v = at::randn({1, 4, 250, 64}, opts);
+    const auto whole = model::localAttention(q, k, v, true);
+    const auto a = model::localAttention(q, k.narrow(2, 0, 100), v.narrow(2, 0, 100), true);
+    const auto b = model::localAttention(q, k.narrow(2, 100, 150), v.narrow(2, 100, 150), true);
+    at::Tensor out = a.out.to(at::kFloat), lse = a.lse.to(at::kFloat);
+    parallel::mergeAttention(out, lse, b.out.to(at::kFloat), b.lse.to(at::kFloat));
+    const double outErr = maxAbs(out, whole.out.to(at::kFloat)), lseErr = maxAbs(lse, whole.lse);
+    std::printf("[cuda] two blocks merged, %s: max |out - one block| %.2e, max |lse - one block| %.2e\n",
+                c10::toString(dtype), outErr, lseErr);
+    EXPECT_LE(outErr, tol) << dtype;
+    EXPECT_LE(lseErr, 1e-4) << dtype;
+  }
+}
+
+// FP8 weights on CUDA: with FP8 tensor cores (sm_89+, bf16 activations quantized per token) within the
+// activations' quantization error of the dequantized product, and each token's result its own (a split of
+// the tokens computes the same rows); without them, the dequantized product itself.
+TEST(CudaFp8, LinearMatchesTheDequantizedProduct) {
+  PARDIT_REQUIRE_CUDA();
+  at::manual_seed(7);
+  const at::Tensor w = at::randn({192, 256}) * 0.05, bias = at::randn({192}) * 0.1;
+  const model::Fp8Rows rows = model::quantizeFp8Rows(w);
+  const auto cuda = at::TensorOptions().device(at::kCUDA);
+  const at::Tensor values = rows.values.to(at::kCUDA), scale = rows.scale.to(at::kCUDA);
+  const at::Tensor x = at::randn({77, 256}, cuda.dtype(at::kBFloat16));
+  const at::Tensor y = model::fp8Linear(x, values, scale, bias.to(cuda.dtype(at::kBFloat16)));
+  ASSERT_EQ(y.sizes(), (std::vector<int64_t>{77, 192}));
+  ASSERT_EQ(y.scalar_type(), at::kBFloat16);
+  const at::Tensor wd = model::dequantizeFp8Rows(rows.values, rows.scale, at::kFloat).to(at::kDouble);
+  const at::Tensor ref = at::matmul(x.cpu().to(at::kDouble), wd.t()) + bias.to(at::kBFloat16).to(at::kDouble);
+  const double relL2 = (y.cpu().to(at::kDouble) - ref).norm().item<double>() / ref.norm().item<double>();
+  const bool tensorCores = model::fp8TensorCoresUsable(x, values);
+  std::printf("[cuda] fp8 linear (%s): relative L2 error %.2e against the dequantized product\n",
+              tensorCores ? "FP8 tensor cores" : "dequantized", relL2);
+  EXPECT_LE(relL2, tensorCores ? 6e-2 : 8e-3);
+  const at::Tensor part = model::fp8Linear(x.narrow(0, 0, 40), values, scale, bias.to(cuda.dtype(at::kBFloat16)));
+  EXPECT_LE(test::maxRelError(part.to(at::kFloat), y.narrow(0, 0, 40).to(at::kFloat)), 1e-2)
+      << "a token's result depends on that token alone";
+}

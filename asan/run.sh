@@ -9,16 +9,11 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${1:-$root/build-asan}"
-command -v clang++ >/dev/null || { echo "SKIP: clang++ not found (launch/install.sh --fuzz)"; exit 77; }
-venv="${PARDIT_VENV:-$("$root/launch/install.sh" | tail -n 1)}"
-cmake -S "$root" -B "$out" -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ -DPARDIT_BUILD_TESTS=ON \
-      -DPARDIT_SANITIZE=address,undefined -DCMAKE_BUILD_TYPE=None \
-      "-DCMAKE_CXX_FLAGS=-O0 -gline-tables-only -fno-sanitize-recover=undefined" -DCMAKE_UNITY_BUILD=ON \
-      -DCMAKE_UNITY_BUILD_BATCH_SIZE=16 -DPARDIT_PYTHON="$venv/bin/python" \
-      >"$out.configure.log" 2>&1 || { cat "$out.configure.log"; exit 1; }
 start=$SECONDS
-cmake --build "$out" -j 2 --target pardit pardit_unit_tests pardit_mpi_tests >"$out.build.log" 2>&1 ||
-  { tail -40 "$out.build.log"; exit 1; }
+"$root/launch/clang_build.sh" "$out" pardit,pardit_unit_tests,pardit_mpi_tests -DPARDIT_BUILD_TESTS=ON \
+  -DPARDIT_SANITIZE=address,undefined -DCMAKE_BUILD_TYPE=None \
+  "-DCMAKE_CXX_FLAGS=-O0 -gline-tables-only -fno-sanitize-recover=undefined" -DCMAKE_UNITY_BUILD=ON \
+  -DCMAKE_UNITY_BUILD_BATCH_SIZE=16
 echo "asan: built in $((SECONDS - start)) s"
 export OMP_NUM_THREADS=1 UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 asan="allocator_may_return_null=1:detect_stack_use_after_return=0"

@@ -8,12 +8,8 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 seconds="${1:-60}" out="${2:-$root/build-fuzz}"
-command -v clang++ >/dev/null || { echo "SKIP: clang++ not found (launch/install.sh --fuzz)"; exit 77; }
-venv="${PARDIT_VENV:-$("$root/launch/install.sh" | tail -n 1)}"
-cmake -S "$root" -B "$out" -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ -DPARDIT_FUZZ=ON \
-      -DPARDIT_BUILD_TESTS=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPARDIT_PYTHON="$venv/bin/python" \
-      >"$out.configure.log" 2>&1 || { cat "$out.configure.log"; exit 1; }
-cmake --build "$out" -j 2 --target pardit_fuzzers >"$out.build.log" 2>&1 || { tail -40 "$out.build.log"; exit 1; }
+"$root/launch/clang_build.sh" "$out" pardit_fuzzers -DPARDIT_FUZZ=ON -DPARDIT_BUILD_TESTS=OFF \
+  -DCMAKE_BUILD_TYPE=RelWithDebInfo
 harnesses=(fuzz_safetensors fuzz_checkpoint_json fuzz_config fuzz_png fuzz_tokenizers)
 run_one() {
   local h="$1" work="$out/runs/$1"

@@ -14,6 +14,7 @@
 #include "pardit/core/sysinfo.h"
 #include "pardit/dist/comm_bench.h"
 #include "pardit/memory/planner.h"
+#include "pardit/pipeline/benchmark.h"
 #include "pardit/pipeline/engine.h"
 #include "pardit/version.h"
 
@@ -104,7 +105,8 @@ void printForwards(const config::EngineConfig& c, dist::Runtime& rt, const pipel
            rt.worldSize() == 1 ? "" : " (all ranks)");
   logInfo0("communication: ", formatNumber(100.0 * r.commShare), "% of the step time (largest rank)");
   if (r.gemmRate > 0)
-    logInfo0("machine GEMM rate (", dtypeName(e.dtype()), ", 1024^3, ", r.threads, " thread(s)): ",
+    logInfo0("device GEMM rate (", dtypeName(e.dtype()), ", ", pipeline::gemmRateSize(e.device()), "^3",
+             e.device().is_cpu() ? ", " + std::to_string(r.threads) + " thread(s)" : std::string(), "): ",
              formatNumber(r.gemmRate / 1e9), " GFLOP/s per rank -> forward reaches ",
              formatNumber(100.0 * rate / (r.gemmRate * rt.worldSize())), "% of it");
   if (r.gemmSeconds > 0) {

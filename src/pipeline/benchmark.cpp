@@ -3,6 +3,9 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
+#if defined(PARDIT_WITH_CUDA)
+#include <ATen/cuda/CUDAEvent.h>
+#endif
 
 #include <algorithm>
 #include <array>
@@ -40,24 +43,57 @@ double forwardFlops(const model::FluxConfig& m, int64_t B, int64_t Li, int64_t L
   return f;
 }
 
-double gemmRate(c10::ScalarType dtype, int64_t n, int reps) {
-  at::Tensor a = at::randn({n, n}).to(dtype), b = at::randn({n, n}).to(dtype);
-  at::mm(a, b);
+namespace {
+// Seconds of the work queued from construction to seconds(): CUDA events on the device's current stream
+// (the host does not wait inside the interval), the wall clock on the CPU.
+class DeviceTimer {
+ public:
+  explicit DeviceTimer(const c10::Device& device) : cuda_(device.is_cuda()) {
+#if defined(PARDIT_WITH_CUDA)
+    if (cuda_) start_.record();
+#endif
+  }
+  double seconds() {
+#if defined(PARDIT_WITH_CUDA)
+    if (cuda_) {
+      stop_.record();
+      stop_.synchronize();
+      return static_cast<double>(start_.elapsed_time(stop_)) * 1e-3;
+    }
+#endif
+    return wall_.seconds();
+  }
+
+ private:
+  bool cuda_;
+  Timer wall_;
+#if defined(PARDIT_WITH_CUDA)
+  at::cuda::CUDAEvent start_{cudaEventDefault}, stop_{cudaEventDefault};
+#endif
+};
+
+// Best of `reps` timings of `work` (after one untimed call).
+template <typename Work>
+double bestSeconds(const c10::Device& device, int reps, const Work& work) {
+  work();
   double best = 1e30;
   for (int i = 0; i < reps; ++i) {
-    Timer t;
-    at::Tensor c = at::mm(a, b);
+    DeviceTimer t(device);
+    work();
     best = std::min(best, t.seconds());
   }
-  return 2.0 * static_cast<double>(n) * n * n / best;
-}
-
-namespace {
-// Waits for the device's queued work (CUDA work is asynchronous).
-void settle(const at::Tensor& t) {
-  if (t.is_cuda()) (void)t.sum().item<float>();
+  return best;
 }
 }  // namespace
+
+int64_t gemmRateSize(const c10::Device& device) { return device.is_cuda() ? 8192 : 1024; }
+
+double gemmRate(c10::ScalarType dtype, const c10::Device& device, int reps) {
+  const int64_t n = gemmRateSize(device);
+  const auto opts = at::TensorOptions().dtype(dtype).device(device);
+  const at::Tensor a = at::randn({n, n}, opts), b = at::randn({n, n}, opts);
+  return 2.0 * static_cast<double>(n) * n * n / bestSeconds(device, reps, [&] { (void)at::mm(a, b); });
+}
 
 std::pair<double, double> componentTimes(const model::FluxConfig& m, int64_t B, int64_t Li, int64_t Lt,
                                          c10::ScalarType dtype, const c10::Device& device) {
@@ -82,23 +118,10 @@ std::pair<double, double> componentTimes(const model::FluxConfig& m, int64_t B, 
   for (const auto& [s, count] : shapes) {
     // One layer's operands at a time.
     const at::Tensor x = at::randn({s[0], s[1]}, opts), w = at::randn({s[2], s[1]}, opts), b = at::randn({s[2]}, opts);
-    settle(at::linear(x, w, b));
-    double best = 1e30;
-    for (int r = 0; r < 3; ++r) {
-      Timer t;
-      settle(at::linear(x, w, b));
-      best = std::min(best, t.seconds());
-    }
-    gemm += best * static_cast<double>(count);
+    gemm += bestSeconds(device, 3, [&] { (void)at::linear(x, w, b); }) * static_cast<double>(count);
   }
   const at::Tensor q = at::randn({B, m.numHeads, L, m.headDim()}, opts), k = at::randn_like(q), v = at::randn_like(q);
-  settle(model::localAttention(q, k, v, false).out);
-  double attention = 1e30;
-  for (int r = 0; r < 3; ++r) {
-    Timer t;
-    settle(model::localAttention(q, k, v, false).out);
-    attention = std::min(attention, t.seconds());
-  }
+  const double attention = bestSeconds(device, 3, [&] { (void)model::localAttention(q, k, v, false); });
   return {gemm, attention * static_cast<double>(m.depth + m.depthSingle)};
 }
 
@@ -192,7 +215,7 @@ void Engine::Impl::benchmarkForwards(const BenchmarkRequest& request, BenchmarkR
     }
     r.profileSeconds = t.seconds();
   }
-  if (device.is_cpu()) r.gemmRate = gemmRate(dtype);
+  r.gemmRate = gemmRate(dtype, device);
   if (rt.worldSize() == 1)
     std::tie(r.gemmSeconds, r.attentionSeconds) = componentTimes(config, B, geom.tokens(), Lt, dtype, device);
   finishMetrics(run, "bench", std::accumulate(r.samples.begin(), r.samples.end(), 0.0), 0, B * request.iters);

@@ -15,12 +15,15 @@ namespace pardit::pipeline {
 // FLOPs of one forward: every Linear (2*M*K*N) plus attention (QK^T and PV: 4*B*H*L^2*D).
 double forwardFlops(const model::FluxConfig& config, int64_t batch, int64_t imageTokens, int64_t textTokens);
 
-// Best-of-`reps` rate (FLOP/s) of an n x n x n matrix product in `dtype` on the CPU, with the current
-// intra-op thread count.
-double gemmRate(c10::ScalarType dtype, int64_t n = 1024, int reps = 5);
+// The matrix size of gemmRate() on a device: 1024 on the CPU, 8192 on CUDA (large enough to fill a GPU).
+int64_t gemmRateSize(const c10::Device& device);
+// Best-of-`reps` rate (FLOP/s) of an n x n x n matrix product in `dtype` on `device` (n = gemmRateSize;
+// the CPU with the current intra-op thread count; CUDA timed with events).
+double gemmRate(c10::ScalarType dtype, const c10::Device& device = c10::kCPU, int reps = 5);
 
 // Seconds of the forward's GEMMs alone (every Linear with its real shape, one layer's operands at a
-// time, never a second copy of the model) and of its attention calls alone (best of 3).
+// time, never a second copy of the model) and of its attention calls alone (best of 3; CUDA timed with
+// events on the stream, the CPU with the wall clock).
 std::pair<double, double> componentTimes(const model::FluxConfig& config, int64_t batch, int64_t imageTokens,
                                          int64_t textTokens, c10::ScalarType dtype, const c10::Device& device);
 

@@ -137,7 +137,7 @@ struct BenchmarkResult {
   double median = 0.0, best = 0.0, mean = 0.0;
   double flops = 0.0;            // per forward, all ranks together
   double commShare = 0.0;        // largest rank's share of the step in communication (without PipeFusion)
-  double gemmRate = 0.0;         // machine GEMM rate (FLOP/s) of one rank at this dtype (CPU), or 0
+  double gemmRate = 0.0;         // GEMM rate (FLOP/s) of one rank's device at this dtype, measured in the run
   // Single rank: the forward's GEMMs and attention timed alone (seconds); the rest is "other".
   double gemmSeconds = 0.0, attentionSeconds = 0.0;
   // PipeFusion: patches, and the share of a pipelined step spent waiting for the previous stage.

@@ -29,6 +29,9 @@ AttentionResult localAttention(const at::Tensor& q, const at::Tensor& k, const a
     return mathAttention(q, k, v);
   }
   if (q.device().is_cuda()) {
+    // Without the log-sum-exp: the kernel PyTorch's scaled_dot_product_attention picks for these tensors on
+    // this device (cuDNN attention where LibTorch prefers it, flash, memory-efficient), the reference's own.
+    if (!needLse) return {at::scaled_dot_product_attention(q, k, v), at::Tensor()};
     if ((type == at::kBFloat16 || type == at::kHalf) && q.size(-1) <= 256) {
       auto r = at::_scaled_dot_product_flash_attention(q, k, v, 0.0, false, needLse);
       return {std::get<0>(r), needLse ? std::get<1>(r) : at::Tensor()};

@@ -57,9 +57,10 @@ at::Tensor ringAttention(dist::Communicator& ring, const at::Tensor& q, const at
   auto blockAttention = [&](const at::Tensor& kb, const at::Tensor& vb) {
     return model::localAttention(q, kb, vb, /*needLse=*/true);
   };
-  if (R == 1) {
-    if (prefixK.defined()) return blockAttention(at::cat({prefixK, k}, 2), at::cat({prefixV, v}, 2)).out;
-    return blockAttention(k, v).out;
+  if (R == 1) {  // one block: nothing to merge, no log-sum-exp
+    if (prefixK.defined())
+      return model::localAttention(q, at::cat({prefixK, k}, 2), at::cat({prefixV, v}, 2), false).out;
+    return model::localAttention(q, k, v, false).out;
   }
   const int next = (ring.rank() + 1) % R, prev = (ring.rank() + R - 1) % R;
   // K and V travel together in one buffer [2, B, H, S, D].

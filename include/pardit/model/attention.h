@@ -19,9 +19,11 @@ struct AttentionResult {
   at::Tensor lse;  // [B, H, S] float32 log-sum-exp of the scaled scores (empty unless requested)
 };
 
-// Scaled dot-product attention without mask, scale 1/sqrt(D), using the fastest kernel LibTorch
-// offers on the tensors' device (flash attention on CPU and on CUDA for half types, memory-efficient
-// attention on CUDA for fp32). q: [B, H, Sq, D], k/v: [B, H, Sk, D].
+// Scaled dot-product attention without mask, scale 1/sqrt(D). The CPU: flash attention (what PyTorch's
+// scaled_dot_product_attention runs there). CUDA without the log-sum-exp: the kernel PyTorch's
+// scaled_dot_product_attention picks for the device and dtype (cuDNN, flash or memory-efficient); with it
+// (Ring attention): flash attention for half types, memory-efficient attention for fp32.
+// q: [B, H, Sq, D], k/v: [B, H, Sk, D].
 AttentionResult localAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool needLse);
 
 class AttentionBackend {

@@ -209,7 +209,7 @@ void Engine::Impl::benchmarkForwards(const BenchmarkRequest& request, BenchmarkR
   if (request.profile) {
     Timer t;
     {
-      OpProfile profile;
+      OpProfile profile(device);
       step();
       r.profile = profile.ops();
     }

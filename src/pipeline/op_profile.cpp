@@ -1,11 +1,15 @@
 #include "pardit/pipeline/op_profile.h"
 
 #include <ATen/record_function.h>
+#if defined(PARDIT_WITH_CUDA)
+#include <ATen/cuda/CUDAEvent.h>
+#endif
 
 #include <algorithm>
 #include <chrono>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "pardit/core/error.h"
@@ -19,6 +23,7 @@ struct Totals {
   std::map<std::string, OpProfile::Op> ops;
   std::thread::id owner;
   bool active = false;
+  bool cuda = false;  // time by events on the current CUDA stream
 };
 Totals& totals() {
   static Totals t;
@@ -28,19 +33,38 @@ thread_local int depth = 0;
 
 struct Started : at::ObserverContext {
   std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
+#if defined(PARDIT_WITH_CUDA)
+  std::optional<at::cuda::CUDAEvent> deviceStart;
+#endif
 };
 
 std::unique_ptr<at::ObserverContext> onStart(const at::RecordFunction& /*fn*/) {
   if (std::this_thread::get_id() != totals().owner) return nullptr;  // intra-op worker threads
-  return depth++ == 0 ? std::make_unique<Started>() : nullptr;
+  if (depth++ != 0) return nullptr;
+  auto started = std::make_unique<Started>();
+#if defined(PARDIT_WITH_CUDA)
+  if (totals().cuda) started->deviceStart.emplace(cudaEventDefault).record();
+#endif
+  return started;
+}
+
+double secondsSince(Started& started) {
+#if defined(PARDIT_WITH_CUDA)
+  if (started.deviceStart) {
+    at::cuda::CUDAEvent end(cudaEventDefault);
+    end.record();
+    end.synchronize();
+    return static_cast<double>(started.deviceStart->elapsed_time(end)) * 1e-3;
+  }
+#endif
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - started.start).count();
 }
 
 void onEnd(const at::RecordFunction& fn, at::ObserverContext* ctx) {
   if (std::this_thread::get_id() != totals().owner) return;
   --depth;
   if (!ctx) return;
-  const double s =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - static_cast<Started*>(ctx)->start).count();
+  const double s = secondsSince(*static_cast<Started*>(ctx));
   Totals& t = totals();
   std::lock_guard<std::mutex> lock(t.mutex);
   OpProfile::Op& op = t.ops[fn.name()];
@@ -51,7 +75,7 @@ void onEnd(const at::RecordFunction& fn, at::ObserverContext* ctx) {
 
 }  // namespace
 
-OpProfile::OpProfile() {
+OpProfile::OpProfile(const c10::Device& device) {
   Totals& t = totals();
   {
     std::lock_guard<std::mutex> lock(t.mutex);
@@ -59,6 +83,7 @@ OpProfile::OpProfile() {
     t.active = true;
     t.ops.clear();
     t.owner = std::this_thread::get_id();
+    t.cuda = device.is_cuda();
   }
   depth = 0;
   handle_ = at::addThreadLocalCallback(

@@ -1,9 +1,12 @@
 #pragma once
 // A profiler of ATen operators for `pardit bench --profile`: while an OpProfile lives, every top-level
 // operator the constructing thread calls (an operator called from inside another one counts in its
-// caller) is timed by wall clock and totalled by name. On the CPU this splits a forward into its
-// operators exactly; CUDA work is asynchronous, so on a GPU the times are launch costs unless the
-// caller synchronizes. One OpProfile at a time.
+// caller) is timed and totalled by name. On the CPU by wall clock, which splits a forward into its
+// operators exactly. On CUDA (asynchronous) by events recorded on the current stream around each operator,
+// which then waits for them: an operator's time is its device time from an idle stream (the forward runs
+// without overlap between operators while profiled). One OpProfile at a time.
+
+#include <c10/core/Device.h>
 
 #include <cstdint>
 #include <string>
@@ -13,7 +16,7 @@ namespace pardit::pipeline {
 
 class OpProfile {
  public:
-  OpProfile();
+  explicit OpProfile(const c10::Device& device = c10::kCPU);
   ~OpProfile();
   OpProfile(const OpProfile&) = delete;
   OpProfile& operator=(const OpProfile&) = delete;

@@ -197,13 +197,22 @@ def main():
     if gpu:
         torch.cuda.empty_cache()
 
-    # 3. pardit bench, bf16 and FP8 weights.
+    # 3. pardit bench, bf16 and FP8 weights; at the first size with bf16 weights also one profiled forward
+    #    (each operator's device time) and the split of GEMMs and attention timed alone.
+    split = []
     for weights in ("compute", "fp8"):
         for size in sizes:
+            profile = ["--profile"] if weights == "compute" and size == sizes[0] else []
             rc, out, _ = run([a.pardit, "bench", "--model", mdir, "--device", a.device, "--dtype", "bf16",
                               "--weight-dtype", weights, "--height", str(size), "--width", str(size), "--text-len",
-                              str(a.text_len), "--warmup", str(a.warmup), "--iters", str(a.iters)] + threads,
+                              str(a.text_len), "--warmup", str(a.warmup), "--iters", str(a.iters)] + threads + profile,
                              env, os.path.join(a.out, f"bench-{weights}-{size}.log"))
+            if profile and rc == 0:
+                classes = re.findall(r"\]   ([A-Za-z/]+): ([0-9.]+ \w+) \(([0-9.]+)%, (\d+) calls\)", out)
+                split = [f"{name} {t} ({float(share):.0f}%)" for name, t, share, _ in classes]
+                m = re.search(r"time split: (.*)", out)
+                info["time_split"] = m.group(1).strip() if m else None
+                info["operator_classes"] = split
             what = "pardit bench" + (" (FP8 weights)" if weights == "fp8" else "")
             if rc != 0:
                 rows.append({"what": what, "size": size, "s": None, "note": "failed"})
@@ -282,6 +291,9 @@ def main():
         tf = (f"{r['tflops']:.1f} ({100 * r['tflops'] / info['gemm_tflops']:.0f}%)" if r.get("tflops") else "-")
         print(f"| {r['what']} | {r['size']} | {f'{s:.4f}' if s else '-'} | {vs} | {vr} | {tf} | {gib(r.get('peak_bytes'))} "
               f"| {gib(r.get('rss_bytes'))} | {gib(r.get('streamed_bytes'))} | {r.get('note', '')} |")
+    if split:
+        print(f"\npardit operators at {sizes[0]} px, one profiled forward (device time): " + ", ".join(split))
+        print(f"pardit GEMMs and attention timed alone: {info.get('time_split')}")
     print("\nfidelity at %d px (bf16; max relative error and relative L2): " % sizes[0] +
           ", ".join(f"{k} {v:.2e}" for k, v in info.items() if "rel" in k))
     with open(os.path.join(a.out, "results.json"), "w") as f:

@@ -33,12 +33,14 @@ AttentionResult localAttention(const at::Tensor& q, const at::Tensor& k, const a
     // this device (cuDNN attention where LibTorch prefers it, flash, memory-efficient), the reference's own.
     if (!needLse) return {at::scaled_dot_product_attention(q, k, v), at::Tensor()};
     if ((type == at::kBFloat16 || type == at::kHalf) && q.size(-1) <= 256) {
-      auto r = at::_scaled_dot_product_flash_attention(q, k, v, 0.0, false, needLse);
-      return {std::get<0>(r), needLse ? std::get<1>(r) : at::Tensor()};
+      // It always returns its log-sum-exp [B, H, Sq]; the last flag is the debug mask (dropout only).
+      auto r = at::_scaled_dot_product_flash_attention(q, k, v, 0.0, false, /*return_debug_mask=*/false);
+      return {std::get<0>(r), std::get<1>(r)};
     }
-    auto r = at::_scaled_dot_product_efficient_attention(q, k, v, std::nullopt, needLse, 0.0, false);
+    auto r = at::_scaled_dot_product_efficient_attention(q, k, v, std::nullopt, /*compute_log_sumexp=*/true, 0.0,
+                                                         false);
     // Its log-sum-exp rows are padded to a multiple of 32: only the first Sq are the queries'.
-    return {std::get<0>(r), needLse ? std::get<1>(r).narrow(-1, 0, q.size(2)) : at::Tensor()};
+    return {std::get<0>(r), std::get<1>(r).narrow(-1, 0, q.size(2))};
   }
   return mathAttention(q, k, v);
 }

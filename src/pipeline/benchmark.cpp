@@ -48,15 +48,15 @@ namespace {
 // (the host does not wait inside the interval), the wall clock on the CPU.
 class DeviceTimer {
  public:
-  explicit DeviceTimer(const c10::Device& device) : cuda_(device.is_cuda()) {
+  explicit DeviceTimer(const c10::Device& device) : cuda_(device.is_cuda()), index_(device.index()) {
 #if defined(PARDIT_WITH_CUDA)
-    if (cuda_) start_.record();
+    if (cuda_) start_.record(c10::cuda::getCurrentCUDAStream(index_));  // the rank's GPU, not the current one
 #endif
   }
   double seconds() {
 #if defined(PARDIT_WITH_CUDA)
     if (cuda_) {
-      stop_.record();
+      stop_.record(c10::cuda::getCurrentCUDAStream(index_));
       stop_.synchronize();
       return static_cast<double>(start_.elapsed_time(stop_)) * 1e-3;
     }
@@ -66,6 +66,7 @@ class DeviceTimer {
 
  private:
   bool cuda_;
+  c10::DeviceIndex index_;
   Timer wall_;
 #if defined(PARDIT_WITH_CUDA)
   at::cuda::CUDAEvent start_{cudaEventDefault}, stop_{cudaEventDefault};

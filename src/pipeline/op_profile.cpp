@@ -23,7 +23,8 @@ struct Totals {
   std::map<std::string, OpProfile::Op> ops;
   std::thread::id owner;
   bool active = false;
-  bool cuda = false;  // time by events on the current CUDA stream
+  bool cuda = false;  // time by events on the current stream of this CUDA device
+  c10::DeviceIndex device = -1;
 };
 Totals& totals() {
   static Totals t;
@@ -43,7 +44,8 @@ std::unique_ptr<at::ObserverContext> onStart(const at::RecordFunction& /*fn*/) {
   if (depth++ != 0) return nullptr;
   auto started = std::make_unique<Started>();
 #if defined(PARDIT_WITH_CUDA)
-  if (totals().cuda) started->deviceStart.emplace(cudaEventDefault).record();
+  if (totals().cuda)
+    started->deviceStart.emplace(cudaEventDefault).record(c10::cuda::getCurrentCUDAStream(totals().device));
 #endif
   return started;
 }
@@ -52,7 +54,7 @@ double secondsSince(Started& started) {
 #if defined(PARDIT_WITH_CUDA)
   if (started.deviceStart) {
     at::cuda::CUDAEvent end(cudaEventDefault);
-    end.record();
+    end.record(c10::cuda::getCurrentCUDAStream(totals().device));
     end.synchronize();
     return static_cast<double>(started.deviceStart->elapsed_time(end)) * 1e-3;
   }
@@ -84,6 +86,7 @@ OpProfile::OpProfile(const c10::Device& device) {
     t.ops.clear();
     t.owner = std::this_thread::get_id();
     t.cuda = device.is_cuda();
+    t.device = device.index();
   }
   depth = 0;
   handle_ = at::addThreadLocalCallback(

@@ -7,6 +7,7 @@
 
 #include "pardit/core/error.h"
 #include "pardit/model/fp8.h"
+#include "pardit/model/fused.h"
 
 namespace pardit::model {
 
@@ -25,7 +26,12 @@ at::Tensor layerNorm(const at::Tensor& x) {  // no affine parameters, eps 1e-6
 
 // (1 + scale) * LN(x) + shift, with scale/shift [B, h] broadcast over tokens.
 at::Tensor modulate(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale) {
-  return layerNorm(x) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1);
+  return scaleAdd(layerNorm(x), 1 + scale, shift);
+}
+
+// x + gate * y, with gate [B, h] broadcast over tokens.
+at::Tensor gatedResidual(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& y) {
+  return scaleAdd(y, gate, x);
 }
 }  // namespace
 
@@ -175,13 +181,6 @@ std::pair<at::Tensor, at::Tensor> ropeTables(const at::Tensor& ids, const std::v
   return {at::cat(cosParts, 1), at::cat(sinParts, 1)};  // [L, D]
 }
 
-at::Tensor applyRope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  // Pairs (2j, 2j+1): x' = x * cos + rotate(x) * sin with rotate(x)[2j] = -x[2j+1], rotate(x)[2j+1] = x[2j].
-  at::Tensor pairs = x.unflatten(-1, {-1, 2});  // [..., D/2, 2]
-  at::Tensor re = pairs.select(-1, 0), im = pairs.select(-1, 1);
-  at::Tensor rotated = at::stack({-im, re}, -1).flatten(-2);
-  return (x.to(at::kFloat) * cos + rotated.to(at::kFloat) * sin).to(x.scalar_type());
-}
 
 at::Tensor timestepEmbedding(const at::Tensor& t, int64_t dim) {
   const int64_t half = dim / 2;
@@ -241,14 +240,11 @@ FluxConditioning FluxTransformer::conditioning(const FluxInputs& in) const {
   return c;
 }
 
-at::Tensor FluxTransformer::jointAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           const FluxConditioning& cond, int64_t textLen, int layer) const {
-  // q, k, v: [B, L, H, D] (QK-normed). RoPE in this layout, attention on [B, H, L, D] views.
-  at::Tensor qr = applyRope(q, cond.cos, cond.sin);
-  at::Tensor kr = applyRope(k, cond.cos, cond.sin);
-  at::Tensor out = attention_->attend(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2),
+at::Tensor FluxTransformer::attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t textLen,
+                                   int layer) const {
+  at::Tensor out = attention_->attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                       AttentionCall{textLen, layer});  // [B, H, L, D]
-  return out.transpose(1, 2).flatten(2).to(q.scalar_type());          // [B, L, h]
+  return out.transpose(1, 2).to(q.scalar_type());
 }
 
 void FluxTransformer::doubleBlock(int64_t i, at::Tensor& img, at::Tensor& txt, const FluxConditioning& cond) const {
@@ -261,30 +257,39 @@ void FluxTransformer::doubleBlock(int64_t i, at::Tensor& img, at::Tensor& txt, c
   at::Tensor iq = at::rms_norm(iqkv.select(2, 0), dShape, w->img.qNorm, kNormEps);
   at::Tensor ik = at::rms_norm(iqkv.select(2, 1), dShape, w->img.kNorm, kNormEps);
   at::Tensor iv = iqkv.select(2, 2);
+  auto mlpResidual = [&](const at::Tensor& x, const DoubleBlockWeights::Stream& s, const std::vector<at::Tensor>& mod) {
+    return gatedResidual(x, mod[5], s.mlp2(at::gelu(s.mlp0(modulate(x, mod[3], mod[4])), "tanh")));
+  };
   if (!txt.defined()) {
     // Image rows only (the attention backend supplies the text K/V, e.g. PipeFusion's later patches).
-    at::Tensor iAttn = jointAttention(iq, ik, iv, cond, 0, static_cast<int>(i));
-    img = img + imod[2].unsqueeze(1) * w->img.proj(iAttn.contiguous());
-    img = img + imod[5].unsqueeze(1) * w->img.mlp2(at::gelu(w->img.mlp0(modulate(img, imod[3], imod[4])), "tanh"));
+    at::Tensor iAttn = attend(rope(iq, cond.cos, cond.sin), rope(ik, cond.cos, cond.sin), iv, 0, static_cast<int>(i));
+    img = gatedResidual(img, imod[2], w->img.proj(iAttn.flatten(2).contiguous()));
+    img = mlpResidual(img, w->img, imod);
     if (img.scalar_type() == at::kHalf) img = img.clamp(-65504, 65504);
     return;
   }
-  const int64_t Lt = txt.size(1);
+  const int64_t Lt = txt.size(1), L = Lt + Li;
+  PARDIT_CHECK(cond.cos.dim() == 4 && cond.cos.size(1) == L, "RoPE tables cover ", cond.cos.size(1),
+               " tokens, the joint sequence has ", L);
   auto tmod = w->txt.mod(cond.siluVec).chunk(6, 1);
   at::Tensor tqkv = w->txt.qkv(modulate(txt, tmod[0], tmod[1])).view({B, Lt, 3, H, D});
-  at::Tensor q = at::cat({at::rms_norm(tqkv.select(2, 0), dShape, w->txt.qNorm, kNormEps), iq}, 1);
-  at::Tensor k = at::cat({at::rms_norm(tqkv.select(2, 1), dShape, w->txt.kNorm, kNormEps), ik}, 1);
+  // RoPE written straight into the joint [text ; image] q and k.
+  auto joint = [&](const at::Tensor& t, const at::Tensor& im) {
+    at::Tensor out = at::empty({B, L, H, D}, im.options());
+    ropeInto(out.narrow(1, 0, Lt), t, cond.cos.narrow(1, 0, Lt), cond.sin.narrow(1, 0, Lt));
+    ropeInto(out.narrow(1, Lt, Li), im, cond.cos.narrow(1, Lt, Li), cond.sin.narrow(1, Lt, Li));
+    return out;
+  };
+  at::Tensor q = joint(at::rms_norm(tqkv.select(2, 0), dShape, w->txt.qNorm, kNormEps), iq);
+  at::Tensor k = joint(at::rms_norm(tqkv.select(2, 1), dShape, w->txt.kNorm, kNormEps), ik);
   at::Tensor v = at::cat({tqkv.select(2, 2), iv}, 1);  // [B, L, H, D], text first
-  at::Tensor attn = jointAttention(q, k, v, cond, Lt, static_cast<int>(i));
-  at::Tensor tAttn = attn.narrow(1, 0, Lt), iAttn = attn.narrow(1, Lt, Li);
+  at::Tensor attn = attend(q, k, v, Lt, static_cast<int>(i));
+  at::Tensor tAttn = attn.narrow(1, 0, Lt).flatten(2).contiguous(), iAttn = attn.narrow(1, Lt, Li).flatten(2).contiguous();
 
-  img = img + imod[2].unsqueeze(1) * w->img.proj(iAttn.contiguous());
-  at::Tensor ih = w->img.mlp2(at::gelu(w->img.mlp0(modulate(img, imod[3], imod[4])), "tanh"));
-  img = img + imod[5].unsqueeze(1) * ih;
-
-  txt = txt + tmod[2].unsqueeze(1) * w->txt.proj(tAttn.contiguous());
-  at::Tensor th = w->txt.mlp2(at::gelu(w->txt.mlp0(modulate(txt, tmod[3], tmod[4])), "tanh"));
-  txt = txt + tmod[5].unsqueeze(1) * th;
+  img = gatedResidual(img, imod[2], w->img.proj(iAttn));
+  img = mlpResidual(img, w->img, imod);
+  txt = gatedResidual(txt, tmod[2], w->txt.proj(tAttn));
+  txt = mlpResidual(txt, w->txt, tmod);
   if (img.scalar_type() == at::kHalf) {
     img = img.clamp(-65504, 65504);
     txt = txt.clamp(-65504, 65504);
@@ -294,17 +299,21 @@ void FluxTransformer::doubleBlock(int64_t i, at::Tensor& img, at::Tensor& txt, c
 at::Tensor FluxTransformer::singleBlock(int64_t i, const at::Tensor& x, int64_t textLen,
                                         const FluxConditioning& cond) const {
   auto w = weights_->singleBlock(i);
-  const int64_t H = config_.numHeads, D = config_.headDim(), h = config_.hiddenSize;
+  const int64_t H = config_.numHeads, D = config_.headDim(), h = config_.hiddenSize, mlp = config_.mlpHidden;
   const int64_t B = x.size(0), L = x.size(1);
   auto mod = w->mod(cond.siluVec).chunk(3, 1);
   at::Tensor hidden = w->linear1(modulate(x, mod[0], mod[1]));  // [B, L, 3h + mlp]
   at::Tensor qkv = hidden.narrow(2, 0, 3 * h).view({B, L, 3, H, D});
-  at::Tensor mlp = at::gelu(hidden.narrow(2, 3 * h, config_.mlpHidden), "tanh");
   const std::vector<int64_t> dShape{D};
-  at::Tensor q = at::rms_norm(qkv.select(2, 0), dShape, w->qNorm, kNormEps);
-  at::Tensor k = at::rms_norm(qkv.select(2, 1), dShape, w->kNorm, kNormEps);
-  at::Tensor attn = jointAttention(q, k, qkv.select(2, 2), cond, textLen, static_cast<int>(config_.depth + i));
-  at::Tensor out = x + mod[2].unsqueeze(1) * w->linear2(at::cat({attn, mlp}, 2));
+  at::Tensor q = rope(at::rms_norm(qkv.select(2, 0), dShape, w->qNorm, kNormEps), cond.cos, cond.sin);
+  at::Tensor k = rope(at::rms_norm(qkv.select(2, 1), dShape, w->kNorm, kNormEps), cond.cos, cond.sin);
+  at::Tensor attn = attend(q, k, qkv.select(2, 2), textLen, static_cast<int>(config_.depth + i));
+  // linear2's input [attention ; GELU(mlp)] is written in place, not concatenated.
+  at::Tensor joined = at::empty({B, L, h + mlp}, hidden.options());
+  joined.narrow(2, 0, h).view({B, L, H, D}).copy_(attn);
+  at::Tensor mlpPart = joined.narrow(2, h, mlp);
+  at::gelu_out(mlpPart, hidden.narrow(2, 3 * h, mlp), "tanh");
+  at::Tensor out = gatedResidual(x, mod[2], w->linear2(joined));
   if (out.scalar_type() == at::kHalf) out = out.clamp(-65504, 65504);
   return out;
 }

@@ -137,8 +137,6 @@ at::Tensor textPositionIds(int64_t textLen);
 // RoPE tables for position ids [L, 3]: returns (cos, sin), each [L, D] float32, computed in float64.
 std::pair<at::Tensor, at::Tensor> ropeTables(const at::Tensor& ids, const std::vector<int64_t>& axesDim,
                                              double theta);
-// Applies interleaved-pair RoPE to x [B, L, H, D] with cos/sin broadcastable to it; float32 math.
-at::Tensor applyRope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 // Sinusoidal embedding [B, 256] (cos half first), float32, of t (already scaled by 1000).
 at::Tensor timestepEmbedding(const at::Tensor& t, int64_t dim = 256);
 
@@ -164,8 +162,9 @@ class FluxTransformer {
   c10::ScalarType dtype() const { return dtype_; }
 
  private:
-  at::Tensor jointAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const FluxConditioning& cond, int64_t textLen, int layer) const;
+  // Attention of RoPE'd q, k and v, each [B, L, H, D]; returns [B, L, H, D] (a view of the backend's
+  // [B, H, L, D] result: the caller's one copy makes it contiguous where it is needed).
+  at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t textLen, int layer) const;
 
   FluxConfig config_;
   std::shared_ptr<FluxWeightProvider> weights_;

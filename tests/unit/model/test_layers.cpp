@@ -6,6 +6,7 @@
 #include "pardit/core/error.h"
 #include "pardit/model/attention.h"
 #include "pardit/model/flux.h"
+#include "pardit/model/fused.h"
 
 using namespace pardit;
 
@@ -20,7 +21,7 @@ TEST(Rope, RotatesInterleavedPairsByTheAxisAngles) {
     EXPECT_NEAR(sin[0][2 * j + 1].item<float>(), std::sin(angles[j]), 1e-6);
   }
   at::Tensor x = at::randn({1, 1, 1, 8});
-  at::Tensor y = model::applyRope(x, cos.view({1, 1, 1, 8}), sin.view({1, 1, 1, 8}));
+  at::Tensor y = model::rope(x, cos.view({1, 1, 1, 8}), sin.view({1, 1, 1, 8}));
   for (int j = 0; j < 4; ++j) {
     const double a = angles[j];
     const double x0 = x[0][0][0][2 * j].item<double>(), x1 = x[0][0][0][2 * j + 1].item<double>();

@@ -1,0 +1,121 @@
+// The fused elementwise passes against the ATen compositions they replace (the reference's operations,
+// as diffusers writes them), bit for bit, in every dtype, layout and thread count the blocks use.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <gtest/gtest.h>
+
+#include "pardit/model/flux.h"
+#include "pardit/model/fused.h"
+
+using namespace pardit;
+
+namespace {
+
+// diffusers' apply_rotary_emb (use_real, unbind_dim -1) on x [B, L, H, D].
+at::Tensor ropeReference(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  at::Tensor pairs = x.reshape({x.size(0), x.size(1), x.size(2), -1, 2});
+  at::Tensor re = pairs.select(-1, 0), im = pairs.select(-1, 1);
+  at::Tensor rotated = at::stack({-im, re}, -1).flatten(3);
+  return (x.to(at::kFloat) * cos + rotated.to(at::kFloat) * sin).to(x.scalar_type());
+}
+
+// The same bits (not only equal values: -0 and NaN payloads count).
+void expectSameBits(const at::Tensor& got, const at::Tensor& want) {
+  ASSERT_EQ(got.sizes(), want.sizes());
+  ASSERT_EQ(got.scalar_type(), want.scalar_type());
+  const auto bits = got.element_size() == 4 ? at::kInt : got.element_size() == 2 ? at::kShort : at::kLong;
+  at::Tensor g = got.contiguous().view(bits), w = want.contiguous().view(bits);
+  const int64_t differ = g.ne(w).sum().item<int64_t>();
+  EXPECT_EQ(differ, 0) << differ << " of " << got.numel() << " elements differ";
+}
+
+struct Tables {
+  at::Tensor cos, sin;  // [1, L, 1, D]
+};
+
+Tables tables(int64_t L, int64_t D) {
+  at::Tensor ids = at::randint(0, 64, {L, 3}).to(at::kFloat);
+  auto [c, s] = model::ropeTables(ids, D == 8 ? std::vector<int64_t>{2, 2, 4} : std::vector<int64_t>{4, 6, 6}, 10000.0);
+  return {c.unsqueeze(0).unsqueeze(2), s.unsqueeze(0).unsqueeze(2)};
+}
+
+class ThreadCount {
+ public:
+  explicit ThreadCount(int n) : before_(at::get_num_threads()) { at::set_num_threads(n); }
+  ~ThreadCount() { at::set_num_threads(before_); }
+
+ private:
+  int before_;
+};
+
+const at::ScalarType kDtypes[] = {at::kFloat, at::kBFloat16, at::kHalf};
+
+}  // namespace
+
+TEST(FusedOps, RopeEqualsTheReferenceBitForBit) {
+  at::manual_seed(11);
+  const int64_t B = 2, L = 301, H = 3, D = 16;
+  const Tables t = tables(L, D);
+  for (auto dtype : kDtypes) {
+    for (int threads : {1, 3}) {
+      ThreadCount tc(threads);
+      SCOPED_TRACE(std::string(c10::toString(dtype)) + ", threads " + std::to_string(threads));
+      // q as the blocks see it: a select of the fused qkv projection (not contiguous), values of RMS-norm size.
+      at::Tensor qkv = (at::randn({B, L, 3, H, D}) * 3).to(dtype);
+      at::Tensor x = qkv.select(2, 1);
+      ASSERT_FALSE(x.is_contiguous());
+      expectSameBits(model::rope(x, t.cos, t.sin), ropeReference(x, t.cos, t.sin));
+      expectSameBits(model::rope(x.contiguous(), t.cos, t.sin), ropeReference(x, t.cos, t.sin));
+    }
+  }
+}
+
+TEST(FusedOps, RopeIntoASliceWritesOnlyThatSlice) {
+  at::manual_seed(12);
+  const int64_t B = 1, Lt = 7, Li = 40, H = 2, D = 8;
+  const Tables t = tables(Lt + Li, D);
+  for (auto dtype : kDtypes) {
+    SCOPED_TRACE(c10::toString(dtype));
+    at::Tensor txt = at::randn({B, Lt, H, D}).to(dtype), img = at::randn({B, Li, H, D}).to(dtype);
+    at::Tensor joint = at::full({B, Lt + Li, H, D}, 7.0, at::TensorOptions().dtype(dtype));
+    model::ropeInto(joint.narrow(1, Lt, Li), img, t.cos.narrow(1, Lt, Li), t.sin.narrow(1, Lt, Li));
+    EXPECT_TRUE(joint.narrow(1, 0, Lt).eq(7.0).all().item<bool>()) << "the text rows were written";
+    model::ropeInto(joint.narrow(1, 0, Lt), txt, t.cos.narrow(1, 0, Lt), t.sin.narrow(1, 0, Lt));
+    // Writing the two halves equals RoPE of the concatenation, as the reference computes it.
+    expectSameBits(joint, ropeReference(at::cat({txt, img}, 1), t.cos, t.sin));
+  }
+}
+
+TEST(FusedOps, ScaleAddEqualsMulThenAdd) {
+  at::manual_seed(13);
+  const int64_t B = 2, L = 257, h = 96;
+  for (auto dtype : kDtypes) {
+    for (int threads : {1, 3}) {
+      ThreadCount tc(threads);
+      SCOPED_TRACE(std::string(c10::toString(dtype)) + ", threads " + std::to_string(threads));
+      at::Tensor a = at::randn({B, L, h}).to(dtype);
+      // Scale, shift and gate are chunks of a modulation output [B, 3h]: rows with a stride of 3h.
+      auto mod = (at::randn({B, 3 * h}) * 2).to(dtype).chunk(3, 1);
+      ASSERT_FALSE(mod[0].is_contiguous());
+      at::Tensor residual = at::randn({B, L, h}).to(dtype);
+      // Modulation: LN(x) * (1 + scale) + shift, as diffusers' AdaLayerNormZero.
+      at::Tensor s = 1 + mod[1];
+      expectSameBits(model::scaleAdd(a, s, mod[0]), a * s.unsqueeze(1) + mod[0].unsqueeze(1));
+      // Gated residual: x + gate * y.
+      expectSameBits(model::scaleAdd(a, mod[2], residual), residual + mod[2].unsqueeze(1) * a);
+    }
+  }
+}
+
+TEST(FusedOps, OtherTensorsTakeTheComposition) {
+  at::manual_seed(14);
+  // float64 and a last dimension that is not contiguous are not fused: the result is ATen's, the same.
+  at::Tensor a = at::randn({1, 5, 6}, at::kDouble), s = at::randn({1, 6}, at::kDouble);
+  expectSameBits(model::scaleAdd(a, s, a), a * s.unsqueeze(1) + a);
+  at::Tensor strided = at::randn({1, 6, 5}).transpose(1, 2);  // [1, 5, 6], last stride 5
+  at::Tensor sf = at::randn({1, 6});
+  expectSameBits(model::scaleAdd(strided, sf, sf), strided * sf.unsqueeze(1) + sf.unsqueeze(1));
+  const Tables t = tables(5, 8);
+  at::Tensor x = at::randn({1, 5, 2, 8}, at::kDouble);
+  expectSameBits(model::rope(x, t.cos, t.sin), ropeReference(x, t.cos, t.sin));
+}

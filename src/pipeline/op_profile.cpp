@@ -118,7 +118,8 @@ std::string OpProfile::classOf(const std::string& name) {
       {"copy/layout", {"aten::copy_", "aten::contiguous", "aten::clone", "aten::cat", "aten::stack", "aten::to",
                        "aten::_to_copy", "aten::reshape", "aten::flatten", "aten::empty", "aten::constant_pad_nd"}},
       {"elementwise", {"aten::mul", "aten::add", "aten::sub", "aten::neg", "aten::gelu", "aten::silu", "aten::rsub",
-                       "aten::div", "aten::exp", "aten::cos", "aten::sin", "aten::clamp", "aten::where"}},
+                       "aten::div", "aten::exp", "aten::cos", "aten::sin", "aten::clamp", "aten::where",
+                       "pardit::rope", "pardit::scale_add"}},
   };
   for (const auto& [cls, prefixes] : kClasses)
     for (const auto& p : prefixes)

@@ -33,8 +33,8 @@ ncclDataType_t ncclType(at::ScalarType t) {
     case at::kDouble: return ncclFloat64;
     case at::kInt: return ncclInt32;
     case at::kLong: return ncclInt64;
+    case at::kChar: return ncclInt8;  // signed: max/min compare as int8
     case at::kByte:
-    case at::kChar:
     case at::kBool: return ncclUint8;
     default: PARDIT_THROW("NCCL: unsupported dtype ", t);
   }
@@ -102,6 +102,8 @@ class NcclCommunicator final : public Communicator {
     checkCuda(in, "all_to_all");
     checkCuda(out, "all_to_all");
     PARDIT_CHECK(in.size(0) == size_ && out.sizes() == in.sizes(), "all_to_all: dim 0 must equal the group size");
+    PARDIT_CHECK(out.scalar_type() == in.scalar_type(), "all_to_all: output dtype ", out.scalar_type(),
+                 " differs from the input's ", in.scalar_type());
     const size_t count = static_cast<size_t>(in.numel() / size_);
     const size_t chunkBytes = count * in.element_size();
     auto stream = current(in);
@@ -121,6 +123,8 @@ class NcclCommunicator final : public Communicator {
     checkCuda(in, "all_gather");
     checkCuda(out, "all_gather");
     PARDIT_CHECK(out.numel() == in.numel() * size_, "all_gather: output must hold ", size_, " copies of the input");
+    PARDIT_CHECK(out.scalar_type() == in.scalar_type(), "all_gather: output dtype ", out.scalar_type(),
+                 " differs from the input's ", in.scalar_type());
     Timer t;
     PARDIT_NCCL_CHECK(ncclAllGather(in.data_ptr(), out.data_ptr(), in.numel(), ncclType(in.scalar_type()), comm_,
                                     current(in)));

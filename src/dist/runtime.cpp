@@ -52,6 +52,7 @@ Runtime::Runtime(std::unique_ptr<Communicator> world, RankPlacement placement)
 }
 
 Runtime::~Runtime() {
+  deviceWorld_.reset();
   deviceGroups_.clear();
   cpuGroups_.clear();
   world_.reset();
@@ -65,6 +66,8 @@ Communicator& Runtime::world() { return *world_; }
 void Runtime::setTopology(const ParallelDegrees& degrees, const c10::Device& device) {
   Topology::validate(degrees, worldSize_);
   topology_ = Topology(degrees, worldRank_);
+  device_ = device;
+  deviceWorld_.reset();
   deviceGroups_.clear();
   cpuGroups_.clear();
   for (GroupKind kind : {GroupKind::kUlysses, GroupKind::kRing, GroupKind::kSequence, GroupKind::kPipeFusion,
@@ -82,6 +85,12 @@ Communicator& Runtime::group(GroupKind kind) {
   auto it = deviceGroups_.find(kind);
   if (it != deviceGroups_.end()) return *it->second;
   return cpuGroup(kind);
+}
+
+Communicator& Runtime::deviceWorld() {
+  if (!device_.is_cuda() || !mpiWorld_ || worldSize_ == 1) return world();
+  if (!deviceWorld_) deviceWorld_ = makeNcclCommunicator(*world_, device_.index());
+  return *deviceWorld_;
 }
 
 Communicator& Runtime::cpuGroup(GroupKind kind) {

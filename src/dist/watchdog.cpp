@@ -8,6 +8,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <vector>
 #include <thread>
@@ -43,6 +44,9 @@ State& state() {
   return *s;
 }
 
+constexpr double kAbortLimitSeconds = 5.0;
+constexpr auto kAbortLimit = std::chrono::milliseconds(static_cast<int64_t>(kAbortLimitSeconds * 1000));
+
 [[noreturn]] void abortJob(const std::string& line) {
   logError(line);  // one line (errors print at every log level), then the whole job goes
   std::fflush(stderr);
@@ -54,11 +58,24 @@ State& state() {
     if (lock.owns_lock())
       for (const auto& [id, hooks] : s.communicators) aborts.push_back(hooks.abort);
   }
-  for (const auto& abort : aborts) {
-    try {
-      if (abort) abort();
-    } catch (...) {  // ending the job matters more than a clean abort
-    }
+  // On a thread of their own, with a time limit: an abort that hangs (a driver waiting on a dead peer) must
+  // not keep the processes alive.
+  if (!aborts.empty()) {
+    auto done = std::make_shared<std::atomic<bool>>(false);
+    std::thread([aborts, done] {
+      for (const auto& abort : aborts) {
+        try {
+          if (abort) abort();
+        } catch (...) {  // ending the job matters more than a clean abort
+        }
+      }
+      done->store(true);
+    }).detach();
+    const auto deadline = std::chrono::steady_clock::now() + kAbortLimit;
+    while (!done->load() && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    if (!done->load()) logError("the communicators' aborts did not return within ", formatSeconds(kAbortLimitSeconds),
+                                "; ending the processes");
   }
   int initialized = 0, finalized = 0;
   MPI_Initialized(&initialized);

@@ -18,15 +18,15 @@ at::Tensor PatchVaeSpatial::conv3x3(const at::Tensor& x, const at::Tensor& weigh
   // One halo row from each neighbour (none at the image's edges, where the zero padding is right).
   at::Tensor top, bottom;
   std::vector<std::unique_ptr<dist::Work>> pending;
+  // Each exchange is one paired send/receive: on NCCL a lone receive blocks the GPU stream until it is
+  // matched, so two neighbours each receiving first would wait for each other forever.
   if (r > 0) {
     top = at::empty({x.size(0), x.size(1), 1, x.size(3)}, x.options());
-    pending.push_back(group_.irecv(top, r - 1));
-    pending.push_back(group_.isend(x.narrow(2, 0, 1).contiguous(), r - 1));
+    pending.push_back(group_.sendRecv(x.narrow(2, 0, 1).contiguous(), r - 1, top, r - 1));
   }
   if (r + 1 < n) {
     bottom = at::empty({x.size(0), x.size(1), 1, x.size(3)}, x.options());
-    pending.push_back(group_.irecv(bottom, r + 1));
-    pending.push_back(group_.isend(x.narrow(2, rows - 1, 1).contiguous(), r + 1));
+    pending.push_back(group_.sendRecv(x.narrow(2, rows - 1, 1).contiguous(), r + 1, bottom, r + 1));
   }
   for (auto& w : pending) w->wait();
   // The slab with zero padding is right everywhere but its first and last rows next to a neighbour; those

@@ -505,10 +505,10 @@ DecodePlan Engine::Impl::planImageDecode(int64_t batch, const LatentGeometry& ge
 
 at::Tensor Engine::Impl::runDecode(const model::VaeDecoder& dec, const at::Tensor& z, const DecodePlan& plan) {
   switch (plan.mode) {
-    case DecodePlan::Mode::kTiles:
-      return parallel::decodeTiledParallel(dec, z, rt.world(), plan.tile);
+    case DecodePlan::Mode::kTiles:  // the latents are on the rank's device: NCCL between GPUs
+      return parallel::decodeTiledParallel(dec, z, rt.deviceWorld(), plan.tile);
     case DecodePlan::Mode::kPatches:
-      return parallel::decodeParallel(dec, z, rt.world());
+      return parallel::decodeParallel(dec, z, rt.deviceWorld());
     case DecodePlan::Mode::kWhole:
       break;
   }

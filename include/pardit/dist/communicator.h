@@ -61,6 +61,9 @@ class Communicator {
   virtual void allReduce(at::Tensor& tensor, ReduceOp op = ReduceOp::kSum) = 0;
   virtual void send(const at::Tensor& tensor, int peer) = 0;
   virtual void recv(at::Tensor& tensor, int peer) = 0;
+  // Point-to-point without pairing: on NCCL each runs on the GPU after the previous one and blocks the
+  // stream until its peer's matching call runs, so two ranks that both receive (or both send large
+  // messages) first deadlock. Exchanges between two ranks go through sendRecv.
   virtual std::unique_ptr<Work> isend(const at::Tensor& tensor, int peer) = 0;
   virtual std::unique_ptr<Work> irecv(at::Tensor& tensor, int peer) = 0;
   // Sends `out` to `to` while receiving `in` from `from`, as one operation (a ring shift never

@@ -65,6 +65,10 @@ class Runtime {
   Communicator& group(GroupKind kind);
   // A CPU (MPI) communicator of the group, for host-side coordination.
   Communicator& cpuGroup(GroupKind kind);
+  // All ranks, for tensors on the topology's device: under MPI with CUDA an NCCL communicator over the
+  // world, made on first use (so collective over the world: every rank calls it at the same point), else
+  // world().
+  Communicator& deviceWorld();
 
   // Runs `phase` on every rank; if it throws on any rank, the failing rank logs its message and every
   // rank throws CollectiveFailure, so all exit cleanly instead of hanging in the next collective.
@@ -93,6 +97,8 @@ class Runtime {
   Topology topology_;
   std::map<GroupKind, std::unique_ptr<Communicator>> cpuGroups_;
   std::map<GroupKind, std::unique_ptr<Communicator>> deviceGroups_;
+  c10::Device device_ = c10::Device(c10::kCPU);
+  std::unique_ptr<Communicator> deviceWorld_;
 };
 
 // Device of a rank: the CPU, or CUDA device localRank % visible devices for cuda (and auto with GPUs).

@@ -1,6 +1,6 @@
 // The watchdog's communicator hooks (NCCL's ncclCommGetAsyncError and ncclCommAbort plug in here): an
 // asynchronous error a communicator reports ends the job at once, naming the operation and the error, and
-// every registered communicator is aborted before the processes go. Run in a child process (the job ends).
+// every registered communicator is aborted before the processes go (an abort that hangs gets a time limit). Run in a child process (the job ends).
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -21,6 +21,8 @@ TEST(Watchdog, ChildSide) {
   dist::registerCommunicator([] { return std::string(); }, [path] { std::ofstream(path + ".healthy") << "aborted\n"; });
   dist::registerCommunicator([] { return std::string("unhandled system error (a peer died)"); },
                              [path] { std::ofstream(path + ".failed") << "aborted\n"; });
+  // An abort that never returns (a driver waiting on a dead peer) must not keep the process alive.
+  dist::registerCommunicator([] { return std::string(); }, [] { std::this_thread::sleep_for(std::chrono::hours(1)); });
   dist::setWatchContext("step 2/4");
   dist::WatchedOperation op("ncclAllToAll");
   std::this_thread::sleep_for(std::chrono::seconds(30));
@@ -39,7 +41,8 @@ TEST(Watchdog, AsyncErrorEndsTheJobAndAbortsCommunicators) {
   EXPECT_NE(r.output.find("ncclAllToAll failed: unhandled system error (a peer died); aborting the job"),
             std::string::npos)
       << r.output;
-  EXPECT_LT(seconds, 10.0);
+  EXPECT_LT(seconds, 15.0);  // the error is seen within 0.25 s; a hanging abort gets 5 s
+  EXPECT_NE(r.output.find("aborts did not return within 5"), std::string::npos) << r.output;
   EXPECT_TRUE(std::ifstream(marker + ".healthy").good()) << "every registered communicator is aborted";
   EXPECT_TRUE(std::ifstream(marker + ".failed").good());
 }

@@ -9,8 +9,9 @@ out="$1" targets="$2"
 shift 2
 command -v clang++ >/dev/null || { echo "SKIP: clang++ not found (launch/install.sh --fuzz)"; exit 77; }
 venv="${PARDIT_VENV:-$("$root/launch/install.sh" | tail -n 1)}"
+# (No CUDA kernels: these checks run on the CPU, and nvcc would compile them with its own host compiler.)
 cmake -S "$root" -B "$out" -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ -DPARDIT_PYTHON="$venv/bin/python" \
-      "$@" >"$out.configure.log" 2>&1 || { cat "$out.configure.log"; exit 1; }
+      -DPARDIT_CUDA_KERNELS=OFF "$@" >"$out.configure.log" 2>&1 || { cat "$out.configure.log"; exit 1; }
 jobs="${PARDIT_JOBS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}"
 # shellcheck disable=SC2046
 cmake --build "$out" -j "$jobs" --target $(tr ',' ' ' <<<"$targets") >"$out.build.log" 2>&1 ||

@@ -6,6 +6,8 @@
 
 #include "pardit/model/flux.h"
 #include "pardit/model/fused.h"
+#include "fused_math.h"  // src/model: the CUDA kernels' per-thread work
+#include "test_util.h"
 
 using namespace pardit;
 
@@ -118,4 +120,91 @@ TEST(FusedOps, OtherTensorsTakeTheComposition) {
   const Tables t = tables(5, 8);
   at::Tensor x = at::randn({1, 5, 2, 8}, at::kDouble);
   expectSameBits(model::rope(x, t.cos, t.sin), ropeReference(x, t.cos, t.sin));
+}
+
+namespace {
+
+// What each CUDA thread does (fused_math.h), run here for every thread index of a launch.
+template <typename T>
+void ropeThreads(const at::Tensor& out, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  const at::Tensor c = cos.expand(x.sizes()), s = sin.expand(x.sizes());
+  model::fused::RopeGeometry g{x.size(0), x.size(1), x.size(2), x.size(3), {}, {}, {}, {}};
+  for (int d = 0; d < 3; ++d) {
+    g.out[d] = out.stride(d);
+    g.x[d] = x.stride(d);
+    g.cos[d] = c.stride(d);
+    g.sin[d] = s.stride(d);
+  }
+  for (int64_t i = 0; i < g.B * g.L * g.H * g.D / 2; ++i)
+    model::fused::ropeElement(static_cast<T*>(out.data_ptr()), static_cast<const T*>(x.data_ptr()),
+                              c.data_ptr<float>(), s.data_ptr<float>(), g, i);
+}
+
+template <typename T>
+void scaleAddThreads(const at::Tensor& out, const at::Tensor& a, const at::Tensor& s, const at::Tensor& c) {
+  const bool perToken = c.dim() == 3;
+  const model::fused::ScaleAddGeometry g{a.size(0), a.size(1), a.size(2), a.stride(0), a.stride(1),
+                                         s.stride(0), c.stride(0), perToken ? c.stride(1) : 0};
+  for (int64_t i = 0; i < out.numel(); ++i)
+    model::fused::scaleAddElement(static_cast<T*>(out.data_ptr()), static_cast<const T*>(a.data_ptr()),
+                                  static_cast<const T*>(s.data_ptr()), static_cast<const T*>(c.data_ptr()), g, i);
+}
+
+template <typename T>
+void checkKernelBodies(at::ScalarType dtype) {
+  SCOPED_TRACE(c10::toString(dtype));
+  const int64_t B = 2, Lt = 5, Li = 23, H = 3, D = 16, n = 40;
+  const Tables t = tables(Lt + Li, D);
+  at::Tensor x = (at::randn({B, Lt + Li, 3, H, D}) * 3).to(dtype).select(2, 1);  // strided rows
+  // Into the image half of a joint buffer: output strides differ from the input's.
+  at::Tensor joint = at::zeros({B, Lt + Li + 4, H, D}, x.options());
+  ropeThreads<T>(joint.narrow(1, 4, Lt + Li), x, t.cos, t.sin);
+  expectSameBits(joint.narrow(1, 4, Lt + Li), ropeReference(x, t.cos, t.sin));
+  EXPECT_TRUE(joint.narrow(1, 0, 4).eq(0).all().item<bool>());
+
+  at::Tensor a = at::randn({B, Li, n}).to(dtype), residual = at::randn({B, Li, n}).to(dtype);
+  auto mod = (at::randn({B, 3 * n}) * 2).to(dtype).chunk(3, 1);
+  at::Tensor out = at::empty({B, Li, n}, a.options());
+  scaleAddThreads<T>(out, a, mod[1], mod[0]);
+  expectSameBits(out, a * mod[1].unsqueeze(1) + mod[0].unsqueeze(1));
+  scaleAddThreads<T>(out, a, mod[2], residual);
+  expectSameBits(out, residual + mod[2].unsqueeze(1) * a);
+}
+
+}  // namespace
+
+TEST(FusedOps, CudaThreadWorkOnTheHostEqualsTheReference) {
+  at::manual_seed(16);
+  checkKernelBodies<float>(at::kFloat);
+  checkKernelBodies<c10::BFloat16>(at::kBFloat16);
+  checkKernelBodies<c10::Half>(at::kHalf);
+}
+
+// The CUDA kernels (built with nvcc) against ATen's CUDA operations, bit for bit; they skip without a GPU.
+TEST(CudaFusedOps, KernelsEqualTheAtenCompositionsOnTheDevice) {
+  PARDIT_REQUIRE_CUDA();
+  at::manual_seed(15);
+  const at::Device dev(at::kCUDA, 0);
+  const int64_t B = 2, Lt = 77, Li = 1024, H = 3, D = 128, h = H * D;
+  const Tables host = tables(Lt + Li, D);
+  const at::Tensor cos = host.cos.to(dev), sin = host.sin.to(dev);
+  for (auto dtype : kDtypes) {
+    SCOPED_TRACE(c10::toString(dtype));
+    at::Tensor qkv = (at::randn({B, Lt + Li, 3, H, D}) * 3).to(dtype).to(dev);
+    at::Tensor x = qkv.select(2, 0);
+    expectSameBits(model::rope(x, cos, sin).cpu(), ropeReference(x, cos, sin).cpu());
+    // Written into the two halves of a joint buffer.
+    at::Tensor joint = at::empty({B, Lt + Li, H, D}, x.options());
+    model::ropeInto(joint.narrow(1, 0, Lt), x.narrow(1, 0, Lt), cos.narrow(1, 0, Lt), sin.narrow(1, 0, Lt));
+    model::ropeInto(joint.narrow(1, Lt, Li), x.narrow(1, Lt, Li), cos.narrow(1, Lt, Li), sin.narrow(1, Lt, Li));
+    expectSameBits(joint.cpu(), ropeReference(x, cos, sin).cpu());
+    // And the CPU's fused pass gives the same bits as the GPU's.
+    expectSameBits(model::rope(x.cpu(), host.cos, host.sin), ropeReference(x, cos, sin).cpu());
+
+    at::Tensor a = at::randn({B, Li, h}).to(dtype).to(dev), residual = at::randn({B, Li, h}).to(dtype).to(dev);
+    auto mod = (at::randn({B, 3 * h}) * 2).to(dtype).to(dev).chunk(3, 1);
+    at::Tensor s = 1 + mod[1];
+    expectSameBits(model::scaleAdd(a, s, mod[0]).cpu(), (a * s.unsqueeze(1) + mod[0].unsqueeze(1)).cpu());
+    expectSameBits(model::scaleAdd(a, mod[2], residual).cpu(), (residual + mod[2].unsqueeze(1) * a).cpu());
+  }
 }

@@ -11,7 +11,9 @@
 #include <exception>
 #include <map>
 #include <mutex>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include "pardit/core/error.h"
 #include "pardit/core/timer.h"
@@ -24,6 +26,24 @@ namespace {
 // Shared by every communicator of one in-process world: set when a rank has failed.
 struct World {
   std::atomic<bool> failed{false};
+  PointToPoint p2p = PointToPoint::kBuffered;
+};
+
+std::atomic<double> gDeadlockSeconds{60.0};
+
+// One rendezvous point-to-point operation of a rank: its sends and receives, which complete together.
+struct P2pOp {
+  struct Part {
+    bool send = false;
+    int peer = 0;
+    at::Tensor tensor;  // sent from, or received into (not copied: the caller keeps it until wait())
+    bool matched = false;
+  };
+  int rank = 0;
+  std::string what;
+  std::vector<Part> parts;
+  bool done = false;
+  std::string error;
 };
 
 // One rank's part of a collective.
@@ -92,6 +112,38 @@ class Hub : public std::enable_shared_from_this<Hub> {
     return m;
   }
 
+  // Rendezvous point-to-point: queues `op` behind the rank's earlier operations and matches what can be.
+  void enqueue(const std::shared_ptr<P2pOp>& op) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (queues_.empty()) queues_.resize(size_);
+    queues_[op->rank].push_back(op);
+    progress();
+  }
+
+  void waitFor(const std::shared_ptr<P2pOp>& op) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    uint64_t seen = matches_;
+    auto last = std::chrono::steady_clock::now();
+    while (!op->done) {
+      PARDIT_CHECK(!world_->failed.load(), "in-process job: another rank failed while rank ", op->rank, " waited in ",
+                   op->what);
+      const auto now = std::chrono::steady_clock::now();
+      if (matches_ != seen) {
+        seen = matches_;
+        last = now;
+      }
+      const double idle = std::chrono::duration<double>(now - last).count();
+      PARDIT_CHECK(idle < gDeadlockSeconds.load(), "in-process job: rank ", op->rank, "'s ", op->what,
+                   " cannot complete: the group's point-to-point operations made no progress for ", idle,
+                   " s (each rank's complete in the order issued, a send only with its receive, as on NCCL, "
+                   "where this hangs the GPUs); pending: ",
+                   pending());
+      cv_.wait_for(lock, std::chrono::milliseconds(20));
+      progress();
+    }
+    PARDIT_CHECK(op->error.empty(), op->error);
+  }
+
   // Wakes every waiter of this hub (they see the world's failure).
   void wake() {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -105,6 +157,57 @@ class Hub : public std::enable_shared_from_this<Hub> {
       PARDIT_CHECK(!world_->failed.load(), "in-process job: another rank failed while this rank waited in ", what);
       cv_.wait_for(lock, std::chrono::milliseconds(20));
     }
+  }
+
+  // Matches the send parts at the head of each rank's queue with the receive parts at the head of their
+  // peers' queues (so in issue order between every pair), and retires heads whose parts all matched.
+  void progress() {
+    bool changed = true;
+    while (changed) {
+      changed = false;
+      for (int r = 0; r < size_; ++r) {
+        if (queues_[r].empty()) continue;
+        P2pOp& head = *queues_[r].front();
+        for (auto& part : head.parts) {
+          if (part.matched || !part.send || part.peer < 0 || part.peer >= size_ || queues_[part.peer].empty()) continue;
+          P2pOp& other = *queues_[part.peer].front();
+          for (auto& recv : other.parts) {
+            if (recv.matched || recv.send || recv.peer != r) continue;
+            if (recv.tensor.nbytes() != part.tensor.nbytes()) {
+              other.error = "recv: expected " + std::to_string(recv.tensor.nbytes()) + " bytes from rank " +
+                            std::to_string(r) + ", got " + std::to_string(part.tensor.nbytes());
+              head.error = "send to rank " + std::to_string(part.peer) + ": the receive expected another size";
+            } else {
+              recv.tensor.copy_(part.tensor.reshape(recv.tensor.sizes()));
+            }
+            part.matched = recv.matched = true;
+            ++matches_;
+            changed = true;
+            break;
+          }
+        }
+      }
+      for (auto& q : queues_) {
+        while (!q.empty() && std::all_of(q.front()->parts.begin(), q.front()->parts.end(),
+                                         [](const P2pOp::Part& x) { return x.matched; })) {
+          q.front()->done = true;
+          q.pop_front();
+          changed = true;
+        }
+      }
+    }
+    cv_.notify_all();
+  }
+
+  std::string pending() const {
+    std::string out;
+    for (size_t r = 0; r < queues_.size(); ++r) {
+      if (queues_[r].empty()) continue;
+      if (!out.empty()) out += "; ";
+      out += "rank " + std::to_string(r) + ": " + queues_[r].front()->what;
+      if (queues_[r].size() > 1) out += " (+" + std::to_string(queues_[r].size() - 1) + " queued)";
+    }
+    return out.empty() ? "none" : out;
   }
 
   void checkSameKind() const {
@@ -121,6 +224,8 @@ class Hub : public std::enable_shared_from_this<Hub> {
   int arrived_ = 0;
   std::vector<Slot> slots_;
   std::map<std::pair<int, int>, std::deque<at::Tensor>> mail_;
+  std::vector<std::deque<std::shared_ptr<P2pOp>>> queues_;  // rendezvous point-to-point, per rank
+  uint64_t matches_ = 0;                                    // sends matched so far (progress)
 };
 
 // Every hub of a world, so that a failure can wake them all.
@@ -219,6 +324,10 @@ class InProcessCommunicator final : public Communicator {
   std::unique_ptr<Work> isend(const at::Tensor& tensor, int peer) override {
     checkContiguous(tensor, "isend");
     checkPeer(peer, "isend");
+    if (rendezvous()) {
+      record(CollectiveKind::kSendRecv, tensor.nbytes(), 0.0);
+      return issue("send to rank " + std::to_string(peer), {{true, peer, tensor}});
+    }
     Timer t;
     hub_->post(rank_, peer, tensor.clone());
     record(CollectiveKind::kSendRecv, tensor.nbytes(), t.seconds());
@@ -229,6 +338,7 @@ class InProcessCommunicator final : public Communicator {
     checkContiguous(tensor, "irecv");
     checkPeer(peer, "irecv");
     record(CollectiveKind::kSendRecv, 0, 0.0);
+    if (rendezvous()) return issue("recv from rank " + std::to_string(peer), {{false, peer, tensor}});
     return std::make_unique<InProcessWork>([this, tensor, peer]() mutable {
       Timer t;
       at::Tensor m = hub_->take(peer, rank_);
@@ -240,6 +350,15 @@ class InProcessCommunicator final : public Communicator {
   }
 
   std::unique_ptr<Work> sendRecv(const at::Tensor& out, int to, at::Tensor& in, int from) override {
+    if (rendezvous()) {
+      checkContiguous(out, "send_recv");
+      checkContiguous(in, "send_recv");
+      checkPeer(to, "send_recv");
+      checkPeer(from, "send_recv");
+      record(CollectiveKind::kSendRecv, out.nbytes(), 0.0);
+      return issue("send to rank " + std::to_string(to) + " with recv from rank " + std::to_string(from),
+                   {{true, to, out}, {false, from, in}});
+    }
     auto r = irecv(in, from);
     isend(out, to);
     return r;
@@ -280,6 +399,18 @@ class InProcessCommunicator final : public Communicator {
     record(kind, bytesSent, t.seconds());
   }
 
+  bool rendezvous() const { return hub_->world()->p2p == PointToPoint::kRendezvous; }
+
+  std::unique_ptr<Work> issue(std::string what, std::vector<P2pOp::Part> parts) {
+    auto op = std::make_shared<P2pOp>();
+    op->rank = rank_;
+    op->what = std::move(what);
+    op->parts = std::move(parts);
+    hub_->enqueue(op);
+    auto hub = hub_;
+    return std::make_unique<InProcessWork>([hub, op] { hub->waitFor(op); });
+  }
+
   void checkPeer(int peer, const char* what) const {
     PARDIT_CHECK(peer >= 0 && peer < size(), what, ": peer ", peer, " is not in a group of ", size());
   }
@@ -302,10 +433,11 @@ struct WorldHandle {
   }
 };
 
-WorldHandle makeWorld(int size) {
+WorldHandle makeWorld(int size, PointToPoint p2p) {
   PARDIT_CHECK(size >= 1, "an in-process world needs at least 1 rank, got ", size);
   WorldHandle h;
   h.world = std::make_shared<World>();
+  h.world->p2p = p2p;
   h.registry = std::make_shared<HubRegistry>();
   auto hub = std::make_shared<Hub>(size, h.world);
   h.registry->hubs.push_back(hub);
@@ -315,10 +447,14 @@ WorldHandle makeWorld(int size) {
 
 }  // namespace
 
-std::vector<std::unique_ptr<Communicator>> makeInProcessWorld(int size) { return std::move(makeWorld(size).comms); }
+std::vector<std::unique_ptr<Communicator>> makeInProcessWorld(int size, PointToPoint p2p) {
+  return std::move(makeWorld(size, p2p).comms);
+}
 
-void runInProcess(int size, const std::function<void(Runtime&)>& body) {
-  WorldHandle h = makeWorld(size);
+void setInProcessDeadlockSeconds(double seconds) { gDeadlockSeconds.store(seconds); }
+
+void runInProcess(int size, const std::function<void(Runtime&)>& body, PointToPoint p2p) {
+  WorldHandle h = makeWorld(size, p2p);
   char host[256] = {0};
   ::gethostname(host, sizeof(host) - 1);
   std::mutex errorMutex;

@@ -53,6 +53,8 @@ Runtime::Runtime(std::unique_ptr<Communicator> world, RankPlacement placement)
 
 Runtime::~Runtime() {
   deviceWorld_.reset();
+  returnDevice_.reset();
+  returnCpu_.reset();
   deviceGroups_.clear();
   cpuGroups_.clear();
   world_.reset();
@@ -68,6 +70,8 @@ void Runtime::setTopology(const ParallelDegrees& degrees, const c10::Device& dev
   topology_ = Topology(degrees, worldRank_);
   device_ = device;
   deviceWorld_.reset();
+  returnDevice_.reset();
+  returnCpu_.reset();
   deviceGroups_.clear();
   cpuGroups_.clear();
   for (GroupKind kind : {GroupKind::kUlysses, GroupKind::kRing, GroupKind::kSequence, GroupKind::kPipeFusion,
@@ -79,6 +83,17 @@ void Runtime::setTopology(const ParallelDegrees& degrees, const c10::Device& dev
     if (device.is_cuda() && cpu->size() > 1 && mpiWorld_) deviceGroups_[kind] = makeNcclCommunicator(*cpu, device.index());
     cpuGroups_[kind] = std::move(cpu);
   }
+  Communicator& pipeline = *cpuGroups_[GroupKind::kPipeFusion];
+  if (pipeline.size() > 1) {
+    returnCpu_ = pipeline.split(0, pipeline.rank());
+    if (device.is_cuda() && mpiWorld_) returnDevice_ = makeNcclCommunicator(*returnCpu_, device.index());
+  }
+}
+
+Communicator& Runtime::pipelineReturn() {
+  if (returnDevice_) return *returnDevice_;
+  if (returnCpu_) return *returnCpu_;
+  return group(GroupKind::kPipeFusion);
 }
 
 Communicator& Runtime::group(GroupKind kind) {
@@ -185,6 +200,8 @@ std::map<std::string, CollectiveStats> Runtime::collectiveTotals() const {
   if (world_) add(*world_);
   for (const auto& [k, c] : cpuGroups_) add(*c);
   for (const auto& [k, c] : deviceGroups_) add(*c);
+  for (const auto* c : {returnCpu_.get(), returnDevice_.get(), deviceWorld_.get()})
+    if (c) add(*c);
   return totals;
 }
 

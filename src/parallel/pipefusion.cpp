@@ -190,18 +190,22 @@ PipeFusionRunner::PipeFusionRunner(std::shared_ptr<model::FluxTransformer> trans
   usp_->setKvCache(kv_);
 }
 
-at::Tensor PipeFusionRunner::recvTensor(std::vector<int64_t> shape, int from) {
+at::Tensor PipeFusionRunner::recvTensor(std::vector<int64_t> shape, int from, Channel channel) {
   at::Tensor t = at::empty(shape, at::TensorOptions().dtype(transformer_->dtype()).device(options_.device));
   Timer timer;
-  comms_.pipeline->recv(t, from);
+  communicator(channel).recv(t, from);
   const double waited = timer.seconds();
   stats_.waitSeconds += waited;
   if (!stats_.stepWaitSeconds.empty()) stats_.stepWaitSeconds.back() += waited;
   return t;
 }
 
-void PipeFusionRunner::sendTensor(const at::Tensor& t, int to) {
-  pendingSends_.push_back(comms_.pipeline->isend(t.contiguous(), to));
+void PipeFusionRunner::sendTensor(const at::Tensor& t, int to, Channel channel) {
+  pendingSends_.push_back(communicator(channel).isend(t.contiguous(), to));
+}
+
+dist::Communicator& PipeFusionRunner::communicator(Channel channel) const {
+  return channel == Channel::kSendBack && comms_.sendBack ? *comms_.sendBack : *comms_.pipeline;
 }
 
 void PipeFusionRunner::completeSends() {
@@ -300,11 +304,11 @@ void PipeFusionRunner::stepSynchronous(const PipeFusionStep& s, model::FluxInput
   x.txtIds = model::textPositionIds(x.txt.size(1)).to(options_.device);
   x.imgIds = imageIds_;
   if (firstStage() && previous_ == SentBack::kAll)
-    latents_ = recvTensor({B, options_.layout.localTokens(), C}, previousStage());
+    latents_ = recvTensor({B, options_.layout.localTokens(), C}, previousStage(), Channel::kSendBack);
   const Activations out = passAll(x, latents_);
   if (lastStage()) {
     latents_ = s.update(out.img, latents_);
-    if (s.sendBack && comms_.pipeline->size() > 1) sendTensor(latents_, nextStage());
+    if (s.sendBack && comms_.pipeline->size() > 1) sendTensor(latents_, nextStage(), Channel::kSendBack);
   }
   previous_ = s.sendBack && comms_.pipeline->size() > 1 ? SentBack::kAll : SentBack::kNothing;
 }
@@ -322,8 +326,9 @@ void PipeFusionRunner::stepPatches(const PipeFusionStep& s, model::FluxInputs x)
     x.txtIds = p == 0 ? txtIds : txtIds.narrow(0, 0, 0);  // RoPE rows: [text ; patch] or the patch alone
     Activations in;
     if (firstStage()) {
-      if (previous_ == SentBack::kAll && p == 0) latents_.copy_(recvTensor({B, latents_.size(1), C}, previousStage()));
-      if (previous_ == SentBack::kPatches) patch.copy_(recvTensor({B, Tp, C}, previousStage()));
+      if (previous_ == SentBack::kAll && p == 0)
+        latents_.copy_(recvTensor({B, latents_.size(1), C}, previousStage(), Channel::kSendBack));
+      if (previous_ == SentBack::kPatches) patch.copy_(recvTensor({B, Tp, C}, previousStage(), Channel::kSendBack));
       // The text passes the stages with the first patch only; later patches reuse its K/V.
       in = embed(x, patch, /*withText=*/p == 0);
     } else {
@@ -336,7 +341,7 @@ void PipeFusionRunner::stepPatches(const PipeFusionStep& s, model::FluxInputs x)
       sendTensor(out.img, nextStage());
     } else {
       patch.copy_(s.update(out.img, patch));
-      if (s.sendBack && comms_.pipeline->size() > 1) sendTensor(patch.clone(), nextStage());
+      if (s.sendBack && comms_.pipeline->size() > 1) sendTensor(patch.clone(), nextStage(), Channel::kSendBack);
     }
   }
   previous_ = s.sendBack && comms_.pipeline->size() > 1 ? SentBack::kPatches : SentBack::kNothing;

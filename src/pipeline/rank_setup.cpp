@@ -124,7 +124,8 @@ std::shared_ptr<parallel::PipeFusionRunner> makePipeFusionRunner(dist::Runtime& 
   options.layout = pf.layout;
   options.layout.spRank = rt.topology().spRank();
   options.device = device;
-  parallel::PipeFusionComms comms{&rt.group(dist::GroupKind::kPipeFusion), &rt.group(dist::GroupKind::kSequence)};
+  parallel::PipeFusionComms comms{&rt.group(dist::GroupKind::kPipeFusion), &rt.group(dist::GroupKind::kSequence),
+                                  &rt.pipelineReturn()};
   return std::make_shared<parallel::PipeFusionRunner>(transformer, usp, options, comms);
 }
 

@@ -131,7 +131,8 @@ at::Tensor pipeFusion(dist::Runtime& rt, const Problem& pr, const Run& run) {
   parallel::PipeFusionOptions options{partition, topo.pipefusionRank(),
                                       {pr.geom.tokenRows(), pr.geom.tokenCols(), run.patches, topo.spDegree(), topo.spRank()},
                                       c10::kCPU};
-  parallel::PipeFusionComms comms{&rt.group(dist::GroupKind::kPipeFusion), &rt.group(dist::GroupKind::kSequence)};
+  parallel::PipeFusionComms comms{&rt.group(dist::GroupKind::kPipeFusion), &rt.group(dist::GroupKind::kSequence),
+                                  &rt.pipelineReturn()};
   auto runner = std::make_shared<parallel::PipeFusionRunner>(t, usp, options, comms);
   pipeline::FlowMatchEulerScheduler s(pipeline::SchedulerConfig::dev(), pr.steps, pr.geom.tokens());
   const bool cfg = run.degrees.cfg > 1;

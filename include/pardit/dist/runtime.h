@@ -65,6 +65,12 @@ class Runtime {
   Communicator& group(GroupKind kind);
   // A CPU (MPI) communicator of the group, for host-side coordination.
   Communicator& cpuGroup(GroupKind kind);
+  // The PipeFusion group again, as a communicator of its own, for the latents the last stage sends back
+  // to the first: on NCCL a communicator's point-to-point operations run one after the other on the GPU
+  // and a send waits for its receive, so sharing one with the forward activations makes a cycle (stage 0
+  // sends patches on while the last stage waits to hand back an earlier one). The group's communicator
+  // itself when PipeFusion has one stage.
+  Communicator& pipelineReturn();
   // All ranks, for tensors on the topology's device: under MPI with CUDA an NCCL communicator over the
   // world, made on first use (so collective over the world: every rank calls it at the same point), else
   // world().
@@ -97,6 +103,7 @@ class Runtime {
   Topology topology_;
   std::map<GroupKind, std::unique_ptr<Communicator>> cpuGroups_;
   std::map<GroupKind, std::unique_ptr<Communicator>> deviceGroups_;
+  std::unique_ptr<Communicator> returnCpu_, returnDevice_;  // pipelineReturn()
   c10::Device device_ = c10::Device(c10::kCPU);
   std::unique_ptr<Communicator> deviceWorld_;
 };

@@ -91,6 +91,8 @@ class KvBuffers final : public UspAttention::KvCache {
 struct PipeFusionComms {
   dist::Communicator* pipeline = nullptr;  // this rank's PipeFusion group (stage order)
   dist::Communicator* sequence = nullptr;  // its sequence-parallel group
+  // The latents the last stage sends back to the first (Runtime::pipelineReturn(); `pipeline` if null).
+  dist::Communicator* sendBack = nullptr;
 };
 
 // Where this rank sits in the pipeline and which tokens it holds.
@@ -154,8 +156,12 @@ class PipeFusionRunner {
   void stepPatches(const PipeFusionStep& s, model::FluxInputs x);
   // The first stage's input: embedded text (or none) and embedded image rows, repeated to the model batch.
   Activations embed(const model::FluxInputs& cond, const at::Tensor& latents, bool withText) const;
-  at::Tensor recvTensor(std::vector<int64_t> shape, int from);
-  void sendTensor(const at::Tensor& t, int to);
+  // Activations go stage to stage on the pipeline communicator; the latents sent back from the last
+  // stage to the first on their own (PipeFusionComms::sendBack).
+  enum class Channel { kForward, kSendBack };
+  at::Tensor recvTensor(std::vector<int64_t> shape, int from, Channel channel = Channel::kForward);
+  void sendTensor(const at::Tensor& t, int to, Channel channel = Channel::kForward);
+  dist::Communicator& communicator(Channel channel) const;
   void completeSends();
   at::Tensor localToFull(const at::Tensor& local) const;
   bool firstStage() const { return options_.stage == 0; }

@@ -156,3 +156,55 @@ TEST(InProcess, RingAttentionEqualsFullAttention) {
   parallel::mergeAttention(out, lse, b.out.to(at::kFloat), b.lse);
   EXPECT_LE((out - full).abs().max().item<double>(), 1e-5);
 }
+
+// Rendezvous point-to-point (NCCL's semantics on GPUs): two neighbours that each receive before they send
+// can never complete, and the wait says so instead of hanging; the same exchange as one grouped sendRecv
+// completes, and the buffered default accepts both orders.
+TEST(InProcess, RendezvousPointToPointReportsAnExchangeThatWouldHangOnNccl) {
+  struct ShortDeadlock {
+    ShortDeadlock() { dist::setInProcessDeadlockSeconds(1.0); }
+    ~ShortDeadlock() { dist::setInProcessDeadlockSeconds(60.0); }
+  } shortDeadlock;
+  auto receiveFirst = [](dist::Runtime& rt) {
+    auto& w = rt.world();
+    const int peer = 1 - w.rank();
+    at::Tensor in = at::empty({4}), out = at::full({4}, static_cast<double>(w.rank()));
+    auto r = w.irecv(in, peer);
+    auto s = w.isend(out, peer);
+    r->wait();
+    s->wait();
+    EXPECT_TRUE(in.eq(peer).all().item<bool>());
+  };
+  EXPECT_NO_THROW(dist::runInProcess(2, receiveFirst));  // buffered: the sends complete at once
+  try {
+    dist::runInProcess(2, receiveFirst, dist::PointToPoint::kRendezvous);
+    FAIL() << "expected the exchange to be reported";
+  } catch (const Error& e) {
+    EXPECT_NE(e.message().find("recv from rank"), std::string::npos) << e.message();
+    EXPECT_NE(e.message().find("cannot complete"), std::string::npos) << e.message();
+  }
+  dist::runInProcess(
+      2,
+      [](dist::Runtime& rt) {
+        auto& w = rt.world();
+        const int peer = 1 - w.rank();
+        at::Tensor in = at::empty({4}), out = at::full({4}, static_cast<double>(w.rank()));
+        w.sendRecv(out, peer, in, peer)->wait();
+        EXPECT_TRUE(in.eq(peer).all().item<bool>());
+        // In issue order between a pair: two sends are received in the order they were sent.
+        at::Tensor a = at::full({2}, 10.0 + w.rank()), b = at::full({3}, 20.0 + w.rank());
+        if (w.rank() == 0) {
+          auto s1 = w.isend(a, 1);
+          auto s2 = w.isend(b, 1);
+          s1->wait();
+          s2->wait();
+        } else {
+          at::Tensor ra = at::empty({2}), rb = at::empty({3});
+          w.recv(ra, 0);
+          w.recv(rb, 0);
+          EXPECT_TRUE(ra.eq(10.0).all().item<bool>());
+          EXPECT_TRUE(rb.eq(20.0).all().item<bool>());
+        }
+      },
+      dist::PointToPoint::kRendezvous);
+}

@@ -13,6 +13,11 @@ TEST_P(InProcessLayouts, UspCfgForward) { dist::runInProcess(GetParam(), test::u
 TEST_P(InProcessLayouts, UspCfgGenerate) { dist::runInProcess(GetParam(), test::uspCfgGenerateMatchesSingleRank); }
 TEST_P(InProcessLayouts, CommunicationVolume) { dist::runInProcess(GetParam(), test::communicationVolumeIsAnalytic); }
 TEST_P(InProcessLayouts, PipeFusionTiny) { dist::runInProcess(GetParam(), test::pipeFusionTinyMatchesSingleRank); }
+// With NCCL's point-to-point semantics (nothing buffered, each rank's operations in issue order): the
+// patch pipeline's sends and receives, including the last stage's send-back of the latents, complete.
+TEST_P(InProcessLayouts, PipeFusionTinyWithRendezvousPointToPoint) {
+  dist::runInProcess(GetParam(), test::pipeFusionTinyMatchesSingleRank, dist::PointToPoint::kRendezvous);
+}
 TEST_P(InProcessLayouts, PipeFusionReadsItsStage) { dist::runInProcess(GetParam(), test::pipeFusionRanksReadTheirStage); }
 
 INSTANTIATE_TEST_SUITE_P(Ranks, InProcessLayouts, ::testing::Values(2, 4),

@@ -71,15 +71,20 @@ class EngineTest : public ::testing::Test {
   }
 
   // Runs `generate` on `ranks` in-process ranks; returns rank 0's latents and checks all ranks agree.
+  // Point-to-point with NCCL's semantics (nothing buffered): every layout's exchanges would also complete
+  // between GPUs.
   at::Tensor generate(int ranks, const config::EngineConfig& options, const pipeline::GenerateRequest& r) {
     std::mutex m;
     std::vector<at::Tensor> out(ranks);
-    dist::runInProcess(ranks, [&](dist::Runtime& rt) {
-      pipeline::Engine engine(options, rt);
-      at::Tensor l = engine.generate(r).latents;
-      std::lock_guard<std::mutex> lock(m);
-      out[rt.worldRank()] = l;
-    });
+    dist::runInProcess(
+        ranks,
+        [&](dist::Runtime& rt) {
+          pipeline::Engine engine(options, rt);
+          at::Tensor l = engine.generate(r).latents;
+          std::lock_guard<std::mutex> lock(m);
+          out[rt.worldRank()] = l;
+        },
+        dist::PointToPoint::kRendezvous);
     for (int i = 1; i < ranks; ++i) EXPECT_TRUE(at::equal(out[0], out[i])) << "rank " << i;
     return out[0];
   }

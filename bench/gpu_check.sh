@@ -48,8 +48,12 @@ bundle() {
   local comps
   comps="$(dirname "$(ldd "$build/pardit" | awk '$1 ~ /^libmpi.so/ {print $3}')")/openmpi/lib/openmpi3"
   [[ -d "$comps" ]] || comps=/usr/lib/x86_64-linux-gnu/openmpi/lib/openmpi3
+  local deps
   for c in "$comps"/*.so; do
-    ldd "$c" 2>/dev/null | grep -Eq 'libucp|libucs|libuct|libfabric|libibverbs|libpsm|liboshmem|libmlx' && continue
+    # (ldd's output first, then the match: `ldd | grep -q` under pipefail fails whenever grep's early exit
+    # kills ldd with SIGPIPE, and the component was then taken.)
+    deps="$(ldd "$c" 2>/dev/null || true)"
+    grep -Eq 'libucp|libucs|libuct|libfabric|libibverbs|libpsm|liboshmem|libmlx' <<<"$deps" && continue
     cp "$c" "$dir/openmpi/"
   done
   # Every library the binary and those components load, except glibc's, the C++ runtime's, LibTorch's and CUDA's.

@@ -5,10 +5,11 @@
    device), written with save_pretrained: both sides load the same weights.
 2. diffusers FluxTransformer2DModel, eager (and torch.compile with --compile): time per forward (median),
    peak device memory, at each size.
-3. `pardit bench` on the same model: time per forward, peak device memory; bf16 weights and FP8 weights.
+3. `pardit bench` on the same model: time per forward, peak device memory; bf16 weights (also as CUDA graph
+   replays, --cuda-graphs) and FP8 weights.
 4. Fidelity at the first size: `pardit forward` against diffusers' output on the same inputs (bf16), and FP8
    against bf16.
-5. Offload rows (`pardit generate`, a few steps at the first size): resident, each --budgets with
+5. Offload rows (`pardit generate`, a few steps at the first size): resident (and with --cuda-graphs), each --budgets with
    --stream-from host and file, --offload sequential, and FP8 under the first budget: seconds per step,
    streamed bytes per step, peak device memory, peak host RSS.
 Prints a Markdown table and writes results.json to --out.
@@ -199,21 +200,24 @@ def main():
 
     # 3. pardit bench, bf16 and FP8 weights; at the first size with bf16 weights also one profiled forward
     #    (each operator's device time) and the split of GEMMs and attention timed alone.
+    #    On a GPU the bf16 forwards also as CUDA graph replays (--cuda-graphs).
     split = []
-    for weights in ("compute", "fp8"):
+    variants = [("compute", [])] + ([("compute", ["--cuda-graphs"])] if gpu else []) + [("fp8", [])]
+    for weights, extra in variants:
         for size in sizes:
-            profile = ["--profile"] if weights == "compute" and size == sizes[0] else []
+            profile = ["--profile"] if weights == "compute" and not extra and size == sizes[0] else []
+            tag = weights + ("-graphs" if extra else "")
             rc, out, _ = run([a.pardit, "bench", "--model", mdir, "--device", a.device, "--dtype", "bf16",
                               "--weight-dtype", weights, "--height", str(size), "--width", str(size), "--text-len",
-                              str(a.text_len), "--warmup", str(a.warmup), "--iters", str(a.iters)] + threads + profile,
-                             env, os.path.join(a.out, f"bench-{weights}-{size}.log"))
+                              str(a.text_len), "--warmup", str(a.warmup), "--iters", str(a.iters)] + threads + profile +
+                             extra, env, os.path.join(a.out, f"bench-{tag}-{size}.log"))
             if profile and rc == 0:
                 classes = re.findall(r"\]   ([A-Za-z/]+): ([0-9.]+ \w+) \(([0-9.]+)%, (\d+) calls\)", out)
                 split = [f"{name} {t} ({float(share):.0f}%)" for name, t, share, _ in classes]
                 m = re.search(r"time split: (.*)", out)
                 info["time_split"] = m.group(1).strip() if m else None
                 info["operator_classes"] = split
-            what = "pardit bench" + (" (FP8 weights)" if weights == "fp8" else "")
+            what = "pardit bench" + (" (FP8 weights)" if weights == "fp8" else "") + (" (CUDA graphs)" if extra else "")
             if rc != 0:
                 rows.append({"what": what, "size": size, "s": None, "note": "failed"})
                 continue
@@ -250,6 +254,9 @@ def main():
         save_file({"prompt_embeds": torch.randn(1, a.text_len, cfg["joint_attention_dim"], generator=g),
                    "pooled_prompt_embeds": torch.randn(1, cfg["pooled_projection_dim"], generator=g)}, embeds)
         cases = [("resident", ["--offload", "none", "--device-memory-budget", "100000GiB"])]
+        if gpu:
+            cases += [("resident, CUDA graphs", ["--offload", "none", "--device-memory-budget", "100000GiB",
+                                                 "--cuda-graphs"])]
         for b in budgets:
             cases += [(f"{b} host", ["--device-memory-budget", b, "--stream-from", "host"]),
                       (f"{b} file", ["--device-memory-budget", b, "--stream-from", "file"])]
@@ -263,7 +270,7 @@ def main():
             rc, out, _ = run([a.pardit, "generate", "--model", mdir, "--prompt-embeds", embeds, "--device", a.device,
                               "--dtype", "bf16", "--height", str(size), "--width", str(size), "--steps", str(a.steps),
                               "--seed", "0", "--log-level", "debug"] + flags + threads,
-                             env, os.path.join(a.out, f"offload-{name.replace(' ', '-')}.log"))
+                             env, os.path.join(a.out, f"offload-{name.replace(' ', '-').replace(',', '')}.log"))
             if rc != 0:
                 rows.append({"what": f"generate {name}", "size": size, "s": None, "note": "failed"})
                 continue

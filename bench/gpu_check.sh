@@ -39,8 +39,11 @@ bundle() {
   # The CUDA unit tests (suites Cuda*, CTest label gpu) with the fixture model they read.
   if [[ -x "$build/tests/pardit_unit_tests" ]]; then
     cp "$build/tests/pardit_unit_tests" "$dir/bin/"
-    mkdir -p "$dir/fixtures/flux_tiny_dev"
+    mkdir -p "$dir/fixtures/flux_tiny_dev" "$dir/fixtures/flux_tiny_schnell"
     cp -r "$root/tests/fixtures/flux_tiny_dev/diffusers" "$dir/fixtures/flux_tiny_dev/"
+    cp -r "$root/tests/fixtures/flux_tiny_schnell/diffusers" "$dir/fixtures/flux_tiny_schnell/"
+    cp "$root"/tests/fixtures/{generate_tiny_dev,generate_tiny_schnell_cfg,pipeline_tiny_dev_image}.safetensors \
+       "$dir/fixtures/"
   fi
   strip --strip-unneeded "$dir"/bin/* 2>/dev/null || true  # their symbol tables: a sixth of their size
   # Open MPI's components for one rank without mpirun; the network transports (UCX, libfabric, verbs, PSM)
@@ -98,7 +101,8 @@ mkdir -p "$here/results"
 # The CUDA unit tests first (they skip without a CUDA device); their log goes with the results.
 tests=0
 if [[ -x "$here/bin/pardit_unit_tests" ]]; then
-  PARDIT_FIXTURE_DIR="$here/fixtures" OMP_NUM_THREADS=1 "$here/bin/pardit_unit_tests" --gtest_filter='Cuda*' \
+  PARDIT_FIXTURE_DIR="$here/fixtures" PARDIT_BINARY="$here/bin/pardit" OMP_NUM_THREADS=1 \
+    "$here/bin/pardit_unit_tests" --gtest_filter='Cuda*' \
     >"$here/results/gpu_tests.log" 2>&1 || tests=$?
   grep -E '^\[cuda\]' "$here/results/gpu_tests.log" || true
   echo "gpu tests: $(grep -E '^\[  (PASSED|SKIPPED|FAILED) +\] [0-9]' "$here/results/gpu_tests.log" | tr -s ' ' | paste -sd ';')" \

@@ -100,7 +100,8 @@ void printForwards(const config::EngineConfig& c, dist::Runtime& rt, const pipel
            e.device().str(), ", ", rt.worldSize(), " rank(s) (", d.describe(), "), ", r.threads,
            " thread(s) per rank, batch ", c.batch, ", ", r.imageTokens, " image + ", c.textLen, " text tokens");
   logInfo0("forward: median ", formatSeconds(r.median), ", min ", formatSeconds(r.best), ", mean ",
-           formatSeconds(r.mean), " over ", r.samples.size(), " iterations");
+           formatSeconds(r.mean), " over ", r.samples.size(), " iterations",
+           r.cudaGraphs ? " (CUDA graph replays)" : "");
   logInfo0("work: ", formatNumber(r.flops / 1e9), " GFLOP per forward -> ", formatNumber(rate / 1e9), " GFLOP/s",
            rt.worldSize() == 1 ? "" : " (all ranks)");
   logInfo0("communication: ", formatNumber(100.0 * r.commShare), "% of the step time (largest rank)");
@@ -202,6 +203,7 @@ nlohmann::ordered_json toJson(const config::EngineConfig& c, dist::Runtime& rt, 
     j["bubble_share_max"] = r.bubbleShareMax;
   } else {
     j["comm_share"] = r.commShare;
+    j["cuda_graphs"] = r.cudaGraphs;
     j["gemm_gflops"] = r.gemmRate / 1e9;
     if (r.gemmSeconds > 0)
       j["split_s"] = {{"gemm", r.gemmSeconds},

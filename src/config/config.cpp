@@ -347,6 +347,10 @@ const std::vector<Option>& optionTable() {
     add(flagOpt("strict", 0, &EngineConfig::strict, Group::kModel, Sync::kValue, kModelCommands,
                 "stop on what is otherwise a warning: tensors in the checkpoint the model does not use, an invalid "
                 "model_index.json"));
+    add(flagOpt("cuda-graphs", 0, &EngineConfig::cudaGraphs, Group::kModel, Sync::kValue, gen | fwd | bench,
+                "capture the transformer call in a CUDA graph after its first (eager) call and replay it: one launch "
+                "instead of thousands, bit-identical results; needs one GPU's whole transformer with resident "
+                "weights (no --ulysses-degree/--ring-degree/--pipefusion-degree > 1, nothing streamed)"));
     add(flagOpt("quiet", 'q', &EngineConfig::quiet, Group::kModel, Sync::kLocal, kEvery, "print errors only"));
     // parallel layout
     const unsigned par = kModelCommands;

@@ -168,15 +168,21 @@ std::pair<at::Tensor, at::Tensor> ropeTables(const at::Tensor& ids, const std::v
                                              double theta) {
   PARDIT_CHECK(ids.dim() == 2 && ids.size(1) == static_cast<int64_t>(axesDim.size()),
                "position ids must be [L, ", axesDim.size(), "], got ", ids.sizes());
+  // Computed where the ids are, as the reference does, and without a host synchronization (repeat_interleave
+  // on a GPU reads its output size back), so a CUDA graph can capture it.
   const at::Tensor pos = ids.to(at::kFloat);  // positions are float32 (as in the reference), frequencies float64
+  const int64_t L = ids.size(0);
   std::vector<at::Tensor> cosParts, sinParts;
   for (size_t a = 0; a < axesDim.size(); ++a) {
     const int64_t d = axesDim[a];
-    at::Tensor exponent = at::arange(0, d, 2, at::TensorOptions().dtype(at::kDouble)) / static_cast<double>(d);
+    at::Tensor exponent =
+        at::arange(0, d, 2, at::TensorOptions().dtype(at::kDouble).device(ids.device())) / static_cast<double>(d);
     at::Tensor freqs = 1.0 / at::pow(theta, exponent);                   // [d/2]
     at::Tensor phi = at::outer(pos.select(1, static_cast<int64_t>(a)), freqs);  // [L, d/2] float64
-    cosParts.push_back(phi.cos().repeat_interleave(2, 1).to(at::kFloat));
-    sinParts.push_back(phi.sin().repeat_interleave(2, 1).to(at::kFloat));
+    // Each frequency twice in a row: [c0, c0, c1, c1, ...].
+    auto twice = [&](const at::Tensor& t) { return t.unsqueeze(2).expand({L, d / 2, 2}).reshape({L, d}).to(at::kFloat); };
+    cosParts.push_back(twice(phi.cos()));
+    sinParts.push_back(twice(phi.sin()));
   }
   return {at::cat(cosParts, 1), at::cat(sinParts, 1)};  // [L, D]
 }
@@ -234,9 +240,9 @@ FluxConditioning FluxTransformer::conditioning(const FluxInputs& in) const {
   c.vec = temb + pooled;
   c.siluVec = at::silu(c.vec);
   at::Tensor ids = at::cat({in.txtIds.to(at::kFloat), in.imgIds.to(at::kFloat)}, 0);  // text first
-  auto [cos, sin] = ropeTables(ids.cpu(), config_.axesDim, config_.theta);
-  c.cos = cos.to(in.pooled.device()).unsqueeze(0).unsqueeze(2);  // [1, L, 1, D]
-  c.sin = sin.to(in.pooled.device()).unsqueeze(0).unsqueeze(2);
+  auto [cos, sin] = ropeTables(ids.to(in.pooled.device()), config_.axesDim, config_.theta);
+  c.cos = cos.unsqueeze(0).unsqueeze(2);  // [1, L, 1, D]
+  c.sin = sin.unsqueeze(0).unsqueeze(2);
   return c;
 }
 

@@ -172,6 +172,7 @@ memory::RankPlan Engine::Impl::planRun(Run& run, int64_t batch, int64_t imageTok
     plan = memory::planRank(work, detail::budgetOf(options, device, rt.localSize()), options.offload);
     PARDIT_CHECK(plan.fits, "rank ", rt.worldRank(), ": ", plan.problem);
     memory::chooseStreamSource(plan, options.streamFrom, device.is_cuda(), detail::hostBudgetOf(options, rt.localSize()));
+    if (options.cudaGraphs) detail::checkCudaGraphs(device, rt.topology(), run.pipefusion.has_value(), plan);
   });
   logDebug("plan: streamed_bytes=", plan.streamedBytes, " resident_bytes=", plan.residentBytes,
            " total_bytes=", plan.total());
@@ -323,7 +324,9 @@ TransformerFn Engine::Impl::forwardFn(Run& run, const model::FluxInputs& inputs,
     auto runner = detail::makePipeFusionRunner(rt, config, run.weights, *run.pipefusion, device);
     return [runner](const model::FluxInputs& in) { return runner->forward(in); };
   }
-  return detail::makeRankModel(rt, config, run.weights).fn;
+  auto rank = detail::makeRankModel(rt, config, run.weights, options.cudaGraphs);
+  run.graphs = rank.graphs;
+  return rank.fn;
 }
 
 ForwardResult Engine::forward(const model::FluxInputs& inputs, const std::string& outputPath) {
@@ -452,10 +455,20 @@ std::unique_ptr<Denoiser> Engine::Impl::makeDenoiser(Run& run, const Prompts& p,
              " warm-up step(s)");
     return std::make_unique<PipeFusionDenoiser>(runner, branch, second, cfg, run.pipefusion->warmupSteps);
   }
-  const auto rank = detail::makeRankModel(rt, config, run.weights);
+  const auto rank = detail::makeRankModel(rt, config, run.weights, options.cudaGraphs);
+  run.graphs = rank.graphs;
   const at::Tensor ids = imageIds(geom).to(device);
   return cfg ? TransformerDenoiser::cfgParallel(rank.fn, ids, branch, *cfg)
              : TransformerDenoiser::local(rank.fn, ids, branch, second);
+}
+
+void Engine::Impl::finishCudaGraphs(Run& run) const {
+  if (!run.graphs) return;
+  const CudaGraphStats st = run.graphs->stats();
+  logInfo0("CUDA graphs: ", st.replays, " of ", st.eagerCalls + st.replays, " transformer calls replayed from ",
+           st.captures, st.captures == 1 ? " graph" : " graphs", " (the first call of each input shape runs eagerly)");
+  run.graphs->release();
+  run.graphs.reset();
 }
 
 void Engine::Impl::reportLoop(const Denoiser& denoiser, double seconds, uint64_t rssBeforeLoop) {
@@ -641,6 +654,7 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
   result.report.runSeconds = total.seconds();
   result.report.loadSeconds = run.loadSeconds;
   m.reportLoop(*denoiser, result.report.runSeconds, rssBeforeLoop);
+  m.finishCudaGraphs(run);
   // decode, then write: the primary outputs first, then the metrics.
   if (request.decode || !request.output.empty()) result.images = m.decodeImages(run, result.latents, geom);
   if (!request.output.empty()) result.imagePaths = m.writeImages(run, request, prompts, result.images);

@@ -55,6 +55,7 @@ struct Engine::Impl {
     double loadSeconds = 0.0;
     std::shared_ptr<model::FluxWeightProvider> weights;
     model::FluxInputs inputs;  // forward: this rank's share of the inputs
+    std::shared_ptr<CudaGraphTransformer> graphs;  // --cuda-graphs: the graphs of the transformer call
     std::optional<DecodePlan> decode;  // generate with images: planned beside the transformer's plan
     int64_t height = 0, width = 0;     // for the metrics: the image size (0 for forward)
     int steps = 0;                     // for the metrics: denoising steps, or timed iterations
@@ -112,6 +113,8 @@ struct Engine::Impl {
   std::vector<std::string> writeImages(Run& run, const GenerateRequest& request, const Prompts& prompts,
                                        const at::Tensor& images);
   // Log lines after the loop: time, PipeFusion waits, activation memory against the plan.
+  // --cuda-graphs: how many transformer calls were replayed; then the graphs' memory is released.
+  void finishCudaGraphs(Run& run) const;
   void reportLoop(const Denoiser& denoiser, double seconds, uint64_t rssBeforeLoop);
   // The transformer call of a forward run on `inputs` (layout checked, weights planned and loaded);
   // run.inputs becomes this rank's share of them.

@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
+
 #include "pardit/core/error.h"
 #include "pardit/memory/streamer.h"
 
@@ -97,20 +99,39 @@ std::shared_ptr<model::FluxWeightProvider> loadPlannedWeights(const model::FluxC
 }
 
 RankModel makeRankModel(dist::Runtime& rt, const model::FluxConfig& mc,
-                        std::shared_ptr<model::FluxWeightProvider> weights) {
+                        std::shared_ptr<model::FluxWeightProvider> weights, bool cudaGraphs) {
   RankModel m;
   if (rt.topology().spDegree() == 1) {
     m.transformer = std::make_shared<model::FluxTransformer>(mc, std::move(weights),
                                                              std::make_shared<model::LocalAttention>());
     m.fn = localTransformer(m.transformer);
+    if (cudaGraphs) std::tie(m.fn, m.graphs) = cudaGraphed(m.fn);
     return m;
   }
+  PARDIT_CHECK(!cudaGraphs, "--cuda-graphs cannot capture a transformer call split over a sequence-parallel group");
   m.usp = std::make_shared<parallel::UspAttention>(rt.group(dist::GroupKind::kUlysses), rt.group(dist::GroupKind::kRing));
   m.transformer = std::make_shared<model::FluxTransformer>(mc, std::move(weights), m.usp);
   m.sp = std::make_shared<parallel::SequenceParallelTransformer>(m.transformer, m.usp,
                                                                  rt.group(dist::GroupKind::kSequence));
   m.fn = [sp = m.sp](const model::FluxInputs& in) { return sp->forward(in); };
   return m;
+}
+
+void checkCudaGraphs(const c10::Device& device, const dist::Topology& topo, bool pipefusion,
+                     const memory::RankPlan& plan) {
+  PARDIT_CHECK(device.is_cuda(), "--cuda-graphs captures the transformer on a GPU, but this rank runs on ",
+               device.str(), " (use --device cuda, or drop --cuda-graphs)");
+  PARDIT_CHECK(cudaGraphsBuilt(), "--cuda-graphs needs a build with CUDA (LibTorch with CUDA); this one has none");
+  PARDIT_CHECK(topo.spDegree() == 1 && !pipefusion,
+               "--cuda-graphs captures one GPU's whole transformer call: it cannot be combined with "
+               "--ulysses-degree, --ring-degree or --pipefusion-degree > 1, whose communication runs inside the "
+               "call (--cfg-degree 2 can: its exchange is outside)");
+  if (plan.anyStreamed()) {
+    size_t n = 0;
+    for (const auto& g : plan.groups) n += g.streamed;
+    PARDIT_THROW("--cuda-graphs needs every weight resident, but this rank's plan streams ", n,
+                 " weight groups: use a larger --device-memory-budget, --weight-dtype fp8, or drop --cuda-graphs");
+  }
 }
 
 std::shared_ptr<parallel::PipeFusionRunner> makePipeFusionRunner(dist::Runtime& rt, const model::FluxConfig& mc,

@@ -17,6 +17,7 @@
 #include "pardit/model/flux.h"
 #include "pardit/parallel/pipefusion.h"
 #include "pardit/parallel/sequence_parallel.h"
+#include "pardit/pipeline/cuda_graph.h"
 #include "pardit/pipeline/denoise.h"
 #include "pardit/pipeline/loading.h"
 
@@ -71,9 +72,15 @@ struct RankModel {
   std::shared_ptr<parallel::UspAttention> usp;
   std::shared_ptr<parallel::SequenceParallelTransformer> sp;
   TransformerFn fn;
+  std::shared_ptr<CudaGraphTransformer> graphs;  // --cuda-graphs: fn replays these
 };
 RankModel makeRankModel(dist::Runtime& rt, const model::FluxConfig& mc,
-                        std::shared_ptr<model::FluxWeightProvider> weights);
+                        std::shared_ptr<model::FluxWeightProvider> weights, bool cudaGraphs = false);
+
+// --cuda-graphs against this rank's device, layout and plan: the whole transformer call on one GPU with
+// every weight resident (throws naming the flag otherwise).
+void checkCudaGraphs(const c10::Device& device, const dist::Topology& topo, bool pipefusion,
+                     const memory::RankPlan& plan);
 
 std::shared_ptr<parallel::PipeFusionRunner> makePipeFusionRunner(dist::Runtime& rt, const model::FluxConfig& mc,
                                                                  std::shared_ptr<model::FluxWeightProvider> weights,

@@ -5,6 +5,7 @@
 
 #include <array>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 
 namespace pardit::test {
@@ -55,7 +56,10 @@ double maxRelError(const at::Tensor& a, const at::Tensor& b) {
   return (x - y).abs().max().item<double>() / y.abs().max().item<double>();
 }
 
-CommandResult runPardit(const std::string& args) { return runCommand(std::string(PARDIT_BINARY) + " " + args); }
+CommandResult runPardit(const std::string& args) {
+  const char* binary = std::getenv("PARDIT_BINARY");  // the test binary run from a bundle (bench/gpu_check.sh)
+  return runCommand(std::string(binary && *binary ? binary : PARDIT_BINARY) + " " + args);
+}
 
 CommandResult runCommand(const std::string& commandLine) {
   CommandResult r;

@@ -70,7 +70,8 @@ struct CommandResult {
 };
 // Runs a shell command line, capturing stdout and stderr together.
 CommandResult runCommand(const std::string& commandLine);
-// Runs the pardit executable with the given arguments (a shell-quoted string).
+// Runs the pardit executable (the environment's PARDIT_BINARY first, else the build's) with the given
+// arguments (a shell-quoted string).
 CommandResult runPardit(const std::string& args);
 
 }  // namespace pardit::test

@@ -191,6 +191,7 @@ CASES = [
     ("output is a folder", G + ["--output", "."], "is a directory"),
     ("metrics file is not HDF5", G + ["--metrics", "notes.txt"], "not an HDF5 file"),
     ("budget too small for any plan", G + ["--device-memory-budget", "1MiB"], "budget"),
+    ("CUDA graphs on the CPU", G + ["--cuda-graphs"], "--cuda-graphs"),
     ("FP8 scale of the wrong shape", ["generate", "--model", "badscale", "--prompt-embeds",
                                       "m/prompt_embeds.safetensors"], "expected one value or one per row"),
     ("quantizing an FP8 checkpoint", ["quantize", "--model", "m8", "--out", "again"], "already an FP8 checkpoint"),

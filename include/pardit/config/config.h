@@ -74,6 +74,7 @@ struct EngineConfig {
   LogLevelOption logLevel = LogLevelOption::kInfo;
   bool quiet = false;
   bool strict = false;                 // unexpected checkpoint contents are errors, not warnings
+  bool cudaGraphs = false;             // capture the transformer call in a CUDA graph and replay it
   std::string configFile;
 
   // Parallel layout: world size = cfg x pipefusion x ring x ulysses

@@ -134,7 +134,8 @@ struct FluxConditioning {
 at::Tensor imagePositionIds(int64_t rows, int64_t cols);
 at::Tensor textPositionIds(int64_t textLen);
 
-// RoPE tables for position ids [L, 3]: returns (cos, sin), each [L, D] float32, computed in float64.
+// RoPE tables for position ids [L, 3]: returns (cos, sin), each [L, D] float32, computed in float64 on the ids'
+// device (no host synchronization).
 std::pair<at::Tensor, at::Tensor> ropeTables(const at::Tensor& ids, const std::vector<int64_t>& axesDim,
                                              double theta);
 // Sinusoidal embedding [B, 256] (cos half first), float32, of t (already scaled by 1000).

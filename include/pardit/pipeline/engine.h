@@ -140,6 +140,7 @@ struct BenchmarkResult {
   double gemmRate = 0.0;         // GEMM rate (FLOP/s) of one rank's device at this dtype, measured in the run
   // Single rank: the forward's GEMMs and attention timed alone (seconds); the rest is "other".
   double gemmSeconds = 0.0, attentionSeconds = 0.0;
+  bool cudaGraphs = false;       // the timed forwards were CUDA graph replays (--cuda-graphs)
   // PipeFusion: patches, and the share of a pipelined step spent waiting for the previous stage.
   int patches = 0, warmupSteps = 0;
   double bubbleShareMean = 0.0, bubbleShareMax = 0.0;

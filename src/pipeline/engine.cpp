@@ -340,6 +340,7 @@ ForwardResult Engine::forward(const model::FluxInputs& inputs, const std::string
   ForwardResult result;
   result.output = detail::cfgGather(m.rt, fn(run.inputs));
   if (weights) weights->endOfRun();
+  m.finishCudaGraphs(run);  // one call: eager (a graph pays from the second call of a shape)
   run.recorder.endStep();
   result.report.runSeconds = timer.seconds();
   result.report.stepSeconds = {result.report.runSeconds};

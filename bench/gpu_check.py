@@ -280,8 +280,17 @@ def main():
                    "streamed_bytes": field(out, "streamed_bytes"), "per": "step"}
             # The file source's own read rate (parallel pread() into the staging buffers) and its host memory.
             read, secs = field(out, "stored_read"), re.search(r"stored_read_seconds=([0-9.e+-]+)", out)
+            notes = []
             if read and secs and float(secs.group(1)) > 0 and "source=file" in out:
-                row["note"] = f"file read {read / float(secs.group(1)) / 1e9:.1f} GB/s"
+                notes.append(f"file read {read / float(secs.group(1)) / 1e9:.1f} GB/s")
+            # How long the GPU's compute stream stood waiting for streamed weights (events around its waits).
+            stood = re.search(r"device_wait_seconds=([0-9.e+-]+)", out)
+            if stood and gpu:
+                notes.append(f"compute stream waited {1e3 * float(stood.group(1)) / a.steps:.1f} ms/step for weights")
+            if "CUDA graphs:" in out:
+                notes.append(re.search(r"CUDA graphs: ([^(]*)", out).group(1).strip())
+            if notes:
+                row["note"] = "; ".join(notes)
             rows.append(row)
 
     # The table.

@@ -344,7 +344,19 @@ StreamingFluxWeights::Fetched StreamingFluxWeights::fetch(const std::string& gro
   auto done = std::make_shared<at::cuda::CUDAEvent>();
   done->record(copyStream);
   const auto index = device_.index();
-  f.orderBeforeUse = [done, index] { done->block(c10::cuda::getCurrentCUDAStream(index)); };
+  f.orderBeforeUse = [done, index]() -> std::function<double()> {
+    // Timed events just before and after the wait: their distance is how long the compute stream stood.
+    const auto compute = c10::cuda::getCurrentCUDAStream(index);
+    auto before = std::make_shared<at::cuda::CUDAEvent>(cudaEventDefault);
+    auto after = std::make_shared<at::cuda::CUDAEvent>(cudaEventDefault);
+    before->record(compute);
+    done->block(compute);
+    after->record(compute);
+    return [before, after] {
+      after->synchronize();
+      return static_cast<double>(before->elapsed_time(*after)) * 1e-3;
+    };
+  };
   return f;
 #else
   PARDIT_THROW("streaming to ", device_.str(), ": this build has no CUDA");
@@ -380,7 +392,7 @@ StreamingFluxWeights::Fetched StreamingFluxWeights::take(const std::string& grou
     for (size_t k = ahead_.size() + 1; k <= depth; ++k)
       request(streamOrder_[(static_cast<size_t>(at) + k) % streamOrder_.size()]);
   }
-  if (f.orderBeforeUse) f.orderBeforeUse();
+  if (f.orderBeforeUse) pendingDeviceWaits_.push_back(f.orderBeforeUse());
 #if defined(PARDIT_WITH_CUDA)
   if (device_.is_cuda()) {
     // Allocated on the copy stream, used on the compute stream: keep the allocator from reusing the memory
@@ -400,6 +412,13 @@ void StreamingFluxWeights::endOfRun() {
     drop(unused);
   }
   ahead_.clear();
+  (void)deviceWaitSeconds();  // the run's events read now: none accumulate across runs
+}
+
+double StreamingFluxWeights::deviceWaitSeconds() {
+  for (const auto& read : pendingDeviceWaits_) deviceWaitSeconds_ += read();
+  pendingDeviceWaits_.clear();
+  return deviceWaitSeconds_;
 }
 
 model::WeightGetter StreamingFluxWeights::getterFor(const Fetched& f) const {

@@ -256,7 +256,10 @@ void Engine::Impl::rankSummary(const std::shared_ptr<model::FluxWeightProvider>&
     detail += ", weights on the device peaked at " + formatBytes(s->accountant().peak()) + " (" +
               std::to_string(s->streamedGroupsFetched()) + " groups streamed from " +
               (s->fromHost() ? "a host copy" : "the file") + ", " + formatSeconds(s->waitSeconds()) +
-              " waiting for them); streaming held " + formatBytes(s->hostBytes()) + " of host memory";
+              " waiting for them on the host" +
+              (device.is_cuda() ? ", " + formatSeconds(s->deviceWaitSeconds()) + " on the GPU's compute stream"
+                                : std::string()) +
+              "); streaming held " + formatBytes(s->hostBytes()) + " of host memory";
     if (s->storedReadSeconds() > 0)
       detail += "; read " + formatBytes(s->storedBytesRead()) + " from the file at " +
                 formatRate(static_cast<double>(s->storedBytesRead()) / s->storedReadSeconds()) + " with " +
@@ -278,6 +281,7 @@ void Engine::Impl::rankSummary(const std::shared_ptr<model::FluxWeightProvider>&
     logDebug("rank streaming: source=", s->fromHost() ? "host" : "file", " groups=", s->streamedGroupsFetched(),
              " stored_read=", s->storedBytesRead(), " stored_read_seconds=", s->storedReadSeconds(),
              " getter_read=", s->getterBytesRead(), " host_bytes=", s->hostBytes(), " wait_seconds=", s->waitSeconds(),
+             " device_wait_seconds=", s->deviceWaitSeconds(),
              " read_threads=", s->readThreads());
 }
 

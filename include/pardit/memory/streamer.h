@@ -93,6 +93,10 @@ class StreamingFluxWeights final : public model::FluxWeightProvider {
   const WeightAccountant& accountant() const { return *accountant_; }
   uint64_t streamedGroupsFetched() const { return fetched_; }
   double waitSeconds() const { return waitSeconds_; }  // compute blocked on a group not yet arrived
+  // CUDA: how long the compute stream stood still waiting for streamed weights to arrive, timed on the
+  // device by events around each of its waits (so 0 means every copy hid behind compute); waits for the
+  // events still pending. 0 on the CPU, where waitSeconds() is the whole story.
+  double deviceWaitSeconds();
   // Host memory held for streaming: the host copies (host source), or the staging or recycled buffers.
   uint64_t hostBytes() const;
   // Bytes of the file read as stored (pread) and through the getter, by fetches since construction.
@@ -110,7 +114,8 @@ class StreamingFluxWeights final : public model::FluxWeightProvider {
     std::shared_ptr<Tensors> tensors;
     at::Tensor buffer;  // the group's buffer (the CPU: a recycled one, maybe larger)
     uint64_t bytes = 0;
-    std::function<void()> orderBeforeUse;  // CUDA: makes the compute stream wait for the copies
+    // CUDA: makes the compute stream wait for the copies; returns how to read the wait's length on the device.
+    std::function<std::function<double()>()> orderBeforeUse;
   };
   struct Job {
     std::string group;
@@ -162,6 +167,8 @@ class StreamingFluxWeights final : public model::FluxWeightProvider {
   std::atomic<uint64_t> storedRead_{0}, getterRead_{0}, readNanos_{0};
   uint64_t fetched_ = 0;
   double waitSeconds_ = 0.0;
+  std::vector<std::function<double()>> pendingDeviceWaits_;  // read by deviceWaitSeconds()
+  double deviceWaitSeconds_ = 0.0;
 };
 
 }  // namespace pardit::memory

@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <cstdio>
 #include <fstream>
 
 #include "pardit/core/error.h"
@@ -204,12 +206,20 @@ TEST(CudaStreaming, FileAndHostSourcesEqualTheResidentRun) {
       EXPECT_EQ(storedPerPass, plan.streamedBytes) << what << ": every tensor read as stored";
       const uint64_t atStart = ck.bytesRead();
       model::FluxTransformer t(c, s, std::make_shared<model::LocalAttention>());
+      const auto started = std::chrono::steady_clock::now();
       for (int pass = 0; pass < 3; ++pass) {
         const at::Tensor out = t.forward(in);
         EXPECT_TRUE(out.is_cuda()) << what;
         EXPECT_TRUE(at::equal(out.cpu(), ref)) << what << ", pass " << pass;
       }
       s->endOfRun();
+      // The compute stream's waits for the copies, timed on the device: within the passes' wall time.
+      const double passes = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+      const double stood = s->deviceWaitSeconds();
+      std::printf("[cuda] streaming %s: the compute stream waited %.3f ms for weights in %.3f ms of passes\n",
+                  what.c_str(), stood * 1e3, passes * 1e3);
+      EXPECT_GE(stood, 0.0) << what;
+      EXPECT_LE(stood, passes) << what;
       if (host) {
         EXPECT_EQ(s->storedBytesRead(), storedPerPass) << what << ": the host copy reads the file once";
         EXPECT_EQ(ck.bytesRead(), atStart) << what;

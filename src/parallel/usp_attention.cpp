@@ -6,15 +6,21 @@
 
 namespace pardit::parallel {
 
+// The attention operands are [B, H, S, D] views of token-major memory ([B, S, H, D] underneath: FLUX computes
+// q, k and v that way, and the attention kernels write their output that way). The all-to-all buffers are
+// cut in that layout, so a rank's tokens of a head slice are one block, a received sequence is already in
+// order for one tensor, and the attention output goes back without being transposed first.
+
 at::Tensor ulyssesScatterHeads(dist::Communicator& comm, const at::Tensor& x) {
   const int64_t U = comm.size();
   if (U == 1) return x;
   const int64_t B = x.size(0), H = x.size(1), s = x.size(2), D = x.size(3);
   PARDIT_CHECK(H % U == 0, "Ulysses: ", H, " heads are not divisible by the Ulysses degree ", U);
-  // [B, H, s, D] -> [U, B, H/U, s, D]: chunk j (head slice j) goes to rank j.
-  at::Tensor send = x.reshape({B, U, H / U, s, D}).permute({1, 0, 2, 3, 4}).contiguous();
-  at::Tensor recv = dist::allToAll(comm, send);  // [U(src), B, H/U, s, D]
-  return recv.permute({1, 2, 0, 3, 4}).reshape({B, H / U, U * s, D});
+  // [B, s, H, D] -> [U, B, s, H/U, D]: head slice j goes to rank j.
+  at::Tensor send = x.transpose(1, 2).reshape({B, s, U, H / U, D}).permute({2, 0, 1, 3, 4}).contiguous();
+  at::Tensor recv = dist::allToAll(comm, send);  // [U(src), B, s, H/U, D]
+  // Source rank j's tokens at [j*s, (j+1)*s): for one image (B = 1) a view of the received buffer.
+  return recv.permute({1, 0, 2, 3, 4}).reshape({B, U * s, H / U, D}).transpose(1, 2);
 }
 
 at::Tensor ulyssesGatherHeads(dist::Communicator& comm, const at::Tensor& x) {
@@ -22,10 +28,11 @@ at::Tensor ulyssesGatherHeads(dist::Communicator& comm, const at::Tensor& x) {
   if (U == 1) return x;
   const int64_t B = x.size(0), h = x.size(1), S = x.size(2), D = x.size(3);
   PARDIT_CHECK(S % U == 0, "Ulysses: sequence ", S, " not divisible by ", U);
-  // [B, H/U, U*s, D] -> [U, B, H/U, s, D]: sequence chunk j goes back to rank j.
-  at::Tensor send = x.reshape({B, h, U, S / U, D}).permute({2, 0, 1, 3, 4}).contiguous();
-  at::Tensor recv = dist::allToAll(comm, send);  // [U(src = head slice), B, H/U, s, D]
-  return recv.permute({1, 0, 2, 3, 4}).reshape({B, U * h, S / U, D});
+  // [B, S, H/U, D] -> [U, B, s, H/U, D]: sequence chunk j goes back to rank j (no copy for one image whose
+  // attention output is token-major).
+  at::Tensor send = x.transpose(1, 2).reshape({B, U, S / U, h, D}).transpose(0, 1).contiguous();
+  at::Tensor recv = dist::allToAll(comm, send);  // [U(src = head slice), B, s, H/U, D]
+  return recv.permute({1, 2, 0, 3, 4}).reshape({B, S / U, U * h, D}).transpose(1, 2);  // [B, H, s, D]
 }
 
 std::vector<at::Tensor> ulyssesScatterHeadsMany(dist::Communicator& comm, const std::vector<at::Tensor>& xs) {
@@ -33,14 +40,14 @@ std::vector<at::Tensor> ulyssesScatterHeadsMany(dist::Communicator& comm, const 
   if (U == 1) return xs;
   const int64_t B = xs[0].size(0), H = xs[0].size(1), s = xs[0].size(2), D = xs[0].size(3);
   PARDIT_CHECK(H % U == 0, "Ulysses: ", H, " heads are not divisible by the Ulysses degree ", U);
-  // One all-to-all for all tensors: send buffer [U, n, B, H/U, s, D], each tensor copied in once.
-  at::Tensor send = at::empty({U, n, B, H / U, s, D}, xs[0].options());
+  // One all-to-all for all tensors: send buffer [U, n, B, s, H/U, D], each tensor copied in once.
+  at::Tensor send = at::empty({U, n, B, s, H / U, D}, xs[0].options());
   for (int64_t i = 0; i < n; ++i)
-    send.select(1, i).copy_(xs[i].reshape({B, U, H / U, s, D}).permute({1, 0, 2, 3, 4}));
-  at::Tensor recv = dist::allToAll(comm, send);  // [U(src), n, B, H/U, s, D]
+    send.select(1, i).copy_(xs[i].transpose(1, 2).reshape({B, s, U, H / U, D}).permute({2, 0, 1, 3, 4}));
+  at::Tensor recv = dist::allToAll(comm, send);  // [U(src), n, B, s, H/U, D]
   std::vector<at::Tensor> out;
   for (int64_t i = 0; i < n; ++i)
-    out.push_back(recv.select(1, i).permute({1, 2, 0, 3, 4}).reshape({B, H / U, U * s, D}));
+    out.push_back(recv.select(1, i).permute({1, 0, 2, 3, 4}).reshape({B, U * s, H / U, D}).transpose(1, 2));
   return out;
 }
 

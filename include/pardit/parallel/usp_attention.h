@@ -68,7 +68,8 @@ class UspAttention final : public model::AttentionBackend {
   std::shared_ptr<KvCache> kvCache_;
 };
 
-// Ulysses all-to-alls: [B, H, s, D] -> [B, H/U, U*s, D] (sequence ordered by source rank) and back.
+// Ulysses all-to-alls: [B, H, s, D] -> [B, H/U, U*s, D] (sequence ordered by source rank) and back. The
+// results are views of token-major memory ([B, S, H, D] underneath), the layout the inputs are expected in.
 at::Tensor ulyssesScatterHeads(dist::Communicator& ulysses, const at::Tensor& x);
 at::Tensor ulyssesGatherHeads(dist::Communicator& ulysses, const at::Tensor& x);
 // Several same-shaped tensors scattered in one all-to-all (fewer synchronisations per layer).

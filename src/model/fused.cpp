@@ -129,6 +129,7 @@ void* currentStream(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStrea
 }  // namespace
 
 void ropeInto(const at::Tensor& out, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  RECORD_FUNCTION("pardit::rope", std::vector<c10::IValue>());  // operator profiles (pipeline/op_profile.h)
   at::Tensor c = cos, s = sin;
   if (!ropeFusable(out, x, c, s)) {
     out.copy_(ropeComposed(x, cos, sin));
@@ -150,6 +151,7 @@ void ropeInto(const at::Tensor& out, const at::Tensor& x, const at::Tensor& cos,
 }
 
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  RECORD_FUNCTION("pardit::rope", std::vector<c10::IValue>());
   at::Tensor c = cos, s = sin;
   if (!ropeFusable(x, x, c, s)) return ropeComposed(x, cos, sin);
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -158,6 +160,7 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
 }
 
 at::Tensor scaleAdd(const at::Tensor& a, const at::Tensor& s, const at::Tensor& c) {
+  RECORD_FUNCTION("pardit::scale_add", std::vector<c10::IValue>());
   PARDIT_CHECK(a.dim() == 3 && s.dim() == 2 && (c.dim() == 2 || c.dim() == 3), "scaleAdd: a must be [B, L, h], s [B, h]",
                " and c [B, L, h] or [B, h]; got ", a.sizes(), ", ", s.sizes(), ", ", c.sizes());
   const bool fused = fusedOn(a.device()) && s.device() == a.device() && c.device() == a.device() && fusable(a.scalar_type()) &&

@@ -4,8 +4,12 @@
 #include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 
+#include <map>
+#include <string>
+
 #include "pardit/model/flux.h"
 #include "pardit/model/fused.h"
+#include "pardit/pipeline/op_profile.h"
 #include "fused_math.h"  // src/model: the CUDA kernels' per-thread work
 #include "test_util.h"
 
@@ -107,6 +111,29 @@ TEST(FusedOps, ScaleAddEqualsMulThenAdd) {
       expectSameBits(model::scaleAdd(a, mod[2], residual), residual + mod[2].unsqueeze(1) * a);
     }
   }
+}
+
+// `pardit bench --profile` accounts for the fused passes under their own names (class elementwise): one
+// entry per call, with the ATen operators they fall back to or allocate with nested inside.
+TEST(FusedOps, ShowInOperatorProfiles) {
+  const at::Tensor a = at::randn({1, 5, 8}), s = at::randn({1, 8}), c = at::randn({1, 8});
+  const Tables t = tables(5, 8);
+  const at::Tensor q = at::randn({1, 5, 2, 8});
+  std::map<std::string, int64_t> calls;
+  {
+    pipeline::OpProfile profile;
+    (void)model::scaleAdd(a, s, c);
+    (void)model::scaleAdd(a, s, c);
+    (void)model::rope(q, t.cos, t.sin);
+    (void)model::rope(q.to(at::kDouble), t.cos, t.sin);  // the composition, nested inside
+    for (const auto& op : profile.ops()) calls[op.name] = op.calls;
+  }
+  EXPECT_EQ(calls["pardit::scale_add"], 2);
+  EXPECT_EQ(calls["pardit::rope"], 2);
+  EXPECT_EQ(calls.count("aten::empty"), 0u) << "allocations inside a fused pass are its own";
+  EXPECT_EQ(calls.count("aten::mul"), 0u) << "the composition inside rope is rope's";
+  EXPECT_EQ(pipeline::OpProfile::classOf("pardit::rope"), "elementwise");
+  EXPECT_EQ(pipeline::OpProfile::classOf("pardit::scale_add"), "elementwise");
 }
 
 TEST(FusedOps, OtherTensorsTakeTheComposition) {

@@ -416,8 +416,9 @@ void StreamingFluxWeights::endOfRun() {
 }
 
 double StreamingFluxWeights::deviceWaitSeconds() {
-  for (const auto& read : pendingDeviceWaits_) deviceWaitSeconds_ += read();
+  const auto pending = std::move(pendingDeviceWaits_);
   pendingDeviceWaits_.clear();
+  for (const auto& read : pending) deviceWaitSeconds_ += read();
   return deviceWaitSeconds_;
 }
 

@@ -52,96 +52,124 @@ std::vector<int64_t> signatureOf(const model::FluxInputs& in) {
 struct CudaGraphTransformer::Impl {
   struct Graph {
     std::vector<int64_t> signature;
-    bool warmedUp = false;           // its eager call ran
-    model::FluxInputs in;            // static inputs, read by the graph
-    at::Tensor out;                  // the graph's output (in its pool)
+    model::FluxInputs in;            // static inputs: the eager call's and the graph's
+    at::Tensor out;                  // the graph's output (in the pool)
     std::unique_ptr<at::cuda::CUDAGraph> graph;
+    std::string failure;             // why its capture failed (then every later call says so)
   };
   TransformerFn fn;
   std::vector<Graph> graphs;
-  std::optional<c10::cuda::CUDAStream> captureStream;
-  std::optional<c10::MempoolId_t> pool;  // shared by every graph here (they never run at once)
+  std::optional<c10::Device> device;             // the one GPU of every call
+  std::optional<c10::cuda::CUDAStream> side;     // where the eager calls run and the graphs are captured
+  std::optional<c10::MempoolId_t> pool;          // shared by every graph here (they never run at once)
   CudaGraphStats stats;
 
-  Graph& find(const std::vector<int64_t>& signature) {
+  // Checks the inputs and returns their graph, new (without static inputs) if this signature is new.
+  Graph& find(const model::FluxInputs& in) {
+    PARDIT_CHECK(in.img.defined() && in.img.is_cuda(), "--cuda-graphs: the transformer inputs must be on a CUDA "
+                 "device, got ", in.img.defined() ? in.img.device().str() : std::string("none"));
+    for (const at::Tensor* t : fields(in))
+      PARDIT_CHECK(!t->defined() || t->device() == in.img.device(), "--cuda-graphs: every transformer input must be "
+                   "on ", in.img.device().str(), " (a graph cannot copy from elsewhere), got one on ", t->device().str());
+    if (!device) {
+      device = in.img.device();
+      side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device->index());
+    }
+    PARDIT_CHECK(in.img.device() == *device, "--cuda-graphs: the transformer call moved from ", device->str(), " to ",
+                 in.img.device().str());
+    const auto signature = signatureOf(in);
     for (auto& g : graphs)
       if (g.signature == signature) return g;
-    graphs.push_back(Graph{signature, false, {}, {}, nullptr});
+    graphs.push_back(Graph{signature, {}, {}, nullptr, {}});
     return graphs.back();
   }
 
-  c10::cuda::CUDAStream stream(const c10::Device& device) {
-    if (!captureStream) captureStream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device.index());
-    return *captureStream;
+  void copyIn(Graph& g, const model::FluxInputs& in) {
+    const auto dst = fields(g.in);
+    const auto src = fields(in);
+    for (size_t i = 0; i < dst.size(); ++i)
+      if (src[i]->defined()) dst[i]->copy_(*src[i]);
   }
 
-  // The eager call, on the capture stream: its cuBLAS workspace and other per-stream state exist before any
-  // capture (made during one, they would come from the graph's pool and outlive it).
-  at::Tensor eager(const model::FluxInputs& in) {
-    const c10::cuda::CUDAGuard deviceGuard(in.img.device());
-    const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream();
-    const c10::cuda::CUDAStream side = stream(in.img.device());
-    at::cuda::CUDAEvent inputsReady, outputReady;
-    inputsReady.record(caller);
-    inputsReady.block(side);
-    at::Tensor out;
-    {
-      const c10::cuda::CUDAStreamGuard streamGuard(side);
-      out = fn(in);
-    }
-    outputReady.record(side);
-    outputReady.block(caller);
-    out.record_stream(caller);  // allocated on the side stream, used on the caller's from now on
-    return out;
-  }
-
-  void capture(Graph& g, const model::FluxInputs& in) {
-    const c10::Device device = in.img.device();
-    const c10::cuda::CUDAGuard deviceGuard(device);
+  // The first call of a signature: its static inputs made and filled, then the call run eagerly on them on
+  // the side stream, exactly as it will be captured there: the lazy initializations (cuBLAS workspaces for
+  // that stream, attention plans, kernels loaded) happen outside any capture.
+  at::Tensor rehearse(Graph& g, const model::FluxInputs& in) {
     const auto dst = fields(g.in);
     const auto src = fields(in);
     for (size_t i = 0; i < dst.size(); ++i)
       if (src[i]->defined()) *dst[i] = at::empty(src[i]->sizes(), src[i]->options());
+    copyIn(g, in);
+    const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream(device->index());
+    at::cuda::CUDAEvent inputsReady, outputReady;
+    inputsReady.record(caller);
+    inputsReady.block(*side);
+    at::Tensor out;
+    std::exception_ptr failure;
+    {
+      const c10::cuda::CUDAStreamGuard streamGuard(*side);
+      try {
+        out = fn(g.in);
+      } catch (...) {
+        failure = std::current_exception();
+      }
+    }
+    // Whatever happened, the caller's stream goes on only after the side stream's work (the static inputs
+    // and anything freed by the call are not reused under it).
+    outputReady.record(*side);
+    outputReady.block(caller);
+    if (failure) std::rethrow_exception(failure);
+    out.record_stream(caller);  // allocated on the side stream, used on the caller's from now on
+    ++stats.eagerCalls;
+    return out;
+  }
+
+  void capture(Graph& g) {
     // The eager call's activations sit idle in the caching allocator: released, so that the graph's pool
     // takes that memory instead of adding its own beside it.
     c10::cuda::device_synchronize();
     c10::cuda::CUDACachingAllocator::emptyCache();
+    if (!pool) pool = at::cuda::graph_pool_handle();
     auto graph = std::make_unique<at::cuda::CUDAGraph>();
-    {
-      const c10::cuda::CUDAStreamGuard streamGuard(stream(device));
-      // Thread-local capture: other threads (the collective watchdog, a prefetcher) may call CUDA meanwhile.
-      graph->capture_begin(pool ? *pool : c10::MempoolId_t{0, 0}, cudaStreamCaptureModeThreadLocal);
-      try {
-        g.out = fn(g.in);
-      } catch (const std::exception& e) {
-        try {
-          graph->capture_end();
-        } catch (...) {  // the capture is invalid already; its error is the one above
-        }
-        PARDIT_THROW("--cuda-graphs: the transformer call could not be captured in a CUDA graph (run without "
-                    "--cuda-graphs): ", e.what());
-      }
-      graph->capture_end();
+    const c10::cuda::CUDAStreamGuard streamGuard(*side);
+    // Thread-local capture: other threads (the collective watchdog, a prefetcher) may call CUDA meanwhile.
+    graph->capture_begin(*pool, cudaStreamCaptureModeThreadLocal);
+    std::string failure;
+    try {
+      g.out = fn(g.in);
+    } catch (const std::exception& e) {
+      failure = e.what();
     }
-    if (!pool) pool = graph->pool();
+    try {
+      graph->capture_end();
+    } catch (const std::exception& e) {
+      // The capture was invalidated (a host synchronization inside the call, say): undo what capture_begin
+      // set up and capture_end could not, so the allocator leaves capture mode and the pool's count holds.
+      if (failure.empty()) failure = e.what();
+      try {
+        c10::cuda::CUDACachingAllocator::endAllocateToPool(device->index(), *pool);
+        c10::cuda::CUDACachingAllocator::releasePool(device->index(), *pool);
+      } catch (...) {  // nothing more to undo
+      }
+    }
+    if (!failure.empty()) {
+      g.out = at::Tensor();
+      g.failure = failure;
+      PARDIT_THROW("--cuda-graphs: the transformer call could not be captured in a CUDA graph (run without "
+                   "--cuda-graphs): ", failure);
+    }
     g.graph = std::move(graph);
     ++stats.captures;
   }
 
   at::Tensor call(const model::FluxInputs& in) {
-    PARDIT_CHECK(in.img.defined() && in.img.is_cuda(), "--cuda-graphs: the transformer inputs must be on a CUDA "
-                 "device, got ", in.img.defined() ? in.img.device().str() : std::string("none"));
-    Graph& g = find(signatureOf(in));
-    if (!g.warmedUp) {
-      g.warmedUp = true;
-      ++stats.eagerCalls;
-      return eager(in);
-    }
-    if (!g.graph) capture(g, in);
-    const auto dst = fields(g.in);
-    const auto src = fields(in);
-    for (size_t i = 0; i < dst.size(); ++i)
-      if (src[i]->defined()) dst[i]->copy_(*src[i]);
+    Graph& g = find(in);
+    const c10::cuda::CUDAGuard deviceGuard(*device);
+    PARDIT_CHECK(g.failure.empty(), "--cuda-graphs: the transformer call could not be captured in a CUDA graph (run "
+                 "without --cuda-graphs): ", g.failure);
+    if (!g.in.img.defined()) return rehearse(g, in);
+    if (!g.graph) capture(g);
+    copyIn(g, in);
     g.graph->replay();
     ++stats.replays;
     return g.out.clone();

@@ -3,16 +3,19 @@
 // transformer with tensors of the same shapes every time, and every allocation of the call comes from
 // PyTorch's caching allocator, so the whole call (a few thousand kernel launches for FLUX.1) can be
 // recorded once and replayed with one launch:
-//   * the first call with a given input signature (shapes, dtypes, devices) runs eagerly: the lazy
-//     initializations (cuBLAS handles and workspaces, attention plans) happen outside any capture;
-//   * the second is captured on a stream of its own into a private memory pool (shared by every graph of
-//     this object) after the caching allocator's idle blocks are released, so the graph's activations
-//     take the memory the eager call used instead of adding to it;
+//   * the first call with a given input signature (shapes, dtypes, devices) copies its inputs into the
+//     graph's static input tensors and runs eagerly on them, on the stream the graph will be captured on:
+//     a rehearsal of the capture, so the lazy initializations (cuBLAS workspaces for that stream,
+//     attention plans, kernels loaded) happen outside any capture;
+//   * the second is captured there into a private memory pool (shared by every graph of this object)
+//     after the caching allocator's idle blocks are released, so the graph's activations take the memory
+//     the eager call used instead of adding to it. A capture that fails (something in the call that a
+//     graph cannot hold) is undone in the allocator and reported, then and on every later call;
 //   * from then on the inputs are copied into the graph's static input tensors and the graph is replayed
 //     on the caller's stream; the output is copied out (the next replay overwrites the graph's own).
 // Replays run the same kernels on the same data as the eager call: the results are bit-identical.
-// Only a call without host synchronizations or communication inside can be captured: one GPU's whole
-// transformer with resident weights (the engine refuses --cuda-graphs with Ulysses/Ring, PipeFusion or
+// Every input must be on the one GPU of the call. Only a call without host synchronizations or communication
+// inside can be captured: one GPU's whole transformer with resident weights (the engine refuses --cuda-graphs with Ulysses/Ring, PipeFusion or
 // streamed weights). Built without CUDA, constructing one throws.
 #include <ATen/core/Tensor.h>
 

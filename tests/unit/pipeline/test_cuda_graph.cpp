@@ -95,6 +95,33 @@ TEST(CudaGraph, ReplaysEqualTheEagerCallsForEverySignature) {
   EXPECT_EQ(graphs->stats().captures, 3);
 }
 
+TEST(CudaGraph, AFailedCaptureIsReportedAndUndone) {
+  PARDIT_REQUIRE_CUDA();
+  const c10::Device cuda(c10::kCUDA, 0);
+  model::FluxInputs in;
+  in.img = at::randn({1, 6, 64}, at::TensorOptions().device(cuda));
+  // A host synchronization inside the call: fine eagerly, impossible in a graph.
+  auto [bad, badGraphs] = pipeline::cudaGraphed([](const model::FluxInputs& x) { return x.img * x.img.sum().item<float>(); });
+  EXPECT_NO_THROW(bad(in));  // the rehearsal
+  for (int call = 0; call < 2; ++call) {  // the capture, then a call after it
+    try {
+      bad(in);
+      FAIL() << "call " << call << ": a synchronizing call was captured";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("could not be captured"), std::string::npos) << e.what();
+    }
+  }
+  badGraphs->release();
+  // The allocator left capture mode: another graph captures and replays, and memory is released.
+  in.txtIds = at::zeros({3, 3});
+  EXPECT_THROW(bad(in), Error) << "an input off the call's GPU";
+  in.txtIds = at::Tensor();
+  auto [good, goodGraphs] = pipeline::cudaGraphed([](const model::FluxInputs& x) { return x.img * 2 + 1; });
+  for (int call = 0; call < 3; ++call) EXPECT_TRUE(at::equal(good(in).cpu(), (in.img * 2 + 1).cpu()));
+  EXPECT_EQ(goodGraphs->stats().replays, 2);
+  goodGraphs->release();
+}
+
 TEST(CudaGraph, DenoiseLoopWithGraphsEqualsTheEagerLoop) {
   PARDIT_REQUIRE_CUDA();
   const c10::Device cuda(c10::kCUDA, 0);

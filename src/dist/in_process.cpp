@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "pardit/core/error.h"
+#include "profile_scope.h"
 #include "pardit/core/timer.h"
 #include "pardit/dist/runtime.h"
 
@@ -238,6 +239,7 @@ class InProcessWork final : public Work {
  public:
   explicit InProcessWork(std::function<void()> finish = {}) : finish_(std::move(finish)) {}
   void wait() override {
+    PARDIT_PROFILE_COMMUNICATION("wait");
     if (finish_) {
       auto f = std::move(finish_);
       finish_ = nullptr;
@@ -263,6 +265,7 @@ class InProcessCommunicator final : public Communicator {
   std::string backend() const override { return "in-process"; }
 
   void allToAll(const at::Tensor& in, at::Tensor& out) override {
+    PARDIT_PROFILE_COMMUNICATION("all_to_all");
     checkContiguous(in, "all_to_all");
     PARDIT_CHECK(in.dim() >= 1 && in.size(0) == size() && out.sizes() == in.sizes() && out.dtype() == in.dtype(),
                  "all_to_all: dim 0 must equal the group size ", size(), " and out must match in");
@@ -275,6 +278,7 @@ class InProcessCommunicator final : public Communicator {
   }
 
   void allGather(const at::Tensor& in, at::Tensor& out) override {
+    PARDIT_PROFILE_COMMUNICATION("all_gather");
     checkContiguous(in, "all_gather");
     checkContiguous(out, "all_gather");
     PARDIT_CHECK(out.nbytes() == in.nbytes() * static_cast<uint64_t>(size()) && out.dtype() == in.dtype(),
@@ -288,6 +292,7 @@ class InProcessCommunicator final : public Communicator {
   }
 
   void broadcast(at::Tensor& tensor, int root) override {
+    PARDIT_PROFILE_COMMUNICATION("broadcast");
     checkContiguous(tensor, "broadcast");
     Slot s = Slot::of(CollectiveKind::kBroadcast, tensor);
     s.root = root;
@@ -301,6 +306,7 @@ class InProcessCommunicator final : public Communicator {
   }
 
   void allReduce(at::Tensor& tensor, ReduceOp op) override {
+    PARDIT_PROFILE_COMMUNICATION("all_reduce");
     checkContiguous(tensor, "all_reduce");
     Slot s = Slot::of(CollectiveKind::kAllReduce, tensor);
     s.op = op;
@@ -317,11 +323,18 @@ class InProcessCommunicator final : public Communicator {
     });
   }
 
-  void send(const at::Tensor& tensor, int peer) override { isend(tensor, peer)->wait(); }
+  void send(const at::Tensor& tensor, int peer) override {
+    PARDIT_PROFILE_COMMUNICATION("send");
+    isend(tensor, peer)->wait();
+  }
 
-  void recv(at::Tensor& tensor, int peer) override { irecv(tensor, peer)->wait(); }
+  void recv(at::Tensor& tensor, int peer) override {
+    PARDIT_PROFILE_COMMUNICATION("recv");
+    irecv(tensor, peer)->wait();
+  }
 
   std::unique_ptr<Work> isend(const at::Tensor& tensor, int peer) override {
+    PARDIT_PROFILE_COMMUNICATION("isend");
     checkContiguous(tensor, "isend");
     checkPeer(peer, "isend");
     if (rendezvous()) {
@@ -335,6 +348,7 @@ class InProcessCommunicator final : public Communicator {
   }
 
   std::unique_ptr<Work> irecv(at::Tensor& tensor, int peer) override {
+    PARDIT_PROFILE_COMMUNICATION("irecv");
     checkContiguous(tensor, "irecv");
     checkPeer(peer, "irecv");
     record(CollectiveKind::kSendRecv, 0, 0.0);
@@ -350,6 +364,7 @@ class InProcessCommunicator final : public Communicator {
   }
 
   std::unique_ptr<Work> sendRecv(const at::Tensor& out, int to, at::Tensor& in, int from) override {
+    PARDIT_PROFILE_COMMUNICATION("send_recv");
     if (rendezvous()) {
       checkContiguous(out, "send_recv");
       checkContiguous(in, "send_recv");
@@ -364,7 +379,10 @@ class InProcessCommunicator final : public Communicator {
     return r;
   }
 
-  void barrier() override { collective(Slot::of(CollectiveKind::kBarrier, {}), 0, [](std::vector<Slot>&) {}); }
+  void barrier() override {
+    PARDIT_PROFILE_COMMUNICATION("barrier");
+    collective(Slot::of(CollectiveKind::kBarrier, {}), 0, [](std::vector<Slot>&) {});
+  }
 
   std::unique_ptr<Communicator> split(int color, int key) override {
     Slot s = Slot::of(CollectiveKind::kCount, {});  // not a counted collective

@@ -5,6 +5,7 @@
 #include <climits>
 
 #include "pardit/core/error.h"
+#include "profile_scope.h"
 #include "pardit/dist/watchdog.h"
 #include "pardit/core/log.h"
 #include "pardit/core/timer.h"
@@ -36,6 +37,7 @@ class MpiWork final : public Work {
   }
   void wait() override {
     if (request_ == MPI_REQUEST_NULL) return;
+    PARDIT_PROFILE_COMMUNICATION("wait");
     Timer t;
     WatchedOperation watched("MPI_Wait (send/recv)");
     PARDIT_MPI_CHECK(MPI_Wait(&request_, MPI_STATUS_IGNORE));
@@ -62,6 +64,7 @@ MpiCommunicator::~MpiCommunicator() {
 }
 
 void MpiCommunicator::allToAll(const at::Tensor& in, at::Tensor& out) {
+  PARDIT_PROFILE_COMMUNICATION("all_to_all");
   checkCpu(in, "all_to_all");
   checkCpu(out, "all_to_all");
   PARDIT_CHECK(in.dim() >= 1 && in.size(0) == size_ && out.sizes() == in.sizes() && out.dtype() == in.dtype(),
@@ -75,6 +78,7 @@ void MpiCommunicator::allToAll(const at::Tensor& in, at::Tensor& out) {
 }
 
 void MpiCommunicator::allGather(const at::Tensor& in, at::Tensor& out) {
+  PARDIT_PROFILE_COMMUNICATION("all_gather");
   checkCpu(in, "all_gather");
   checkCpu(out, "all_gather");
   PARDIT_CHECK(out.nbytes() == in.nbytes() * static_cast<uint64_t>(size_) && out.dtype() == in.dtype(),
@@ -87,6 +91,7 @@ void MpiCommunicator::allGather(const at::Tensor& in, at::Tensor& out) {
 }
 
 void MpiCommunicator::broadcast(at::Tensor& tensor, int root) {
+  PARDIT_PROFILE_COMMUNICATION("broadcast");
   checkCpu(tensor, "broadcast");
   Timer t;
   WatchedOperation watched("MPI_Bcast");
@@ -96,6 +101,7 @@ void MpiCommunicator::broadcast(at::Tensor& tensor, int root) {
 }
 
 void MpiCommunicator::allReduce(at::Tensor& tensor, ReduceOp op) {
+  PARDIT_PROFILE_COMMUNICATION("all_reduce");
   checkCpu(tensor, "all_reduce");
   at::Tensor work = tensor;
   MPI_Datatype type;
@@ -121,6 +127,7 @@ void MpiCommunicator::allReduce(at::Tensor& tensor, ReduceOp op) {
 }
 
 void MpiCommunicator::send(const at::Tensor& tensor, int peer) {
+  PARDIT_PROFILE_COMMUNICATION("send");
   checkCpu(tensor, "send");
   Timer t;
   WatchedOperation watched("MPI_Send");
@@ -129,6 +136,7 @@ void MpiCommunicator::send(const at::Tensor& tensor, int peer) {
 }
 
 void MpiCommunicator::recv(at::Tensor& tensor, int peer) {
+  PARDIT_PROFILE_COMMUNICATION("recv");
   checkCpu(tensor, "recv");
   Timer t;
   MPI_Status status;
@@ -142,6 +150,7 @@ void MpiCommunicator::recv(at::Tensor& tensor, int peer) {
 }
 
 std::unique_ptr<Work> MpiCommunicator::isend(const at::Tensor& tensor, int peer) {
+  PARDIT_PROFILE_COMMUNICATION("isend");
   checkCpu(tensor, "isend");
   Timer t;
   auto w = std::make_unique<MpiWork>(tensor, this);
@@ -152,6 +161,7 @@ std::unique_ptr<Work> MpiCommunicator::isend(const at::Tensor& tensor, int peer)
 }
 
 std::unique_ptr<Work> MpiCommunicator::irecv(at::Tensor& tensor, int peer) {
+  PARDIT_PROFILE_COMMUNICATION("irecv");
   checkCpu(tensor, "irecv");
   Timer t;
   auto w = std::make_unique<MpiWork>(tensor, this);
@@ -176,12 +186,14 @@ class MpiPairWork final : public Work {
 }  // namespace
 
 std::unique_ptr<Work> MpiCommunicator::sendRecv(const at::Tensor& out, int to, at::Tensor& in, int from) {
+  PARDIT_PROFILE_COMMUNICATION("send_recv");
   auto r = irecv(in, from);
   auto s = isend(out, to);
   return std::make_unique<MpiPairWork>(std::move(s), std::move(r));
 }
 
 void MpiCommunicator::barrier() {
+  PARDIT_PROFILE_COMMUNICATION("barrier");
   Timer t;
   WatchedOperation watched("MPI_Barrier");
   PARDIT_MPI_CHECK(MPI_Barrier(comm_));

@@ -1,6 +1,7 @@
 #include "nccl_communicator.h"
 
 #include "pardit/core/error.h"
+#include "profile_scope.h"
 
 #if defined(PARDIT_WITH_NCCL)
 
@@ -50,7 +51,10 @@ class NcclWork final : public Work {
   // Keeps the tensors alive until the transfer is ordered before the current stream's later work.
   NcclWork(std::vector<at::Tensor> keepAlive, at::cuda::CUDAEvent&& done)
       : tensors_(std::move(keepAlive)), done_(std::move(done)) {}
-  void wait() override { done_.block(c10::cuda::getCurrentCUDAStream(tensors_.front().device().index())); }
+  void wait() override {
+    PARDIT_PROFILE_COMMUNICATION("wait");
+    done_.block(c10::cuda::getCurrentCUDAStream(tensors_.front().device().index()));
+  }
 
  private:
   std::vector<at::Tensor> tensors_;
@@ -99,6 +103,7 @@ class NcclCommunicator final : public Communicator {
   std::string backend() const override { return "nccl"; }
 
   void allToAll(const at::Tensor& in, at::Tensor& out) override {
+    PARDIT_PROFILE_COMMUNICATION("all_to_all");
     checkCuda(in, "all_to_all");
     checkCuda(out, "all_to_all");
     PARDIT_CHECK(in.size(0) == size_ && out.sizes() == in.sizes(), "all_to_all: dim 0 must equal the group size");
@@ -120,6 +125,7 @@ class NcclCommunicator final : public Communicator {
   }
 
   void allGather(const at::Tensor& in, at::Tensor& out) override {
+    PARDIT_PROFILE_COMMUNICATION("all_gather");
     checkCuda(in, "all_gather");
     checkCuda(out, "all_gather");
     PARDIT_CHECK(out.numel() == in.numel() * size_, "all_gather: output must hold ", size_, " copies of the input");
@@ -132,6 +138,7 @@ class NcclCommunicator final : public Communicator {
   }
 
   void broadcast(at::Tensor& tensor, int root) override {
+    PARDIT_PROFILE_COMMUNICATION("broadcast");
     checkCuda(tensor, "broadcast");
     Timer t;
     PARDIT_NCCL_CHECK(ncclBroadcast(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(),
@@ -140,6 +147,7 @@ class NcclCommunicator final : public Communicator {
   }
 
   void allReduce(at::Tensor& tensor, ReduceOp op) override {
+    PARDIT_PROFILE_COMMUNICATION("all_reduce");
     checkCuda(tensor, "all_reduce");
     const ncclRedOp_t nop = op == ReduceOp::kSum ? ncclSum : op == ReduceOp::kMax ? ncclMax : ncclMin;
     Timer t;
@@ -149,6 +157,7 @@ class NcclCommunicator final : public Communicator {
   }
 
   void send(const at::Tensor& tensor, int peer) override {
+    PARDIT_PROFILE_COMMUNICATION("send");
     checkCuda(tensor, "send");
     Timer t;
     PARDIT_NCCL_CHECK(ncclSend(tensor.data_ptr(), tensor.numel(), ncclType(tensor.scalar_type()), peer, comm_,
@@ -157,6 +166,7 @@ class NcclCommunicator final : public Communicator {
   }
 
   void recv(at::Tensor& tensor, int peer) override {
+    PARDIT_PROFILE_COMMUNICATION("recv");
     checkCuda(tensor, "recv");
     Timer t;
     PARDIT_NCCL_CHECK(ncclRecv(tensor.data_ptr(), tensor.numel(), ncclType(tensor.scalar_type()), peer, comm_,
@@ -165,16 +175,19 @@ class NcclCommunicator final : public Communicator {
   }
 
   std::unique_ptr<Work> isend(const at::Tensor& tensor, int peer) override {
+    PARDIT_PROFILE_COMMUNICATION("isend");
     checkCuda(tensor, "isend");
     return p2p(tensor, peer, true);
   }
 
   std::unique_ptr<Work> irecv(at::Tensor& tensor, int peer) override {
+    PARDIT_PROFILE_COMMUNICATION("irecv");
     checkCuda(tensor, "irecv");
     return p2p(tensor, peer, false);
   }
 
   std::unique_ptr<Work> sendRecv(const at::Tensor& out, int to, at::Tensor& in, int from) override {
+    PARDIT_PROFILE_COMMUNICATION("send_recv");
     checkCuda(out, "send_recv");
     checkCuda(in, "send_recv");
     auto cur = c10::cuda::getCurrentCUDAStream(out.device().index());
@@ -193,6 +206,7 @@ class NcclCommunicator final : public Communicator {
   }
 
   void barrier() override {
+    PARDIT_PROFILE_COMMUNICATION("barrier");
     at::Tensor one = at::ones({1}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, device_));
     allReduce(one, ReduceOp::kSum);
     c10::cuda::getCurrentCUDAStream(device_).synchronize();

@@ -28,7 +28,8 @@ class OpProfile {
   };
   // Operators by total time, largest first.
   std::vector<Op> ops() const;
-  // The operator's class: "GEMM", "attention", "norm", "copy/layout", "elementwise" or "other".
+  // The operator's class: "GEMM", "attention", "norms/RoPE/modulation" (with pardit's fused passes),
+  // "communication" (pardit's collectives and transfers), "copy/layout", "elementwise" or "other".
   static std::string classOf(const std::string& name);
 
  private:

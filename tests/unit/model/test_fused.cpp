@@ -113,7 +113,7 @@ TEST(FusedOps, ScaleAddEqualsMulThenAdd) {
   }
 }
 
-// `pardit bench --profile` accounts for the fused passes under their own names (class elementwise): one
+// `pardit bench --profile` accounts for the fused passes under their own names (class norms/RoPE/modulation): one
 // entry per call, with the ATen operators they fall back to or allocate with nested inside.
 TEST(FusedOps, ShowInOperatorProfiles) {
   const at::Tensor a = at::randn({1, 5, 8}), s = at::randn({1, 8}), c = at::randn({1, 8});
@@ -132,8 +132,8 @@ TEST(FusedOps, ShowInOperatorProfiles) {
   EXPECT_EQ(calls["pardit::rope"], 2);
   EXPECT_EQ(calls.count("aten::empty"), 0u) << "allocations inside a fused pass are its own";
   EXPECT_EQ(calls.count("aten::mul"), 0u) << "the composition inside rope is rope's";
-  EXPECT_EQ(pipeline::OpProfile::classOf("pardit::rope"), "elementwise");
-  EXPECT_EQ(pipeline::OpProfile::classOf("pardit::scale_add"), "elementwise");
+  EXPECT_EQ(pipeline::OpProfile::classOf("pardit::rope"), "norms/RoPE/modulation");
+  EXPECT_EQ(pipeline::OpProfile::classOf("pardit::scale_add"), "norms/RoPE/modulation");
 }
 
 TEST(FusedOps, OtherTensorsTakeTheComposition) {

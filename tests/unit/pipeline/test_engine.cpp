@@ -319,6 +319,27 @@ TEST_F(EngineTest, TiledDecodeOnRanksEqualsOneRank) {
   EXPECT_NE(png.text[0].second.find("VAE tiles: 32 px"), std::string::npos) << png.text[0].second;
 }
 
+// Communication is a class of its own in operator profiles: every backend opens a named scope per call,
+// and the copies it makes inside are the call's.
+TEST(OpProfile, CountsCommunicationAsItsOwnClass) {
+  auto world = dist::makeInProcessWorld(1);
+  at::Tensor t = at::ones({1, 8});  // all-to-all: dim 0 is the group size
+  std::map<std::string, int64_t> calls;
+  {
+    pipeline::OpProfile profile;
+    world[0]->allReduce(t);
+    (void)dist::allToAll(*world[0], t);
+    (void)dist::allGather(*world[0], t);
+    for (const auto& op : profile.ops()) calls[op.name] = op.calls;
+  }
+  EXPECT_EQ(calls["pardit::all_reduce"], 1);
+  EXPECT_EQ(calls["pardit::all_to_all"], 1);
+  EXPECT_EQ(calls["pardit::all_gather"], 1);
+  for (const auto& name : {"pardit::all_reduce", "pardit::all_to_all", "pardit::send_recv", "pardit::wait"})
+    EXPECT_EQ(pipeline::OpProfile::classOf(name), "communication") << name;
+  EXPECT_EQ(pipeline::OpProfile::classOf("aten::rms_norm"), "norms/RoPE/modulation");
+}
+
 // The operator profiler counts the top-level operators of its thread: calls inside another operator
 // (addmm inside linear) count in their caller, and nothing is recorded once it is gone.
 TEST(OpProfile, CountsTopLevelOperatorsOfItsThread) {

@@ -208,6 +208,8 @@ CudaGraphTransformer::~CudaGraphTransformer() = default;
 
 at::Tensor CudaGraphTransformer::operator()(const model::FluxInputs& in) { return impl_->call(in); }
 
+at::Tensor CudaGraphTransformer::eager(const model::FluxInputs& in) const { return impl_->fn(in); }
+
 CudaGraphStats CudaGraphTransformer::stats() const { return impl_->stats; }
 
 void CudaGraphTransformer::release() { impl_->release(); }

@@ -13,7 +13,9 @@
 //     graph cannot hold) is undone in the allocator and reported, then and on every later call;
 //   * from then on the inputs are copied into the graph's static input tensors and the graph is replayed
 //     on the caller's stream; the output is copied out (the next replay overwrites the graph's own).
-// Replays run the same kernels on the same data as the eager call: the results are bit-identical.
+// Replays run the same kernels on the same data as the eager call: the results are bit-identical. Memory:
+// the graphs share one pool, about one call's activations; the rehearsal of a second input shape (true CFG
+// with prompts of two lengths) runs beside it, so for that one call the activations are held twice.
 // Every input must be on the one GPU of the call. Only a call without host synchronizations or communication
 // inside can be captured: one GPU's whole transformer with resident weights (the engine refuses --cuda-graphs with Ulysses/Ring, PipeFusion or
 // streamed weights). Built without CUDA, constructing one throws.
@@ -40,6 +42,9 @@ class CudaGraphTransformer {
 
   // The transformer's output for `in` (CUDA tensors), eagerly or by a replay.
   at::Tensor operator()(const model::FluxInputs& in);
+  // The wrapped call itself, eagerly on the caller's stream (an operator profile of a replay would see one
+  // launch).
+  at::Tensor eager(const model::FluxInputs& in) const;
   CudaGraphStats stats() const;
   // Frees the graphs and their memory pool (after the denoise loop, before the VAE decode needs the memory);
   // a later call starts over with an eager call.

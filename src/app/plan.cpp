@@ -28,8 +28,7 @@ nlohmann::ordered_json toJson(const config::EngineConfig& c, const pipeline::Job
   nlohmann::ordered_json ranks = nlohmann::ordered_json::array();
   for (size_t r = 0; r < p.ranks.size(); ++r) {
     const auto& plan = p.ranks[r];
-    size_t streamed = 0;
-    for (const auto& g : plan.groups) streamed += g.streamed;
+    const size_t streamed = plan.streamedGroups();
     nlohmann::ordered_json j = {
         {"rank", r}, {"stage", p.stageOf[r]}, {"groups", plan.groups.size()}, {"streamed_groups", streamed},
         {"resident_bytes", plan.residentBytes}, {"streamed_bytes", plan.streamedBytes},

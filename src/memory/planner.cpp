@@ -105,8 +105,7 @@ RankPlan planRank(const RankWorkload& w, uint64_t budget, OffloadMode mode) {
   }
   // Deeper read-ahead while the budget has room for it (it evens out groups of unequal compute and size).
   if (plan.anyStreamed()) {
-    size_t streamedGroups = 0;
-    for (const auto& g : plan.groups) streamedGroups += g.streamed;
+    const size_t streamedGroups = plan.streamedGroups();
     while (plan.prefetchDepth < kMaxPrefetchDepth && static_cast<size_t>(plan.prefetchDepth) + 1 < streamedGroups) {
       ++plan.prefetchDepth;
       recompute();

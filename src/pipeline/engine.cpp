@@ -185,9 +185,8 @@ std::shared_ptr<model::FluxWeightProvider> Engine::Impl::loadRun(Run& run, const
   if (loaded && loaded->key == key) return loaded->weights;
   loaded.reset();  // release the previous weights before loading others
   if (plan.anyStreamed()) {
-    size_t n = 0;
-    for (const auto& g : plan.groups) n += g.streamed;
-    logInfo0("memory plan (offload ", config::enumName(options.offload), ", budget ", formatBytes(plan.budget), "): ", n,
+    logInfo0("memory plan (offload ", config::enumName(options.offload), ", budget ", formatBytes(plan.budget), "): ",
+             plan.streamedGroups(),
              " weight groups (", formatBytes(plan.streamedBytes), ") streamed from ",
              plan.streamFromHost ? "a host copy" : "the file", " (", formatBytes(plan.hostBytes), " of host memory, ",
              plan.prefetchDepth, " ahead), ", formatBytes(plan.residentBytes), " resident, planned peak ",

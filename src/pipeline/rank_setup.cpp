@@ -126,12 +126,9 @@ void checkCudaGraphs(const c10::Device& device, const dist::Topology& topo, bool
                "--cuda-graphs captures one GPU's whole transformer call: it cannot be combined with "
                "--ulysses-degree, --ring-degree or --pipefusion-degree > 1, whose communication runs inside the "
                "call (--cfg-degree 2 can: its exchange is outside)");
-  if (plan.anyStreamed()) {
-    size_t n = 0;
-    for (const auto& g : plan.groups) n += g.streamed;
-    PARDIT_THROW("--cuda-graphs needs every weight resident, but this rank's plan streams ", n,
-                 " weight groups: use a larger --device-memory-budget, --weight-dtype fp8, or drop --cuda-graphs");
-  }
+  PARDIT_CHECK(!plan.anyStreamed(), "--cuda-graphs needs every weight resident, but this rank's plan streams ",
+               plan.streamedGroups(), " weight groups: use a larger --device-memory-budget, --weight-dtype fp8, or "
+               "drop --cuda-graphs");
 }
 
 std::shared_ptr<parallel::PipeFusionRunner> makePipeFusionRunner(dist::Runtime& rt, const model::FluxConfig& mc,

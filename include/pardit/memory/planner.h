@@ -5,6 +5,7 @@
 
 #include <c10/core/ScalarType.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -61,6 +62,11 @@ struct RankPlan {
 
   uint64_t total() const { return residentBytes + streamBufferBytes + activationBytes + kvBytes + commBytes; }
   bool anyStreamed() const { return streamedBytes > 0; }
+  size_t streamedGroups() const {
+    size_t n = 0;
+    for (const auto& g : groups) n += g.streamed;
+    return n;
+  }
 };
 
 // Bytes of a weight group on the device: compute-dtype tensors, FP8 values (1 byte) and float32 scales.

@@ -126,15 +126,8 @@ void scaleAddCpu(const at::Tensor& out, const at::Tensor& a, const at::Tensor& s
 void* currentStream(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 #endif
 
-}  // namespace
-
-void ropeInto(const at::Tensor& out, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  RECORD_FUNCTION("pardit::rope", std::vector<c10::IValue>());  // operator profiles (pipeline/op_profile.h)
-  at::Tensor c = cos, s = sin;
-  if (!ropeFusable(out, x, c, s)) {
-    out.copy_(ropeComposed(x, cos, sin));
-    return;
-  }
+// RoPE of x into out with cos/sin expanded to x's shape, once ropeFusable said yes.
+void ropeFused(const at::Tensor& out, const at::Tensor& x, const at::Tensor& c, const at::Tensor& s) {
 #if PARDIT_CUDA_KERNELS
   if (x.device().is_cuda()) {
     const c10::cuda::CUDAGuard guard(x.device());
@@ -150,12 +143,24 @@ void ropeInto(const at::Tensor& out, const at::Tensor& x, const at::Tensor& cos,
   }
 }
 
+}  // namespace
+
+void ropeInto(const at::Tensor& out, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  RECORD_FUNCTION("pardit::rope", std::vector<c10::IValue>());  // operator profiles (pipeline/op_profile.h)
+  at::Tensor c = cos, s = sin;
+  if (!ropeFusable(out, x, c, s)) {
+    out.copy_(ropeComposed(x, cos, sin));
+    return;
+  }
+  ropeFused(out, x, c, s);
+}
+
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   RECORD_FUNCTION("pardit::rope", std::vector<c10::IValue>());
   at::Tensor c = cos, s = sin;
   if (!ropeFusable(x, x, c, s)) return ropeComposed(x, cos, sin);
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  ropeInto(out, x, cos, sin);
+  ropeFused(out, x, c, s);
   return out;
 }
 

@@ -81,7 +81,10 @@ TEST(Hardening, ConcurrentMetricsAppendsKeepEveryRun) {
   ASSERT_EQ(first.exitCode, 0) << first.output;
   pad(metrics, 192);  // each append copies ~200 MB: the jobs' appends overlap
   constexpr int kJobs = 8;
-  std::string script = "cd " + dir.path().string() + " && for i in $(seq 1 " + std::to_string(kJobs) + "); do (" +
+  // Each job its own Open MPI session directory: concurrent singletons racing to create the shared one
+  // (/tmp/ompi.<host>.<uid>) can fail in MPI_Init, which is Open MPI's start-up and not what is tested here.
+  std::string script = "cd " + dir.path().string() + " && for i in $(seq 1 " + std::to_string(kJobs) +
+                       "); do (mkdir -p ompi.$i && OMPI_MCA_orte_tmpdir_base=$PWD/ompi.$i " +
                        PARDIT_BINARY + " " + generate(model, "--metrics " + metrics) +
                        "; echo $? > rc.$i) & done; wait; cat rc.*";
   auto r = runCommand(script);

@@ -40,14 +40,16 @@ std::vector<at::Tensor> ulyssesScatterHeadsMany(dist::Communicator& comm, const 
   if (U == 1) return xs;
   const int64_t B = xs[0].size(0), H = xs[0].size(1), s = xs[0].size(2), D = xs[0].size(3);
   PARDIT_CHECK(H % U == 0, "Ulysses: ", H, " heads are not divisible by the Ulysses degree ", U);
-  // One all-to-all for all tensors: send buffer [U, n, B, s, H/U, D], each tensor copied in once.
-  at::Tensor send = at::empty({U, n, B, s, H / U, D}, xs[0].options());
+  // One all-to-all for all tensors. Send buffer [U, B, s, n, H/U, D]: a token's n tensors side by side, so for
+  // one image each received tensor is a strided view (token stride n * H/U * D) that the attention kernels
+  // read as it is, with no unpack copy; each tensor is copied in once.
+  at::Tensor send = at::empty({U, B, s, n, H / U, D}, xs[0].options());
   for (int64_t i = 0; i < n; ++i)
-    send.select(1, i).copy_(xs[i].transpose(1, 2).reshape({B, s, U, H / U, D}).permute({2, 0, 1, 3, 4}));
-  at::Tensor recv = dist::allToAll(comm, send);  // [U(src), n, B, s, H/U, D]
+    send.select(3, i).copy_(xs[i].transpose(1, 2).reshape({B, s, U, H / U, D}).permute({2, 0, 1, 3, 4}));
+  at::Tensor recv = dist::allToAll(comm, send);  // [U(src), B, s, n, H/U, D]
   std::vector<at::Tensor> out;
   for (int64_t i = 0; i < n; ++i)
-    out.push_back(recv.select(1, i).permute({1, 0, 2, 3, 4}).reshape({B, U * s, H / U, D}).transpose(1, 2));
+    out.push_back(recv.select(3, i).permute({1, 0, 2, 3, 4}).reshape({B, U * s, H / U, D}).transpose(1, 2));
   return out;
 }
 

@@ -2,14 +2,13 @@
 
 #include <ATen/ATen.h>
 
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <array>
 #include <atomic>
 
 #include "pardit/core/error.h"
 #include "pardit/core/log.h"
+#include "pardit/core/parallel.h"
 
 #if defined(PARDIT_WITH_CUDA)
 #include <ATen/cuda/CUDAContext.h>
@@ -68,7 +67,8 @@ namespace {
 const std::array<float, 256>& e4m3Table() {
   static const std::array<float, 256> table = [] {
     std::array<float, 256> t{};
-    for (int i = 0; i < 256; ++i) t[i] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(i), c10::Float8_e4m3fn::from_bits()));
+    for (int i = 0; i < 256; ++i)
+      t[i] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(i), c10::Float8_e4m3fn::from_bits()));
     return t;
   }();
   return table;
@@ -84,7 +84,7 @@ void dequantizeRowsCpu(const at::Tensor& values, const at::Tensor& scale, at::Te
   const auto* q = reinterpret_cast<const uint8_t*>(values.data_ptr());
   const float* s = scale.data_ptr<float>();
   T* o = out.data_ptr<T>();
-  at::parallel_for(0, values.size(0), std::max<int64_t>(1, 65536 / std::max<int64_t>(cols, 1)), [&](int64_t begin, int64_t end) {
+  parallelFor(values.size(0), 65536 / std::max<int64_t>(cols, 1), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float sr = s[r];
       const uint8_t* qr = q + r * cols;
@@ -97,8 +97,8 @@ void dequantizeRowsCpu(const at::Tensor& values, const at::Tensor& scale, at::Te
 }  // namespace
 
 at::Tensor dequantizeFp8Rows(const at::Tensor& values, const at::Tensor& scale, c10::ScalarType dtype) {
-  PARDIT_CHECK(isFp8(values) && values.dim() == 2 && scale.dim() == 1 && scale.size(0) == values.size(0),
-               "FP8 weight ", values.sizes(), " with scale ", scale.sizes(), ": expected [out, in] float8_e4m3fn and [out]");
+  PARDIT_CHECK(isFp8(values) && values.dim() == 2 && scale.dim() == 1 && scale.size(0) == values.size(0), "FP8 weight ",
+               values.sizes(), " with scale ", scale.sizes(), ": expected [out, in] float8_e4m3fn and [out]");
   if (values.is_cpu() && values.is_contiguous() &&
       (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf)) {
     const at::Tensor s = scale.to(at::kFloat).contiguous();

@@ -1,11 +1,11 @@
 #include "pardit/model/fused.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
 #include "fused_math.h"
 #include "pardit/core/error.h"
+#include "pardit/core/parallel.h"
 
 #if PARDIT_CUDA_KERNELS
 #include <c10/cuda/CUDAGuard.h>
@@ -32,8 +32,9 @@ namespace {
 bool fusable(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
 
 [[maybe_unused]] fused::ElementType elementType(at::ScalarType t) {
-  return t == at::kFloat ? fused::ElementType::kFloat
-         : t == at::kBFloat16 ? fused::ElementType::kBFloat16 : fused::ElementType::kHalf;
+  return t == at::kFloat      ? fused::ElementType::kFloat
+         : t == at::kBFloat16 ? fused::ElementType::kBFloat16
+                              : fused::ElementType::kHalf;
 }
 
 // Where the fused passes run: the CPU, and CUDA devices when the kernels were built.
@@ -67,10 +68,11 @@ void ropeCpu(const at::Tensor& out, const at::Tensor& x, const at::Tensor& cos, 
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
   const int64_t half = g.D / 2;
-  at::parallel_for(0, g.B * g.L * g.H, std::max<int64_t>(1, kGrainElements / g.D), [&](int64_t begin, int64_t end) {
+  parallelFor(g.B * g.L * g.H, kGrainElements / g.D, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const fused::RopeIndex row = fused::ropeIndex(g, r * half);
-      for (int64_t j = 0; j < g.D; j += 2) fused::ropePair(xp + row.x + j, cp + row.cos + j, sp + row.sin + j, o + row.out + j);
+      for (int64_t j = 0; j < g.D; j += 2)
+        fused::ropePair(xp + row.x + j, cp + row.cos + j, sp + row.sin + j, o + row.out + j);
     }
   });
 }
@@ -100,7 +102,8 @@ bool ropeFusable(const at::Tensor& out, const at::Tensor& x, at::Tensor& cos, at
 
 fused::ScaleAddGeometry scaleAddGeometry(const at::Tensor& a, const at::Tensor& s, const at::Tensor& c) {
   const bool perToken = c.dim() == 3;
-  return {a.size(0), a.size(1), a.size(2), a.stride(0), a.stride(1), s.stride(0), c.stride(0), perToken ? c.stride(1) : 0};
+  return {a.size(0),   a.size(1),   a.size(2),   a.stride(0),
+          a.stride(1), s.stride(0), c.stride(0), perToken ? c.stride(1) : 0};
 }
 
 template <typename T>
@@ -110,7 +113,7 @@ void scaleAddCpu(const at::Tensor& out, const at::Tensor& a, const at::Tensor& s
   const T* ap = a.data_ptr<T>();
   const T* sp = s.data_ptr<T>();
   const T* cp = c.data_ptr<T>();
-  at::parallel_for(0, g.B * g.L, std::max<int64_t>(1, kGrainElements / g.n), [&](int64_t begin, int64_t end) {
+  parallelFor(g.B * g.L, kGrainElements / g.n, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / g.L, l = r % g.L;
       T* orow = o + r * g.n;
@@ -137,9 +140,15 @@ void ropeFused(const at::Tensor& out, const at::Tensor& x, const at::Tensor& c, 
   }
 #endif
   switch (x.scalar_type()) {
-    case at::kFloat: ropeCpu<float>(out, x, c, s); break;
-    case at::kBFloat16: ropeCpu<at::BFloat16>(out, x, c, s); break;
-    default: ropeCpu<at::Half>(out, x, c, s); break;
+    case at::kFloat:
+      ropeCpu<float>(out, x, c, s);
+      break;
+    case at::kBFloat16:
+      ropeCpu<at::BFloat16>(out, x, c, s);
+      break;
+    default:
+      ropeCpu<at::Half>(out, x, c, s);
+      break;
   }
 }
 
@@ -166,27 +175,34 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
 
 at::Tensor scaleAdd(const at::Tensor& a, const at::Tensor& s, const at::Tensor& c) {
   RECORD_FUNCTION("pardit::scale_add", std::vector<c10::IValue>());
-  PARDIT_CHECK(a.dim() == 3 && s.dim() == 2 && (c.dim() == 2 || c.dim() == 3), "scaleAdd: a must be [B, L, h], s [B, h]",
-               " and c [B, L, h] or [B, h]; got ", a.sizes(), ", ", s.sizes(), ", ", c.sizes());
-  const bool fused = fusedOn(a.device()) && s.device() == a.device() && c.device() == a.device() && fusable(a.scalar_type()) &&
-                     s.scalar_type() == a.scalar_type() && c.scalar_type() == a.scalar_type() &&
-                     s.size(0) == a.size(0) && s.size(1) == a.size(2) && c.size(0) == a.size(0) &&
-                     c.size(-1) == a.size(2) && (c.dim() == 2 || c.size(1) == a.size(1)) && a.stride(2) == 1 &&
-                     s.stride(1) == 1 && c.stride(-1) == 1;
+  PARDIT_CHECK(a.dim() == 3 && s.dim() == 2 && (c.dim() == 2 || c.dim() == 3),
+               "scaleAdd: a must be [B, L, h], s [B, h]", " and c [B, L, h] or [B, h]; got ", a.sizes(), ", ",
+               s.sizes(), ", ", c.sizes());
+  const bool fused = fusedOn(a.device()) && s.device() == a.device() && c.device() == a.device() &&
+                     fusable(a.scalar_type()) && s.scalar_type() == a.scalar_type() &&
+                     c.scalar_type() == a.scalar_type() && s.size(0) == a.size(0) && s.size(1) == a.size(2) &&
+                     c.size(0) == a.size(0) && c.size(-1) == a.size(2) && (c.dim() == 2 || c.size(1) == a.size(1)) &&
+                     a.stride(2) == 1 && s.stride(1) == 1 && c.stride(-1) == 1;
   if (!fused) return a * s.unsqueeze(1) + (c.dim() == 2 ? c.unsqueeze(1) : c);
   at::Tensor out = at::empty(a.sizes(), a.options().memory_format(at::MemoryFormat::Contiguous));
 #if PARDIT_CUDA_KERNELS
   if (a.device().is_cuda()) {
     const c10::cuda::CUDAGuard guard(a.device());
-    cuda::scaleAdd(elementType(a.scalar_type()), out.data_ptr(), a.data_ptr(), s.data_ptr(), c.data_ptr(), scaleAddGeometry(a, s, c),
-                   currentStream(a));
+    cuda::scaleAdd(elementType(a.scalar_type()), out.data_ptr(), a.data_ptr(), s.data_ptr(), c.data_ptr(),
+                   scaleAddGeometry(a, s, c), currentStream(a));
     return out;
   }
 #endif
   switch (a.scalar_type()) {
-    case at::kFloat: scaleAddCpu<float>(out, a, s, c); break;
-    case at::kBFloat16: scaleAddCpu<at::BFloat16>(out, a, s, c); break;
-    default: scaleAddCpu<at::Half>(out, a, s, c); break;
+    case at::kFloat:
+      scaleAddCpu<float>(out, a, s, c);
+      break;
+    case at::kBFloat16:
+      scaleAddCpu<at::BFloat16>(out, a, s, c);
+      break;
+    default:
+      scaleAddCpu<at::Half>(out, a, s, c);
+      break;
   }
   return out;
 }

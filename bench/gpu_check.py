@@ -7,6 +7,10 @@
    peak device memory, at each size.
 3. `pardit bench` on the same model: time per forward, peak device memory; bf16 weights (also as CUDA graph
    replays, --cuda-graphs) and FP8 weights.
+   Each attention kernel alone (PyTorch's scaled_dot_product_attention with one backend) on the forward's
+   shapes, on q/k/v laid out as pardit lays them out (token-major) and as diffusers does (head-major), and
+   `pardit bench --attention K` where a kernel beats the one pardit's auto picks (or as --attention-kernels
+   says).
 4. Fidelity at the first size: `pardit forward` against diffusers' output on the same inputs (bf16), and FP8
    against bf16.
 5. Offload rows (`pardit generate`, a few steps at the first size): resident, each --budgets with
@@ -75,6 +79,42 @@ def time_diffusers(model, kw, device, warmup, iters):
     return statistics.median(samples), samples
 
 
+def attention_kernels(cfg, sizes, text_len, device, dtype, iters):
+    """Milliseconds per call of each scaled_dot_product_attention backend on one layer's attention of the
+    forward (1 image, H heads, image + text tokens), for token-major q/k/v (views of [B, S, H, D] memory, as
+    pardit computes them) and head-major ones (contiguous [B, H, S, D], as diffusers hands them over);
+    None where the backend refuses the tensors."""
+    import contextlib
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+    heads, dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
+    backends = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION}
+    times = {}
+    for size in sizes:
+        tokens = (size // 16) ** 2 + text_len
+        g = torch.Generator(device=device).manual_seed(11)
+        token_major = [torch.randn(1, tokens, heads, dim, device=device, dtype=dtype, generator=g).transpose(1, 2)
+                       for _ in range(3)]
+        head_major = [t.contiguous() for t in token_major]
+        for layout, qkv in (("token-major", token_major), ("head-major", head_major)):
+            for name, backend in backends.items():
+                ctx = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
+                try:
+                    with ctx, torch.inference_mode():
+                        F.scaled_dot_product_attention(*qkv)
+                        sync(device)
+                        t = time.perf_counter()
+                        for _ in range(iters):
+                            F.scaled_dot_product_attention(*qkv)
+                        sync(device)
+                    times[(size, layout, name)] = 1e3 * (time.perf_counter() - t) / iters
+                except RuntimeError:
+                    times[(size, layout, name)] = None
+        del token_major, head_major
+    return times
+
+
 def run(cmd, env, log):
     t = time.perf_counter()
     p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -95,6 +135,43 @@ def rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item(), ((a - b).norm() / b.norm()).item()
 
 
+def bench_result(what, size, out, flops):
+    """A table row from `pardit bench`'s output (its BENCH line)."""
+    gf, s = field(out, "gflops"), field(out, "median_s")
+    flops[size] = gf * 1e9 * s if gf and s else None
+    m = re.search(r"\battention=(\w+)", out)
+    row = {"what": what, "size": size, "s": s, "peak_bytes": field(out, "peak_device_bytes"),
+           "tflops": gf / 1e3 if gf else None}
+    if m:
+        row["attention"] = m.group(1)
+        row["note"] = f"attention: {m.group(1)}"
+    return row
+
+
+def bench_row(a, mdir, size, weights, extra, threads, env, flops):
+    """One more `pardit bench` at `size` with `extra` flags."""
+    what = "pardit bench (" + " ".join(extra) + ")"
+    rc, out, _ = run([a.pardit, "bench", "--model", mdir, "--device", a.device, "--dtype", "bf16", "--weight-dtype",
+                      weights, "--height", str(size), "--width", str(size), "--text-len", str(a.text_len), "--warmup",
+                      str(a.warmup), "--iters", str(a.iters)] + threads + extra, env,
+                     os.path.join(a.out, f"bench-{weights}-{'-'.join(x.strip('-') for x in extra)}-{size}.log"))
+    if rc != 0:
+        return {"what": what, "size": size, "s": None, "note": "failed"}
+    return bench_result(what, size, out, flops)
+
+
+def chosen_kernels(spec, att, size, pick):
+    """The --attention kernels to time at `size`: 'faster' = each named kernel faster alone than auto's pick
+    on token-major q/k/v; '' = none; else the listed ones."""
+    if spec != "faster":
+        return spec.split()
+    mine = att.get((size, "token-major", pick)) if pick else None
+    if mine is None:
+        return []
+    alone = {k: att.get((size, "token-major", k)) for k in ("flash", "efficient", "cudnn")}
+    return [k for k, ms in alone.items() if k != pick and ms is not None and ms < 0.95 * mine]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pardit", required=True)
@@ -109,6 +186,9 @@ def main():
     p.add_argument("--budgets", default="24GiB 12GiB", help="device memory budgets of the offload rows ('' skips them)")
     p.add_argument("--compile", action="store_true", help="also time diffusers under torch.compile (slow first call)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (the CPU dry run)")
+    p.add_argument("--attention-kernels", default="faster",
+                   help="--attention kernels to time with pardit bench beside auto: 'faster' (those that beat auto's "
+                        "pick alone on token-major q/k/v), '' (none) or a list such as 'flash cudnn'")
     a = p.parse_args()
     gpu = a.device == "cuda"
     preset = a.preset or ("flux-dev" if gpu else "small")
@@ -198,13 +278,23 @@ def main():
     if gpu:
         torch.cuda.empty_cache()
 
+    # Each attention kernel alone, on pardit's layout and diffusers'.
+    att = attention_kernels(cfg, sizes, a.text_len, a.device, dtype, a.iters)
+    info["attention_ms"] = {f"{size} {layout} {name}": ms for (size, layout, name), ms in att.items()}
+
     # 3. pardit bench, bf16 and FP8 weights; at the first size with bf16 weights also one profiled forward
     #    (each operator's device time) and the split of GEMMs and attention timed alone.
     #    On a GPU the bf16 forwards also as CUDA graph replays (--cuda-graphs).
     split = []
+    picks = {}  # size -> the kernel pardit's --attention auto ran
     variants = [("compute", [])] + ([("compute", ["--cuda-graphs"])] if gpu else []) + [("fp8", [])]
+    variants.append(("compute", ["--attention"]))  # expanded per size below
     for weights, extra in variants:
         for size in sizes:
+            if extra == ["--attention"]:
+                for kernel in chosen_kernels(a.attention_kernels, att, size, picks.get(size)):
+                    rows.append(bench_row(a, mdir, size, "compute", ["--attention", kernel], threads, env, flops))
+                continue
             profile = ["--profile"] if weights == "compute" and not extra and size == sizes[0] else []
             tag = weights + ("-graphs" if extra else "")
             rc, out, _ = run([a.pardit, "bench", "--model", mdir, "--device", a.device, "--dtype", "bf16",
@@ -221,11 +311,10 @@ def main():
             if rc != 0:
                 rows.append({"what": what, "size": size, "s": None, "note": "failed"})
                 continue
-            gf = field(out, "gflops")
-            s = field(out, "median_s")
-            flops[size] = gf * 1e9 * s if gf and s else None
-            rows.append({"what": what, "size": size, "s": s, "peak_bytes": field(out, "peak_device_bytes"),
-                         "tflops": gf / 1e3 if gf else None})
+            row = bench_result(what, size, out, flops)
+            if weights == "compute" and not extra:
+                picks[size] = row.get("attention")
+            rows.append(row)
 
     # 4. Fidelity at the first size.
     from safetensors.torch import load_file
@@ -302,6 +391,13 @@ def main():
         tf = (f"{r['tflops']:.1f} ({100 * r['tflops'] / info['gemm_tflops']:.0f}%)" if r.get("tflops") else "-")
         print(f"| {r['what']} | {r['size']} | {f'{s:.4f}' if s else '-'} | {vs} | {vr} | {tf} | {gib(r.get('peak_bytes'))} "
               f"| {gib(r.get('rss_bytes'))} | {gib(r.get('streamed_bytes'))} | {r.get('note', '')} |")
+    print("\nattention alone, ms per call (one layer, bf16; -: the kernel refused the tensors):")
+    print("| px | q/k/v layout | auto | flash | efficient | cudnn |")
+    print("|---|---|---|---|---|---|")
+    for size in sizes:
+        for layout in ("token-major (pardit)", "head-major (diffusers)"):
+            cells = [att.get((size, layout.split()[0], k)) for k in ("auto", "flash", "efficient", "cudnn")]
+            print(f"| {size} | {layout} | " + " | ".join(f"{ms:.3f}" if ms is not None else "-" for ms in cells) + " |")
     if split:
         print(f"\npardit operators at {sizes[0]} px, one profiled forward (device time): " + ", ".join(split))
         print(f"pardit GEMMs and attention timed alone: {info.get('time_split')}")

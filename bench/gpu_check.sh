@@ -128,5 +128,5 @@ if [[ "$cmd" == dry-run ]]; then
   # A clean environment, as on a GPU host: only the bundle, the venv's torch and the system's basics.
   env -i HOME="${HOME:-/tmp}" PATH=/usr/bin:/bin PYTHON="${PYTHON:-$venv/bin/python}" PARDIT_BUNDLED_PYTHON=1 \
     bash "$dir/run.sh" --device cpu --preset small --sizes 128 --text-len 32 --iters 2 --warmup 1 --steps 3 \
-    --budgets "150MB" --threads "${PARDIT_DRY_RUN_THREADS:-2}"
+    --budgets "150MB" --attention-kernels math --threads "${PARDIT_DRY_RUN_THREADS:-2}"
 fi

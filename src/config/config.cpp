@@ -45,6 +45,7 @@ template <> const std::vector<const char*>& namesOf<SynthLayout>() { static cons
 template <> const std::vector<const char*>& namesOf<SynthFill>() { static const std::vector<const char*> n{"random", "zeros"}; return n; }
 template <> const std::vector<const char*>& namesOf<EncoderDevice>() { static const std::vector<const char*> n{"auto", "cpu"}; return n; }
 template <> const std::vector<const char*>& namesOf<VaeTiling>() { static const std::vector<const char*> n{"auto", "on", "off"}; return n; }
+template <> const std::vector<const char*>& namesOf<Attention>() { static const std::vector<const char*> n{"auto", "flash", "efficient", "cudnn", "math"}; return n; }
 // clang-format on
 
 std::string joinOr(const std::vector<std::string>& names) {
@@ -88,6 +89,7 @@ PARDIT_ENUM_INSTANTIATE(SynthLayout)
 PARDIT_ENUM_INSTANTIATE(SynthFill)
 PARDIT_ENUM_INSTANTIATE(EncoderDevice)
 PARDIT_ENUM_INSTANTIATE(VaeTiling)
+PARDIT_ENUM_INSTANTIATE(Attention)
 #undef PARDIT_ENUM_INSTANTIATE
 
 std::string commandName(Command command) { return enumName(command); }
@@ -351,6 +353,10 @@ const std::vector<Option>& optionTable() {
                 "capture the transformer call in a CUDA graph after its first (eager) call and replay it: one launch "
                 "instead of thousands, bit-identical results; needs one GPU's whole transformer with resident "
                 "weights (no --ulysses-degree/--ring-degree/--pipefusion-degree > 1, nothing streamed)"));
+    add(opt("attention", &EngineConfig::attention, Group::kModel, Sync::kValue, gen | fwd | bench, "KERNEL",
+            "the transformer's attention kernel: auto (the one PyTorch's scaled_dot_product_attention picks on "
+            "CUDA, flash on the CPU), flash (bf16/fp16 on CUDA), efficient or cudnn (CUDA only; cudnn bf16/fp16), "
+            "or math (the unfused float32 composition: a reference, slow)"));
     add(flagOpt("quiet", 'q', &EngineConfig::quiet, Group::kModel, Sync::kLocal, kEvery, "print errors only"));
     // parallel layout
     const unsigned par = kModelCommands;

@@ -61,15 +61,15 @@ void mergeAttention(at::Tensor& out, at::Tensor& lse, const at::Tensor& outB, co
 }
 
 at::Tensor ringAttention(dist::Communicator& ring, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const at::Tensor& prefixK, const at::Tensor& prefixV) {
+                         const at::Tensor& prefixK, const at::Tensor& prefixV, model::AttentionKernel kernel) {
   const int R = ring.size();
   auto blockAttention = [&](const at::Tensor& kb, const at::Tensor& vb) {
-    return model::localAttention(q, kb, vb, /*needLse=*/true);
+    return model::localAttention(q, kb, vb, /*needLse=*/true, kernel);
   };
   if (R == 1) {  // one block: nothing to merge, no log-sum-exp
     if (prefixK.defined())
-      return model::localAttention(q, at::cat({prefixK, k}, 2), at::cat({prefixV, v}, 2), false).out;
-    return model::localAttention(q, k, v, false).out;
+      return model::localAttention(q, at::cat({prefixK, k}, 2), at::cat({prefixV, v}, 2), false, kernel).out;
+    return model::localAttention(q, k, v, false, kernel).out;
   }
   const int next = (ring.rank() + 1) % R, prev = (ring.rank() + R - 1) % R;
   // K and V travel together in one buffer [2, B, H, S, D].
@@ -107,12 +107,12 @@ at::Tensor UspAttention::attend(const at::Tensor& q, const at::Tensor& k, const 
     auto g = ulyssesScatterHeadsMany(ulysses_, {q, k, v});
     auto [kb, vb] = kvCache_->image(call.layer, g[1], g[2]);
     auto [kt, vt] = kvCache_->text(call.layer);
-    return ulyssesGatherHeads(ulysses_, ringAttention(ring_, g[0], kb, vb, kt, vt));
+    return ulyssesGatherHeads(ulysses_, ringAttention(ring_, g[0], kb, vb, kt, vt, kernel_));
   }
   if (textMode_ == TextMode::kSplit || call.textLen == 0) {
     // q, k and v travel in one all-to-all.
     auto g = ulyssesScatterHeadsMany(ulysses_, {q, k, v});
-    return ulyssesGatherHeads(ulysses_, ringAttention(ring_, g[0], g[1], g[2]));
+    return ulyssesGatherHeads(ulysses_, ringAttention(ring_, g[0], g[1], g[2], {}, {}, kernel_));
   }
   // Replicated text: rows [0, T) are the whole text on every rank, the rest this rank's image shard.
   const int64_t T = call.textLen, S = q.size(2);
@@ -128,7 +128,7 @@ at::Tensor UspAttention::attend(const at::Tensor& q, const at::Tensor& k, const 
     std::tie(kg, vg) = kvCache_->image(call.layer, kg, vg);
     kvCache_->storeText(call.layer, kt, vt);
   }
-  return ulyssesGatherHeads(ulysses_, ringAttention(ring_, qg, kg, vg, kt, vt));
+  return ulyssesGatherHeads(ulysses_, ringAttention(ring_, qg, kg, vg, kt, vt, kernel_));
 }
 
 }  // namespace pardit::parallel

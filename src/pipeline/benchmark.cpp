@@ -96,8 +96,26 @@ double gemmRate(c10::ScalarType dtype, const c10::Device& device, int reps) {
   return 2.0 * static_cast<double>(n) * n * n / bestSeconds(device, reps, [&] { (void)at::mm(a, b); });
 }
 
+namespace {
+// q, k and v as the forward makes them: [B, H, L, D] views of token-major [B, L, H, D] memory.
+at::Tensor attentionOperand(const model::FluxConfig& m, int64_t B, int64_t L, const at::TensorOptions& opts) {
+  return at::randn({B, L, m.numHeads, m.headDim()}, opts).transpose(1, 2);
+}
+}  // namespace
+
+model::AttentionKernel forwardAttentionKernel(const model::FluxConfig& m, int64_t B, int64_t L, c10::ScalarType dtype,
+                                              const c10::Device& device, model::AttentionKernel kernel) {
+  if (kernel != model::AttentionKernel::kAuto) return kernel;
+  // Small tensors of the same layout: the pick depends on dtype, head size, layout and device, not on L.
+  const auto opts = at::TensorOptions().dtype(dtype).device(device);
+  const int64_t l = std::min<int64_t>(L, 64);
+  const at::Tensor q = attentionOperand(m, B, l, opts), k = attentionOperand(m, B, l, opts), v = attentionOperand(m, B, l, opts);
+  return model::resolveAttentionKernel(kernel, q, k, v, /*needLse=*/false);
+}
+
 std::pair<double, double> componentTimes(const model::FluxConfig& m, int64_t B, int64_t Li, int64_t Lt,
-                                         c10::ScalarType dtype, const c10::Device& device) {
+                                         c10::ScalarType dtype, const c10::Device& device,
+                                         model::AttentionKernel kernel) {
   const int64_t h = m.hiddenSize, mlp = m.mlpHidden, L = Li + Lt;
   // Every Linear of the forward as (rows, in, out) -> how many times it runs.
   std::map<std::array<int64_t, 3>, int64_t> shapes;
@@ -121,8 +139,8 @@ std::pair<double, double> componentTimes(const model::FluxConfig& m, int64_t B, 
     const at::Tensor x = at::randn({s[0], s[1]}, opts), w = at::randn({s[2], s[1]}, opts), b = at::randn({s[2]}, opts);
     gemm += bestSeconds(device, 3, [&] { (void)at::linear(x, w, b); }) * static_cast<double>(count);
   }
-  const at::Tensor q = at::randn({B, m.numHeads, L, m.headDim()}, opts), k = at::randn_like(q), v = at::randn_like(q);
-  const double attention = bestSeconds(device, 3, [&] { (void)model::localAttention(q, k, v, false); });
+  const at::Tensor q = attentionOperand(m, B, L, opts), k = attentionOperand(m, B, L, opts), v = attentionOperand(m, B, L, opts);
+  const double attention = bestSeconds(device, 3, [&] { (void)model::localAttention(q, k, v, false, kernel); });
   return {gemm, attention * static_cast<double>(m.depth + m.depthSingle)};
 }
 
@@ -224,10 +242,13 @@ void Engine::Impl::benchmarkForwards(const BenchmarkRequest& request, BenchmarkR
     r.profileSeconds = t.seconds();
   }
   r.cudaGraphs = run.graphs != nullptr;
+  r.attentionKernel = model::attentionKernelName(forwardAttentionKernel(
+      config, B, geom.tokens() + Lt, dtype, device, detail::attentionKernelOf(options.attention)));
   finishCudaGraphs(run);
   r.gemmRate = gemmRate(dtype, device);
   if (rt.worldSize() == 1)
-    std::tie(r.gemmSeconds, r.attentionSeconds) = componentTimes(config, B, geom.tokens(), Lt, dtype, device);
+    std::tie(r.gemmSeconds, r.attentionSeconds) =
+        componentTimes(config, B, geom.tokens(), Lt, dtype, device, detail::attentionKernelOf(options.attention));
   finishMetrics(run, "bench", std::accumulate(r.samples.begin(), r.samples.end(), 0.0), 0, B * request.iters);
 }
 

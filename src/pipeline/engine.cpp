@@ -173,6 +173,7 @@ memory::RankPlan Engine::Impl::planRun(Run& run, int64_t batch, int64_t imageTok
     PARDIT_CHECK(plan.fits, "rank ", rt.worldRank(), ": ", plan.problem);
     memory::chooseStreamSource(plan, options.streamFrom, device.is_cuda(), detail::hostBudgetOf(options, rt.localSize()));
     if (options.cudaGraphs) detail::checkCudaGraphs(device, rt.topology(), run.pipefusion.has_value(), plan);
+    model::checkAttentionKernel(detail::attentionKernelOf(options.attention), device, dtype);
   });
   logDebug("plan: streamed_bytes=", plan.streamedBytes, " resident_bytes=", plan.residentBytes,
            " total_bytes=", plan.total());
@@ -324,10 +325,12 @@ TransformerFn Engine::Impl::forwardFn(Run& run, const model::FluxInputs& inputs,
                                  detail::cfgShare(inputs.guidance, topo, device), inputs.imgIds.to(device),
                                  inputs.txtIds.to(device)};
   if (run.pipefusion) {
-    auto runner = detail::makePipeFusionRunner(rt, config, run.weights, *run.pipefusion, device);
+    auto runner = detail::makePipeFusionRunner(rt, config, run.weights, *run.pipefusion, device,
+                                                     detail::attentionKernelOf(options.attention));
     return [runner](const model::FluxInputs& in) { return runner->forward(in); };
   }
-  auto rank = detail::makeRankModel(rt, config, run.weights, options.cudaGraphs);
+  auto rank = detail::makeRankModel(rt, config, run.weights, options.cudaGraphs,
+                                       detail::attentionKernelOf(options.attention));
   run.graphs = rank.graphs;
   return rank.fn;
 }
@@ -454,12 +457,14 @@ std::unique_ptr<Denoiser> Engine::Impl::makeDenoiser(Run& run, const Prompts& p,
   if (p.negative && !cfgParallel) second = onDevice(*p.negative);
   dist::Communicator* cfg = cfgParallel ? &rt.group(dist::GroupKind::kCfg) : nullptr;
   if (run.pipefusion) {
-    auto runner = detail::makePipeFusionRunner(rt, config, run.weights, *run.pipefusion, device);
+    auto runner = detail::makePipeFusionRunner(rt, config, run.weights, *run.pipefusion, device,
+                                                     detail::attentionKernelOf(options.attention));
     logInfo0("pipeline: ", run.pipefusion->layout.patches, " patches, ", run.pipefusion->warmupSteps,
              " warm-up step(s)");
     return std::make_unique<PipeFusionDenoiser>(runner, branch, second, cfg, run.pipefusion->warmupSteps);
   }
-  const auto rank = detail::makeRankModel(rt, config, run.weights, options.cudaGraphs);
+  const auto rank = detail::makeRankModel(rt, config, run.weights, options.cudaGraphs,
+                                       detail::attentionKernelOf(options.attention));
   run.graphs = rank.graphs;
   const at::Tensor ids = imageIds(geom).to(device);
   return cfg ? TransformerDenoiser::cfgParallel(rank.fn, ids, branch, *cfg)

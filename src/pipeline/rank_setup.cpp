@@ -99,22 +99,35 @@ std::shared_ptr<model::FluxWeightProvider> loadPlannedWeights(const model::FluxC
 }
 
 RankModel makeRankModel(dist::Runtime& rt, const model::FluxConfig& mc,
-                        std::shared_ptr<model::FluxWeightProvider> weights, bool cudaGraphs) {
+                        std::shared_ptr<model::FluxWeightProvider> weights, bool cudaGraphs,
+                        model::AttentionKernel attention) {
   RankModel m;
   if (rt.topology().spDegree() == 1) {
     m.transformer = std::make_shared<model::FluxTransformer>(mc, std::move(weights),
-                                                             std::make_shared<model::LocalAttention>());
+                                                             std::make_shared<model::LocalAttention>(attention));
     m.fn = localTransformer(m.transformer);
     if (cudaGraphs) std::tie(m.fn, m.graphs) = cudaGraphed(m.fn);
     return m;
   }
   PARDIT_CHECK(!cudaGraphs, "--cuda-graphs cannot capture a transformer call split over a sequence-parallel group");
-  m.usp = std::make_shared<parallel::UspAttention>(rt.group(dist::GroupKind::kUlysses), rt.group(dist::GroupKind::kRing));
+  m.usp = std::make_shared<parallel::UspAttention>(rt.group(dist::GroupKind::kUlysses), rt.group(dist::GroupKind::kRing),
+                                                   attention);
   m.transformer = std::make_shared<model::FluxTransformer>(mc, std::move(weights), m.usp);
   m.sp = std::make_shared<parallel::SequenceParallelTransformer>(m.transformer, m.usp,
                                                                  rt.group(dist::GroupKind::kSequence));
   m.fn = [sp = m.sp](const model::FluxInputs& in) { return sp->forward(in); };
   return m;
+}
+
+model::AttentionKernel attentionKernelOf(config::Attention attention) {
+  switch (attention) {
+    case config::Attention::kAuto: return model::AttentionKernel::kAuto;
+    case config::Attention::kFlash: return model::AttentionKernel::kFlash;
+    case config::Attention::kEfficient: return model::AttentionKernel::kEfficient;
+    case config::Attention::kCudnn: return model::AttentionKernel::kCudnn;
+    case config::Attention::kMath: return model::AttentionKernel::kMath;
+  }
+  return model::AttentionKernel::kAuto;
 }
 
 void checkCudaGraphs(const c10::Device& device, const dist::Topology& topo, bool pipefusion,
@@ -133,8 +146,10 @@ void checkCudaGraphs(const c10::Device& device, const dist::Topology& topo, bool
 
 std::shared_ptr<parallel::PipeFusionRunner> makePipeFusionRunner(dist::Runtime& rt, const model::FluxConfig& mc,
                                                                  std::shared_ptr<model::FluxWeightProvider> weights,
-                                                                 const PipeFusionLayout& pf, const c10::Device& device) {
-  auto usp = std::make_shared<parallel::UspAttention>(rt.group(dist::GroupKind::kUlysses), rt.group(dist::GroupKind::kRing));
+                                                                 const PipeFusionLayout& pf, const c10::Device& device,
+                                                                 model::AttentionKernel attention) {
+  auto usp = std::make_shared<parallel::UspAttention>(rt.group(dist::GroupKind::kUlysses), rt.group(dist::GroupKind::kRing),
+                                                      attention);
   auto transformer = std::make_shared<model::FluxTransformer>(mc, std::move(weights), usp);
   parallel::PipeFusionOptions options;
   options.partition = pf.partition;

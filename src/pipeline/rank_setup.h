@@ -74,8 +74,10 @@ struct RankModel {
   TransformerFn fn;
   std::shared_ptr<CudaGraphTransformer> graphs;  // --cuda-graphs: fn replays these
 };
+// `attention`: the kernel of the local attention (--attention).
 RankModel makeRankModel(dist::Runtime& rt, const model::FluxConfig& mc,
-                        std::shared_ptr<model::FluxWeightProvider> weights, bool cudaGraphs = false);
+                        std::shared_ptr<model::FluxWeightProvider> weights, bool cudaGraphs = false,
+                        model::AttentionKernel attention = model::AttentionKernel::kAuto);
 
 // --cuda-graphs against this rank's device, layout and plan: the whole transformer call on one GPU with
 // every weight resident (throws naming the flag otherwise).
@@ -84,7 +86,11 @@ void checkCudaGraphs(const c10::Device& device, const dist::Topology& topo, bool
 
 std::shared_ptr<parallel::PipeFusionRunner> makePipeFusionRunner(dist::Runtime& rt, const model::FluxConfig& mc,
                                                                  std::shared_ptr<model::FluxWeightProvider> weights,
-                                                                 const PipeFusionLayout& pf, const c10::Device& device);
+                                                                 const PipeFusionLayout& pf, const c10::Device& device,
+                                                                 model::AttentionKernel attention = model::AttentionKernel::kAuto);
+
+// --attention as the model spells it.
+model::AttentionKernel attentionKernelOf(config::Attention attention);
 
 // Where the text encoders and tokenizers are: the flags, else the model's folder (a diffusers pipeline's
 // text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/; beside a BFL file clip_l.safetensors,

@@ -192,6 +192,8 @@ CASES = [
     ("metrics file is not HDF5", G + ["--metrics", "notes.txt"], "not an HDF5 file"),
     ("budget too small for any plan", G + ["--device-memory-budget", "1MiB"], "budget"),
     ("CUDA graphs on the CPU", G + ["--cuda-graphs"], "--cuda-graphs"),
+    ("a CUDA-only attention kernel on the CPU", G + ["--attention", "cudnn"], "--attention cudnn runs on CUDA only"),
+    ("an unknown attention kernel", G + ["--attention", "fast"], "--attention must be"),
     ("FP8 scale of the wrong shape", ["generate", "--model", "badscale", "--prompt-embeds",
                                       "m/prompt_embeds.safetensors"], "expected one value or one per row"),
     ("quantizing an FP8 checkpoint", ["quantize", "--model", "m8", "--out", "again"], "already an FP8 checkpoint"),

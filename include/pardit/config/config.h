@@ -31,6 +31,7 @@ enum class SynthLayout { kDiffusers, kBfl };
 enum class SynthFill { kRandom, kZeros };
 enum class EncoderDevice { kAuto, kCpu };      // auto: the rank's device
 enum class VaeTiling { kAuto, kOn, kOff };      // auto: tiled only when the whole decode does not fit
+enum class Attention { kAuto, kFlash, kEfficient, kCudnn, kMath };  // the kernel of the transformer's attention
 
 // Names as the command line spells them ("bf16", "sequential", ...).
 template <typename E>
@@ -75,6 +76,7 @@ struct EngineConfig {
   bool quiet = false;
   bool strict = false;                 // unexpected checkpoint contents are errors, not warnings
   bool cudaGraphs = false;             // capture the transformer call in a CUDA graph and replay it
+  Attention attention = Attention::kAuto;  // the transformer's attention kernel
   std::string configFile;
 
   // Parallel layout: world size = cfg x pipefusion x ring x ulysses

@@ -28,9 +28,10 @@ enum class TextMode { kSplit, kReplicated };
 
 // Ring attention with log-sum-exp merging: q stays, k/v rotate around `ring` (send to rank+1,
 // receive from rank-1). `prefixK/prefixV` (may be undefined) join the first block only. Returns the
-// output [B, H, Sq, D] in q's dtype.
+// output [B, H, Sq, D] in q's dtype. `kernel` computes each block (model::localAttention).
 at::Tensor ringAttention(dist::Communicator& ring, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const at::Tensor& prefixK = {}, const at::Tensor& prefixV = {});
+                         const at::Tensor& prefixK = {}, const at::Tensor& prefixV = {},
+                         model::AttentionKernel kernel = model::AttentionKernel::kAuto);
 
 // Merges a block result into a running (out, lse) pair, both float32: the numerically stable form
 // out -= sigmoid(lseB - lse) * (out - outB); lse -= logsigmoid(lse - lseB).
@@ -39,7 +40,10 @@ void mergeAttention(at::Tensor& out, at::Tensor& lse, const at::Tensor& outB, co
 class UspAttention final : public model::AttentionBackend {
  public:
   // `ulysses` and `ring` are this rank's group communicators (size 1 disables that dimension).
-  UspAttention(dist::Communicator& ulysses, dist::Communicator& ring) : ulysses_(ulysses), ring_(ring) {}
+  // `kernel` computes the local attention (--attention).
+  UspAttention(dist::Communicator& ulysses, dist::Communicator& ring,
+               model::AttentionKernel kernel = model::AttentionKernel::kAuto)
+      : ulysses_(ulysses), ring_(ring), kernel_(kernel) {}
 
   int ulyssesDegree() const { return ulysses_.size(); }
   void setTextMode(TextMode mode) { textMode_ = mode; }
@@ -64,6 +68,7 @@ class UspAttention final : public model::AttentionBackend {
  private:
   dist::Communicator& ulysses_;
   dist::Communicator& ring_;
+  model::AttentionKernel kernel_;
   TextMode textMode_ = TextMode::kSplit;
   std::shared_ptr<KvCache> kvCache_;
 };

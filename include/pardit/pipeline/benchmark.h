@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <utility>
 
+#include "pardit/model/attention.h"
 #include "pardit/model/flux_config.h"
 
 namespace pardit::pipeline {
@@ -22,9 +23,17 @@ int64_t gemmRateSize(const c10::Device& device);
 double gemmRate(c10::ScalarType dtype, const c10::Device& device = c10::kCPU, int reps = 5);
 
 // Seconds of the forward's GEMMs alone (every Linear with its real shape, one layer's operands at a
-// time, never a second copy of the model) and of its attention calls alone (best of 3; CUDA timed with
-// events on the stream, the CPU with the wall clock).
+// time, never a second copy of the model) and of its attention calls alone with `kernel`, on q/k/v laid out
+// as the forward lays them out (token-major) (best of 3; CUDA timed with events on the stream, the CPU with
+// the wall clock).
 std::pair<double, double> componentTimes(const model::FluxConfig& config, int64_t batch, int64_t imageTokens,
-                                         int64_t textTokens, c10::ScalarType dtype, const c10::Device& device);
+                                         int64_t textTokens, c10::ScalarType dtype, const c10::Device& device,
+                                         model::AttentionKernel kernel = model::AttentionKernel::kAuto);
+
+// The attention kernel the forward's attention runs on one rank: `kernel` unless auto, else auto's pick for
+// the forward's q/k/v (token-major [B, L, H, D] memory, L = image + text tokens).
+model::AttentionKernel forwardAttentionKernel(const model::FluxConfig& config, int64_t batch, int64_t tokens,
+                                              c10::ScalarType dtype, const c10::Device& device,
+                                              model::AttentionKernel kernel);
 
 }  // namespace pardit::pipeline

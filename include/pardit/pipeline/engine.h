@@ -141,6 +141,7 @@ struct BenchmarkResult {
   // Single rank: the forward's GEMMs and attention timed alone (seconds); the rest is "other".
   double gemmSeconds = 0.0, attentionSeconds = 0.0;
   bool cudaGraphs = false;       // the timed forwards were CUDA graph replays (--cuda-graphs)
+  std::string attentionKernel;   // the kernel the forward's attention ran (--attention, auto resolved)
   // PipeFusion: patches, and the share of a pipelined step spent waiting for the previous stage.
   int patches = 0, warmupSteps = 0;
   double bubbleShareMean = 0.0, bubbleShareMax = 0.0;

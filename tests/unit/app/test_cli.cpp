@@ -40,6 +40,15 @@ TEST(Cli, ForwardOnBothLayoutsReproducesDiffusers) {
     auto ref = io::SafetensorsFile::open(fixture("forward_tiny_dev.safetensors"));
     EXPECT_LE(test::maxRelError(out->read("sample"), ref->read("sample")), 1e-4) << model;
   }
+  // --attention math (the unfused composition) in place of auto's flash attention: the same output within
+  // float32 rounding.
+  auto r = runPardit("forward --model " + fixture("flux_tiny_dev/diffusers") + " --inputs " +
+                     fixture("forward_tiny_dev.safetensors") + " --output " + dir.file("math.safetensors") +
+                     " --threads 1 --attention math");
+  ASSERT_EQ(r.exitCode, 0) << r.output;
+  auto out = io::SafetensorsFile::open(dir.file("math.safetensors"));
+  auto ref = io::SafetensorsFile::open(fixture("forward_tiny_dev.safetensors"));
+  EXPECT_LE(test::maxRelError(out->read("sample"), ref->read("sample")), 1e-4);
 }
 
 TEST(Cli, SynthThenGenerateIsDeterministicAcrossLayouts) {

@@ -147,6 +147,10 @@ TEST(InProcess, RingAttentionEqualsFullAttention) {
       auto mine = [&](const at::Tensor& x) { return x.narrow(2, r * chunk, chunk).contiguous(); };
       const at::Tensor out = parallel::ringAttention(rt.world(), mine(q), mine(k), mine(v));
       EXPECT_LE((out - mine(full)).abs().max().item<double>(), 1e-5) << "R=" << R;
+      // Each block with the kernel --attention names (here the math composition).
+      const at::Tensor math = parallel::ringAttention(rt.world(), mine(q), mine(k), mine(v), {}, {},
+                                                      model::AttentionKernel::kMath);
+      EXPECT_LE((math - mine(full)).abs().max().item<double>(), 1e-5) << "R=" << R << ", math";
     });
   }
   // Merging two halves' partial results equals attending to the whole.

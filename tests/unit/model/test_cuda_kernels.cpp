@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdio>
 
+#include "pardit/core/error.h"
 #include "pardit/model/attention.h"
 #include "pardit/model/fp8.h"
 #include "pardit/parallel/usp_attention.h"
@@ -61,6 +62,52 @@ TEST(CudaAttention, KernelsMatchTheMathPathWithLogSumExp) {
       EXPECT_FALSE(plain.lse.defined());
       EXPECT_LE(maxAbs(plain.out, ref.out), c.outTol) << c.dtype << " Sq " << sq << " Sk " << sk << ", no lse";
     }
+  }
+}
+
+// --attention: every kernel it names, on q/k/v laid out as the forward lays them out (views of token-major
+// [B, S, H, D] memory), with and without the log-sum-exp, against the math path; and auto's reported pick
+// is the kernel auto runs (the same bits as naming it).
+TEST(CudaAttention, EveryNamedKernelMatchesTheMathPath) {
+  PARDIT_REQUIRE_CUDA();
+  using model::AttentionKernel;
+  const auto opts = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  at::manual_seed(8);
+  const auto tokenMajor = [&](int64_t s) { return at::randn({1, s, 6, 128}, opts).transpose(1, 2); };
+  const at::Tensor q = tokenMajor(333), k = tokenMajor(333), v = tokenMajor(333);
+  const Reference ref = mathAttention(q, k, v);
+  for (AttentionKernel kernel : {AttentionKernel::kFlash, AttentionKernel::kEfficient, AttentionKernel::kCudnn,
+                                 AttentionKernel::kMath}) {
+    const char* name = model::attentionKernelName(kernel);
+    for (bool lse : {false, true}) {
+      const model::AttentionResult r = model::localAttention(q, k, v, lse, kernel);
+      ASSERT_EQ(r.out.sizes(), q.sizes()) << name;
+      const double outErr = maxAbs(r.out, ref.out);
+      std::printf("[cuda] --attention %s%s: max |out - math| %.2e", name, lse ? " with lse" : "", outErr);
+      EXPECT_LE(outErr, 2e-2) << name << " lse " << lse;
+      ASSERT_EQ(r.lse.defined(), lse) << name;
+      if (lse) {
+        ASSERT_EQ(r.lse.sizes(), (std::vector<int64_t>{1, 6, 333})) << name;
+        const double lseErr = maxAbs(r.lse, ref.lse);
+        std::printf(", max |lse - math| %.2e", lseErr);
+        EXPECT_LE(lseErr, 2e-3) << name;
+      }
+      std::printf("\n");
+    }
+  }
+  const AttentionKernel pick = model::resolveAttentionKernel(AttentionKernel::kAuto, q, k, v, false);
+  std::printf("[cuda] --attention auto picks %s for bf16 token-major [1, 6, 333, 128]\n", model::attentionKernelName(pick));
+  EXPECT_NE(pick, AttentionKernel::kAuto);
+  if (pick != AttentionKernel::kMath) {
+    EXPECT_TRUE(at::equal(model::localAttention(q, k, v, false).out, model::localAttention(q, k, v, false, pick).out))
+        << "auto does not run the kernel it reports (" << model::attentionKernelName(pick) << ")";
+  }
+  // Named kernels that cannot run in a dtype are refused with a line naming the flag.
+  try {
+    (void)model::localAttention(q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat), false, AttentionKernel::kFlash);
+    ADD_FAILURE() << "flash ran in fp32";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--attention flash needs bf16 or fp16"), std::string::npos) << e.what();
   }
 }
 

@@ -50,6 +50,39 @@ TEST(LocalAttention, MatchesSoftmaxAndReturnsLogSumExp) {
   EXPECT_LT((r.lse - at::logsumexp(s, -1)).abs().max().item<double>(), 1e-5);
 }
 
+// --attention on the CPU: flash (auto's pick) and the math composition agree on q/k/v laid out as the
+// forward lays them out (token-major), with and without the log-sum-exp; the CUDA-only kernels are refused
+// with a line naming the flag.
+TEST(LocalAttention, CpuKernelsAgreeAndCudaOnlyOnesAreRefused) {
+  at::manual_seed(4);
+  const auto tokenMajor = [](int64_t s) { return at::randn({2, s, 3, 32}).transpose(1, 2); };  // [B, H, S, D] view
+  const at::Tensor q = tokenMajor(13), k = tokenMajor(21), v = tokenMajor(21);
+  ASSERT_FALSE(q.is_contiguous());
+  EXPECT_EQ(model::resolveAttentionKernel(model::AttentionKernel::kAuto, q, k, v, false), model::AttentionKernel::kFlash);
+  EXPECT_EQ(model::resolveAttentionKernel(model::AttentionKernel::kMath, q, k, v, false), model::AttentionKernel::kMath);
+  const at::Tensor s = at::matmul(q, k.transpose(-2, -1)) / std::sqrt(32.0);
+  const at::Tensor ref = at::matmul(at::softmax(s, -1), v), refLse = at::logsumexp(s, -1);
+  for (auto kernel : {model::AttentionKernel::kAuto, model::AttentionKernel::kFlash, model::AttentionKernel::kMath}) {
+    const auto r = model::localAttention(q, k, v, true, kernel);
+    EXPECT_LT((r.out - ref).abs().max().item<double>(), 1e-5) << model::attentionKernelName(kernel);
+    ASSERT_TRUE(r.lse.defined()) << model::attentionKernelName(kernel);
+    EXPECT_LT((r.lse - refLse).abs().max().item<double>(), 1e-5) << model::attentionKernelName(kernel);
+    EXPECT_TRUE(at::equal(model::localAttention(q, k, v, false, kernel).out, r.out)) << model::attentionKernelName(kernel);
+  }
+  for (auto kernel : {model::AttentionKernel::kEfficient, model::AttentionKernel::kCudnn}) {
+    const std::string name = model::attentionKernelName(kernel);
+    try {
+      (void)model::localAttention(q, k, v, false, kernel);
+      ADD_FAILURE() << name << " ran on the CPU";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("--attention " + name + " runs on CUDA only"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_THROW(model::checkAttentionKernel(model::AttentionKernel::kFlash, c10::Device(c10::kCUDA, 0), at::kFloat),
+               Error);  // flash on CUDA: half types only
+  EXPECT_NO_THROW(model::checkAttentionKernel(model::AttentionKernel::kCudnn, c10::Device(c10::kCUDA, 0), at::kBFloat16));
+}
+
 TEST(FluxConfig, PresetsAreValidAndRulesAreEnforced) {
   for (const auto& name : model::FluxConfig::presetNames()) EXPECT_NO_THROW(model::FluxConfig::preset(name).validate());
   model::FluxConfig c = model::FluxConfig::preset("tiny");

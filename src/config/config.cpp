@@ -354,9 +354,10 @@ const std::vector<Option>& optionTable() {
                 "instead of thousands, bit-identical results; needs one GPU's whole transformer with resident "
                 "weights (no --ulysses-degree/--ring-degree/--pipefusion-degree > 1, nothing streamed)"));
     add(opt("attention", &EngineConfig::attention, Group::kModel, Sync::kValue, gen | fwd | bench, "KERNEL",
-            "the transformer's attention kernel: auto (the one PyTorch's scaled_dot_product_attention picks on "
-            "CUDA, flash on the CPU), flash (bf16/fp16 on CUDA), efficient or cudnn (CUDA only; cudnn bf16/fp16), "
-            "or math (the unfused float32 composition: a reference, slow)"));
+            "the transformer's attention kernel: auto (on CUDA the one PyTorch's scaled_dot_product_attention "
+            "picks, for Ring attention's blocks flash (memory-efficient in fp32); flash on the CPU), flash "
+            "(bf16/fp16 on CUDA), efficient or cudnn (CUDA only; cudnn bf16/fp16), or math (the unfused float32 "
+            "composition: a reference, slow)"));
     add(flagOpt("quiet", 'q', &EngineConfig::quiet, Group::kModel, Sync::kLocal, kEvery, "print errors only"));
     // parallel layout
     const unsigned par = kModelCommands;

@@ -69,16 +69,20 @@ AttentionResult localAttention(const at::Tensor& q, const at::Tensor& k, const a
                                AttentionKernel kernel) {
   PARDIT_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention expects [B, H, S, D] tensors");
   const auto type = q.scalar_type();
-  if (kernel == AttentionKernel::kMath) return mathAttention(q, k, v);
+  if (kernel == AttentionKernel::kMath) {
+    AttentionResult r = mathAttention(q, k, v);
+    if (!needLse) r.lse = at::Tensor();
+    return r;
+  }
   checkAttentionKernel(kernel, q.device(), type);
   if (q.device().is_cpu()) {
     if (cpuFlashType(type)) {
       auto r = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, false);
       return {std::get<0>(r), needLse ? std::get<1>(r) : at::Tensor()};
     }
-    return mathAttention(q, k, v);
+    return localAttention(q, k, v, needLse, AttentionKernel::kMath);
   }
-  if (!q.device().is_cuda()) return mathAttention(q, k, v);
+  if (!q.device().is_cuda()) return localAttention(q, k, v, needLse, AttentionKernel::kMath);
   // Without the log-sum-exp, auto is what scaled_dot_product_attention runs: the reference's own kernel.
   if (kernel == AttentionKernel::kAuto && !needLse) return {at::scaled_dot_product_attention(q, k, v), at::Tensor()};
   const bool chosen = kernel != AttentionKernel::kAuto;  // by --attention: its failures name the flag

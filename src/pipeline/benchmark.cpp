@@ -98,19 +98,21 @@ double gemmRate(c10::ScalarType dtype, const c10::Device& device, int reps) {
 
 namespace {
 // q, k and v as the forward makes them: [B, H, L, D] views of token-major [B, L, H, D] memory.
-at::Tensor attentionOperand(const model::FluxConfig& m, int64_t B, int64_t L, const at::TensorOptions& opts) {
-  return at::randn({B, L, m.numHeads, m.headDim()}, opts).transpose(1, 2);
+at::Tensor attentionOperand(const model::FluxConfig& m, int64_t B, int64_t L, const at::TensorOptions& opts,
+                            int64_t heads = 0) {
+  return at::randn({B, L, heads > 0 ? heads : m.numHeads, m.headDim()}, opts).transpose(1, 2);
 }
 }  // namespace
 
-model::AttentionKernel forwardAttentionKernel(const model::FluxConfig& m, int64_t B, int64_t L, c10::ScalarType dtype,
-                                              const c10::Device& device, model::AttentionKernel kernel) {
+model::AttentionKernel forwardAttentionKernel(const model::FluxConfig& m, int64_t B, int64_t heads, bool ring,
+                                              c10::ScalarType dtype, const c10::Device& device,
+                                              model::AttentionKernel kernel) {
   if (kernel != model::AttentionKernel::kAuto) return kernel;
-  // Small tensors of the same layout: the pick depends on dtype, head size, layout and device, not on L.
+  // Small tensors of the same layout: the pick depends on dtype, head size, layout and device.
   const auto opts = at::TensorOptions().dtype(dtype).device(device);
-  const int64_t l = std::min<int64_t>(L, 64);
-  const at::Tensor q = attentionOperand(m, B, l, opts), k = attentionOperand(m, B, l, opts), v = attentionOperand(m, B, l, opts);
-  return model::resolveAttentionKernel(kernel, q, k, v, /*needLse=*/false);
+  const at::Tensor q = attentionOperand(m, B, 64, opts, heads), k = attentionOperand(m, B, 64, opts, heads),
+                   v = attentionOperand(m, B, 64, opts, heads);
+  return model::resolveAttentionKernel(kernel, q, k, v, ring);
 }
 
 std::pair<double, double> componentTimes(const model::FluxConfig& m, int64_t B, int64_t Li, int64_t Lt,
@@ -242,8 +244,10 @@ void Engine::Impl::benchmarkForwards(const BenchmarkRequest& request, BenchmarkR
     r.profileSeconds = t.seconds();
   }
   r.cudaGraphs = run.graphs != nullptr;
-  r.attentionKernel = model::attentionKernelName(forwardAttentionKernel(
-      config, B, geom.tokens() + Lt, dtype, device, detail::attentionKernelOf(options.attention)));
+  const auto& topo = rt.topology().degrees();
+  r.attentionKernel = model::attentionKernelName(
+      forwardAttentionKernel(config, std::max<int64_t>(1, B / topo.cfg), config.numHeads / topo.ulysses, topo.ring > 1, dtype, device,
+                             detail::attentionKernelOf(options.attention)));
   finishCudaGraphs(run);
   r.gemmRate = gemmRate(dtype, device);
   if (rt.worldSize() == 1)

@@ -8,8 +8,9 @@
 namespace pardit {
 
 // Calls f(begin, end) on disjoint chunks that together cover [0, n) exactly once, on ATen's intra-op
-// threads (at::set_num_threads), with at least `grain` indices per chunk where n allows; serially inside
-// another parallel region or with one thread. An exception thrown by f reaches the caller.
+// threads (at::set_num_threads): about n / threads indices per chunk, with no more chunks than n / grain
+// (one call when n <= grain); serially inside another parallel region or with one thread. An exception
+// thrown by f reaches the caller.
 //
 // Why not at::parallel_for: with LibTorch's OpenMP threading it is a header template whose parallel
 // branch exists only in translation units compiled with OpenMP. pardit's are not (they would have to link

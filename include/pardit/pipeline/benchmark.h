@@ -30,9 +30,10 @@ std::pair<double, double> componentTimes(const model::FluxConfig& config, int64_
                                          int64_t textTokens, c10::ScalarType dtype, const c10::Device& device,
                                          model::AttentionKernel kernel = model::AttentionKernel::kAuto);
 
-// The attention kernel the forward's attention runs on one rank: `kernel` unless auto, else auto's pick for
-// the forward's q/k/v (token-major [B, L, H, D] memory, L = image + text tokens).
-model::AttentionKernel forwardAttentionKernel(const model::FluxConfig& config, int64_t batch, int64_t tokens,
+// The attention kernel the forward's attention runs on a rank: `kernel` unless auto, else auto's pick for
+// the rank's q/k/v (token-major memory, `heads` heads: the model's over the Ulysses degree) with the
+// log-sum-exp when `ring` (Ring attention's blocks need it).
+model::AttentionKernel forwardAttentionKernel(const model::FluxConfig& config, int64_t batch, int64_t heads, bool ring,
                                               c10::ScalarType dtype, const c10::Device& device,
                                               model::AttentionKernel kernel);
 

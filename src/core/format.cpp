@@ -70,4 +70,10 @@ std::string formatHash(uint64_t h) {
   return buf;
 }
 
+std::string formatShape(const std::vector<int64_t>& shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
+}
+
 }  // namespace pardit

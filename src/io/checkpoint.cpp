@@ -8,11 +8,11 @@
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <set>
-#include <sstream>
 #include <tuple>
 
 #include "pardit/core/dtype.h"
 #include "pardit/core/error.h"
+#include "pardit/core/format.h"
 #include "fp8_file.h"
 #include "json_file.h"
 
@@ -48,14 +48,6 @@ bool fluxLinearWeight(const std::string& internal) {
 }  // namespace
 
 namespace {
-
-std::string shapeText(const std::vector<int64_t>& s) {
-  std::ostringstream os;
-  os << "[";
-  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
-  os << "]";
-  return os.str();
-}
 
 // ---- internal name -> diffusers pieces -------------------------------------------------------------
 
@@ -300,7 +292,7 @@ void CheckpointBuilder::openDiffusersDir(FluxCheckpoint& ck, const fs::path& dir
         std::vector<int64_t> expect = spec.shape;
         expect[0] = dp.rows;
         PARDIT_CHECK(info.shape == expect, it->second->path(), ": tensor '", dp.name, "' has shape ",
-                     shapeText(info.shape), ", expected ", shapeText(expect), " for ", cfgPath.filename().string(),
+                     formatShape(info.shape), ", expected ", formatShape(expect), " for ", cfgPath.filename().string(),
                      " (", c.describe(), ")");
         TensorPiece piece{it->second, dp.name, dp.rowBegin, dp.rowEnd, nullptr, ""};
         if (isFloat8(info.dtype) && dp.name.size() > 7 && dp.name.compare(dp.name.size() - 7, 7, ".weight") == 0)
@@ -345,7 +337,7 @@ void CheckpointBuilder::openBflFile(FluxCheckpoint& ck, const fs::path& file) {
   auto shapeOf = [&](const std::string& n) -> const std::vector<int64_t>& { return f->info(prefix + n).shape; };
   auto dimOf = [&](const std::string& n, size_t d) -> int64_t {
     const auto& s = shapeOf(n);
-    PARDIT_CHECK(s.size() > d, file.string(), ": tensor '", prefix + n, "' has shape ", shapeText(s),
+    PARDIT_CHECK(s.size() > d, file.string(), ": tensor '", prefix + n, "' has shape ", formatShape(s),
                  ", expected at least ", d + 1, " dimensions");
     return s[d];
   };
@@ -391,8 +383,8 @@ void CheckpointBuilder::openBflFile(FluxCheckpoint& ck, const fs::path& file) {
       const std::string n = prefix + spec.name;
       const TensorInfo* info = f->find(n);
       PARDIT_CHECK(info != nullptr, file.string(), ": tensor '", n, "' not found");
-      PARDIT_CHECK(info->shape == spec.shape, file.string(), ": tensor '", n, "' has shape ", shapeText(info->shape),
-                   ", expected ", shapeText(spec.shape), " (", c.describe(), ")");
+      PARDIT_CHECK(info->shape == spec.shape, file.string(), ": tensor '", n, "' has shape ", formatShape(info->shape),
+                   ", expected ", formatShape(spec.shape), " (", c.describe(), ")");
       TensorPiece piece{f, n, 0, info->rows(), nullptr, ""};
       if (isFloat8(info->dtype) && fluxLinearWeight(spec.name))
         std::tie(piece.scaleFile, piece.scaleTensor) = findScale(n, *info, [&](const std::string& cand) {
@@ -463,7 +455,7 @@ at::Tensor FluxCheckpoint::load(const std::string& name, c10::ScalarType dtype, 
   }
   at::Tensor t = parts.size() == 1 ? parts[0] : at::cat(parts, 0);
   PARDIT_CHECK(t.sizes().vec() == src.shape, path_, ": tensor '", name, "' assembled with shape ", t.sizes(),
-               ", expected ", shapeText(src.shape));
+               ", expected ", formatShape(src.shape));
   return device.is_cpu() ? t : t.to(device);
 }
 
@@ -499,7 +491,7 @@ model::Fp8Rows FluxCheckpoint::loadFp8(const std::string& name) const {
   }
   model::Fp8Rows out{values.size() == 1 ? values[0] : at::cat(values, 0), scales.size() == 1 ? scales[0] : at::cat(scales, 0)};
   PARDIT_CHECK(out.values.sizes().vec() == src.shape, path_, ": tensor '", name, "' assembled with shape ",
-               out.values.sizes(), ", expected ", shapeText(src.shape));
+               out.values.sizes(), ", expected ", formatShape(src.shape));
   PARDIT_CHECK(at::isfinite(out.scale).all().item<bool>() && (out.scale > 0).all().item<bool>(), path_,
                ": the scales of the float8 weight '", name, "' must be finite and positive");
   return out;

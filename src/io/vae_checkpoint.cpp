@@ -8,6 +8,7 @@
 #include <regex>
 
 #include "pardit/core/error.h"
+#include "pardit/core/format.h"
 #include "json_file.h"
 
 namespace fs = std::filesystem;
@@ -15,12 +16,6 @@ namespace fs = std::filesystem;
 namespace pardit::io {
 
 namespace {
-
-std::string shapeText(const std::vector<int64_t>& s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
 
 model::VaeConfig configFromJson(const fs::path& file) {
   const nlohmann::json j = detail::readJsonFile(file);
@@ -155,7 +150,7 @@ VaeCheckpoint VaeCheckpoint::open(const std::string& path) {
     const bool sameShape = info->shape == t.shape;
     const bool convAsLinear = ck.layout_ == CheckpointLayout::kBfl && info->numel() == numel && t.shape.size() == 2;
     PARDIT_CHECK(sameShape || convAsLinear, ck.file_->path(), ": VAE tensor '", name, "' has shape ",
-                 shapeText(info->shape), ", expected ", shapeText(t.shape), " (", ck.config_.describe(), ")");
+                 formatShape(info->shape), ", expected ", formatShape(t.shape), " (", ck.config_.describe(), ")");
     ck.sources_[t.name] = Source{name, t.shape};
   }
   return ck;

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace pardit {
 
@@ -14,6 +15,8 @@ std::string formatSeconds(double seconds);
 std::string formatRate(double bytesPerSecond);
 // Shortest natural form: 3.5, 1000, 0.001 (no trailing zeros).
 std::string formatNumber(double value);
+// A tensor shape as PyTorch prints it: "[3072, 64]".
+std::string formatShape(const std::vector<int64_t>& shape);
 
 // 64-bit FNV-1a of `n` bytes, continuing from `h` (file identities, input fingerprints, synth seeds).
 constexpr uint64_t kFnvOffset = 1469598103934665603ULL;

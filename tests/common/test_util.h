@@ -1,6 +1,7 @@
 #pragma once
 // Helpers shared by the unit tests.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <cstdlib>
 #include <filesystem>
@@ -24,6 +25,18 @@ inline std::string fixture(const std::string& rel) {
 }
 
 // A fresh directory under the system temp dir, removed by the destructor.
+// ATen's intra-op thread count set for one scope (at::set_num_threads), restored after it.
+class ThreadCount {
+ public:
+  explicit ThreadCount(int n) : before_(at::get_num_threads()) { at::set_num_threads(n); }
+  ~ThreadCount() { at::set_num_threads(before_); }
+  ThreadCount(const ThreadCount&) = delete;
+  ThreadCount& operator=(const ThreadCount&) = delete;
+
+ private:
+  int before_;
+};
+
 class TempDir {
  public:
   TempDir();

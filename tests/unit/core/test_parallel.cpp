@@ -10,18 +10,9 @@
 #include <vector>
 
 #include "pardit/core/parallel.h"
+#include "test_util.h"
 
 namespace {
-
-// Sets ATen's intra-op thread count for one scope.
-class Threads {
- public:
-  explicit Threads(int n) : before_(at::get_num_threads()) { at::set_num_threads(n); }
-  ~Threads() { at::set_num_threads(before_); }
-
- private:
-  int before_;
-};
 
 struct Chunks {
   std::mutex m;
@@ -37,7 +28,7 @@ struct Chunks {
 }  // namespace
 
 TEST(ParallelFor, CoversTheRangeOnceAndUsesTheIntraOpThreads) {
-  Threads threads(2);
+  pardit::test::ThreadCount threads(2);
   const int64_t n = 100003, grain = 1000;
   std::vector<int> hits(n, 0);
   Chunks chunks;
@@ -62,13 +53,13 @@ TEST(ParallelFor, CoversTheRangeOnceAndUsesTheIntraOpThreads) {
 }
 
 TEST(ParallelFor, OneCallWhenSmallSerialOrEmpty) {
-  Threads threads(2);
+  pardit::test::ThreadCount threads(2);
   Chunks small;
   pardit::parallelFor(500, 1000, [&](int64_t b, int64_t e) { small.add(b, e); });
   ASSERT_EQ(small.ranges.size(), 1u);
   EXPECT_EQ(small.ranges[0], std::make_pair(int64_t{0}, int64_t{500}));
   {
-    Threads one(1);
+    pardit::test::ThreadCount one(1);
     Chunks serial;
     pardit::parallelFor(100000, 10, [&](int64_t b, int64_t e) { serial.add(b, e); });
     ASSERT_EQ(serial.ranges.size(), 1u);
@@ -80,7 +71,7 @@ TEST(ParallelFor, OneCallWhenSmallSerialOrEmpty) {
 }
 
 TEST(ParallelFor, AnExceptionReachesTheCaller) {
-  Threads threads(2);
+  pardit::test::ThreadCount threads(2);
   EXPECT_THROW(pardit::parallelFor(100000, 100,
                                    [&](int64_t b, int64_t e) {
                                      if (b <= 70000 && 70000 < e) throw std::runtime_error("index 70000");

@@ -45,15 +45,6 @@ Tables tables(int64_t L, int64_t D) {
   return {c.unsqueeze(0).unsqueeze(2), s.unsqueeze(0).unsqueeze(2)};
 }
 
-class ThreadCount {
- public:
-  explicit ThreadCount(int n) : before_(at::get_num_threads()) { at::set_num_threads(n); }
-  ~ThreadCount() { at::set_num_threads(before_); }
-
- private:
-  int before_;
-};
-
 const at::ScalarType kDtypes[] = {at::kFloat, at::kBFloat16, at::kHalf};
 
 }  // namespace
@@ -64,7 +55,7 @@ TEST(FusedOps, RopeEqualsTheReferenceBitForBit) {
   const Tables t = tables(L, D);
   for (auto dtype : kDtypes) {
     for (int threads : {1, 3}) {
-      ThreadCount tc(threads);
+      test::ThreadCount tc(threads);
       SCOPED_TRACE(std::string(c10::toString(dtype)) + ", threads " + std::to_string(threads));
       // q as the blocks see it: a select of the fused qkv projection (not contiguous), values of RMS-norm size.
       at::Tensor qkv = (at::randn({B, L, 3, H, D}) * 3).to(dtype);
@@ -97,7 +88,7 @@ TEST(FusedOps, ScaleAddEqualsMulThenAdd) {
   const int64_t B = 2, L = 257, h = 96;
   for (auto dtype : kDtypes) {
     for (int threads : {1, 3}) {
-      ThreadCount tc(threads);
+      test::ThreadCount tc(threads);
       SCOPED_TRACE(std::string(c10::toString(dtype)) + ", threads " + std::to_string(threads));
       at::Tensor a = at::randn({B, L, h}).to(dtype);
       // Scale, shift and gate are chunks of a modulation output [B, 3h]: rows with a stride of 3h.

@@ -86,8 +86,7 @@ AttentionResult localAttention(const at::Tensor& q, const at::Tensor& k, const a
   // Without the log-sum-exp, auto is what scaled_dot_product_attention runs: the reference's own kernel.
   if (kernel == AttentionKernel::kAuto && !needLse) return {at::scaled_dot_product_attention(q, k, v), at::Tensor()};
   const bool chosen = kernel != AttentionKernel::kAuto;  // by --attention: its failures name the flag
-  if (!chosen)
-    kernel = halfType(type) && q.size(-1) <= 256 ? AttentionKernel::kFlash : AttentionKernel::kEfficient;
+  if (!chosen) kernel = resolveAttentionKernel(kernel, q, k, v, /*needLse=*/true);
   const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2);
   try {
     if (kernel == AttentionKernel::kFlash) {

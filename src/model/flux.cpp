@@ -257,18 +257,17 @@ void FluxTransformer::doubleBlock(int64_t i, at::Tensor& img, at::Tensor& txt, c
   auto w = weights_->doubleBlock(i);
   const int64_t H = config_.numHeads, D = config_.headDim();
   const int64_t B = img.size(0), Li = img.size(1);
-  const std::vector<int64_t> dShape{D};
   auto imod = w->img.mod(cond.siluVec).chunk(6, 1);
   at::Tensor iqkv = w->img.qkv(modulate(img, imod[0], imod[1])).view({B, Li, 3, H, D});
-  at::Tensor iq = at::rms_norm(iqkv.select(2, 0), dShape, w->img.qNorm, kNormEps);
-  at::Tensor ik = at::rms_norm(iqkv.select(2, 1), dShape, w->img.kNorm, kNormEps);
   at::Tensor iv = iqkv.select(2, 2);
   auto mlpResidual = [&](const at::Tensor& x, const DoubleBlockWeights::Stream& s, const std::vector<at::Tensor>& mod) {
     return gatedResidual(x, mod[5], s.mlp2(at::gelu(s.mlp0(modulate(x, mod[3], mod[4])), "tanh")));
   };
   if (!txt.defined()) {
     // Image rows only (the attention backend supplies the text K/V, e.g. PipeFusion's later patches).
-    at::Tensor iAttn = attend(rope(iq, cond.cos, cond.sin), rope(ik, cond.cos, cond.sin), iv, 0, static_cast<int>(i));
+    at::Tensor iAttn = attend(rmsNormRope(iqkv.select(2, 0), w->img.qNorm, kNormEps, cond.cos, cond.sin),
+                              rmsNormRope(iqkv.select(2, 1), w->img.kNorm, kNormEps, cond.cos, cond.sin), iv, 0,
+                              static_cast<int>(i));
     img = gatedResidual(img, imod[2], w->img.proj(iAttn.flatten(2).contiguous()));
     img = mlpResidual(img, w->img, imod);
     if (img.scalar_type() == at::kHalf) img = img.clamp(-65504, 65504);
@@ -279,15 +278,17 @@ void FluxTransformer::doubleBlock(int64_t i, at::Tensor& img, at::Tensor& txt, c
                " tokens, the joint sequence has ", L);
   auto tmod = w->txt.mod(cond.siluVec).chunk(6, 1);
   at::Tensor tqkv = w->txt.qkv(modulate(txt, tmod[0], tmod[1])).view({B, Lt, 3, H, D});
-  // RoPE written straight into the joint [text ; image] q and k.
-  auto joint = [&](const at::Tensor& t, const at::Tensor& im) {
-    at::Tensor out = at::empty({B, L, H, D}, im.options());
-    ropeInto(out.narrow(1, 0, Lt), t, cond.cos.narrow(1, 0, Lt), cond.sin.narrow(1, 0, Lt));
-    ropeInto(out.narrow(1, Lt, Li), im, cond.cos.narrow(1, Lt, Li), cond.sin.narrow(1, Lt, Li));
+  // RMS norm and RoPE written straight into the joint [text ; image] q and k.
+  auto joint = [&](int64_t which, const at::Tensor& textNorm, const at::Tensor& imageNorm) {
+    at::Tensor out = at::empty({B, L, H, D}, iqkv.options());
+    rmsNormRopeInto(out.narrow(1, 0, Lt), tqkv.select(2, which), textNorm, kNormEps, cond.cos.narrow(1, 0, Lt),
+                    cond.sin.narrow(1, 0, Lt));
+    rmsNormRopeInto(out.narrow(1, Lt, Li), iqkv.select(2, which), imageNorm, kNormEps, cond.cos.narrow(1, Lt, Li),
+                    cond.sin.narrow(1, Lt, Li));
     return out;
   };
-  at::Tensor q = joint(at::rms_norm(tqkv.select(2, 0), dShape, w->txt.qNorm, kNormEps), iq);
-  at::Tensor k = joint(at::rms_norm(tqkv.select(2, 1), dShape, w->txt.kNorm, kNormEps), ik);
+  at::Tensor q = joint(0, w->txt.qNorm, w->img.qNorm);
+  at::Tensor k = joint(1, w->txt.kNorm, w->img.kNorm);
   at::Tensor v = at::cat({tqkv.select(2, 2), iv}, 1);  // [B, L, H, D], text first
   at::Tensor attn = attend(q, k, v, Lt, static_cast<int>(i));
   at::Tensor tAttn = attn.narrow(1, 0, Lt).flatten(2).contiguous(), iAttn = attn.narrow(1, Lt, Li).flatten(2).contiguous();
@@ -310,9 +311,8 @@ at::Tensor FluxTransformer::singleBlock(int64_t i, const at::Tensor& x, int64_t 
   auto mod = w->mod(cond.siluVec).chunk(3, 1);
   at::Tensor hidden = w->linear1(modulate(x, mod[0], mod[1]));  // [B, L, 3h + mlp]
   at::Tensor qkv = hidden.narrow(2, 0, 3 * h).view({B, L, 3, H, D});
-  const std::vector<int64_t> dShape{D};
-  at::Tensor q = rope(at::rms_norm(qkv.select(2, 0), dShape, w->qNorm, kNormEps), cond.cos, cond.sin);
-  at::Tensor k = rope(at::rms_norm(qkv.select(2, 1), dShape, w->kNorm, kNormEps), cond.cos, cond.sin);
+  at::Tensor q = rmsNormRope(qkv.select(2, 0), w->qNorm, kNormEps, cond.cos, cond.sin);
+  at::Tensor k = rmsNormRope(qkv.select(2, 1), w->kNorm, kNormEps, cond.cos, cond.sin);
   at::Tensor attn = attend(q, k, qkv.select(2, 2), textLen, static_cast<int>(config_.depth + i));
   // linear2's input [attention ; GELU(mlp)] is written in place, not concatenated.
   at::Tensor joined = at::empty({B, L, h + mlp}, hidden.options());

@@ -22,6 +22,8 @@ namespace pardit::model {
 namespace cuda {  // fused_kernels.cu
 void rope(fused::ElementType dtype, void* out, const void* x, const float* cos, const float* sin,
           const fused::RopeGeometry& g, void* stream);
+void rmsNormRope(fused::ElementType dtype, bool floatWeight, void* out, const void* x, const void* weight,
+                 const float* cos, const float* sin, const fused::RopeGeometry& g, float eps, void* stream);
 void scaleAdd(fused::ElementType dtype, void* out, const void* a, const void* s, const void* c,
               const fused::ScaleAddGeometry& g, void* stream);
 }  // namespace cuda
@@ -125,6 +127,48 @@ void scaleAddCpu(const at::Tensor& out, const at::Tensor& a, const at::Tensor& s
   });
 }
 
+// rsqrt(mean(x^2) + eps) over the last dimension, [B, L, H, 1] float32: at::rms_norm's own operations on the
+// same input (the upcast of half types, pow, mean, add_, rsqrt), so its reduction order and bits.
+// The fused pass keeps one normalized row on the stack.
+constexpr int64_t kMaxNormRopeD = 512;
+
+at::Tensor rmsStatistic(const at::Tensor& x, double eps) {
+  return at::rsqrt(at::pow(x.to(at::kFloat), 2).mean({-1}, /*keepdim=*/true).add_(static_cast<float>(eps)));
+}
+
+template <typename T, typename W>
+void rmsNormRopeCpu(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const at::Tensor& r,
+                    const at::Tensor& cos, const at::Tensor& sin) {
+  const fused::RopeGeometry g = ropeGeometry(out, x, cos, sin);
+  T* o = out.data_ptr<T>();
+  const T* xp = x.data_ptr<T>();
+  const W* wp = w.data_ptr<W>();
+  const float* rp = r.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  const int64_t half = g.D / 2, rB = r.stride(0), rL = r.stride(1), rH = r.stride(2);
+  parallelFor(g.B * g.L * g.H, kGrainElements / g.D, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const fused::RopeIndex idx = fused::ropeIndex(g, row * half);
+      const int64_t h = row % g.H, l = (row / g.H) % g.L, b = row / (g.H * g.L);
+      const float rr = rp[b * rB + l * rL + h * rH];
+      T y[kMaxNormRopeD];
+      const T* xrow = xp + idx.x;
+      for (int64_t j = 0; j < g.D; ++j) y[j] = fused::rmsScale(xrow[j], rr, wp[j]);
+      for (int64_t j = 0; j < g.D; j += 2) fused::ropePair(y + j, cp + idx.cos + j, sp + idx.sin + j, o + idx.out + j);
+    }
+  });
+}
+
+template <typename T>
+void rmsNormRopeCpu(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const at::Tensor& r,
+                    const at::Tensor& cos, const at::Tensor& sin) {
+  if (w.scalar_type() == at::kFloat)
+    rmsNormRopeCpu<T, float>(out, x, w, r, cos, sin);
+  else
+    rmsNormRopeCpu<T, T>(out, x, w, r, cos, sin);
+}
+
 #if PARDIT_CUDA_KERNELS
 void* currentStream(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 #endif
@@ -162,6 +206,49 @@ void ropeInto(const at::Tensor& out, const at::Tensor& x, const at::Tensor& cos,
     return;
   }
   ropeFused(out, x, c, s);
+}
+
+void rmsNormRopeInto(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps,
+                     const at::Tensor& cos, const at::Tensor& sin) {
+  RECORD_FUNCTION("pardit::rms_norm_rope", std::vector<c10::IValue>());
+  at::Tensor c = cos, s = sin;
+  const bool fused = ropeFusable(out, x, c, s) && x.numel() > 0 && weight.dim() == 1 &&
+                     weight.size(0) == x.size(3) && x.size(3) <= kMaxNormRopeD && weight.is_contiguous() &&
+                     weight.device() == x.device() &&
+                     (weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat);
+  if (!fused) {
+    ropeInto(out, at::rms_norm(x, {x.size(-1)}, weight, eps), cos, sin);
+    return;
+  }
+#if PARDIT_CUDA_KERNELS
+  if (x.device().is_cuda()) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    cuda::rmsNormRope(elementType(x.scalar_type()), weight.scalar_type() == at::kFloat, out.data_ptr(), x.data_ptr(),
+                      weight.data_ptr(), c.data_ptr<float>(), s.data_ptr<float>(), ropeGeometry(out, x, c, s),
+                      static_cast<float>(eps), currentStream(x));
+    return;
+  }
+#endif
+  const at::Tensor r = rmsStatistic(x, eps);
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      rmsNormRopeCpu<float>(out, x, weight, r, c, s);
+      break;
+    case at::kBFloat16:
+      rmsNormRopeCpu<at::BFloat16>(out, x, weight, r, c, s);
+      break;
+    default:
+      rmsNormRopeCpu<at::Half>(out, x, weight, r, c, s);
+      break;
+  }
+}
+
+at::Tensor rmsNormRope(const at::Tensor& x, const at::Tensor& weight, double eps, const at::Tensor& cos,
+                       const at::Tensor& sin) {
+  RECORD_FUNCTION("pardit::rms_norm_rope", std::vector<c10::IValue>());  // with its allocation
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  rmsNormRopeInto(out, x, weight, eps, cos, sin);
+  return out;
 }
 
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {

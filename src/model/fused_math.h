@@ -8,6 +8,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -44,6 +45,49 @@ PARDIT_HOST_DEVICE void ropePair(const T* x, const float* c, const float* s, T* 
   const float x0 = static_cast<float>(x[0]), x1 = static_cast<float>(x[1]);
   o[0] = static_cast<T>(add(mul(x0, c[0]), mul(-x1, s[0])));
   o[1] = static_cast<T>(add(mul(x1, c[1]), mul(x0, s[1])));
+}
+
+// One element of at::rms_norm's tail: x * r * w in float (the input upcast, times the row's rsqrt statistic r,
+// times the weight, each product rounded to float), rounded to T.
+template <typename T, typename W>
+PARDIT_HOST_DEVICE T rmsScale(T x, float r, W w) {
+  return static_cast<T>(mul(mul(static_cast<float>(x), r), static_cast<float>(w)));
+}
+
+// The row statistic of the CUDA RMS-norm + RoPE kernel (one warp per row of D elements). Lane l of 32 sums,
+// in float, the squares of its pairs (2l + 64k, 2l + 64k + 1) for k = 0, 1, ...; the warp then combines the 32
+// partial sums by the butterfly of __shfl_xor_sync (xor 16, 8, 4, 2, 1), after which every lane holds the
+// same total (each step adds the same two numbers on both lanes of a pair).
+template <typename T>
+PARDIT_HOST_DEVICE float laneSumOfSquares(const T* x, int64_t D, int lane) {
+  float acc = 0.0f;
+  for (int64_t j = 2 * static_cast<int64_t>(lane); j < D; j += 64) {
+    const float a = static_cast<float>(x[j]), b = static_cast<float>(x[j + 1]);
+    acc = add(acc, mul(a, a));
+    acc = add(acc, mul(b, b));
+  }
+  return acc;
+}
+
+// 1 / sqrt(sum / D + eps), each operation rounded once, as ATen composes mean, add and rsqrt.
+PARDIT_HOST_DEVICE float rmsInverse(float sum, int64_t D, float eps) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(sum, static_cast<float>(D)), eps)));
+#else
+  return 1.0f / std::sqrt(sum / static_cast<float>(D) + eps);
+#endif
+}
+
+// The kernel's statistic computed on the host, lane by lane and butterfly step by step (for the tests).
+template <typename T>
+inline float warpSumOfSquaresOnHost(const T* x, int64_t D) {
+  float p[32], q[32];
+  for (int l = 0; l < 32; ++l) p[l] = laneSumOfSquares(x, D, l);
+  for (int o = 16; o > 0; o >>= 1) {
+    for (int l = 0; l < 32; ++l) q[l] = add(p[l], p[l ^ o]);
+    for (int l = 0; l < 32; ++l) p[l] = q[l];
+  }
+  return p[0];
 }
 
 // a * s + c as ATen's mul then add: the product rounded to T, then the sum rounded to T.

@@ -115,7 +115,7 @@ std::string OpProfile::classOf(const std::string& name) {
       {"attention", {"aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::_flash_attention",
                      "aten::_efficient_attention"}},
       {"norms/RoPE/modulation", {"aten::layer_norm", "aten::native_layer_norm", "aten::rms_norm",
-                                 "aten::_fused_rms_norm", "pardit::rope", "pardit::scale_add"}},
+                                 "aten::_fused_rms_norm", "pardit::rope", "pardit::rms_norm_rope", "pardit::scale_add"}},
       {"communication", {"pardit::all_to_all", "pardit::all_gather", "pardit::broadcast", "pardit::all_reduce",
                          "pardit::send", "pardit::recv", "pardit::isend", "pardit::irecv", "pardit::barrier",
                          "pardit::wait"}},

@@ -16,6 +16,18 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
 // saves the concatenation).
 void ropeInto(const at::Tensor& out, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
+// RoPE of RMSNorm(x): rope(at::rms_norm(x, {D}, weight, eps), cos, sin) for the attention's q and k
+// ([B, L, H, D], any strides with D contiguous; weight [D] in x's dtype or float32). On the CPU bit for bit:
+// the per-row statistic rsqrt(mean(x^2) + eps) comes from ATen's own operations (its reduction order), and
+// the scaling by it and by the weight, the rounding to x's dtype and the rotation are one pass instead of
+// at::rms_norm's two to four and rope's one. On CUDA one kernel does all of it, a warp per row, reading x once
+// and writing the output once (at::rms_norm and rope read and write it twice); its statistic is the kernel's
+// own sum of squares (fused_math.h), so the result is within an ulp or so of the two operations, not their bits.
+at::Tensor rmsNormRope(const at::Tensor& x, const at::Tensor& weight, double eps, const at::Tensor& cos,
+                       const at::Tensor& sin);
+void rmsNormRopeInto(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps,
+                     const at::Tensor& cos, const at::Tensor& sin);
+
 // a * s.unsqueeze(1) + c: a [B, L, h], s [B, h] broadcast over the tokens, c [B, L, h] or [B, h]
 // (broadcast); the product is rounded to the dtype before the sum, as ATen's mul then add. Adaptive
 // modulation is scaleAdd(LN(x), 1 + scale, shift), a gated residual scaleAdd(y, gate, x).

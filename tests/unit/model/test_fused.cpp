@@ -41,7 +41,10 @@ struct Tables {
 
 Tables tables(int64_t L, int64_t D) {
   at::Tensor ids = at::randint(0, 64, {L, 3}).to(at::kFloat);
-  auto [c, s] = model::ropeTables(ids, D == 8 ? std::vector<int64_t>{2, 2, 4} : std::vector<int64_t>{4, 6, 6}, 10000.0);
+  const std::vector<int64_t> axes = D == 8    ? std::vector<int64_t>{2, 2, 4}
+                                    : D == 16 ? std::vector<int64_t>{4, 6, 6}
+                                              : std::vector<int64_t>{16, 56, 56};  // FLUX.1's
+  auto [c, s] = model::ropeTables(ids, axes, 10000.0);
   return {c.unsqueeze(0).unsqueeze(2), s.unsqueeze(0).unsqueeze(2)};
 }
 
@@ -83,6 +86,65 @@ TEST(FusedOps, RopeIntoASliceWritesOnlyThatSlice) {
   }
 }
 
+namespace {
+
+// q and k as the blocks compute them: torch.nn.RMSNorm (at::rms_norm) over each head, then diffusers' RoPE.
+at::Tensor rmsNormRopeReference(const at::Tensor& x, const at::Tensor& w, const at::Tensor& cos, const at::Tensor& sin) {
+  return ropeReference(at::rms_norm(x, {x.size(-1)}, w, 1e-6), cos, sin);
+}
+
+}  // namespace
+
+TEST(FusedOps, RmsNormRopeEqualsRmsNormThenRopeBitForBit) {
+  at::manual_seed(15);
+  const int64_t B = 2, L = 67, H = 3;
+  for (int64_t D : {16, 128}) {
+    const Tables t = tables(L, D);
+    for (auto dtype : kDtypes) {
+      for (int threads : {1, 3}) {
+        test::ThreadCount tc(threads);
+        SCOPED_TRACE(std::string(c10::toString(dtype)) + ", D " + std::to_string(D) + ", threads " +
+                     std::to_string(threads));
+        // q as the blocks see it: a select of the qkv projection (not contiguous); rows of very different scales.
+        at::Tensor qkv = (at::randn({B, L, 3, H, D}) * at::exp(at::randn({B, L, 1, H, 1}) * 3)).to(dtype);
+        at::Tensor x = qkv.select(2, 0);
+        ASSERT_FALSE(x.is_contiguous());
+        at::Tensor w = (at::rand({D}) + 0.5).to(dtype);
+        expectSameBits(model::rmsNormRope(x, w, 1e-6, t.cos, t.sin), rmsNormRopeReference(x, w, t.cos, t.sin));
+        expectSameBits(model::rmsNormRope(x.contiguous(), w, 1e-6, t.cos, t.sin),
+                       rmsNormRopeReference(x, w, t.cos, t.sin));
+        // A float32 weight with half-type activations (at::rms_norm's mixed-dtype path).
+        at::Tensor wf = at::rand({D}) + 0.5;
+        expectSameBits(model::rmsNormRope(x, wf, 1e-6, t.cos, t.sin), rmsNormRopeReference(x, wf, t.cos, t.sin));
+      }
+    }
+  }
+}
+
+TEST(FusedOps, RmsNormRopeIntoTheJointBuffer) {
+  at::manual_seed(16);
+  const int64_t B = 1, Lt = 7, Li = 40, H = 2, D = 16;
+  const Tables t = tables(Lt + Li, D);
+  for (auto dtype : kDtypes) {
+    SCOPED_TRACE(c10::toString(dtype));
+    at::Tensor tqkv = at::randn({B, Lt, 3, H, D}).to(dtype), iqkv = at::randn({B, Li, 3, H, D}).to(dtype);
+    at::Tensor tw = (at::rand({D}) + 0.5).to(dtype), iw = (at::rand({D}) + 0.5).to(dtype);
+    at::Tensor joint = at::full({B, Lt + Li, H, D}, 7.0, at::TensorOptions().dtype(dtype));
+    model::rmsNormRopeInto(joint.narrow(1, Lt, Li), iqkv.select(2, 1), iw, 1e-6, t.cos.narrow(1, Lt, Li),
+                           t.sin.narrow(1, Lt, Li));
+    EXPECT_TRUE(joint.narrow(1, 0, Lt).eq(7.0).all().item<bool>()) << "the text rows were written";
+    model::rmsNormRopeInto(joint.narrow(1, 0, Lt), tqkv.select(2, 1), tw, 1e-6, t.cos.narrow(1, 0, Lt),
+                           t.sin.narrow(1, 0, Lt));
+    // Each stream normalized with its own weight, RoPE at its joint positions: the reference's concatenation.
+    at::Tensor normed = at::cat({at::rms_norm(tqkv.select(2, 1), {D}, tw, 1e-6), at::rms_norm(iqkv.select(2, 1), {D}, iw, 1e-6)}, 1);
+    expectSameBits(joint, ropeReference(normed, t.cos, t.sin));
+  }
+  // float64 is not fused: the two operations themselves, the same result.
+  at::Tensor x = at::randn({B, Li, H, D}, at::kDouble), w = at::rand({D}, at::kDouble) + 0.5;
+  expectSameBits(model::rmsNormRope(x, w, 1e-6, t.cos.narrow(1, 0, Li), t.sin.narrow(1, 0, Li)),
+                 rmsNormRopeReference(x, w, t.cos.narrow(1, 0, Li), t.sin.narrow(1, 0, Li)));
+}
+
 TEST(FusedOps, ScaleAddEqualsMulThenAdd) {
   at::manual_seed(13);
   const int64_t B = 2, L = 257, h = 96;
@@ -109,7 +171,7 @@ TEST(FusedOps, ScaleAddEqualsMulThenAdd) {
 TEST(FusedOps, ShowInOperatorProfiles) {
   const at::Tensor a = at::randn({1, 5, 8}), s = at::randn({1, 8}), c = at::randn({1, 8});
   const Tables t = tables(5, 8);
-  const at::Tensor q = at::randn({1, 5, 2, 8});
+  const at::Tensor q = at::randn({1, 5, 2, 8}), w = at::ones({8}), qd = q.to(at::kDouble), wd = w.to(at::kDouble);
   std::map<std::string, int64_t> calls;
   {
     pipeline::OpProfile profile;
@@ -117,14 +179,20 @@ TEST(FusedOps, ShowInOperatorProfiles) {
     (void)model::scaleAdd(a, s, c);
     (void)model::rope(q, t.cos, t.sin);
     (void)model::rope(q.to(at::kDouble), t.cos, t.sin);  // the composition, nested inside
+    (void)model::rmsNormRope(q, w, 1e-6, t.cos, t.sin);    // ATen's statistic, nested inside
+    (void)model::rmsNormRope(qd, wd, 1e-6, t.cos, t.sin);  // at::rms_norm and rope, nested inside
     for (const auto& op : profile.ops()) calls[op.name] = op.calls;
   }
   EXPECT_EQ(calls["pardit::scale_add"], 2);
-  EXPECT_EQ(calls["pardit::rope"], 2);
+  EXPECT_EQ(calls["pardit::rope"], 2) << "the rope inside rms_norm_rope is rms_norm_rope's";
+  EXPECT_EQ(calls["pardit::rms_norm_rope"], 2);
+  EXPECT_EQ(calls.count("aten::rms_norm"), 0u);
+  EXPECT_EQ(calls.count("aten::pow"), 0u);
   EXPECT_EQ(calls.count("aten::empty"), 0u) << "allocations inside a fused pass are its own";
   EXPECT_EQ(calls.count("aten::mul"), 0u) << "the composition inside rope is rope's";
   EXPECT_EQ(pipeline::OpProfile::classOf("pardit::rope"), "norms/RoPE/modulation");
   EXPECT_EQ(pipeline::OpProfile::classOf("pardit::scale_add"), "norms/RoPE/modulation");
+  EXPECT_EQ(pipeline::OpProfile::classOf("pardit::rms_norm_rope"), "norms/RoPE/modulation");
 }
 
 TEST(FusedOps, OtherTensorsTakeTheComposition) {
@@ -168,6 +236,44 @@ void scaleAddThreads(const at::Tensor& out, const at::Tensor& a, const at::Tenso
                                   static_cast<const T*>(s.data_ptr()), static_cast<const T*>(c.data_ptr()), g, i);
 }
 
+// The CUDA RMS-norm + RoPE kernel's work, row by row as its warps do it (fused_math.h).
+template <typename T, typename W>
+void rmsNormRopeWarps(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const at::Tensor& cos,
+                      const at::Tensor& sin, float eps) {
+  const at::Tensor c = cos.expand(x.sizes()), s = sin.expand(x.sizes());
+  const int64_t B = x.size(0), L = x.size(1), H = x.size(2), D = x.size(3);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t l = 0; l < L; ++l)
+      for (int64_t h = 0; h < H; ++h) {
+        const T* xrow = static_cast<const T*>(x[b][l][h].data_ptr());
+        T* orow = static_cast<T*>(out[b][l][h].data_ptr());
+        const float* crow = c[b][l][h].data_ptr<float>();
+        const float* srow = s[b][l][h].data_ptr<float>();
+        const W* wp = static_cast<const W*>(w.data_ptr());
+        const float r = model::fused::rmsInverse(model::fused::warpSumOfSquaresOnHost(xrow, D), D, eps);
+        for (int64_t j = 0; j < D; j += 2) {
+          const T y[2] = {model::fused::rmsScale(xrow[j], r, wp[j]), model::fused::rmsScale(xrow[j + 1], r, wp[j + 1])};
+          model::fused::ropePair(y, crow + j, srow + j, orow + j);
+        }
+      }
+}
+
+// RMS norm + RoPE computed with another summation order than at::rms_norm's (the CUDA kernel's): each
+// normalized element within a few ulps of the dtype, so each rotated pair within that of the normalized pair's
+// magnitude, plus the rotation's own rounding.
+void expectCloseToRmsNormRope(const at::Tensor& got, const at::Tensor& x, const at::Tensor& w, const at::Tensor& cos,
+                              const at::Tensor& sin) {
+  const double eps = got.scalar_type() == at::kFloat  ? 1.0 / (1 << 23)
+                     : got.scalar_type() == at::kHalf ? 1.0 / (1 << 10)
+                                                      : 1.0 / (1 << 7);
+  const at::Tensor want = rmsNormRopeReference(x, w, cos, sin).to(at::kDouble);
+  const at::Tensor normed = at::rms_norm(x, {x.size(-1)}, w, 1e-6).to(at::kDouble).abs();
+  const at::Tensor pair = normed.unflatten(-1, {-1, 2}).sum(-1, true).expand({-1, -1, -1, -1, 2}).flatten(-2);
+  const at::Tensor bound = (pair * 4 + want.abs()) * eps + 1e-30;
+  const double worst = ((got.to(at::kDouble) - want).abs() / bound).max().item<double>();
+  EXPECT_LE(worst, 1.0);
+}
+
 template <typename T>
 void checkKernelBodies(at::ScalarType dtype) {
   SCOPED_TRACE(c10::toString(dtype));
@@ -179,6 +285,25 @@ void checkKernelBodies(at::ScalarType dtype) {
   ropeThreads<T>(joint.narrow(1, 4, Lt + Li), x, t.cos, t.sin);
   expectSameBits(joint.narrow(1, 4, Lt + Li), ropeReference(x, t.cos, t.sin));
   EXPECT_TRUE(joint.narrow(1, 0, 4).eq(0).all().item<bool>());
+
+  // RMS norm + RoPE, its warps' statistic: close to the two operations (it is not their summation order),
+  // and the statistic itself within a few float ulps of the exact one.
+  for (int64_t d : {16, 128}) {
+    const Tables td = tables(Lt + Li, d);
+    at::Tensor q = (at::randn({B, Lt + Li, 3, H, d}) * at::exp(at::randn({B, Lt + Li, 1, H, 1}) * 3)).to(dtype).select(2, 0);
+    at::Tensor w = (at::rand({d}) + 0.5).to(dtype);
+    at::Tensor normed = at::zeros({B, Lt + Li + 4, H, d}, q.options());
+    rmsNormRopeWarps<T, T>(normed.narrow(1, 4, Lt + Li), q, w, td.cos, td.sin, 1e-6f);
+    expectCloseToRmsNormRope(normed.narrow(1, 4, Lt + Li), q, w, td.cos, td.sin);
+    EXPECT_TRUE(normed.narrow(1, 0, 4).eq(0).all().item<bool>());
+    at::Tensor wf = at::rand({d}) + 0.5;
+    rmsNormRopeWarps<T, float>(normed.narrow(1, 4, Lt + Li), q, wf, td.cos, td.sin, 1e-6f);
+    expectCloseToRmsNormRope(normed.narrow(1, 4, Lt + Li), q, wf, td.cos, td.sin);
+    at::Tensor row = q[0][3][1].contiguous();
+    const double exact = row.to(at::kDouble).pow(2).sum().item<double>();
+    const float sum = model::fused::warpSumOfSquaresOnHost(static_cast<const T*>(row.data_ptr()), d);
+    EXPECT_NEAR(sum / exact, 1.0, 1e-6);
+  }
 
   at::Tensor a = at::randn({B, Li, n}).to(dtype), residual = at::randn({B, Li, n}).to(dtype);
   auto mod = (at::randn({B, 3 * n}) * 2).to(dtype).chunk(3, 1);
@@ -198,7 +323,8 @@ TEST(FusedOps, CudaThreadWorkOnTheHostEqualsTheReference) {
   checkKernelBodies<c10::Half>(at::kHalf);
 }
 
-// The CUDA kernels (built with nvcc) against ATen's CUDA operations, bit for bit; they skip without a GPU.
+// The CUDA kernels (built with nvcc) against ATen's CUDA operations, bit for bit (RMS norm + RoPE: against its
+// arithmetic on the host, bit for bit, and ATen's within a few ulp); they skip without a GPU.
 TEST(CudaFusedOps, KernelsEqualTheAtenCompositionsOnTheDevice) {
   PARDIT_REQUIRE_CUDA();
   at::manual_seed(15);
@@ -218,6 +344,24 @@ TEST(CudaFusedOps, KernelsEqualTheAtenCompositionsOnTheDevice) {
     expectSameBits(joint.cpu(), ropeReference(x, cos, sin).cpu());
     // And the CPU's fused pass gives the same bits as the GPU's.
     expectSameBits(model::rope(x.cpu(), host.cos, host.sin), ropeReference(x, cos, sin).cpu());
+
+    // RMS norm + RoPE: the warps' arithmetic as the host computes it, bit for bit, written into a joint buffer;
+    // close to ATen's rms_norm and rope on the device.
+    at::Tensor w = (at::rand({D}) + 0.5).to(dtype).to(dev);
+    at::Tensor normed = at::empty({B, Lt + Li, H, D}, x.options());
+    model::rmsNormRopeInto(normed.narrow(1, 0, Lt), x.narrow(1, 0, Lt), w, 1e-6, cos.narrow(1, 0, Lt), sin.narrow(1, 0, Lt));
+    model::rmsNormRopeInto(normed.narrow(1, Lt, Li), x.narrow(1, Lt, Li), w, 1e-6, cos.narrow(1, Lt, Li),
+                           sin.narrow(1, Lt, Li));
+    at::Tensor onHost = at::empty({B, Lt + Li, H, D}, x.options().device(at::kCPU));
+    switch (dtype) {
+      case at::kFloat: rmsNormRopeWarps<float, float>(onHost, x.cpu(), w.cpu(), host.cos, host.sin, 1e-6f); break;
+      case at::kBFloat16:
+        rmsNormRopeWarps<c10::BFloat16, c10::BFloat16>(onHost, x.cpu(), w.cpu(), host.cos, host.sin, 1e-6f);
+        break;
+      default: rmsNormRopeWarps<c10::Half, c10::Half>(onHost, x.cpu(), w.cpu(), host.cos, host.sin, 1e-6f); break;
+    }
+    expectSameBits(normed.cpu(), onHost);
+    expectCloseToRmsNormRope(model::rmsNormRope(x, w, 1e-6, cos, sin).cpu(), x.cpu(), w.cpu(), host.cos, host.sin);
 
     at::Tensor a = at::randn({B, Li, h}).to(dtype).to(dev), residual = at::randn({B, Li, h}).to(dtype).to(dev);
     auto mod = (at::randn({B, 3 * h}) * 2).to(dtype).to(dev).chunk(3, 1);

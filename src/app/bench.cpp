@@ -109,6 +109,7 @@ void printForwards(const config::EngineConfig& c, dist::Runtime& rt, const pipel
     logInfo0("attention kernel: ", r.attentionKernel,
              c.attention == config::Attention::kAuto ? " (--attention auto's pick for these tensors)"
                                                      : " (--attention)");
+  if (c.unfused) logInfo0("fused passes: off (--unfused: ATen's compositions)");
   if (r.gemmRate > 0)
     logInfo0("device GEMM rate (", dtypeName(e.dtype()), ", ", pipeline::gemmRateSize(e.device()), "^3",
              e.device().is_cpu() ? ", " + std::to_string(r.threads) + " thread(s)" : std::string(), "): ",
@@ -124,13 +125,13 @@ void printForwards(const config::EngineConfig& c, dist::Runtime& rt, const pipel
   if (rt.worldRank() == 0) {
     std::printf("BENCH pardit model=%s dtype=%s ranks=%d ulysses=%d ring=%d cfg=%d threads=%d batch=%lld "
                 "image_tokens=%lld text_tokens=%lld median_s=%.6f min_s=%.6f gflops=%.3f comm_share=%.4f "
-                "gemm_gflops=%.3f peak_device_bytes=%llu peak_rss_bytes=%llu attention=%s\n",
+                "gemm_gflops=%.3f peak_device_bytes=%llu peak_rss_bytes=%llu attention=%s fused=%d\n",
                 r.modelName.c_str(), dtypeName(e.dtype()).c_str(), rt.worldSize(), d.ulysses, d.ring, d.cfg, r.threads,
                 static_cast<long long>(c.batch), static_cast<long long>(r.imageTokens),
                 static_cast<long long>(c.textLen), r.median, r.best, rate / 1e9, r.commShare, r.gemmRate / 1e9,
                 static_cast<unsigned long long>(
                     memory::devicePeakBytes(e.device().is_cuda(), e.device().is_cuda() ? e.device().index() : 0)),
-                static_cast<unsigned long long>(peakRssBytes()), r.attentionKernel.c_str());
+                static_cast<unsigned long long>(peakRssBytes()), r.attentionKernel.c_str(), c.unfused ? 0 : 1);
     std::fflush(stdout);
   }
 }
@@ -209,6 +210,7 @@ nlohmann::ordered_json toJson(const config::EngineConfig& c, dist::Runtime& rt, 
     j["comm_share"] = r.commShare;
     j["cuda_graphs"] = r.cudaGraphs;
     j["attention"] = r.attentionKernel;
+    j["fused_passes"] = !c.unfused;
     j["gemm_gflops"] = r.gemmRate / 1e9;
     if (r.gemmSeconds > 0)
       j["split_s"] = {{"gemm", r.gemmSeconds},

@@ -17,6 +17,7 @@
 #include "pardit/core/error.h"
 #include "pardit/core/log.h"
 #include "pardit/dist/runtime.h"
+#include "pardit/model/fused.h"
 #include "pardit/version.h"
 
 namespace {
@@ -31,6 +32,7 @@ void applyRuntimeOptions(const pardit::config::EngineConfig& c) {
     case LogLevelOption::kError: level = pardit::LogLevel::kError; break;
   }
   pardit::setLogLevel(c.quiet ? pardit::LogLevel::kError : level);
+  pardit::model::setFusedPasses(!c.unfused);
   if (c.threads > 0) {
     at::set_num_threads(c.threads);
     at::set_num_interop_threads(1);

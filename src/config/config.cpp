@@ -358,6 +358,10 @@ const std::vector<Option>& optionTable() {
             "picks, for Ring attention's blocks flash (memory-efficient in fp32); flash on the CPU), flash "
             "(bf16/fp16 on CUDA), efficient or cudnn (CUDA only; cudnn bf16/fp16), or math (the unfused float32 "
             "composition: a reference, slow)"));
+    add(flagOpt("unfused", 0, &EngineConfig::unfused, Group::kModel, Sync::kValue, gen | fwd | bench,
+                "run ATen's compositions of the operations pardit fuses (RoPE, QK RMSNorm + RoPE, adaptive "
+                "modulation, gated residuals) instead of its single passes, to measure what they gain: the same "
+                "bits, except on CUDA, where QK RMSNorm then sums in at::rms_norm's order"));
     add(flagOpt("quiet", 'q', &EngineConfig::quiet, Group::kModel, Sync::kLocal, kEvery, "print errors only"));
     // parallel layout
     const unsigned par = kModelCommands;

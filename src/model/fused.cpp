@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 
+#include <atomic>
+
 #include "fused_math.h"
 #include "pardit/core/error.h"
 #include "pardit/core/parallel.h"
@@ -39,8 +41,11 @@ bool fusable(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 ||
                               : fused::ElementType::kHalf;
 }
 
-// Where the fused passes run: the CPU, and CUDA devices when the kernels were built.
+std::atomic<bool> fusedEnabled{true};
+
+// Where the fused passes run: the CPU, and CUDA devices when the kernels were built (unless --unfused).
 bool fusedOn(const at::Device& d) {
+  if (!fusedEnabled.load(std::memory_order_relaxed)) return false;
 #if PARDIT_CUDA_KERNELS
   if (d.is_cuda()) return true;
 #endif
@@ -197,6 +202,9 @@ void ropeFused(const at::Tensor& out, const at::Tensor& x, const at::Tensor& c, 
 }
 
 }  // namespace
+
+void setFusedPasses(bool on) { fusedEnabled.store(on, std::memory_order_relaxed); }
+bool fusedPasses() { return fusedEnabled.load(std::memory_order_relaxed); }
 
 void ropeInto(const at::Tensor& out, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   RECORD_FUNCTION("pardit::rope", std::vector<c10::IValue>());  // operator profiles (pipeline/op_profile.h)

@@ -77,6 +77,7 @@ struct EngineConfig {
   bool strict = false;                 // unexpected checkpoint contents are errors, not warnings
   bool cudaGraphs = false;             // capture the transformer call in a CUDA graph and replay it
   Attention attention = Attention::kAuto;  // the transformer's attention kernel
+  bool unfused = false;                // ATen's compositions instead of pardit's fused passes (to measure them)
   std::string configFile;
 
   // Parallel layout: world size = cfg x pipefusion x ring x ulysses

@@ -16,6 +16,11 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
 // saves the concatenation).
 void ropeInto(const at::Tensor& out, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
+// Whether the passes below run fused (the default) or as the ATen compositions they replace (--unfused):
+// process-wide, set once at start-up.
+void setFusedPasses(bool on);
+bool fusedPasses();
+
 // RoPE of RMSNorm(x): rope(at::rms_norm(x, {D}, weight, eps), cos, sin) for the attention's q and k
 // ([B, L, H, D], any strides with D contiguous; weight [D] in x's dtype or float32). On the CPU bit for bit:
 // the per-row statistic rsqrt(mean(x^2) + eps) comes from ATen's own operations (its reduction order), and

@@ -51,6 +51,29 @@ TEST(Cli, ForwardOnBothLayoutsReproducesDiffusers) {
   EXPECT_LE(test::maxRelError(out->read("sample"), ref->read("sample")), 1e-4);
 }
 
+// --unfused runs ATen's compositions in place of the fused passes: on the CPU the same bits, in both dtypes.
+TEST(Cli, UnfusedGivesTheFusedBits) {
+  TempDir dir;
+  ASSERT_EQ(runPardit("synth --preset tiny --seed 4 --out " + dir.file("m")).exitCode, 0);
+  for (const std::string dtype : {"fp32", "bf16"}) {
+    std::vector<at::Tensor> latents;
+    for (const std::string flag : {"", " --unfused"}) {
+      const std::string out = dir.file(dtype + (flag.empty() ? "-fused" : "-unfused") + ".safetensors");
+      auto r = runPardit("generate --model " + dir.file("m") + " --prompt-embeds " +
+                         dir.file("m/prompt_embeds.safetensors") + " --height 32 --width 48 --steps 2 --seed 9 " +
+                         "--threads 2 --dtype " + dtype + " --save-latents " + out + flag);
+      ASSERT_EQ(r.exitCode, 0) << r.output;
+      latents.push_back(io::SafetensorsFile::open(out)->read("latents"));
+    }
+    EXPECT_TRUE(at::equal(latents[0], latents[1])) << dtype;
+  }
+  auto b = runPardit("bench --model " + dir.file("m") + " --height 32 --width 32 --text-len 8 --warmup 0 --iters 1 "
+                     "--threads 1 --unfused");
+  ASSERT_EQ(b.exitCode, 0) << b.output;
+  EXPECT_NE(b.output.find("fused passes: off"), std::string::npos) << b.output;
+  EXPECT_NE(b.output.find(" fused=0"), std::string::npos) << b.output;
+}
+
 TEST(Cli, SynthThenGenerateIsDeterministicAcrossLayouts) {
   TempDir dir;
   for (const std::string layout : {"diffusers", "bfl"}) {

@@ -2,6 +2,7 @@
 // as diffusers writes them), bit for bit, in every dtype, layout and thread count the blocks use.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <gtest/gtest.h>
 
 #include <map>
@@ -193,6 +194,39 @@ TEST(FusedOps, ShowInOperatorProfiles) {
   EXPECT_EQ(pipeline::OpProfile::classOf("pardit::rope"), "norms/RoPE/modulation");
   EXPECT_EQ(pipeline::OpProfile::classOf("pardit::scale_add"), "norms/RoPE/modulation");
   EXPECT_EQ(pipeline::OpProfile::classOf("pardit::rms_norm_rope"), "norms/RoPE/modulation");
+}
+
+// Switched off (--unfused), every pass runs the ATen composition it replaces (seen in the operators it
+// calls), with the same bits.
+TEST(FusedOps, SwitchedOffTheyRunTheCompositions) {
+  at::manual_seed(17);
+  const Tables t = tables(9, 16);
+  const at::Tensor q = at::randn({1, 9, 3, 2, 16}).select(2, 0), w = at::rand({16}) + 0.5;
+  const at::Tensor a = at::randn({1, 9, 8}), s = at::randn({1, 8});
+  static thread_local std::map<std::string, int64_t>* seen = nullptr;
+  std::map<std::string, int64_t> calls;
+  seen = &calls;
+  const auto handle = at::addThreadLocalCallback(at::RecordFunctionCallback([](const at::RecordFunction& fn) {
+    if (seen) ++(*seen)[fn.name()];
+    return std::unique_ptr<at::ObserverContext>();
+  }));
+  auto runAll = [&] {
+    return std::vector<at::Tensor>{model::rope(q, t.cos, t.sin), model::rmsNormRope(q, w, 1e-6, t.cos, t.sin),
+                                   model::scaleAdd(a, s, s)};
+  };
+  ASSERT_TRUE(model::fusedPasses());
+  const auto fused = runAll();
+  const int64_t mulsFused = calls["aten::mul"], rmsFused = calls["aten::rms_norm"];
+  model::setFusedPasses(false);
+  const auto composed = runAll();
+  model::setFusedPasses(true);
+  at::removeCallback(handle);
+  seen = nullptr;
+  EXPECT_EQ(mulsFused, 0);
+  EXPECT_EQ(rmsFused, 0);
+  EXPECT_GT(calls["aten::mul"], 0);
+  EXPECT_EQ(calls["aten::rms_norm"], 1);
+  for (size_t i = 0; i < fused.size(); ++i) expectSameBits(fused[i], composed[i]);
 }
 
 TEST(FusedOps, OtherTensorsTakeTheComposition) {

@@ -469,7 +469,7 @@ bool FluxCheckpoint::storedFp8(const std::string& name) const {
   return true;
 }
 
-model::Fp8Rows FluxCheckpoint::loadFp8(const std::string& name) const {
+model::Fp8Rows FluxCheckpoint::loadFp8(const std::string& name, c10::Device quantizeOn) const {
   const TensorSource& src = source(name);
   PARDIT_CHECK(src.shape.size() == 2, path_, ": tensor '", name, "' is not a 2-D weight and has no FP8 form");
   {
@@ -483,12 +483,20 @@ model::Fp8Rows FluxCheckpoint::loadFp8(const std::string& name) const {
       values.push_back(rows);
       scales.push_back(p.scaleFile ? readScale(p) : at::ones({p.rowEnd - p.rowBegin}, at::kFloat));
     } else {  // another dtype (or float8 e5m2): quantized here, row by row
-      if (p.scaleFile) rows = rows.to(at::kFloat) * readScale(p).unsqueeze(1);
+      if (!quantizeOn.is_cpu()) rows = rows.to(quantizeOn);
+      if (p.scaleFile) rows = rows.to(at::kFloat) * readScale(p).to(rows.device()).unsqueeze(1);
       model::Fp8Rows q = model::quantizeFp8Rows(rows);
       values.push_back(q.values);
       scales.push_back(q.scale);
     }
   }
+  // Pieces stored as FP8 beside pieces quantized on a device: all on that device.
+  bool mixed = false;
+  for (const auto* parts : {&values, &scales})
+    for (const auto& t : *parts) mixed = mixed || t.device() != values[0].device();
+  if (mixed)
+    for (auto* parts : {&values, &scales})
+      for (auto& t : *parts) t = t.to(quantizeOn);
   model::Fp8Rows out{values.size() == 1 ? values[0] : at::cat(values, 0), scales.size() == 1 ? scales[0] : at::cat(scales, 0)};
   PARDIT_CHECK(out.values.sizes().vec() == src.shape, path_, ": tensor '", name, "' assembled with shape ",
                out.values.sizes(), ", expected ", formatShape(src.shape));

@@ -125,14 +125,15 @@ at::Tensor TensorStore::load(const std::string& name, c10::ScalarType dtype, c10
 
 bool TensorStore::storedFp8(const std::string& name) const { return has(name) && info(name).dtype == "F8_E4M3"; }
 
-model::Fp8Rows TensorStore::loadFp8(const std::string& name) const {
+model::Fp8Rows TensorStore::loadFp8(const std::string& name, c10::Device quantizeOn) const {
   auto it = where_.find(name);
   PARDIT_CHECK(it != where_.end(), path_, ": tensor '", name, "' not found");
   at::Tensor t = files_[it->second.first]->read(it->second.second);
   PARDIT_CHECK(t.dim() == 2, path_, ": tensor '", name, "' is not a 2-D weight and has no FP8 form");
   const at::Tensor scale = scaleOf(name);
   if (t.scalar_type() == at::kFloat8_e4m3fn) return {t, scale.defined() ? scale : at::ones({t.size(0)}, at::kFloat)};
-  if (scale.defined()) t = t.to(at::kFloat) * scale.unsqueeze(1);
+  if (!quantizeOn.is_cpu()) t = t.to(quantizeOn);
+  if (scale.defined()) t = t.to(at::kFloat) * scale.to(t.device()).unsqueeze(1);
   return model::quantizeFp8Rows(t);
 }
 

@@ -148,7 +148,9 @@ void Engine::Impl::open() {
           [shapes](const std::string& n, c10::ScalarType t, c10::Device d) {
             return io::synthTensor(0, n, shapes.at(n)).to(t).to(d);
           },
-          [shapes](const std::string& n) { return model::quantizeFp8Rows(io::synthTensor(0, n, shapes.at(n))); });
+          [shapes](const std::string& n, c10::Device d) {
+            return model::quantizeFp8Rows(io::synthTensor(0, n, shapes.at(n)).to(d));
+          });
     }
     // The metrics file is appended to after the run: checked now (after the checkpoint's files are known
     // as inputs), before any weight is read.

@@ -48,7 +48,7 @@ TensorReader formatReader(model::WeightFormat format, TensorReader dense, Fp8Sou
   return [dense = std::move(dense), fp8 = std::move(fp8), scaleOnly = std::move(scaleOnly), pending, suffix, eligible](
              const std::string& name, c10::ScalarType dtype, c10::Device device) -> at::Tensor {
     if (eligible(name)) {
-      model::Fp8Rows q = fp8(name);
+      model::Fp8Rows q = fp8(name, device);
       {
         std::lock_guard<std::mutex> lock(pending->mutex);
         pending->scales[model::fp8ScaleName(name)] = q.scale;
@@ -67,7 +67,7 @@ TensorReader formatReader(model::WeightFormat format, TensorReader dense, Fp8Sou
             pending->scales.erase(it);
           }
         }
-        if (!scale.defined()) scale = scaleOnly ? scaleOnly(weight) : fp8(weight).scale;
+        if (!scale.defined()) scale = scaleOnly ? scaleOnly(weight) : fp8(weight, device).scale;
         return scale.to(device);
       }
     }
@@ -79,7 +79,7 @@ TensorReader checkpointReader(const io::FluxCheckpoint& checkpoint, model::Weigh
   const io::FluxCheckpoint* ck = &checkpoint;
   return formatReader(
       format, [ck](const std::string& n, c10::ScalarType t, c10::Device d) { return ck->load(n, t, d); },
-      [ck](const std::string& n) { return ck->loadFp8(n); }, model::fluxFp8Eligible,
+      [ck](const std::string& n, c10::Device d) { return ck->loadFp8(n, d); }, model::fluxFp8Eligible,
       [ck](const std::string& n) { return ck->loadFp8Scale(n); });
 }
 

@@ -125,7 +125,7 @@ class LoadedEncoders {
     const io::TensorStore* store = &t5Ck_.store;
     const TensorReader read = formatReader(
         t5Format_, [store](const std::string& n, c10::ScalarType t, c10::Device d) { return store->load(n, t, d); },
-        [store](const std::string& n) { return store->loadFp8(n); }, model::t5Fp8Eligible);
+        [store](const std::string& n, c10::Device d) { return store->loadFp8(n, d); }, model::t5Fp8Eligible);
     const auto t5Tensors = model::t5EncoderTensors(t5Ck_.config, t5Format_);
     const uint64_t t5Bytes = model::storedBytes(t5Tensors, dtype);
     streamed_ = t5Bytes + clip_.weightBytes() > freeBytes;

@@ -29,9 +29,9 @@ class TensorStore {
   const TensorInfo& info(const std::string& name) const;
   // In dtype (float8 weights dequantized with their scale tensors, when the file has them).
   at::Tensor load(const std::string& name, c10::ScalarType dtype, c10::Device device = c10::kCPU) const;
-  // A 2-D weight as FP8 rows: stored float8_e4m3fn as is (with its scales, 1 for plain casts), anything else
-  // quantized row by row. On the CPU.
-  model::Fp8Rows loadFp8(const std::string& name) const;
+  // A 2-D weight as FP8 rows: stored float8_e4m3fn as is (with its scales, 1 for plain casts), on the CPU;
+  // anything else quantized row by row on `quantizeOn`, where the result then is.
+  model::Fp8Rows loadFp8(const std::string& name, c10::Device quantizeOn = c10::kCPU) const;
   bool storedFp8(const std::string& name) const;
   model::WeightGetter getter(c10::ScalarType dtype, c10::Device device = c10::kCPU) const;
   uint64_t bytesRead() const;

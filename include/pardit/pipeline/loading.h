@@ -26,8 +26,9 @@ model::WeightFormat resolveWeightFormat(config::WeightDtype weightDtype, const i
 
 // Reads a tensor by internal name in a dtype onto a device.
 using TensorReader = std::function<at::Tensor(const std::string& name, c10::ScalarType dtype, c10::Device device)>;
-// A 2-D weight as FP8 rows (on the CPU).
-using Fp8Source = std::function<model::Fp8Rows(const std::string& name)>;
+// A 2-D weight as FP8 rows; a weight that must be quantized is quantized on `device` (where the reader's
+// caller wants it), stored FP8 comes as read.
+using Fp8Source = std::function<model::Fp8Rows(const std::string& name, c10::Device device)>;
 // The [rows] float32 scales of a weight's FP8 rows without its values (on the CPU).
 using Fp8ScaleSource = std::function<at::Tensor(const std::string& weight)>;
 

@@ -192,7 +192,7 @@ TEST(Fp8, PipelineFolderWithT5) {
     return pipeline::getterOf(
         pipeline::formatReader(
             f, [s](const std::string& n, c10::ScalarType t, c10::Device d) { return s->load(n, t, d); },
-            [s](const std::string& n) { return s->loadFp8(n); }, model::t5Fp8Eligible),
+            [s](const std::string& n, c10::Device d) { return s->loadFp8(n, d); }, model::t5Fp8Eligible),
         at::kFloat);
   };
   const at::Tensor ref = model::T5Encoder(dense.config, getterOf(dense, model::WeightFormat::kDense)).forward(ids);
@@ -218,7 +218,7 @@ TEST(Fp8, SmallPresetErrorAgainstBf16) {
     return io::synthTensor(0, n, shapes.at(n)).to(t).to(d);
   };
   const pipeline::TensorReader fp8 = pipeline::formatReader(
-      model::WeightFormat::kFp8, dense, [shapes](const std::string& n) { return model::quantizeFp8Rows(io::synthTensor(0, n, shapes.at(n))); });
+      model::WeightFormat::kFp8, dense, [shapes](const std::string& n, c10::Device) { return model::quantizeFp8Rows(io::synthTensor(0, n, shapes.at(n))); });
   const pipeline::LatentGeometry geom{128, 128, 16};
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(3);
   const pipeline::PromptEmbeddings prompt{at::randn({1, 32, c.contextInDim}, gen), at::randn({1, c.vecInDim}, gen)};
@@ -301,7 +301,7 @@ TEST(Fp8, StreamedGroupsMoveHalfTheBytes) {
   const pipeline::TensorReader read = pipeline::formatReader(
       model::WeightFormat::kFp8,
       [shapes](const std::string& n, c10::ScalarType t, c10::Device d) { return io::synthTensor(4, n, shapes.at(n)).to(t).to(d); },
-      [shapes](const std::string& n) { return model::quantizeFp8Rows(io::synthTensor(4, n, shapes.at(n))); });
+      [shapes](const std::string& n, c10::Device) { return model::quantizeFp8Rows(io::synthTensor(4, n, shapes.at(n))); });
   const model::WeightGetter get = pipeline::getterOf(read, at::kFloat);
   const pipeline::LatentGeometry geom{64, 64, 16};
   at::manual_seed(3);

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# GPU check of the memory planner and the weight streamer (run on a machine with one CUDA GPU).
+# GPU check of the memory planner and the weight streamer (run on a machine with one CUDA GPU and pardit's
+# build dependencies: it builds there). A GPU host with only a driver and PyTorch runs the same offload rows
+# from bench/gpu_check.sh's bundle.
 # Builds pardit against the machine's own PyTorch (CUDA LibTorch), writes FLUX.1-dev-shaped weights
 # (bf16, 23.8 GB, zero-filled sparse files: timing does not depend on values), and runs a few 1024x1024
 # steps each of: fully resident, --device-memory-budget 24GiB, 12GiB, and --offload sequential; then with

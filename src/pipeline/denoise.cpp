@@ -166,6 +166,10 @@ at::Tensor denoise(Denoiser& denoiser, at::Tensor latents, const FlowMatchEulerS
     };
     latents = denoiser.step(latents, step);
     nonFinite[i] = at::isfinite(latents).all().logical_not();
+    // On a GPU the host waits for the step's work before it takes the time (reading the step's flag back
+    // syncs the compute stream alone): step times, progress lines and metrics are the device's, not how fast
+    // the host queued the kernels. The cost is the launch latency of the next step's first kernel.
+    if (latents.is_cuda()) (void)nonFinite[i].item<bool>();
     if (onStep) onStep(StepReport{i, scheduler.steps(), timer.seconds()});
   }
   at::Tensor bad;

@@ -141,7 +141,8 @@ if [[ -x "$here/bin/pardit_unit_tests" ]]; then
 fi
 rc=0
 "$py" "$here/gpu_check.py" --pardit "$here/bin/pardit" --out "$results" --logs "$here/logs" \
-  ${MODEL_DIR:+--model-dir "$MODEL_DIR"} --deadline-s $((deadline - ($(date +%s) - start))) "$@" || rc=$?
+  ${MODEL_DIR:+--model-dir "$MODEL_DIR"} --deadline-s "$(( (left = deadline - ($(date +%s) - start)) > 1 ? left : 1 ))" \
+  "$@" || rc=$?
 (( rc != 0 )) && exit $rc
 exit $tests
 RUN

@@ -52,13 +52,27 @@ std::vector<TensorSpec> withFp8(const std::vector<TensorSpec>& tensors, bool (*e
 
 Fp8Rows quantizeFp8Rows(const at::Tensor& weight) {
   PARDIT_CHECK(weight.dim() == 2, "FP8 quantization is per row of a 2-D weight, got shape ", weight.sizes());
-  const at::Tensor w = weight.to(at::kFloat);
-  at::Tensor amax = w.abs().amax(1);  // [out]
-  PARDIT_CHECK(at::isfinite(amax).all().item<bool>(), "cannot quantize a weight with NaN or infinite values to FP8");
-  at::Tensor scale = at::where(amax > 0, amax / kFp8E4m3Max, at::ones_like(amax));
-  // |w / scale| <= 448 up to the division's rounding: clamp so that no value rounds beyond e4m3fn's range.
-  at::Tensor values = (w / scale.unsqueeze(1)).clamp(-kFp8E4m3Max, kFp8E4m3Max).to(at::kFloat8_e4m3fn);
-  return {values, scale.contiguous()};
+  // Rows are independent: a large weight goes in blocks of rows, so the float32 temporaries stay small (on a
+  // GPU, within the memory the planner leaves beside the weights).
+  constexpr int64_t kBlockElements = int64_t{1} << 24;
+  const int64_t rows = weight.size(0), block = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(1, weight.size(1)));
+  std::vector<at::Tensor> values, scales;
+  int64_t r = 0;
+  do {
+    const int64_t n = std::min(block, rows - r);
+    const at::Tensor w = weight.narrow(0, r, n).to(at::kFloat);
+    at::Tensor amax = w.abs().amax(1);  // [n]
+    PARDIT_CHECK(at::isfinite(amax).all().item<bool>(), "cannot quantize a weight with NaN or infinite values to FP8");
+    // A true division on every device: divided by a plain number, CUDA multiplies by its reciprocal instead
+    // (other bits than the CPU's); by a tensor on the same device it divides.
+    at::Tensor scale = at::where(amax > 0, amax / at::scalar_tensor(kFp8E4m3Max, amax.options()), at::ones_like(amax));
+    // |w / scale| <= 448 up to the division's rounding: clamp so that no value rounds beyond e4m3fn's range.
+    values.push_back((w / scale.unsqueeze(1)).clamp(-kFp8E4m3Max, kFp8E4m3Max).to(at::kFloat8_e4m3fn));
+    scales.push_back(scale);
+    r += n;
+  } while (r < rows);
+  if (values.size() == 1) return {values[0], scales[0].contiguous()};
+  return {at::cat(values, 0), at::cat(scales, 0)};
 }
 
 namespace {

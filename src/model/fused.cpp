@@ -216,18 +216,19 @@ void ropeInto(const at::Tensor& out, const at::Tensor& x, const at::Tensor& cos,
   ropeFused(out, x, c, s);
 }
 
-void rmsNormRopeInto(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps,
-                     const at::Tensor& cos, const at::Tensor& sin) {
-  RECORD_FUNCTION("pardit::rms_norm_rope", std::vector<c10::IValue>());
-  at::Tensor c = cos, s = sin;
-  const bool fused = ropeFusable(out, x, c, s) && x.numel() > 0 && weight.dim() == 1 &&
-                     weight.size(0) == x.size(3) && x.size(3) <= kMaxNormRopeD && weight.is_contiguous() &&
-                     weight.device() == x.device() &&
-                     (weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat);
-  if (!fused) {
-    ropeInto(out, at::rms_norm(x, {x.size(-1)}, weight, eps), cos, sin);
-    return;
-  }
+namespace {
+
+// The fused pass's conditions (ropeFusable's, and a weight [D] in x's dtype or float32).
+bool rmsNormRopeFusable(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, at::Tensor& c,
+                        at::Tensor& s) {
+  return ropeFusable(out, x, c, s) && x.numel() > 0 && weight.dim() == 1 && weight.size(0) == x.size(3) &&
+         x.size(3) <= kMaxNormRopeD && weight.is_contiguous() && weight.device() == x.device() &&
+         (weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat);
+}
+
+// The pass itself, once rmsNormRopeFusable said yes (c, s expanded to x's shape).
+void rmsNormRopeFused(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps,
+                      const at::Tensor& c, const at::Tensor& s) {
 #if PARDIT_CUDA_KERNELS
   if (x.device().is_cuda()) {
     const c10::cuda::CUDAGuard guard(x.device());
@@ -251,11 +252,27 @@ void rmsNormRopeInto(const at::Tensor& out, const at::Tensor& x, const at::Tenso
   }
 }
 
+}  // namespace
+
+void rmsNormRopeInto(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps,
+                     const at::Tensor& cos, const at::Tensor& sin) {
+  RECORD_FUNCTION("pardit::rms_norm_rope", std::vector<c10::IValue>());
+  at::Tensor c = cos, s = sin;
+  if (!rmsNormRopeFusable(out, x, weight, c, s)) {
+    ropeInto(out, at::rms_norm(x, {x.size(-1)}, weight, eps), cos, sin);
+    return;
+  }
+  rmsNormRopeFused(out, x, weight, eps, c, s);
+}
+
 at::Tensor rmsNormRope(const at::Tensor& x, const at::Tensor& weight, double eps, const at::Tensor& cos,
                        const at::Tensor& sin) {
   RECORD_FUNCTION("pardit::rms_norm_rope", std::vector<c10::IValue>());  // with its allocation
+  at::Tensor c = cos, s = sin;
+  // Not fused: the two operations as they are (no output buffer to copy into).
+  if (!rmsNormRopeFusable(x, x, weight, c, s)) return rope(at::rms_norm(x, {x.size(-1)}, weight, eps), cos, sin);
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  rmsNormRopeInto(out, x, weight, eps, cos, sin);
+  rmsNormRopeFused(out, x, weight, eps, c, s);
   return out;
 }
 

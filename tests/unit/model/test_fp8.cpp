@@ -72,6 +72,19 @@ TEST(Fp8, QuantizerMatchesTorch) {
 
 // The CPU dequantizer (a table per code) rounds as ATen's float8 -> float32 -> product -> dtype does, for
 // every code (NaN included) and scales across the range, in each compute dtype.
+// A weight larger than one block of rows (2^24 elements) is quantized block by block: the same bits as one
+// pass over all its rows.
+TEST(Fp8, LargeWeightsQuantizeInBlocksWithTheSameBits) {
+  at::manual_seed(21);
+  const at::Tensor w = (at::randn({4500, 4000}) * at::rand({4500, 1})).to(at::kBFloat16);
+  const model::Fp8Rows q = model::quantizeFp8Rows(w);
+  const at::Tensor f = w.to(at::kFloat), amax = f.abs().amax(1);
+  const at::Tensor scale = at::where(amax > 0, amax / 448.0, at::ones_like(amax));
+  const at::Tensor values = (f / scale.unsqueeze(1)).clamp(-448.0, 448.0).to(at::kFloat8_e4m3fn);
+  EXPECT_TRUE(at::equal(q.scale, scale));
+  EXPECT_TRUE(at::equal(q.values.view(at::kByte), values.view(at::kByte)));
+}
+
 TEST(Fp8, DequantizerMatchesATen) {
   const at::Tensor codes = at::arange(256, at::kInt).to(at::kByte).repeat({5, 3}).view(at::kFloat8_e4m3fn);  // [5, 768]
   const at::Tensor scale = at::tensor({1.0f, 3.1e-3f, 7.7f, 1e-30f, 2.5e30f});

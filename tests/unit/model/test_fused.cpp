@@ -292,6 +292,23 @@ void rmsNormRopeWarps(const at::Tensor& out, const at::Tensor& x, const at::Tens
       }
 }
 
+// rmsNormRopeWarps for any of the fused dtypes, the weight in x's dtype or float32.
+void rmsNormRopeWarpsOf(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const at::Tensor& cos,
+                        const at::Tensor& sin, float eps) {
+  const bool f = w.scalar_type() == at::kFloat;
+  switch (x.scalar_type()) {
+    case at::kFloat: rmsNormRopeWarps<float, float>(out, x, w, cos, sin, eps); break;
+    case at::kBFloat16:
+      f ? rmsNormRopeWarps<c10::BFloat16, float>(out, x, w, cos, sin, eps)
+        : rmsNormRopeWarps<c10::BFloat16, c10::BFloat16>(out, x, w, cos, sin, eps);
+      break;
+    default:
+      f ? rmsNormRopeWarps<c10::Half, float>(out, x, w, cos, sin, eps)
+        : rmsNormRopeWarps<c10::Half, c10::Half>(out, x, w, cos, sin, eps);
+      break;
+  }
+}
+
 // RMS norm + RoPE computed with another summation order than at::rms_norm's (the CUDA kernel's): each
 // normalized element within a few ulps of the dtype, so each rotated pair within that of the normalized pair's
 // magnitude, plus the rotation's own rounding.
@@ -387,15 +404,23 @@ TEST(CudaFusedOps, KernelsEqualTheAtenCompositionsOnTheDevice) {
     model::rmsNormRopeInto(normed.narrow(1, Lt, Li), x.narrow(1, Lt, Li), w, 1e-6, cos.narrow(1, Lt, Li),
                            sin.narrow(1, Lt, Li));
     at::Tensor onHost = at::empty({B, Lt + Li, H, D}, x.options().device(at::kCPU));
-    switch (dtype) {
-      case at::kFloat: rmsNormRopeWarps<float, float>(onHost, x.cpu(), w.cpu(), host.cos, host.sin, 1e-6f); break;
-      case at::kBFloat16:
-        rmsNormRopeWarps<c10::BFloat16, c10::BFloat16>(onHost, x.cpu(), w.cpu(), host.cos, host.sin, 1e-6f);
-        break;
-      default: rmsNormRopeWarps<c10::Half, c10::Half>(onHost, x.cpu(), w.cpu(), host.cos, host.sin, 1e-6f); break;
-    }
+    rmsNormRopeWarpsOf(onHost, x.cpu(), w.cpu(), host.cos, host.sin, 1e-6f);
     expectSameBits(normed.cpu(), onHost);
     expectCloseToRmsNormRope(model::rmsNormRope(x, w, 1e-6, cos, sin).cpu(), x.cpu(), w.cpu(), host.cos, host.sin);
+    // D = 16 (most lanes without a pair) with a float32 weight, against the host's warps bit for bit.
+    const Tables t16 = tables(Lt + Li, 16);
+    at::Tensor q16 = (at::randn({B, Lt + Li, 3, H, 16}) * 3).to(dtype).to(dev).select(2, 1);
+    at::Tensor wf = (at::rand({16}) + 0.5).to(dev);
+    at::Tensor got16 = model::rmsNormRope(q16, wf, 1e-6, t16.cos.to(dev), t16.sin.to(dev)).cpu();
+    at::Tensor want16 = at::empty(got16.sizes(), got16.options());
+    rmsNormRopeWarpsOf(want16, q16.cpu(), wf.cpu(), t16.cos, t16.sin, 1e-6f);
+    expectSameBits(got16, want16);
+    // More rows than one launch's grid covers (65536 blocks of 8 warps): the grid-stride loop, against ATen.
+    const int64_t rows = 600000;
+    const Tables tm = tables(rows, 16);
+    at::Tensor qm = at::randn({1, rows, 1, 16}).to(dtype).to(dev), wm = (at::rand({16}) + 0.5).to(dtype).to(dev);
+    expectCloseToRmsNormRope(model::rmsNormRope(qm, wm, 1e-6, tm.cos.to(dev), tm.sin.to(dev)).cpu(), qm.cpu(),
+                             wm.cpu(), tm.cos, tm.sin);
 
     at::Tensor a = at::randn({B, Li, h}).to(dtype).to(dev), residual = at::randn({B, Li, h}).to(dtype).to(dev);
     auto mod = (at::randn({B, 3 * h}) * 2).to(dtype).to(dev).chunk(3, 1);

@@ -51,6 +51,9 @@ Tables tables(int64_t L, int64_t D) {
 
 const at::ScalarType kDtypes[] = {at::kFloat, at::kBFloat16, at::kHalf};
 
+// Per-row scales from e^-6 to e^6: rows of very different magnitudes that stay finite in float16.
+at::Tensor rowScales(at::IntArrayRef shape) { return at::exp(at::randn(shape).clamp(-3, 3) * 2); }
+
 }  // namespace
 
 TEST(FusedOps, RopeEqualsTheReferenceBitForBit) {
@@ -106,8 +109,9 @@ TEST(FusedOps, RmsNormRopeEqualsRmsNormThenRopeBitForBit) {
         test::ThreadCount tc(threads);
         SCOPED_TRACE(std::string(c10::toString(dtype)) + ", D " + std::to_string(D) + ", threads " +
                      std::to_string(threads));
-        // q as the blocks see it: a select of the qkv projection (not contiguous); rows of very different scales.
-        at::Tensor qkv = (at::randn({B, L, 3, H, D}) * at::exp(at::randn({B, L, 1, H, 1}) * 3)).to(dtype);
+        // q as the blocks see it: a select of the qkv projection (not contiguous); rows of very different scales
+        // (e^-6 to e^6, within float16's range).
+        at::Tensor qkv = (at::randn({B, L, 3, H, D}) * rowScales({B, L, 1, H, 1})).to(dtype);
         at::Tensor x = qkv.select(2, 0);
         ASSERT_FALSE(x.is_contiguous());
         at::Tensor w = (at::rand({D}) + 0.5).to(dtype);
@@ -318,6 +322,7 @@ void expectCloseToRmsNormRope(const at::Tensor& got, const at::Tensor& x, const 
                      : got.scalar_type() == at::kHalf ? 1.0 / (1 << 10)
                                                       : 1.0 / (1 << 7);
   const at::Tensor want = rmsNormRopeReference(x, w, cos, sin).to(at::kDouble);
+  ASSERT_TRUE(at::isfinite(want).all().item<bool>()) << "the inputs overflowed the dtype";
   const at::Tensor normed = at::rms_norm(x, {x.size(-1)}, w, 1e-6).to(at::kDouble).abs();
   const at::Tensor pair = normed.unflatten(-1, {-1, 2}).sum(-1, true).expand({-1, -1, -1, -1, 2}).flatten(-2);
   const at::Tensor bound = (pair * 4 + want.abs()) * eps + 1e-30;
@@ -341,7 +346,7 @@ void checkKernelBodies(at::ScalarType dtype) {
   // and the statistic itself within a few float ulps of the exact one.
   for (int64_t d : {16, 128}) {
     const Tables td = tables(Lt + Li, d);
-    at::Tensor q = (at::randn({B, Lt + Li, 3, H, d}) * at::exp(at::randn({B, Lt + Li, 1, H, 1}) * 3)).to(dtype).select(2, 0);
+    at::Tensor q = (at::randn({B, Lt + Li, 3, H, d}) * rowScales({B, Lt + Li, 1, H, 1})).to(dtype).select(2, 0);
     at::Tensor w = (at::rand({d}) + 0.5).to(dtype);
     at::Tensor normed = at::zeros({B, Lt + Li + 4, H, d}, q.options());
     rmsNormRopeWarps<T, T>(normed.narrow(1, 4, Lt + Li), q, w, td.cos, td.sin, 1e-6f);

@@ -480,8 +480,8 @@ model::Fp8Rows FluxCheckpoint::loadFp8(const std::string& name, c10::Device quan
   for (const auto& p : src.pieces) {
     at::Tensor rows = p.file->readRows(p.tensor, p.rowBegin, p.rowEnd);
     if (rows.scalar_type() == at::kFloat8_e4m3fn) {
-      values.push_back(rows);
-      scales.push_back(p.scaleFile ? readScale(p) : at::ones({p.rowEnd - p.rowBegin}, at::kFloat));
+      values.push_back(rows.to(quantizeOn));
+      scales.push_back((p.scaleFile ? readScale(p) : at::ones({p.rowEnd - p.rowBegin}, at::kFloat)).to(quantizeOn));
     } else {  // another dtype (or float8 e5m2): quantized here, row by row
       if (!quantizeOn.is_cpu()) rows = rows.to(quantizeOn);
       if (p.scaleFile) rows = rows.to(at::kFloat) * readScale(p).to(rows.device()).unsqueeze(1);
@@ -490,13 +490,6 @@ model::Fp8Rows FluxCheckpoint::loadFp8(const std::string& name, c10::Device quan
       scales.push_back(q.scale);
     }
   }
-  // Pieces stored as FP8 beside pieces quantized on a device: all on that device.
-  bool mixed = false;
-  for (const auto* parts : {&values, &scales})
-    for (const auto& t : *parts) mixed = mixed || t.device() != values[0].device();
-  if (mixed)
-    for (auto* parts : {&values, &scales})
-      for (auto& t : *parts) t = t.to(quantizeOn);
   model::Fp8Rows out{values.size() == 1 ? values[0] : at::cat(values, 0), scales.size() == 1 ? scales[0] : at::cat(scales, 0)};
   PARDIT_CHECK(out.values.sizes().vec() == src.shape, path_, ": tensor '", name, "' assembled with shape ",
                out.values.sizes(), ", expected ", formatShape(src.shape));

@@ -132,11 +132,11 @@ void scaleAddCpu(const at::Tensor& out, const at::Tensor& a, const at::Tensor& s
   });
 }
 
-// rsqrt(mean(x^2) + eps) over the last dimension, [B, L, H, 1] float32: at::rms_norm's own operations on the
-// same input (the upcast of half types, pow, mean, add_, rsqrt), so its reduction order and bits.
 // The fused pass keeps one normalized row on the stack.
 constexpr int64_t kMaxNormRopeD = 512;
 
+// rsqrt(mean(x^2) + eps) over the last dimension, [B, L, H, 1] float32: at::rms_norm's own operations on the
+// same input (the upcast of half types, pow, mean, add_, rsqrt), so its reduction order and bits.
 at::Tensor rmsStatistic(const at::Tensor& x, double eps) {
   return at::rsqrt(at::pow(x.to(at::kFloat), 2).mean({-1}, /*keepdim=*/true).add_(static_cast<float>(eps)));
 }

@@ -75,9 +75,9 @@ class FluxCheckpoint {
   // Reads one tensor (only its bytes), converted to dtype and moved to device (FP8 pieces are
   // dequantized with their scales).
   at::Tensor load(const std::string& name, c10::ScalarType dtype, c10::Device device = c10::kCPU) const;
-  // A 2-D weight as FP8 rows: stored float8_e4m3fn values with their scales (1 for plain casts) as they
-  // are, on the CPU; anything else quantized row by row (model/fp8.h) on `quantizeOn` (a GPU does it in a
-  // fraction of the CPU's time; the rows move there first), where the result then is.
+  // A 2-D weight as FP8 rows on `quantizeOn`: stored float8_e4m3fn values with their scales (1 for plain
+  // casts) as they are, anything else quantized row by row (model/fp8.h) there (the rows move there first:
+  // a GPU quantizes far faster than the CPU).
   model::Fp8Rows loadFp8(const std::string& name, c10::Device quantizeOn = c10::kCPU) const;
   // The file ranges whose bytes, concatenated, are internal tensor `name` in `dtype` (its pieces' rows in
   // order): when every piece is stored in `dtype` with no scale to apply; for float8_e4m3fn, the values of

@@ -16,7 +16,7 @@ int main(int argc, char** argv) {
   }
   pardit::dist::Runtime rt(&argc, &argv);
   try {
-    pardit::config::EngineConfig options = pardit::config::defaults(pardit::config::Command::kGenerate);
+    pardit::pipeline::EngineOptions options;
     options.model = argv[1];
     options.ulyssesDegree = rt.worldSize();
     pardit::pipeline::Engine engine(options, rt);

@@ -224,10 +224,20 @@ nlohmann::ordered_json toJson(const config::EngineConfig& c, dist::Runtime& rt, 
 
 int runBench(const config::EngineConfig& c, dist::Runtime& rt) {
   if (c.benchComm) return runCommBench(c, rt);
-  pipeline::Engine engine(c, rt);
-  const pipeline::BenchmarkResult r =
-      engine.benchmark(pipeline::BenchmarkRequest{c.benchDecode, c.benchEncode, c.batch, c.height, c.width, c.textLen,
-                                                  c.warmup, c.iters, c.benchProfile});
+  pipeline::Engine engine(config::engineOptions(c), rt);
+  pipeline::BenchmarkRequest request;
+  request.decode = c.benchDecode;
+  request.encode = c.benchEncode;
+  request.batch = c.batch;
+  request.height = c.height;
+  request.width = c.width;
+  request.textLen = c.textLen;
+  request.warmup = c.warmup;
+  request.iters = c.iters;
+  request.prompt = c.prompt;
+  request.maxSequenceLength = c.maxSequenceLength;
+  request.profile = c.benchProfile;
+  const pipeline::BenchmarkResult r = engine.benchmark(request);
   if (c.benchEncode) {
     printEncode(c, rt, engine, r);
   } else if (c.benchDecode) {

@@ -4,7 +4,7 @@
 #include <nlohmann/json_fwd.hpp>
 #include <string>
 
-#include "pardit/config/config.h"
+#include "config/config.h"
 #include "pardit/dist/runtime.h"
 
 namespace pardit::app {

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "commands.h"
-#include "pardit/config/config.h"
+#include "config/config.h"
 #include "pardit/core/error.h"
 #include "pardit/core/log.h"
 #include "pardit/dist/runtime.h"

@@ -19,7 +19,9 @@ nlohmann::ordered_json toJson(const config::EngineConfig& c, const pipeline::Job
   out["checkpoint_bytes"] = p.checkpointBytes;
   out["dtype"] = dtypeName(p.dtype);
   out["weights"] = model::weightFormatName(p.weightFormat);
-  out["world_size"] = p.worldSize;
+  out["world_size"] = p.worldSize * p.dataParallel;
+  out["data_parallel"] = {{"groups", p.dataParallel}, {"ranks_per_group", p.worldSize},
+                          {"text_encoding", "per group: each group's encoder rank encodes the prompts it is dealt"}};
   out["degrees"] = {{"cfg", p.degrees.cfg}, {"pipefusion", p.degrees.pipefusion}, {"ring", p.degrees.ring},
                     {"ulysses", p.degrees.ulysses}};
   out["image"] = {{"height", c.height}, {"width", c.width}, {"tokens", p.imageTokens}, {"text_tokens", c.textLen}};
@@ -60,8 +62,12 @@ void printTable(const config::EngineConfig& c, const pipeline::JobPlan& p) {
   std::printf("model %s: %s, %s of weights in the checkpoint; computed in %s%s\n", p.model.c_str(),
               p.config.describe().c_str(), formatBytes(p.checkpointBytes).c_str(), dtypeName(p.dtype).c_str(),
               p.weightFormat == model::WeightFormat::kFp8 ? " with FP8 block weights (e4m3, per-row scales)" : "");
-  std::printf("%d rank(s): %s; %lldx%lld px (%lld image + %lld text tokens), batch %lld%s; offload %s\n", p.worldSize,
-              p.degrees.describe().c_str(), static_cast<long long>(c.width), static_cast<long long>(c.height),
+  if (p.dataParallel > 1)
+    std::printf("%d ranks: %d data-parallel replica groups of %d ranks, each with the plan below (its own shard "
+                "of the weights) and its own text encoder rank; requests are dealt to the groups\n",
+                p.worldSize * p.dataParallel, p.dataParallel, p.worldSize);
+  std::printf("%d rank(s)%s: %s; %lldx%lld px (%lld image + %lld text tokens), batch %lld%s; offload %s\n", p.worldSize,
+              p.dataParallel > 1 ? " per group" : "", p.degrees.describe().c_str(), static_cast<long long>(c.width), static_cast<long long>(c.height),
               static_cast<long long>(p.imageTokens), static_cast<long long>(c.textLen), static_cast<long long>(c.batch),
               p.trueCfg ? ", true CFG" : "", config::enumName(c.offload).c_str());
   if (!p.stages.empty()) std::printf("stages: %s\n", p.stages.c_str());
@@ -87,7 +93,8 @@ void printTable(const config::EngineConfig& c, const pipeline::JobPlan& p) {
                   plan.prefetchDepth, formatBytes(plan.hostBytes).c_str());
   }
   if (p.textEncoderRank >= 0)
-    std::printf("text encoders on rank %d, before the transformer loads: CLIP %s, T5 %s%s (%s)\n", p.textEncoderRank,
+    std::printf("text encoders on %srank %d, before the transformer loads: CLIP %s, T5 %s%s (%s)\n",
+                p.dataParallel > 1 ? "each group's " : "", p.textEncoderRank,
                 formatBytes(p.clipBytes).c_str(), formatBytes(p.t5Bytes).c_str(),
                 p.t5Format == model::WeightFormat::kFp8 ? " in FP8" : "",
                 p.t5Streamed ? "streamed block by block: they do not fit the rank's budget together" : "resident");
@@ -97,7 +104,14 @@ void printTable(const config::EngineConfig& c, const pipeline::JobPlan& p) {
 }  // namespace
 
 int runPlan(const config::EngineConfig& c) {
-  const pipeline::JobPlan p = pipeline::planJob(c);
+  pipeline::PlanShape shape;
+  shape.worldSize = c.worldSize;
+  shape.height = c.height;
+  shape.width = c.width;
+  shape.textLen = c.textLen;
+  shape.batch = c.batch;
+  shape.trueCfg = c.trueCfgScale > 1.0;
+  const pipeline::JobPlan p = pipeline::planJob(config::engineOptions(c), shape);
   if (c.json) {
     std::cout << toJson(c, p).dump(2) << std::endl;
   } else {

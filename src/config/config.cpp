@@ -1,4 +1,4 @@
-#include "pardit/config/config.h"
+#include "config/config.h"
 
 #include <boost/program_options.hpp>
 
@@ -96,15 +96,6 @@ std::string commandName(Command command) { return enumName(command); }
 
 // ---- composite values ------------------------------------------------------------------------------
 
-std::string Partition::str() const {
-  if (mode == Mode::kCompute) return "compute";
-  if (mode == Mode::kMemory) return "memory";
-  std::string s;
-  for (size_t i = 0; i < counts.size(); ++i) s += (i ? "," : "") + std::to_string(counts[i]);
-  return s;
-}
-
-std::string MemoryBudget::str() const { return automatic ? "auto" : std::to_string(bytes); }
 
 uint64_t parseSize(const std::string& text, const std::string& flag) {
   size_t pos = 0;
@@ -140,7 +131,7 @@ const char* groupTitle(Group g) {
   switch (g) {
     case Group::kModel: return "model and device";
     case Group::kText: return "prompts and text encoders";
-    case Group::kParallel: return "parallel layout (world size = cfg x pipefusion x ring x ulysses)";
+    case Group::kParallel: return "parallel layout (world size = data-parallel x cfg x pipefusion x ring x ulysses)";
     case Group::kMemory: return "memory";
     case Group::kSampling: return "sampling";
     case Group::kOutput: return "inputs and outputs";
@@ -257,8 +248,14 @@ std::string format(double v) {
   return os.str();
 }
 std::string format(const std::string& v) { return v; }
-std::string format(const Partition& v) { return v.str(); }
-std::string format(const MemoryBudget& v) { return v.str(); }
+std::string format(const Partition& v) {
+  if (v.mode == Partition::Mode::kCompute) return "compute";
+  if (v.mode == Partition::Mode::kMemory) return "memory";
+  std::string s;
+  for (size_t i = 0; i < v.counts.size(); ++i) s += (i ? "," : "") + std::to_string(v.counts[i]);
+  return s;
+}
+std::string format(const MemoryBudget& v) { return v.automatic ? "auto" : std::to_string(v.bytes); }
 template <typename E, typename = std::enable_if_t<std::is_enum_v<E>>>
 std::string format(E v) {
   return enumName(v);
@@ -375,6 +372,10 @@ const std::vector<Option>& optionTable() {
     // clang-format on
     for (const auto& [name, member, help] : degrees)
       add(opt(name, member, Group::kParallel, Sync::kValue, par, "N", help, atLeast(1)));
+    add(opt("data-parallel-degree", &EngineConfig::dataParallelDegree, Group::kParallel, Sync::kValue, gen | plan, "D",
+            "replica groups that share a --prompt-file queue: each is a whole layout of the other degrees, reads only "
+            "its own shard of the weights and encodes its own prompts (world size = D x cfg x pipefusion x ring x "
+            "ulysses)", atLeast(1)));
     add(opt("num-pipeline-patch", &EngineConfig::numPipelinePatch, Group::kParallel, Sync::kValue, par, "M",
             "PipeFusion patches (row stripes) per image; 0: the PipeFusion degree", atLeast(0)));
     add(opt("warmup-steps", &EngineConfig::warmupSteps, Group::kParallel, Sync::kValue, par, "N",
@@ -418,7 +419,22 @@ const std::vector<Option>& optionTable() {
     add(opt("negative-prompt", &EngineConfig::negativePrompt, Group::kText, Sync::kValue, gen | enc, "TEXT",
             "the negative prompt of true CFG (with --true-cfg-scale > 1)"));
     add(opt("prompt-file", &EngineConfig::promptFile, Group::kText, Sync::kPresence, gen | enc, "FILE",
-            "one prompt per line: a batch of images (empty lines are skipped)"));
+            "generate: a queue of requests, one image each, into --output-dir: one prompt per line, or JSONL "
+            "objects with prompt, prompt_2, negative_prompt, seed, width, height, steps, guidance_scale, "
+            "true_cfg_scale, max_sequence_length, output (missing fields from the command line; a line without a "
+            "seed gets --seed + its index); encode: one prompt per line, a batch (empty lines are skipped)"));
+    add(opt("output-dir", &EngineConfig::outputDir, Group::kOutput, Sync::kValue, gen, "DIR",
+            "--prompt-file: the images and manifest.jsonl (one line per finished image); running the same command "
+            "again skips the images already there with the same parameters"));
+    add(opt("output-name", &EngineConfig::outputName, Group::kOutput, Sync::kValue, gen, "TEMPLATE",
+            "--prompt-file: file names in --output-dir from {index}, {seed}, {width}, {height}, {steps}, {line} "
+            "({index:05}: zero-padded); a JSONL line's output wins"));
+    add(opt("shard", &EngineConfig::shard, Group::kOutput, Sync::kValue, gen, "I/N",
+            "--prompt-file: make only the requests whose index % N == I; auto: this Slurm array task's share "
+            "(SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT)"));
+    add(flagOpt("overwrite", 0, &EngineConfig::overwrite, Group::kOutput, Sync::kValue, gen,
+                "--prompt-file: replace an image in --output-dir that was made with other parameters (without it "
+                "that is an error)"));
     add(opt("max-sequence-length", &EngineConfig::maxSequenceLength, Group::kText, Sync::kValue, gen | enc | plan | bench, "N",
             "T5 tokens (0: 512 for guidance-distilled models such as FLUX.1-dev, 256 otherwise)", atLeast<int64_t>(0)));
     add(opt("text-encoder", &EngineConfig::textEncoder, Group::kText, Sync::kPresence, gen | enc | plan | bench, "PATH",
@@ -833,6 +849,22 @@ ParseResult parseCommandLine(const std::string& commandText, const std::vector<s
   for (const Option* o : options)
     PARDIT_CHECK(!(o->requiredBy & bit(command)) || !o->get(c).empty(), where, ": --", o->name, " is required (",
                  o->help, ")");
+  if (command == Command::kGenerate) {
+    const bool queue = !c.promptFile.empty();
+    PARDIT_CHECK(!queue || c.output.empty(), where,
+                 ": --prompt-file makes one image per line into --output-dir DIR (names from --output-name); "
+                 "--output names a single image");
+    PARDIT_CHECK(!queue || c.saveLatents.empty(), where, ": --save-latents is for a single request, not --prompt-file");
+    PARDIT_CHECK(!queue || (c.prompt.empty() && c.prompt2.empty() && c.promptEmbeds.empty() &&
+                            c.negativePromptEmbeds.empty()),
+                 where, ": --prompt-file takes its prompts from the file (not --prompt, --prompt-2 or --prompt-embeds)");
+    PARDIT_CHECK(!queue || !c.outputDir.empty(), where, ": --prompt-file needs --output-dir DIR for its images");
+    for (const auto& [flag, given] : {std::pair<const char*, bool>{"--output-dir", !c.outputDir.empty()},
+                                      {"--shard", !c.shard.empty()},
+                                      {"--overwrite", c.overwrite},
+                                      {"--data-parallel-degree > 1", c.dataParallelDegree > 1}})
+      PARDIT_CHECK(queue || !given, where, ": ", flag, " is for a queue of requests: pass --prompt-file FILE");
+  }
   return result;
 }
 

@@ -31,8 +31,16 @@ std::array<Slot, kSlots> g_slots;
 std::once_flag g_handlersOnce;
 struct sigaction g_previous[3];
 constexpr int kSignals[3] = {SIGINT, SIGTERM, SIGHUP};
+// Graceful stop (a queue between images): the first SIGINT, SIGTERM or SIGUSR1 is recorded here instead.
+volatile std::sig_atomic_t g_graceful = 0;
+volatile std::sig_atomic_t g_stopSignal = 0;
+struct sigaction g_previousUsr1;
 
 void removeTemporariesAndRaise(int sig) {
+  if (g_graceful && g_stopSignal == 0 && sig != SIGHUP) {
+    g_stopSignal = sig;
+    return;
+  }
   for (auto& s : g_slots)
     if (s.ready.load(std::memory_order_acquire)) ::unlink(s.path);
   for (int i = 0; i < 3; ++i)
@@ -51,6 +59,10 @@ void installHandlers() {
       ::sigaction(kSignals[i], &now, nullptr);
     }
   });
+}
+
+void recordUsr1(int sig) {
+  if (g_graceful) g_stopSignal = sig;
 }
 
 std::mutex g_inputsMutex;
@@ -103,6 +115,26 @@ void TemporaryFile::commit(const std::string& flag) {
   }
   committed_ = true;
 }
+
+void enableGracefulStop() {
+  installHandlers();
+  g_stopSignal = 0;
+  g_graceful = 1;
+  static std::once_flag usr1Once;
+  std::call_once(usr1Once, [] {
+    struct sigaction now {};
+    now.sa_handler = recordUsr1;
+    sigemptyset(&now.sa_mask);
+    ::sigaction(SIGUSR1, &now, &g_previousUsr1);
+  });
+}
+
+void disableGracefulStop() {
+  g_graceful = 0;
+  g_stopSignal = 0;
+}
+
+int stopSignal() { return g_stopSignal; }
 
 void registerInputFile(const std::string& path) {
   std::pair<dev_t, ino_t> id;

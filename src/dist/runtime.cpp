@@ -65,6 +65,22 @@ Runtime::~Runtime() {
 
 Communicator& Runtime::world() { return *world_; }
 
+std::unique_ptr<Runtime> Runtime::replicaGroup(int groups) {
+  PARDIT_CHECK(groups >= 1 && worldSize_ % groups == 0, "--data-parallel-degree ", groups, " does not divide the ",
+               worldSize_, " ranks of the job");
+  const int size = worldSize_ / groups;
+  std::unique_ptr<Runtime> g(new Runtime());
+  g->world_ = world_->split(worldRank_ / size, worldRank_);
+  g->worldRank_ = g->world_->rank();
+  g->worldSize_ = g->world_->size();
+  g->localRank_ = localRank_;
+  g->localSize_ = localSize_;
+  g->host_ = host_;
+  g->mpiWorld_ = mpiWorld_;
+  PARDIT_CHECK(g->worldSize_ == size, "internal: a replica group of ", g->worldSize_, " ranks, expected ", size);
+  return g;
+}
+
 void Runtime::setTopology(const ParallelDegrees& degrees, const c10::Device& device) {
   Topology::validate(degrees, worldSize_);
   topology_ = Topology(degrees, worldRank_);
@@ -205,10 +221,10 @@ std::map<std::string, CollectiveStats> Runtime::collectiveTotals() const {
   return totals;
 }
 
-c10::Device deviceForRank(config::DeviceKind device, int localRank) {
+c10::Device deviceForRank(DeviceKind device, int localRank) {
   const int gpus = at::hasCUDA() ? static_cast<int>(at::detail::getCUDAHooks().deviceCount()) : 0;
-  if (device == config::DeviceKind::kCpu) return c10::Device(c10::kCPU);
-  if (device == config::DeviceKind::kAuto && gpus == 0) return c10::Device(c10::kCPU);
+  if (device == DeviceKind::kCpu) return c10::Device(c10::kCPU);
+  if (device == DeviceKind::kAuto && gpus == 0) return c10::Device(c10::kCPU);
   PARDIT_CHECK(gpus > 0, "--device cuda: no CUDA device is visible to this rank");
   return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(localRank % gpus));
 }

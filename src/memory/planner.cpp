@@ -165,13 +165,15 @@ uint64_t hostAvailableBytes() {
   return 0;
 }
 
-uint64_t hostBudget(const config::MemoryBudget& budget, int ranksOnNode) {
+std::string MemoryBudget::str() const { return automatic ? "auto" : std::to_string(bytes); }
+
+uint64_t hostBudget(const MemoryBudget& budget, int ranksOnNode) {
   if (!budget.automatic) return budget.bytes;
   const uint64_t share = hostAvailableBytes() / static_cast<uint64_t>(std::max(1, ranksOnNode));
   return share > kAutoHeadroomBytes ? share - kAutoHeadroomBytes : 0;
 }
 
-void chooseStreamSource(RankPlan& plan, config::StreamSource source, bool cuda, uint64_t hostBudget) {
+void chooseStreamSource(RankPlan& plan, StreamSource source, bool cuda, uint64_t hostBudget) {
   plan.streamFromHost = false;
   plan.hostBytes = 0;
   if (!plan.anyStreamed()) return;
@@ -180,14 +182,14 @@ void chooseStreamSource(RankPlan& plan, config::StreamSource source, bool cuda, 
     if (g.streamed) copies += g.bufferBytes;
   const uint64_t fileBytes = cuda ? 2 * kStagingBytes : 0;
   switch (source) {
-    case config::StreamSource::kHost:
+    case StreamSource::kHost:
       PARDIT_CHECK(copies <= hostBudget, "--stream-from host needs ", formatBytes(copies),
                    " of host memory for this rank's streamed weights, but --host-memory-budget is ",
                    formatBytes(hostBudget), ": use --stream-from file (or auto), or a larger --host-memory-budget");
       plan.streamFromHost = true;
       break;
-    case config::StreamSource::kFile: plan.streamFromHost = false; break;
-    case config::StreamSource::kAuto: plan.streamFromHost = cuda && copies <= hostBudget; break;
+    case StreamSource::kFile: plan.streamFromHost = false; break;
+    case StreamSource::kAuto: plan.streamFromHost = cuda && copies <= hostBudget; break;
   }
   plan.hostBytes = plan.streamFromHost ? copies : fileBytes;
 }

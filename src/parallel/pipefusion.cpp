@@ -52,15 +52,23 @@ uint64_t groupElements(const model::WeightGroupSpec& g) {
 }
 }  // namespace
 
-StagePartition partitionStages(const model::FluxConfig& c, int stages, const config::Partition& mode) {
+std::string Partition::str() const {
+  if (mode == Mode::kCompute) return "compute";
+  if (mode == Mode::kMemory) return "memory";
+  std::string s;
+  for (size_t i = 0; i < counts.size(); ++i) s += (i ? "," : "") + std::to_string(counts[i]);
+  return s;
+}
+
+StagePartition partitionStages(const model::FluxConfig& c, int stages, const Partition& mode) {
   const int64_t total = c.depth + c.depthSingle;
   PARDIT_CHECK(stages >= 1 && stages <= total, "--pipefusion-degree ", stages, " must be between 1 and the ", total,
                " transformer blocks");
   std::vector<int64_t> counts;
-  if (mode.mode == config::Partition::Mode::kCompute) {
+  if (mode.mode == Partition::Mode::kCompute) {
     // Double and single blocks cost the same per token, so equal counts balance the compute.
     for (int s = 0; s < stages; ++s) counts.push_back(total / stages + (s < total % stages ? 1 : 0));
-  } else if (mode.mode == config::Partition::Mode::kMemory) {
+  } else if (mode.mode == Partition::Mode::kMemory) {
     // Contiguous split minimising the largest stage's weight (dynamic programming).
     std::vector<uint64_t> bytes;
     const auto groups = model::fluxWeightGroups(c);

@@ -170,7 +170,7 @@ void Engine::Impl::benchmarkPipeline(Engine& engine, const BenchmarkRequest& req
   g.height = request.height;
   g.width = request.width;
   g.steps = options.warmupSteps + request.iters;
-  g.schedule = config::Schedule::kShift;
+  g.schedule = Schedule::kShift;
   rt.world().barrier();
   const GenerateResult out = engine.generate(g);
   const size_t W = static_cast<size_t>(options.warmupSteps);

@@ -4,6 +4,8 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
@@ -33,6 +35,7 @@
 #include "pardit/pipeline/latents.h"
 #include "pardit/pipeline/loading.h"
 #include "engine_impl.h"
+#include "options_sync.h"
 #include "rank_setup.h"
 
 namespace pardit::pipeline {
@@ -46,41 +49,7 @@ std::string tensorHash(const at::Tensor& t) {
   return formatHash(fnv1a(c.data_ptr(), c.nbytes()));
 }
 
-// The prompt options of a command line.
-void promptsFromConfig(const config::EngineConfig& c, PromptInput& prompt, PromptInput& negative) {
-  if (!c.prompt.empty()) prompt.texts = {c.prompt};
-  if (!c.prompt2.empty()) prompt.texts2 = {c.prompt2};
-  prompt.textFile = c.promptFile;
-  prompt.embeddingsFile = c.promptEmbeds;
-  if (!c.negativePrompt.empty()) negative.texts = {c.negativePrompt};
-  negative.embeddingsFile = c.negativePromptEmbeds;
-}
 }  // namespace
-
-GenerateRequest GenerateRequest::fromConfig(const config::EngineConfig& c) {
-  GenerateRequest r;
-  promptsFromConfig(c, r.prompt, r.negativePrompt);
-  r.height = c.height;
-  r.width = c.width;
-  r.steps = c.steps;
-  r.guidanceScale = c.guidanceScale;
-  r.trueCfgScale = c.trueCfgScale;
-  r.seed = c.seed;
-  r.schedule = c.schedule;
-  r.saveLatents = c.saveLatents;
-  r.output = c.output;
-  r.decode = !c.output.empty();
-  r.maxSequenceLength = c.maxSequenceLength;
-  return r;
-}
-
-EncodeRequest EncodeRequest::fromConfig(const config::EngineConfig& c) {
-  EncodeRequest r;
-  promptsFromConfig(c, r.prompt, r.negativePrompt);
-  r.maxSequenceLength = c.maxSequenceLength;
-  r.output = c.output;
-  return r;
-}
 
 std::vector<std::string> imagePaths(const std::string& path, int64_t count) {
   if (count == 1) return {path};
@@ -94,27 +63,32 @@ std::vector<std::string> imagePaths(const std::string& path, int64_t count) {
   return out;
 }
 
-Engine::Engine(config::EngineConfig options, dist::Runtime& runtime)
+Engine::Engine(EngineOptions options, dist::Runtime& runtime)
     : impl_(std::make_unique<Impl>(std::move(options), runtime)) {
   impl_->open();
 }
 
 Engine::~Engine() = default;
 
-const config::EngineConfig& Engine::options() const { return impl_->options; }
+const EngineOptions& Engine::options() const { return impl_->options; }
 const model::FluxConfig& Engine::modelConfig() const { return impl_->config; }
 const std::string& Engine::modelName() const { return impl_->modelName; }
 c10::Device Engine::device() const { return impl_->device; }
 c10::ScalarType Engine::dtype() const { return impl_->dtype; }
 
 void Engine::Impl::open() {
-  degrees = detail::degreesOf(options);
+  degrees = options.degrees();
   // A stopped or unreachable rank ends the job instead of hanging it (one rank has nobody to wait for).
   dist::setCollectiveTimeout(rt.worldSize() > 1 ? options.collectiveTimeout : 0.0);
   dist::setWatchContext("opening the model");
   std::vector<std::pair<std::string, std::string>> checkpointFiles;
   rt.agree([&] {
-    rt.checkSame(config::syncedOptions(options), "options");
+    options.check();
+    rt.checkSame(detail::syncedFields(options), "options");
+    PARDIT_CHECK(options.dataParallelDegree == 1 || rt.worldSize() == degrees.worldSize(),
+                 "--data-parallel-degree ", options.dataParallelDegree,
+                 ": an Engine runs on one replica group (dist::Runtime::replicaGroup); pipeline::runQueue deals "
+                 "requests to the groups");
     dist::Topology::validate(degrees, rt.worldSize());
     device = dist::deviceForRank(options.device, rt.localRank());
     dtype = resolveDtype(options.dtype, device);
@@ -167,6 +141,9 @@ void Engine::Impl::open() {
 // ---- plan and load -------------------------------------------------------------------------------------
 
 memory::RankPlan Engine::Impl::planRun(Run& run, int64_t batch, int64_t imageTokens, int64_t textTokens) {
+  batch = std::max(batch, capacity.batch);  // Engine::reserve: one plan for every request up to its size
+  imageTokens = std::max(imageTokens, capacity.imageTokens);
+  textTokens = std::max(textTokens, capacity.textTokens);
   memory::RankPlan plan;
   rt.agree([&] {
     const auto work = detail::workloadOf(rt.topology(), config, run.pipefusion, dtype, weightFormat, batch, imageTokens,
@@ -188,7 +165,7 @@ std::shared_ptr<model::FluxWeightProvider> Engine::Impl::loadRun(Run& run, const
   if (loaded && loaded->key == key) return loaded->weights;
   loaded.reset();  // release the previous weights before loading others
   if (plan.anyStreamed()) {
-    logInfo0("memory plan (offload ", config::enumName(options.offload), ", budget ", formatBytes(plan.budget), "): ",
+    logInfo0("memory plan (offload ", offloadName(options.offload), ", budget ", formatBytes(plan.budget), "): ",
              plan.streamedGroups(),
              " weight groups (", formatBytes(plan.streamedBytes), ") streamed from ",
              plan.streamFromHost ? "a host copy" : "the file", " (", formatBytes(plan.hostBytes), " of host memory, ",
@@ -239,7 +216,9 @@ std::string Engine::Impl::finishMetrics(Run& run, const std::string& command, do
   run.recorder.setTotalSeconds(seconds);
   run.recorder.setPeaks(memory::devicePeakBytes(device.is_cuda(), device.is_cuda() ? device.index() : 0),
                         peakRssBytes());
-  auto resolved = config::toMap(options);
+  auto resolved = options.provenance;
+  if (resolved.empty())
+    for (const auto& [name, value] : detail::syncedFields(options)) resolved[name] = value;
   resolved["weight-dtype"] = weightFormat == model::WeightFormat::kFp8 ? "fp8" : "compute";  // auto resolved
   metrics::RunInfo info{command, resolved, modelName, device.str(), warmupSteps, images,
                         run.height, run.width, run.steps, dtypeName(dtype)};
@@ -374,21 +353,27 @@ PromptEmbeddings encodePrompt(const PromptInput& in, const model::FluxConfig& mc
 }
 
 void checkRequest(const GenerateRequest& r, const dist::ParallelDegrees& d) {
+  r.check();
+  PARDIT_CHECK(d.cfg == 1 || (r.trueCfgScale > 1.0 && r.negativePrompt.given()),
+               "--cfg-degree 2 runs the two branches of true CFG and needs a negative prompt (--negative-prompt or "
+               "--negative-prompt-embeds) and --true-cfg-scale > 1");
+}
+
+}  // namespace
+
+void GenerateRequest::check() const {
+  const GenerateRequest& r = *this;
   PARDIT_CHECK(r.prompt.given(), "a prompt is required: --prompt TEXT, --prompt-file FILE or --prompt-embeds FILE");
   PARDIT_CHECK(r.steps >= 1, "--steps must be at least 1, got ", r.steps);
   PARDIT_CHECK(std::isfinite(r.guidanceScale), "--guidance-scale must be finite");
   PARDIT_CHECK(std::isfinite(r.trueCfgScale), "--true-cfg-scale must be finite");
+  PARDIT_CHECK(r.maxSequenceLength >= 0, "--max-sequence-length must be at least 0, got ", r.maxSequenceLength);
   PARDIT_CHECK(!(r.trueCfgScale > 1.0 && !r.negativePrompt.given()), "--true-cfg-scale ", r.trueCfgScale,
                " needs a negative prompt: --negative-prompt TEXT or --negative-prompt-embeds FILE");
-  PARDIT_CHECK(d.cfg == 1 || (r.trueCfgScale > 1.0 && r.negativePrompt.given()),
-               "--cfg-degree 2 runs the two branches of true CFG and needs a negative prompt (--negative-prompt or "
-               "--negative-prompt-embeds) and --true-cfg-scale > 1");
   LatentGeometry{r.height, r.width, 16}.validate();
   PARDIT_CHECK(r.output.empty() || r.output != r.saveLatents, "--output and --save-latents name the same file ",
                r.output);
 }
-
-}  // namespace
 
 Engine::Impl::Prompts Engine::Impl::validateAndEncode(Run& run, const GenerateRequest& request,
                                                      const LatentGeometry& geom) {
@@ -515,14 +500,14 @@ DecodePlan Engine::Impl::planImageDecode(int64_t batch, const LatentGeometry& ge
   DecodePlan d;
   rt.agree([&] {
     d = planDecode(vae->config(), options, batch, geom.height, geom.width, rt.worldSize(), dtype, free);
-    PARDIT_CHECK(d.fits || options.vaeTiling != config::VaeTiling::kAuto,
+    PARDIT_CHECK(d.fits || options.vaeTiling != VaeTiling::kAuto,
                  "the VAE decode does not fit: even in ", d.tile * d.factor, " px tiles it needs ",
                  formatBytes(d.activationBytes), " per rank beside the transformer, and --device-memory-budget leaves ",
                  formatBytes(d.freeBytes), " (raise it, or decode on more ranks)");
   });
   if (!d.fits)
     logWarn0("the VAE decode (", d.describe(), ") exceeds the budget; --vae-tiling ",
-             config::enumName(options.vaeTiling), " was asked for");
+             vaeTilingName(options.vaeTiling), " was asked for");
   logDebug("decode plan: ", d.describe());
   return d;
 }
@@ -595,9 +580,11 @@ std::vector<std::string> Engine::Impl::writeImages(Run& run, const GenerateReque
     if (rt.worldRank() != 0) return;
     for (size_t i = 0; i < paths.size(); ++i) {
       const std::string seed = ", Seed: " + std::to_string(request.seed) +
-                               (paths.size() > 1 ? ", Batch index: " + std::to_string(i) : std::string());
+                               (paths.size() > 1 ? ", Batch index: " + std::to_string(i) : std::string()) +
+                               (request.index >= 0 ? ", Index: " + std::to_string(request.index) : std::string());
       io::writePng(paths[i], images[static_cast<int64_t>(i)],
                    {{"parameters", promptText(i) + negativeText(i) + "\n" + parameters + seed},
+                    {"pardit-request", imageIdentity(request, static_cast<int64_t>(i))},
                     {"Software", std::string("pardit ") + PARDIT_VERSION}});
     }
   });
@@ -607,32 +594,99 @@ std::vector<std::string> Engine::Impl::writeImages(Run& run, const GenerateReque
   return paths;
 }
 
+Engine::Impl::Planned Engine::Impl::planGenerate(Run& run, const GenerateRequest& request, const LatentGeometry& geom) {
+  Planned p;
+  p.prompts = validateAndEncode(run, request, geom);
+  run.height = request.height;
+  run.width = request.width;
+  run.steps = request.steps;
+  p.text = !p.prompts.text.empty();
+  p.batch = p.text ? static_cast<int64_t>(p.prompts.text.clip.size()) : p.prompts.positive.promptEmbeds.size(0);
+  p.textTokens = p.text ? p.prompts.text.maxLength : p.prompts.positive.promptEmbeds.size(1);
+  const bool trueCfg = p.text ? !p.prompts.text.negativeClip.empty() : p.prompts.negative.has_value();
+  // plan: the transformer batch of this rank (both branches together on one PipeFusion pipeline)
+  const int64_t branchBatch = p.batch * ((run.pipefusion && degrees.cfg == 1 && trueCfg) ? 2 : 1);
+  p.plan = planRun(run, branchBatch, geom.tokens(), p.textTokens);
+  if (request.decode || !request.output.empty()) {
+    const uint64_t held = p.plan.residentBytes + p.plan.streamBufferBytes;  // the transformer's, during the decode
+    run.decode = planImageDecode(p.batch, geom, p.plan.budget > held ? p.plan.budget - held : 0);
+  }
+  return p;
+}
+
+void Engine::check(const GenerateRequest& request) {
+  Impl::Run run(impl_->rt);
+  impl_->planGenerate(run, request, LatentGeometry{request.height, request.width, 16});
+}
+
+void Engine::reserve(int64_t batch, int64_t height, int64_t width, int64_t textTokens, bool trueCfg) {
+  Impl& m = *impl_;
+  Impl::Run run(m.rt);
+  const LatentGeometry geom{height, width, 16};
+  m.rt.agree([&] {
+    PARDIT_CHECK(batch >= 1 && textTokens >= 1, "internal: reserve(batch ", batch, ", text tokens ", textTokens, ")");
+    geom.validate();
+    run.pipefusion = detail::checkLayout(m.options, m.degrees, m.config, geom.tokenRows(), geom.tokenCols(), true);
+  });
+  const int64_t branchBatch = batch * ((run.pipefusion && m.degrees.cfg == 1 && trueCfg) ? 2 : 1);
+  m.planRun(run, branchBatch, geom.tokens(), textTokens);  // fails on every rank when it does not fit
+  m.capacity = Impl::Capacity{std::max(m.capacity.batch, branchBatch), std::max(m.capacity.imageTokens, geom.tokens()),
+                              std::max(m.capacity.textTokens, textTokens)};
+}
+
+std::string Engine::imageIdentity(const GenerateRequest& r, int64_t i) const { return impl_->imageIdentity(r, i); }
+
+std::string Engine::Impl::imageIdentity(const GenerateRequest& r, int64_t i) const {
+  const Impl& m = *this;
+  auto text = [&](const PromptInput& in, bool second) -> std::string {
+    const auto& list = second && !in.texts2.empty() ? in.texts2 : in.texts;
+    if (!list.empty()) return list.at(static_cast<size_t>(std::min<int64_t>(i, static_cast<int64_t>(list.size()) - 1)));
+    if (!in.textFile.empty()) return "(prompt file: " + in.textFile + ")";
+    if (!in.embeddingsFile.empty()) return "(prompt embeddings: " + in.embeddingsFile + ")";
+    return in.embeddings.promptEmbeds.defined() ? "(prompt embeddings: " + tensorHash(in.embeddings.promptEmbeds) + ")"
+                                                : std::string();
+  };
+  const bool trueCfg = r.trueCfgScale > 1.0 && r.negativePrompt.given();
+  const SchedulerConfig schedule =
+      m.checkpoint ? resolveSchedule(r.schedule, *m.checkpoint) : resolveSchedule(r.schedule, m.config);
+  nlohmann::ordered_json j;
+  j["prompt"] = text(r.prompt, false);
+  j["prompt_2"] = text(r.prompt, true);
+  j["negative_prompt"] = trueCfg ? text(r.negativePrompt, false) : std::string();
+  j["seed"] = r.seed;
+  j["batch_index"] = i;
+  j["width"] = r.width;
+  j["height"] = r.height;
+  j["steps"] = r.steps;
+  j["guidance_scale"] = m.config.guidanceEmbed ? r.guidanceScale : 0.0;
+  j["true_cfg_scale"] = trueCfg ? r.trueCfgScale : 1.0;
+  j["max_sequence_length"] = r.maxSequenceLength > 0 ? r.maxSequenceLength : (m.config.guidanceEmbed ? 512 : 256);
+  j["schedule"] = schedule.dynamicShift ? "shifted" : "plain";
+  j["model"] = m.modelName;
+  j["weights"] = m.weightsName();
+  return j.dump();
+}
+
 GenerateResult Engine::generate(const GenerateRequest& request) {
   Impl& m = *impl_;
   Impl::Run run(m.rt);
   const LatentGeometry geom{request.height, request.width, 16};
-  // validate + encode
-  Impl::Prompts prompts = m.validateAndEncode(run, request, geom);
-  run.height = request.height;
-  run.width = request.width;
-  run.steps = request.steps;
-  const bool text = !prompts.text.empty();
-  const int64_t B = text ? static_cast<int64_t>(prompts.text.clip.size()) : prompts.positive.promptEmbeds.size(0);
-  const int64_t T = text ? prompts.text.maxLength : prompts.positive.promptEmbeds.size(1);
-  const bool trueCfg = text ? !prompts.text.negativeClip.empty() : prompts.negative.has_value();
-  // plan: the transformer batch of this rank (both branches together on one PipeFusion pipeline)
-  const int64_t branchBatch = B * ((run.pipefusion && m.degrees.cfg == 1 && trueCfg) ? 2 : 1);
-  const memory::RankPlan plan = m.planRun(run, branchBatch, geom.tokens(), T);
-  if (request.decode || !request.output.empty()) {
-    const uint64_t held = plan.residentBytes + plan.streamBufferBytes;  // the transformer's, during the decode
-    run.decode = m.planImageDecode(B, geom, plan.budget > held ? plan.budget - held : 0);
-  }
+  // validate, plan
+  Impl::Planned planned = m.planGenerate(run, request, geom);
+  Impl::Prompts& prompts = planned.prompts;
+  const memory::RankPlan& plan = planned.plan;
+  const bool text = planned.text;
+  const int64_t B = planned.batch;
+  const int64_t T = planned.textTokens;
+  GenerateResult result;
   // encode: on the rank with the most memory to spare after its plan; its encoders are gone before loading.
   if (text) {
+    Timer encodeTimer;
     const uint64_t held = m.loaded ? m.loaded->plan.total() : 0;  // weights kept from an earlier run
     std::tie(prompts.positive, prompts.negative) =
         m.encodeTexts(run, prompts.text, plan.budget > plan.total() ? plan.budget - plan.total() : 0,
                       plan.budget > held ? plan.budget - held : 0);
+    result.report.encodeSeconds = encodeTimer.seconds();
   }
   // load
   run.weights = m.loadRun(run, plan);
@@ -646,7 +700,6 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
            prompts.schedule.dynamicShift ? "shifted" : "plain", " schedule",
            m.config.guidanceEmbed ? ", guidance " + formatNumber(request.guidanceScale) : std::string(),
            prompts.negative ? ", true CFG " + formatNumber(request.trueCfgScale) : std::string());
-  GenerateResult result;
   const uint64_t rssBeforeLoop = currentRssBytes();
   Timer total;
   run.recorder.beginStep();
@@ -667,8 +720,12 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
   m.reportLoop(*denoiser, result.report.runSeconds, rssBeforeLoop);
   m.finishCudaGraphs(run);
   // decode, then write: the primary outputs first, then the metrics.
+  Timer stage;
   if (request.decode || !request.output.empty()) result.images = m.decodeImages(run, result.latents, geom);
+  result.report.decodeSeconds = stage.seconds();
+  stage = Timer();
   if (!request.output.empty()) result.imagePaths = m.writeImages(run, request, prompts, result.images);
+  result.report.writeSeconds = stage.seconds();
   // The latents say what they are, so they can be unpacked and traced without the command line.
   std::map<std::string, std::string> meta = {
       {"height", std::to_string(request.height)}, {"width", std::to_string(request.width)},

@@ -24,9 +24,9 @@ using detail::PipeFusionLayout;
 // ---- the engine's state ---------------------------------------------------------------------------
 
 struct Engine::Impl {
-  Impl(config::EngineConfig o, dist::Runtime& r) : options(std::move(o)), rt(r) {}
+  Impl(EngineOptions o, dist::Runtime& r) : options(std::move(o)), rt(r) {}
 
-  config::EngineConfig options;
+  EngineOptions options;
   dist::Runtime& rt;
   dist::ParallelDegrees degrees;
   c10::Device device = c10::kCPU;
@@ -44,6 +44,11 @@ struct Engine::Impl {
     std::shared_ptr<model::FluxWeightProvider> weights;
   };
   std::optional<Loaded> loaded;
+  // Engine::reserve: every run plans for at least this (transformer batch, image tokens, text tokens).
+  struct Capacity {
+    int64_t batch = 0, imageTokens = 0, textTokens = 0;
+  };
+  Capacity capacity;
   parallel::PipeFusionStats lastPipeline;  // of the last PipeFusion generate
   // The VAE (headers opened when a run first asks for images; the decoder loaded at its first decode).
   std::optional<io::VaeCheckpoint> vae;
@@ -93,6 +98,14 @@ struct Engine::Impl {
                                                                            uint64_t spareBytes, uint64_t freeBytes);
   // generate's checks before loading (every rank, through agree()) and its encode stage.
   Prompts validateAndEncode(Run& run, const GenerateRequest& request, const LatentGeometry& geom);
+  // A generate request checked and planned (nothing loaded, nothing encoded yet).
+  struct Planned {
+    Prompts prompts;
+    memory::RankPlan plan;
+    int64_t batch = 0, textTokens = 0;
+    bool text = false;
+  };
+  Planned planGenerate(Run& run, const GenerateRequest& request, const LatentGeometry& geom);
   // The Denoiser of this rank's layout over run.weights.
   std::unique_ptr<Denoiser> makeDenoiser(Run& run, const Prompts& prompts, const LatentGeometry& geom);
   // Engine::benchmark's two kinds: PipeFusion denoising steps (through engine.generate), or forwards.
@@ -127,6 +140,7 @@ struct Engine::Impl {
   // Rank 0 writes `value` as the one tensor of a safetensors file, with `metadata` (and "format": "pt").
   void writeOutput(const std::string& path, const std::string& flag, const std::string& tensorName,
                    const at::Tensor& value, std::map<std::string, std::string> metadata = {}) const;
+  std::string imageIdentity(const GenerateRequest& request, int64_t i) const;
   // "bf16", or "fp8 e4m3 (row scales) + bf16" with FP8 weights.
   std::string weightsName() const;
   std::string finishMetrics(Run& run, const std::string& command, double seconds, int warmupSteps, int64_t images);

@@ -29,7 +29,7 @@ std::string DecodePlan::describe() const {
          " of weights per rank, " + formatBytes(freeBytes) + " free beside the transformer";
 }
 
-DecodePlan planDecode(const model::VaeConfig& vae, const config::EngineConfig& c, int64_t batch, int64_t height,
+DecodePlan planDecode(const model::VaeConfig& vae, const EngineOptions& c, int64_t batch, int64_t height,
                       int64_t width, int ranks, c10::ScalarType dtype, uint64_t freeBytes) {
   using Mode = DecodePlan::Mode;
   const int64_t f = vae.spatialFactor();
@@ -43,7 +43,7 @@ DecodePlan planDecode(const model::VaeConfig& vae, const config::EngineConfig& c
   const bool split = height / f >= ranks;
   d.mode = split ? Mode::kPatches : Mode::kWhole;
   d.activationBytes = model::vaeDecodeActivationBytes(vae, batch, height, width, split ? ranks : 1, es);
-  if (c.vaeTiling == config::VaeTiling::kOff || (c.vaeTiling == config::VaeTiling::kAuto && d.activationBytes <= d.freeBytes)) {
+  if (c.vaeTiling == VaeTiling::kOff || (c.vaeTiling == VaeTiling::kAuto && d.activationBytes <= d.freeBytes)) {
     d.fits = d.activationBytes <= d.freeBytes;
     return d;
   }
@@ -60,41 +60,45 @@ DecodePlan planDecode(const model::VaeConfig& vae, const config::EngineConfig& c
   return d;
 }
 
-JobPlan planJob(const config::EngineConfig& c) {
+JobPlan planJob(const EngineOptions& c, const PlanShape& shape) {
   JobPlan p;
-  p.degrees = detail::degreesOf(c);
-  p.worldSize = c.worldSize > 0 ? c.worldSize : p.degrees.worldSize();
+  p.degrees = c.degrees();
+  p.dataParallel = c.dataParallelDegree;
+  const int jobRanks = shape.worldSize > 0 ? shape.worldSize : c.worldSize();
+  PARDIT_CHECK(jobRanks % p.dataParallel == 0, "--data-parallel-degree ", p.dataParallel, " does not divide --world-size ",
+               jobRanks);
+  p.worldSize = jobRanks / p.dataParallel;  // one replica group; the others are the same
   dist::Topology::validate(p.degrees, p.worldSize);
   // Plans are for GPU runs unless --device cpu says otherwise; an auto budget is what a rank of the job
   // would get on this machine.
-  const bool cpu = c.device == config::DeviceKind::kCpu;
+  const bool cpu = c.device == dist::DeviceKind::kCpu;
   p.dtype = resolveDtype(c.dtype, cpu ? c10::Device(c10::kCPU) : c10::Device(c10::kCUDA, 0));
   uint64_t budget = c.deviceMemoryBudget.bytes;
   if (c.deviceMemoryBudget.automatic) {
     const c10::Device here = dist::deviceForRank(c.device, 0);
-    budget = detail::budgetOf(c, here, p.worldSize);
+    budget = detail::budgetOf(c, here, jobRanks);
     p.budgetSource = here.is_cuda() ? "auto: free memory of " + here.str() + " on this machine, minus 1 GiB headroom"
                                     : "auto: this machine's available host memory shared by " +
-                                          std::to_string(p.worldSize) + " rank(s), minus 1 GiB headroom";
+                                          std::to_string(jobRanks) + " rank(s), minus 1 GiB headroom";
   }
   const io::FluxCheckpoint ck = io::FluxCheckpoint::open(c.model);  // headers only
   p.model = c.model;
   p.config = ck.config();
   p.checkpointBytes = ck.totalBytes();
   p.weightFormat = resolveWeightFormat(c.weightDtype, &ck);
-  const LatentGeometry geom{c.height, c.width, 16};
+  const LatentGeometry geom{shape.height, shape.width, 16};
   geom.validate();
   p.imageTokens = geom.tokens();
   const auto pf = detail::checkLayout(c, p.degrees, p.config, geom.tokenRows(), geom.tokenCols(), /*patched=*/true);
   if (pf) p.stages = pf->partition.describe(p.config);
-  p.trueCfg = c.trueCfgScale > 1.0;
-  const int64_t batch = c.batch * ((p.trueCfg && p.degrees.cfg == 1 && pf) ? 2 : 1);
+  p.trueCfg = shape.trueCfg;
+  const int64_t batch = shape.batch * ((p.trueCfg && p.degrees.cfg == 1 && pf) ? 2 : 1);
   for (int r = 0; r < p.worldSize; ++r) {
     const dist::Topology topo(p.degrees, r);
-    const auto w = detail::workloadOf(topo, p.config, pf, p.dtype, p.weightFormat, batch, geom.tokens(), c.textLen);
+    const auto w = detail::workloadOf(topo, p.config, pf, p.dtype, p.weightFormat, batch, geom.tokens(), shape.textLen);
     p.ranks.push_back(memory::planRank(w, budget, c.offload));
     if (p.ranks.back().fits)
-      memory::chooseStreamSource(p.ranks.back(), c.streamFrom, !cpu, detail::hostBudgetOf(c, p.worldSize));
+      memory::chooseStreamSource(p.ranks.back(), c.streamFrom, !cpu, detail::hostBudgetOf(c, jobRanks));
     p.stageOf.push_back(topo.pipefusionRank());
     p.allFit &= p.ranks.back().fits;
   }
@@ -106,7 +110,7 @@ JobPlan planJob(const config::EngineConfig& c) {
       const uint64_t held = r.residentBytes + r.streamBufferBytes;
       free = std::min(free, r.budget > held ? r.budget - held : 0);
     }
-    p.decode = planDecode(io::VaeCheckpoint::open(vaePath).config(), c, c.batch, c.height, c.width, p.worldSize,
+    p.decode = planDecode(io::VaeCheckpoint::open(vaePath).config(), c, shape.batch, shape.height, shape.width, p.worldSize,
                           p.dtype, free);
   }
   // The text encoders, when there are any to find.
@@ -125,7 +129,8 @@ JobPlan planJob(const config::EngineConfig& c) {
   for (const auto& r : p.ranks) spare.push_back(r.budget > r.total() ? r.budget - r.total() : 0);
   p.textEncoderRank = c.textEncoderRank >= 0 ? c.textEncoderRank
                                              : static_cast<int>(std::max_element(spare.begin(), spare.end()) - spare.begin());
-  PARDIT_CHECK(p.textEncoderRank < p.worldSize, "--text-encoder-rank ", p.textEncoderRank, " is not a rank of the job");
+  PARDIT_CHECK(p.textEncoderRank < p.worldSize, "--text-encoder-rank ", p.textEncoderRank, " is not a rank of the ",
+               p.dataParallel > 1 ? "replica group" : "job");
   // The encoders run before the transformer loads: the rank's whole budget is free for them.
   p.t5Streamed = p.t5Bytes + p.clipBytes > p.ranks[static_cast<size_t>(p.textEncoderRank)].budget;
   return p;

@@ -17,21 +17,21 @@ namespace fs = std::filesystem;
 
 namespace pardit::pipeline {
 
-c10::ScalarType resolveDtype(config::Dtype dtype, const c10::Device& device) {
+c10::ScalarType resolveDtype(Dtype dtype, const c10::Device& device) {
   switch (dtype) {
-    case config::Dtype::kBf16: return c10::kBFloat16;
-    case config::Dtype::kFp16: return c10::kHalf;
-    case config::Dtype::kFp32: return c10::kFloat;
-    case config::Dtype::kAuto: break;
+    case Dtype::kBf16: return c10::kBFloat16;
+    case Dtype::kFp16: return c10::kHalf;
+    case Dtype::kFp32: return c10::kFloat;
+    case Dtype::kAuto: break;
   }
   return device.is_cuda() ? c10::kBFloat16 : c10::kFloat;
 }
 
-model::WeightFormat resolveWeightFormat(config::WeightDtype weightDtype, const io::FluxCheckpoint* checkpoint) {
+model::WeightFormat resolveWeightFormat(WeightDtype weightDtype, const io::FluxCheckpoint* checkpoint) {
   switch (weightDtype) {
-    case config::WeightDtype::kFp8: return model::WeightFormat::kFp8;
-    case config::WeightDtype::kCompute: return model::WeightFormat::kDense;
-    case config::WeightDtype::kAuto: break;
+    case WeightDtype::kFp8: return model::WeightFormat::kFp8;
+    case WeightDtype::kCompute: return model::WeightFormat::kDense;
+    case WeightDtype::kAuto: break;
   }
   return checkpoint ? checkpoint->storedFormat() : model::WeightFormat::kDense;
 }
@@ -104,14 +104,14 @@ LoadedFlux loadFlux(const std::string& modelPath, c10::ScalarType dtype, const c
   return out;
 }
 
-SchedulerConfig resolveSchedule(config::Schedule schedule, const model::FluxConfig& config) {
-  if (schedule == config::Schedule::kShift) return SchedulerConfig::dev();
-  if (schedule == config::Schedule::kPlain) return SchedulerConfig::schnell();
+SchedulerConfig resolveSchedule(Schedule schedule, const model::FluxConfig& config) {
+  if (schedule == Schedule::kShift) return SchedulerConfig::dev();
+  if (schedule == Schedule::kPlain) return SchedulerConfig::schnell();
   return config.guidanceEmbed ? SchedulerConfig::dev() : SchedulerConfig::schnell();
 }
 
-SchedulerConfig resolveSchedule(config::Schedule schedule, const io::FluxCheckpoint& ck) {
-  if (schedule == config::Schedule::kAuto && ck.layout() == io::CheckpointLayout::kDiffusers) {
+SchedulerConfig resolveSchedule(Schedule schedule, const io::FluxCheckpoint& ck) {
+  if (schedule == Schedule::kAuto && ck.layout() == io::CheckpointLayout::kDiffusers) {
     // <root>/transformer/... -> <root>/scheduler/scheduler_config.json
     const fs::path tdir = fs::path(ck.files().front()->path()).parent_path();
     const fs::path cfg = tdir.parent_path() / "scheduler" / "scheduler_config.json";

@@ -9,16 +9,7 @@
 
 namespace pardit::pipeline::detail {
 
-dist::ParallelDegrees degreesOf(const config::EngineConfig& c) {
-  dist::ParallelDegrees d;
-  d.cfg = c.cfgDegree;
-  d.pipefusion = c.pipefusionDegree;
-  d.ring = c.ringDegree;
-  d.ulysses = c.ulyssesDegree;
-  return d;
-}
-
-std::optional<PipeFusionLayout> checkLayout(const config::EngineConfig& c, const dist::ParallelDegrees& d,
+std::optional<PipeFusionLayout> checkLayout(const EngineOptions& c, const dist::ParallelDegrees& d,
                                             const model::FluxConfig& mc, int64_t tokenRows, int64_t tokenCols,
                                             bool patched) {
   if (d.pipefusion == 1) {
@@ -67,12 +58,12 @@ memory::RankWorkload workloadOf(const dist::Topology& topo, const model::FluxCon
   return w;
 }
 
-uint64_t budgetOf(const config::EngineConfig& c, const c10::Device& device, int ranksOnNode) {
+uint64_t budgetOf(const EngineOptions& c, const c10::Device& device, int ranksOnNode) {
   if (!c.deviceMemoryBudget.automatic) return c.deviceMemoryBudget.bytes;
   return memory::autoBudget(device.is_cuda(), device.is_cuda() ? device.index() : 0, ranksOnNode);
 }
 
-uint64_t hostBudgetOf(const config::EngineConfig& c, int ranksOnNode) {
+uint64_t hostBudgetOf(const EngineOptions& c, int ranksOnNode) {
   return memory::hostBudget(c.hostMemoryBudget, ranksOnNode);
 }
 
@@ -119,13 +110,13 @@ RankModel makeRankModel(dist::Runtime& rt, const model::FluxConfig& mc,
   return m;
 }
 
-model::AttentionKernel attentionKernelOf(config::Attention attention) {
+model::AttentionKernel attentionKernelOf(Attention attention) {
   switch (attention) {
-    case config::Attention::kAuto: return model::AttentionKernel::kAuto;
-    case config::Attention::kFlash: return model::AttentionKernel::kFlash;
-    case config::Attention::kEfficient: return model::AttentionKernel::kEfficient;
-    case config::Attention::kCudnn: return model::AttentionKernel::kCudnn;
-    case config::Attention::kMath: return model::AttentionKernel::kMath;
+    case Attention::kAuto: return model::AttentionKernel::kAuto;
+    case Attention::kFlash: return model::AttentionKernel::kFlash;
+    case Attention::kEfficient: return model::AttentionKernel::kEfficient;
+    case Attention::kCudnn: return model::AttentionKernel::kCudnn;
+    case Attention::kMath: return model::AttentionKernel::kMath;
   }
   return model::AttentionKernel::kAuto;
 }
@@ -162,9 +153,9 @@ std::shared_ptr<parallel::PipeFusionRunner> makePipeFusionRunner(dist::Runtime& 
   return std::make_shared<parallel::PipeFusionRunner>(transformer, usp, options, comms);
 }
 
-model::WeightFormat t5WeightFormat(config::WeightDtype weightDtype, const io::T5Checkpoint& t5) {
-  if (weightDtype == config::WeightDtype::kFp8) return model::WeightFormat::kFp8;
-  if (weightDtype == config::WeightDtype::kCompute) return model::WeightFormat::kDense;
+model::WeightFormat t5WeightFormat(WeightDtype weightDtype, const io::T5Checkpoint& t5) {
+  if (weightDtype == WeightDtype::kFp8) return model::WeightFormat::kFp8;
+  if (weightDtype == WeightDtype::kCompute) return model::WeightFormat::kDense;
   return t5.storedFormat();
 }
 

@@ -9,7 +9,7 @@
 #include <optional>
 #include <string>
 
-#include "pardit/config/config.h"
+#include "pardit/pipeline/options.h"
 #include "pardit/dist/runtime.h"
 #include "pardit/io/checkpoint.h"
 #include "pardit/io/text_encoder_checkpoint.h"
@@ -22,8 +22,6 @@
 #include "pardit/pipeline/loading.h"
 
 namespace pardit::pipeline::detail {
-
-dist::ParallelDegrees degreesOf(const config::EngineConfig& c);
 
 // Reads a tensor by internal name in a dtype onto a device (from the checkpoint, or a preset's
 // synthetic weights), in the run's weight format.
@@ -40,7 +38,7 @@ struct PipeFusionLayout {
 // plain sequence is rows x 1) before anything is loaded; errors name the flags. Returns the PipeFusion
 // layout with --pipefusion-degree > 1. `patched`: the image is cut into --num-pipeline-patch patches
 // (generate), else PipeFusion runs one patch (forward).
-std::optional<PipeFusionLayout> checkLayout(const config::EngineConfig& c, const dist::ParallelDegrees& d,
+std::optional<PipeFusionLayout> checkLayout(const EngineOptions& c, const dist::ParallelDegrees& d,
                                             const model::FluxConfig& mc, int64_t tokenRows, int64_t tokenCols,
                                             bool patched);
 
@@ -50,13 +48,13 @@ memory::RankWorkload workloadOf(const dist::Topology& topo, const model::FluxCon
                                 model::WeightFormat format, int64_t batch, int64_t imageTokens, int64_t textTokens);
 
 // --device-memory-budget resolved for this rank (auto: the device's free memory, or the host's share).
-uint64_t budgetOf(const config::EngineConfig& c, const c10::Device& device, int ranksOnNode);
+uint64_t budgetOf(const EngineOptions& c, const c10::Device& device, int ranksOnNode);
 
 // v reduced over every rank of the world.
 double worldReduce(dist::Runtime& rt, double v, dist::ReduceOp op);
 
 // --host-memory-budget resolved for this rank.
-uint64_t hostBudgetOf(const config::EngineConfig& c, int ranksOnNode);
+uint64_t hostBudgetOf(const EngineOptions& c, int ranksOnNode);
 
 // This rank's weights under its plan: resident, or streamed (memory::StreamingFluxWeights) from the source
 // the plan chose (memory::chooseStreamSource). `checkpoint` (null: synthetic weights) gives the file ranges
@@ -90,7 +88,7 @@ std::shared_ptr<parallel::PipeFusionRunner> makePipeFusionRunner(dist::Runtime& 
                                                                  model::AttentionKernel attention = model::AttentionKernel::kAuto);
 
 // --attention as the model spells it.
-model::AttentionKernel attentionKernelOf(config::Attention attention);
+model::AttentionKernel attentionKernelOf(Attention attention);
 
 // Where the text encoders and tokenizers are: the flags, else the model's folder (a diffusers pipeline's
 // text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/; beside a BFL file clip_l.safetensors,
@@ -99,9 +97,9 @@ struct TextSources {
   std::string clip, t5, clipTokenizer, t5Tokenizer;
 };
 // --weight-dtype for T5: auto keeps an FP8 file (float8 e4m3 layer weights) in FP8.
-model::WeightFormat t5WeightFormat(config::WeightDtype weightDtype, const io::T5Checkpoint& t5);
+model::WeightFormat t5WeightFormat(WeightDtype weightDtype, const io::T5Checkpoint& t5);
 
-TextSources textSourcesOf(const config::EngineConfig& options, const io::FluxCheckpoint* checkpoint,
+TextSources textSourcesOf(const EngineOptions& options, const io::FluxCheckpoint* checkpoint,
                           const std::string& modelName);
 
 }  // namespace pardit::pipeline::detail

@@ -24,7 +24,7 @@ namespace fs = std::filesystem;
 
 namespace pardit::pipeline {
 
-detail::TextSources detail::textSourcesOf(const config::EngineConfig& options, const io::FluxCheckpoint* checkpoint,
+detail::TextSources detail::textSourcesOf(const EngineOptions& options, const io::FluxCheckpoint* checkpoint,
                                           const std::string& modelName) {
   TextSources s{options.textEncoder, options.textEncoder2, options.tokenizer, options.tokenizer2};
   // A diffusers pipeline folder holds every part; beside a BFL file, the single files users keep there.
@@ -113,7 +113,7 @@ at::Tensor idsTensor(const std::vector<std::vector<int64_t>>& rows) {
 // `freeBytes` beside CLIP, else streamed (each block read when it runs).
 class LoadedEncoders {
  public:
-  LoadedEncoders(const detail::TextSources& sources, c10::ScalarType dtype, config::WeightDtype weightDtype,
+  LoadedEncoders(const detail::TextSources& sources, c10::ScalarType dtype, WeightDtype weightDtype,
                  const c10::Device& where, uint64_t freeBytes)
       : sources_(sources),
         clipTok_(text::ClipTokenizer::open(sources.clipTokenizer)),
@@ -202,7 +202,7 @@ std::pair<PromptEmbeddings, std::optional<PromptEmbeddings>> Engine::Impl::encod
   model::WeightFormat t5Format = model::WeightFormat::kDense;
   rt.agree([&] {
     if (rt.worldRank() != encoder) return;
-    const c10::Device where = options.textEncoderDevice == config::EncoderDevice::kCpu ? c10::Device(c10::kCPU) : device;
+    const c10::Device where = options.textEncoderDevice == EncoderDevice::kCpu ? c10::Device(c10::kCPU) : device;
     std::optional<LoadedEncoders> loaded;
     {
       const LoadingAllocations loading;
@@ -241,13 +241,13 @@ void Engine::Impl::benchmarkEncode(const BenchmarkRequest& request, BenchmarkRes
     checkTextEncoders();
   });
   const TextSources sources = textSources();
-  const std::string prompt = options.prompt.empty()
+  const std::string prompt = request.prompt.empty()
                                  ? "a photograph of an astronaut riding a horse across the surface of the moon, "
                                    "earth in the sky, 35 mm film, high detail"
-                                 : options.prompt;
+                                 : request.prompt;
   const std::vector<std::string> texts(static_cast<size_t>(request.batch), prompt);
-  const int64_t L = options.maxSequenceLength > 0 ? options.maxSequenceLength : (config.guidanceEmbed ? 512 : 256);
-  const c10::Device where = options.textEncoderDevice == config::EncoderDevice::kCpu ? c10::Device(c10::kCPU) : device;
+  const int64_t L = request.maxSequenceLength > 0 ? request.maxSequenceLength : (config.guidanceEmbed ? 512 : 256);
+  const c10::Device where = options.textEncoderDevice == EncoderDevice::kCpu ? c10::Device(c10::kCPU) : device;
   Timer load;
   std::optional<LoadedEncoders> loaded;
   {

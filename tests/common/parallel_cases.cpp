@@ -123,7 +123,7 @@ at::Tensor singleRank(const Problem& pr) {
 at::Tensor pipeFusion(dist::Runtime& rt, const Problem& pr, const Run& run) {
   rt.setTopology(run.degrees, c10::kCPU);
   const auto& topo = rt.topology();
-  auto partition = parallel::partitionStages(pr.config, run.degrees.pipefusion, config::Partition{});
+  auto partition = parallel::partitionStages(pr.config, run.degrees.pipefusion, parallel::Partition{});
   auto w = std::make_shared<model::ResidentFluxWeights>(pr.config, pr.get,
                                                         partition.groupsOf(topo.pipefusionRank(), pr.config));
   auto usp = std::make_shared<parallel::UspAttention>(rt.group(dist::GroupKind::kUlysses), rt.group(dist::GroupKind::kRing));
@@ -317,9 +317,9 @@ void pipeFusionRanksReadTheirStage(dist::Runtime& rt) {
   if (c.depth + c.depthSingle < P) return;  // more stages than blocks
   rt.setTopology({1, P, 1, 1}, c10::kCPU);
   const int stage = rt.topology().pipefusionRank();
-  for (const auto mode : {config::Partition::Mode::kCompute, config::Partition::Mode::kMemory}) {
+  for (const auto mode : {parallel::Partition::Mode::kCompute, parallel::Partition::Mode::kMemory}) {
     io::FluxCheckpoint fresh = io::FluxCheckpoint::open(fixture("flux_tiny_schnell/diffusers"));
-    auto partition = parallel::partitionStages(c, P, config::Partition{mode, {}});
+    auto partition = parallel::partitionStages(c, P, parallel::Partition{mode, {}});
     const auto groups = partition.groupsOf(stage, c);
     model::ResidentFluxWeights w(c, fresh.getter(at::kFloat), groups);
     std::set<std::string> expect;

@@ -42,4 +42,9 @@ assert a == c, "example and pardit generate differ"
 print("example latents", a[0], "equal to pardit generate; 2 ranks", "bit-identical" if a == b else "differ")
 '
 python3 -c "$python_check" "$work/one.safetensors" "$work/two.safetensors" "$work/cli.safetensors"
+# One engine, three different requests, the weights loaded by the first only.
+mkdir -p "$work/served"
+"$work/example/serve_requests" "$work/m" "$work/served" | tee "$work/served.log"
+[[ $(grep -c "weights loaded in this request: no" "$work/served.log") -eq 2 ]] || { echo "serve_requests loaded more than once"; exit 1; }
+for i in 0 1 2; do [[ -s "$work/served/request-$i.png" ]] || { echo "serve_requests wrote no request-$i.png"; exit 1; }; done
 echo "install test: ok"

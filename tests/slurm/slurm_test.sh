@@ -115,4 +115,43 @@ grep -q "2 task(s) on 1 node(s)" "$work/submit/slurm-$job.out" || { echo "the jo
 grep -q "pardit generate: .* binary $work/prefix/bin/pardit" "$work/submit/slurm-$job.out" || { echo "the job did not run the installed pardit"; exit 1; }
 [[ -s "$work/gen/image.png" ]] || { echo "generate.sbatch wrote no image"; exit 1; }
 h5ls "$work/gen/metrics.h5/runs" | grep -q . || { echo "generate.sbatch wrote no metrics run"; exit 1; }
-echo "slurm test passed: the sweep wrote $runs runs; generate.sbatch wrote $work/gen/image.png"
+
+# generate_many.sbatch: a queue as an array of two tasks (--shard auto), each one rank; every line once.
+waitFor() {  # job id, seconds
+  local deadline=$((SECONDS + $2))
+  while squeue -h -j "$1" 2>/dev/null | grep -q .; do
+    (( SECONDS < deadline )) || { echo "job $1 did not finish in $2 s"; scontrol show job "$1"; scancel "$1"; return 1; }
+    sleep 2
+  done
+}
+for i in $(seq 0 5); do echo "prompt number $i"; done >"$work/queue.txt"
+job=$(cd "$work/submit" && sbatch --parsable --array=0-1 --ntasks=1 -o "$work/many-%a.out" \
+      --export=ALL,MODEL="$work/model",PROMPTS="$work/queue.txt",OUT="$work/many",HEIGHT=64,WIDTH=64,STEPS=2,FLAGS="--max-sequence-length 8",PARDIT_ROOT="$root",PARDIT="$pardit" \
+      "$root/slurm/generate_many.sbatch")
+echo "submitted array job $job (generate_many.sbatch)"
+waitFor "$job" 300 || { cat "$work"/many-*.out; exit 1; }
+cat "$work"/many-*.out
+lines=$(wc -l <"$work/many/manifest.jsonl")
+unique=$(grep -o '"index":[0-9]*' "$work/many/manifest.jsonl" | sort -u | wc -l)
+[[ "$lines" -eq 6 && "$unique" -eq 6 ]] || { echo "expected 6 manifest lines for 6 requests, found $lines ($unique indices)"; exit 1; }
+[[ $(ls "$work/many/"*.png | wc -l) -eq 6 ]] || { echo "expected 6 PNGs"; ls "$work/many"; exit 1; }
+
+# Stopped by Slurm's signal (as before a time limit), requeued by the script, finished by the same job.
+for i in $(seq 0 39); do echo "prompt number $i"; done >"$work/queue40.txt"
+job=$(cd "$work/submit" && sbatch --parsable --ntasks=1 -o "$work/requeue.out" \
+      --export=ALL,MODEL="$work/model",PROMPTS="$work/queue40.txt",OUT="$work/requeue",HEIGHT=64,WIDTH=64,STEPS=4,FLAGS="--max-sequence-length 8",PARDIT_ROOT="$root",PARDIT="$pardit" \
+      "$root/slurm/generate_many.sbatch")
+deadline=$((SECONDS + 120))
+until [[ -s "$work/requeue/manifest.jsonl" && $(wc -l <"$work/requeue/manifest.jsonl") -ge 2 ]]; do
+  (( SECONDS < deadline )) || { echo "job $job made no images"; cat "$work/requeue.out"; scancel "$job"; exit 1; }
+  sleep 0.2
+done
+scancel --signal=USR1 "$job"
+waitFor "$job" 400 || { cat "$work/requeue.out"; exit 1; }
+cat "$work/requeue.out"
+grep -q "requeueing it" "$work/requeue.out" || { echo "the job was not stopped and requeued"; exit 1; }
+grep -q "restart 1" "$work/requeue.out" || { echo "the requeued job did not run again"; exit 1; }
+lines=$(wc -l <"$work/requeue/manifest.jsonl")
+unique=$(grep -o '"index":[0-9]*' "$work/requeue/manifest.jsonl" | sort -u | wc -l)
+[[ "$lines" -eq 40 && "$unique" -eq 40 ]] || { echo "expected 40 manifest lines, found $lines ($unique indices)"; exit 1; }
+echo "slurm test passed: the sweep wrote $runs runs; generate.sbatch wrote $work/gen/image.png; generate_many.sbatch made 6 images in 2 array tasks and 40 across a stop and requeue"

@@ -29,6 +29,15 @@ class TemporaryFile {
   bool committed_ = false;
 };
 
+// Graceful stop, for a process between units of work (a queue of images): after enableGracefulStop(), the
+// first SIGINT, SIGTERM or SIGUSR1 (Slurm's --signal=USR1@T before a time limit or preemption) is only
+// recorded, so the work in flight can finish and the process can exit on its own; temporaries are kept
+// for their writers. A second SIGINT or SIGTERM ends the process as without it (temporaries removed).
+void enableGracefulStop();
+void disableGracefulStop();
+// The signal recorded since enableGracefulStop(), or 0.
+int stopSignal();
+
 // Records a file this process reads (by device and inode, so other names of it count too).
 void registerInputFile(const std::string& path);
 // True when `path` exists and is one of the registered input files.

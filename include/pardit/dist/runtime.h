@@ -13,7 +13,6 @@
 #include <utility>
 #include <vector>
 
-#include "pardit/config/config.h"
 #include "pardit/dist/communicator.h"
 #include "pardit/dist/topology.h"
 
@@ -57,6 +56,12 @@ class Runtime {
   // World communicator for CPU tensors (MPI, or the in-process backend).
   Communicator& world();
 
+  // Data parallelism: the world cut into `groups` replica groups of worldSize()/groups consecutive ranks
+  // (rank order puts the data-parallel index outermost). Returns a runtime over this rank's group, whose
+  // world is the group (MPI when this one's is, so CUDA groups get NCCL); it keeps this runtime's node
+  // placement (devices are picked by local rank on the node) and log rank tag. Collective over the world.
+  std::unique_ptr<Runtime> replicaGroup(int groups);
+
   // Builds the topology and its group communicators (split from the world; NCCL too when `device` is
   // CUDA and the world is MPI). Collective over the world.
   void setTopology(const ParallelDegrees& degrees, const c10::Device& device);
@@ -98,6 +103,7 @@ class Runtime {
   int worldRank_ = 0, worldSize_ = 1, localRank_ = 0, localSize_ = 1;
   std::string host_;
   bool ownsMpi_ = false;
+  Runtime() = default;
   bool mpiWorld_ = false;  // the world is MPI_COMM_WORLD (CUDA groups then get NCCL communicators)
   std::unique_ptr<Communicator> world_;
   Topology topology_;
@@ -109,6 +115,9 @@ class Runtime {
 };
 
 // Device of a rank: the CPU, or CUDA device localRank % visible devices for cuda (and auto with GPUs).
-c10::Device deviceForRank(config::DeviceKind device, int localRank);
+// --device: auto (CUDA when there is a GPU), cpu or cuda.
+enum class DeviceKind { kAuto, kCpu, kCuda };
+
+c10::Device deviceForRank(DeviceKind device, int localRank);
 
 }  // namespace pardit::dist

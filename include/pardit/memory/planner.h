@@ -10,12 +10,23 @@
 #include <string>
 #include <vector>
 
-#include "pardit/config/config.h"
 #include "pardit/model/flux_config.h"
 
 namespace pardit::memory {
 
-using OffloadMode = config::Offload;
+// --offload: none keeps every group resident (a plan that does not fit is an error); auto streams what does
+// not fit; sequential streams every block.
+enum class Offload { kNone, kAuto, kSequential };
+using OffloadMode = Offload;
+// --stream-from: where streamed groups come from (chooseStreamSource).
+enum class StreamSource { kAuto, kHost, kFile };
+// --device-memory-budget and --host-memory-budget: "auto" (what is free, less headroom) or a size in bytes.
+struct MemoryBudget {
+  bool automatic = true;
+  uint64_t bytes = 0;
+  std::string str() const;  // "auto" or the bytes
+  bool operator==(const MemoryBudget& o) const { return automatic == o.automatic && bytes == o.bytes; }
+};
 
 // Headroom left free by --device-memory-budget auto (allocator fragmentation, library workspaces).
 constexpr uint64_t kAutoHeadroomBytes = 1ULL << 30;
@@ -90,7 +101,7 @@ RankPlan planRank(const RankWorkload& workload, uint64_t budget, OffloadMode mod
 // them all (pinned on CUDA), or the checkpoint file (CUDA: two pinned staging buffers; the CPU reads into
 // the stream buffers the device budget already holds). auto: the host on CUDA when the copies fit the
 // host budget, else the file. An explicit host source beyond the host budget is an error naming both.
-void chooseStreamSource(RankPlan& plan, config::StreamSource source, bool cuda, uint64_t hostBudget);
+void chooseStreamSource(RankPlan& plan, StreamSource source, bool cuda, uint64_t hostBudget);
 
 }  // namespace pardit::memory
 
@@ -102,7 +113,7 @@ uint64_t autoBudget(bool cuda, int deviceIndex, int ranksOnNode);
 uint64_t hostAvailableBytes();
 // --host-memory-budget resolved: a size, or auto: available host memory shared by the node's ranks, minus
 // kAutoHeadroomBytes (0 when less is available).
-uint64_t hostBudget(const config::MemoryBudget& budget, int ranksOnNode);
+uint64_t hostBudget(const MemoryBudget& budget, int ranksOnNode);
 }  // namespace pardit::memory
 
 namespace pardit::memory {

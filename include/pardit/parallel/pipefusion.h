@@ -25,9 +25,16 @@
 #include "pardit/dist/topology.h"
 #include "pardit/model/flux.h"
 #include "pardit/parallel/usp_attention.h"
-#include "pardit/config/config.h"
 
 namespace pardit::parallel {
+
+// --pp-partition: "compute" (equal block counts), "memory" (equal weight bytes) or explicit counts.
+struct Partition {
+  enum class Mode { kCompute, kMemory, kExplicit } mode = Mode::kCompute;
+  std::vector<int64_t> counts;  // kExplicit: blocks per stage
+  std::string str() const;      // "compute", "memory" or "5,14"
+  bool operator==(const Partition& o) const { return mode == o.mode && counts == o.counts; }
+};
 
 // Blocks per stage over the list [double_blocks..., single_blocks...].
 class StagePartition {
@@ -48,7 +55,7 @@ class StagePartition {
 
 // kCompute: equal block counts (double and single blocks cost the same per token); kMemory: equal weight
 // bytes, contiguous; kExplicit: the given counts. Errors name --pp-partition and --pipefusion-degree.
-StagePartition partitionStages(const model::FluxConfig& config, int stages, const config::Partition& mode);
+StagePartition partitionStages(const model::FluxConfig& config, int stages, const Partition& mode);
 
 // Which image tokens a rank holds: M row stripes, each split into one sub-stripe per SP rank.
 struct PatchLayout {

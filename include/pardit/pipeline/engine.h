@@ -1,16 +1,21 @@
 #pragma once
-// pipeline::Engine: the library entry point that owns a run. The `pardit` commands, the tests, the
-// benchmarks and C++ programs all go through it.
+// pipeline::Engine: the library entry point. It is built once from EngineOptions (what is loaded and how)
+// and then serves any number of requests (what is asked: prompt, seed, size, steps, ...), keeping its
+// weights, encoders' files and decoder between them. The `pardit` commands (generate, forward, encode,
+// bench), the request queue (pipeline/queue.h), the tests and C++ programs go through it; `pardit plan`,
+// `synth` and `quantize` read and write checkpoints without running a model and do not.
 //
 //   dist::Runtime rt(&argc, &argv);                 // or one rank of dist::runInProcess
-//   config::EngineConfig options = config::defaults(config::Command::kGenerate);
+//   pipeline::EngineOptions options;
 //   options.model = "FLUX.1-dev"; options.ulyssesDegree = 2;
 //   pipeline::Engine engine(options, rt);           // checks, topology, checkpoint headers
 //   pipeline::GenerateRequest request;
-//   request.prompt.embeddingsFile = "prompt_embeds.safetensors";
+//   request.prompt.texts = {"a cat on the moon"};
+//   request.output = "cat.png";
 //   pipeline::GenerateResult result = engine.generate(request);   // result.latents on every rank
+//   request.seed = 7; engine.generate(request);                   // the weights are loaded once
 //
-// A run goes through its stages in order, every rank together:
+// A request goes through the stages in order, every rank together:
 //   validate  the request against the model and the layout, and every output destination
 //   plan      this rank's weight groups, resident or streamed, under --device-memory-budget
 //   encode    the prompts: tokenizers and text encoders (CLIP, T5) on one rank (the one with the most
@@ -37,10 +42,10 @@
 #include <string>
 #include <vector>
 
-#include "pardit/config/config.h"
 #include "pardit/model/flux.h"
 #include "pardit/pipeline/denoise.h"
 #include "pardit/pipeline/op_profile.h"
+#include "pardit/pipeline/options.h"
 
 namespace pardit::dist {
 class Runtime;
@@ -53,7 +58,7 @@ namespace pardit::pipeline {
 struct PromptInput {
   std::vector<std::string> texts;   // CLIP's prompts
   std::vector<std::string> texts2;  // T5's prompts (empty: the same as `texts`)
-  std::string textFile;             // one prompt per line, read by the encode stage
+  std::string textFile;             // one prompt per line (a batch), read by the encode stage
   PromptEmbeddings embeddings;
   std::string embeddingsFile;
   bool isText() const { return !texts.empty() || !textFile.empty(); }
@@ -69,20 +74,24 @@ struct GenerateRequest {
   double guidanceScale = 3.5;
   double trueCfgScale = 1.0;
   uint64_t seed = 0;
-  config::Schedule schedule = config::Schedule::kAuto;
+  Schedule schedule = Schedule::kAuto;
   std::string saveLatents;  // rank 0 writes the packed latents here (safetensors, tensor 'latents')
   std::string output;       // rank 0 writes the images here as PNG (several: output-0.png, output-1.png, ...)
   bool decode = false;      // decode into GenerateResult::images even without `output`
   int64_t maxSequenceLength = 0;  // T5 tokens; 0: 512 for guidance-distilled models, else 256
+  int64_t index = -1;       // the request's place in a queue (written into the PNG), or -1
 
-  // The request a `pardit generate` command line describes.
-  static GenerateRequest fromConfig(const config::EngineConfig& c);
+  // Throws naming the option when the request is invalid on its own (no prompt, steps < 1, a size that is
+  // not a multiple of 16, true CFG without a negative prompt, ...). Engine::generate checks it again,
+  // with what depends on the model and the layout.
+  void check() const;
 };
 
 // What a run did (the same on every rank unless noted).
 struct RunReport {
   double loadSeconds = 0.0;  // 0 when the weights were already loaded
   double runSeconds = 0.0;   // the denoise loop, or the forward call
+  double encodeSeconds = 0.0, decodeSeconds = 0.0, writeSeconds = 0.0;  // generate's other stages
   std::vector<double> stepSeconds;
   uint64_t bytesRead = 0;     // this rank's checkpoint bytes read so far
   std::string metricsRun;     // the id of the run appended to --metrics, if any
@@ -101,7 +110,6 @@ struct EncodeRequest {
   PromptInput negativePrompt;  // optional
   int64_t maxSequenceLength = 0;
   std::string output;          // rank 0 writes prompt_embeds, pooled_prompt_embeds (and negative_*) here
-  static EncodeRequest fromConfig(const config::EngineConfig& c);
 };
 
 struct EncodeResult {
@@ -128,6 +136,8 @@ struct BenchmarkRequest {
   int64_t textLen = 128;
   int warmup = 2;
   int iters = 5;
+  std::string prompt;             // encode: the prompt (empty: a built-in one)
+  int64_t maxSequenceLength = 0;  // encode: T5 tokens (0: the model's default)
   bool profile = false;  // one more forward under the operator profiler (pipeline/op_profile.h)
 };
 
@@ -166,12 +176,12 @@ class Engine {
  public:
   // Checks the options (the same on every rank, a valid layout for the world size), resolves this rank's
   // device and dtype, builds the topology and opens the checkpoint headers (no weights are read).
-  Engine(config::EngineConfig options, dist::Runtime& runtime);
+  Engine(EngineOptions options, dist::Runtime& runtime);
   ~Engine();
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
-  const config::EngineConfig& options() const;
+  const EngineOptions& options() const;
   const model::FluxConfig& modelConfig() const;
   const std::string& modelName() const;
   c10::Device device() const;
@@ -179,6 +189,16 @@ class Engine {
 
   // Prompt (text or embeddings) in, latents (and images) out.
   GenerateResult generate(const GenerateRequest& request);
+  // Runs generate's checks of a request without running it (prompts, layout, VAE, outputs, and the memory
+  // plan of its shape): a request that passes fails in generate only on what happens while it runs.
+  void check(const GenerateRequest& request);
+  // Plans every later request as if it were this large (the largest of a queue), so that one plan and one
+  // load serve them all; a request beyond it plans (and loads) anew. Checks that the shape fits.
+  void reserve(int64_t batch, int64_t height, int64_t width, int64_t textTokens, bool trueCfg);
+  // What determines the pixels of image `i` of a request on this model (prompts, seed, size, steps,
+  // guidance, schedule, sequence length, model, weights and dtype) as one line of JSON; written into each PNG
+  // (tEXt "pardit-request"), so a queue can tell an image it made already from another one.
+  std::string imageIdentity(const GenerateRequest& request, int64_t i = 0) const;
   // The text encoders alone, on one rank; the embeddings on every rank.
   EncodeResult encode(const EncodeRequest& request);
   // One transformer call on full inputs (the same on every rank; the CFG degree splits the batch).

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "pardit/config/config.h"
+#include "pardit/pipeline/options.h"
 #include "pardit/dist/topology.h"
 #include "pardit/memory/planner.h"
 #include "pardit/model/flux_config.h"
@@ -34,12 +34,21 @@ struct DecodePlan {
   std::string describe() const;  // "patch-parallel (exact), 1.1 GiB of activations ..."
 };
 
-// config::EngineConfig's --vae-tiling / --vae-tile-size for a batch of height x width images on `ranks`
+// EngineOptions's --vae-tiling / --vae-tile-size for a batch of height x width images on `ranks`
 // ranks. auto: the patch-parallel decode when it fits freeBytes (the least any rank has), else tiles:
 // the VAE's sample_size (diffusers' tile) halved until one fits; it does not fit when not even 64 px
 // tiles do. on: tiles (--vae-tile-size, or as auto chooses them). off: never tiles.
-DecodePlan planDecode(const model::VaeConfig& vae, const config::EngineConfig& c, int64_t batch, int64_t height,
+DecodePlan planDecode(const model::VaeConfig& vae, const EngineOptions& c, int64_t batch, int64_t height,
                       int64_t width, int ranks, c10::ScalarType dtype, uint64_t freeBytes);
+
+// The requests a plan is made for (the largest of a queue).
+struct PlanShape {
+  int worldSize = 0;  // ranks of the job; 0: the product of the degrees (data-parallel included)
+  int64_t height = 1024, width = 1024;
+  int64_t textLen = 512;
+  int64_t batch = 1;
+  bool trueCfg = false;
+};
 
 struct JobPlan {
   std::string model;
@@ -47,7 +56,8 @@ struct JobPlan {
   uint64_t checkpointBytes = 0;
   c10::ScalarType dtype = c10::kBFloat16;
   model::WeightFormat weightFormat = model::WeightFormat::kDense;  // of the transformer's weights
-  int worldSize = 1;
+  int worldSize = 1;      // ranks of one replica group (every rank's plan below is one of the group)
+  int dataParallel = 1;   // replica groups, each the same plan; each encodes its own prompts
   dist::ParallelDegrees degrees;
   int64_t imageTokens = 0;
   bool trueCfg = false;
@@ -66,8 +76,8 @@ struct JobPlan {
   std::optional<DecodePlan> decode;  // when a VAE is found (--vae, or beside the model)
 };
 
-// --world-size 0 takes the product of the degrees. An auto budget is what a rank would get on this
-// machine (the free memory of its first GPU, or its available host memory shared by the ranks).
-JobPlan planJob(const config::EngineConfig& c);
+// An auto budget is what a rank would get on this machine (the free memory of its first GPU, or its
+// available host memory shared by the job's ranks).
+JobPlan planJob(const EngineOptions& c, const PlanShape& shape);
 
 }  // namespace pardit::pipeline

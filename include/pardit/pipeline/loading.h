@@ -10,7 +10,7 @@
 #include <memory>
 #include <string>
 
-#include "pardit/config/config.h"
+#include "pardit/pipeline/options.h"
 #include "pardit/io/checkpoint.h"
 #include "pardit/model/flux.h"
 #include "pardit/model/fp8.h"
@@ -19,10 +19,10 @@
 namespace pardit::pipeline {
 
 // auto -> bf16 on CUDA, fp32 on the CPU.
-c10::ScalarType resolveDtype(config::Dtype dtype, const c10::Device& device);
+c10::ScalarType resolveDtype(Dtype dtype, const c10::Device& device);
 
 // --weight-dtype resolved for a checkpoint (null: synthetic weights, stored dense): auto -> the stored format.
-model::WeightFormat resolveWeightFormat(config::WeightDtype weightDtype, const io::FluxCheckpoint* checkpoint);
+model::WeightFormat resolveWeightFormat(WeightDtype weightDtype, const io::FluxCheckpoint* checkpoint);
 
 // Reads a tensor by internal name in a dtype onto a device.
 using TensorReader = std::function<at::Tensor(const std::string& name, c10::ScalarType dtype, c10::Device device)>;
@@ -60,8 +60,8 @@ LoadedFlux loadFlux(const std::string& modelPath, c10::ScalarType dtype, const c
 
 // The schedule for a model: shift (dev), plain (schnell), or auto: scheduler/scheduler_config.json next
 // to a diffusers transformer when present, else shifted iff the model has guidance embeddings.
-SchedulerConfig resolveSchedule(config::Schedule schedule, const io::FluxCheckpoint& checkpoint);
+SchedulerConfig resolveSchedule(Schedule schedule, const io::FluxCheckpoint& checkpoint);
 // The same for a model without a checkpoint (a preset held in memory).
-SchedulerConfig resolveSchedule(config::Schedule schedule, const model::FluxConfig& config);
+SchedulerConfig resolveSchedule(Schedule schedule, const model::FluxConfig& config);
 
 }  // namespace pardit::pipeline

@@ -289,12 +289,19 @@ TEST(Cli, PromptInImageOutEqualsFluxPipeline) {
     EXPECT_LE(diff.gt(0).sum().item<int64_t>(), diff.numel() / 1000) << name;
     EXPECT_NE(io::readPng(png).text[0].second.find(prompts[1].get<std::string>()), std::string::npos);
   }
-  // A prompt file is a batch: one PNG per line.
+  // A prompt file is a queue: one PNG per non-empty line, named by index and seed (--seed + index).
   std::ofstream(dir.file("prompts.txt")) << "a cat\n\na dog\n";
-  auto batch = runPardit("generate --threads 1 --model " + model + " --prompt-file " + dir.file("prompts.txt") +
-                         " --max-sequence-length 8 --height 32 --width 32 --steps 1 --output " + dir.file("b.png"));
-  ASSERT_EQ(batch.exitCode, 0) << batch.output;
-  EXPECT_TRUE(std::filesystem::exists(dir.file("b-0.png")) && std::filesystem::exists(dir.file("b-1.png")));
+  auto queue = runPardit("generate --threads 1 --model " + model + " --prompt-file " + dir.file("prompts.txt") +
+                         " --max-sequence-length 8 --height 32 --width 32 --steps 1 --seed 10 --output-dir " +
+                         dir.file("q"));
+  ASSERT_EQ(queue.exitCode, 0) << queue.output;
+  EXPECT_TRUE(std::filesystem::exists(dir.file("q/00000-10.png")) && std::filesystem::exists(dir.file("q/00001-11.png")))
+      << queue.output;
+  // --output names one image: with a prompt file it is an error naming both.
+  auto both2 = runPardit("generate --threads 1 --model " + model + " --prompt-file " + dir.file("prompts.txt") +
+                         " --output " + dir.file("b.png"));
+  EXPECT_NE(both2.exitCode, 0);
+  EXPECT_NE(errorLine(both2.output).find("--output-dir"), std::string::npos) << both2.output;
   // True CFG with a text prompt needs a text negative prompt; a model without encoders names the flag.
   auto noNeg = runPardit("generate --threads 1 --model " + model + " --prompt cat --true-cfg-scale 2 --output " +
                          dir.file("x.png"));

@@ -5,7 +5,7 @@
 #include <cstdlib>
 #include <set>
 
-#include "pardit/config/config.h"
+#include "config/config.h"
 #include "pardit/core/error.h"
 
 using namespace pardit;

@@ -110,7 +110,7 @@ TEST(StreamingSources, FileAndHostSourcesReadWhatThePlanSays) {
                                                   std::make_shared<model::LocalAttention>())
                                .forward(in);
     const auto plan =
-        memory::planRank(test::wholeModel(c, dtype, 16, 8, k.format), 1ULL << 40, config::Offload::kSequential);
+        memory::planRank(test::wholeModel(c, dtype, 16, 8, k.format), 1ULL << 40, memory::Offload::kSequential);
     ASSERT_EQ(plan.prefetchDepth, memory::kMaxPrefetchDepth) << "an ample budget reads further ahead";
     uint64_t largest = 0, storedPerPass = 0;
     for (const auto& g : plan.groups)
@@ -183,7 +183,7 @@ TEST(CudaStreaming, FileAndHostSourcesEqualTheResidentRun) {
     const auto resident = std::make_shared<model::ResidentFluxWeights>(c, pipeline::getterOf(reader, dtype, cuda));
     const at::Tensor ref =
         model::FluxTransformer(c, resident, std::make_shared<model::LocalAttention>()).forward(in).cpu();
-    const auto plan = memory::planRank(test::wholeModel(c, dtype, 16, 8), 1ULL << 40, config::Offload::kSequential);
+    const auto plan = memory::planRank(test::wholeModel(c, dtype, 16, 8), 1ULL << 40, memory::Offload::kSequential);
     uint64_t largest = 0;
     for (const auto& g : plan.groups)
       if (g.streamed) largest = std::max(largest, g.bufferBytes);
@@ -257,7 +257,7 @@ TEST(StreamingSources, HostMemoryStaysWithinWhatTheSourceMustHold) {
   const auto read = ck.getter(at::kBFloat16);
   const auto in = inputsFor(c, at::kBFloat16);
   auto plan = memory::planRank(test::wholeModel(c, at::kBFloat16, 16, 8), 1ULL << 40,
-                               config::Offload::kSequential);
+                               memory::Offload::kSequential);
   plan.prefetchDepth = 1;  // the tightest buffers
   uint64_t largest = 0, copies = 0;
   for (const auto& g : plan.groups)
@@ -309,24 +309,24 @@ TEST(StreamingSources, HostMemoryStaysWithinWhatTheSourceMustHold) {
 TEST(StreamingSources, SourceChoiceFollowsTheHostBudget) {
   const auto c = model::FluxConfig::preset("flux-dev");
   auto plan = memory::planRank(test::wholeModel(c, at::kBFloat16, 4096, 512), 12ULL << 30,
-                               config::Offload::kAuto);
+                               memory::Offload::kAuto);
   ASSERT_TRUE(plan.fits && plan.anyStreamed());
   uint64_t copies = 0;
   for (const auto& g : plan.groups)
     if (g.streamed) copies += g.bufferBytes;
-  memory::chooseStreamSource(plan, config::StreamSource::kAuto, /*cuda=*/true, copies);
+  memory::chooseStreamSource(plan, memory::StreamSource::kAuto, /*cuda=*/true, copies);
   EXPECT_TRUE(plan.streamFromHost);
   EXPECT_EQ(plan.hostBytes, copies);
-  memory::chooseStreamSource(plan, config::StreamSource::kAuto, /*cuda=*/true, copies - 1);
+  memory::chooseStreamSource(plan, memory::StreamSource::kAuto, /*cuda=*/true, copies - 1);
   EXPECT_FALSE(plan.streamFromHost);
   EXPECT_EQ(plan.hostBytes, 2 * memory::kStagingBytes);
-  memory::chooseStreamSource(plan, config::StreamSource::kAuto, /*cuda=*/false, 1ULL << 50);
+  memory::chooseStreamSource(plan, memory::StreamSource::kAuto, /*cuda=*/false, 1ULL << 50);
   EXPECT_FALSE(plan.streamFromHost);
   EXPECT_EQ(plan.hostBytes, 0u);
-  memory::chooseStreamSource(plan, config::StreamSource::kFile, /*cuda=*/true, 1ULL << 50);
+  memory::chooseStreamSource(plan, memory::StreamSource::kFile, /*cuda=*/true, 1ULL << 50);
   EXPECT_FALSE(plan.streamFromHost);
   try {
-    memory::chooseStreamSource(plan, config::StreamSource::kHost, /*cuda=*/true, 1ULL << 30);
+    memory::chooseStreamSource(plan, memory::StreamSource::kHost, /*cuda=*/true, 1ULL << 30);
     ADD_FAILURE() << "host beyond the host budget was accepted";
   } catch (const Error& e) {
     const std::string m = e.message();
@@ -335,8 +335,8 @@ TEST(StreamingSources, SourceChoiceFollowsTheHostBudget) {
   }
   // A plan without streamed groups needs nothing.
   auto resident = memory::planRank(test::wholeModel(c, at::kBFloat16, 4096, 512), 80ULL << 30,
-                                   config::Offload::kNone);
-  memory::chooseStreamSource(resident, config::StreamSource::kHost, true, 0);
+                                   memory::Offload::kNone);
+  memory::chooseStreamSource(resident, memory::StreamSource::kHost, true, 0);
   EXPECT_EQ(resident.hostBytes, 0u);
 }
 
@@ -345,18 +345,18 @@ TEST(StreamingSources, SourceChoiceFollowsTheHostBudget) {
 TEST(StreamingSources, PrefetchDepthGrowsWithTheBudget) {
   const auto c = model::FluxConfig::preset("flux-dev");
   const auto w = test::wholeModel(c, at::kBFloat16, 4096, 512);
-  const auto tight = memory::planRank(w, 12ULL << 30, config::Offload::kAuto);
-  const auto seq = memory::planRank(w, 80ULL << 30, config::Offload::kSequential);
+  const auto tight = memory::planRank(w, 12ULL << 30, memory::Offload::kAuto);
+  const auto seq = memory::planRank(w, 80ULL << 30, memory::Offload::kSequential);
   const uint64_t doubleBlock = memory::groupBufferBytes(c, "double_blocks.0", at::kBFloat16);
   EXPECT_EQ(seq.prefetchDepth, memory::kMaxPrefetchDepth);
   EXPECT_EQ(seq.streamBufferBytes, static_cast<uint64_t>(memory::kMaxPrefetchDepth + 1) * doubleBlock);
   EXPECT_LE(tight.total(), tight.budget);
   EXPECT_EQ(tight.streamBufferBytes % (static_cast<uint64_t>(tight.prefetchDepth) + 1), 0u);
   // With room for exactly one more buffer than depth 1 needs, the depth is 2.
-  auto one = memory::planRank(w, 80ULL << 30, config::Offload::kSequential);
+  auto one = memory::planRank(w, 80ULL << 30, memory::Offload::kSequential);
   const uint64_t depth1 = one.total() - one.streamBufferBytes + 2 * doubleBlock;
-  const auto two = memory::planRank(w, depth1 + doubleBlock, config::Offload::kSequential);
+  const auto two = memory::planRank(w, depth1 + doubleBlock, memory::Offload::kSequential);
   EXPECT_EQ(two.prefetchDepth, 2);
-  const auto single = memory::planRank(w, depth1, config::Offload::kSequential);
+  const auto single = memory::planRank(w, depth1, memory::Offload::kSequential);
   EXPECT_EQ(single.prefetchDepth, 1);
 }

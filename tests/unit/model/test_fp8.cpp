@@ -127,7 +127,7 @@ TEST(Fp8, SingleFileConventionsLoad) {
     const auto ck = io::FluxCheckpoint::open(fixture(file));
     EXPECT_EQ(ck.storedFormat(), model::WeightFormat::kFp8) << kind;
     EXPECT_TRUE(ck.findings().empty()) << kind << ": " << (ck.findings().empty() ? "" : ck.findings()[0]);
-    const auto format = pipeline::resolveWeightFormat(config::WeightDtype::kAuto, &ck);
+    const auto format = pipeline::resolveWeightFormat(pipeline::WeightDtype::kAuto, &ck);
     EXPECT_EQ(format, model::WeightFormat::kFp8);
     const at::Tensor expected = reference()->read(kind + "_fp32");
     const at::Tensor fp8 = forward(file, at::kFloat, format, "forward_tiny_schnell.safetensors");
@@ -290,7 +290,7 @@ TEST(Fp8, PlannerCountsFp8Bytes) {
   const uint64_t GiB = 1ULL << 30;
   auto plan = [&](model::WeightFormat f, uint64_t budget) {
     w.weightFormat = f;
-    return memory::planRank(w, budget, config::Offload::kAuto);
+    return memory::planRank(w, budget, memory::Offload::kAuto);
   };
   const auto dense24 = plan(model::WeightFormat::kDense, 24 * GiB), fp824 = plan(model::WeightFormat::kFp8, 24 * GiB);
   EXPECT_TRUE(fp824.fits);
@@ -330,9 +330,9 @@ TEST(Fp8, StreamedGroupsMoveHalfTheBytes) {
   for (const auto& g : model::fluxWeightGroups(c)) w.groups.push_back(g.name);
   w.imageTokens = geom.tokens();
   w.textTokens = 8;
-  const auto dense = memory::planRank(w, 1ULL << 40, config::Offload::kSequential);
+  const auto dense = memory::planRank(w, 1ULL << 40, memory::Offload::kSequential);
   w.weightFormat = model::WeightFormat::kFp8;
-  const auto plan = memory::planRank(w, 1ULL << 40, config::Offload::kSequential);
+  const auto plan = memory::planRank(w, 1ULL << 40, memory::Offload::kSequential);
   std::printf("[fp8] small preset, every block streamed: %llu B per pass in FP8, %llu B dense (fp32 here: %.2fx)\n",
               static_cast<unsigned long long>(plan.streamedBytes), static_cast<unsigned long long>(dense.streamedBytes),
               double(dense.streamedBytes) / plan.streamedBytes);

@@ -8,9 +8,9 @@
 using namespace pardit;
 
 namespace {
-config::Partition byCompute() { return {}; }
-config::Partition byMemory() { return {config::Partition::Mode::kMemory, {}}; }
-config::Partition counts(std::vector<int64_t> c) { return {config::Partition::Mode::kExplicit, std::move(c)}; }
+parallel::Partition byCompute() { return {}; }
+parallel::Partition byMemory() { return {parallel::Partition::Mode::kMemory, {}}; }
+parallel::Partition counts(std::vector<int64_t> c) { return {parallel::Partition::Mode::kExplicit, std::move(c)}; }
 }  // namespace
 
 TEST(PipeFusion, PartitionModes) {

@@ -139,7 +139,7 @@ TEST(CudaGraph, DenoiseLoopWithGraphsEqualsTheEagerLoop) {
     if (f->contains("negative_prompt_embeds")) neg = onGpu("negative_prompt_embeds", "negative_pooled_prompt_embeds");
     const int steps = std::stoi(meta.at("steps"));
     const pipeline::FlowMatchEulerScheduler scheduler(
-        pipeline::resolveSchedule(config::Schedule::kAuto, *loaded.checkpoint), steps, geom.tokens());
+        pipeline::resolveSchedule(pipeline::Schedule::kAuto, *loaded.checkpoint), steps, geom.tokens());
     const pipeline::Sampling sampling{loaded.checkpoint->config().guidanceEmbed,
                                       std::stod(meta.at("guidance_scale")), std::stod(meta.at("true_cfg_scale"))};
     const at::Tensor noise = pipeline::initialNoise(std::stoull(meta.at("seed")), pos.promptEmbeds.size(0), geom,

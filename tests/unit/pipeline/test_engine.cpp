@@ -28,10 +28,10 @@ namespace {
 struct Layout {
   const char* name;
   int ranks;
-  config::EngineConfig options;
+  pipeline::EngineOptions options;
 };
 
-config::EngineConfig withDegrees(config::EngineConfig c, int cfg, int pp, int ring, int ulysses, int warmup = 1) {
+pipeline::EngineOptions withDegrees(pipeline::EngineOptions c, int cfg, int pp, int ring, int ulysses, int warmup = 1) {
   c.cfgDegree = cfg;
   c.pipefusionDegree = pp;
   c.ringDegree = ring;
@@ -49,10 +49,10 @@ class EngineTest : public ::testing::Test {
     o.outDir = dir_.file("m");
     o.textLen = 8;
     model_ = io::synthesizeCheckpoint(o);
-    base_ = config::defaults(config::Command::kGenerate);
+    base_ = pipeline::EngineOptions{};
     base_.model = model_.modelPath;
-    base_.dtype = config::Dtype::kFp32;
-    base_.device = config::DeviceKind::kCpu;
+    base_.dtype = pipeline::Dtype::kFp32;
+    base_.device = dist::DeviceKind::kCpu;
   }
   void TearDown() override { setLogLevel(LogLevel::kInfo); }
 
@@ -73,7 +73,7 @@ class EngineTest : public ::testing::Test {
   // Runs `generate` on `ranks` in-process ranks; returns rank 0's latents and checks all ranks agree.
   // Point-to-point with NCCL's semantics (nothing buffered): every layout's exchanges would also complete
   // between GPUs.
-  at::Tensor generate(int ranks, const config::EngineConfig& options, const pipeline::GenerateRequest& r) {
+  at::Tensor generate(int ranks, const pipeline::EngineOptions& options, const pipeline::GenerateRequest& r) {
     std::mutex m;
     std::vector<at::Tensor> out(ranks);
     dist::runInProcess(
@@ -91,7 +91,7 @@ class EngineTest : public ::testing::Test {
 
   test::TempDir dir_;
   io::SynthResult model_;
-  config::EngineConfig base_;
+  pipeline::EngineOptions base_;
 };
 
 }  // namespace
@@ -123,8 +123,7 @@ TEST_F(EngineTest, GenerateLayoutsMatchOneRank) {
 }
 
 TEST_F(EngineTest, ForwardLayoutsMatchOneRankAndWriteTheOutput) {
-  config::EngineConfig fwd = base_;
-  fwd.command = config::Command::kForward;
+  pipeline::EngineOptions fwd = base_;
   // Batch 2 (split by CFG), 4 x 8 image tokens (split by sequence parallelism), 6 text tokens (replicated).
   const model::FluxConfig mc = model::FluxConfig::preset("tiny");
   at::manual_seed(17);
@@ -178,7 +177,7 @@ TEST_F(EngineTest, KeepsTheWeightsBetweenRunsWithTheSamePlan) {
 
 TEST_F(EngineTest, BadRequestsEndEveryRankBeforeLoading) {
   std::atomic<int> failures{0};
-  auto expectFailure = [&](const pipeline::GenerateRequest& r, const config::EngineConfig& options) {
+  auto expectFailure = [&](const pipeline::GenerateRequest& r, const pipeline::EngineOptions& options) {
     failures = 0;
     dist::runInProcess(2, [&](dist::Runtime& rt) {
       pipeline::Engine engine(options, rt);
@@ -205,7 +204,7 @@ TEST_F(EngineTest, BadRequestsEndEveryRankBeforeLoading) {
   // A metrics file in a missing directory is refused when the engine is built, not after the run.
   failures = 0;
   dist::runInProcess(2, [&](dist::Runtime& rt) {
-    config::EngineConfig o = withDegrees(base_, 1, 1, 1, 2);
+    pipeline::EngineOptions o = withDegrees(base_, 1, 1, 1, 2);
     o.metrics = dir_.file("missing/m.h5");
     try {
       pipeline::Engine engine(o, rt);
@@ -217,8 +216,8 @@ TEST_F(EngineTest, BadRequestsEndEveryRankBeforeLoading) {
   // Options that differ between ranks are refused when the engine is built.
   failures = 0;
   dist::runInProcess(2, [&](dist::Runtime& rt) {
-    config::EngineConfig o = withDegrees(base_, 1, 1, 1, 2);
-    o.offload = rt.worldRank() == 0 ? config::Offload::kAuto : config::Offload::kSequential;
+    pipeline::EngineOptions o = withDegrees(base_, 1, 1, 1, 2);
+    o.offload = rt.worldRank() == 0 ? memory::Offload::kAuto : memory::Offload::kSequential;
     try {
       pipeline::Engine engine(o, rt);
     } catch (const dist::CollectiveFailure&) {
@@ -233,7 +232,7 @@ TEST_F(EngineTest, BadRequestsEndEveryRankBeforeLoading) {
 TEST(DecodePlan, PatchesWhenTheyFitElseTheLargestTilesThatDo) {
   using Mode = pipeline::DecodePlan::Mode;
   const auto flux = model::VaeConfig::preset("flux");
-  auto c = config::defaults(config::Command::kGenerate);
+  pipeline::EngineOptions c;
   const int64_t px = 2048;
   const uint64_t patches4 = model::vaeDecodeActivationBytes(flux, 1, px, px, 4, 2);
   auto plan = [&](uint64_t free, int ranks = 4) {
@@ -263,11 +262,11 @@ TEST(DecodePlan, PatchesWhenTheyFitElseTheLargestTilesThatDo) {
   // Fewer latent rows than ranks: every rank decodes the whole image.
   EXPECT_EQ(pipeline::planDecode(flux, c, 1, 16, 64, 4, at::kBFloat16, 1ull << 40).mode, Mode::kWhole);
   // off: never tiles (it does not fit); on: tiles even when patches fit; --vae-tile-size as given.
-  c.vaeTiling = config::VaeTiling::kOff;
+  c.vaeTiling = pipeline::VaeTiling::kOff;
   d = plan(weights + 1000);
   EXPECT_EQ(d.mode, Mode::kPatches);
   EXPECT_FALSE(d.fits);
-  c.vaeTiling = config::VaeTiling::kOn;
+  c.vaeTiling = pipeline::VaeTiling::kOn;
   d = plan(1ull << 40);
   EXPECT_EQ(d.mode, Mode::kTiles);
   EXPECT_EQ(d.tile * d.factor, 1024);
@@ -282,7 +281,7 @@ TEST(DecodePlan, PatchesWhenTheyFitElseTheLargestTilesThatDo) {
 // the one-rank tiled decode of the same latents.
 TEST_F(EngineTest, TiledDecodeOnRanksEqualsOneRank) {
   auto o = base_;
-  o.vaeTiling = config::VaeTiling::kOn;
+  o.vaeTiling = pipeline::VaeTiling::kOn;
   o.vaeTileSize = 32;
   auto r = request(false);
   r.decode = true;

@@ -39,7 +39,7 @@ double runCase(const GenCase& c) {
 
   auto denoiser = pipeline::TransformerDenoiser::local(pipeline::localTransformer(loaded.transformer),
                                                        pipeline::imageIds(geom), pos, neg);
-  const auto sched = pipeline::resolveSchedule(config::Schedule::kAuto, *loaded.checkpoint);
+  const auto sched = pipeline::resolveSchedule(pipeline::Schedule::kAuto, *loaded.checkpoint);
   pipeline::FlowMatchEulerScheduler scheduler(sched, steps, geom.tokens());
   at::Tensor sigmas = f->read("sigmas");
   for (int i = 0; i <= steps; ++i) EXPECT_EQ(scheduler.sigmas()[i], sigmas[i].item<float>());

@@ -1,5 +1,7 @@
 #pragma once
-// Typed engine configuration for every command, and the one option table behind it.
+// The `pardit` executable's options for every command, and the one option table behind it. This is the
+// application's layer (the library takes pipeline::EngineOptions and requests, never a command line):
+// engineOptions(), generateRequest() and queueOptions() below turn a parsed command line into them.
 //
 // Each option is declared once (src/config/config.cpp): its flag, type, default, help text, help group,
 // the commands that take it and how it must agree across the ranks of a job. From that table come the
@@ -15,23 +17,32 @@
 #include <utility>
 #include <vector>
 
+#include "pardit/pipeline/options.h"
+
+namespace pardit::pipeline {
+struct GenerateRequest;
+struct EncodeRequest;
+struct QueueOptions;
+}  // namespace pardit::pipeline
+
 namespace pardit::config {
 
 enum class Command { kGenerate, kForward, kSynth, kBench, kPlan, kEncode, kQuantize };
-enum class Dtype { kAuto, kBf16, kFp16, kFp32 };            // auto: bf16 on CUDA, fp32 on the CPU
-enum class DeviceKind { kAuto, kCpu, kCuda };
-// auto: FP8 when the checkpoint stores FP8 block weights, else the compute dtype; fp8: block weights in FP8
-// (quantized while loading when stored otherwise); compute: every weight in the compute dtype.
-enum class WeightDtype { kAuto, kFp8, kCompute };
-enum class Offload { kNone, kAuto, kSequential };
-enum class StreamSource { kAuto, kHost, kFile };
-enum class Schedule { kAuto, kShift, kPlain };
+// The option types the library owns, under the names the option table uses.
+using Dtype = pipeline::Dtype;
+using DeviceKind = dist::DeviceKind;
+using WeightDtype = pipeline::WeightDtype;
+using Offload = memory::Offload;
+using StreamSource = memory::StreamSource;
+using Schedule = pipeline::Schedule;
+using EncoderDevice = pipeline::EncoderDevice;
+using VaeTiling = pipeline::VaeTiling;
+using Attention = pipeline::Attention;
+using Partition = parallel::Partition;
+using MemoryBudget = memory::MemoryBudget;
 enum class LogLevelOption { kDebug, kInfo, kWarn, kError };
 enum class SynthLayout { kDiffusers, kBfl };
 enum class SynthFill { kRandom, kZeros };
-enum class EncoderDevice { kAuto, kCpu };      // auto: the rank's device
-enum class VaeTiling { kAuto, kOn, kOff };      // auto: tiled only when the whole decode does not fit
-enum class Attention { kAuto, kFlash, kEfficient, kCudnn, kMath };  // the kernel of the transformer's attention
 
 // Names as the command line spells them ("bf16", "sequential", ...).
 template <typename E>
@@ -39,22 +50,6 @@ std::string enumName(E value);
 // The accepted names of an enum, for help texts and errors.
 template <typename E>
 std::vector<std::string> enumNames();
-
-// --pp-partition: "compute" (equal block counts), "memory" (equal weight bytes) or explicit counts.
-struct Partition {
-  enum class Mode { kCompute, kMemory, kExplicit } mode = Mode::kCompute;
-  std::vector<int64_t> counts;  // kExplicit: blocks per stage
-  std::string str() const;
-  bool operator==(const Partition& o) const { return mode == o.mode && counts == o.counts; }
-};
-
-// --device-memory-budget: "auto" (free device memory minus headroom) or a size; --host-memory-budget too
-// (auto: available host memory shared by the node's ranks, minus headroom).
-struct MemoryBudget {
-  bool automatic = true;
-  uint64_t bytes = 0;
-  std::string str() const;
-};
 
 // "24GiB", "12GB", "1.5GiB", "512MiB", "4096" (bytes). Errors name `flag`; sizes of 2^64 bytes and
 // more are refused.
@@ -80,7 +75,8 @@ struct EngineConfig {
   bool unfused = false;                // ATen's compositions instead of pardit's fused passes (to measure them)
   std::string configFile;
 
-  // Parallel layout: world size = cfg x pipefusion x ring x ulysses
+  // Parallel layout: world size = data-parallel x cfg x pipefusion x ring x ulysses
+  int dataParallelDegree = 1;
   int ulyssesDegree = 1;
   int ringDegree = 1;
   int cfgDegree = 1;
@@ -111,7 +107,11 @@ struct EngineConfig {
   std::string prompt;                  // CLIP's prompt (and T5's unless prompt2 is given)
   std::string prompt2;                 // T5's prompt
   std::string negativePrompt;          // true CFG
-  std::string promptFile;              // one prompt per line: a batch
+  std::string promptFile;              // a queue: one prompt per line, or JSONL requests
+  std::string outputDir;               // the queue's images and manifest.jsonl
+  std::string outputName = "{index:05}-{seed}.png";  // the queue's file names
+  std::string shard;                   // "I/N" or "auto" (a Slurm array task's share of the queue)
+  bool overwrite = false;              // replace queue outputs made with other parameters
   int64_t maxSequenceLength = 0;       // T5 tokens; 0: 512 for guidance-distilled models (dev), 256 otherwise
   std::string textEncoder;             // CLIP: text_encoder/ or clip_l.safetensors (default: the model's)
   std::string textEncoder2;            // T5: text_encoder_2/ or t5xxl_*.safetensors
@@ -176,6 +176,12 @@ std::map<std::string, std::string> toMap(const EngineConfig& c);
 // options, metrics, outputs, ...), and for input files that may be node-local copies, only whether they
 // are given. Per-rank options (threads, log level, the paths of inputs) are left out.
 std::vector<std::pair<std::string, std::string>> syncedOptions(const EngineConfig& c);
+
+// The library's view of a command line (src/config/requests.cpp). queueOptions throws naming --shard.
+pipeline::EngineOptions engineOptions(const EngineConfig& c);
+pipeline::GenerateRequest generateRequest(const EngineConfig& c);  // the one request of --prompt/--prompt-embeds
+pipeline::EncodeRequest encodeRequest(const EngineConfig& c);
+pipeline::QueueOptions queueOptions(const EngineConfig& c);
 
 // Parses the arguments after the command name. Throws pardit::Error with a one-line message naming the
 // flag, environment variable or file and what was expected.

@@ -105,6 +105,8 @@ def setup():
              {"prompt_embeds": ([2, 8, 32], 0.0), "pooled_prompt_embeds": ([2, 32], 0.0)})
     open(os.path.join(D, "bad.ini"), "w").write("stepz = 4\n")
     open(os.path.join(D, "prompts.txt"), "w").write("")
+    open(os.path.join(D, "badfield.jsonl"), "w").write('{"prompt": "a cat"}\n{"prompt": "a dog", "steps": "many"}\n')
+    open(os.path.join(D, "twice.jsonl"), "w").write('{"prompt": "a", "output": "x.png"}\n{"prompt": "b", "output": "x.png"}\n')
     os.makedirs(os.path.join(D, "nomodel"), exist_ok=True)
     open(os.path.join(D, "nomodel", "notes.txt"), "w").write("no model here\n")
     open(os.path.join(D, "notes.txt"), "w").write("not HDF5\n")
@@ -184,6 +186,11 @@ CASES = [
      "batch"),
     ("empty prompt file", ["generate", "--model", "m", "--prompt-file", "prompts.txt", "--output-dir", "q",
                            "--height", "64", "--width", "64"], "prompts.txt"),
+    ("a queue line with a bad field", ["generate", "--model", "m", "--prompt-file", "badfield.jsonl", "--output-dir",
+                                       "q"], "badfield.jsonl:2:steps"),
+    ("two queue lines with one output", ["generate", "--model", "m", "--prompt-file", "twice.jsonl", "--output-dir",
+                                         "q"], "also the output of line 1"),
+    ("a queue without --output-dir", ["generate", "--model", "m", "--prompt-file", "twice.jsonl"], "--output-dir"),
     ("output into a missing folder", G + ["--save-latents", "no/dir/x.safetensors"], "does not exist"),
     ("output onto the model's weights", G + ["--save-latents", "m/transformer/diffusion_pytorch_model.safetensors"],
      "is an input of this run"),

@@ -57,7 +57,7 @@ int main() {
     for (const auto& g : model::fluxWeightGroups(c)) w.groups.push_back(g.name);
     w.imageTokens = Li;
     w.textTokens = Lt;
-    const auto plan = memory::planRank(w, 1ULL << 40, config::Offload::kSequential);
+    const auto plan = memory::planRank(w, 1ULL << 40, memory::Offload::kSequential);
     // Tensors stored as they are used are read as bytes by several threads; the others through the getter.
     memory::StreamingOptions options;
     options.hostCache = false;

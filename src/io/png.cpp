@@ -114,6 +114,30 @@ void writePng(const std::string& path, const at::Tensor& image, const PngText& t
   temp.commit("--output");
 }
 
+PngText readPngText(const std::string& path) {
+  File f(std::fopen(path.c_str(), "rb"));
+  PARDIT_CHECK(f != nullptr, path, ": cannot open");
+  png_byte sig[8];
+  PARDIT_CHECK(std::fread(sig, 1, 8, f.get()) == 8 && png_sig_cmp(sig, 0, 8) == 0, path, ": not a PNG file");
+  std::string error;
+  png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &error, onError, onWarning);
+  PARDIT_CHECK(png != nullptr, path, ": cannot read");
+  png_infop info = png_create_info_struct(png);
+  if (info == nullptr || setjmp(png_jmpbuf(png))) {
+    png_destroy_read_struct(&png, info ? &info : nullptr, nullptr);
+    PARDIT_THROW(path, ": ", error.empty() ? "cannot read" : error);
+  }
+  png_init_io(png, f.get());
+  png_set_sig_bytes(png, 8);
+  png_read_info(png, info);  // the chunks up to the first IDAT
+  PngText out;
+  png_textp text = nullptr;
+  const int n = png_get_text(png, info, &text, nullptr);
+  for (int i = 0; i < n; ++i) out.emplace_back(text[i].key, std::string(text[i].text, text[i].text_length));
+  png_destroy_read_struct(&png, &info, nullptr);
+  return out;
+}
+
 PngImage readPng(const std::string& path) {
   File f(std::fopen(path.c_str(), "rb"));
   PARDIT_CHECK(f != nullptr, path, ": cannot open");

@@ -18,6 +18,7 @@
 #include <map>
 #include <optional>
 #include <set>
+#include <tuple>
 
 #include "pardit/core/error.h"
 #include "pardit/core/files.h"
@@ -28,6 +29,7 @@
 #include "pardit/dist/watchdog.h"
 #include "pardit/io/png.h"
 #include "pardit/pipeline/latents.h"
+#include "rank_setup.h"
 
 namespace pardit::pipeline {
 
@@ -163,17 +165,11 @@ json manifestLine(const QueueItem& item, int group, const GenerateResult* result
 }
 
 // Whether every rank of `rt` passed `ok`.
-bool allOk(dist::Runtime& rt, bool ok) {
-  at::Tensor t = at::full({1}, ok ? 1 : 0, at::kInt);
-  if (rt.worldSize() > 1) rt.world().allReduce(t, dist::ReduceOp::kMin);
-  return t.item<int>() == 1;
-}
+bool allOk(dist::Runtime& rt, bool ok) { return detail::worldReduce(rt, ok ? 1.0 : 0.0, dist::ReduceOp::kMin) == 1.0; }
 
 // The largest signal number any rank of `rt` has recorded (0: none).
 int agreedStop(dist::Runtime& rt) {
-  at::Tensor t = at::full({1}, stopSignal(), at::kInt);
-  if (rt.worldSize() > 1) rt.world().allReduce(t, dist::ReduceOp::kMax);
-  return t.item<int>();
+  return static_cast<int>(detail::worldReduce(rt, stopSignal(), dist::ReduceOp::kMax));
 }
 
 // Work a request is predicted to take, to deal requests to the replica groups evenly.
@@ -319,7 +315,10 @@ std::vector<QueueItem> readQueue(const QueueOptions& q, const GenerateRequest& d
       }
       if (auto v = f.integer("width", 16)) r.width = *v;
       if (auto v = f.integer("height", 16)) r.height = *v;
-      if (auto v = f.integer("steps", 1)) r.steps = static_cast<int>(std::min<int64_t>(*v, 1000000));
+      if (auto v = f.integer("steps", 1)) {
+        if (*v > std::numeric_limits<int>::max()) f.fail("steps", "an integer from 1 to 2147483647");
+        r.steps = static_cast<int>(*v);
+      }
       if (auto v = f.number("guidance_scale")) r.guidanceScale = *v;
       if (auto v = f.number("true_cfg_scale")) r.trueCfgScale = *v;
       if (auto v = f.integer("max_sequence_length", 0)) r.maxSequenceLength = *v;
@@ -350,6 +349,9 @@ std::vector<QueueItem> readQueue(const QueueOptions& q, const GenerateRequest& d
 QueueReport runQueue(const EngineOptions& options, dist::Runtime& world, const QueueOptions& q,
                      const GenerateRequest& defaults) {
   Timer jobTimer;
+  // From here on a signal stops the job between two images (after loading, before the first, when it came
+  // earlier); the running image and the final count are never cut short by the first one.
+  const StopGuard guard(q.gracefulStop);
   QueueReport report;
   std::vector<QueueItem> items;
   // 1. The whole queue, on every rank, before anything else.
@@ -361,6 +363,11 @@ QueueReport runQueue(const EngineOptions& options, dist::Runtime& world, const Q
     PARDIT_CHECK(q.shardCount >= 1 && q.shardIndex >= 0 && q.shardIndex < q.shardCount, "--shard ", q.shardIndex, "/",
                  q.shardCount, " is not I/N with 0 <= I < N");
     items = readQueue(q, defaults);
+    if (options.cfgDegree > 1)
+      for (const auto& item : items)
+        PARDIT_CHECK(item.request.trueCfgScale > 1.0, q.promptFile, ":", item.line, ": --cfg-degree ",
+                     options.cfgDegree, " runs the two branches of true CFG: every request needs a negative_prompt and "
+                     "true_cfg_scale > 1");
     std::error_code ec;
     fs::create_directories(q.outputDir, ec);
     PARDIT_CHECK(fs::is_directory(q.outputDir), "--output-dir ", q.outputDir, ": cannot create the directory",
@@ -370,6 +377,7 @@ QueueReport runQueue(const EngineOptions& options, dist::Runtime& world, const Q
       fs::create_directories(parent, ec);
       PARDIT_CHECK(fs::is_directory(parent), q.promptFile, ":", item.line, ": cannot create the directory ",
                    parent.string(), " for output '", item.file, "'");
+      checkReplaceable(item.request.output, q.promptFile + ":" + std::to_string(item.line) + ": output");
     }
     // Writable: a temporary file made and removed (permissions alone do not tell, e.g. a read-only mount).
     const std::string probe = temporaryPathFor((fs::path(q.outputDir) / kManifest).string());
@@ -416,7 +424,7 @@ QueueReport runQueue(const EngineOptions& options, dist::Runtime& world, const Q
       PARDIT_CHECK(fs::is_regular_file(path), where, ": output ", path, " exists and is not a regular file");
       std::string found;
       try {
-        for (const auto& [key, value] : io::readPng(path).text)
+        for (const auto& [key, value] : io::readPngText(path))
           if (key == "pardit-request") found = value;
       } catch (const Error&) {
         found.clear();  // not a PNG pardit can read: not this request's image
@@ -448,16 +456,18 @@ QueueReport runQueue(const EngineOptions& options, dist::Runtime& world, const Q
     logInfo0("queue: ", report.skipped, " of ", report.shard, " requests already made in ", q.outputDir,
              " (same parameters, read from the PNGs); ", pending.size(), " to make");
 
-  // 4. Every pending request checked on its group (prompts, layout, VAE, outputs, its memory plan), and
-  // one plan for the largest, before any weight is read.
+  // 4. Each shape among the pending requests checked on its group (layout, VAE, outputs, memory plan: what
+  // readQueue could not check alone), and one plan for the largest, before any weight is read.
   const int64_t defaultT = engine->modelConfig().guidanceEmbed ? 512 : 256;
   auto textTokens = [&](const GenerateRequest& r) { return r.maxSequenceLength > 0 ? r.maxSequenceLength : defaultT; };
   try {
     int64_t maxTokens = 0, maxText = 0, maxH = 16, maxW = 16;
     bool anyCfg = false;
+    std::set<std::tuple<int64_t, int64_t, int64_t, bool, bool>> shapes;
     for (size_t i : pending) {
       const GenerateRequest& r = shard[i].request;
-      engine->check(r);
+      if (shapes.emplace(r.height, r.width, textTokens(r), r.trueCfgScale > 1.0, !r.prompt.texts2.empty()).second)
+        engine->check(r);
       const int64_t tokens = (r.height / 16) * (r.width / 16);
       if (tokens > maxTokens) {
         maxTokens = tokens;
@@ -489,7 +499,6 @@ QueueReport runQueue(const EngineOptions& options, dist::Runtime& world, const Q
   int64_t made = 0;
   int stop = 0;
   {
-    StopGuard guard(q.gracefulStop);
     try {
       for (size_t k = 0; k < mine.size(); ++k) {
         stop = agreedStop(*groupRt);

@@ -21,5 +21,7 @@ struct PngImage {
 };
 // 8-bit PNGs (grey, RGB, RGBA). Throws naming the file for anything else.
 PngImage readPng(const std::string& path);
+// The text chunks before the image data (where writePng puts them), without decoding the pixels.
+PngText readPngText(const std::string& path);
 
 }  // namespace pardit::io

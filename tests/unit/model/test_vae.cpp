@@ -104,6 +104,8 @@ TEST(Png, RoundTripWithTextAndAtomicWrite) {
   const io::PngImage back = io::readPng(dir.file("x.png"));
   EXPECT_TRUE(at::equal(back.pixels, img));
   EXPECT_EQ(back.text, text);
+  EXPECT_EQ(io::readPngText(dir.file("x.png")), text);  // without decoding the pixels
+  EXPECT_THROW(io::readPngText(test::fixture("vae_decode_tiny.safetensors")), Error);
   // No temporary files are left behind; a failed write leaves the old image untouched.
   size_t files = 0;
   for (const auto& e : std::filesystem::directory_iterator(dir.path())) files += e.is_regular_file();

@@ -4,7 +4,9 @@
     "$(launch/install.sh --plots | tail -n 1)/bin/python" tools/metrics_table.py runs.h5 --out runs.csv
 
 Columns: id, date, command, model, dtype, device, height, width, images, steps, world_size, the four
-degrees, total_latency_s, mean_step_time_s, images_per_second, peak_host_rss_max, peak_device_memory_max.
+degrees, total_latency_s, mean_step_time_s, images_per_second, peak_host_rss_max, peak_device_memory_max;
+and when the file holds runs of a queue (--prompt-file): queue_index, replica_group and queue_wait_s of each
+image's run, and images_per_hour and device_seconds_per_image of the queue job's run (command "queue").
 Needs h5py (launch/install.sh --plots). In pandas the same table is one line:
     pd.DataFrame(h5py.File("runs.h5", "r")["run_index"][()])
 """
@@ -26,9 +28,24 @@ def rows(path):
         if "run_index" not in f:
             sys.exit(f"metrics_table.py: {path}: no /run_index (its runs predate it; the next run appended adds it)")
         table = f["run_index"][()]
-    names = table.dtype.names
+        names = list(table.dtype.names)
+        queue = {}  # run id -> its "queue" group's attributes
+        for rid, run in f["runs"].items():
+            if "queue" in run:
+                queue[rid] = {k: float(v) for k, v in run["queue"].attrs.items()}
+    extra = []
+    if queue:
+        extra = ["queue_index", "replica_group", "queue_wait_s", "images_per_hour", "device_seconds_per_image"]
     for r in table:
-        yield {n: (v.decode() if isinstance(v, bytes) else v.item()) for n, v in zip(names, r)}, names
+        row = {n: (v.decode() if isinstance(v, bytes) else v.item()) for n, v in zip(names, r)}
+        q = queue.get(row["id"], {})
+        row.update({"queue_index": q.get("index", ""), "replica_group": q.get("replica_group", ""),
+                    "queue_wait_s": q.get("queue_wait_s", ""), "images_per_hour": q.get("images_per_hour", ""),
+                    "device_seconds_per_image": q.get("device_seconds_per_image", "")} if extra else {})
+        for k in ("queue_index", "replica_group"):
+            if isinstance(row.get(k), float):
+                row[k] = int(row[k])
+        yield row, names + extra
 
 
 def main():

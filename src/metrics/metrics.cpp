@@ -260,6 +260,10 @@ void writeProvenance(hid_t run, const RunInfo& info, const Gathered& g, const di
   attrScalar<int32_t>(run, "pipefusion_degree", d.pipefusion, H5T_NATIVE_INT32);
   attrScalar<int32_t>(run, "ring_degree", d.ring, H5T_NATIVE_INT32);
   attrScalar<int32_t>(run, "ulysses_degree", d.ulysses, H5T_NATIVE_INT32);
+  if (!info.queue.empty()) {
+    H5Id q(H5Gcreate2(run, "queue", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose, "group queue");
+    for (const auto& [name, value] : info.queue) attrScalar<double>(q.id, name, value, H5T_NATIVE_DOUBLE);
+  }
 }
 
 void writeStepData(hid_t run, const Gathered& g) {

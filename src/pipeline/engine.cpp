@@ -210,7 +210,7 @@ void Engine::Impl::writeOutput(const std::string& path, const std::string& flag,
 }
 
 std::string Engine::Impl::finishMetrics(Run& run, const std::string& command, double seconds, int warmupSteps,
-                                        int64_t images) {
+                                        int64_t images, const std::map<std::string, double>& queue) {
   if (options.metrics.empty()) return "";
   run.recorder.setLoad(run.loadSeconds, bytesRead());
   run.recorder.setTotalSeconds(seconds);
@@ -221,7 +221,7 @@ std::string Engine::Impl::finishMetrics(Run& run, const std::string& command, do
     for (const auto& [name, value] : detail::syncedFields(options)) resolved[name] = value;
   resolved["weight-dtype"] = weightFormat == model::WeightFormat::kFp8 ? "fp8" : "compute";  // auto resolved
   metrics::RunInfo info{command, resolved, modelName, device.str(), warmupSteps, images,
-                        run.height, run.width, run.steps, dtypeName(dtype)};
+                        run.height, run.width, run.steps, dtypeName(dtype), queue};
   const std::string id = run.recorder.write(options.metrics, info);
   logInfo0("metrics: appended run ", id, " to ", options.metrics);
   return id;
@@ -739,7 +739,8 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
   if (text) meta["prompt"] = prompts.text.clip.at(0);
   m.writeOutput(request.saveLatents, "--save-latents", "latents", result.latents, meta);
   result.report.metricsRun =
-      m.finishMetrics(run, "generate", result.report.runSeconds, run.pipefusion ? run.pipefusion->warmupSteps : 0, B);
+      m.finishMetrics(run, "generate", result.report.runSeconds, run.pipefusion ? run.pipefusion->warmupSteps : 0, B,
+                      request.queueMetrics);
   result.report.bytesRead = m.bytesRead();
   logInfo0("communication: ", detail::collectiveSummary(m.rt));
   m.rankSummary(run.weights, run.pipefusion);

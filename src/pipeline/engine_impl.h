@@ -143,7 +143,8 @@ struct Engine::Impl {
   std::string imageIdentity(const GenerateRequest& request, int64_t i) const;
   // "bf16", or "fp8 e4m3 (row scales) + bf16" with FP8 weights.
   std::string weightsName() const;
-  std::string finishMetrics(Run& run, const std::string& command, double seconds, int warmupSteps, int64_t images);
+  std::string finishMetrics(Run& run, const std::string& command, double seconds, int warmupSteps, int64_t images,
+                            const std::map<std::string, double>& queue = {});
   void rankSummary(const std::shared_ptr<model::FluxWeightProvider>& weights, const std::optional<PipeFusionLayout>& pf) const;
   uint64_t bytesRead() const {
     return (checkpoint ? checkpoint->bytesRead() : 0) + (vae ? vae->bytesRead() : 0) + textBytesRead;

@@ -27,7 +27,9 @@
 #include "pardit/core/timer.h"
 #include "pardit/dist/runtime.h"
 #include "pardit/dist/watchdog.h"
+#include "pardit/core/dtype.h"
 #include "pardit/io/png.h"
+#include "pardit/metrics/metrics.h"
 #include "pardit/pipeline/latents.h"
 #include "rank_setup.h"
 
@@ -506,7 +508,13 @@ QueueReport runQueue(const EngineOptions& options, dist::Runtime& world, const Q
         const QueueItem& item = shard[mine[k]];
         const double wait = jobTimer.seconds();
         Timer t;
-        const GenerateResult result = engine->generate(item.request);
+        GenerateRequest request = item.request;
+        request.queueMetrics = {{"index", static_cast<double>(item.index)},
+                                {"line", static_cast<double>(item.line)},
+                                {"replica_group", static_cast<double>(group)},
+                                {"replica_groups", static_cast<double>(groups)},
+                                {"queue_wait_s", wait}};
+        const GenerateResult result = engine->generate(request);
         ++made;
         if (leader) {
           appendManifest(q.outputDir, manifestLine(item, group, &result, wait));
@@ -540,6 +548,32 @@ QueueReport runQueue(const EngineOptions& options, dist::Runtime& world, const Q
   report.stopSignal = static_cast<int>(maxes[0].item<double>());
   report.seconds = jobTimer.seconds();
   report.imagesPerHour = report.seconds > 0 ? static_cast<double>(report.made) * 3600.0 / report.seconds : 0.0;
+  // The job as one more run of --metrics: its wall time as its one step, images made, per-job rates.
+  if (!options.metrics.empty()) {
+    metrics::MetricsRecorder recorder(world);
+    recorder.addStep(report.seconds);
+    recorder.setTotalSeconds(report.seconds);
+    metrics::RunInfo info;
+    info.command = "queue";
+    info.config = options.provenance;
+    info.model = engine->modelName();
+    info.device = engine->device().str();
+    info.images = report.made;
+    info.steps = 1;
+    info.dtype = dtypeName(engine->dtype());
+    const double made = static_cast<double>(report.made);
+    info.queue = {{"requests", static_cast<double>(report.total)},
+                  {"shard_requests", static_cast<double>(report.shard)},
+                  {"skipped", static_cast<double>(report.skipped)},
+                  {"made", made},
+                  {"remaining", static_cast<double>(report.remaining)},
+                  {"replica_groups", static_cast<double>(groups)},
+                  {"seconds", report.seconds},
+                  {"images_per_hour", report.imagesPerHour},
+                  {"device_seconds_per_image", made > 0 ? report.seconds * world.worldSize() / made : 0.0}};
+    const std::string id = recorder.write(options.metrics, info);
+    logInfo0("metrics: appended the queue job as run ", id, " to ", options.metrics);
+  }
   return report;
 }
 

@@ -25,6 +25,18 @@ for f in scaling.png timeline.png comm.png memory.png summary.md; do
   [[ -s "$work/plots/$f" ]] || fail "$f not written"
 done
 grep -q "| 2 | U2 |" "$work/plots/summary.md" || fail "summary.md lacks the U2 run"
+# A queue on two replica groups: one row per image (its index and group) and one for the job (images/hour).
+printf 'a cat\na dog\na fox\n' >"$work/q.txt"
+mpiexec -n 2 "$pardit" generate --model "$work/m" --prompt-file "$work/q.txt" --output-dir "$work/q" --height 64 \
+  --width 64 --steps 2 --threads 1 --data-parallel-degree 2 --metrics "$work/queue.h5" -q || fail "queue run"
+"$python" "$source/tools/metrics_table.py" "$work/queue.h5" --out "$work/queue.csv" || fail "metrics_table.py (queue)"
+cat "$work/queue.csv"
+head -1 "$work/queue.csv" | grep -q ",queue_index,replica_group,queue_wait_s,images_per_hour,device_seconds_per_image" \
+  || fail "queue columns"
+[[ $(grep -c ",generate," "$work/queue.csv") -eq 3 ]] || fail "expected 3 image rows"
+[[ $(cut -d, -f3 "$work/queue.csv" | grep -c "^queue$") -eq 1 ]] || fail "expected one queue row"
+grep ",generate," "$work/queue.csv" | awk -F, '{print $(NF-3)}' | sort -u | tr '\n' ' ' | grep -q "^0 1 $" \
+  || fail "both replica groups have image rows"
 out=$("$python" "$source/tools/metrics_table.py" "$source/README.md" 2>&1) && fail "a file that is not HDF5 was accepted"
 grep -q "README.md: not a readable HDF5 file" <<<"$out" || fail "the error does not name the file: $out"
 echo "tools test passed"

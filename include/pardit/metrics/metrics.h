@@ -25,6 +25,9 @@ struct RunInfo {
   int64_t height = 0, width = 0;               // pixels (0: not an image run)
   int steps = 0;                               // denoising steps (bench: timed iterations)
   std::string dtype;                           // compute dtype: "bf16", "fp32", ...
+  // A request of a queue (index, replica_group, queue_wait_s) or a queue job's totals (command "queue"):
+  // written as the attributes of the run's group "queue".
+  std::map<std::string, double> queue;
 };
 
 class MetricsRecorder {

@@ -37,6 +37,7 @@
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -80,6 +81,7 @@ struct GenerateRequest {
   bool decode = false;      // decode into GenerateResult::images even without `output`
   int64_t maxSequenceLength = 0;  // T5 tokens; 0: 512 for guidance-distilled models, else 256
   int64_t index = -1;       // the request's place in a queue (written into the PNG), or -1
+  std::map<std::string, double> queueMetrics;  // recorded with this request's --metrics run (group "queue")
 
   // Throws naming the option when the request is invalid on its own (no prompt, steps < 1, a size that is
   // not a multiple of 16, true CFG without a negative prompt, ...). Engine::generate checks it again,

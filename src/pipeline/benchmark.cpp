@@ -315,6 +315,7 @@ void Engine::Impl::benchmarkDecode(const BenchmarkRequest& request, BenchmarkRes
 }
 
 BenchmarkResult Engine::benchmark(const BenchmarkRequest& request) {
+  impl_->releaseTextEncoders();  // its plans do not count them
   Impl& m = *impl_;
   const LatentGeometry geom{request.height, request.width, 16};
   m.rt.agree([&] {

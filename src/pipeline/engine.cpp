@@ -318,6 +318,7 @@ TransformerFn Engine::Impl::forwardFn(Run& run, const model::FluxInputs& inputs,
 
 ForwardResult Engine::forward(const model::FluxInputs& inputs, const std::string& outputPath) {
   Impl& m = *impl_;
+  m.releaseTextEncoders();  // its plan does not count them
   Impl::Run run(m.rt);
   const TransformerFn fn = m.forwardFn(run, inputs, outputPath);
   const int64_t B = inputs.img.size(0);
@@ -607,9 +608,22 @@ Engine::Impl::Planned Engine::Impl::planGenerate(Run& run, const GenerateRequest
   // plan: the transformer batch of this rank (both branches together on one PipeFusion pipeline)
   const int64_t branchBatch = p.batch * ((run.pipefusion && degrees.cfg == 1 && trueCfg) ? 2 : 1);
   p.plan = planRun(run, branchBatch, geom.tokens(), p.textTokens);
+  // Text encoders kept from an earlier request stay only where this plan leaves room for them.
+  if (keptEncoderBytes() > (p.plan.budget > p.plan.total() ? p.plan.budget - p.plan.total() : 0)) releaseTextEncoders();
   if (request.decode || !request.output.empty()) {
     const uint64_t held = p.plan.residentBytes + p.plan.streamBufferBytes;  // the transformer's, during the decode
-    run.decode = planImageDecode(p.batch, geom, p.plan.budget > held ? p.plan.budget - held : 0);
+    const uint64_t free = p.plan.budget > held ? p.plan.budget - held : 0;
+    run.decode = planImageDecode(p.batch, geom, free);
+    // Nor may they change how the images decode (patches or tiles, and their size): released when they would.
+    if (detail::worldReduce(rt, static_cast<double>(keptEncoderBytes()), dist::ReduceOp::kMax) > 0) {
+      const uint64_t kept = keptEncoderBytes();
+      const auto least = static_cast<uint64_t>(
+          detail::worldReduce(rt, static_cast<double>(free > kept ? free - kept : 0), dist::ReduceOp::kMin));
+      const DecodePlan with = planDecode(vae->config(), options, p.batch, geom.height, geom.width, rt.worldSize(),
+                                         dtype, least);
+      if (with.mode != run.decode->mode || with.tile != run.decode->tile || with.fits != run.decode->fits)
+        releaseTextEncoders();
+    }
   }
   return p;
 }
@@ -683,9 +697,12 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
   if (text) {
     Timer encodeTimer;
     const uint64_t held = m.loaded ? m.loaded->plan.total() : 0;  // weights kept from an earlier run
+    const uint64_t spare = plan.budget > plan.total() ? plan.budget - plan.total() : 0;
+    // The encoders may stay loaded for the next request in what the plan and the decode leave unused.
+    const uint64_t decodeBytes = run.decode ? run.decode->activationBytes + run.decode->weightBytes : 0;
     std::tie(prompts.positive, prompts.negative) =
-        m.encodeTexts(run, prompts.text, plan.budget > plan.total() ? plan.budget - plan.total() : 0,
-                      plan.budget > held ? plan.budget - held : 0);
+        m.encodeTexts(run, prompts.text, spare, plan.budget > held ? plan.budget - held : 0,
+                      spare > decodeBytes ? spare - decodeBytes : 0);
     result.report.encodeSeconds = encodeTimer.seconds();
   }
   // load

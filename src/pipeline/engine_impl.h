@@ -20,6 +20,9 @@
 namespace pardit::pipeline {
 
 using detail::PipeFusionLayout;
+namespace detail {
+class TextEncoders;  // text_stage.cpp
+}
 
 // ---- the engine's state ---------------------------------------------------------------------------
 
@@ -94,8 +97,15 @@ struct Engine::Impl {
   void checkTextEncoders() const;
   // spareBytes: this rank's budget left after its plan (which rank encodes); freeBytes: its memory free
   // now (whether T5 must stream).
+  // keepBytes: what the encoders may keep holding after encoding (0: released at once); a later request
+  // reuses kept encoders instead of loading them again.
   std::pair<PromptEmbeddings, std::optional<PromptEmbeddings>> encodeTexts(Run& run, const TextPrompts& prompts,
-                                                                           uint64_t spareBytes, uint64_t freeBytes);
+                                                                           uint64_t spareBytes, uint64_t freeBytes,
+                                                                           uint64_t keepBytes = 0);
+  std::shared_ptr<detail::TextEncoders> keptEncoders;  // on the encoding rank, between requests
+  int keptEncoderRank = -1;
+  void releaseTextEncoders();
+  uint64_t keptEncoderBytes() const;  // this rank's
   // generate's checks before loading (every rank, through agree()) and its encode stage.
   Prompts validateAndEncode(Run& run, const GenerateRequest& request, const LatentGeometry& geom);
   // A generate request checked and planned (nothing loaded, nothing encoded yet).

@@ -109,11 +109,13 @@ at::Tensor idsTensor(const std::vector<std::vector<int64_t>>& rows) {
   return t;
 }
 
+}  // namespace
+
 // One rank's text encoders, loaded: the tokenizers, CLIP resident, and T5 resident when it fits
 // `freeBytes` beside CLIP, else streamed (each block read when it runs).
-class LoadedEncoders {
+class detail::TextEncoders {
  public:
-  LoadedEncoders(const detail::TextSources& sources, c10::ScalarType dtype, WeightDtype weightDtype,
+  TextEncoders(const detail::TextSources& sources, c10::ScalarType dtype, WeightDtype weightDtype,
                  const c10::Device& where, uint64_t freeBytes)
       : sources_(sources),
         clipTok_(text::ClipTokenizer::open(sources.clipTokenizer)),
@@ -129,13 +131,14 @@ class LoadedEncoders {
     const auto t5Tensors = model::t5EncoderTensors(t5Ck_.config, t5Format_);
     const uint64_t t5Bytes = model::storedBytes(t5Tensors, dtype);
     streamed_ = t5Bytes + clip_.weightBytes() > freeBytes;
+    residentBytes_ = clip_.weightBytes() + (streamed_ ? 0 : t5Bytes);
     if (!streamed_)
       for (const auto& t : t5Tensors) resident_[t.name] = read(t.name, dtype, where);
     t5_.emplace(t5Ck_.config, streamed_ ? getterOf(read, dtype, where)
                                         : model::WeightGetter([this](const std::string& n) { return resident_.at(n); }));
   }
-  LoadedEncoders(const LoadedEncoders&) = delete;
-  LoadedEncoders& operator=(const LoadedEncoders&) = delete;
+  TextEncoders(const TextEncoders&) = delete;
+  TextEncoders& operator=(const TextEncoders&) = delete;
 
   // T5's hidden states [B, maxLength, D] and CLIP's pooled output [B, P], on the CPU.
   std::pair<at::Tensor, at::Tensor> encode(const std::vector<std::string>& clipTexts,
@@ -158,6 +161,7 @@ class LoadedEncoders {
     return {hidden, pooled};
   }
   bool t5Streamed() const { return streamed_; }
+  uint64_t residentBytes() const { return residentBytes_; }  // the weights the encoders hold
   model::WeightFormat t5Format() const { return t5Format_; }
   uint64_t bytesRead() const { return clipCk_.store.bytesRead() + t5Ck_.store.bytesRead(); }
 
@@ -169,17 +173,26 @@ class LoadedEncoders {
   io::T5Checkpoint t5Ck_;
   model::ClipTextModel clip_;
   bool streamed_ = false;
+  uint64_t residentBytes_ = 0;
   std::map<std::string, at::Tensor> resident_;
   std::optional<model::T5Encoder> t5_;
   model::WeightFormat t5Format_ = model::WeightFormat::kDense;
 };
 
-}  // namespace
+void Engine::Impl::releaseTextEncoders() {
+  if (!keptEncoders) return;
+  keptEncoders.reset();
+  keptEncoderRank = -1;
+  releaseFreedMemory();
+}
+
+uint64_t Engine::Impl::keptEncoderBytes() const { return keptEncoders ? keptEncoders->residentBytes() : 0; }
 
 std::pair<PromptEmbeddings, std::optional<PromptEmbeddings>> Engine::Impl::encodeTexts(Run& run,
                                                                                        const TextPrompts& prompts,
                                                                                        uint64_t spareBytes,
-                                                                                       uint64_t freeBytes) {
+                                                                                       uint64_t freeBytes,
+                                                                                       uint64_t keepBytes) {
   Timer timer;
   // The encoding rank: --text-encoder-rank, or the one with the most spare memory after its plan (the
   // lowest on ties).
@@ -200,15 +213,18 @@ std::pair<PromptEmbeddings, std::optional<PromptEmbeddings>> Engine::Impl::encod
   at::Tensor pooled = at::empty({branches, B, clipConfig.hiddenSize}, at::TensorOptions().dtype(dtype));
   bool streamed = false;
   model::WeightFormat t5Format = model::WeightFormat::kDense;
+  bool reused = false, kept = false;
+  if (keptEncoders && keptEncoderRank != encoder) releaseTextEncoders();  // another rank encodes now
   rt.agree([&] {
     if (rt.worldRank() != encoder) return;
     const c10::Device where = options.textEncoderDevice == EncoderDevice::kCpu ? c10::Device(c10::kCPU) : device;
-    std::optional<LoadedEncoders> loaded;
-    {
+    std::shared_ptr<detail::TextEncoders> loaded = keptEncoders;
+    reused = loaded != nullptr;
+    if (!loaded) {
       const LoadingAllocations loading;
-      loaded.emplace(sources, dtype, options.weightDtype, where, freeBytes);
+      loaded = std::make_shared<detail::TextEncoders>(sources, dtype, options.weightDtype, where, freeBytes);
     }
-    const LoadedEncoders& encoders = *loaded;
+    const detail::TextEncoders& encoders = *loaded;
     streamed = encoders.t5Streamed();
     t5Format = encoders.t5Format();
     for (int b = 0; b < branches; ++b) {
@@ -217,9 +233,14 @@ std::pair<PromptEmbeddings, std::optional<PromptEmbeddings>> Engine::Impl::encod
       hidden[b].copy_(h);
       pooled[b].copy_(p);
     }
-    textBytesRead += encoders.bytesRead();
+    if (!reused) textBytesRead += encoders.bytesRead();
+    // Kept for the next request when they stay resident within what the transformer's plan and the decode
+    // leave of the budget; else gone before the transformer loads.
+    kept = !encoders.t5Streamed() && encoders.residentBytes() <= keepBytes;
+    keptEncoders = kept ? loaded : nullptr;
+    keptEncoderRank = kept ? encoder : -1;
   });
-  releaseFreedMemory();  // the encoders are gone before the transformer loads
+  if (!kept) releaseFreedMemory();
   rt.world().broadcast(hidden, encoder);
   rt.world().broadcast(pooled, encoder);
   const double seconds = timer.seconds();
@@ -228,7 +249,9 @@ std::pair<PromptEmbeddings, std::optional<PromptEmbeddings>> Engine::Impl::encod
     logInfo("encoded ", B, B == 1 ? " prompt" : " prompts", branches == 2 ? " and negative prompts" : "", " on rank ",
             encoder, " (CLIP; T5 ", L, " tokens, ", t5Format == model::WeightFormat::kFp8 ? "FP8 weights, " : "",
             streamed ? "streamed block by block" : "resident", "; ",
-            formatBytes(textBytesRead), " of encoder weights read) in ", formatSeconds(seconds));
+            reused ? std::string("loaded by an earlier request")
+                   : formatBytes(textBytesRead) + " of encoder weights read so far",
+            kept ? ", kept loaded: they fit beside the transformer" : "", ") in ", formatSeconds(seconds));
   std::optional<PromptEmbeddings> negative;
   if (branches == 2) negative = PromptEmbeddings{hidden[1], pooled[1]};
   return {PromptEmbeddings{hidden[0], pooled[0]}, negative};
@@ -249,12 +272,12 @@ void Engine::Impl::benchmarkEncode(const BenchmarkRequest& request, BenchmarkRes
   const int64_t L = request.maxSequenceLength > 0 ? request.maxSequenceLength : (config.guidanceEmbed ? 512 : 256);
   const c10::Device where = options.textEncoderDevice == EncoderDevice::kCpu ? c10::Device(c10::kCPU) : device;
   Timer load;
-  std::optional<LoadedEncoders> loaded;
+  std::optional<detail::TextEncoders> loaded;
   {
     const LoadingAllocations loading;
     loaded.emplace(sources, dtype, options.weightDtype, where, detail::budgetOf(options, device, rt.localSize()));
   }
-  const LoadedEncoders& encoders = *loaded;
+  const detail::TextEncoders& encoders = *loaded;
   r.encodeLoadSeconds = load.seconds();
   r.encodeT5Streamed = encoders.t5Streamed();
   r.textLen = L;

@@ -116,6 +116,10 @@ TEST(Queue, ImagesEqualSeparateRunsOnOneRankAndInDataParallelGroups) {
     auto r = l.ranks == 1 ? runPardit(queue + "--output-dir " + out)
                           : mpirun(l.ranks, queue + "--output-dir " + out + " " + l.flags);
     ASSERT_EQ(r.exitCode, 0) << l.flags << "\n" << r.output;
+    // The text encoders fit beside the tiny transformer: loaded by the first request, reused by the others.
+    if (l.ranks == 1) {
+      EXPECT_NE(r.output.find("loaded by an earlier request"), std::string::npos) << r.output;
+    }
     int worst = 0;
     for (const auto& [file, args] : runs) {
       const std::string ref = dir.file("ref/" + fs::path(file).filename().string());
@@ -217,6 +221,24 @@ TEST(Queue, StoppedBySigtermThenResumedWithoutTouchingWhatWasMade) {
   EXPECT_NE(clash.output.find("other.jsonl:1: output"), std::string::npos) << clash.output;
   EXPECT_NE(clash.output.find("--overwrite"), std::string::npos) << clash.output;
   EXPECT_EQ(clash.output.find("loaded"), std::string::npos) << clash.output;
+}
+
+// Under a budget that leaves no room beside the transformer, the encoders are loaded for each request.
+TEST(Queue, TextEncodersAreReleasedWhenTheyDoNotFitBesideTheTransformer) {
+  TempDir dir;
+  std::ofstream(dir.file("q.txt")) << "a cat\na dog\n";
+  const std::string base = "generate " + common() + "--prompt-file " + dir.file("q.txt") +
+                           " --height 64 --width 64 --steps 1 --device-memory-budget ";
+  auto tight = runPardit(base + "34MiB --output-dir " + dir.file("tight"));
+  ASSERT_EQ(tight.exitCode, 0) << tight.output;
+  EXPECT_EQ(tight.output.find("kept loaded"), std::string::npos) << tight.output;
+  auto roomy = runPardit(base + "1GiB --output-dir " + dir.file("roomy"));
+  ASSERT_EQ(roomy.exitCode, 0) << roomy.output;
+  EXPECT_NE(roomy.output.find("loaded by an earlier request"), std::string::npos) << roomy.output;
+  for (const char* f : {"00000-0.png", "00001-1.png"})
+    EXPECT_TRUE(at::equal(io::readPng(dir.file(std::string("tight/") + f)).pixels,
+                          io::readPng(dir.file(std::string("roomy/") + f)).pixels))
+        << f;
 }
 
 TEST(Queue, ShardsCoverEveryLineOnce) {

@@ -432,6 +432,9 @@ const std::vector<Option>& optionTable() {
     add(opt("shard", &EngineConfig::shard, Group::kOutput, Sync::kValue, gen, "I/N",
             "--prompt-file: make only the requests whose index % N == I; auto: this Slurm array task's share "
             "(SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT)"));
+    add(opt("batch-size", &EngineConfig::batchSize, Group::kOutput, Sync::kValue, gen, "N",
+            "--prompt-file: up to N queued requests of one shape (size, steps, guidance, true CFG, text length) share "
+            "one transformer call; each image is the one its request makes alone", atLeast(1)));
     add(flagOpt("overwrite", 0, &EngineConfig::overwrite, Group::kOutput, Sync::kValue, gen,
                 "--prompt-file: replace an image in --output-dir that was made with other parameters (without it "
                 "that is an error)"));
@@ -862,6 +865,7 @@ ParseResult parseCommandLine(const std::string& commandText, const std::vector<s
     for (const auto& [flag, given] : {std::pair<const char*, bool>{"--output-dir", !c.outputDir.empty()},
                                       {"--shard", !c.shard.empty()},
                                       {"--overwrite", c.overwrite},
+                                      {"--batch-size > 1", c.batchSize > 1},
                                       {"--data-parallel-degree > 1", c.dataParallelDegree > 1}})
       PARDIT_CHECK(queue || !given, where, ": ", flag, " is for a queue of requests: pass --prompt-file FILE");
   }

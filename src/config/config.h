@@ -112,6 +112,7 @@ struct EngineConfig {
   std::string outputName = "{index:05}-{seed}.png";  // the queue's file names
   std::string shard;                   // "I/N" or "auto" (a Slurm array task's share of the queue)
   bool overwrite = false;              // replace queue outputs made with other parameters
+  int batchSize = 1;                   // queued requests of one shape per transformer call
   int64_t maxSequenceLength = 0;       // T5 tokens; 0: 512 for guidance-distilled models (dev), 256 otherwise
   std::string textEncoder;             // CLIP: text_encoder/ or clip_l.safetensors (default: the model's)
   std::string textEncoder2;            // T5: text_encoder_2/ or t5xxl_*.safetensors

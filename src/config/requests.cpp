@@ -86,6 +86,7 @@ pipeline::QueueOptions queueOptions(const EngineConfig& c) {
   q.outputName = c.outputName;
   std::tie(q.shardIndex, q.shardCount) = pipeline::parseShard(c.shard);
   q.overwrite = c.overwrite;
+  q.batchSize = c.batchSize;
   return q;
 }
 

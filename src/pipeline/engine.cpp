@@ -51,6 +51,10 @@ std::string tensorHash(const at::Tensor& t) {
 
 }  // namespace
 
+std::vector<std::string> GenerateRequest::imagePaths(int64_t images) const {
+  return outputs.empty() ? pipeline::imagePaths(output, images) : outputs;
+}
+
 std::vector<std::string> imagePaths(const std::string& path, int64_t count) {
   if (count == 1) return {path};
   const std::filesystem::path p(path);
@@ -420,11 +424,15 @@ Engine::Impl::Prompts Engine::Impl::validateAndEncode(Run& run, const GenerateRe
     PARDIT_CHECK(!(run.pipefusion && degrees.cfg == 1) || T == Tneg,
                  "with --pipefusion-degree > 1 and without --cfg-degree 2, the prompt and negative prompt embeddings "
                  "need the same token count (", T, " vs ", Tneg, ")");
-    if (request.decode || !request.output.empty()) {
+    const int64_t B = p.text.empty() ? p.positive.promptEmbeds.size(0) : static_cast<int64_t>(p.text.clip.size());
+    for (const auto& [list, name] : {std::pair<size_t, const char*>{request.seeds.size(), "seeds"},
+                                     {request.outputs.size(), "outputs"},
+                                     {request.indices.size(), "indices"}})
+      PARDIT_CHECK(list == 0 || static_cast<int64_t>(list) == B, "a request of ", B, " images with ", list, " ", name);
+    if (request.decode || request.writesImages()) {
       openVae(geom);
-      const int64_t B = p.text.empty() ? p.positive.promptEmbeds.size(0) : static_cast<int64_t>(p.text.clip.size());
-      for (const auto& path : imagePaths(request.output, B))
-        if (!request.output.empty()) io::checkOutputPath(path, "--output");
+      if (request.writesImages())
+        for (const auto& path : request.imagePaths(B)) io::checkOutputPath(path, "--output");
     }
     // Every input is open by now: no output may replace one (the writers check again before renaming).
     if (!request.saveLatents.empty()) io::checkOutputPath(request.saveLatents, "--save-latents");
@@ -553,7 +561,7 @@ at::Tensor Engine::Impl::decodeImages(Run& run, const at::Tensor& latents, const
 std::vector<std::string> Engine::Impl::writeImages(Run& run, const GenerateRequest& request, const Prompts& prompts,
                                                    const at::Tensor& images) {
   Timer timer;
-  const auto paths = imagePaths(request.output, images.size(0));
+  const auto paths = request.imagePaths(images.size(0));
   // The run's parameters in a tEXt chunk, as other image tools write and read them.
   auto promptText = [&](size_t i) {
     if (!prompts.text.empty()) return prompts.text.clip.at(i);
@@ -580,9 +588,11 @@ std::vector<std::string> Engine::Impl::writeImages(Run& run, const GenerateReque
   rt.agree([&] {
     if (rt.worldRank() != 0) return;
     for (size_t i = 0; i < paths.size(); ++i) {
-      const std::string seed = ", Seed: " + std::to_string(request.seed) +
-                               (paths.size() > 1 ? ", Batch index: " + std::to_string(i) : std::string()) +
-                               (request.index >= 0 ? ", Index: " + std::to_string(request.index) : std::string());
+      const std::string seed =
+          (request.seeds.empty() ? ", Seed: " + std::to_string(request.seed) +
+                                       (paths.size() > 1 ? ", Batch index: " + std::to_string(i) : std::string())
+                                 : ", Seed: " + std::to_string(request.seeds[i])) +
+          (request.indices.empty() ? std::string() : ", Index: " + std::to_string(request.indices[i]));
       io::writePng(paths[i], images[static_cast<int64_t>(i)],
                    {{"parameters", promptText(i) + negativeText(i) + "\n" + parameters + seed},
                     {"pardit-request", imageIdentity(request, static_cast<int64_t>(i))},
@@ -610,7 +620,7 @@ Engine::Impl::Planned Engine::Impl::planGenerate(Run& run, const GenerateRequest
   p.plan = planRun(run, branchBatch, geom.tokens(), p.textTokens);
   // Text encoders kept from an earlier request stay only where this plan leaves room for them.
   if (keptEncoderBytes() > (p.plan.budget > p.plan.total() ? p.plan.budget - p.plan.total() : 0)) releaseTextEncoders();
-  if (request.decode || !request.output.empty()) {
+  if (request.decode || request.writesImages()) {
     const uint64_t held = p.plan.residentBytes + p.plan.streamBufferBytes;  // the transformer's, during the decode
     const uint64_t free = p.plan.budget > held ? p.plan.budget - held : 0;
     run.decode = planImageDecode(p.batch, geom, free);
@@ -667,8 +677,8 @@ std::string Engine::Impl::imageIdentity(const GenerateRequest& r, int64_t i) con
   j["prompt"] = text(r.prompt, false);
   j["prompt_2"] = text(r.prompt, true);
   j["negative_prompt"] = trueCfg ? text(r.negativePrompt, false) : std::string();
-  j["seed"] = r.seed;
-  j["batch_index"] = i;
+  j["seed"] = r.seeds.empty() ? r.seed : r.seeds.at(static_cast<size_t>(i));
+  j["batch_index"] = r.seeds.empty() ? i : 0;  // an image with its own seed is the request of batch 1 it stands for
   j["width"] = r.width;
   j["height"] = r.height;
   j["steps"] = r.steps;
@@ -711,7 +721,16 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
   const std::unique_ptr<Denoiser> denoiser = m.makeDenoiser(run, prompts, geom);
   const FlowMatchEulerScheduler scheduler(prompts.schedule, request.steps, geom.tokens());
   // The same noise on every rank: a pure function of the seed and the shape.
-  const at::Tensor noise = initialNoise(request.seed, B, geom, m.dtype).to(m.device);
+  // One generator for the batch, or each image's own (then each image is the request of batch 1 with its seed).
+  at::Tensor noise;
+  if (request.seeds.empty()) {
+    noise = initialNoise(request.seed, B, geom, m.dtype);
+  } else {
+    std::vector<at::Tensor> each;
+    for (uint64_t s : request.seeds) each.push_back(initialNoise(s, 1, geom, m.dtype));
+    noise = at::cat(each, 0);
+  }
+  noise = noise.to(m.device);
   logInfo0("generate ", request.width, "x", request.height, " (", geom.tokens(), " image tokens, ", T,
            " text tokens), batch ", B, ", ", request.steps, request.steps == 1 ? " step, " : " steps, ",
            prompts.schedule.dynamicShift ? "shifted" : "plain", " schedule",
@@ -738,10 +757,10 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
   m.finishCudaGraphs(run);
   // decode, then write: the primary outputs first, then the metrics.
   Timer stage;
-  if (request.decode || !request.output.empty()) result.images = m.decodeImages(run, result.latents, geom);
+  if (request.decode || request.writesImages()) result.images = m.decodeImages(run, result.latents, geom);
   result.report.decodeSeconds = stage.seconds();
   stage = Timer();
-  if (!request.output.empty()) result.imagePaths = m.writeImages(run, request, prompts, result.images);
+  if (request.writesImages()) result.imagePaths = m.writeImages(run, request, prompts, result.images);
   result.report.writeSeconds = stage.seconds();
   // The latents say what they are, so they can be unpacked and traced without the command line.
   std::map<std::string, std::string> meta = {

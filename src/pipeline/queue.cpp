@@ -285,7 +285,7 @@ std::vector<QueueItem> readQueue(const QueueOptions& q, const GenerateRequest& d
     r.negativePrompt = PromptInput{};
     r.saveLatents.clear();
     r.decode = true;
-    r.index = item.index;
+    r.indices = {item.index};
     bool seedGiven = false;
     std::string output;
     if (!jsonl) {
@@ -364,6 +364,7 @@ QueueReport runQueue(const EngineOptions& options, dist::Runtime& world, const Q
                  options.degrees().describe(), ") needs ", options.worldSize());
     PARDIT_CHECK(q.shardCount >= 1 && q.shardIndex >= 0 && q.shardIndex < q.shardCount, "--shard ", q.shardIndex, "/",
                  q.shardCount, " is not I/N with 0 <= I < N");
+    PARDIT_CHECK(q.batchSize >= 1, "--batch-size must be at least 1, got ", q.batchSize);
     items = readQueue(q, defaults);
     if (options.cfgDegree > 1)
       for (const auto& item : items)
@@ -479,7 +480,8 @@ QueueReport runQueue(const EngineOptions& options, dist::Runtime& world, const Q
       maxText = std::max(maxText, textTokens(r));
       anyCfg |= r.trueCfgScale > 1.0;
     }
-    if (!pending.empty()) engine->reserve(1, maxH, maxW, maxText, anyCfg);
+    if (!pending.empty())
+      engine->reserve(std::min<int64_t>(q.batchSize, static_cast<int64_t>(pending.size())), maxH, maxW, maxText, anyCfg);
   } catch (const dist::CollectiveFailure&) {
     ok = false;
   }
@@ -497,55 +499,86 @@ QueueReport runQueue(const EngineOptions& options, dist::Runtime& world, const Q
     logInfo0("queue: ", pending.size(), " requests dealt to ", groups, " replica groups of ", groupRt->worldSize(),
              groupRt->worldSize() == 1 ? " rank" : " ranks", " (", options.degrees().describe(), ")");
 
-  // 6. Make them, one after the other; between two, the group agrees on whether a signal asked it to stop.
+  // 6. Batches of this group's requests: each with up to --batch-size later ones of the same shape, in order.
+  auto sameShape = [&](const GenerateRequest& a, const GenerateRequest& b) {
+    return a.height == b.height && a.width == b.width && a.steps == b.steps && a.guidanceScale == b.guidanceScale &&
+           a.trueCfgScale == b.trueCfgScale && textTokens(a) == textTokens(b) && a.schedule == b.schedule;
+  };
+  std::vector<std::vector<size_t>> batches;
+  std::vector<char> taken(mine.size(), 0);
+  for (size_t k = 0; k < mine.size(); ++k) {
+    if (taken[k]) continue;
+    batches.push_back({mine[k]});
+    taken[k] = 1;
+    for (size_t l = k + 1; l < mine.size() && static_cast<int>(batches.back().size()) < q.batchSize; ++l)
+      if (!taken[l] && sameShape(shard[mine[k]].request, shard[mine[l]].request)) {
+        batches.back().push_back(mine[l]);
+        taken[l] = 1;
+      }
+  }
+
+  // 7. Make them, one batch after the other; between two, the group agrees on whether a signal asked it to stop.
   int64_t made = 0;
   int stop = 0;
-  {
-    try {
-      for (size_t k = 0; k < mine.size(); ++k) {
-        stop = agreedStop(*groupRt);
-        if (stop) break;
-        const QueueItem& item = shard[mine[k]];
-        const double wait = jobTimer.seconds();
-        Timer t;
-        GenerateRequest request = item.request;
-        request.queueMetrics = {{"index", static_cast<double>(item.index)},
-                                {"line", static_cast<double>(item.line)},
-                                {"replica_group", static_cast<double>(group)},
-                                {"replica_groups", static_cast<double>(groups)},
-                                {"queue_wait_s", wait}};
-        const GenerateResult result = engine->generate(request);
-        ++made;
-        if (leader) {
-          appendManifest(q.outputDir, manifestLine(item, group, &result, wait));
+  try {
+    for (const auto& batch : batches) {
+      stop = agreedStop(*groupRt);
+      if (stop) break;
+      const double wait = jobTimer.seconds();
+      Timer t;
+      // The batch as one request: each image with its own prompt, seed, output and index.
+      GenerateRequest request = shard[batch[0]].request;
+      request.prompt = PromptInput{};
+      request.negativePrompt = PromptInput{};
+      request.output.clear();
+      request.indices.clear();
+      bool second = false;
+      for (size_t i : batch) second |= !shard[i].request.prompt.texts2.empty();
+      for (size_t i : batch) {
+        const GenerateRequest& r = shard[i].request;
+        request.prompt.texts.push_back(r.prompt.texts.at(0));
+        if (second) request.prompt.texts2.push_back(r.prompt.texts2.empty() ? r.prompt.texts.at(0) : r.prompt.texts2[0]);
+        if (r.trueCfgScale > 1.0) request.negativePrompt.texts.push_back(r.negativePrompt.texts.at(0));
+        request.seeds.push_back(r.seed);
+        request.outputs.push_back(r.output);
+        request.indices.push_back(shard[i].index);
+      }
+      request.queueMetrics = {{"index", static_cast<double>(shard[batch[0]].index)},
+                              {"line", static_cast<double>(shard[batch[0]].line)},
+                              {"batch", static_cast<double>(batch.size())},
+                              {"replica_group", static_cast<double>(group)},
+                              {"replica_groups", static_cast<double>(groups)},
+                              {"queue_wait_s", wait}};
+      const GenerateResult result = engine->generate(request);
+      made += static_cast<int64_t>(batch.size());
+      if (leader) {
+        for (size_t b = 0; b < batch.size(); ++b) {
+          const QueueItem& item = shard[batch[b]];
+          json line = manifestLine(item, group, &result, wait);
+          line["batch"] = batch.size();
+          appendManifest(q.outputDir, line);
           logInfo(groups > 1 ? "group " + std::to_string(group) + ": " : std::string(), "image ", item.index,
-                  " (line ", item.line, ") -> ", item.request.output, " in ", formatSeconds(t.seconds()), " [",
-                  made, "/", mine.size(), groups > 1 ? " of this group" : "", "]");
+                  " (line ", item.line, ") -> ", item.request.output, " in ", formatSeconds(t.seconds()),
+                  batch.size() > 1 ? " (a batch of " + std::to_string(batch.size()) + ")" : std::string(), " [",
+                  made - static_cast<int64_t>(batch.size() - b) + 1, "/",
+                  mine.size(), groups > 1 ? " of this group" : "", "]");
         }
       }
-      if (!stop) stop = agreedStop(*groupRt);
-    } catch (const dist::CollectiveFailure&) {
-      ok = false;
     }
+    if (!stop) stop = agreedStop(*groupRt);
+  } catch (const dist::CollectiveFailure&) {
+    ok = false;
   }
-  // 7. Every group's count (groups finish at different times: no time limit on this wait).
+  // 8. Every group's count (groups finish at different times: no time limit on this wait).
   const double timeout = dist::collectiveTimeout();
   dist::setCollectiveTimeout(0.0);
-  at::Tensor counts = at::tensor({static_cast<double>(leader ? made : 0),
-                                  static_cast<double>(leader ? static_cast<int64_t>(mine.size()) - made : 0),
-                                  static_cast<double>(stop), ok ? 0.0 : 1.0},
-                                 at::kDouble);
-  at::Tensor maxes = counts.narrow(0, 2, 2).clone();
-  at::Tensor sums = counts.narrow(0, 0, 2).clone();
-  if (world.worldSize() > 1) {
-    world.world().allReduce(sums, dist::ReduceOp::kSum);
-    world.world().allReduce(maxes, dist::ReduceOp::kMax);
-  }
+  const bool failed = detail::worldReduce(world, ok ? 0.0 : 1.0, dist::ReduceOp::kMax) > 0;
+  const int64_t left = static_cast<int64_t>(mine.size()) - made;
+  report.made = static_cast<int64_t>(detail::worldReduce(world, leader ? made : 0, dist::ReduceOp::kSum));
+  report.remaining = static_cast<int64_t>(detail::worldReduce(world, leader ? left : 0, dist::ReduceOp::kSum));
+  report.stopSignal = static_cast<int>(detail::worldReduce(world, stop, dist::ReduceOp::kMax));
   dist::setCollectiveTimeout(timeout);
-  if (maxes[1].item<double>() > 0) throw dist::CollectiveFailure(0);
-  report.made = static_cast<int64_t>(sums[0].item<double>());
-  report.remaining = static_cast<int64_t>(sums[1].item<double>());
-  report.stopSignal = static_cast<int>(maxes[0].item<double>());
+  if (failed) throw dist::CollectiveFailure(0);
   report.seconds = jobTimer.seconds();
   report.imagesPerHour = report.seconds > 0 ? static_cast<double>(report.made) * 3600.0 / report.seconds : 0.0;
   // The job as one more run of --metrics: its wall time as its one step, images made, per-job rates.

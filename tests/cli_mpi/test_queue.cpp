@@ -110,10 +110,12 @@ TEST(Queue, ImagesEqualSeparateRunsOnOneRankAndInDataParallelGroups) {
     std::string flags;
     int tolerance;  // 8-bit levels: 0 where the layout is bit for bit the single rank
   };
+  // --batch-size: the same images within one level (a batched GEMM rounds some values otherwise).
   for (const Layout& l : {Layout{1, "", 0}, Layout{2, "--data-parallel-degree 2", 0},
-                          Layout{4, "--data-parallel-degree 2 --ulysses-degree 2", 1}}) {
-    const std::string out = dir.file("out" + std::to_string(l.ranks));
-    auto r = l.ranks == 1 ? runPardit(queue + "--output-dir " + out)
+                          Layout{4, "--data-parallel-degree 2 --ulysses-degree 2", 1},
+                          Layout{1, "--batch-size 3", 1}}) {
+    const std::string out = dir.file("out" + std::to_string(l.ranks) + (l.flags.find("batch") != std::string::npos ? "b" : ""));
+    auto r = l.ranks == 1 ? runPardit(queue + "--output-dir " + out + " " + l.flags)
                           : mpirun(l.ranks, queue + "--output-dir " + out + " " + l.flags);
     ASSERT_EQ(r.exitCode, 0) << l.flags << "\n" << r.output;
     // The text encoders fit beside the tiny transformer: loaded by the first request, reused by the others.
@@ -132,13 +134,24 @@ TEST(Queue, ImagesEqualSeparateRunsOnOneRankAndInDataParallelGroups) {
     const auto lines = manifest(out);
     EXPECT_EQ(lines.size(), 12u);
     std::set<int64_t> indices, groups;
+    size_t batched = 0;
     for (const auto& j : lines) {
+      batched += j["batch"].get<int>() > 1;
       indices.insert(j["index"].get<int64_t>());
       groups.insert(j["group"].get<int64_t>());
       EXPECT_TRUE(fs::exists(out + "/" + j["file"].get<std::string>()));
     }
     EXPECT_EQ(indices.size(), 12u);
-    EXPECT_EQ(groups.size(), l.ranks == 1 ? 1u : 2u) << "both replica groups made images";
+    EXPECT_EQ(groups.size(), l.flags.find("data-parallel") == std::string::npos ? 1u : 2u) << "both groups made images";
+    if (l.flags.find("--batch-size") != std::string::npos) {
+      EXPECT_GE(batched, 2u) << "requests of one shape shared a transformer call";
+      // A batched image carries its own request's parameters: the same queue unbatched finds them all made.
+      auto again = runPardit(queue + "--output-dir " + out);
+      ASSERT_EQ(again.exitCode, 0) << again.output;
+      EXPECT_NE(again.output.find("12 of 12 requests already made"), std::string::npos) << again.output;
+    } else {
+      EXPECT_EQ(batched, 0u);
+    }
     // Each PNG says which line it is.
     const auto text = io::readPng(out + "/named/forest.png").text;
     EXPECT_NE(text.at(0).second.find("Index: 8"), std::string::npos) << text.at(0).second;

@@ -80,8 +80,18 @@ struct GenerateRequest {
   std::string output;       // rank 0 writes the images here as PNG (several: output-0.png, output-1.png, ...)
   bool decode = false;      // decode into GenerateResult::images even without `output`
   int64_t maxSequenceLength = 0;  // T5 tokens; 0: 512 for guidance-distilled models, else 256
-  int64_t index = -1;       // the request's place in a queue (written into the PNG), or -1
+  // Several requests of one shape as one batch (a queue's --batch-size): image i has its own seed (its noise
+  // from a generator of its own, as a request of batch 1 with that seed makes it), its own PNG, and its own
+  // queue index (written into the PNG). Empty: `seed` for the whole batch (one generator, as diffusers'),
+  // `output` numbered, no index.
+  std::vector<uint64_t> seeds;
+  std::vector<std::string> outputs;
+  std::vector<int64_t> indices;
   std::map<std::string, double> queueMetrics;  // recorded with this request's --metrics run (group "queue")
+
+  bool writesImages() const { return !output.empty() || !outputs.empty(); }
+  // The PNG files of a batch of `images`: `outputs`, else output (output-0.png, ... for several).
+  std::vector<std::string> imagePaths(int64_t images) const;
 
   // Throws naming the option when the request is invalid on its own (no prompt, steps < 1, a size that is
   // not a multiple of 16, true CFG without a negative prompt, ...). Engine::generate checks it again,

@@ -37,6 +37,9 @@ struct QueueOptions {
   std::string outputName = "{index:05}-{seed}.png";
   int shardIndex = 0, shardCount = 1;  // this job makes the requests with index % shardCount == shardIndex
   bool overwrite = false;              // replace an existing output made with other parameters
+  // Up to this many queued requests of one shape (size, steps, guidance, true CFG, text length) share one
+  // transformer call; each image is the one its request makes alone (its own seed's noise, its own PNG).
+  int batchSize = 1;
   bool gracefulStop = true;            // handle SIGINT/SIGTERM/SIGUSR1 between images
 };
 
@@ -48,7 +51,7 @@ struct QueueItem {
   int64_t index = 0;        // among the file's non-empty lines, from 0
   int64_t line = 0;         // in the file, from 1
   std::string file;         // the PNG, relative to the output directory
-  GenerateRequest request;  // request.output = outputDir/file, request.index = index
+  GenerateRequest request;  // request.output = outputDir/file, request.indices = {index}
 };
 
 // Reads and checks a whole prompt file against `defaults` (the request every line starts from; its prompt

@@ -40,7 +40,7 @@ TEST(Queue, PlainTextAndJsonlRequestsWithDefaultsAndSeeds) {
   EXPECT_EQ(items[1].index, 1);
   EXPECT_EQ(items[1].request.seed, 41u);  // --seed + index
   EXPECT_EQ(items[1].file, "00001-41.png");
-  EXPECT_EQ(items[1].request.index, 1);
+  EXPECT_EQ(items[1].request.indices, std::vector<int64_t>{1});
   EXPECT_EQ(items[0].request.height, 64);
 
   q.promptFile = dir.file("p.jsonl");

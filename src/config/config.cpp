@@ -280,8 +280,8 @@ Option described(const char* name, Group group, Sync sync, unsigned commands, co
   return o;
 }
 
-template <typename T>
-Option opt(const char* name, T EngineConfig::*member, Group group, Sync sync, unsigned commands,
+template <typename T, typename C>
+Option opt(const char* name, T C::*member, Group group, Sync sync, unsigned commands,
            const char* placeholder, const char* help, std::function<void(const T&, const std::string&)> check = {}) {
   Option o = described(name, group, sync, commands, help);
   o.placeholder = placeholder;
@@ -298,7 +298,8 @@ Option opt(const char* name, T EngineConfig::*member, Group group, Sync sync, un
   return o;
 }
 
-Option flagOpt(const char* name, char shortName, bool EngineConfig::*member, Group group, Sync sync, unsigned commands,
+template <typename C>
+Option flagOpt(const char* name, char shortName, bool C::*member, Group group, Sync sync, unsigned commands,
                const char* help) {
   Option o = described(name, group, sync, commands, help);
   o.shortName = shortName;

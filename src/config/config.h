@@ -55,45 +55,18 @@ std::vector<std::string> enumNames();
 // more are refused.
 uint64_t parseSize(const std::string& text, const std::string& flag);
 
-struct EngineConfig {
+// A command line: the library's EngineOptions (what an engine loads and how; every option of the table that
+// sets one of them sets it there) and what only the commands use (requests, outputs, synth, bench, plan).
+struct EngineConfig : pipeline::EngineOptions {
   Command command = Command::kGenerate;
 
   // General
-  std::string model;                   // checkpoint directory or file (empty: bench's --preset)
-  std::string vae;                     // VAE (vae/ directory or ae.safetensors); empty: the one beside the model
-  VaeTiling vaeTiling = VaeTiling::kAuto;
-  int64_t vaeTileSize = 0;             // pixels; 0: the VAE's sample_size, halved until a tile fits
-  Dtype dtype = Dtype::kAuto;
-  WeightDtype weightDtype = WeightDtype::kAuto;
-  DeviceKind device = DeviceKind::kAuto;
   int threads = 0;                     // intra-op threads per rank; 0 = the library default
   LogLevelOption logLevel = LogLevelOption::kInfo;
   bool quiet = false;
-  bool strict = false;                 // unexpected checkpoint contents are errors, not warnings
-  bool cudaGraphs = false;             // capture the transformer call in a CUDA graph and replay it
-  Attention attention = Attention::kAuto;  // the transformer's attention kernel
   bool unfused = false;                // ATen's compositions instead of pardit's fused passes (to measure them)
   std::string configFile;
-
-  // Parallel layout: world size = data-parallel x cfg x pipefusion x ring x ulysses
-  int dataParallelDegree = 1;
-  int ulyssesDegree = 1;
-  int ringDegree = 1;
-  int cfgDegree = 1;
-  int pipefusionDegree = 1;
-  int numPipelinePatch = 0;            // 0: the PipeFusion degree
-  int warmupSteps = 1;
-  Partition ppPartition;
-  double collectiveTimeout = 300;      // seconds a blocking collective may take before the job is aborted; 0: off
-
-  // Memory
-  MemoryBudget deviceMemoryBudget;
-  MemoryBudget hostMemoryBudget;
-  Offload offload = Offload::kAuto;
-  StreamSource streamFrom = StreamSource::kAuto;
-
-  // Metrics (generate, forward, bench)
-  std::string metrics;                 // HDF5 file to append this run to
+  // (model, VAE, text encoders, dtypes, device, layout degrees, memory, attention, metrics, preset: the base)
 
   // plan
   int worldSize = 0;                   // 0: the product of the degrees
@@ -114,12 +87,6 @@ struct EngineConfig {
   bool overwrite = false;              // replace queue outputs made with other parameters
   int batchSize = 1;                   // queued requests of one shape per transformer call
   int64_t maxSequenceLength = 0;       // T5 tokens; 0: 512 for guidance-distilled models (dev), 256 otherwise
-  std::string textEncoder;             // CLIP: text_encoder/ or clip_l.safetensors (default: the model's)
-  std::string textEncoder2;            // T5: text_encoder_2/ or t5xxl_*.safetensors
-  std::string tokenizer;               // CLIP tokenizer directory (default: the model's tokenizer/)
-  std::string tokenizer2;              // T5 tokenizer directory (default: tokenizer_2/)
-  int textEncoderRank = -1;            // the rank that encodes; -1: the one with the most spare memory
-  EncoderDevice textEncoderDevice = EncoderDevice::kAuto;
 
   // generate
   std::string promptEmbeds;
@@ -134,7 +101,6 @@ struct EngineConfig {
   Schedule schedule = Schedule::kAuto;
 
   // synth
-  std::string preset = "tiny";
   SynthLayout layout = SynthLayout::kDiffusers;
   std::string out;
   SynthFill fill = SynthFill::kRandom;

@@ -7,38 +7,7 @@
 namespace pardit::config {
 
 pipeline::EngineOptions engineOptions(const EngineConfig& c) {
-  pipeline::EngineOptions o;
-  o.model = c.model;
-  o.preset = c.preset;
-  o.strict = c.strict;
-  o.vae = c.vae;
-  o.vaeTiling = c.vaeTiling;
-  o.vaeTileSize = c.vaeTileSize;
-  o.textEncoder = c.textEncoder;
-  o.textEncoder2 = c.textEncoder2;
-  o.tokenizer = c.tokenizer;
-  o.tokenizer2 = c.tokenizer2;
-  o.textEncoderRank = c.textEncoderRank;
-  o.textEncoderDevice = c.textEncoderDevice;
-  o.dtype = c.dtype;
-  o.weightDtype = c.weightDtype;
-  o.device = c.device;
-  o.cudaGraphs = c.cudaGraphs;
-  o.attention = c.attention;
-  o.dataParallelDegree = c.dataParallelDegree;
-  o.cfgDegree = c.cfgDegree;
-  o.pipefusionDegree = c.pipefusionDegree;
-  o.ringDegree = c.ringDegree;
-  o.ulyssesDegree = c.ulyssesDegree;
-  o.numPipelinePatch = c.numPipelinePatch;
-  o.warmupSteps = c.warmupSteps;
-  o.ppPartition = c.ppPartition;
-  o.collectiveTimeout = c.collectiveTimeout;
-  o.deviceMemoryBudget = c.deviceMemoryBudget;
-  o.hostMemoryBudget = c.hostMemoryBudget;
-  o.offload = c.offload;
-  o.streamFrom = c.streamFrom;
-  o.metrics = c.metrics;
+  pipeline::EngineOptions o = c;  // the options the command line set
   o.provenance = toMap(c);
   return o;
 }

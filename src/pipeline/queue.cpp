@@ -390,7 +390,14 @@ QueueReport runQueue(const EngineOptions& options, dist::Runtime& world, const Q
     ::unlink(probe.c_str());
   });
   std::string all;
-  for (const auto& item : items) all += item.file + '\0' + item.request.prompt.texts.at(0) + '\0';
+  for (const auto& item : items) {
+    const GenerateRequest& r = item.request;
+    all += item.file + '\0' + r.prompt.texts.at(0) + '\0' + (r.prompt.texts2.empty() ? "" : r.prompt.texts2[0]) + '\0' +
+           (r.negativePrompt.texts.empty() ? "" : r.negativePrompt.texts[0]) + '\0' + std::to_string(r.seed) + ',' +
+           std::to_string(r.width) + 'x' + std::to_string(r.height) + ',' + std::to_string(r.steps) + ',' +
+           formatNumber(r.guidanceScale) + ',' + formatNumber(r.trueCfgScale) + ',' + std::to_string(r.maxSequenceLength) +
+           '\0';
+  }
   world.agree([&] {
     world.checkSame({{"the queue", std::to_string(items.size()) + " requests, " + formatHash(fnv1a(all.data(), all.size()))}},
                     "the prompt file", "every rank must read the same prompt file");

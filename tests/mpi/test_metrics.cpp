@@ -140,7 +140,7 @@ TEST(Metrics, WriteReadBackAndAppend) {
     }
     rec.setPeaks(0, 12345);
     rec.setTotalSeconds(1.0);
-    ids[run] = rec.write(path, {"bench", {{"steps", "3"}}, "model-x", "cpu", 1, 2, 64, 96 + 16 * run, 3, "fp32"});
+    ids[run] = rec.write(path, {"bench", {{"steps", "3"}}, "model-x", "cpu", 1, 2, 64, 96 + 16 * run, 3, "fp32", {}});
   }
   if (rt.worldRank() == 0) {
     hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
@@ -205,7 +205,7 @@ TEST(Metrics, WriteReadBackAndAppend) {
   {
     metrics::MetricsRecorder rec(rt);
     rec.addStep(0.1);
-    added = rec.write(path, {"generate", {}, "model-y", "cpu", 0, 1, 32, 32, 1, "bf16"});
+    added = rec.write(path, {"generate", {}, "model-y", "cpu", 0, 1, 32, 32, 1, "bf16", {}});
   }
   if (rt.worldRank() == 0) {
     hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
@@ -228,7 +228,7 @@ TEST(Metrics, WriteReadBackAndAppend) {
   // A file that is not HDF5 is refused on every rank and left as it was.
   metrics::MetricsRecorder rec(rt);
   rec.addStep(0.1);
-  EXPECT_THROW(rec.write(path + ".txt", {"bench", {}, "m", "cpu", 0, 1, 0, 0, 1, "fp32"}), dist::CollectiveFailure);
+  EXPECT_THROW(rec.write(path + ".txt", {"bench", {}, "m", "cpu", 0, 1, 0, 0, 1, "fp32", {}}), dist::CollectiveFailure);
   if (rt.worldRank() == 0) {
     std::ifstream in(path + ".txt");
     std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());

@@ -1,7 +1,7 @@
 # Locates LibTorch. Order: an explicit Torch_DIR / CMAKE_PREFIX_PATH, else the torch package of
 # PARDIT_PYTHON (default: the virtual environment that launch/install.sh creates, then python3).
 # The pinned version lives in launch/versions.env; another version is accepted with a warning.
-file(STRINGS ${CMAKE_SOURCE_DIR}/launch/versions.env _pv REGEX "^PARDIT_TORCH_VERSION=")
+file(STRINGS ${PROJECT_SOURCE_DIR}/launch/versions.env _pv REGEX "^PARDIT_TORCH_VERSION=")
 string(REPLACE "PARDIT_TORCH_VERSION=" "" PARDIT_TORCH_VERSION "${_pv}")
 
 if(NOT Torch_DIR)

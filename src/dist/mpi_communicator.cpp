@@ -6,7 +6,6 @@
 
 #include "pardit/core/error.h"
 #include "profile_scope.h"
-#include "pardit/dist/watchdog.h"
 #include "pardit/core/log.h"
 #include "pardit/core/timer.h"
 
@@ -39,7 +38,7 @@ class MpiWork final : public Work {
     if (request_ == MPI_REQUEST_NULL) return;
     PARDIT_PROFILE_COMMUNICATION("wait");
     Timer t;
-    WatchedOperation watched("MPI_Wait (send/recv)");
+    const auto watched = owner_->watched("MPI_Wait (send/recv)");
     PARDIT_MPI_CHECK(MPI_Wait(&request_, MPI_STATUS_IGNORE));
     owner_->record(CollectiveKind::kSendRecv, 0, t.seconds(), 0);
   }
@@ -71,7 +70,7 @@ void MpiCommunicator::allToAll(const at::Tensor& in, at::Tensor& out) {
                "all_to_all: dim 0 must equal the group size ", size_, " and out must match in");
   const uint64_t chunk = in.nbytes() / static_cast<uint64_t>(size_);
   Timer t;
-  WatchedOperation watched("MPI_Alltoall");
+  const auto watched = this->watched("MPI_Alltoall");
   PARDIT_MPI_CHECK(MPI_Alltoall(in.data_ptr(), byteCount(chunk, "all_to_all"), MPI_BYTE, out.data_ptr(),
                                 byteCount(chunk, "all_to_all"), MPI_BYTE, comm_));
   record(CollectiveKind::kAllToAll, chunk * static_cast<uint64_t>(size_ - 1), t.seconds());
@@ -85,7 +84,7 @@ void MpiCommunicator::allGather(const at::Tensor& in, at::Tensor& out) {
                "all_gather: output must hold ", size_, " copies of the input");
   Timer t;
   const int n = byteCount(in.nbytes(), "all_gather");
-  WatchedOperation watched("MPI_Allgather");
+  const auto watched = this->watched("MPI_Allgather");
   PARDIT_MPI_CHECK(MPI_Allgather(in.data_ptr(), n, MPI_BYTE, out.data_ptr(), n, MPI_BYTE, comm_));
   record(CollectiveKind::kAllGather, in.nbytes() * static_cast<uint64_t>(size_ - 1), t.seconds());
 }
@@ -94,7 +93,7 @@ void MpiCommunicator::broadcast(at::Tensor& tensor, int root) {
   PARDIT_PROFILE_COMMUNICATION("broadcast");
   checkCpu(tensor, "broadcast");
   Timer t;
-  WatchedOperation watched("MPI_Bcast");
+  const auto watched = this->watched("MPI_Bcast");
   PARDIT_MPI_CHECK(MPI_Bcast(tensor.data_ptr(), byteCount(tensor.nbytes(), "broadcast"), MPI_BYTE, root, comm_));
   record(CollectiveKind::kBroadcast, rank_ == root ? tensor.nbytes() * static_cast<uint64_t>(size_ - 1) : 0,
          t.seconds());
@@ -120,7 +119,7 @@ void MpiCommunicator::allReduce(at::Tensor& tensor, ReduceOp op) {
   const MPI_Op mop = op == ReduceOp::kSum ? MPI_SUM : op == ReduceOp::kMax ? MPI_MAX : MPI_MIN;
   PARDIT_CHECK(work.numel() <= INT_MAX, "all_reduce: too many elements for one MPI call");
   Timer t;
-  WatchedOperation watched("MPI_Allreduce");
+  const auto watched = this->watched("MPI_Allreduce");
   PARDIT_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, work.data_ptr(), static_cast<int>(work.numel()), type, mop, comm_));
   if (!work.is_same(tensor)) tensor.copy_(work);
   record(CollectiveKind::kAllReduce, tensor.nbytes() * 2 * static_cast<uint64_t>(size_ - 1) / size_, t.seconds());
@@ -130,7 +129,7 @@ void MpiCommunicator::send(const at::Tensor& tensor, int peer) {
   PARDIT_PROFILE_COMMUNICATION("send");
   checkCpu(tensor, "send");
   Timer t;
-  WatchedOperation watched("MPI_Send");
+  const auto watched = this->watched("MPI_Send");
   PARDIT_MPI_CHECK(MPI_Send(tensor.data_ptr(), byteCount(tensor.nbytes(), "send"), MPI_BYTE, peer, kTag, comm_));
   record(CollectiveKind::kSendRecv, tensor.nbytes(), t.seconds());
 }
@@ -140,7 +139,7 @@ void MpiCommunicator::recv(at::Tensor& tensor, int peer) {
   checkCpu(tensor, "recv");
   Timer t;
   MPI_Status status;
-  WatchedOperation watched("MPI_Recv");
+  const auto watched = this->watched("MPI_Recv");
   PARDIT_MPI_CHECK(MPI_Recv(tensor.data_ptr(), byteCount(tensor.nbytes(), "recv"), MPI_BYTE, peer, kTag, comm_, &status));
   int got = 0;
   MPI_Get_count(&status, MPI_BYTE, &got);
@@ -195,14 +194,14 @@ std::unique_ptr<Work> MpiCommunicator::sendRecv(const at::Tensor& out, int to, a
 void MpiCommunicator::barrier() {
   PARDIT_PROFILE_COMMUNICATION("barrier");
   Timer t;
-  WatchedOperation watched("MPI_Barrier");
+  const auto watched = this->watched("MPI_Barrier");
   PARDIT_MPI_CHECK(MPI_Barrier(comm_));
   record(CollectiveKind::kBarrier, 0, t.seconds());
 }
 
 std::unique_ptr<Communicator> MpiCommunicator::split(int color, int key) {
   MPI_Comm comm;
-  WatchedOperation watched("MPI_Comm_split");
+  const auto watched = this->watched("MPI_Comm_split");
   PARDIT_MPI_CHECK(MPI_Comm_split(comm_, color, key, &comm));
   return std::make_unique<MpiCommunicator>(comm, /*owned=*/true);
 }

@@ -77,7 +77,6 @@ class NcclCommunicator final : public Communicator {
     std::memcpy(&id, buf.data_ptr(), sizeof(id));
     c10::cuda::CUDAGuard guard(device_);
     PARDIT_NCCL_CHECK(ncclCommInitRank(&comm_, size_, id, rank_));
-    watch();
   }
 
   // Adopts an existing NCCL communicator (from ncclCommSplit).
@@ -85,13 +84,12 @@ class NcclCommunicator final : public Communicator {
       : device_(device), p2pStream_(c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device)), comm_(comm) {
     PARDIT_NCCL_CHECK(ncclCommUserRank(comm_, &rank_));
     PARDIT_NCCL_CHECK(ncclCommCount(comm_, &size_));
-    watch();
   }
   NcclCommunicator(const NcclCommunicator&) = delete;
   NcclCommunicator& operator=(const NcclCommunicator&) = delete;
 
   ~NcclCommunicator() override {
-    if (watchId_ != 0) unregisterCommunicator(watchId_);
+    unwatch();  // before the handle goes: the watchdog's thread may call the hooks
     if (comm_ != nullptr) {
       const ncclResult_t r = ncclCommDestroy(comm_);
       if (r != ncclSuccess) logWarn("ncclCommDestroy failed: ", ncclGetErrorString(r));
@@ -221,20 +219,25 @@ class NcclCommunicator final : public Communicator {
 
  private:
   // The watchdog polls NCCL's asynchronous errors while an operation is watched (a failed peer ends the job
-  // at once) and aborts the communicator before the job ends (its kernels waiting for a lost peer return),
-  // as c10d's watchdog does with blocking communicators.
-  void watch() {
+  // at once), names NCCL's last error in a timeout's message, and aborts the communicator before the job ends
+  // (its kernels waiting for a lost peer return), as c10d's watchdog does with blocking communicators.
+  Watchdog::Hooks watchHooks() override {
     const ncclComm_t comm = comm_;
-    watchId_ = registerCommunicator(
-        [comm]() -> std::string {
-          ncclResult_t state = ncclSuccess;
-          if (ncclCommGetAsyncError(comm, &state) != ncclSuccess) return "";
-          if (state == ncclSuccess || state == ncclInProgress) return "";
-          return std::string("NCCL reports ") + ncclGetErrorString(state);
-        },
-        [comm] { (void)ncclCommAbort(comm); });
+    Watchdog::Hooks hooks;
+    hooks.lastError = [comm]() -> std::string {
+      const char* text = ncclGetLastError(comm);
+      return text ? std::string(text) : std::string();
+    };
+    hooks.asyncError = [comm]() -> std::string {
+      ncclResult_t state = ncclSuccess;
+      if (ncclCommGetAsyncError(comm, &state) != ncclSuccess) return "";
+      if (state == ncclSuccess || state == ncclInProgress) return "";
+      const char* last = ncclGetLastError(comm);
+      return std::string("NCCL reports ") + ncclGetErrorString(state) + (last && *last ? std::string(" (") + last + ")" : "");
+    };
+    hooks.abort = [comm] { (void)ncclCommAbort(comm); };
+    return hooks;
   }
-  uint64_t watchId_ = 0;
   cudaStream_t current(const at::Tensor& t) const {
     return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
   }

@@ -37,6 +37,7 @@ Runtime::Runtime(int* argc, char*** argv) {
   ::gethostname(name, sizeof(name) - 1);
   host_ = name;
   world_ = std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, /*owned=*/false);
+  world_->watchWith(watchdog_, "the world");
   mpiWorld_ = true;
   setLogRank(worldRank_, worldSize_);
 }
@@ -48,6 +49,7 @@ Runtime::Runtime(std::unique_ptr<Communicator> world, RankPlacement placement)
       localSize_(placement.localSize),
       host_(std::move(placement.host)),
       world_(std::move(world)) {
+  world_->watchWith(watchdog_, "the world");
   setLogRank(worldRank_, worldSize_);
 }
 
@@ -58,6 +60,7 @@ Runtime::~Runtime() {
   deviceGroups_.clear();
   cpuGroups_.clear();
   world_.reset();
+  watchdog_.reset();  // joins its thread unless a replica group's runtime still shares it
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (ownsMpi_ && !finalized) MPI_Finalize();
@@ -70,7 +73,9 @@ std::unique_ptr<Runtime> Runtime::replicaGroup(int groups) {
                worldSize_, " ranks of the job");
   const int size = worldSize_ / groups;
   std::unique_ptr<Runtime> g(new Runtime());
+  g->watchdog_ = watchdog_;  // one watchdog per process
   g->world_ = world_->split(worldRank_ / size, worldRank_);
+  g->world_->watchWith(watchdog_, "replica group " + std::to_string(worldRank_ / size));
   g->worldRank_ = g->world_->rank();
   g->worldSize_ = g->world_->size();
   g->localRank_ = localRank_;
@@ -96,13 +101,21 @@ void Runtime::setTopology(const ParallelDegrees& degrees, const c10::Device& dev
     PARDIT_CHECK(cpu->size() == static_cast<int>(topology_.group(kind).size()), "internal: ", groupName(kind),
                  " group has ", cpu->size(), " ranks, expected ", topology_.group(kind).size());
     // CUDA tensors travel over NCCL under MPI; the in-process backend takes them as they are.
-    if (device.is_cuda() && cpu->size() > 1 && mpiWorld_) deviceGroups_[kind] = makeNcclCommunicator(*cpu, device.index());
+    cpu->watchWith(watchdog_, std::string("the ") + groupName(kind) + " group");
+    if (device.is_cuda() && cpu->size() > 1 && mpiWorld_) {
+      deviceGroups_[kind] = makeNcclCommunicator(*cpu, device.index());
+      deviceGroups_[kind]->watchWith(watchdog_, std::string("the ") + groupName(kind) + " group (NCCL)");
+    }
     cpuGroups_[kind] = std::move(cpu);
   }
   Communicator& pipeline = *cpuGroups_[GroupKind::kPipeFusion];
   if (pipeline.size() > 1) {
     returnCpu_ = pipeline.split(0, pipeline.rank());
-    if (device.is_cuda() && mpiWorld_) returnDevice_ = makeNcclCommunicator(*returnCpu_, device.index());
+    returnCpu_->watchWith(watchdog_, "the PipeFusion return");
+    if (device.is_cuda() && mpiWorld_) {
+      returnDevice_ = makeNcclCommunicator(*returnCpu_, device.index());
+      returnDevice_->watchWith(watchdog_, "the PipeFusion return (NCCL)");
+    }
   }
 }
 
@@ -120,7 +133,10 @@ Communicator& Runtime::group(GroupKind kind) {
 
 Communicator& Runtime::deviceWorld() {
   if (!device_.is_cuda() || !mpiWorld_ || worldSize_ == 1) return world();
-  if (!deviceWorld_) deviceWorld_ = makeNcclCommunicator(*world_, device_.index());
+  if (!deviceWorld_) {
+    deviceWorld_ = makeNcclCommunicator(*world_, device_.index());
+    deviceWorld_->watchWith(watchdog_, "the world (NCCL)");
+  }
   return *deviceWorld_;
 }
 

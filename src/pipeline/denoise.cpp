@@ -140,18 +140,28 @@ at::Tensor PipeFusionDenoiser::finish(const at::Tensor&) { return runner_->finis
 // ---- the loop ------------------------------------------------------------------------------------------
 
 at::Tensor denoise(Denoiser& denoiser, at::Tensor latents, const FlowMatchEulerScheduler& scheduler,
-                   const Sampling& sampling, const std::function<void(const StepReport&)>& onStep) {
+                   const Sampling& sampling, const std::function<void(const StepReport&)>& onStep,
+                   dist::Watchdog* watchdog) {
   const auto f32 = at::TensorOptions().dtype(at::kFloat).device(latents.device());
   at::Tensor guidance;
   if (sampling.withGuidance) guidance = at::full({1}, sampling.guidanceScale, f32);
+  // On a GPU the loop is a channel of the watchdog, its steps the operations watched.
+  const uint64_t loop = watchdog && latents.is_cuda() ? watchdog->addChannel("the denoise loop") : 0;
+  struct RemoveChannel {
+    dist::Watchdog* watchdog;
+    uint64_t channel;
+    ~RemoveChannel() {
+      if (channel != 0) watchdog->removeChannel(channel);
+    }
+  } removeChannel{watchdog, loop};
   denoiser.begin(latents);
   // One flag per step, set on the device without a sync: whether the latents stopped being finite.
   at::Tensor nonFinite = at::zeros({scheduler.steps()}, at::TensorOptions().dtype(at::kBool).device(latents.device()));
   for (int i = 0; i < scheduler.steps(); ++i) {
-    dist::setWatchContext("step " + std::to_string(i + 1) + "/" + std::to_string(scheduler.steps()));
+    if (watchdog) watchdog->setContext("step " + std::to_string(i + 1) + "/" + std::to_string(scheduler.steps()));
     // On a GPU the whole step is watched (its NCCL collectives do not block the host; the step's end does).
-    std::optional<dist::WatchedOperation> watched;
-    if (latents.is_cuda()) watched.emplace("a denoise step on the GPU (its NCCL collectives)");
+    std::optional<dist::Watchdog::Operation> watched;
+    if (latents.is_cuda()) watched.emplace(watchdog, loop, "a denoise step on the GPU (its NCCL collectives)");
     Timer timer;
     DenoiseStep step;
     step.index = i;
@@ -174,8 +184,8 @@ at::Tensor denoise(Denoiser& denoiser, at::Tensor latents, const FlowMatchEulerS
   }
   at::Tensor bad;
   {
-    std::optional<dist::WatchedOperation> watched;  // the host waits here for the GPU's last steps
-    if (latents.is_cuda()) watched.emplace("the end of the denoise loop on the GPU (its NCCL collectives)");
+    std::optional<dist::Watchdog::Operation> watched;  // the host waits here for the GPU's last steps
+    if (latents.is_cuda()) watched.emplace(watchdog, loop, "the end of the denoise loop on the GPU (its NCCL collectives)");
     latents = denoiser.finish(latents);
     bad = nonFinite.cpu();
   }

@@ -83,8 +83,8 @@ c10::ScalarType Engine::dtype() const { return impl_->dtype; }
 void Engine::Impl::open() {
   degrees = options.degrees();
   // A stopped or unreachable rank ends the job instead of hanging it (one rank has nobody to wait for).
-  dist::setCollectiveTimeout(rt.worldSize() > 1 ? options.collectiveTimeout : 0.0);
-  dist::setWatchContext("opening the model");
+  rt.watchdog().setTimeout(rt.worldSize() > 1 ? options.collectiveTimeout : 0.0);
+  rt.watchdog().setContext("opening the model");
   std::vector<std::pair<std::string, std::string>> checkpointFiles;
   rt.agree([&] {
     options.check();
@@ -748,9 +748,9 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
     logDebug("step ", r.step + 1, " seconds=", r.seconds);
   };
   const Sampling sampling{m.config.guidanceEmbed, request.guidanceScale, request.trueCfgScale};
-  result.latents = denoise(*denoiser, noise, scheduler, sampling, progress);
+  result.latents = denoise(*denoiser, noise, scheduler, sampling, progress, &m.rt.watchdog());
   if (run.weights) run.weights->endOfRun();
-  dist::setWatchContext("decoding and writing");
+  m.rt.watchdog().setContext("decoding and writing");
   result.report.runSeconds = total.seconds();
   result.report.loadSeconds = run.loadSeconds;
   m.reportLoop(*denoiser, result.report.runSeconds, rssBeforeLoop);

@@ -577,14 +577,14 @@ QueueReport runQueue(const EngineOptions& options, dist::Runtime& world, const Q
     ok = false;
   }
   // 8. Every group's count (groups finish at different times: no time limit on this wait).
-  const double timeout = dist::collectiveTimeout();
-  dist::setCollectiveTimeout(0.0);
+  const double timeout = world.watchdog().timeout();
+  world.watchdog().setTimeout(0.0);
   const bool failed = detail::worldReduce(world, ok ? 0.0 : 1.0, dist::ReduceOp::kMax) > 0;
   const int64_t left = static_cast<int64_t>(mine.size()) - made;
   report.made = static_cast<int64_t>(detail::worldReduce(world, leader ? made : 0, dist::ReduceOp::kSum));
   report.remaining = static_cast<int64_t>(detail::worldReduce(world, leader ? left : 0, dist::ReduceOp::kSum));
   report.stopSignal = static_cast<int>(detail::worldReduce(world, stop, dist::ReduceOp::kMax));
-  dist::setCollectiveTimeout(timeout);
+  world.watchdog().setTimeout(timeout);
   if (failed) throw dist::CollectiveFailure(0);
   report.seconds = jobTimer.seconds();
   report.imagesPerHour = report.seconds > 0 ? static_cast<double>(report.made) * 3600.0 / report.seconds : 0.0;

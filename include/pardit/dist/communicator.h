@@ -22,6 +22,8 @@
 #include <string>
 #include <vector>
 
+#include "pardit/dist/watchdog.h"
+
 namespace pardit::dist {
 
 enum class CollectiveKind { kAllToAll = 0, kAllGather, kBroadcast, kAllReduce, kSendRecv, kBarrier, kCount };
@@ -45,7 +47,7 @@ class Work {
 class Communicator {
  public:
   Communicator() = default;
-  virtual ~Communicator() = default;
+  virtual ~Communicator() { unwatch(); }
   // A communicator owns a group handle (an MPI communicator, an NCCL comm): never copied.
   Communicator(const Communicator&) = delete;
   Communicator& operator=(const Communicator&) = delete;
@@ -74,6 +76,17 @@ class Communicator {
   // Collective over this communicator (MPI_Comm_split semantics).
   virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
 
+  // Makes this communicator a channel of `watchdog` named `name` ("world", "ulysses group", ...); the
+  // runtime that made it calls this. Blocking calls are then recorded while in flight (watched()).
+  void watchWith(std::shared_ptr<Watchdog> watchdog, const std::string& name) {
+    unwatch();
+    if (!watchdog) return;
+    watchChannel_ = watchdog->addChannel(name, watchHooks());
+    watchdog_ = std::move(watchdog);
+  }
+  // The watchdog's record of one blocking call of a backend, for its lifetime (nothing without a watchdog
+  // or a timeout).
+  Watchdog::Operation watched(const char* what) { return Watchdog::Operation(watchdog_.get(), watchChannel_, what); }
   const CollectiveStats& stats(CollectiveKind kind) const { return stats_[static_cast<size_t>(kind)]; }
   void resetStats() { stats_ = {}; }
   // Adds to the counters; backends call it for every operation (calls == 0 adds time only, e.g. a wait).
@@ -84,7 +97,17 @@ class Communicator {
     s.seconds += seconds;
   }
 
+ protected:
+  // What the watchdog may ask of this backend (NCCL: its errors and ncclCommAbort).
+  virtual Watchdog::Hooks watchHooks() { return {}; }
+  // Removes the channel; a backend with hooks calls it first in its destructor (before its handle goes).
+  void unwatch() {
+    if (watchdog_ && watchChannel_ != 0) watchdog_->removeChannel(watchChannel_);
+    watchChannel_ = 0;
+  }
  private:
+  std::shared_ptr<Watchdog> watchdog_;
+  uint64_t watchChannel_ = 0;
   std::array<CollectiveStats, static_cast<size_t>(CollectiveKind::kCount)> stats_{};
 };
 

@@ -15,6 +15,7 @@
 
 #include "pardit/dist/communicator.h"
 #include "pardit/dist/topology.h"
+#include "pardit/dist/watchdog.h"
 
 namespace pardit::dist {
 
@@ -95,6 +96,10 @@ class Runtime {
   // Returns (leaving the exit to the caller) when the job has a single rank or MPI is not running.
   static void abortJob(int code);
 
+  // The collective watchdog of this process (dist/watchdog.h): every communicator of this runtime is one of
+  // its channels. Shared with the runtimes of replicaGroup(); off until a timeout is set.
+  Watchdog& watchdog() { return *watchdog_; }
+
   // Sum of all communicators' counters per collective kind (this rank).
   std::map<std::string, CollectiveStats> collectiveTotals() const;
 
@@ -104,6 +109,8 @@ class Runtime {
   std::string host_;
   bool ownsMpi_ = false;
   Runtime() = default;
+  // Declared before the communicators: destroyed after every one of them left it.
+  std::shared_ptr<Watchdog> watchdog_ = std::make_shared<Watchdog>();
   bool mpiWorld_ = false;  // the world is MPI_COMM_WORLD (CUDA groups then get NCCL communicators)
   std::unique_ptr<Communicator> world_;
   Topology topology_;

@@ -15,6 +15,7 @@
 #include <optional>
 
 #include "pardit/dist/communicator.h"
+#include "pardit/dist/watchdog.h"
 #include "pardit/model/flux.h"
 #include "pardit/pipeline/scheduler.h"
 
@@ -124,8 +125,10 @@ struct StepReport {
 };
 
 // Runs the loop from `latents` (packed [B, S, C], in the model dtype, the same on every rank) and
-// returns the final latents.
+// returns the final latents. With a watchdog, each step is its context ("step 3/28") and, on a GPU, an
+// operation it watches.
 at::Tensor denoise(Denoiser& denoiser, at::Tensor latents, const FlowMatchEulerScheduler& scheduler,
-                   const Sampling& sampling, const std::function<void(const StepReport&)>& onStep = {});
+                   const Sampling& sampling, const std::function<void(const StepReport&)>& onStep = {},
+                   dist::Watchdog* watchdog = nullptr);
 
 }  // namespace pardit::pipeline

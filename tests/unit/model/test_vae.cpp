@@ -1,16 +1,14 @@
 // The VAE decoder against diffusers' AutoencoderKL (fixtures from tests/reference/make_vae_fixtures.py),
-// both checkpoint layouts, the image post-processing, PNG files, and the patch-parallel decode against
-// the one-rank decode.
+// both checkpoint layouts, the image post-processing, and the patch-parallel decode against the one-rank
+// decode.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
-#include <filesystem>
 #include <mutex>
 
 #include "pardit/core/error.h"
 #include "pardit/dist/in_process.h"
 #include "pardit/dist/runtime.h"
-#include "pardit/io/png.h"
 #include "pardit/io/safetensors.h"
 #include "pardit/io/vae_checkpoint.h"
 #include "pardit/model/vae.h"
@@ -93,27 +91,6 @@ TEST(Vae, LatentsToPixelsAsFluxPipeline) {
   EXPECT_EQ(edge[0][0][0][0].item<uint8_t>(), 0);
   EXPECT_EQ(edge[0][0][0][1].item<uint8_t>(), 255);
   EXPECT_EQ(edge[0][0][0][2].item<uint8_t>(), 128);  // 127.5 rounds to the even 128
-}
-
-TEST(Png, RoundTripWithTextAndAtomicWrite) {
-  test::TempDir dir;
-  at::manual_seed(1);
-  const at::Tensor img = at::randint(0, 256, {5, 7, 3}, at::kByte);
-  const io::PngText text = {{"parameters", "a cat\nSteps: 4, Seed: 42, Size: 7x5"}, {"Software", "pardit"}};
-  io::writePng(dir.file("x.png"), img, text);
-  const io::PngImage back = io::readPng(dir.file("x.png"));
-  EXPECT_TRUE(at::equal(back.pixels, img));
-  EXPECT_EQ(back.text, text);
-  EXPECT_EQ(io::readPngText(dir.file("x.png")), text);  // without decoding the pixels
-  EXPECT_THROW(io::readPngText(test::fixture("vae_decode_tiny.safetensors")), Error);
-  // No temporary files are left behind; a failed write leaves the old image untouched.
-  size_t files = 0;
-  for (const auto& e : std::filesystem::directory_iterator(dir.path())) files += e.is_regular_file();
-  EXPECT_EQ(files, 1u);
-  EXPECT_THROW(io::writePng(dir.file("missing/x.png"), img), Error);
-  EXPECT_THROW(io::writePng(dir.file("y.png"), at::zeros({5, 7, 2}, at::kByte)), Error);
-  EXPECT_THROW(io::readPng(test::fixture("vae_decode_tiny.safetensors")), Error);
-  EXPECT_TRUE(at::equal(io::readPng(dir.file("x.png")).pixels, img));
 }
 
 // Every rank decodes a slab; halo rows and whole-image GroupNorm statistics give the one-rank image.

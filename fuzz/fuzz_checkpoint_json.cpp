@@ -19,7 +19,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   (void)shard;
   const auto [config, index] = pardit::fuzz::split(data, size);
   pardit::fuzz::writeFile("t/config.json", config.data(), config.size());
-  const std::string indexPath = (pardit::fuzz::scratch() / "t" / "diffusion_pytorch_model.safetensors.index.json").string();
+  const std::string indexPath =
+      (pardit::fuzz::scratch() / "t" / "diffusion_pytorch_model.safetensors.index.json").string();
   if (index.empty()) {
     std::filesystem::remove(indexPath);
   } else {

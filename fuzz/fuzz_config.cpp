@@ -1,7 +1,7 @@
 // The INI --config file from the input, parsed for each command with a few flags; and the input's first
 // line as one argument value. Errors must be pardit::Error.
-#include "fuzz_common.h"
 #include "config/config.h"
+#include "fuzz_common.h"
 #include "pardit/core/error.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

@@ -14,7 +14,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string prompt = promptTail.empty() ? "a cat on the moon, 3 times: ÄÖÜ 日本" : promptTail;
   try {
     if (kind == 0 || kind == 1) {
-      const std::string path = pardit::fuzz::writeFile(kind == 0 ? "spiece.model" : "t5.json", file.data(), file.size());
+      const std::string path =
+          pardit::fuzz::writeFile(kind == 0 ? "spiece.model" : "t5.json", file.data(), file.size());
       const auto tok = kind == 0 ? pardit::text::T5Tokenizer::fromSentencePiece(path)
                                  : pardit::text::T5Tokenizer::fromTokenizerJson(path);
       (void)tok.encodeForModel(prompt, 64);

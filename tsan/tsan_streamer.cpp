@@ -22,8 +22,13 @@ int main() {
   const model::FluxConfig& c = ck.config();
   at::manual_seed(5);
   const int64_t Li = 32, Lt = 8;
-  model::FluxInputs in{at::randn({1, Li, c.inChannels}), at::randn({1, Lt, c.contextInDim}), at::randn({1, c.vecInDim}),
-                       at::tensor({0.6f}), at::tensor({3.5f}), model::imagePositionIds(4, 8), model::textPositionIds(Lt)};
+  model::FluxInputs in{at::randn({1, Li, c.inChannels}),
+                       at::randn({1, Lt, c.contextInDim}),
+                       at::randn({1, c.vecInDim}),
+                       at::tensor({0.6f}),
+                       at::tensor({3.5f}),
+                       model::imagePositionIds(4, 8),
+                       model::textPositionIds(Lt)};
   int failures = 0;
   for (const auto format : {model::WeightFormat::kDense, model::WeightFormat::kFp8}) {
     // A fresh checkpoint object for the streamed run: its counters and loaded-tensor set change while the
@@ -34,17 +39,18 @@ int main() {
     auto scalesMutex = std::make_shared<std::mutex>();
     auto getter = [scales, scalesMutex, format](const io::FluxCheckpoint& ck) -> model::WeightGetter {
       return [&ck, scales, scalesMutex, format](const std::string& n) -> at::Tensor {
-      if (format == model::WeightFormat::kFp8 && model::fluxFp8Eligible(n)) {
-        model::Fp8Rows q = ck.loadFp8(n);
-        std::lock_guard<std::mutex> lock(*scalesMutex);
-        (*scales)[model::fp8ScaleName(n)] = q.scale;
-        return q.values;
-      }
-      if (format == model::WeightFormat::kFp8 && n.size() > 13 && n.compare(n.size() - 13, 13, ".weight_scale") == 0) {
-        std::lock_guard<std::mutex> lock(*scalesMutex);
-        return scales->at(n);
-      }
-      return ck.load(n, at::kFloat);
+        if (format == model::WeightFormat::kFp8 && model::fluxFp8Eligible(n)) {
+          model::Fp8Rows q = ck.loadFp8(n);
+          std::lock_guard<std::mutex> lock(*scalesMutex);
+          (*scales)[model::fp8ScaleName(n)] = q.scale;
+          return q.values;
+        }
+        if (format == model::WeightFormat::kFp8 && n.size() > 13 &&
+            n.compare(n.size() - 13, 13, ".weight_scale") == 0) {
+          std::lock_guard<std::mutex> lock(*scalesMutex);
+          return scales->at(n);
+        }
+        return ck.load(n, at::kFloat);
       };
     };
     const at::Tensor ref = model::FluxTransformer(c, std::make_shared<model::ResidentFluxWeights>(c, getter(ck)),
@@ -90,7 +96,8 @@ int main() {
     done.store(true);
     reader.join();
     std::printf("%s: 3 streamed passes, %llu groups fetched, %llu counter reads alongside, %llu bytes read\n",
-                model::weightFormatName(format).c_str(), static_cast<unsigned long long>(streaming->streamedGroupsFetched()),
+                model::weightFormatName(format).c_str(),
+                static_cast<unsigned long long>(streaming->streamedGroupsFetched()),
                 static_cast<unsigned long long>(polls.load()), static_cast<unsigned long long>(streamed.bytesRead()));
   }
   return failures == 0 ? 0 : 1;

@@ -30,9 +30,9 @@ int main(int argc, char** argv) {
     request.saveLatents = argv[3];
     const pardit::pipeline::GenerateResult result = engine.generate(request);
     if (rt.worldRank() == 0)
-      std::printf("latents [%lld, %lld, %lld] in %.3f s on %d rank(s)\n", static_cast<long long>(result.latents.size(0)),
-                  static_cast<long long>(result.latents.size(1)), static_cast<long long>(result.latents.size(2)),
-                  result.report.runSeconds, rt.worldSize());
+      std::printf("latents [%lld, %lld, %lld] in %.3f s on %d rank(s)\n",
+                  static_cast<long long>(result.latents.size(0)), static_cast<long long>(result.latents.size(1)),
+                  static_cast<long long>(result.latents.size(2)), result.report.runSeconds, rt.worldSize());
     return 0;
   } catch (const pardit::dist::CollectiveFailure&) {
     return 1;  // every rank agreed on the failure; its message is already printed

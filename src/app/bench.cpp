@@ -35,7 +35,10 @@ int runCommBench(const config::EngineConfig& c, dist::Runtime& rt) {
     std::snprintf(line, sizeof(line), "%11llu  %-12s %9.1f  %10.3f  %10.3f", static_cast<unsigned long long>(s.bytes),
                   s.op.c_str(), s.seconds * 1e6, s.algbw / 1e9, s.busbw / 1e9);
     logInfo0(line);
-    results.push_back({{"bytes", s.bytes}, {"op", s.op}, {"time_s", s.seconds}, {"algbw_GBps", s.algbw / 1e9},
+    results.push_back({{"bytes", s.bytes},
+                       {"op", s.op},
+                       {"time_s", s.seconds},
+                       {"algbw_GBps", s.algbw / 1e9},
                        {"busbw_GBps", s.busbw / 1e9}});
   }
   nlohmann::ordered_json j;
@@ -55,16 +58,17 @@ void printPipeFusion(const config::EngineConfig& c, dist::Runtime& rt, const pip
   logInfo0("bench ", r.modelName, " (", e.modelConfig().describe(), "), ", dtypeName(e.dtype()), ", ", rt.worldSize(),
            " rank(s) (", d.describe(), "), ", r.patches, " patches, ", r.warmupSteps, " warm-up step(s) + ", c.iters,
            " pipelined steps, ", r.threads, " thread(s) per rank");
-  logInfo0("pipelined step: median ", formatSeconds(r.median), " (slowest rank); waiting for the previous stage: ",
-           formatNumber(100 * r.bubbleShareMean), "% of the step on average, ", formatNumber(100 * r.bubbleShareMax),
-           "% on the worst rank");
+  logInfo0("pipelined step: median ", formatSeconds(r.median),
+           " (slowest rank); waiting for the previous stage: ", formatNumber(100 * r.bubbleShareMean),
+           "% of the step on average, ", formatNumber(100 * r.bubbleShareMax), "% on the worst rank");
   if (rt.worldRank() == 0) {
-    std::printf("BENCH pardit-pipefusion model=%s dtype=%s ranks=%d pipefusion=%d patches=%d ulysses=%d ring=%d "
-                "threads=%d image_tokens=%lld text_tokens=%lld step_median_s=%.6f bubble_share_mean=%.4f "
-                "bubble_share_max=%.4f\n",
-                r.modelName.c_str(), dtypeName(e.dtype()).c_str(), rt.worldSize(), d.pipefusion, r.patches, d.ulysses,
-                d.ring, r.threads, static_cast<long long>(r.imageTokens), static_cast<long long>(c.textLen), r.median,
-                r.bubbleShareMean, r.bubbleShareMax);
+    std::printf(
+        "BENCH pardit-pipefusion model=%s dtype=%s ranks=%d pipefusion=%d patches=%d ulysses=%d ring=%d "
+        "threads=%d image_tokens=%lld text_tokens=%lld step_median_s=%.6f bubble_share_mean=%.4f "
+        "bubble_share_max=%.4f\n",
+        r.modelName.c_str(), dtypeName(e.dtype()).c_str(), rt.worldSize(), d.pipefusion, r.patches, d.ulysses, d.ring,
+        r.threads, static_cast<long long>(r.imageTokens), static_cast<long long>(c.textLen), r.median,
+        r.bubbleShareMean, r.bubbleShareMax);
     std::fflush(stdout);
   }
 }
@@ -106,32 +110,34 @@ void printForwards(const config::EngineConfig& c, dist::Runtime& rt, const pipel
            rt.worldSize() == 1 ? "" : " (all ranks)");
   logInfo0("communication: ", formatNumber(100.0 * r.commShare), "% of the step time (largest rank)");
   if (!r.attentionKernel.empty())
-    logInfo0("attention kernel: ", r.attentionKernel,
-             c.attention == config::Attention::kAuto ? " (--attention auto's pick for these tensors)"
-                                                     : " (--attention)");
+    logInfo0(
+        "attention kernel: ", r.attentionKernel,
+        c.attention == config::Attention::kAuto ? " (--attention auto's pick for these tensors)" : " (--attention)");
   if (c.unfused) logInfo0("fused passes: off (--unfused: ATen's compositions)");
   if (r.gemmRate > 0)
     logInfo0("device GEMM rate (", dtypeName(e.dtype()), ", ", pipeline::gemmRateSize(e.device()), "^3",
-             e.device().is_cpu() ? ", " + std::to_string(r.threads) + " thread(s)" : std::string(), "): ",
-             formatNumber(r.gemmRate / 1e9), " GFLOP/s per rank -> forward reaches ",
+             e.device().is_cpu() ? ", " + std::to_string(r.threads) + " thread(s)" : std::string(),
+             "): ", formatNumber(r.gemmRate / 1e9), " GFLOP/s per rank -> forward reaches ",
              formatNumber(100.0 * rate / (r.gemmRate * rt.worldSize())), "% of it");
   if (r.gemmSeconds > 0) {
     const double other = std::max(0.0, r.median - r.gemmSeconds - r.attentionSeconds);
     logInfo0("time split: GEMMs ", formatSeconds(r.gemmSeconds), " (", formatNumber(100 * r.gemmSeconds / r.median),
-             "%), attention ", formatSeconds(r.attentionSeconds), " (", formatNumber(100 * r.attentionSeconds / r.median),
-             "%), other ops ", formatSeconds(other), " (", formatNumber(100 * other / r.median), "%)");
+             "%), attention ", formatSeconds(r.attentionSeconds), " (",
+             formatNumber(100 * r.attentionSeconds / r.median), "%), other ops ", formatSeconds(other), " (",
+             formatNumber(100 * other / r.median), "%)");
   }
   if (!r.profile.empty()) printProfile(r);
   if (rt.worldRank() == 0) {
-    std::printf("BENCH pardit model=%s dtype=%s ranks=%d ulysses=%d ring=%d cfg=%d threads=%d batch=%lld "
-                "image_tokens=%lld text_tokens=%lld median_s=%.6f min_s=%.6f gflops=%.3f comm_share=%.4f "
-                "gemm_gflops=%.3f peak_device_bytes=%llu peak_rss_bytes=%llu attention=%s fused=%d\n",
-                r.modelName.c_str(), dtypeName(e.dtype()).c_str(), rt.worldSize(), d.ulysses, d.ring, d.cfg, r.threads,
-                static_cast<long long>(c.batch), static_cast<long long>(r.imageTokens),
-                static_cast<long long>(c.textLen), r.median, r.best, rate / 1e9, r.commShare, r.gemmRate / 1e9,
-                static_cast<unsigned long long>(
-                    memory::devicePeakBytes(e.device().is_cuda(), e.device().is_cuda() ? e.device().index() : 0)),
-                static_cast<unsigned long long>(peakRssBytes()), r.attentionKernel.c_str(), c.unfused ? 0 : 1);
+    std::printf(
+        "BENCH pardit model=%s dtype=%s ranks=%d ulysses=%d ring=%d cfg=%d threads=%d batch=%lld "
+        "image_tokens=%lld text_tokens=%lld median_s=%.6f min_s=%.6f gflops=%.3f comm_share=%.4f "
+        "gemm_gflops=%.3f peak_device_bytes=%llu peak_rss_bytes=%llu attention=%s fused=%d\n",
+        r.modelName.c_str(), dtypeName(e.dtype()).c_str(), rt.worldSize(), d.ulysses, d.ring, d.cfg, r.threads,
+        static_cast<long long>(c.batch), static_cast<long long>(r.imageTokens), static_cast<long long>(c.textLen),
+        r.median, r.best, rate / 1e9, r.commShare, r.gemmRate / 1e9,
+        static_cast<unsigned long long>(
+            memory::devicePeakBytes(e.device().is_cuda(), e.device().is_cuda() ? e.device().index() : 0)),
+        static_cast<unsigned long long>(peakRssBytes()), r.attentionKernel.c_str(), c.unfused ? 0 : 1);
     std::fflush(stdout);
   }
 }
@@ -140,19 +146,23 @@ void printDecode(const config::EngineConfig& c, dist::Runtime& rt, const pipelin
                  const pipeline::BenchmarkResult& r) {
   logInfo0("bench VAE decode (", r.vae, ", ", formatBytes(r.decoderWeightBytes), " of weights), ", dtypeName(e.dtype()),
            " on ", e.device().str(), ", batch ", c.batch, " of ", c.width, "x", c.height, " px, ", rt.worldSize(),
-           " rank(s) decoding ", r.decodeMode == "patches" ? "row slabs" : r.decodeMode == "whole" ? "the whole image" : "tiles (" + r.decodeMode.substr(6) + " px)",
+           " rank(s) decoding ",
+           r.decodeMode == "patches" ? "row slabs"
+           : r.decodeMode == "whole" ? "the whole image"
+                                     : "tiles (" + r.decodeMode.substr(6) + " px)",
            ", ", r.threads, " thread(s) per rank");
   logInfo0("decode: median ", formatSeconds(r.median), ", min ", formatSeconds(r.best), " over ", r.samples.size(),
            " decode(s)");
   logInfo0("activations per rank: planned ", formatBytes(r.decodePlannedBytes), ", measured ",
            formatBytes(r.decodeActivationBytesMax), " (largest rank's peak RSS growth during the first decode)");
   if (rt.worldRank() == 0) {
-    std::printf("BENCH pardit-decode vae=%s dtype=%s ranks=%d threads=%d batch=%lld height=%lld width=%lld "
-                "median_s=%.6f activation_bytes_max=%llu activation_bytes_planned=%llu mode=%s\n",
-                r.vae.c_str(), dtypeName(e.dtype()).c_str(), rt.worldSize(), r.threads, static_cast<long long>(c.batch),
-                static_cast<long long>(c.height), static_cast<long long>(c.width), r.median,
-                static_cast<unsigned long long>(r.decodeActivationBytesMax),
-                static_cast<unsigned long long>(r.decodePlannedBytes), r.decodeMode.c_str());
+    std::printf(
+        "BENCH pardit-decode vae=%s dtype=%s ranks=%d threads=%d batch=%lld height=%lld width=%lld "
+        "median_s=%.6f activation_bytes_max=%llu activation_bytes_planned=%llu mode=%s\n",
+        r.vae.c_str(), dtypeName(e.dtype()).c_str(), rt.worldSize(), r.threads, static_cast<long long>(c.batch),
+        static_cast<long long>(c.height), static_cast<long long>(c.width), r.median,
+        static_cast<unsigned long long>(r.decodeActivationBytesMax),
+        static_cast<unsigned long long>(r.decodePlannedBytes), r.decodeMode.c_str());
     std::fflush(stdout);
   }
 }
@@ -176,12 +186,23 @@ nlohmann::ordered_json toJson(const config::EngineConfig& c, dist::Runtime& rt, 
                               const pipeline::BenchmarkResult& r) {
   const auto& d = rt.topology().degrees();
   nlohmann::ordered_json j = {
-      {"tool", "pardit"}, {"version", PARDIT_VERSION}, {"commit", PARDIT_GIT_COMMIT}, {"model", r.modelName},
-      {"config", e.modelConfig().describe()}, {"dtype", dtypeName(e.dtype())}, {"device", e.device().str()},
+      {"tool", "pardit"},
+      {"version", PARDIT_VERSION},
+      {"commit", PARDIT_GIT_COMMIT},
+      {"model", r.modelName},
+      {"config", e.modelConfig().describe()},
+      {"dtype", dtypeName(e.dtype())},
+      {"device", e.device().str()},
       {"ranks", rt.worldSize()},
       {"degrees", {{"cfg", d.cfg}, {"pipefusion", d.pipefusion}, {"ring", d.ring}, {"ulysses", d.ulysses}}},
-      {"threads", r.threads}, {"batch", c.batch}, {"image_tokens", r.imageTokens}, {"text_tokens", c.textLen},
-      {"warmup", c.warmup}, {"samples_s", r.samples}, {"median_s", r.median}, {"flops", r.flops},
+      {"threads", r.threads},
+      {"batch", c.batch},
+      {"image_tokens", r.imageTokens},
+      {"text_tokens", c.textLen},
+      {"warmup", c.warmup},
+      {"samples_s", r.samples},
+      {"median_s", r.median},
+      {"flops", r.flops},
       {"gflops", r.flops / r.median / 1e9}};
   if (c.benchEncode) {
     j["text_tokens"] = r.textLen;

@@ -26,10 +26,18 @@ void applyRuntimeOptions(const pardit::config::EngineConfig& c) {
   using pardit::config::LogLevelOption;
   pardit::LogLevel level = pardit::LogLevel::kInfo;
   switch (c.logLevel) {
-    case LogLevelOption::kDebug: level = pardit::LogLevel::kDebug; break;
-    case LogLevelOption::kInfo: level = pardit::LogLevel::kInfo; break;
-    case LogLevelOption::kWarn: level = pardit::LogLevel::kWarn; break;
-    case LogLevelOption::kError: level = pardit::LogLevel::kError; break;
+    case LogLevelOption::kDebug:
+      level = pardit::LogLevel::kDebug;
+      break;
+    case LogLevelOption::kInfo:
+      level = pardit::LogLevel::kInfo;
+      break;
+    case LogLevelOption::kWarn:
+      level = pardit::LogLevel::kWarn;
+      break;
+    case LogLevelOption::kError:
+      level = pardit::LogLevel::kError;
+      break;
   }
   pardit::setLogLevel(c.quiet ? pardit::LogLevel::kError : level);
   pardit::model::setFusedPasses(!c.unfused);
@@ -43,10 +51,14 @@ int dispatch(const pardit::config::EngineConfig& c, pardit::dist::Runtime& rt) {
   using pardit::config::Command;
   int status = 0;
   switch (c.command) {
-    case Command::kForward: return pardit::app::runForward(c, rt);
-    case Command::kGenerate: return pardit::app::runGenerate(c, rt);
-    case Command::kEncode: return pardit::app::runEncode(c, rt);
-    case Command::kBench: return pardit::app::runBench(c, rt);
+    case Command::kForward:
+      return pardit::app::runForward(c, rt);
+    case Command::kGenerate:
+      return pardit::app::runGenerate(c, rt);
+    case Command::kEncode:
+      return pardit::app::runEncode(c, rt);
+    case Command::kBench:
+      return pardit::app::runBench(c, rt);
     case Command::kPlan:
       rt.agree([&] {
         if (rt.worldRank() == 0) status = pardit::app::runPlan(c);

@@ -1,9 +1,9 @@
 // pardit quantize: writes an FP8 copy of a checkpoint (io::quantizeCheckpoint) and prints where.
+#include "pardit/io/quantize.h"
 #include "commands.h"
 #include "pardit/core/format.h"
 #include "pardit/core/log.h"
 #include "pardit/core/timer.h"
-#include "pardit/io/quantize.h"
 
 namespace pardit::app {
 

@@ -30,11 +30,13 @@ int runQueue(const config::EngineConfig& c, dist::Runtime& rt) {
   pipeline::QueueOptions q;
   rt.agree([&] { q = config::queueOptions(c); });
   const pipeline::QueueReport r = pipeline::runQueue(config::engineOptions(c), rt, q, config::generateRequest(c));
-  const std::string shard = c.shard.empty() ? std::string() : " (shard " + c.shard + ": " + std::to_string(r.shard) +
-                                                                  " of the file's " + std::to_string(r.total) + ")";
+  const std::string shard = c.shard.empty() ? std::string()
+                                            : " (shard " + c.shard + ": " + std::to_string(r.shard) +
+                                                  " of the file's " + std::to_string(r.total) + ")";
   logInfo0("queue: ", r.made, " images made, ", r.skipped, " already there", shard, ", ", r.remaining, " left, in ",
-           formatSeconds(r.seconds), r.made > 0 ? " (" + formatNumber(r.imagesPerHour) + " images/hour)" : std::string(),
-           "; manifest ", c.outputDir, "/manifest.jsonl");
+           formatSeconds(r.seconds),
+           r.made > 0 ? " (" + formatNumber(r.imagesPerHour) + " images/hour)" : std::string(), "; manifest ",
+           c.outputDir, "/manifest.jsonl");
   if (r.stopSignal != 0 && r.remaining > 0) {
     logWarn0("queue: stopped by signal ", r.stopSignal, " with ", r.remaining,
              " requests left; run the same command again to continue (exit status ", pipeline::kExitStopped, ")");

@@ -27,7 +27,10 @@ int runSynth(const config::EngineConfig& c) {
   o.zeros = c.fill == config::SynthFill::kZeros;
   o.shardSize = c.shardSize;
   o.textLen = c.textLen > 0 ? c.textLen
-                            : (c.preset == "flux-dev" ? 512 : c.preset == "flux-schnell" ? 256 : c.preset == "small" ? 64 : 16);
+                            : (c.preset == "flux-dev"       ? 512
+                               : c.preset == "flux-schnell" ? 256
+                               : c.preset == "small"        ? 64
+                                                            : 16);
   Timer timer;
   const io::SynthResult r = io::synthesizeCheckpoint(o);
   logInfo0("wrote ", c.preset, " (", o.config.describe(), ") in the ", config::enumName(c.layout), " layout as ",
@@ -35,8 +38,7 @@ int runSynth(const config::EngineConfig& c) {
            formatSeconds(timer.seconds()));
   logInfo0("model: ", r.modelPath);
   logInfo0("VAE: ", r.vaePath, " (", o.vae().describe(), ", ", formatBytes(r.vaeBytes), ")");
-  logInfo0("text encoders: ", o.clip().describe(), "; ", o.t5().describe(), " (", formatBytes(r.textEncoderBytes),
-           ")");
+  logInfo0("text encoders: ", o.clip().describe(), "; ", o.t5().describe(), " (", formatBytes(r.textEncoderBytes), ")");
   logInfo0("prompt embeddings: ", r.promptEmbedsPath, " (negative: ", r.negativeEmbedsPath, ")");
   return 0;
 }

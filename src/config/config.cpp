@@ -74,8 +74,8 @@ std::vector<std::string> enumNames() {
   return std::vector<std::string>(namesOf<E>().begin(), namesOf<E>().end());
 }
 
-#define PARDIT_ENUM_INSTANTIATE(E)                 \
-  template std::string enumName<E>(E);             \
+#define PARDIT_ENUM_INSTANTIATE(E)     \
+  template std::string enumName<E>(E); \
   template std::vector<std::string> enumNames<E>();
 PARDIT_ENUM_INSTANTIATE(Command)
 PARDIT_ENUM_INSTANTIATE(Dtype)
@@ -96,7 +96,6 @@ std::string commandName(Command command) { return enumName(command); }
 
 // ---- composite values ------------------------------------------------------------------------------
 
-
 uint64_t parseSize(const std::string& text, const std::string& flag) {
   size_t pos = 0;
   double value = 0;
@@ -107,12 +106,16 @@ uint64_t parseSize(const std::string& text, const std::string& flag) {
   }
   std::string unit = text.substr(pos);
   for (auto& ch : unit) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-  static const std::map<std::string, double> kUnits = {
-      {"", 1.0},           {"b", 1.0},
-      {"kb", 1e3},         {"mb", 1e6},
-      {"gb", 1e9},         {"tb", 1e12},
-      {"kib", 1024.0},     {"mib", 1024.0 * 1024},
-      {"gib", 1024.0 * 1024 * 1024}, {"tib", 1024.0 * 1024 * 1024 * 1024}};
+  static const std::map<std::string, double> kUnits = {{"", 1.0},
+                                                       {"b", 1.0},
+                                                       {"kb", 1e3},
+                                                       {"mb", 1e6},
+                                                       {"gb", 1e9},
+                                                       {"tb", 1e12},
+                                                       {"kib", 1024.0},
+                                                       {"mib", 1024.0 * 1024},
+                                                       {"gib", 1024.0 * 1024 * 1024},
+                                                       {"tib", 1024.0 * 1024 * 1024 * 1024}};
   auto it = kUnits.find(unit);
   PARDIT_CHECK(it != kUnits.end(), flag, ": unknown unit '", text.substr(pos), "' in '", text,
                "' (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)");
@@ -129,16 +132,26 @@ namespace {
 enum class Group { kModel, kText, kParallel, kMemory, kSampling, kOutput, kMetrics, kSynth, kPlan, kBench };
 const char* groupTitle(Group g) {
   switch (g) {
-    case Group::kModel: return "model and device";
-    case Group::kText: return "prompts and text encoders";
-    case Group::kParallel: return "parallel layout (world size = data-parallel x cfg x pipefusion x ring x ulysses)";
-    case Group::kMemory: return "memory";
-    case Group::kSampling: return "sampling";
-    case Group::kOutput: return "inputs and outputs";
-    case Group::kMetrics: return "metrics";
-    case Group::kSynth: return "synthetic model";
-    case Group::kPlan: return "plan";
-    case Group::kBench: return "benchmark";
+    case Group::kModel:
+      return "model and device";
+    case Group::kText:
+      return "prompts and text encoders";
+    case Group::kParallel:
+      return "parallel layout (world size = data-parallel x cfg x pipefusion x ring x ulysses)";
+    case Group::kMemory:
+      return "memory";
+    case Group::kSampling:
+      return "sampling";
+    case Group::kOutput:
+      return "inputs and outputs";
+    case Group::kMetrics:
+      return "metrics";
+    case Group::kSynth:
+      return "synthetic model";
+    case Group::kPlan:
+      return "plan";
+    case Group::kBench:
+      return "benchmark";
   }
   return "";
 }
@@ -151,9 +164,10 @@ enum class Sync {
 };
 
 unsigned bit(Command c) { return 1u << static_cast<unsigned>(c); }
-const unsigned kModelCommands =
-    bit(Command::kGenerate) | bit(Command::kForward) | bit(Command::kBench) | bit(Command::kPlan) | bit(Command::kEncode);
-const unsigned kRunCommands = bit(Command::kGenerate) | bit(Command::kForward) | bit(Command::kBench) | bit(Command::kEncode);
+const unsigned kModelCommands = bit(Command::kGenerate) | bit(Command::kForward) | bit(Command::kBench) |
+                                bit(Command::kPlan) | bit(Command::kEncode);
+const unsigned kRunCommands =
+    bit(Command::kGenerate) | bit(Command::kForward) | bit(Command::kBench) | bit(Command::kEncode);
 const unsigned kAll = kModelCommands | bit(Command::kSynth);
 // Options every command takes (logging, threads).
 const unsigned kEvery = kAll | bit(Command::kQuantize);
@@ -281,8 +295,8 @@ Option described(const char* name, Group group, Sync sync, unsigned commands, co
 }
 
 template <typename T, typename C>
-Option opt(const char* name, T C::*member, Group group, Sync sync, unsigned commands,
-           const char* placeholder, const char* help, std::function<void(const T&, const std::string&)> check = {}) {
+Option opt(const char* name, T C::*member, Group group, Sync sync, unsigned commands, const char* placeholder,
+           const char* help, std::function<void(const T&, const std::string&)> check = {}) {
   Option o = described(name, group, sync, commands, help);
   o.placeholder = placeholder;
   const std::string flag = std::string("--") + name;
@@ -332,7 +346,8 @@ const std::vector<Option>& optionTable() {
             "the patch-parallel decode does not fit the budget), on or off"));
     add(opt("vae-tile-size", &EngineConfig::vaeTileSize, Group::kMemory, Sync::kValue, gen | bench | plan, "PX",
             "tile of the tiled decode, a multiple of 8 (0: the VAE's sample_size, 1024 for FLUX.1, halved until one "
-            "tile fits the budget)", atLeast<int64_t>(0)));
+            "tile fits the budget)",
+            atLeast<int64_t>(0)));
     add(opt("dtype", &EngineConfig::dtype, Group::kModel, Sync::kValue, kAll, "TYPE",
             "compute dtype: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or fp32 (synth: the stored dtype)"));
     add(opt("weight-dtype", &EngineConfig::weightDtype, Group::kModel, Sync::kValue, kModelCommands, "TYPE",
@@ -343,7 +358,8 @@ const std::vector<Option>& optionTable() {
             "auto, cpu or cuda (one GPU per rank, by local rank; plan: cpu plans a CPU run)"));
     add(opt("threads", &EngineConfig::threads, Group::kModel, Sync::kLocal, kEvery, "N",
             "intra-op CPU threads per rank (0: the library default)", atLeast(0)));
-    add(opt("log-level", &EngineConfig::logLevel, Group::kModel, Sync::kLocal, kEvery, "LEVEL", "debug, info, warn or error"));
+    add(opt("log-level", &EngineConfig::logLevel, Group::kModel, Sync::kLocal, kEvery, "LEVEL",
+            "debug, info, warn or error"));
     add(flagOpt("strict", 0, &EngineConfig::strict, Group::kModel, Sync::kValue, kModelCommands,
                 "stop on what is otherwise a warning: tensors in the checkpoint the model does not use, an invalid "
                 "model_index.json"));
@@ -376,14 +392,17 @@ const std::vector<Option>& optionTable() {
     add(opt("data-parallel-degree", &EngineConfig::dataParallelDegree, Group::kParallel, Sync::kValue, gen | plan, "D",
             "replica groups that share a --prompt-file queue: each is a whole layout of the other degrees, reads only "
             "its own shard of the weights and encodes its own prompts (world size = D x cfg x pipefusion x ring x "
-            "ulysses)", atLeast(1)));
+            "ulysses)",
+            atLeast(1)));
     add(opt("num-pipeline-patch", &EngineConfig::numPipelinePatch, Group::kParallel, Sync::kValue, par, "M",
             "PipeFusion patches (row stripes) per image; 0: the PipeFusion degree", atLeast(0)));
     add(opt("warmup-steps", &EngineConfig::warmupSteps, Group::kParallel, Sync::kValue, par, "N",
             "PipeFusion synchronous steps with fresh K/V before the patch pipeline", atLeast(0)));
     add(opt("collective-timeout", &EngineConfig::collectiveTimeout, Group::kParallel, Sync::kValue, kRunCommands,
-            "SECONDS", "abort the job when a collective or transfer has not completed after this long (a stopped, "
-            "hung or unreachable rank), naming the operation and the step; 0: never", atLeast(0.0)));
+            "SECONDS",
+            "abort the job when a collective or transfer has not completed after this long (a stopped, "
+            "hung or unreachable rank), naming the operation and the step; 0: never",
+            atLeast(0.0)));
     add(opt("pp-partition", &EngineConfig::ppPartition, Group::kParallel, Sync::kValue, par, "SPLIT",
             "PipeFusion stage split: compute (equal block counts), memory (equal weight bytes) or N0,N1,..."));
     // memory
@@ -435,15 +454,18 @@ const std::vector<Option>& optionTable() {
             "(SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT)"));
     add(opt("batch-size", &EngineConfig::batchSize, Group::kOutput, Sync::kValue, gen, "N",
             "--prompt-file: up to N queued requests of one shape (size, steps, guidance, true CFG, text length) share "
-            "one transformer call; each image is the one its request makes alone", atLeast(1)));
+            "one transformer call; each image is the one its request makes alone",
+            atLeast(1)));
     add(flagOpt("overwrite", 0, &EngineConfig::overwrite, Group::kOutput, Sync::kValue, gen,
                 "--prompt-file: replace an image in --output-dir that was made with other parameters (without it "
                 "that is an error)"));
-    add(opt("max-sequence-length", &EngineConfig::maxSequenceLength, Group::kText, Sync::kValue, gen | enc | plan | bench, "N",
+    add(opt("max-sequence-length", &EngineConfig::maxSequenceLength, Group::kText, Sync::kValue,
+            gen | enc | plan | bench, "N",
             "T5 tokens (0: 512 for guidance-distilled models such as FLUX.1-dev, 256 otherwise)", atLeast<int64_t>(0)));
     add(opt("text-encoder", &EngineConfig::textEncoder, Group::kText, Sync::kPresence, gen | enc | plan | bench, "PATH",
             "CLIP text encoder: text_encoder/ or a single file such as clip_l.safetensors (default: the model's)"));
-    add(opt("text-encoder-2", &EngineConfig::textEncoder2, Group::kText, Sync::kPresence, gen | enc | plan | bench, "PATH",
+    add(opt("text-encoder-2", &EngineConfig::textEncoder2, Group::kText, Sync::kPresence, gen | enc | plan | bench,
+            "PATH",
             "T5 encoder: text_encoder_2/ or a single file such as t5xxl_fp16.safetensors (default: the model's)"));
     add(opt("tokenizer", &EngineConfig::tokenizer, Group::kText, Sync::kPresence, gen | enc | bench, "DIR",
             "CLIP tokenizer: vocab.json + merges.txt, or tokenizer.json (default: the model's tokenizer/)"));
@@ -452,8 +474,8 @@ const std::vector<Option>& optionTable() {
     add(opt("text-encoder-rank", &EngineConfig::textEncoderRank, Group::kText, Sync::kValue, gen | enc | plan, "R",
             "the rank that runs the text encoders (-1: the rank with the most spare memory after its plan)",
             atLeast(-1)));
-    add(opt("text-encoder-device", &EngineConfig::textEncoderDevice, Group::kText, Sync::kValue, gen | enc | bench, "KIND",
-            "auto (the rank's device) or cpu (keep the encoders off the GPU)"));
+    add(opt("text-encoder-device", &EngineConfig::textEncoderDevice, Group::kText, Sync::kValue, gen | enc | bench,
+            "KIND", "auto (the rank's device) or cpu (keep the encoders off the GPU)"));
     add(opt("prompt-embeds", &EngineConfig::promptEmbeds, Group::kOutput, Sync::kPresence, gen, "FILE",
             "instead of --prompt: safetensors file with prompt_embeds [B,T,4096] and pooled_prompt_embeds [B,768]"));
     add(opt("negative-prompt-embeds", &EngineConfig::negativePromptEmbeds, Group::kOutput, Sync::kPresence, gen, "FILE",
@@ -472,11 +494,13 @@ const std::vector<Option>& optionTable() {
             "true classifier-free guidance; > 1 with --negative-prompt-embeds enables it (plan: both branches)"));
     add(opt("seed", &EngineConfig::seed, Group::kSampling, Sync::kValue, gen | synth, "N",
             "seed of the initial noise (synth: of the random weights)"));
-    add(opt("schedule", &EngineConfig::schedule, Group::kSampling, Sync::kValue, gen, "KIND",
-            "auto (scheduler_config.json, else shifted for guidance-distilled models), shift (dev) or plain (schnell)"));
+    add(opt(
+        "schedule", &EngineConfig::schedule, Group::kSampling, Sync::kValue, gen, "KIND",
+        "auto (scheduler_config.json, else shifted for guidance-distilled models), shift (dev) or plain (schnell)"));
     add(opt("text-len", &EngineConfig::textLen, Group::kSampling, Sync::kValue, synth | bench | plan, "N",
             "text tokens (plan: 512 for FLUX.1-dev, 256 for schnell; synth: of the sample prompt embeddings, 0: the "
-            "preset's)", atLeast<int64_t>(0)));
+            "preset's)",
+            atLeast<int64_t>(0)));
     add(opt("batch", &EngineConfig::batch, Group::kSampling, Sync::kValue, bench | plan, "N", "images per prompt",
             atLeast<int64_t>(1)));
     // plan
@@ -627,12 +651,14 @@ std::string help(Command command) {
         "--device-memory-budget 12GiB --metrics runs.h5 --save-latents out.safetensors"}},
       {Command::kEncode,
        {"pardit encode --model FLUX.1-dev --prompt \"a cat\" --output embeds.safetensors",
-        "pardit encode --model FLUX.1-schnell --prompt-file prompts.txt --negative-prompt blurry --output e.safetensors"}},
+        "pardit encode --model FLUX.1-schnell --prompt-file prompts.txt --negative-prompt blurry --output "
+        "e.safetensors"}},
       {Command::kForward,
        {"pardit forward --model M --inputs in.safetensors --output out.safetensors",
         "mpirun -n 2 pardit forward --model M --inputs in.safetensors --output out.safetensors --ring-degree 2"}},
       {Command::kSynth,
-       {"pardit synth --preset small --out small", "pardit synth --preset flux-dev --fill zeros --layout bfl --out dev"}},
+       {"pardit synth --preset small --out small",
+        "pardit synth --preset flux-dev --fill zeros --layout bfl --out dev"}},
       {Command::kBench,
        {"pardit bench --preset small --threads 2", "mpirun -n 2 pardit bench --ulysses-degree 2 --output r.json",
         "mpirun -n 2 pardit bench --comm"}},
@@ -671,7 +697,8 @@ std::string help(Command command) {
       os << " (" << envNameOf(o->name) << ")\n";
     }
   }
-  os << "\ngeneral:\n  --config FILE\n      INI file with options (key = value, keys as the long flags) (PARDIT_CONFIG)\n"
+  os << "\ngeneral:\n  --config FILE\n      INI file with options (key = value, keys as the long flags) "
+        "(PARDIT_CONFIG)\n"
      << "  --help, -h\n      print this help\n";
   os << "\nexamples:\n";
   for (const auto& e : kExamples.at(command)) os << "  " << e << "\n";
@@ -746,9 +773,9 @@ std::map<std::string, std::string> readEnvironment(const std::vector<const Optio
   for (const auto& o : optionTable()) anyCommand.insert(envNameOf(o.name));
   // Variables of pardit's scripts (launch/, bench/, slurm/), not options.
   static const std::set<std::string> kToolVariables = {
-      "PARDIT_CONFIG",        "PARDIT_VENV",      "PARDIT_ROOT",        "PARDIT_BUILD_DIR", "PARDIT_BUILD_TYPE",
-      "PARDIT_JOBS",          "PARDIT_TEST_JOBS", "PARDIT_PYTHON",      "PARDIT_BASE_PYTHON", "PARDIT_OUT",
-      "PARDIT_LAUNCHER",      "PARDIT_ENV_SETUP", "PARDIT_TORCH_VERSION", "PARDIT_DIFFUSERS_VERSION"};
+      "PARDIT_CONFIG",   "PARDIT_VENV",      "PARDIT_ROOT",          "PARDIT_BUILD_DIR",        "PARDIT_BUILD_TYPE",
+      "PARDIT_JOBS",     "PARDIT_TEST_JOBS", "PARDIT_PYTHON",        "PARDIT_BASE_PYTHON",      "PARDIT_OUT",
+      "PARDIT_LAUNCHER", "PARDIT_ENV_SETUP", "PARDIT_TORCH_VERSION", "PARDIT_DIFFUSERS_VERSION"};
   std::map<std::string, std::string> env;
   for (char** e = environ; e && *e; ++e) {
     const std::string kv = *e;
@@ -842,8 +869,9 @@ ParseResult parseCommandLine(const std::string& commandText, const std::vector<s
         o->set(c, *file);
       }
     } catch (const Error& e) {
-      const std::string source = cli ? "" : envIt != env.end() ? "environment " + envNameOf(o->name) + ": "
-                                                               : c.configFile + ": ";
+      const std::string source = cli                  ? ""
+                                 : envIt != env.end() ? "environment " + envNameOf(o->name) + ": "
+                                                      : c.configFile + ": ";
       PARDIT_THROW(source, e.message());
     }
   }
@@ -859,9 +887,9 @@ ParseResult parseCommandLine(const std::string& commandText, const std::vector<s
                  ": --prompt-file makes one image per line into --output-dir DIR (names from --output-name); "
                  "--output names a single image");
     PARDIT_CHECK(!queue || c.saveLatents.empty(), where, ": --save-latents is for a single request, not --prompt-file");
-    PARDIT_CHECK(!queue || (c.prompt.empty() && c.prompt2.empty() && c.promptEmbeds.empty() &&
-                            c.negativePromptEmbeds.empty()),
-                 where, ": --prompt-file takes its prompts from the file (not --prompt, --prompt-2 or --prompt-embeds)");
+    PARDIT_CHECK(
+        !queue || (c.prompt.empty() && c.prompt2.empty() && c.promptEmbeds.empty() && c.negativePromptEmbeds.empty()),
+        where, ": --prompt-file takes its prompts from the file (not --prompt, --prompt-2 or --prompt-embeds)");
     PARDIT_CHECK(!queue || !c.outputDir.empty(), where, ": --prompt-file needs --output-dir DIR for its images");
     for (const auto& [flag, given] : {std::pair<const char*, bool>{"--output-dir", !c.outputDir.empty()},
                                       {"--shard", !c.shard.empty()},

@@ -61,32 +61,32 @@ struct EngineConfig : pipeline::EngineOptions {
   Command command = Command::kGenerate;
 
   // General
-  int threads = 0;                     // intra-op threads per rank; 0 = the library default
+  int threads = 0;  // intra-op threads per rank; 0 = the library default
   LogLevelOption logLevel = LogLevelOption::kInfo;
   bool quiet = false;
-  bool unfused = false;                // ATen's compositions instead of pardit's fused passes (to measure them)
+  bool unfused = false;  // ATen's compositions instead of pardit's fused passes (to measure them)
   std::string configFile;
   // (model, VAE, text encoders, dtypes, device, layout degrees, memory, attention, metrics, preset: the base)
 
   // plan
-  int worldSize = 0;                   // 0: the product of the degrees
+  int worldSize = 0;  // 0: the product of the degrees
   bool json = false;
 
   // forward
   std::string inputs;
-  std::string output;                  // forward: the prediction; generate: the PNG image; bench: the JSON report
+  std::string output;  // forward: the prediction; generate: the PNG image; bench: the JSON report
 
   // generate, encode: prompts as text, and the text encoders
-  std::string prompt;                  // CLIP's prompt (and T5's unless prompt2 is given)
-  std::string prompt2;                 // T5's prompt
-  std::string negativePrompt;          // true CFG
-  std::string promptFile;              // a queue: one prompt per line, or JSONL requests
-  std::string outputDir;               // the queue's images and manifest.jsonl
+  std::string prompt;                                // CLIP's prompt (and T5's unless prompt2 is given)
+  std::string prompt2;                               // T5's prompt
+  std::string negativePrompt;                        // true CFG
+  std::string promptFile;                            // a queue: one prompt per line, or JSONL requests
+  std::string outputDir;                             // the queue's images and manifest.jsonl
   std::string outputName = "{index:05}-{seed}.png";  // the queue's file names
-  std::string shard;                   // "I/N" or "auto" (a Slurm array task's share of the queue)
-  bool overwrite = false;              // replace queue outputs made with other parameters
-  int batchSize = 1;                   // queued requests of one shape per transformer call
-  int64_t maxSequenceLength = 0;       // T5 tokens; 0: 512 for guidance-distilled models (dev), 256 otherwise
+  std::string shard;                                 // "I/N" or "auto" (a Slurm array task's share of the queue)
+  bool overwrite = false;                            // replace queue outputs made with other parameters
+  int batchSize = 1;                                 // queued requests of one shape per transformer call
+  int64_t maxSequenceLength = 0;  // T5 tokens; 0: 512 for guidance-distilled models (dev), 256 otherwise
 
   // generate
   std::string promptEmbeds;
@@ -104,19 +104,19 @@ struct EngineConfig : pipeline::EngineOptions {
   SynthLayout layout = SynthLayout::kDiffusers;
   std::string out;
   SynthFill fill = SynthFill::kRandom;
-  int64_t textLen = 0;                 // synth: 0 = the preset's default
+  int64_t textLen = 0;  // synth: 0 = the preset's default
   uint64_t shardSize = 10'000'000'000ULL;
-  int64_t depth = -1;                  // overrides of the preset's block counts (-1: keep)
+  int64_t depth = -1;  // overrides of the preset's block counts (-1: keep)
   int64_t depthSingle = -1;
 
   // bench
   int warmup = 2;
   int iters = 5;
   int64_t batch = 1;
-  bool benchComm = false;              // collective micro-benchmark instead of the model
-  bool benchDecode = false;            // the VAE decode instead of the transformer
-  bool benchProfile = false;           // one more forward under the operator profiler
-  bool benchEncode = false;            // the encode stage instead of the transformer
+  bool benchComm = false;     // collective micro-benchmark instead of the model
+  bool benchDecode = false;   // the VAE decode instead of the transformer
+  bool benchProfile = false;  // one more forward under the operator profiler
+  bool benchEncode = false;   // the encode stage instead of the transformer
   uint64_t commMaxBytes = 64ULL << 20;
 };
 

@@ -19,11 +19,16 @@ c10::ScalarType parseDtype(const std::string& name) {
 
 std::string dtypeName(c10::ScalarType type) {
   switch (type) {
-    case c10::kBFloat16: return "bf16";
-    case c10::kHalf: return "fp16";
-    case c10::kFloat: return "fp32";
-    case c10::kDouble: return "fp64";
-    default: return c10::toString(type);
+    case c10::kBFloat16:
+      return "bf16";
+    case c10::kHalf:
+      return "fp16";
+    case c10::kFloat:
+      return "fp32";
+    case c10::kDouble:
+      return "fp64";
+    default:
+      return c10::toString(type);
   }
 }
 
@@ -35,18 +40,28 @@ struct StDtype {
 };
 const std::map<std::string, StDtype>& stTable() {
   static const std::map<std::string, StDtype> table = {
-      {"BOOL", {8, c10::kBool, true}},          {"U8", {8, c10::kByte, true}},
-      {"I8", {8, c10::kChar, true}},            {"I16", {16, c10::kShort, true}},
-      {"U16", {16, c10::kUInt16, true}},        {"I32", {32, c10::kInt, true}},
-      {"U32", {32, c10::kUInt32, true}},        {"I64", {64, c10::kLong, true}},
-      {"U64", {64, c10::kUInt64, true}},        {"F16", {16, c10::kHalf, true}},
-      {"BF16", {16, c10::kBFloat16, true}},     {"F32", {32, c10::kFloat, true}},
-      {"F64", {64, c10::kDouble, true}},        {"C64", {64, c10::kComplexFloat, true}},
-      {"F8_E4M3", {8, c10::kFloat8_e4m3fn, true}}, {"F8_E5M2", {8, c10::kFloat8_e5m2, true}},
+      {"BOOL", {8, c10::kBool, true}},
+      {"U8", {8, c10::kByte, true}},
+      {"I8", {8, c10::kChar, true}},
+      {"I16", {16, c10::kShort, true}},
+      {"U16", {16, c10::kUInt16, true}},
+      {"I32", {32, c10::kInt, true}},
+      {"U32", {32, c10::kUInt32, true}},
+      {"I64", {64, c10::kLong, true}},
+      {"U64", {64, c10::kUInt64, true}},
+      {"F16", {16, c10::kHalf, true}},
+      {"BF16", {16, c10::kBFloat16, true}},
+      {"F32", {32, c10::kFloat, true}},
+      {"F64", {64, c10::kDouble, true}},
+      {"C64", {64, c10::kComplexFloat, true}},
+      {"F8_E4M3", {8, c10::kFloat8_e4m3fn, true}},
+      {"F8_E5M2", {8, c10::kFloat8_e5m2, true}},
       {"F8_E4M3FNUZ", {8, c10::kFloat8_e4m3fnuz, true}},
       {"F8_E5M2FNUZ", {8, c10::kFloat8_e5m2fnuz, true}},
-      {"F8_E8M0", {8, c10::kByte, false}},      {"F4", {4, c10::kByte, false}},
-      {"F6_E2M3", {6, c10::kByte, false}},      {"F6_E3M2", {6, c10::kByte, false}},
+      {"F8_E8M0", {8, c10::kByte, false}},
+      {"F4", {4, c10::kByte, false}},
+      {"F6_E2M3", {6, c10::kByte, false}},
+      {"F6_E3M2", {6, c10::kByte, false}},
   };
   return table;
 }

@@ -11,9 +11,7 @@ std::string baseName(const char* file) {
 }  // namespace
 
 Error::Error(const char* file, int line, const std::string& msg)
-    : std::runtime_error(msg),
-      message_(msg),
-      location_(baseName(file) + ":" + std::to_string(line)) {}
+    : std::runtime_error(msg), message_(msg), location_(baseName(file) + ":" + std::to_string(line)) {}
 
 namespace detail {
 void throwError(const char* file, int line, const std::string& msg) { throw Error(file, line, msg); }

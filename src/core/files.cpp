@@ -155,7 +155,8 @@ void checkReplaceable(const std::string& path, const std::string& flag) {
   const auto status = fs::symlink_status(path, ec);
   if (!fs::exists(status)) return;
   const auto target = fs::status(path, ec);
-  PARDIT_CHECK(fs::is_regular_file(target), flag, " ", path, ": exists and is not a regular file; refusing to replace it");
+  PARDIT_CHECK(fs::is_regular_file(target), flag, " ", path,
+               ": exists and is not a regular file; refusing to replace it");
   PARDIT_CHECK(!isInputFile(path), flag, " ", path, ": is an input of this run; refusing to overwrite it");
 }
 

@@ -6,13 +6,20 @@ namespace pardit::dist {
 
 const char* collectiveName(CollectiveKind kind) {
   switch (kind) {
-    case CollectiveKind::kAllToAll: return "all_to_all";
-    case CollectiveKind::kAllGather: return "all_gather";
-    case CollectiveKind::kBroadcast: return "broadcast";
-    case CollectiveKind::kAllReduce: return "all_reduce";
-    case CollectiveKind::kSendRecv: return "send_recv";
-    case CollectiveKind::kBarrier: return "barrier";
-    case CollectiveKind::kCount: break;
+    case CollectiveKind::kAllToAll:
+      return "all_to_all";
+    case CollectiveKind::kAllGather:
+      return "all_gather";
+    case CollectiveKind::kBroadcast:
+      return "broadcast";
+    case CollectiveKind::kAllReduce:
+      return "all_reduce";
+    case CollectiveKind::kSendRecv:
+      return "send_recv";
+    case CollectiveKind::kBarrier:
+      return "barrier";
+    case CollectiveKind::kCount:
+      break;
   }
   return "?";
 }

@@ -16,9 +16,9 @@
 #include <vector>
 
 #include "pardit/core/error.h"
-#include "profile_scope.h"
 #include "pardit/core/timer.h"
 #include "pardit/dist/runtime.h"
+#include "profile_scope.h"
 
 namespace pardit::dist {
 
@@ -90,7 +90,8 @@ class Hub : public std::enable_shared_from_this<Hub> {
       ++generation_;
       cv_.notify_all();
     } else {
-      waitUntil(lock, [&] { return generation_ != generation; }, "a collective");
+      waitUntil(
+          lock, [&] { return generation_ != generation; }, "a collective");
     }
     Slot out = std::move(slots_[rank]);
     slots_[rank] = Slot{};
@@ -107,7 +108,8 @@ class Hub : public std::enable_shared_from_this<Hub> {
   at::Tensor take(int from, int to) {
     std::unique_lock<std::mutex> lock(mutex_);
     auto& box = mail_[{from, to}];
-    waitUntil(lock, [&] { return !box.empty(); }, "a receive");
+    waitUntil(
+        lock, [&] { return !box.empty(); }, "a receive");
     at::Tensor m = std::move(box.front());
     box.pop_front();
     return m;
@@ -310,17 +312,24 @@ class InProcessCommunicator final : public Communicator {
     checkContiguous(tensor, "all_reduce");
     Slot s = Slot::of(CollectiveKind::kAllReduce, tensor);
     s.op = op;
-    collective(std::move(s), tensor.nbytes() * 2 * static_cast<uint64_t>(size() - 1) / size(), [](std::vector<Slot>& all) {
-      at::Tensor acc = all[0].in.clone();
-      for (size_t i = 1; i < all.size(); ++i) {
-        switch (all[0].op) {
-          case ReduceOp::kSum: acc.add_(all[i].in); break;
-          case ReduceOp::kMax: acc = at::maximum(acc, all[i].in); break;
-          case ReduceOp::kMin: acc = at::minimum(acc, all[i].in); break;
-        }
-      }
-      for (auto& x : all) x.in.copy_(acc);
-    });
+    collective(std::move(s), tensor.nbytes() * 2 * static_cast<uint64_t>(size() - 1) / size(),
+               [](std::vector<Slot>& all) {
+                 at::Tensor acc = all[0].in.clone();
+                 for (size_t i = 1; i < all.size(); ++i) {
+                   switch (all[0].op) {
+                     case ReduceOp::kSum:
+                       acc.add_(all[i].in);
+                       break;
+                     case ReduceOp::kMax:
+                       acc = at::maximum(acc, all[i].in);
+                       break;
+                     case ReduceOp::kMin:
+                       acc = at::minimum(acc, all[i].in);
+                       break;
+                   }
+                 }
+                 for (auto& x : all) x.in.copy_(acc);
+               });
   }
 
   void send(const at::Tensor& tensor, int peer) override {

@@ -5,9 +5,9 @@
 #include <climits>
 
 #include "pardit/core/error.h"
-#include "profile_scope.h"
 #include "pardit/core/log.h"
 #include "pardit/core/timer.h"
+#include "profile_scope.h"
 
 namespace pardit::dist {
 
@@ -105,16 +105,25 @@ void MpiCommunicator::allReduce(at::Tensor& tensor, ReduceOp op) {
   at::Tensor work = tensor;
   MPI_Datatype type;
   switch (tensor.scalar_type()) {
-    case at::kFloat: type = MPI_FLOAT; break;
-    case at::kDouble: type = MPI_DOUBLE; break;
-    case at::kInt: type = MPI_INT32_T; break;
-    case at::kLong: type = MPI_INT64_T; break;
+    case at::kFloat:
+      type = MPI_FLOAT;
+      break;
+    case at::kDouble:
+      type = MPI_DOUBLE;
+      break;
+    case at::kInt:
+      type = MPI_INT32_T;
+      break;
+    case at::kLong:
+      type = MPI_INT64_T;
+      break;
     case at::kBFloat16:
     case at::kHalf:
       work = tensor.to(at::kFloat);
       type = MPI_FLOAT;
       break;
-    default: PARDIT_THROW("all_reduce: unsupported dtype ", tensor.scalar_type());
+    default:
+      PARDIT_THROW("all_reduce: unsupported dtype ", tensor.scalar_type());
   }
   const MPI_Op mop = op == ReduceOp::kSum ? MPI_SUM : op == ReduceOp::kMax ? MPI_MAX : MPI_MIN;
   PARDIT_CHECK(work.numel() <= INT_MAX, "all_reduce: too many elements for one MPI call");
@@ -140,7 +149,8 @@ void MpiCommunicator::recv(at::Tensor& tensor, int peer) {
   Timer t;
   MPI_Status status;
   const auto watched = this->watched("MPI_Recv");
-  PARDIT_MPI_CHECK(MPI_Recv(tensor.data_ptr(), byteCount(tensor.nbytes(), "recv"), MPI_BYTE, peer, kTag, comm_, &status));
+  PARDIT_MPI_CHECK(
+      MPI_Recv(tensor.data_ptr(), byteCount(tensor.nbytes(), "recv"), MPI_BYTE, peer, kTag, comm_, &status));
   int got = 0;
   MPI_Get_count(&status, MPI_BYTE, &got);
   PARDIT_CHECK(static_cast<uint64_t>(got) == tensor.nbytes(), "recv: expected ", tensor.nbytes(), " bytes from rank ",
@@ -153,8 +163,8 @@ std::unique_ptr<Work> MpiCommunicator::isend(const at::Tensor& tensor, int peer)
   checkCpu(tensor, "isend");
   Timer t;
   auto w = std::make_unique<MpiWork>(tensor, this);
-  PARDIT_MPI_CHECK(MPI_Isend(tensor.data_ptr(), byteCount(tensor.nbytes(), "isend"), MPI_BYTE, peer, kTag, comm_,
-                             w->request()));
+  PARDIT_MPI_CHECK(
+      MPI_Isend(tensor.data_ptr(), byteCount(tensor.nbytes(), "isend"), MPI_BYTE, peer, kTag, comm_, w->request()));
   record(CollectiveKind::kSendRecv, tensor.nbytes(), t.seconds());
   return w;
 }
@@ -164,8 +174,8 @@ std::unique_ptr<Work> MpiCommunicator::irecv(at::Tensor& tensor, int peer) {
   checkCpu(tensor, "irecv");
   Timer t;
   auto w = std::make_unique<MpiWork>(tensor, this);
-  PARDIT_MPI_CHECK(MPI_Irecv(tensor.data_ptr(), byteCount(tensor.nbytes(), "irecv"), MPI_BYTE, peer, kTag, comm_,
-                             w->request()));
+  PARDIT_MPI_CHECK(
+      MPI_Irecv(tensor.data_ptr(), byteCount(tensor.nbytes(), "irecv"), MPI_BYTE, peer, kTag, comm_, w->request()));
   record(CollectiveKind::kSendRecv, 0, t.seconds());
   return w;
 }

@@ -8,15 +8,15 @@
 
 namespace pardit::dist {
 
-#define PARDIT_MPI_CHECK(call)                                                       \
-  do {                                                                               \
-    int rc_ = (call);                                                                \
-    if (rc_ != MPI_SUCCESS) {                                                        \
-      char msg_[MPI_MAX_ERROR_STRING];                                               \
-      int len_ = 0;                                                                  \
-      MPI_Error_string(rc_, msg_, &len_);                                            \
-      PARDIT_THROW("MPI call ", #call, " failed: ", std::string(msg_, len_));        \
-    }                                                                                \
+#define PARDIT_MPI_CHECK(call)                                                \
+  do {                                                                        \
+    int rc_ = (call);                                                         \
+    if (rc_ != MPI_SUCCESS) {                                                 \
+      char msg_[MPI_MAX_ERROR_STRING];                                        \
+      int len_ = 0;                                                           \
+      MPI_Error_string(rc_, msg_, &len_);                                     \
+      PARDIT_THROW("MPI call ", #call, " failed: ", std::string(msg_, len_)); \
+    }                                                                         \
   } while (0)
 
 class MpiCommunicator final : public Communicator {

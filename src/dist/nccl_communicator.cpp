@@ -7,18 +7,18 @@
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAEvent.h>
-#include <cstring>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <nccl.h>
+#include <cstring>
 
 #include "pardit/core/log.h"
 #include "pardit/core/timer.h"
 #include "pardit/dist/watchdog.h"
 
-#define PARDIT_NCCL_CHECK(call)                                                              \
-  do {                                                                                       \
-    ncclResult_t r_ = (call);                                                                \
+#define PARDIT_NCCL_CHECK(call)                                                                    \
+  do {                                                                                             \
+    ncclResult_t r_ = (call);                                                                      \
     if (r_ != ncclSuccess) PARDIT_THROW("NCCL call ", #call, " failed: ", ncclGetErrorString(r_)); \
   } while (0)
 
@@ -28,16 +28,25 @@ namespace {
 
 ncclDataType_t ncclType(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return ncclFloat32;
-    case at::kHalf: return ncclFloat16;
-    case at::kBFloat16: return ncclBfloat16;
-    case at::kDouble: return ncclFloat64;
-    case at::kInt: return ncclInt32;
-    case at::kLong: return ncclInt64;
-    case at::kChar: return ncclInt8;  // signed: max/min compare as int8
+    case at::kFloat:
+      return ncclFloat32;
+    case at::kHalf:
+      return ncclFloat16;
+    case at::kBFloat16:
+      return ncclBfloat16;
+    case at::kDouble:
+      return ncclFloat64;
+    case at::kInt:
+      return ncclInt32;
+    case at::kLong:
+      return ncclInt64;
+    case at::kChar:
+      return ncclInt8;  // signed: max/min compare as int8
     case at::kByte:
-    case at::kBool: return ncclUint8;
-    default: PARDIT_THROW("NCCL: unsupported dtype ", t);
+    case at::kBool:
+      return ncclUint8;
+    default:
+      PARDIT_THROW("NCCL: unsupported dtype ", t);
   }
 }
 
@@ -64,7 +73,9 @@ class NcclWork final : public Work {
 class NcclCommunicator final : public Communicator {
  public:
   NcclCommunicator(Communicator& bootstrap, int device)
-      : device_(device), rank_(bootstrap.rank()), size_(bootstrap.size()),
+      : device_(device),
+        rank_(bootstrap.rank()),
+        size_(bootstrap.size()),
         p2pStream_(c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device)) {
     // Rank 0 of the group creates the unique id; the MPI group carries it to the others.
     ncclUniqueId id;
@@ -130,8 +141,8 @@ class NcclCommunicator final : public Communicator {
     PARDIT_CHECK(out.scalar_type() == in.scalar_type(), "all_gather: output dtype ", out.scalar_type(),
                  " differs from the input's ", in.scalar_type());
     Timer t;
-    PARDIT_NCCL_CHECK(ncclAllGather(in.data_ptr(), out.data_ptr(), in.numel(), ncclType(in.scalar_type()), comm_,
-                                    current(in)));
+    PARDIT_NCCL_CHECK(
+        ncclAllGather(in.data_ptr(), out.data_ptr(), in.numel(), ncclType(in.scalar_type()), comm_, current(in)));
     record(CollectiveKind::kAllGather, in.nbytes() * (size_ - 1), t.seconds());
   }
 
@@ -158,8 +169,8 @@ class NcclCommunicator final : public Communicator {
     PARDIT_PROFILE_COMMUNICATION("send");
     checkCuda(tensor, "send");
     Timer t;
-    PARDIT_NCCL_CHECK(ncclSend(tensor.data_ptr(), tensor.numel(), ncclType(tensor.scalar_type()), peer, comm_,
-                               current(tensor)));
+    PARDIT_NCCL_CHECK(
+        ncclSend(tensor.data_ptr(), tensor.numel(), ncclType(tensor.scalar_type()), peer, comm_, current(tensor)));
     record(CollectiveKind::kSendRecv, tensor.nbytes(), t.seconds());
   }
 
@@ -167,8 +178,8 @@ class NcclCommunicator final : public Communicator {
     PARDIT_PROFILE_COMMUNICATION("recv");
     checkCuda(tensor, "recv");
     Timer t;
-    PARDIT_NCCL_CHECK(ncclRecv(tensor.data_ptr(), tensor.numel(), ncclType(tensor.scalar_type()), peer, comm_,
-                               current(tensor)));
+    PARDIT_NCCL_CHECK(
+        ncclRecv(tensor.data_ptr(), tensor.numel(), ncclType(tensor.scalar_type()), peer, comm_, current(tensor)));
     record(CollectiveKind::kSendRecv, 0, t.seconds());
   }
 
@@ -194,8 +205,10 @@ class NcclCommunicator final : public Communicator {
     ready.block(p2pStream_);
     Timer t;
     PARDIT_NCCL_CHECK(ncclGroupStart());
-    PARDIT_NCCL_CHECK(ncclSend(out.data_ptr(), out.numel(), ncclType(out.scalar_type()), to, comm_, p2pStream_.stream()));
-    PARDIT_NCCL_CHECK(ncclRecv(in.data_ptr(), in.numel(), ncclType(in.scalar_type()), from, comm_, p2pStream_.stream()));
+    PARDIT_NCCL_CHECK(
+        ncclSend(out.data_ptr(), out.numel(), ncclType(out.scalar_type()), to, comm_, p2pStream_.stream()));
+    PARDIT_NCCL_CHECK(
+        ncclRecv(in.data_ptr(), in.numel(), ncclType(in.scalar_type()), from, comm_, p2pStream_.stream()));
     PARDIT_NCCL_CHECK(ncclGroupEnd());
     record(CollectiveKind::kSendRecv, out.nbytes(), t.seconds());
     at::cuda::CUDAEvent done;
@@ -233,7 +246,8 @@ class NcclCommunicator final : public Communicator {
       if (ncclCommGetAsyncError(comm, &state) != ncclSuccess) return "";
       if (state == ncclSuccess || state == ncclInProgress) return "";
       const char* last = ncclGetLastError(comm);
-      return std::string("NCCL reports ") + ncclGetErrorString(state) + (last && *last ? std::string(" (") + last + ")" : "");
+      return std::string("NCCL reports ") + ncclGetErrorString(state) +
+             (last && *last ? std::string(" (") + last + ")" : "");
     };
     hooks.abort = [comm] { (void)ncclCommAbort(comm); };
     return hooks;

@@ -5,8 +5,8 @@
 #include <mpi.h>
 #include <unistd.h>
 
-#include <cstdio>
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 
 #include "mpi_communicator.h"
@@ -95,8 +95,8 @@ void Runtime::setTopology(const ParallelDegrees& degrees, const c10::Device& dev
   returnCpu_.reset();
   deviceGroups_.clear();
   cpuGroups_.clear();
-  for (GroupKind kind : {GroupKind::kUlysses, GroupKind::kRing, GroupKind::kSequence, GroupKind::kPipeFusion,
-                         GroupKind::kCfg}) {
+  for (GroupKind kind :
+       {GroupKind::kUlysses, GroupKind::kRing, GroupKind::kSequence, GroupKind::kPipeFusion, GroupKind::kCfg}) {
     auto cpu = world_->split(topology_.groupColor(kind), topology_.rankInGroup(kind));
     PARDIT_CHECK(cpu->size() == static_cast<int>(topology_.group(kind).size()), "internal: ", groupName(kind),
                  " group has ", cpu->size(), " ranks, expected ", topology_.group(kind).size());
@@ -203,8 +203,7 @@ void Runtime::checkSame(const std::vector<std::pair<std::string, std::string>>& 
   }
   for (const auto& name : rootOrder) {
     const bool here = std::any_of(values.begin(), values.end(), [&](const auto& v) { return v.first == name; });
-    PARDIT_CHECK(here, what, " differ between ranks: rank 0 has ", name, " and rank ", worldRank_,
-                 " does not; ", hint);
+    PARDIT_CHECK(here, what, " differ between ranks: rank 0 has ", name, " and rank ", worldRank_, " does not; ", hint);
   }
 }
 

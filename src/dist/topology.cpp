@@ -14,11 +14,16 @@ std::string ParallelDegrees::describe() const {
 
 const char* groupName(GroupKind kind) {
   switch (kind) {
-    case GroupKind::kUlysses: return "ulysses";
-    case GroupKind::kRing: return "ring";
-    case GroupKind::kSequence: return "sequence";
-    case GroupKind::kPipeFusion: return "pipefusion";
-    case GroupKind::kCfg: return "cfg";
+    case GroupKind::kUlysses:
+      return "ulysses";
+    case GroupKind::kRing:
+      return "ring";
+    case GroupKind::kSequence:
+      return "sequence";
+    case GroupKind::kPipeFusion:
+      return "pipefusion";
+    case GroupKind::kCfg:
+      return "cfg";
   }
   return "?";
 }
@@ -55,7 +60,9 @@ std::vector<int> Topology::group(GroupKind kind) const {
   const bool c = kind == GroupKind::kCfg, p = kind == GroupKind::kPipeFusion;
   const bool r = kind == GroupKind::kRing || kind == GroupKind::kSequence;
   const bool u = kind == GroupKind::kUlysses || kind == GroupKind::kSequence;
-  auto range = [](bool varies, int mine, int degree) { return varies ? std::pair{0, degree} : std::pair{mine, mine + 1}; };
+  auto range = [](bool varies, int mine, int degree) {
+    return varies ? std::pair{0, degree} : std::pair{mine, mine + 1};
+  };
   const auto [c0, c1] = range(c, c_, degrees_.cfg);
   const auto [p0, p1] = range(p, p_, degrees_.pipefusion);
   const auto [r0, r1] = range(r, r_, degrees_.ring);
@@ -70,11 +77,16 @@ std::vector<int> Topology::group(GroupKind kind) const {
 
 int Topology::rankInGroup(GroupKind kind) const {
   switch (kind) {
-    case GroupKind::kUlysses: return u_;
-    case GroupKind::kRing: return r_;
-    case GroupKind::kSequence: return spRank();
-    case GroupKind::kPipeFusion: return p_;
-    case GroupKind::kCfg: return c_;
+    case GroupKind::kUlysses:
+      return u_;
+    case GroupKind::kRing:
+      return r_;
+    case GroupKind::kSequence:
+      return spRank();
+    case GroupKind::kPipeFusion:
+      return p_;
+    case GroupKind::kCfg:
+      return c_;
   }
   return 0;
 }

@@ -10,19 +10,17 @@
 #include <set>
 #include <tuple>
 
+#include "fp8_file.h"
+#include "json_file.h"
 #include "pardit/core/dtype.h"
 #include "pardit/core/error.h"
 #include "pardit/core/format.h"
-#include "fp8_file.h"
-#include "json_file.h"
 
 namespace fs = std::filesystem;
 
 namespace pardit::io {
 
-std::string layoutName(CheckpointLayout layout) {
-  return layout == CheckpointLayout::kDiffusers ? "diffusers" : "bfl";
-}
+std::string layoutName(CheckpointLayout layout) { return layout == CheckpointLayout::kDiffusers ? "diffusers" : "bfl"; }
 
 uint64_t TensorSource::nbytes() const {
   uint64_t n = 0;
@@ -121,11 +119,18 @@ std::vector<DiffusersPiece> diffusersSourcesOf(const std::string& internal, cons
 }
 
 std::string diffusersConfigJson(const model::FluxConfig& c) {
-  const nlohmann::ordered_json j = {
-      {"_class_name", "FluxTransformer2DModel"}, {"attention_head_dim", c.headDim()}, {"axes_dims_rope", c.axesDim},
-      {"guidance_embeds", c.guidanceEmbed}, {"in_channels", c.inChannels}, {"joint_attention_dim", c.contextInDim},
-      {"num_attention_heads", c.numHeads}, {"num_layers", c.depth}, {"num_single_layers", c.depthSingle},
-      {"out_channels", c.outChannels}, {"patch_size", 1}, {"pooled_projection_dim", c.vecInDim}};
+  const nlohmann::ordered_json j = {{"_class_name", "FluxTransformer2DModel"},
+                                    {"attention_head_dim", c.headDim()},
+                                    {"axes_dims_rope", c.axesDim},
+                                    {"guidance_embeds", c.guidanceEmbed},
+                                    {"in_channels", c.inChannels},
+                                    {"joint_attention_dim", c.contextInDim},
+                                    {"num_attention_heads", c.numHeads},
+                                    {"num_layers", c.depth},
+                                    {"num_single_layers", c.depthSingle},
+                                    {"out_channels", c.outChannels},
+                                    {"patch_size", 1},
+                                    {"pooled_projection_dim", c.vecInDim}};
   return j.dump(2) + "\n";
 }
 
@@ -175,19 +180,21 @@ fs::path CheckpointBuilder::chooseBflFile(const fs::path& dir) {
   std::sort(named.begin(), named.end());
   std::sort(others.begin(), others.end());
   if (named.size() == 1) return named[0];
-  PARDIT_CHECK(named.size() < 2, dir.string(), ": ", named.size(), " flux1-* transformer files (", named[0].filename().string(),
-               ", ", named[1].filename().string(), ", ...); pass one of them as --model");
+  PARDIT_CHECK(named.size() < 2, dir.string(), ": ", named.size(), " flux1-* transformer files (",
+               named[0].filename().string(), ", ", named[1].filename().string(), ", ...); pass one of them as --model");
   std::vector<fs::path> flux;
   std::string skipped;
   for (const auto& cpath : others) {
     try {
       auto f = SafetensorsFile::open(cpath.string());
-      if (f->contains(kBflProbe) || f->contains(std::string("model.diffusion_model.") + kBflProbe)) flux.push_back(cpath);
+      if (f->contains(kBflProbe) || f->contains(std::string("model.diffusion_model.") + kBflProbe))
+        flux.push_back(cpath);
     } catch (const Error& e) {
       skipped += (skipped.empty() ? "" : "; ") + e.message();
     }
   }
-  PARDIT_CHECK(!flux.empty(), dir.string(), ": no FLUX transformer found (expected transformer/config.json with "
+  PARDIT_CHECK(!flux.empty(), dir.string(),
+               ": no FLUX transformer found (expected transformer/config.json with "
                "diffusion_pytorch_model*.safetensors, or a BFL flux1-*.safetensors file)",
                skipped.empty() ? std::string() : "; skipped: " + skipped);
   PARDIT_CHECK(flux.size() == 1, dir.string(), ": ", flux.size(), " FLUX transformer files found (",
@@ -268,8 +275,8 @@ void CheckpointBuilder::openDiffusersDir(FluxCheckpoint& ck, const fs::path& dir
         f = SafetensorsFile::open(shard.string());
         ck.files_.push_back(f);
       }
-      PARDIT_CHECK(f->contains(it.key()), f->path(), ": tensor '", it.key(), "' listed in ", indexPath.filename().string(),
-                   " is not in this shard");
+      PARDIT_CHECK(f->contains(it.key()), f->path(), ": tensor '", it.key(), "' listed in ",
+                   indexPath.filename().string(), " is not in this shard");
       byTensor[it.key()] = f;
     }
   } else {
@@ -298,8 +305,9 @@ void CheckpointBuilder::openDiffusersDir(FluxCheckpoint& ck, const fs::path& dir
         if (isFloat8(info.dtype) && dp.name.size() > 7 && dp.name.compare(dp.name.size() - 7, 7, ".weight") == 0)
           std::tie(piece.scaleFile, piece.scaleTensor) = findScale(dp.name, info, [&](const std::string& n) {
             auto f = byTensor.find(n);
-            return f == byTensor.end() ? std::make_pair(std::shared_ptr<SafetensorsFile>(), static_cast<const TensorInfo*>(nullptr))
-                                       : std::make_pair(f->second, &f->second->info(n));
+            return f == byTensor.end()
+                       ? std::make_pair(std::shared_ptr<SafetensorsFile>(), static_cast<const TensorInfo*>(nullptr))
+                       : std::make_pair(f->second, &f->second->info(n));
           });
         src.pieces.push_back(std::move(piece));
       }
@@ -318,7 +326,8 @@ void CheckpointBuilder::openDiffusersDir(FluxCheckpoint& ck, const fs::path& dir
   noteUnused(ck, dir.string(), unused);
 }
 
-void CheckpointBuilder::noteUnused(FluxCheckpoint& ck, const std::string& where, const std::vector<std::string>& unused) {
+void CheckpointBuilder::noteUnused(FluxCheckpoint& ck, const std::string& where,
+                                   const std::vector<std::string>& unused) {
   if (unused.empty()) return;
   ck.findings_.push_back(where + ": " + std::to_string(unused.size()) + " tensor(s) the model does not use, e.g. '" +
                          unused.front() + "' (another model's weights, or a newer variant?)");
@@ -425,7 +434,8 @@ FluxCheckpoint CheckpointBuilder::build(const std::string& path) {
     openBflFile(ck, p);
   }
   // The stored dtype: that of the first double (or single) block's modulation weight.
-  const std::string probe = ck.config_.depth > 0 ? "double_blocks.0.img_mod.lin.weight" : "single_blocks.0.linear1.weight";
+  const std::string probe =
+      ck.config_.depth > 0 ? "double_blocks.0.img_mod.lin.weight" : "single_blocks.0.linear1.weight";
   const auto& piece = ck.sources_.at(probe).pieces.at(0);
   ck.storedDtype_ = safetensorsToScalarType(piece.file->info(piece.tensor).dtype);
   ck.storedFormat_ = ck.storedFp8(probe) ? model::WeightFormat::kFp8 : model::WeightFormat::kDense;
@@ -490,7 +500,8 @@ model::Fp8Rows FluxCheckpoint::loadFp8(const std::string& name, c10::Device quan
       scales.push_back(q.scale);
     }
   }
-  model::Fp8Rows out{values.size() == 1 ? values[0] : at::cat(values, 0), scales.size() == 1 ? scales[0] : at::cat(scales, 0)};
+  model::Fp8Rows out{values.size() == 1 ? values[0] : at::cat(values, 0),
+                     scales.size() == 1 ? scales[0] : at::cat(scales, 0)};
   PARDIT_CHECK(out.values.sizes().vec() == src.shape, path_, ": tensor '", name, "' assembled with shape ",
                out.values.sizes(), ", expected ", formatShape(src.shape));
   PARDIT_CHECK(at::isfinite(out.scale).all().item<bool>() && (out.scale > 0).all().item<bool>(), path_,
@@ -507,7 +518,8 @@ std::vector<StoredRange> FluxCheckpoint::storedRanges(const std::string& name, c
     // they must be scaled.
     if ((p.scaleFile && dtype != at::kFloat8_e4m3fn) || safetensorsToScalarType(info.dtype) != dtype) return {};
     const uint64_t row = info.rowBytes();
-    const uint64_t begin = static_cast<uint64_t>(p.rowBegin) * row, bytes = static_cast<uint64_t>(p.rowEnd - p.rowBegin) * row;
+    const uint64_t begin = static_cast<uint64_t>(p.rowBegin) * row,
+                   bytes = static_cast<uint64_t>(p.rowEnd - p.rowBegin) * row;
     // Consecutive rows of the same tensor (the final layer's swapped halves are not) become one range.
     if (!ranges.empty() && ranges.back().tensor == &info && ranges.back().offset + ranges.back().bytes == begin)
       ranges.back().bytes += bytes;

@@ -44,8 +44,8 @@ std::pair<std::shared_ptr<SafetensorsFile>, std::string> findScale(const std::st
     const bool one = info->numel() == 1 && info->shape.size() <= 2;
     const bool perRow = (info->shape == std::vector<int64_t>{rows}) || (info->shape == std::vector<int64_t>{rows, 1});
     PARDIT_CHECK(one || perRow, file->path(), ": scale tensor '", cand, "' of the float8 weight '", weight,
-                 "' has shape ", at::IntArrayRef(info->shape), ", expected one value or one per row ([", rows,
-                 "] or [", rows, ", 1])");
+                 "' has shape ", at::IntArrayRef(info->shape), ", expected one value or one per row ([", rows, "] or [",
+                 rows, ", 1])");
     PARDIT_CHECK(info->dtype == "F32" || info->dtype == "BF16" || info->dtype == "F16", file->path(),
                  ": scale tensor '", cand, "' has dtype ", info->dtype, ", expected F32, BF16 or F16");
     return {file, cand};

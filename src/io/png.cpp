@@ -35,10 +35,14 @@ void onWarning(png_structp, png_const_charp) {}
 
 int colorType(int64_t channels) {
   switch (channels) {
-    case 1: return PNG_COLOR_TYPE_GRAY;
-    case 3: return PNG_COLOR_TYPE_RGB;
-    case 4: return PNG_COLOR_TYPE_RGBA;
-    default: PARDIT_THROW("PNG: ", channels, " channels (expected 1, 3 or 4)");
+    case 1:
+      return PNG_COLOR_TYPE_GRAY;
+    case 3:
+      return PNG_COLOR_TYPE_RGB;
+    case 4:
+      return PNG_COLOR_TYPE_RGBA;
+    default:
+      PARDIT_THROW("PNG: ", channels, " channels (expected 1, 3 or 4)");
   }
 }
 

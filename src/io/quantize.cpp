@@ -8,15 +8,15 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "json_file.h"
 #include "pardit/core/dtype.h"
 #include "pardit/core/error.h"
 #include "pardit/core/files.h"
 #include "pardit/io/checkpoint.h"
 #include "pardit/io/safetensors.h"
 #include "pardit/io/text_encoder_checkpoint.h"
-#include "pardit/model/text_encoders.h"
 #include "pardit/model/fp8.h"
-#include "json_file.h"
+#include "pardit/model/text_encoders.h"
 
 namespace fs = std::filesystem;
 
@@ -41,15 +41,17 @@ uint64_t writeQuantized(const std::shared_ptr<SafetensorsFile>& file, const std:
                         const fs::path& target, QuantizeResult& result) {
   SafetensorsWriter w;
   for (const auto& [k, v] : file->metadata()) w.addMetadata(k, v);
-  w.addMetadata("pardit_fp8", "float8_e4m3fn block linear weights with per-output-row float32 scales in "
-                              "<layer>.weight_scale");
+  w.addMetadata("pardit_fp8",
+                "float8_e4m3fn block linear weights with per-output-row float32 scales in "
+                "<layer>.weight_scale");
   for (const auto& t : file->tensors()) {
     const std::string name = t.name;
     if (eligible.count(name)) {
       PARDIT_CHECK(t.shape.size() == 2, file->path(), ": tensor '", name, "' is not a 2-D weight");
       // Both producers quantize the same tensor the same way (deterministic): the scales are written
       // first, so keeping the values between the two would hold every weight in memory at once.
-      w.addLazy(name, at::kFloat8_e4m3fn, t.shape, [file, name] { return model::quantizeFp8Rows(file->read(name)).values; });
+      w.addLazy(name, at::kFloat8_e4m3fn, t.shape,
+                [file, name] { return model::quantizeFp8Rows(file->read(name)).values; });
       w.addLazy(model::fp8ScaleName(name), at::kFloat, {t.shape[0]},
                 [file, name] { return model::quantizeFp8Rows(file->read(name)).scale; });
       ++result.weightsQuantized;

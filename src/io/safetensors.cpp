@@ -83,10 +83,10 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
   preadAll(file->fd_, lenBytes, 8, 0, path);
   uint64_t headerLen = 0;
   for (int i = 7; i >= 0; --i) headerLen = (headerLen << 8) | lenBytes[i];
-  PARDIT_CHECK(headerLen <= kMaxHeaderBytes, path, ": header length ", headerLen,
-               " exceeds the maximum of ", kMaxHeaderBytes, " bytes (corrupt or not a safetensors file)");
-  PARDIT_CHECK(headerLen <= file->fileSize_ - 8, path, ": header length ", headerLen,
-               " exceeds the file size ", file->fileSize_, " (truncated or corrupt file)");
+  PARDIT_CHECK(headerLen <= kMaxHeaderBytes, path, ": header length ", headerLen, " exceeds the maximum of ",
+               kMaxHeaderBytes, " bytes (corrupt or not a safetensors file)");
+  PARDIT_CHECK(headerLen <= file->fileSize_ - 8, path, ": header length ", headerLen, " exceeds the file size ",
+               file->fileSize_, " (truncated or corrupt file)");
   PARDIT_CHECK(headerLen >= 2, path, ": header length ", headerLen, " is too small for a JSON object");
   std::string header(headerLen, '\0');
   preadAll(file->fd_, header.data(), headerLen, 8, path);
@@ -136,8 +136,8 @@ void SafetensorsFile::parseHeader(const std::string& header) {
     PARDIT_CHECK(v.is_object(), where, ": entry is not an object");
     PARDIT_CHECK(v.contains("dtype") && v["dtype"].is_string(), where, ": missing dtype");
     PARDIT_CHECK(v.contains("shape") && v["shape"].is_array(), where, ": missing shape");
-    PARDIT_CHECK(v.contains("data_offsets") && v["data_offsets"].is_array() && v["data_offsets"].size() == 2,
-                 where, ": missing or malformed data_offsets");
+    PARDIT_CHECK(v.contains("data_offsets") && v["data_offsets"].is_array() && v["data_offsets"].size() == 2, where,
+                 ": missing or malformed data_offsets");
     TensorInfo t;
     t.name = name;
     t.dtype = v["dtype"].get<std::string>();
@@ -160,10 +160,10 @@ void SafetensorsFile::parseHeader(const std::string& header) {
     t.end = v["data_offsets"][1].get<uint64_t>();
     PARDIT_CHECK(t.begin <= t.end, where, ": data_offsets [", t.begin, ", ", t.end, "] are reversed");
     const unsigned __int128 expect = (numel * static_cast<unsigned>(t.bits) + 7) / 8;
-    PARDIT_CHECK(expect == t.end - t.begin, where, ": shape x dtype size is ",
-                 static_cast<uint64_t>(expect), " bytes but data_offsets span ", t.end - t.begin, " bytes");
-    PARDIT_CHECK(t.end <= dataSize, where, ": data_offsets end ", t.end, " lies beyond the data area of ",
-                 dataSize, " bytes (truncated file?)");
+    PARDIT_CHECK(expect == t.end - t.begin, where, ": shape x dtype size is ", static_cast<uint64_t>(expect),
+                 " bytes but data_offsets span ", t.end - t.begin, " bytes");
+    PARDIT_CHECK(t.end <= dataSize, where, ": data_offsets end ", t.end, " lies beyond the data area of ", dataSize,
+                 " bytes (truncated file?)");
     index_[name] = 0;
     tensors_.push_back(std::move(t));
   }
@@ -173,8 +173,7 @@ void SafetensorsFile::parseHeader(const std::string& header) {
   uint64_t cursor = 0;
   for (size_t i = 0; i < tensors_.size(); ++i) {
     const TensorInfo& t = tensors_[i];
-    PARDIT_CHECK(t.begin >= cursor, path_, ": tensor '", t.name, "' overlaps tensor '",
-                 tensors_[i - 1].name, "'");
+    PARDIT_CHECK(t.begin >= cursor, path_, ": tensor '", t.name, "' overlaps tensor '", tensors_[i - 1].name, "'");
     PARDIT_CHECK(t.begin == cursor, path_, ": gap of ", t.begin - cursor, " bytes before tensor '", t.name,
                  "' in the data area");
     cursor = t.end;
@@ -196,8 +195,8 @@ const TensorInfo& SafetensorsFile::info(const std::string& name) const {
 }
 
 void SafetensorsFile::readBytes(const TensorInfo& t, uint64_t offset, uint64_t nbytes, void* dst) const {
-  PARDIT_CHECK(offset + nbytes <= t.nbytes(), path_, ": tensor '", t.name, "': read of ", nbytes,
-               " bytes at offset ", offset, " is outside the tensor");
+  PARDIT_CHECK(offset + nbytes <= t.nbytes(), path_, ": tensor '", t.name, "': read of ", nbytes, " bytes at offset ",
+               offset, " is outside the tensor");
   preadAll(fd_, dst, nbytes, dataOffset_ + t.begin + offset, path_ + ": tensor '" + t.name + "'");
   bytesRead_->fetch_add(nbytes, std::memory_order_relaxed);
 }
@@ -215,8 +214,8 @@ at::Tensor SafetensorsFile::readRows(const std::string& name, int64_t rowBegin, 
   } catch (const Error& e) {
     PARDIT_THROW(path_, ": tensor '", name, "': ", e.message());
   }
-  PARDIT_CHECK(0 <= rowBegin && rowBegin <= rowEnd && rowEnd <= t.rows(), path_, ": tensor '", name,
-               "': rows [", rowBegin, ", ", rowEnd, ") out of range (", t.rows(), " rows)");
+  PARDIT_CHECK(0 <= rowBegin && rowBegin <= rowEnd && rowEnd <= t.rows(), path_, ": tensor '", name, "': rows [",
+               rowBegin, ", ", rowEnd, ") out of range (", t.rows(), " rows)");
   std::vector<int64_t> shape = t.shape;
   if (!shape.empty()) shape[0] = rowEnd - rowBegin;
   at::Tensor out = at::empty(shape, at::TensorOptions().dtype(type));
@@ -299,8 +298,8 @@ void SafetensorsWriter::write(const std::string& path) const {
         continue;
       }
       at::Tensor t = e->producer().contiguous();
-      PARDIT_CHECK(t.scalar_type() == e->dtype && t.sizes().vec() == e->shape, "safetensors writer: tensor '",
-                   e->name, "' was produced with the wrong dtype or shape");
+      PARDIT_CHECK(t.scalar_type() == e->dtype && t.sizes().vec() == e->shape, "safetensors writer: tensor '", e->name,
+                   "' was produced with the wrong dtype or shape");
       if (!t.device().is_cpu()) t = t.cpu();
       writeAll(fd, t.data_ptr(), sizes[i], tmp);
       pos += sizes[i];

@@ -12,8 +12,8 @@
 #include <sstream>
 
 #include "pardit/core/error.h"
-#include "pardit/core/format.h"
 #include "pardit/core/files.h"
+#include "pardit/core/format.h"
 #include "pardit/io/safetensors.h"
 #include "pardit/io/text_encoder_checkpoint.h"
 #include "pardit/io/vae_checkpoint.h"
@@ -60,7 +60,9 @@ std::string synthesizeVae(const SynthOptions& o, uint64_t* bytes) {
     if (bfl && shape.size() == 2) shape.insert(shape.end(), {1, 1});  // BFL attention weights are 1x1 convs
     SafetensorsWriter::Producer p;
     if (!o.zeros)
-      p = [seed = o.seed, dtype = o.dtype, t, shape] { return synthTensor(seed, t.name, t.shape).reshape(shape).to(dtype); };
+      p = [seed = o.seed, dtype = o.dtype, t, shape] {
+        return synthTensor(seed, t.name, t.shape).reshape(shape).to(dtype);
+      };
     w.addLazy(bfl ? bflVaeName(t.name, levels) : t.name, o.dtype, shape, p);
   }
   *bytes = w.totalBytes();
@@ -145,8 +147,8 @@ void writeClipTokenizer(const fs::path& dir, int merges) {
   writeText(dir / "vocab.json", vocab.dump() + "\n");
   writeText(dir / "merges.txt", mergesText);
   const nlohmann::ordered_json config = {{"tokenizer_class", "CLIPTokenizer"}, {"model_max_length", 77},
-                                         {"bos_token", "<|startoftext|>"},      {"eos_token", "<|endoftext|>"},
-                                         {"pad_token", "<|endoftext|>"},        {"unk_token", "<|endoftext|>"}};
+                                         {"bos_token", "<|startoftext|>"},     {"eos_token", "<|endoftext|>"},
+                                         {"pad_token", "<|endoftext|>"},       {"unk_token", "<|endoftext|>"}};
   writeText(dir / "tokenizer_config.json", config.dump(2) + "\n");
 }
 
@@ -172,8 +174,13 @@ int64_t writeT5Tokenizer(const fs::path& dir) {
   for (size_t i = 0; i < vocab.size(); ++i) {
     const std::string piece = vocab[i][0];
     if (piece == "<pad>" || piece == "</s>" || piece == "<unk>" || piece.rfind("<extra_id_", 0) == 0)
-      added.push_back({{"id", i}, {"content", piece}, {"single_word", false}, {"lstrip", false}, {"rstrip", false},
-                       {"normalized", false}, {"special", true}});
+      added.push_back({{"id", i},
+                       {"content", piece},
+                       {"single_word", false},
+                       {"lstrip", false},
+                       {"rstrip", false},
+                       {"normalized", false},
+                       {"special", true}});
   }
   const nlohmann::ordered_json tokenizer = {
       {"version", "1.0"},
@@ -188,17 +195,23 @@ int64_t writeT5Tokenizer(const fs::path& dir) {
           {{"type", "Metaspace"}, {"replacement", space}, {"prepend_scheme", "always"}, {"split", true}}}}}},
       {"post_processor",
        {{"type", "TemplateProcessing"},
-        {"single", {{{"Sequence", {{"id", "A"}, {"type_id", 0}}}}, {{"SpecialToken", {{"id", "</s>"}, {"type_id", 0}}}}}},
+        {"single",
+         {{{"Sequence", {{"id", "A"}, {"type_id", 0}}}}, {{"SpecialToken", {{"id", "</s>"}, {"type_id", 0}}}}}},
         {"pair",
-         {{{"Sequence", {{"id", "A"}, {"type_id", 0}}}}, {{"SpecialToken", {{"id", "</s>"}, {"type_id", 0}}}},
-          {{"Sequence", {{"id", "B"}, {"type_id", 0}}}}, {{"SpecialToken", {{"id", "</s>"}, {"type_id", 0}}}}}},
+         {{{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
+          {{"SpecialToken", {{"id", "</s>"}, {"type_id", 0}}}},
+          {{"Sequence", {{"id", "B"}, {"type_id", 0}}}},
+          {{"SpecialToken", {{"id", "</s>"}, {"type_id", 0}}}}}},
         {"special_tokens", {{"</s>", {{"id", "</s>"}, {"ids", {1}}, {"tokens", {"</s>"}}}}}}}},
       {"decoder", {{"type", "Metaspace"}, {"replacement", space}, {"prepend_scheme", "always"}, {"split", true}}},
       {"model", {{"type", "Unigram"}, {"unk_id", 2}, {"vocab", vocab}, {"byte_fallback", false}}}};
   writeText(dir / "tokenizer.json", tokenizer.dump() + "\n");
-  const nlohmann::ordered_json config = {{"tokenizer_class", "T5Tokenizer"}, {"model_max_length", 512},
-                                         {"extra_ids", 100},               {"eos_token", "</s>"},
-                                         {"pad_token", "<pad>"},           {"unk_token", "<unk>"}};
+  const nlohmann::ordered_json config = {{"tokenizer_class", "T5Tokenizer"},
+                                         {"model_max_length", 512},
+                                         {"extra_ids", 100},
+                                         {"eos_token", "</s>"},
+                                         {"pad_token", "<pad>"},
+                                         {"unk_token", "<unk>"}};
   writeText(dir / "tokenizer_config.json", config.dump(2) + "\n");
   return static_cast<int64_t>(vocab.size());
 }
@@ -235,8 +248,8 @@ uint64_t synthesizeText(const SynthOptions& o) {
   }
   fs::create_directories(out / "text_encoder");
   fs::create_directories(out / "text_encoder_2");
-  bytes += writeSynthTensors(o, model::clipTextTensors(clip), out / "text_encoder" / "model.safetensors",
-                             "text_model.");
+  bytes +=
+      writeSynthTensors(o, model::clipTextTensors(clip), out / "text_encoder" / "model.safetensors", "text_model.");
   writeText(out / "text_encoder" / "config.json", clipTextConfigJson(clip));
   bytes += writeSynthTensors(o, model::t5EncoderTensors(t5), out / "text_encoder_2" / "model.safetensors", "");
   writeText(out / "text_encoder_2" / "config.json", t5ConfigJson(t5));
@@ -252,8 +265,8 @@ bool SynthOptions::realConfigs() const {
 model::VaeConfig SynthOptions::vae() const {
   if (vaeConfig) return *vaeConfig;
   return model::VaeConfig::preset(realConfigs() || presetName == "medium" ? "flux"
-                                  : presetName == "small"                ? "small"
-                                                                         : "tiny");
+                                  : presetName == "small"                 ? "small"
+                                                                          : "tiny");
 }
 
 model::ClipTextConfig SynthOptions::clip() const {
@@ -299,7 +312,7 @@ at::Tensor synthTensor(uint64_t seed, const std::string& name, const std::vector
     return at::rand(shape, gen, f32).mul_(2 * bound).sub_(bound);
   }
   if (isScale) return at::randn(shape, gen, f32).mul_(0.1).add_(1.0);  // norm scales near 1
-  return at::randn(shape, gen, f32).mul_(0.02);                       // biases
+  return at::randn(shape, gen, f32).mul_(0.02);                        // biases
 }
 
 SynthResult synthesizeCheckpoint(const SynthOptions& o) {

@@ -107,8 +107,9 @@ at::Tensor TensorStore::scaleOf(const std::string& name) const {
   if (!detail::isFloat8(w.dtype) || !detail::endsWith(name, ".weight") || w.shape.size() != 2) return {};
   auto [file, scale] = detail::findScale(name, w, [&](const std::string& cand) {
     auto it = where_.find(cand);
-    return it == where_.end() ? std::make_pair(std::shared_ptr<SafetensorsFile>(), static_cast<const TensorInfo*>(nullptr))
-                              : std::make_pair(files_[it->second.first], &files_[it->second.first]->info(it->second.second));
+    return it == where_.end()
+               ? std::make_pair(std::shared_ptr<SafetensorsFile>(), static_cast<const TensorInfo*>(nullptr))
+               : std::make_pair(files_[it->second.first], &files_[it->second.first]->info(it->second.second));
   });
   if (!file) return {};
   return detail::readScaleRows(*file, where_.at(scale).second, 0, w.rows());
@@ -118,7 +119,8 @@ at::Tensor TensorStore::load(const std::string& name, c10::ScalarType dtype, c10
   auto it = where_.find(name);
   PARDIT_CHECK(it != where_.end(), path_, ": tensor '", name, "' not found");
   at::Tensor t = files_[it->second.first]->read(it->second.second);
-  if (const at::Tensor scale = scaleOf(name); scale.defined()) t = t.to(at::kFloat) * scale.unsqueeze(1);  // scaled float8
+  if (const at::Tensor scale = scaleOf(name); scale.defined())
+    t = t.to(at::kFloat) * scale.unsqueeze(1);  // scaled float8
   t = t.to(dtype);
   return device.is_cpu() ? t : t.to(device);
 }
@@ -179,15 +181,22 @@ void checkConfig(const C& c, const std::string& path, const TensorStore& s, cons
 }
 // The numeric fields of CLIPTextConfig's and T5Config's config.json.
 const std::vector<JsonField<model::ClipTextConfig>> kClipFields = {
-    {"vocab_size", &model::ClipTextConfig::vocabSize}, {"hidden_size", &model::ClipTextConfig::hiddenSize},
+    {"vocab_size", &model::ClipTextConfig::vocabSize},
+    {"hidden_size", &model::ClipTextConfig::hiddenSize},
     {"intermediate_size", &model::ClipTextConfig::intermediateSize},
-    {"num_hidden_layers", &model::ClipTextConfig::numLayers}, {"num_attention_heads", &model::ClipTextConfig::numHeads},
-    {"max_position_embeddings", &model::ClipTextConfig::maxPositions}, {"layer_norm_eps", &model::ClipTextConfig::eps},
+    {"num_hidden_layers", &model::ClipTextConfig::numLayers},
+    {"num_attention_heads", &model::ClipTextConfig::numHeads},
+    {"max_position_embeddings", &model::ClipTextConfig::maxPositions},
+    {"layer_norm_eps", &model::ClipTextConfig::eps},
     {"eos_token_id", &model::ClipTextConfig::eosTokenId}};
 const std::vector<JsonField<model::T5Config>> kT5Fields = {
-    {"vocab_size", &model::T5Config::vocabSize}, {"d_model", &model::T5Config::dModel}, {"d_kv", &model::T5Config::dKv},
-    {"d_ff", &model::T5Config::dFf}, {"num_layers", &model::T5Config::numLayers},
-    {"num_heads", &model::T5Config::numHeads}, {"relative_attention_num_buckets", &model::T5Config::buckets},
+    {"vocab_size", &model::T5Config::vocabSize},
+    {"d_model", &model::T5Config::dModel},
+    {"d_kv", &model::T5Config::dKv},
+    {"d_ff", &model::T5Config::dFf},
+    {"num_layers", &model::T5Config::numLayers},
+    {"num_heads", &model::T5Config::numHeads},
+    {"relative_attention_num_buckets", &model::T5Config::buckets},
     {"relative_attention_max_distance", &model::T5Config::maxDistance},
     {"layer_norm_epsilon", &model::T5Config::eps}};
 
@@ -225,7 +234,8 @@ model::T5Config t5ConfigFromShapes(const TensorStore& s) {
 
 ClipTextCheckpoint ClipTextCheckpoint::open(const std::string& path) {
   const fs::path dir = modelDir(path, "text_encoder");
-  ClipTextCheckpoint ck{model::ClipTextConfig{}, TensorStore::open(dir.string(), {"cond_stage_model.transformer.text_model.", "text_model."})};
+  ClipTextCheckpoint ck{model::ClipTextConfig{},
+                        TensorStore::open(dir.string(), {"cond_stage_model.transformer.text_model.", "text_model."})};
   auto& c = ck.config;
   c = fs::is_directory(dir) ? readConfigJson(dir, kClipFields, "hidden_act", "quick_gelu", "CLIP")
                             : clipConfigFromShapes(ck.store);
@@ -250,25 +260,51 @@ model::WeightFormat T5Checkpoint::storedFormat() const {
 }
 
 std::string clipTextConfigJson(const model::ClipTextConfig& c) {
-  const nlohmann::ordered_json j = {
-      {"architectures", {"CLIPTextModel"}}, {"model_type", "clip_text_model"}, {"hidden_act", "quick_gelu"},
-      {"hidden_size", c.hiddenSize}, {"intermediate_size", c.intermediateSize}, {"num_hidden_layers", c.numLayers},
-      {"num_attention_heads", c.numHeads}, {"max_position_embeddings", c.maxPositions}, {"vocab_size", c.vocabSize},
-      {"layer_norm_eps", c.eps}, {"projection_dim", c.hiddenSize}, {"bos_token_id", 0}, {"eos_token_id", c.eosTokenId},
-      {"pad_token_id", 1}, {"attention_dropout", 0.0}, {"dropout", 0.0}, {"initializer_factor", 1.0},
-      {"initializer_range", 0.02}, {"torch_dtype", "float32"}};
+  const nlohmann::ordered_json j = {{"architectures", {"CLIPTextModel"}},
+                                    {"model_type", "clip_text_model"},
+                                    {"hidden_act", "quick_gelu"},
+                                    {"hidden_size", c.hiddenSize},
+                                    {"intermediate_size", c.intermediateSize},
+                                    {"num_hidden_layers", c.numLayers},
+                                    {"num_attention_heads", c.numHeads},
+                                    {"max_position_embeddings", c.maxPositions},
+                                    {"vocab_size", c.vocabSize},
+                                    {"layer_norm_eps", c.eps},
+                                    {"projection_dim", c.hiddenSize},
+                                    {"bos_token_id", 0},
+                                    {"eos_token_id", c.eosTokenId},
+                                    {"pad_token_id", 1},
+                                    {"attention_dropout", 0.0},
+                                    {"dropout", 0.0},
+                                    {"initializer_factor", 1.0},
+                                    {"initializer_range", 0.02},
+                                    {"torch_dtype", "float32"}};
   return j.dump(2) + "\n";
 }
 
 std::string t5ConfigJson(const model::T5Config& c) {
-  const nlohmann::ordered_json j = {
-      {"architectures", {"T5EncoderModel"}}, {"model_type", "t5"}, {"d_model", c.dModel}, {"d_kv", c.dKv},
-      {"d_ff", c.dFf}, {"num_layers", c.numLayers}, {"num_decoder_layers", c.numLayers}, {"num_heads", c.numHeads},
-      {"relative_attention_num_buckets", c.buckets}, {"relative_attention_max_distance", c.maxDistance},
-      {"layer_norm_epsilon", c.eps}, {"feed_forward_proj", "gated-gelu"}, {"dense_act_fn", "gelu_new"},
-      {"is_gated_act", true}, {"vocab_size", c.vocabSize}, {"pad_token_id", 0}, {"eos_token_id", 1},
-      {"decoder_start_token_id", 0}, {"dropout_rate", 0.1}, {"tie_word_embeddings", false}, {"is_encoder_decoder", true},
-      {"torch_dtype", "float32"}};
+  const nlohmann::ordered_json j = {{"architectures", {"T5EncoderModel"}},
+                                    {"model_type", "t5"},
+                                    {"d_model", c.dModel},
+                                    {"d_kv", c.dKv},
+                                    {"d_ff", c.dFf},
+                                    {"num_layers", c.numLayers},
+                                    {"num_decoder_layers", c.numLayers},
+                                    {"num_heads", c.numHeads},
+                                    {"relative_attention_num_buckets", c.buckets},
+                                    {"relative_attention_max_distance", c.maxDistance},
+                                    {"layer_norm_epsilon", c.eps},
+                                    {"feed_forward_proj", "gated-gelu"},
+                                    {"dense_act_fn", "gelu_new"},
+                                    {"is_gated_act", true},
+                                    {"vocab_size", c.vocabSize},
+                                    {"pad_token_id", 0},
+                                    {"eos_token_id", 1},
+                                    {"decoder_start_token_id", 0},
+                                    {"dropout_rate", 0.1},
+                                    {"tie_word_embeddings", false},
+                                    {"is_encoder_decoder", true},
+                                    {"torch_dtype", "float32"}};
   return j.dump(2) + "\n";
 }
 

@@ -7,9 +7,9 @@
 #include <nlohmann/json.hpp>
 #include <regex>
 
+#include "json_file.h"
 #include "pardit/core/error.h"
 #include "pardit/core/format.h"
-#include "json_file.h"
 
 namespace fs = std::filesystem;
 
@@ -111,14 +111,25 @@ std::string bflVaeName(const std::string& internal, int64_t levels) {
 std::string vaeConfigJson(const model::VaeConfig& c) {
   const std::vector<std::string> down(c.blockOutChannels.size(), "DownEncoderBlock2D");
   const std::vector<std::string> up(c.blockOutChannels.size(), "UpDecoderBlock2D");
-  const nlohmann::ordered_json j = {
-      {"_class_name", "AutoencoderKL"}, {"act_fn", "silu"}, {"block_out_channels", c.blockOutChannels},
-      {"down_block_types", down}, {"up_block_types", up}, {"force_upcast", true}, {"in_channels", c.outChannels},
-      {"latent_channels", c.latentChannels}, {"latents_mean", nullptr}, {"latents_std", nullptr},
-      {"layers_per_block", c.layersPerBlock}, {"mid_block_add_attention", c.midBlockAttention},
-      {"norm_num_groups", c.normGroups}, {"out_channels", c.outChannels}, {"sample_size", c.sampleSize},
-      {"scaling_factor", c.scalingFactor}, {"shift_factor", c.shiftFactor}, {"use_post_quant_conv", false},
-      {"use_quant_conv", false}};
+  const nlohmann::ordered_json j = {{"_class_name", "AutoencoderKL"},
+                                    {"act_fn", "silu"},
+                                    {"block_out_channels", c.blockOutChannels},
+                                    {"down_block_types", down},
+                                    {"up_block_types", up},
+                                    {"force_upcast", true},
+                                    {"in_channels", c.outChannels},
+                                    {"latent_channels", c.latentChannels},
+                                    {"latents_mean", nullptr},
+                                    {"latents_std", nullptr},
+                                    {"layers_per_block", c.layersPerBlock},
+                                    {"mid_block_add_attention", c.midBlockAttention},
+                                    {"norm_num_groups", c.normGroups},
+                                    {"out_channels", c.outChannels},
+                                    {"sample_size", c.sampleSize},
+                                    {"scaling_factor", c.scalingFactor},
+                                    {"shift_factor", c.shiftFactor},
+                                    {"use_post_quant_conv", false},
+                                    {"use_quant_conv", false}};
   return j.dump(2) + "\n";
 }
 
@@ -129,7 +140,8 @@ VaeCheckpoint VaeCheckpoint::open(const std::string& path) {
   PARDIT_CHECK(fs::exists(p), path, ": no such file or directory (VAE)");
   if (fs::is_directory(p)) {
     if (fs::exists(p / "vae" / "config.json")) p /= "vae";
-    PARDIT_CHECK(fs::exists(p / "config.json"), path, ": no vae/config.json or config.json (a diffusers VAE directory)");
+    PARDIT_CHECK(fs::exists(p / "config.json"), path,
+                 ": no vae/config.json or config.json (a diffusers VAE directory)");
     ck.config_ = configFromJson(p / "config.json");
     const fs::path weights = p / "diffusion_pytorch_model.safetensors";
     PARDIT_CHECK(fs::exists(weights), weights.string(), ": not found (the VAE weights)");

@@ -76,7 +76,9 @@ RankPlan planRank(const RankWorkload& w, uint64_t budget, OffloadMode mode) {
   for (const auto& g : w.groups)
     plan.groups.push_back({g, groupBytes(w.config, g, w.dtype, w.weightFormat), false,
                            groupBufferBytes(w.config, g, w.dtype, w.weightFormat)});
-  auto isBlock = [](const std::string& n) { return n.rfind("double_blocks.", 0) == 0 || n.rfind("single_blocks.", 0) == 0; };
+  auto isBlock = [](const std::string& n) {
+    return n.rfind("double_blocks.", 0) == 0 || n.rfind("single_blocks.", 0) == 0;
+  };
   auto recompute = [&] {
     plan.residentBytes = plan.streamedBytes = 0;
     uint64_t largest = 0;
@@ -132,7 +134,8 @@ RankPlan planRank(const RankWorkload& w, uint64_t budget, OffloadMode mode) {
                     "K/V buffers %s + communication %s) but the budget is %s",
                     formatBytes(plan.total()).c_str(), formatBytes(plan.residentBytes).c_str(),
                     formatBytes(plan.streamBufferBytes).c_str(), formatBytes(plan.activationBytes).c_str(),
-                    formatBytes(plan.kvBytes).c_str(), formatBytes(plan.commBytes).c_str(), formatBytes(budget).c_str());
+                    formatBytes(plan.kvBytes).c_str(), formatBytes(plan.commBytes).c_str(),
+                    formatBytes(budget).c_str());
     }
     plan.problem = line;
     // When the activations alone exceed the budget, no offload helps: say what does.
@@ -188,8 +191,12 @@ void chooseStreamSource(RankPlan& plan, StreamSource source, bool cuda, uint64_t
                    formatBytes(hostBudget), ": use --stream-from file (or auto), or a larger --host-memory-budget");
       plan.streamFromHost = true;
       break;
-    case StreamSource::kFile: plan.streamFromHost = false; break;
-    case StreamSource::kAuto: plan.streamFromHost = cuda && copies <= hostBudget; break;
+    case StreamSource::kFile:
+      plan.streamFromHost = false;
+      break;
+    case StreamSource::kAuto:
+      plan.streamFromHost = cuda && copies <= hostBudget;
+      break;
   }
   plan.hostBytes = plan.streamFromHost ? copies : fileBytes;
 }

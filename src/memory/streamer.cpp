@@ -122,7 +122,8 @@ StreamingFluxWeights::StreamingFluxWeights(const model::FluxConfig& config, mode
   for (int64_t i = 0; i < config_.depthSingle; ++i)
     if (resident("single_blocks." + std::to_string(i)))
       single_[i] = std::make_shared<model::SingleBlockWeights>(model::makeSingleBlockWeights(config_, i, devGet));
-  if (resident("final_layer")) final_ = std::make_shared<model::FinalLayerWeights>(model::makeFinalLayerWeights(config_, devGet));
+  if (resident("final_layer"))
+    final_ = std::make_shared<model::FinalLayerWeights>(model::makeFinalLayerWeights(config_, devGet));
   // The streamed groups' layouts: tensors at aligned offsets, with their file ranges when stored as used.
   uint64_t largest = 0;
   for (const auto& g : model::fluxWeightGroups(config_, options_.format)) {
@@ -131,7 +132,7 @@ StreamingFluxWeights::StreamingFluxWeights(const model::FluxConfig& config, mode
     for (const auto& spec : g.tensors) {
       PackedTensor t;
       t.name = spec.name;
-      t.dtype = spec.storage == model::TensorStorage::kFp8      ? at::kFloat8_e4m3fn
+      t.dtype = spec.storage == model::TensorStorage::kFp8       ? at::kFloat8_e4m3fn
                 : spec.storage == model::TensorStorage::kFloat32 ? at::kFloat
                                                                  : options_.dtype;
       t.shape = spec.shape;
@@ -282,8 +283,7 @@ void StreamingFluxWeights::readThroughGetter(const GroupLayout& l, const at::Ten
     at::Tensor v = read_(t.name).contiguous();
     PARDIT_CHECK(v.scalar_type() == t.dtype && v.sizes().vec() == t.shape, "tensor '", t.name, "' was read as ",
                  v.scalar_type(), " ", v.sizes(), ", expected ", t.dtype, " ", at::IntArrayRef(t.shape));
-    buffer.narrow(0, static_cast<int64_t>(t.offset), static_cast<int64_t>(t.bytes))
-        .copy_(v.view({-1}).view(at::kByte));
+    buffer.narrow(0, static_cast<int64_t>(t.offset), static_cast<int64_t>(t.bytes)).copy_(v.view({-1}).view(at::kByte));
     getterRead_.fetch_add(t.bytes);
   }
 }
@@ -292,7 +292,8 @@ StreamingFluxWeights::Tensors StreamingFluxWeights::viewsOf(const GroupLayout& l
   Tensors out;
   for (const auto& t : l.tensors) {
     at::Tensor bytes = buffer.narrow(0, static_cast<int64_t>(t.offset), static_cast<int64_t>(t.bytes));
-    out[t.name] = t.shape.empty() ? bytes.view(t.dtype).view(std::vector<int64_t>{}) : bytes.view(t.dtype).view(t.shape);
+    out[t.name] =
+        t.shape.empty() ? bytes.view(t.dtype).view(std::vector<int64_t>{}) : bytes.view(t.dtype).view(t.shape);
   }
   return out;
 }

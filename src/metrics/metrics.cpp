@@ -5,14 +5,14 @@
 #include <mpi.h>
 #include <torch/version.h>
 
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
 #include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <ctime>
 #include <filesystem>
-#include <fcntl.h>
-#include <sys/file.h>
-#include <unistd.h>
 #include <random>
 #include <sstream>
 #include <thread>
@@ -46,7 +46,8 @@ void checkMetricsFile(const std::string& path) {
   io::checkOutputPath(path, "--metrics");
   if (!fs::exists(path)) return;
   H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
-  PARDIT_CHECK(H5Fis_hdf5(path.c_str()) > 0, "--metrics ", path, ": exists and is not an HDF5 file; refusing to append to it");
+  PARDIT_CHECK(H5Fis_hdf5(path.c_str()) > 0, "--metrics ", path,
+               ": exists and is not an HDF5 file; refusing to append to it");
 }
 
 std::string mpiVersion() {
@@ -162,7 +163,8 @@ void dataset(hid_t loc, const std::string& name, const std::vector<hsize_t>& dim
   H5Id space(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr), H5Sclose, "space");
   H5Id ds(H5Dcreate2(loc, name.c_str(), type, space.id, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Dclose,
           "dataset " + name);
-  if (!data.empty()) PARDIT_CHECK(H5Dwrite(ds.id, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data.data()) >= 0, "HDF5: writing ", name);
+  if (!data.empty())
+    PARDIT_CHECK(H5Dwrite(ds.id, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data.data()) >= 0, "HDF5: writing ", name);
   attrString(ds.id, "units", units);
 }
 
@@ -186,13 +188,13 @@ namespace {
 
 // Every rank's record, gathered: one tensor per quantity with the rank as dim 0.
 struct Gathered {
-  at::Tensor stepSeconds;  // [R, S] double
-  at::Tensor commSeconds;  // [R, S, K] double
-  at::Tensor commBytes;    // [R, S, K] int64
-  at::Tensor loadSeconds, totalSeconds;            // [R] double
-  at::Tensor bytesRead, peakDevice, peakRss;       // [R] int64
+  at::Tensor stepSeconds;                     // [R, S] double
+  at::Tensor commSeconds;                     // [R, S, K] double
+  at::Tensor commBytes;                       // [R, S, K] int64
+  at::Tensor loadSeconds, totalSeconds;       // [R] double
+  at::Tensor bytesRead, peakDevice, peakRss;  // [R] int64
   std::vector<std::string> hosts, devices;
-  std::vector<std::string> stages;                 // stage names; times [R, stages] and bytes [R, stages]
+  std::vector<std::string> stages;  // stage names; times [R, stages] and bytes [R, stages]
   at::Tensor stageSeconds, stageBytes;
 };
 
@@ -310,7 +312,6 @@ void writeSummary(hid_t run, const RunInfo& info, const Gathered& g) {
   attrScalar<int32_t>(sum.id, "steps", static_cast<int32_t>(S), H5T_NATIVE_INT32);
 }
 
-
 // ---- /run_index: one row per run, for tables (pandas, CSV) -----------------------------------------------
 
 // Attributes of earlier runs may be missing (files from older versions): the fallback then.
@@ -359,8 +360,12 @@ struct IndexStrings {
 
 IndexRow indexRow(hid_t runs, const std::string& id, IndexStrings& keep) {
   H5Id run(H5Gopen2(runs, id.c_str(), H5P_DEFAULT), H5Gclose, "group /runs/" + id);
-  keep = {id, readString(run.id, "date"), readString(run.id, "command"), readString(run.id, "model"),
-          readString(run.id, "dtype"), readString(run.id, "device")};
+  keep = {id,
+          readString(run.id, "date"),
+          readString(run.id, "command"),
+          readString(run.id, "model"),
+          readString(run.id, "dtype"),
+          readString(run.id, "device")};
   IndexRow r{};
   r.id = keep.id.c_str();
   r.date = keep.date.c_str();
@@ -457,7 +462,8 @@ void appendIndexRow(hid_t file, hid_t runs, const std::string& id) {
   H5Id memSpace(H5Screate_simple(1, &one, nullptr), H5Sclose, "row space");
   IndexStrings keep;
   const IndexRow row = indexRow(runs, id, keep);
-  PARDIT_CHECK(H5Dwrite(ds.id, type.id, memSpace.id, fileSpace.id, H5P_DEFAULT, &row) >= 0, "HDF5: appending to /run_index");
+  PARDIT_CHECK(H5Dwrite(ds.id, type.id, memSpace.id, fileSpace.id, H5P_DEFAULT, &row) >= 0,
+               "HDF5: appending to /run_index");
 }
 
 // An advisory lock (flock) on `<target>.lock`, so that jobs appending to one metrics file, on this node or
@@ -523,7 +529,8 @@ void appendRun(const std::string& path, const std::string& id, const RunInfo& in
   {
     H5Id file(existing ? H5Fopen(tmp.path().c_str(), H5F_ACC_RDWR, H5P_DEFAULT)
                        : H5Fcreate(tmp.path().c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT),
-              H5Fclose, existing ? path + ": not an HDF5 file (--metrics)" : tmp.path() + ": cannot create (--metrics)");
+              H5Fclose,
+              existing ? path + ": not an HDF5 file (--metrics)" : tmp.path() + ": cannot create (--metrics)");
     if (!existing) {
       attrString(file.id, "schema", "pardit-metrics");
       attrScalar<int32_t>(file.id, "schema_version", 1, H5T_NATIVE_INT32);

@@ -12,7 +12,7 @@ namespace {
 AttentionResult mathAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
   at::Tensor scores = at::matmul(q.to(at::kFloat), k.to(at::kFloat).transpose(-2, -1)) * scale;  // [B,H,Sq,Sk]
-  at::Tensor lse = at::logsumexp(scores, -1);                                                     // [B,H,Sq]
+  at::Tensor lse = at::logsumexp(scores, -1);                                                    // [B,H,Sq]
   at::Tensor p = at::exp(scores - lse.unsqueeze(-1));
   return {at::matmul(p, v.to(at::kFloat)).to(q.scalar_type()), lse};
 }
@@ -20,11 +20,16 @@ AttentionResult mathAttention(const at::Tensor& q, const at::Tensor& k, const at
 
 const char* attentionKernelName(AttentionKernel kernel) {
   switch (kernel) {
-    case AttentionKernel::kAuto: return "auto";
-    case AttentionKernel::kFlash: return "flash";
-    case AttentionKernel::kEfficient: return "efficient";
-    case AttentionKernel::kCudnn: return "cudnn";
-    case AttentionKernel::kMath: return "math";
+    case AttentionKernel::kAuto:
+      return "auto";
+    case AttentionKernel::kFlash:
+      return "flash";
+    case AttentionKernel::kEfficient:
+      return "efficient";
+    case AttentionKernel::kCudnn:
+      return "cudnn";
+    case AttentionKernel::kMath:
+      return "math";
   }
   return "?";
 }
@@ -58,10 +63,14 @@ AttentionKernel resolveAttentionKernel(AttentionKernel kernel, const at::Tensor&
   if (needLse) return halfType(type) && q.size(-1) <= 256 ? AttentionKernel::kFlash : AttentionKernel::kEfficient;
   // PyTorch's own pick (sdp::SDPBackend: 0 math, 1 flash, 2 memory-efficient, 3 cuDNN).
   switch (at::_fused_sdp_choice(q, k, v)) {
-    case 1: return AttentionKernel::kFlash;
-    case 2: return AttentionKernel::kEfficient;
-    case 3: return AttentionKernel::kCudnn;
-    default: return AttentionKernel::kMath;
+    case 1:
+      return AttentionKernel::kFlash;
+    case 2:
+      return AttentionKernel::kEfficient;
+    case 3:
+      return AttentionKernel::kCudnn;
+    default:
+      return AttentionKernel::kMath;
   }
 }
 
@@ -107,8 +116,8 @@ AttentionResult localAttention(const at::Tensor& q, const at::Tensor& k, const a
   } catch (const c10::Error& e) {
     if (!chosen) throw;
     const std::string what = e.what_without_backtrace();
-    PARDIT_THROW("--attention ", attentionKernelName(kernel), ": PyTorch's kernel refused these tensors (", type,
-                 ", [", B, ", ", H, ", ", Sq, ", ", q.size(3), "]): ", what.substr(0, what.find('\n')));
+    PARDIT_THROW("--attention ", attentionKernelName(kernel), ": PyTorch's kernel refused these tensors (", type, ", [",
+                 B, ", ", H, ", ", Sq, ", ", q.size(3), "]): ", what.substr(0, what.find('\n')));
   }
 }
 

@@ -164,10 +164,9 @@ at::Tensor imagePositionIds(int64_t rows, int64_t cols) {
 
 at::Tensor textPositionIds(int64_t textLen) { return at::zeros({textLen, 3}, at::TensorOptions().dtype(at::kFloat)); }
 
-std::pair<at::Tensor, at::Tensor> ropeTables(const at::Tensor& ids, const std::vector<int64_t>& axesDim,
-                                             double theta) {
-  PARDIT_CHECK(ids.dim() == 2 && ids.size(1) == static_cast<int64_t>(axesDim.size()),
-               "position ids must be [L, ", axesDim.size(), "], got ", ids.sizes());
+std::pair<at::Tensor, at::Tensor> ropeTables(const at::Tensor& ids, const std::vector<int64_t>& axesDim, double theta) {
+  PARDIT_CHECK(ids.dim() == 2 && ids.size(1) == static_cast<int64_t>(axesDim.size()), "position ids must be [L, ",
+               axesDim.size(), "], got ", ids.sizes());
   // Computed where the ids are, as the reference does, and without a host synchronization (repeat_interleave
   // on a GPU reads its output size back), so a CUDA graph can capture it.
   const at::Tensor pos = ids.to(at::kFloat);  // positions are float32 (as in the reference), frequencies float64
@@ -177,25 +176,26 @@ std::pair<at::Tensor, at::Tensor> ropeTables(const at::Tensor& ids, const std::v
     const int64_t d = axesDim[a];
     at::Tensor exponent =
         at::arange(0, d, 2, at::TensorOptions().dtype(at::kDouble).device(ids.device())) / static_cast<double>(d);
-    at::Tensor freqs = 1.0 / at::pow(theta, exponent);                   // [d/2]
+    at::Tensor freqs = 1.0 / at::pow(theta, exponent);                          // [d/2]
     at::Tensor phi = at::outer(pos.select(1, static_cast<int64_t>(a)), freqs);  // [L, d/2] float64
     // Each frequency twice in a row: [c0, c0, c1, c1, ...].
-    auto twice = [&](const at::Tensor& t) { return t.unsqueeze(2).expand({L, d / 2, 2}).reshape({L, d}).to(at::kFloat); };
+    auto twice = [&](const at::Tensor& t) {
+      return t.unsqueeze(2).expand({L, d / 2, 2}).reshape({L, d}).to(at::kFloat);
+    };
     cosParts.push_back(twice(phi.cos()));
     sinParts.push_back(twice(phi.sin()));
   }
   return {at::cat(cosParts, 1), at::cat(sinParts, 1)};  // [L, D]
 }
 
-
 at::Tensor timestepEmbedding(const at::Tensor& t, int64_t dim) {
   const int64_t half = dim / 2;
-  at::Tensor exponent = at::arange(0, half, at::TensorOptions().dtype(at::kFloat).device(t.device())) *
-                        (-std::log(10000.0));
+  at::Tensor exponent =
+      at::arange(0, half, at::TensorOptions().dtype(at::kFloat).device(t.device())) * (-std::log(10000.0));
   exponent = exponent / static_cast<double>(half);
   at::Tensor freqs = at::exp(exponent);
   at::Tensor args = t.unsqueeze(1).to(at::kFloat) * freqs.unsqueeze(0);  // [B, half]
-  return at::cat({at::cos(args), at::sin(args)}, -1);                     // [B, dim], cos first
+  return at::cat({at::cos(args), at::sin(args)}, -1);                    // [B, dim], cos first
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -223,9 +223,9 @@ FluxConditioning FluxTransformer::conditioning(const FluxInputs& in) const {
   PARDIT_CHECK(in.pooled.defined() && in.pooled.dim() == 2, "pooled projections must be [B, ", config_.vecInDim, "]");
   const auto B = in.pooled.size(0);
   PARDIT_CHECK(in.timestep.defined() && in.timestep.numel() == B, "timestep must have one value per batch entry");
-  PARDIT_CHECK(in.pooled.defined() && in.pooled.dim() == 2 && in.pooled.size(0) == B &&
-                   in.pooled.size(1) == config_.vecInDim,
-               "pooled projections must be [", B, ", ", config_.vecInDim, "], got ", in.pooled.sizes());
+  PARDIT_CHECK(
+      in.pooled.defined() && in.pooled.dim() == 2 && in.pooled.size(0) == B && in.pooled.size(1) == config_.vecInDim,
+      "pooled projections must be [", B, ", ", config_.vecInDim, "], got ", in.pooled.sizes());
   FluxConditioning c;
   // Timestep and guidance are scaled in the hidden dtype, embedded in float32, then cast back.
   at::Tensor t = in.timestep.reshape({B}).to(dtype_) * 1000;
@@ -265,9 +265,9 @@ void FluxTransformer::doubleBlock(int64_t i, at::Tensor& img, at::Tensor& txt, c
   };
   if (!txt.defined()) {
     // Image rows only (the attention backend supplies the text K/V, e.g. PipeFusion's later patches).
-    at::Tensor iAttn = attend(rmsNormRope(iqkv.select(2, 0), w->img.qNorm, kNormEps, cond.cos, cond.sin),
-                              rmsNormRope(iqkv.select(2, 1), w->img.kNorm, kNormEps, cond.cos, cond.sin), iv, 0,
-                              static_cast<int>(i));
+    at::Tensor iAttn =
+        attend(rmsNormRope(iqkv.select(2, 0), w->img.qNorm, kNormEps, cond.cos, cond.sin),
+               rmsNormRope(iqkv.select(2, 1), w->img.kNorm, kNormEps, cond.cos, cond.sin), iv, 0, static_cast<int>(i));
     img = gatedResidual(img, imod[2], w->img.proj(iAttn.flatten(2).contiguous()));
     img = mlpResidual(img, w->img, imod);
     if (img.scalar_type() == at::kHalf) img = img.clamp(-65504, 65504);
@@ -291,7 +291,8 @@ void FluxTransformer::doubleBlock(int64_t i, at::Tensor& img, at::Tensor& txt, c
   at::Tensor k = joint(1, w->txt.kNorm, w->img.kNorm);
   at::Tensor v = at::cat({tqkv.select(2, 2), iv}, 1);  // [B, L, H, D], text first
   at::Tensor attn = attend(q, k, v, Lt, static_cast<int>(i));
-  at::Tensor tAttn = attn.narrow(1, 0, Lt).flatten(2).contiguous(), iAttn = attn.narrow(1, Lt, Li).flatten(2).contiguous();
+  at::Tensor tAttn = attn.narrow(1, 0, Lt).flatten(2).contiguous(),
+             iAttn = attn.narrow(1, Lt, Li).flatten(2).contiguous();
 
   img = gatedResidual(img, imod[2], w->img.proj(iAttn));
   img = mlpResidual(img, w->img, imod);

@@ -30,10 +30,10 @@ void FluxConfig::validate() const {
 
 std::string FluxConfig::describe() const {
   std::ostringstream os;
-  os << "hidden " << hiddenSize << ", heads " << numHeads << " x " << headDim() << ", mlp " << mlpHidden
-     << ", blocks " << depth << " double + " << depthSingle << " single, in " << inChannels << ", context "
-     << contextInDim << ", pooled " << vecInDim << ", axes [" << axesDim[0] << "," << axesDim[1] << ","
-     << axesDim[2] << "], guidance " << (guidanceEmbed ? "yes" : "no");
+  os << "hidden " << hiddenSize << ", heads " << numHeads << " x " << headDim() << ", mlp " << mlpHidden << ", blocks "
+     << depth << " double + " << depthSingle << " single, in " << inChannels << ", context " << contextInDim
+     << ", pooled " << vecInDim << ", axes [" << axesDim[0] << "," << axesDim[1] << "," << axesDim[2] << "], guidance "
+     << (guidanceEmbed ? "yes" : "no");
   return os.str();
 }
 
@@ -51,10 +51,10 @@ FluxConfig FluxConfig::preset(const std::string& name) {
     int64_t vecInDim, contextInDim, hiddenSize, numHeads, depth, depthSingle;
     std::vector<int64_t> axesDim;
   };
-  static const std::vector<Shape> kShapes = {{"tiny", 32, 32, 64, 4, 2, 2, {4, 4, 8}},
-                                             {"small", 256, 1024, 768, 6, 4, 8, {16, 56, 56}},
-                                             {"medium", c.vecInDim, c.contextInDim, 1024, 8, c.depth, c.depthSingle,
-                                              c.axesDim}};
+  static const std::vector<Shape> kShapes = {
+      {"tiny", 32, 32, 64, 4, 2, 2, {4, 4, 8}},
+      {"small", 256, 1024, 768, 6, 4, 8, {16, 56, 56}},
+      {"medium", c.vecInDim, c.contextInDim, 1024, 8, c.depth, c.depthSingle, c.axesDim}};
   if (name == "flux-dev") return c;
   if (name == "flux-schnell") {
     c.guidanceEmbed = false;

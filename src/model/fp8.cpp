@@ -55,7 +55,8 @@ Fp8Rows quantizeFp8Rows(const at::Tensor& weight) {
   // Rows are independent: a large weight goes in blocks of rows, so the float32 temporaries stay small (on a
   // GPU, within the memory the planner leaves beside the weights).
   constexpr int64_t kBlockElements = int64_t{1} << 24;
-  const int64_t rows = weight.size(0), block = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(1, weight.size(1)));
+  const int64_t rows = weight.size(0),
+                block = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(1, weight.size(1)));
   std::vector<at::Tensor> values, scales;
   int64_t r = 0;
   do {

@@ -26,7 +26,8 @@ void check(cudaError_t e, const char* what) {
 }
 
 template <typename T>
-__global__ void ropeKernel(T* out, const T* x, const float* cos, const float* sin, fused::RopeGeometry g, int64_t pairs) {
+__global__ void ropeKernel(T* out, const T* x, const float* cos, const float* sin, fused::RopeGeometry g,
+                           int64_t pairs) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < pairs;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     fused::ropeElement(out, x, cos, sin, g, i);
@@ -49,7 +50,8 @@ __global__ void rmsNormRopeKernel(T* out, const T* x, const W* w, const float* c
   const int lane = static_cast<int>(threadIdx.x % 32);
   const int64_t warps = blockDim.x / 32;
   // The row is the same for the whole warp, so every lane takes the loop together (the shuffles need all 32).
-  for (int64_t row = blockIdx.x * warps + threadIdx.x / 32; row < rows; row += static_cast<int64_t>(gridDim.x) * warps) {
+  for (int64_t row = blockIdx.x * warps + threadIdx.x / 32; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * warps) {
     const fused::RopeIndex idx = fused::ropeIndex(g, row * (g.D / 2));
     const T* xrow = x + idx.x;
     float sum = fused::laneSumOfSquares(xrow, g.D, lane);
@@ -88,8 +90,8 @@ void launchRope(void* out, const void* x, const float* cos, const float* sin, co
                 cudaStream_t stream) {
   const int64_t pairs = g.B * g.L * g.H * (g.D / 2);
   if (pairs == 0) return;
-  ropeKernel<T><<<blocksFor(pairs), kThreads, 0, stream>>>(static_cast<T*>(out), static_cast<const T*>(x), cos, sin, g,
-                                                           pairs);
+  ropeKernel<T>
+      <<<blocksFor(pairs), kThreads, 0, stream>>>(static_cast<T*>(out), static_cast<const T*>(x), cos, sin, g, pairs);
   check(cudaGetLastError(), "RoPE kernel launch");
 }
 
@@ -109,9 +111,15 @@ void rope(fused::ElementType dtype, void* out, const void* x, const float* cos, 
           const fused::RopeGeometry& g, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case fused::ElementType::kFloat: launchRope<float>(out, x, cos, sin, g, st); break;
-    case fused::ElementType::kBFloat16: launchRope<c10::BFloat16>(out, x, cos, sin, g, st); break;
-    case fused::ElementType::kHalf: launchRope<c10::Half>(out, x, cos, sin, g, st); break;
+    case fused::ElementType::kFloat:
+      launchRope<float>(out, x, cos, sin, g, st);
+      break;
+    case fused::ElementType::kBFloat16:
+      launchRope<c10::BFloat16>(out, x, cos, sin, g, st);
+      break;
+    case fused::ElementType::kHalf:
+      launchRope<c10::Half>(out, x, cos, sin, g, st);
+      break;
   }
 }
 
@@ -119,7 +127,9 @@ void rmsNormRope(fused::ElementType dtype, bool floatWeight, void* out, const vo
                  const float* cos, const float* sin, const fused::RopeGeometry& g, float eps, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case fused::ElementType::kFloat: launchRmsNormRope<float>(true, out, x, weight, cos, sin, g, eps, st); break;
+    case fused::ElementType::kFloat:
+      launchRmsNormRope<float>(true, out, x, weight, cos, sin, g, eps, st);
+      break;
     case fused::ElementType::kBFloat16:
       launchRmsNormRope<c10::BFloat16>(floatWeight, out, x, weight, cos, sin, g, eps, st);
       break;
@@ -133,9 +143,15 @@ void scaleAdd(fused::ElementType dtype, void* out, const void* a, const void* s,
               const fused::ScaleAddGeometry& g, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case fused::ElementType::kFloat: launchScaleAdd<float>(out, a, s, c, g, st); break;
-    case fused::ElementType::kBFloat16: launchScaleAdd<c10::BFloat16>(out, a, s, c, g, st); break;
-    case fused::ElementType::kHalf: launchScaleAdd<c10::Half>(out, a, s, c, g, st); break;
+    case fused::ElementType::kFloat:
+      launchScaleAdd<float>(out, a, s, c, g, st);
+      break;
+    case fused::ElementType::kBFloat16:
+      launchScaleAdd<c10::BFloat16>(out, a, s, c, g, st);
+      break;
+    case fused::ElementType::kHalf:
+      launchScaleAdd<c10::Half>(out, a, s, c, g, st);
+      break;
   }
 }
 

@@ -104,8 +104,8 @@ struct RopeGeometry {
 };
 
 struct ScaleAddGeometry {
-  int64_t B, L, n;                        // a, out and c (when per token) are [B, L, n]; s and c (else) [B, n]
-  int64_t aB, aL, sB, cB, cL;             // cL is 0 when c is broadcast over the tokens; out is contiguous
+  int64_t B, L, n;             // a, out and c (when per token) are [B, L, n]; s and c (else) [B, n]
+  int64_t aB, aL, sB, cB, cL;  // cL is 0 when c is broadcast over the tokens; out is contiguous
 };
 
 // The pair index i (of B * L * H * D/2) of a RoPE pass, as (row offsets, pair position).

@@ -65,9 +65,9 @@ std::vector<TensorSpec> clipTextTensors(const ClipTextConfig& c) {
 
 bool t5Fp8Eligible(const std::string& name) {
   if (name.rfind("encoder.block.", 0) != 0) return false;
-  for (const char* leaf : {".SelfAttention.q.weight", ".SelfAttention.k.weight", ".SelfAttention.v.weight",
-                           ".SelfAttention.o.weight", ".DenseReluDense.wi_0.weight", ".DenseReluDense.wi_1.weight",
-                           ".DenseReluDense.wo.weight"}) {
+  for (const char* leaf :
+       {".SelfAttention.q.weight", ".SelfAttention.k.weight", ".SelfAttention.v.weight", ".SelfAttention.o.weight",
+        ".DenseReluDense.wi_0.weight", ".DenseReluDense.wi_1.weight", ".DenseReluDense.wo.weight"}) {
     const std::string l = leaf;
     if (name.size() > l.size() && name.compare(name.size() - l.size(), l.size(), l) == 0) return true;
   }
@@ -110,7 +110,6 @@ std::vector<TensorSpec> t5EncoderTensors(const T5Config& c, WeightFormat format)
 ClipTextModel::ClipTextModel(ClipTextConfig config, const WeightGetter& get)
     : config_((config.validate(), std::move(config))), weights_(clipTextTensors(config_), get, "CLIP") {}
 
-
 at::Tensor ClipTextModel::hidden(const at::Tensor& ids) const {
   const int64_t B = ids.size(0), L = ids.size(1), h = config_.hiddenSize, H = config_.numHeads, D = h / H;
   PARDIT_CHECK(L <= config_.maxPositions, "CLIP: ", L, " tokens, more than ", config_.maxPositions, " positions");
@@ -139,8 +138,7 @@ at::Tensor ClipTextModel::hidden(const at::Tensor& ids) const {
     y = y * at::sigmoid(1.702 * y);  // quick_gelu
     x = r + at::linear(y, w(p + "mlp.fc2.weight"), w(p + "mlp.fc2.bias"));
   }
-  return at::layer_norm(x, {h}, w("final_layer_norm.weight"), w("final_layer_norm.bias"),
-                        config_.eps);
+  return at::layer_norm(x, {h}, w("final_layer_norm.weight"), w("final_layer_norm.bias"), config_.eps);
 }
 
 at::Tensor ClipTextModel::pooled(const at::Tensor& ids) const {
@@ -161,8 +159,8 @@ at::Tensor t5RelativeBuckets(int64_t length, int64_t buckets, int64_t maxDistanc
   at::Tensor result = (rel > 0).to(at::kLong) * half;
   rel = rel.abs();
   const at::Tensor isSmall = rel < maxExact;
-  at::Tensor large = maxExact + (at::log(rel.to(at::kFloat) / maxExact) / std::log(static_cast<double>(maxDistance) / maxExact) *
-                                 (half - maxExact))
+  at::Tensor large = maxExact + (at::log(rel.to(at::kFloat) / maxExact) /
+                                 std::log(static_cast<double>(maxDistance) / maxExact) * (half - maxExact))
                                     .to(at::kLong);
   large = at::minimum(large, at::full_like(large, half - 1));
   return result + at::where(isSmall, rel, large);
@@ -226,7 +224,8 @@ at::Tensor T5Encoder::forward(const at::Tensor& ids) const {
     a = a.transpose(1, 2).reshape({B, L, H * D});
     x = clampHalf(x + linear(a, p + "0.SelfAttention.o.weight"));
     h = rmsNorm(x, get_(p + "1.layer_norm.weight"), config_.eps);
-    at::Tensor ff = geluNew(linear(h, p + "1.DenseReluDense.wi_0.weight")) * linear(h, p + "1.DenseReluDense.wi_1.weight");
+    at::Tensor ff =
+        geluNew(linear(h, p + "1.DenseReluDense.wi_0.weight")) * linear(h, p + "1.DenseReluDense.wi_1.weight");
     x = clampHalf(x + linear(ff, p + "1.DenseReluDense.wo.weight"));
   }
   return rmsNorm(x, get_("encoder.final_layer_norm.weight"), config_.eps);

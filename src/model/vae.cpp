@@ -119,7 +119,6 @@ VaeDecoder::VaeDecoder(VaeConfig config, const WeightGetter& get)
       weights_(vaeDecoderTensors(config_), get, "VAE"),
       dtype_(weights_.at("decoder.conv_in.weight").scalar_type()) {}
 
-
 // diffusers ResnetBlock2D (no time embedding): conv2(silu(norm2(conv1(silu(norm1(x)))))) + shortcut(x).
 at::Tensor VaeDecoder::resnet(const std::string& p, const at::Tensor& x, VaeSpatial& s) const {
   const int64_t G = config_.normGroups;
@@ -144,7 +143,7 @@ at::Tensor VaeDecoder::attention(const std::string& p, const at::Tensor& x, VaeS
   const at::Tensor q = at::linear(h, w(p + ".to_q.weight"), w(p + ".to_q.bias")).view({B, -1, 1, C}).transpose(1, 2);
   at::Tensor k = at::linear(h, w(p + ".to_k.weight"), w(p + ".to_k.bias")).view({B, -1, 1, C}).transpose(1, 2);
   at::Tensor v = at::linear(h, w(p + ".to_v.weight"), w(p + ".to_v.bias")).view({B, -1, 1, C}).transpose(1, 2);
-  std::tie(k, v) = s.allPositions(k, v);  // [B, 1, S_all, C]
+  std::tie(k, v) = s.allPositions(k, v);                     // [B, 1, S_all, C]
   at::Tensor o = at::scaled_dot_product_attention(q, k, v);  // [B, 1, S, C]
   o = o.transpose(1, 2).reshape({B, -1, C}).to(q.scalar_type());
   o = at::linear(o, w(p + ".to_out.0.weight"), w(p + ".to_out.0.bias"));

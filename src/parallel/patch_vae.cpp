@@ -34,11 +34,13 @@ at::Tensor PatchVaeSpatial::conv3x3(const at::Tensor& x, const at::Tensor& weigh
   at::Tensor out = at::conv2d(x, weight, bias, /*stride=*/1, /*padding=*/1);
   auto edgeRow = [&](int64_t row) {
     std::vector<at::Tensor> strip;
-    strip.push_back(row == 0 && top.defined() ? top : row == 0 ? at::zeros_like(x.narrow(2, 0, 1)) : x.narrow(2, row - 1, 1));
+    strip.push_back(row == 0 && top.defined() ? top
+                    : row == 0                ? at::zeros_like(x.narrow(2, 0, 1))
+                                              : x.narrow(2, row - 1, 1));
     strip.push_back(x.narrow(2, row, 1));
     strip.push_back(row == rows - 1 && bottom.defined() ? bottom
-                    : row == rows - 1 ? at::zeros_like(x.narrow(2, 0, 1))
-                                      : x.narrow(2, row + 1, 1));
+                    : row == rows - 1                   ? at::zeros_like(x.narrow(2, 0, 1))
+                                                        : x.narrow(2, row + 1, 1));
     out.narrow(2, row, 1).copy_(at::conv2d(at::cat(strip, 2), weight, bias, 1, at::IntArrayRef{0, 1}));
   };
   if (top.defined()) edgeRow(0);
@@ -61,8 +63,10 @@ at::Tensor PatchVaeSpatial::groupNorm(const at::Tensor& x, int64_t groups, const
   const at::Tensor gmean = stats[1] / stats[0];
   const at::Tensor gvar = (stats[2] / stats[0] - gmean.square()).clamp_min(0);
   // y = (x - mean) * rstd * w + b, folded into one multiply-add per channel: y = x * a + c.
-  const at::Tensor rstd = (gvar + eps).rsqrt();                                 // [B, G]
-  const at::Tensor perChannel = [&](const at::Tensor& g) { return g.repeat_interleave(C / groups, 1); }(rstd);  // [B, C]
+  const at::Tensor rstd = (gvar + eps).rsqrt();  // [B, G]
+  const at::Tensor perChannel = [&](const at::Tensor& g) {
+    return g.repeat_interleave(C / groups, 1);
+  }(rstd);  // [B, C]
   const at::Tensor w = weight.to(at::kDouble).unsqueeze(0), bb = bias.to(at::kDouble).unsqueeze(0);
   const at::Tensor a = perChannel * w;
   const at::Tensor c = bb - gmean.repeat_interleave(C / groups, 1) * a;

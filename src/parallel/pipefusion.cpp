@@ -25,7 +25,8 @@ std::vector<std::string> StagePartition::groupsOf(int stage, const model::FluxCo
   std::vector<std::string> groups{"conditioning"};
   if (stage == 0) groups.push_back("input_embedders");
   for (int64_t b = begin(stage); b < end(stage); ++b)
-    groups.push_back(b < c.depth ? "double_blocks." + std::to_string(b) : "single_blocks." + std::to_string(b - c.depth));
+    groups.push_back(b < c.depth ? "double_blocks." + std::to_string(b)
+                                 : "single_blocks." + std::to_string(b - c.depth));
   if (stage == stages() - 1) groups.push_back("final_layer");
   return groups;
 }
@@ -73,7 +74,8 @@ StagePartition partitionStages(const model::FluxConfig& c, int stages, const Par
     std::vector<uint64_t> bytes;
     const auto groups = model::fluxWeightGroups(c);
     for (const auto& g : groups)
-      if (g.name.rfind("double_blocks.", 0) == 0 || g.name.rfind("single_blocks.", 0) == 0) bytes.push_back(groupElements(g));
+      if (g.name.rfind("double_blocks.", 0) == 0 || g.name.rfind("single_blocks.", 0) == 0)
+        bytes.push_back(groupElements(g));
     uint64_t inputBytes = 0, finalBytes = 0;
     for (const auto& g : groups) {
       if (g.name == "input_embedders") inputBytes = groupElements(g);
@@ -114,8 +116,8 @@ StagePartition partitionStages(const model::FluxConfig& c, int stages, const Par
       PARDIT_CHECK(n >= 1, "--pp-partition: every stage needs at least one block");
       sum += n;
     }
-    PARDIT_CHECK(sum == total, "--pp-partition counts sum to ", sum, " but the model has ", total, " blocks (",
-                 c.depth, " double + ", c.depthSingle, " single)");
+    PARDIT_CHECK(sum == total, "--pp-partition counts sum to ", sum, " but the model has ", total, " blocks (", c.depth,
+                 " double + ", c.depthSingle, " single)");
   }
   return StagePartition(counts);
 }
@@ -159,7 +161,10 @@ std::pair<at::Tensor, at::Tensor> KvBuffers::image(int layer, const at::Tensor& 
     const int64_t B = k.size(0), h = k.size(1), D = k.size(3);
     const int64_t Tp = k.size(2) / (static_cast<int64_t>(ulysses_) * patches_);
     auto reorder = [&](const at::Tensor& x) {
-      return x.reshape({B, h, ulysses_, patches_, Tp, D}).permute({0, 1, 3, 2, 4, 5}).reshape({B, h, -1, D}).contiguous();
+      return x.reshape({B, h, ulysses_, patches_, Tp, D})
+          .permute({0, 1, 3, 2, 4, 5})
+          .reshape({B, h, -1, D})
+          .contiguous();
     };
     auto& buf = buffers_[layer];
     buf = {reorder(k), reorder(v)};
@@ -276,8 +281,9 @@ void PipeFusionRunner::step(const PipeFusionStep& s) {
   PARDIT_CHECK(latents_.defined(), "PipeFusion: step() before begin()");
   const int64_t B = latents_.size(0), Bm = s.conditioning.txt.size(0);
   PARDIT_CHECK(Bm % B == 0, "PipeFusion: model batch ", Bm, " is not a multiple of the latents' batch ", B);
-  PARDIT_CHECK(s.synchronous || options_.layout.patches == 1 || kv_->bytes() > 0, "PipeFusion with --num-pipeline-patch ",
-               options_.layout.patches, " needs a synchronous step first (--warmup-steps >= 1) to fill its K/V buffers");
+  PARDIT_CHECK(s.synchronous || options_.layout.patches == 1 || kv_->bytes() > 0,
+               "PipeFusion with --num-pipeline-patch ", options_.layout.patches,
+               " needs a synchronous step first (--warmup-steps >= 1) to fill its K/V buffers");
   stats_.stepWaitSeconds.push_back(0.0);
   model::FluxInputs x = s.conditioning;
   if (s.synchronous || options_.layout.patches == 1) {
@@ -373,8 +379,8 @@ at::Tensor PipeFusionRunner::forward(const model::FluxInputs& in) {
   x.imgIds = in.imgIds.index_select(0, index);
   const Activations out = passAll(x, x.img);
   completeSends();
-  at::Tensor full = at::empty({in.img.size(0), layout.rows * layout.cols, transformer_->config().outChannels},
-                              out.img.options());
+  at::Tensor full =
+      at::empty({in.img.size(0), layout.rows * layout.cols, transformer_->config().outChannels}, out.img.options());
   if (lastStage()) full = localToFull(out.img);
   comms_.pipeline->broadcast(full, comms_.pipeline->size() - 1);
   return full;

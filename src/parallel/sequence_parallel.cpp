@@ -35,8 +35,8 @@ at::Tensor SequenceParallelTransformer::forward(const model::FluxInputs& in) {
   } else {
     usp_->setTextMode(TextMode::kReplicated);
   }
-  at::Tensor out = transformer_->forward(local);           // [B, chunk, C]
-  at::Tensor gathered = dist::allGather(sequence_, out);    // [N, B, chunk, C]
+  at::Tensor out = transformer_->forward(local);          // [B, chunk, C]
+  at::Tensor gathered = dist::allGather(sequence_, out);  // [N, B, chunk, C]
   return gathered.permute({1, 0, 2, 3}).reshape({out.size(0), Li, out.size(2)});
 }
 

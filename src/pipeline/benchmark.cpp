@@ -15,10 +15,10 @@
 
 #include "engine_impl.h"
 #include "pardit/core/error.h"
-#include "pardit/core/timer.h"
-#include "pardit/model/attention.h"
 #include "pardit/core/sysinfo.h"
+#include "pardit/core/timer.h"
 #include "pardit/io/synth.h"
+#include "pardit/model/attention.h"
 #include "pardit/parallel/patch_vae.h"
 #include "pardit/pipeline/latents.h"
 #include "pardit/pipeline/op_profile.h"
@@ -38,7 +38,8 @@ double forwardFlops(const model::FluxConfig& m, int64_t B, int64_t Li, int64_t L
     f += lin(B * L, h, 3 * h) + lin(B * L, h, h) + lin(B * L, h, mlp) + lin(B * L, mlp, h);
     f += attn;
   }
-  for (int64_t i = 0; i < m.depthSingle; ++i) f += lin(B, h, 3 * h) + lin(B * L, h, 3 * h + mlp) + lin(B * L, h + mlp, h) + attn;
+  for (int64_t i = 0; i < m.depthSingle; ++i)
+    f += lin(B, h, 3 * h) + lin(B * L, h, 3 * h + mlp) + lin(B * L, h + mlp, h) + attn;
   f += lin(B, h, 2 * h) + lin(B * Li, h, m.outChannels);
   return f;
 }
@@ -141,7 +142,8 @@ std::pair<double, double> componentTimes(const model::FluxConfig& m, int64_t B, 
     const at::Tensor x = at::randn({s[0], s[1]}, opts), w = at::randn({s[2], s[1]}, opts), b = at::randn({s[2]}, opts);
     gemm += bestSeconds(device, 3, [&] { (void)at::linear(x, w, b); }) * static_cast<double>(count);
   }
-  const at::Tensor q = attentionOperand(m, B, L, opts), k = attentionOperand(m, B, L, opts), v = attentionOperand(m, B, L, opts);
+  const at::Tensor q = attentionOperand(m, B, L, opts), k = attentionOperand(m, B, L, opts),
+                   v = attentionOperand(m, B, L, opts);
   const double attention = bestSeconds(device, 3, [&] { (void)model::localAttention(q, k, v, false, kernel); });
   return {gemm, attention * static_cast<double>(m.depth + m.depthSingle)};
 }
@@ -246,8 +248,8 @@ void Engine::Impl::benchmarkForwards(const BenchmarkRequest& request, BenchmarkR
   r.cudaGraphs = run.graphs != nullptr;
   const auto& topo = rt.topology().degrees();
   r.attentionKernel = model::attentionKernelName(
-      forwardAttentionKernel(config, std::max<int64_t>(1, B / topo.cfg), config.numHeads / topo.ulysses, topo.ring > 1, dtype, device,
-                             detail::attentionKernelOf(options.attention)));
+      forwardAttentionKernel(config, std::max<int64_t>(1, B / topo.cfg), config.numHeads / topo.ulysses, topo.ring > 1,
+                             dtype, device, detail::attentionKernelOf(options.attention)));
   finishCudaGraphs(run);
   r.gemmRate = gemmRate(dtype, device);
   if (rt.worldSize() == 1)
@@ -287,7 +289,9 @@ void Engine::Impl::benchmarkDecode(const BenchmarkRequest& request, BenchmarkRes
   const auto free = static_cast<uint64_t>(
       worldReduce(rt, static_cast<double>(detail::budgetOf(options, device, rt.localSize())), dist::ReduceOp::kMin));
   DecodePlan plan;
-  rt.agree([&] { plan = planDecode(vc, options, request.batch, request.height, request.width, rt.worldSize(), dtype, free); });
+  rt.agree([&] {
+    plan = planDecode(vc, options, request.batch, request.height, request.width, rt.worldSize(), dtype, free);
+  });
   r.decodePlannedBytes = plan.activationBytes;
   r.decodeMode = plan.modeName();
   if (plan.mode == DecodePlan::Mode::kTiles) r.decodeMode += ":" + std::to_string(plan.tile * plan.factor);
@@ -308,8 +312,8 @@ void Engine::Impl::benchmarkDecode(const BenchmarkRequest& request, BenchmarkRes
     if (i == 0) r.decodeActivationBytes = peakRssBytes() > before ? peakRssBytes() - before : 0;
     if (i >= request.warmup) r.samples.push_back(worldReduce(rt, local, dist::ReduceOp::kMax));
   }
-  r.decodeActivationBytesMax = static_cast<uint64_t>(
-      worldReduce(rt, static_cast<double>(r.decodeActivationBytes), dist::ReduceOp::kMax));
+  r.decodeActivationBytesMax =
+      static_cast<uint64_t>(worldReduce(rt, static_cast<double>(r.decodeActivationBytes), dist::ReduceOp::kMax));
   finishMetrics(run, "bench", std::accumulate(r.samples.begin(), r.samples.end(), 0.0), request.warmup,
                 request.batch * (request.warmup + request.iters));
 }
@@ -348,7 +352,8 @@ BenchmarkResult Engine::benchmark(const BenchmarkRequest& request) {
   r.median = median(r.samples);
   r.best = *std::min_element(r.samples.begin(), r.samples.end());
   r.mean = std::accumulate(r.samples.begin(), r.samples.end(), 0.0) / static_cast<double>(r.samples.size());
-  if (!request.decode && !request.encode) r.flops = forwardFlops(m.config, request.batch, geom.tokens(), request.textLen);
+  if (!request.decode && !request.encode)
+    r.flops = forwardFlops(m.config, request.batch, geom.tokens(), request.textLen);
   return r;
 }
 

@@ -52,25 +52,29 @@ std::vector<int64_t> signatureOf(const model::FluxInputs& in) {
 struct CudaGraphTransformer::Impl {
   struct Graph {
     std::vector<int64_t> signature;
-    model::FluxInputs in;            // static inputs: the eager call's and the graph's
-    at::Tensor out;                  // the graph's output (in the pool)
+    model::FluxInputs in;  // static inputs: the eager call's and the graph's
+    at::Tensor out;        // the graph's output (in the pool)
     std::unique_ptr<at::cuda::CUDAGraph> graph;
-    std::string failure;             // why its capture failed (then every later call says so)
+    std::string failure;  // why its capture failed (then every later call says so)
   };
   TransformerFn fn;
   std::vector<Graph> graphs;
-  std::optional<c10::Device> device;             // the one GPU of every call
-  std::optional<c10::cuda::CUDAStream> side;     // where the eager calls run and the graphs are captured
-  std::optional<c10::MempoolId_t> pool;          // shared by every graph here (they never run at once)
+  std::optional<c10::Device> device;          // the one GPU of every call
+  std::optional<c10::cuda::CUDAStream> side;  // where the eager calls run and the graphs are captured
+  std::optional<c10::MempoolId_t> pool;       // shared by every graph here (they never run at once)
   CudaGraphStats stats;
 
   // Checks the inputs and returns their graph, new (without static inputs) if this signature is new.
   Graph& find(const model::FluxInputs& in) {
-    PARDIT_CHECK(in.img.defined() && in.img.is_cuda(), "--cuda-graphs: the transformer inputs must be on a CUDA "
-                 "device, got ", in.img.defined() ? in.img.device().str() : std::string("none"));
+    PARDIT_CHECK(in.img.defined() && in.img.is_cuda(),
+                 "--cuda-graphs: the transformer inputs must be on a CUDA "
+                 "device, got ",
+                 in.img.defined() ? in.img.device().str() : std::string("none"));
     for (const at::Tensor* t : fields(in))
-      PARDIT_CHECK(!t->defined() || t->device() == in.img.device(), "--cuda-graphs: every transformer input must be "
-                   "on ", in.img.device().str(), " (a graph cannot copy from elsewhere), got one on ", t->device().str());
+      PARDIT_CHECK(!t->defined() || t->device() == in.img.device(),
+                   "--cuda-graphs: every transformer input must be "
+                   "on ",
+                   in.img.device().str(), " (a graph cannot copy from elsewhere), got one on ", t->device().str());
     if (!device) {
       device = in.img.device();
       side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device->index());
@@ -155,8 +159,10 @@ struct CudaGraphTransformer::Impl {
     if (!failure.empty()) {
       g.out = at::Tensor();
       g.failure = failure;
-      PARDIT_THROW("--cuda-graphs: the transformer call could not be captured in a CUDA graph (run without "
-                   "--cuda-graphs): ", failure);
+      PARDIT_THROW(
+          "--cuda-graphs: the transformer call could not be captured in a CUDA graph (run without "
+          "--cuda-graphs): ",
+          failure);
     }
     g.graph = std::move(graph);
     ++stats.captures;
@@ -165,8 +171,10 @@ struct CudaGraphTransformer::Impl {
   at::Tensor call(const model::FluxInputs& in) {
     Graph& g = find(in);
     const c10::cuda::CUDAGuard deviceGuard(*device);
-    PARDIT_CHECK(g.failure.empty(), "--cuda-graphs: the transformer call could not be captured in a CUDA graph (run "
-                 "without --cuda-graphs): ", g.failure);
+    PARDIT_CHECK(g.failure.empty(),
+                 "--cuda-graphs: the transformer call could not be captured in a CUDA graph (run "
+                 "without --cuda-graphs): ",
+                 g.failure);
     if (!g.in.img.defined()) return rehearse(g, in);
     if (!g.graph) capture(g);
     copyIn(g, in);

@@ -58,7 +58,8 @@ std::unique_ptr<TransformerDenoiser> TransformerDenoiser::local(TransformerFn tr
 }
 
 std::unique_ptr<TransformerDenoiser> TransformerDenoiser::cfgParallel(TransformerFn transformer, at::Tensor imageIds,
-                                                                      PromptEmbeddings branch, dist::Communicator& cfg) {
+                                                                      PromptEmbeddings branch,
+                                                                      dist::Communicator& cfg) {
   PARDIT_CHECK(cfg.size() == 2, "CFG parallelism needs a cfg group of 2 ranks, got ", cfg.size());
   return std::unique_ptr<TransformerDenoiser>(
       new TransformerDenoiser(std::move(transformer), std::move(imageIds), std::move(branch), std::nullopt, &cfg));
@@ -102,8 +103,8 @@ PipeFusionDenoiser::PipeFusionDenoiser(std::shared_ptr<parallel::PipeFusionRunne
   if (paired_) {
     PARDIT_CHECK(negative->promptEmbeds.size(1) == embeddings_.promptEmbeds.size(1),
                  "PipeFusion runs both true-CFG branches as one batch: the prompt and negative prompt embeddings "
-                 "need the same token count (", embeddings_.promptEmbeds.size(1), " vs ",
-                 negative->promptEmbeds.size(1), ")");
+                 "need the same token count (",
+                 embeddings_.promptEmbeds.size(1), " vs ", negative->promptEmbeds.size(1), ")");
     embeddings_.promptEmbeds = at::cat({embeddings_.promptEmbeds, negative->promptEmbeds}, 0);
     embeddings_.pooled = at::cat({embeddings_.pooled, negative->pooled}, 0);
   }
@@ -185,7 +186,8 @@ at::Tensor denoise(Denoiser& denoiser, at::Tensor latents, const FlowMatchEulerS
   at::Tensor bad;
   {
     std::optional<dist::Watchdog::Operation> watched;  // the host waits here for the GPU's last steps
-    if (latents.is_cuda()) watched.emplace(watchdog, loop, "the end of the denoise loop on the GPU (its NCCL collectives)");
+    if (latents.is_cuda())
+      watched.emplace(watchdog, loop, "the end of the denoise loop on the GPU (its NCCL collectives)");
     latents = denoiser.finish(latents);
     bad = nonFinite.cpu();
   }

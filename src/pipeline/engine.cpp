@@ -13,6 +13,8 @@
 #include <numeric>
 #include <optional>
 
+#include "engine_impl.h"
+#include "options_sync.h"
 #include "pardit/core/dtype.h"
 #include "pardit/core/error.h"
 #include "pardit/core/format.h"
@@ -20,22 +22,20 @@
 #include "pardit/core/sysinfo.h"
 #include "pardit/core/timer.h"
 #include "pardit/dist/runtime.h"
+#include "pardit/dist/watchdog.h"
 #include "pardit/io/checkpoint.h"
-#include "pardit/io/safetensors.h"
 #include "pardit/io/png.h"
+#include "pardit/io/safetensors.h"
 #include "pardit/io/synth.h"
 #include "pardit/io/vae_checkpoint.h"
+#include "pardit/memory/streamer.h"
+#include "pardit/metrics/metrics.h"
 #include "pardit/model/vae.h"
 #include "pardit/parallel/patch_vae.h"
-#include "pardit/version.h"
-#include "pardit/memory/streamer.h"
-#include "pardit/dist/watchdog.h"
-#include "pardit/metrics/metrics.h"
 #include "pardit/pipeline/inputs.h"
 #include "pardit/pipeline/latents.h"
 #include "pardit/pipeline/loading.h"
-#include "engine_impl.h"
-#include "options_sync.h"
+#include "pardit/version.h"
 #include "rank_setup.h"
 
 namespace pardit::pipeline {
@@ -61,7 +61,8 @@ std::vector<std::string> imagePaths(const std::string& path, int64_t count) {
   std::vector<std::string> out;
   for (int64_t i = 0; i < count; ++i) {
     std::filesystem::path q = p;
-    q.replace_filename(p.stem().string() + "-" + std::to_string(i) + (p.has_extension() ? p.extension().string() : ".png"));
+    q.replace_filename(p.stem().string() + "-" + std::to_string(i) +
+                       (p.has_extension() ? p.extension().string() : ".png"));
     out.push_back(q.string());
   }
   return out;
@@ -89,8 +90,8 @@ void Engine::Impl::open() {
   rt.agree([&] {
     options.check();
     rt.checkSame(detail::syncedFields(options), "options");
-    PARDIT_CHECK(options.dataParallelDegree == 1 || rt.worldSize() == degrees.worldSize(),
-                 "--data-parallel-degree ", options.dataParallelDegree,
+    PARDIT_CHECK(options.dataParallelDegree == 1 || rt.worldSize() == degrees.worldSize(), "--data-parallel-degree ",
+                 options.dataParallelDegree,
                  ": an Engine runs on one replica group (dist::Runtime::replicaGroup); pipeline::runQueue deals "
                  "requests to the groups");
     dist::Topology::validate(degrees, rt.worldSize());
@@ -112,7 +113,8 @@ void Engine::Impl::open() {
       for (const auto& f : checkpoint->files())
         checkpointFiles.emplace_back("--model file " + std::filesystem::path(f->path()).filename().string(),
                                      "size " + std::to_string(f->fileSize()) + ", header hash " +
-                                         formatHash(f->headerHash()) + ", data sample hash " + formatHash(f->sampleHash()));
+                                         formatHash(f->headerHash()) + ", data sample hash " +
+                                         formatHash(f->sampleHash()));
     } else {
       PARDIT_CHECK(!options.preset.empty(), "--model is required (or --preset for an in-memory model)");
       config = model::FluxConfig::preset(options.preset);
@@ -150,11 +152,12 @@ memory::RankPlan Engine::Impl::planRun(Run& run, int64_t batch, int64_t imageTok
   textTokens = std::max(textTokens, capacity.textTokens);
   memory::RankPlan plan;
   rt.agree([&] {
-    const auto work = detail::workloadOf(rt.topology(), config, run.pipefusion, dtype, weightFormat, batch, imageTokens,
-                                         textTokens);
+    const auto work =
+        detail::workloadOf(rt.topology(), config, run.pipefusion, dtype, weightFormat, batch, imageTokens, textTokens);
     plan = memory::planRank(work, detail::budgetOf(options, device, rt.localSize()), options.offload);
     PARDIT_CHECK(plan.fits, "rank ", rt.worldRank(), ": ", plan.problem);
-    memory::chooseStreamSource(plan, options.streamFrom, device.is_cuda(), detail::hostBudgetOf(options, rt.localSize()));
+    memory::chooseStreamSource(plan, options.streamFrom, device.is_cuda(),
+                               detail::hostBudgetOf(options, rt.localSize()));
     if (options.cudaGraphs) detail::checkCudaGraphs(device, rt.topology(), run.pipefusion.has_value(), plan);
     model::checkAttentionKernel(detail::attentionKernelOf(options.attention), device, dtype);
   });
@@ -169,9 +172,8 @@ std::shared_ptr<model::FluxWeightProvider> Engine::Impl::loadRun(Run& run, const
   if (loaded && loaded->key == key) return loaded->weights;
   loaded.reset();  // release the previous weights before loading others
   if (plan.anyStreamed()) {
-    logInfo0("memory plan (offload ", offloadName(options.offload), ", budget ", formatBytes(plan.budget), "): ",
-             plan.streamedGroups(),
-             " weight groups (", formatBytes(plan.streamedBytes), ") streamed from ",
+    logInfo0("memory plan (offload ", offloadName(options.offload), ", budget ", formatBytes(plan.budget),
+             "): ", plan.streamedGroups(), " weight groups (", formatBytes(plan.streamedBytes), ") streamed from ",
              plan.streamFromHost ? "a host copy" : "the file", " (", formatBytes(plan.hostBytes), " of host memory, ",
              plan.prefetchDepth, " ahead), ", formatBytes(plan.residentBytes), " resident, planned peak ",
              formatBytes(plan.total()));
@@ -224,7 +226,7 @@ std::string Engine::Impl::finishMetrics(Run& run, const std::string& command, do
   if (resolved.empty())
     for (const auto& [name, value] : detail::syncedFields(options)) resolved[name] = value;
   resolved["weight-dtype"] = weightFormat == model::WeightFormat::kFp8 ? "fp8" : "compute";  // auto resolved
-  metrics::RunInfo info{command, resolved, modelName, device.str(), warmupSteps, images,
+  metrics::RunInfo info{command,    resolved,  modelName, device.str(),     warmupSteps, images,
                         run.height, run.width, run.steps, dtypeName(dtype), queue};
   const std::string id = run.recorder.write(options.metrics, info);
   logInfo0("metrics: appended run ", id, " to ", options.metrics);
@@ -235,8 +237,8 @@ void Engine::Impl::rankSummary(const std::shared_ptr<model::FluxWeightProvider>&
                                const std::optional<PipeFusionLayout>& pf) const {
   std::string detail;
   if (device.is_cuda())
-    detail += ", peak device memory " + formatBytes(memory::devicePeakBytes(true, device.index())) +
-              " (caching allocator)";
+    detail +=
+        ", peak device memory " + formatBytes(memory::devicePeakBytes(true, device.index())) + " (caching allocator)";
   if (auto s = std::dynamic_pointer_cast<memory::StreamingFluxWeights>(weights)) {
     detail += ", weights on the device peaked at " + formatBytes(s->accountant().peak()) + " (" +
               std::to_string(s->streamedGroupsFetched()) + " groups streamed from " +
@@ -257,17 +259,16 @@ void Engine::Impl::rankSummary(const std::shared_ptr<model::FluxWeightProvider>&
                                         : std::string();
   logInfo("rank summary: ", role, source, "peak host RSS ", formatBytes(peakRssBytes()), detail);
   // Exact counts for scripts (bench/memory_proof.sh): --log-level debug.
-  logDebug("rank bytes: stage=", pf ? rt.topology().pipefusionRank() : 0, " read=", checkpoint ? checkpoint->bytesRead() : 0,
-           " vae_read=", vae ? vae->bytesRead() : 0, " text_read=", textBytesRead,
-           " total=", checkpoint ? checkpoint->totalBytes() : 0, " tensors=",
-           checkpoint ? checkpoint->tensorsLoaded().size() : 0, " peak_rss=", peakRssBytes(), " peak_device=",
-           memory::devicePeakBytes(device.is_cuda(), device.is_cuda() ? device.index() : 0));
+  logDebug("rank bytes: stage=", pf ? rt.topology().pipefusionRank() : 0,
+           " read=", checkpoint ? checkpoint->bytesRead() : 0, " vae_read=", vae ? vae->bytesRead() : 0,
+           " text_read=", textBytesRead, " total=", checkpoint ? checkpoint->totalBytes() : 0,
+           " tensors=", checkpoint ? checkpoint->tensorsLoaded().size() : 0, " peak_rss=", peakRssBytes(),
+           " peak_device=", memory::devicePeakBytes(device.is_cuda(), device.is_cuda() ? device.index() : 0));
   if (auto s = std::dynamic_pointer_cast<memory::StreamingFluxWeights>(weights))
     logDebug("rank streaming: source=", s->fromHost() ? "host" : "file", " groups=", s->streamedGroupsFetched(),
              " stored_read=", s->storedBytesRead(), " stored_read_seconds=", s->storedReadSeconds(),
              " getter_read=", s->getterBytesRead(), " host_bytes=", s->hostBytes(), " wait_seconds=", s->waitSeconds(),
-             " device_wait_seconds=", s->deviceWaitSeconds(),
-             " read_threads=", s->readThreads());
+             " device_wait_seconds=", s->deviceWaitSeconds(), " read_threads=", s->readThreads());
 }
 
 std::string detail::collectiveSummary(const dist::Runtime& rt) {
@@ -299,23 +300,27 @@ at::Tensor detail::cfgGather(dist::Runtime& rt, const at::Tensor& mine) {
 TransformerFn Engine::Impl::forwardFn(Run& run, const model::FluxInputs& inputs, const std::string& outputPath) {
   rt.agree([&] {
     const int64_t B = inputs.img.size(0);
-    PARDIT_CHECK(B % degrees.cfg == 0, "--cfg-degree ", degrees.cfg, " splits the batch, but the inputs have batch ", B);
+    PARDIT_CHECK(B % degrees.cfg == 0, "--cfg-degree ", degrees.cfg, " splits the batch, but the inputs have batch ",
+                 B);
     run.pipefusion = detail::checkLayout(options, degrees, config, inputs.img.size(1), 1, /*patched=*/false);
     if (!outputPath.empty()) io::checkOutputPath(outputPath, "--output");
   });
   run.weights = prepare(run, inputs.img.size(0) / degrees.cfg, inputs.img.size(1), inputs.txt.size(1));
   const auto& topo = rt.topology();
-  run.inputs = model::FluxInputs{detail::cfgShare(inputs.img, topo, device),      detail::cfgShare(inputs.txt, topo, device),
-                                 detail::cfgShare(inputs.pooled, topo, device),   detail::cfgShare(inputs.timestep, topo, device),
-                                 detail::cfgShare(inputs.guidance, topo, device), inputs.imgIds.to(device),
+  run.inputs = model::FluxInputs{detail::cfgShare(inputs.img, topo, device),
+                                 detail::cfgShare(inputs.txt, topo, device),
+                                 detail::cfgShare(inputs.pooled, topo, device),
+                                 detail::cfgShare(inputs.timestep, topo, device),
+                                 detail::cfgShare(inputs.guidance, topo, device),
+                                 inputs.imgIds.to(device),
                                  inputs.txtIds.to(device)};
   if (run.pipefusion) {
     auto runner = detail::makePipeFusionRunner(rt, config, run.weights, *run.pipefusion, device,
-                                                     detail::attentionKernelOf(options.attention));
+                                               detail::attentionKernelOf(options.attention));
     return [runner](const model::FluxInputs& in) { return runner->forward(in); };
   }
-  auto rank = detail::makeRankModel(rt, config, run.weights, options.cudaGraphs,
-                                       detail::attentionKernelOf(options.attention));
+  auto rank =
+      detail::makeRankModel(rt, config, run.weights, options.cudaGraphs, detail::attentionKernelOf(options.attention));
   run.graphs = rank.graphs;
   return rank.fn;
 }
@@ -381,7 +386,7 @@ void GenerateRequest::check() const {
 }
 
 Engine::Impl::Prompts Engine::Impl::validateAndEncode(Run& run, const GenerateRequest& request,
-                                                     const LatentGeometry& geom) {
+                                                      const LatentGeometry& geom) {
   Prompts p;
   std::vector<std::pair<std::string, std::string>> inputs;  // what identifies the prompts, compared across ranks
   rt.agree([&] {
@@ -413,17 +418,20 @@ Engine::Impl::Prompts Engine::Impl::validateAndEncode(Run& run, const GenerateRe
         for (const auto& text : *list) all += text + '\0';
       inputs.emplace_back("the prompts", formatHash(fnv1a(all.data(), all.size())));
     } else {
-      inputs.emplace_back("--prompt-embeds contents", tensorHash(p.positive.promptEmbeds) + tensorHash(p.positive.pooled));
+      inputs.emplace_back("--prompt-embeds contents",
+                          tensorHash(p.positive.promptEmbeds) + tensorHash(p.positive.pooled));
       if (p.negative)
         inputs.emplace_back("--negative-prompt-embeds contents",
                             tensorHash(p.negative->promptEmbeds) + tensorHash(p.negative->pooled));
     }
 
-    p.schedule = checkpoint ? resolveSchedule(request.schedule, *checkpoint) : resolveSchedule(request.schedule, config);
+    p.schedule =
+        checkpoint ? resolveSchedule(request.schedule, *checkpoint) : resolveSchedule(request.schedule, config);
     run.pipefusion = detail::checkLayout(options, degrees, config, geom.tokenRows(), geom.tokenCols(), true);
     PARDIT_CHECK(!(run.pipefusion && degrees.cfg == 1) || T == Tneg,
                  "with --pipefusion-degree > 1 and without --cfg-degree 2, the prompt and negative prompt embeddings "
-                 "need the same token count (", T, " vs ", Tneg, ")");
+                 "need the same token count (",
+                 T, " vs ", Tneg, ")");
     const int64_t B = p.text.empty() ? p.positive.promptEmbeds.size(0) : static_cast<int64_t>(p.text.clip.size());
     for (const auto& [list, name] : {std::pair<size_t, const char*>{request.seeds.size(), "seeds"},
                                      {request.outputs.size(), "outputs"},
@@ -454,13 +462,13 @@ std::unique_ptr<Denoiser> Engine::Impl::makeDenoiser(Run& run, const Prompts& p,
   dist::Communicator* cfg = cfgParallel ? &rt.group(dist::GroupKind::kCfg) : nullptr;
   if (run.pipefusion) {
     auto runner = detail::makePipeFusionRunner(rt, config, run.weights, *run.pipefusion, device,
-                                                     detail::attentionKernelOf(options.attention));
+                                               detail::attentionKernelOf(options.attention));
     logInfo0("pipeline: ", run.pipefusion->layout.patches, " patches, ", run.pipefusion->warmupSteps,
              " warm-up step(s)");
     return std::make_unique<PipeFusionDenoiser>(runner, branch, second, cfg, run.pipefusion->warmupSteps);
   }
-  const auto rank = detail::makeRankModel(rt, config, run.weights, options.cudaGraphs,
-                                       detail::attentionKernelOf(options.attention));
+  const auto rank =
+      detail::makeRankModel(rt, config, run.weights, options.cudaGraphs, detail::attentionKernelOf(options.attention));
   run.graphs = rank.graphs;
   const at::Tensor ids = imageIds(geom).to(device);
   return cfg ? TransformerDenoiser::cfgParallel(rank.fn, ids, branch, *cfg)
@@ -481,7 +489,8 @@ void Engine::Impl::reportLoop(const Denoiser& denoiser, double seconds, uint64_t
   if (const auto* pipe = dynamic_cast<const PipeFusionDenoiser*>(&denoiser)) {
     lastPipeline = pipe->runner().stats();
     logInfo0("pipeline: ", formatSeconds(lastPipeline.waitSeconds), " of ", formatSeconds(seconds),
-             " waiting for the previous stage on rank 0; K/V buffers ", formatBytes(pipe->runner().kvBuffers().bytes()));
+             " waiting for the previous stage on rank 0; K/V buffers ",
+             formatBytes(pipe->runner().kvBuffers().bytes()));
   }
   if (device.is_cpu() && !loaded->plan.anyStreamed()) {
     // On the CPU the loop's memory growth is its activations (and buffers): compare with the plan's estimate.
@@ -505,18 +514,19 @@ void Engine::Impl::openVae(const LatentGeometry& geom) {
 }
 
 DecodePlan Engine::Impl::planImageDecode(int64_t batch, const LatentGeometry& geom, uint64_t freeBytes) {
-  const auto free = static_cast<uint64_t>(detail::worldReduce(rt, static_cast<double>(freeBytes), dist::ReduceOp::kMin));
+  const auto free =
+      static_cast<uint64_t>(detail::worldReduce(rt, static_cast<double>(freeBytes), dist::ReduceOp::kMin));
   DecodePlan d;
   rt.agree([&] {
     d = planDecode(vae->config(), options, batch, geom.height, geom.width, rt.worldSize(), dtype, free);
-    PARDIT_CHECK(d.fits || options.vaeTiling != VaeTiling::kAuto,
-                 "the VAE decode does not fit: even in ", d.tile * d.factor, " px tiles it needs ",
-                 formatBytes(d.activationBytes), " per rank beside the transformer, and --device-memory-budget leaves ",
-                 formatBytes(d.freeBytes), " (raise it, or decode on more ranks)");
+    PARDIT_CHECK(d.fits || options.vaeTiling != VaeTiling::kAuto, "the VAE decode does not fit: even in ",
+                 d.tile * d.factor, " px tiles it needs ", formatBytes(d.activationBytes),
+                 " per rank beside the transformer, and --device-memory-budget leaves ", formatBytes(d.freeBytes),
+                 " (raise it, or decode on more ranks)");
   });
   if (!d.fits)
-    logWarn0("the VAE decode (", d.describe(), ") exceeds the budget; --vae-tiling ",
-             vaeTilingName(options.vaeTiling), " was asked for");
+    logWarn0("the VAE decode (", d.describe(), ") exceeds the budget; --vae-tiling ", vaeTilingName(options.vaeTiling),
+             " was asked for");
   logDebug("decode plan: ", d.describe());
   return d;
 }
@@ -549,12 +559,13 @@ at::Tensor Engine::Impl::decodeImages(Run& run, const at::Tensor& latents, const
   run.recorder.addStage("decode", seconds, vae->bytesRead() - before);
   const std::string how = plan.mode == DecodePlan::Mode::kTiles
                               ? " in " + std::to_string(plan.tile * plan.factor) + " px tiles"
-                              : plan.mode == DecodePlan::Mode::kPatches && rt.worldSize() > 1
-                                    ? " patch-parallel"
-                                    : "";
+                          : plan.mode == DecodePlan::Mode::kPatches && rt.worldSize() > 1 ? " patch-parallel"
+                                                                                          : "";
   logInfo0("decoded ", images.size(0), images.size(0) == 1 ? " image " : " images ", images.size(2), "x",
            images.size(1), how, " in ", formatSeconds(seconds),
-           rt.worldSize() > 1 && plan.mode != DecodePlan::Mode::kWhole ? " on " + std::to_string(rt.worldSize()) + " ranks" : "");
+           rt.worldSize() > 1 && plan.mode != DecodePlan::Mode::kWhole
+               ? " on " + std::to_string(rt.worldSize()) + " ranks"
+               : "");
   return images;
 }
 
@@ -576,12 +587,13 @@ std::vector<std::string> Engine::Impl::writeImages(Run& run, const GenerateReque
   };
   std::string parameters;
   const auto& d = degrees;
-  parameters += "Steps: " + std::to_string(request.steps) + ", Sampler: flow-match Euler, Schedule: " +
-                (prompts.schedule.dynamicShift ? "shifted" : "plain") + ", Guidance: " + formatNumber(request.guidanceScale) +
-                ", CFG scale: " + formatNumber(prompts.negative ? request.trueCfgScale : 1.0) + ", Size: " +
-                std::to_string(request.width) + "x" + std::to_string(request.height) + ", Model: " + modelName +
-                ", Dtype: " + weightsName() + ", Parallel: cfg " + std::to_string(d.cfg) + " x pipefusion " +
-                std::to_string(d.pipefusion) + " x ring " + std::to_string(d.ring) + " x ulysses " +
+  parameters += "Steps: " + std::to_string(request.steps) +
+                ", Sampler: flow-match Euler, Schedule: " + (prompts.schedule.dynamicShift ? "shifted" : "plain") +
+                ", Guidance: " + formatNumber(request.guidanceScale) +
+                ", CFG scale: " + formatNumber(prompts.negative ? request.trueCfgScale : 1.0) +
+                ", Size: " + std::to_string(request.width) + "x" + std::to_string(request.height) +
+                ", Model: " + modelName + ", Dtype: " + weightsName() + ", Parallel: cfg " + std::to_string(d.cfg) +
+                " x pipefusion " + std::to_string(d.pipefusion) + " x ring " + std::to_string(d.ring) + " x ulysses " +
                 std::to_string(d.ulysses);
   if (run.decode && run.decode->mode == DecodePlan::Mode::kTiles)  // not the exact decode: say so
     parameters += ", VAE tiles: " + std::to_string(run.decode->tile * run.decode->factor) + " px";
@@ -629,8 +641,8 @@ Engine::Impl::Planned Engine::Impl::planGenerate(Run& run, const GenerateRequest
       const uint64_t kept = keptEncoderBytes();
       const auto least = static_cast<uint64_t>(
           detail::worldReduce(rt, static_cast<double>(free > kept ? free - kept : 0), dist::ReduceOp::kMin));
-      const DecodePlan with = planDecode(vae->config(), options, p.batch, geom.height, geom.width, rt.worldSize(),
-                                         dtype, least);
+      const DecodePlan with =
+          planDecode(vae->config(), options, p.batch, geom.height, geom.width, rt.worldSize(), dtype, least);
       if (with.mode != run.decode->mode || with.tile != run.decode->tile || with.fits != run.decode->fits)
         releaseTextEncoders();
     }
@@ -764,19 +776,23 @@ GenerateResult Engine::generate(const GenerateRequest& request) {
   result.report.writeSeconds = stage.seconds();
   // The latents say what they are, so they can be unpacked and traced without the command line.
   std::map<std::string, std::string> meta = {
-      {"height", std::to_string(request.height)}, {"width", std::to_string(request.width)},
-      {"seed", std::to_string(request.seed)}, {"steps", std::to_string(request.steps)},
+      {"height", std::to_string(request.height)},
+      {"width", std::to_string(request.width)},
+      {"seed", std::to_string(request.seed)},
+      {"steps", std::to_string(request.steps)},
       {"guidance_scale", formatNumber(request.guidanceScale)},
       {"true_cfg_scale", formatNumber(prompts.negative ? request.trueCfgScale : 1.0)},
-      {"schedule", prompts.schedule.dynamicShift ? "shifted" : "plain"}, {"model", m.modelName},
-      {"layout", m.degrees.describe()}, {"dtype", dtypeName(m.dtype)},
-      {"weights", m.weightsName()}, {"latents_layout", "packed [B, (height/16)*(width/16), 64]"},
+      {"schedule", prompts.schedule.dynamicShift ? "shifted" : "plain"},
+      {"model", m.modelName},
+      {"layout", m.degrees.describe()},
+      {"dtype", dtypeName(m.dtype)},
+      {"weights", m.weightsName()},
+      {"latents_layout", "packed [B, (height/16)*(width/16), 64]"},
       {"software", std::string("pardit ") + PARDIT_VERSION}};
   if (text) meta["prompt"] = prompts.text.clip.at(0);
   m.writeOutput(request.saveLatents, "--save-latents", "latents", result.latents, meta);
-  result.report.metricsRun =
-      m.finishMetrics(run, "generate", result.report.runSeconds, run.pipefusion ? run.pipefusion->warmupSteps : 0, B,
-                      request.queueMetrics);
+  result.report.metricsRun = m.finishMetrics(run, "generate", result.report.runSeconds,
+                                             run.pipefusion ? run.pipefusion->warmupSteps : 0, B, request.queueMetrics);
   result.report.bytesRead = m.bytesRead();
   logInfo0("communication: ", detail::collectiveSummary(m.rt));
   m.rankSummary(run.weights, run.pipefusion);

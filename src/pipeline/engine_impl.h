@@ -7,9 +7,9 @@
 #include "pardit/dist/runtime.h"
 #include "pardit/io/checkpoint.h"
 #include "pardit/io/vae_checkpoint.h"
-#include "pardit/model/vae.h"
 #include "pardit/memory/planner.h"
 #include "pardit/metrics/metrics.h"
+#include "pardit/model/vae.h"
 #include "pardit/parallel/pipefusion.h"
 #include "pardit/pipeline/engine.h"
 #include "pardit/pipeline/job_plan.h"
@@ -35,7 +35,7 @@ struct Engine::Impl {
   c10::Device device = c10::kCPU;
   c10::ScalarType dtype = c10::kFloat;
   model::WeightFormat weightFormat = model::WeightFormat::kDense;  // --weight-dtype resolved
-  std::optional<io::FluxCheckpoint> checkpoint;  // none: a preset's synthetic weights in memory
+  std::optional<io::FluxCheckpoint> checkpoint;                    // none: a preset's synthetic weights in memory
   model::FluxConfig config;
   std::string modelName;
   detail::TensorReader read;
@@ -62,11 +62,11 @@ struct Engine::Impl {
     std::optional<PipeFusionLayout> pipefusion;
     double loadSeconds = 0.0;
     std::shared_ptr<model::FluxWeightProvider> weights;
-    model::FluxInputs inputs;  // forward: this rank's share of the inputs
+    model::FluxInputs inputs;                      // forward: this rank's share of the inputs
     std::shared_ptr<CudaGraphTransformer> graphs;  // --cuda-graphs: the graphs of the transformer call
-    std::optional<DecodePlan> decode;  // generate with images: planned beside the transformer's plan
-    int64_t height = 0, width = 0;     // for the metrics: the image size (0 for forward)
-    int steps = 0;                     // for the metrics: denoising steps, or timed iterations
+    std::optional<DecodePlan> decode;              // generate with images: planned beside the transformer's plan
+    int64_t height = 0, width = 0;                 // for the metrics: the image size (0 for forward)
+    int steps = 0;                                 // for the metrics: denoising steps, or timed iterations
     metrics::MetricsRecorder recorder;
     explicit Run(dist::Runtime& rt) : recorder(rt) {}
   };
@@ -155,7 +155,8 @@ struct Engine::Impl {
   std::string weightsName() const;
   std::string finishMetrics(Run& run, const std::string& command, double seconds, int warmupSteps, int64_t images,
                             const std::map<std::string, double>& queue = {});
-  void rankSummary(const std::shared_ptr<model::FluxWeightProvider>& weights, const std::optional<PipeFusionLayout>& pf) const;
+  void rankSummary(const std::shared_ptr<model::FluxWeightProvider>& weights,
+                   const std::optional<PipeFusionLayout>& pf) const;
   uint64_t bytesRead() const {
     return (checkpoint ? checkpoint->bytesRead() : 0) + (vae ? vae->bytesRead() : 0) + textBytesRead;
   }

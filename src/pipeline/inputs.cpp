@@ -25,7 +25,8 @@ void checkShape(const std::string& where, const std::string& name, const at::Ten
   if (ok) return;
   std::ostringstream e;
   e << "[";
-  for (size_t i = 0; i < expect.size(); ++i) e << (i ? ", " : "") << (expect[i] < 0 ? std::string("*") : std::to_string(expect[i]));
+  for (size_t i = 0; i < expect.size(); ++i)
+    e << (i ? ", " : "") << (expect[i] < 0 ? std::string("*") : std::to_string(expect[i]));
   e << "]";
   PARDIT_THROW(where, ": tensor '", name, "' has shape ", t.sizes(), ", expected ", e.str());
 }
@@ -43,8 +44,7 @@ void checkFloat(const std::string& where, const std::string& name, const at::Ten
   PARDIT_CHECK(at::isFloatingType(t.scalar_type()), where, ": tensor '", name, "' is ", t.scalar_type(),
                ", expected a floating-point dtype");
   for (int64_t d : nonEmptyDims)
-    PARDIT_CHECK(t.size(d) > 0, where, ": tensor '", name, "' has shape ", t.sizes(), ": dimension ", d,
-                 " is empty");
+    PARDIT_CHECK(t.size(d) > 0, where, ": tensor '", name, "' has shape ", t.sizes(), ": dimension ", d, " is empty");
   checkFinite(t, where, name);
 }
 

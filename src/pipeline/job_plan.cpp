@@ -23,14 +23,15 @@ const char* DecodePlan::modeName() const {
 std::string DecodePlan::describe() const {
   std::string what = mode == Mode::kWhole     ? "the whole image on every rank"
                      : mode == Mode::kPatches ? "patch-parallel (exact)"
-                                              : "tiled, " + std::to_string(tile * factor) + " px tiles (seams, as diffusers' "
-                                                "enable_tiling)";
+                                              : "tiled, " + std::to_string(tile * factor) +
+                                                    " px tiles (seams, as diffusers' "
+                                                    "enable_tiling)";
   return what + ", " + formatBytes(activationBytes) + " of activations and " + formatBytes(weightBytes) +
          " of weights per rank, " + formatBytes(freeBytes) + " free beside the transformer";
 }
 
-DecodePlan planDecode(const model::VaeConfig& vae, const EngineOptions& c, int64_t batch, int64_t height,
-                      int64_t width, int ranks, c10::ScalarType dtype, uint64_t freeBytes) {
+DecodePlan planDecode(const model::VaeConfig& vae, const EngineOptions& c, int64_t batch, int64_t height, int64_t width,
+                      int ranks, c10::ScalarType dtype, uint64_t freeBytes) {
   using Mode = DecodePlan::Mode;
   const int64_t f = vae.spatialFactor();
   const size_t es = c10::elementSize(dtype);
@@ -38,7 +39,8 @@ DecodePlan planDecode(const model::VaeConfig& vae, const EngineOptions& c, int64
                c.vaeTileSize);
   DecodePlan d;
   d.factor = f;
-  for (const auto& t : model::vaeDecoderTensors(vae)) d.weightBytes += es * static_cast<uint64_t>(c10::multiply_integers(t.shape));
+  for (const auto& t : model::vaeDecoderTensors(vae))
+    d.weightBytes += es * static_cast<uint64_t>(c10::multiply_integers(t.shape));
   d.freeBytes = freeBytes > d.weightBytes ? freeBytes - d.weightBytes : 0;
   const bool split = height / f >= ranks;
   d.mode = split ? Mode::kPatches : Mode::kWhole;
@@ -65,8 +67,8 @@ JobPlan planJob(const EngineOptions& c, const PlanShape& shape) {
   p.degrees = c.degrees();
   p.dataParallel = c.dataParallelDegree;
   const int jobRanks = shape.worldSize > 0 ? shape.worldSize : c.worldSize();
-  PARDIT_CHECK(jobRanks % p.dataParallel == 0, "--data-parallel-degree ", p.dataParallel, " does not divide --world-size ",
-               jobRanks);
+  PARDIT_CHECK(jobRanks % p.dataParallel == 0, "--data-parallel-degree ", p.dataParallel,
+               " does not divide --world-size ", jobRanks);
   p.worldSize = jobRanks / p.dataParallel;  // one replica group; the others are the same
   dist::Topology::validate(p.degrees, p.worldSize);
   // Plans are for GPU runs unless --device cpu says otherwise; an auto budget is what a rank of the job
@@ -110,8 +112,8 @@ JobPlan planJob(const EngineOptions& c, const PlanShape& shape) {
       const uint64_t held = r.residentBytes + r.streamBufferBytes;
       free = std::min(free, r.budget > held ? r.budget - held : 0);
     }
-    p.decode = planDecode(io::VaeCheckpoint::open(vaePath).config(), c, shape.batch, shape.height, shape.width, p.worldSize,
-                          p.dtype, free);
+    p.decode = planDecode(io::VaeCheckpoint::open(vaePath).config(), c, shape.batch, shape.height, shape.width,
+                          p.worldSize, p.dtype, free);
   }
   // The text encoders, when there are any to find.
   detail::TextSources sources;
@@ -127,10 +129,13 @@ JobPlan planJob(const EngineOptions& c, const PlanShape& shape) {
   p.t5Bytes = model::storedBytes(model::t5EncoderTensors(t5.config, p.t5Format), p.dtype);
   std::vector<uint64_t> spare;
   for (const auto& r : p.ranks) spare.push_back(r.budget > r.total() ? r.budget - r.total() : 0);
-  p.textEncoderRank = c.textEncoderRank >= 0 ? c.textEncoderRank
-                                             : static_cast<int>(std::max_element(spare.begin(), spare.end()) - spare.begin());
-  PARDIT_CHECK(p.textEncoderRank < p.worldSize, "--text-encoder-rank ", p.textEncoderRank, " is not a rank of the ",
-               p.dataParallel > 1 ? "replica group" : "job");
+  p.textEncoderRank = c.textEncoderRank >= 0
+                          ? c.textEncoderRank
+                          : static_cast<int>(std::max_element(spare.begin(), spare.end()) - spare.begin());
+  PARDIT_CHECK(p.textEncoderRank<p.worldSize, "--text-encoder-rank ", p.textEncoderRank, " is not a rank of the ",
+                                 p.dataParallel> 1
+                   ? "replica group"
+                   : "job");
   // The encoders run before the transformer loads: the rank's whole budget is free for them.
   p.t5Streamed = p.t5Bytes + p.clipBytes > p.ranks[static_cast<size_t>(p.textEncoderRank)].budget;
   return p;

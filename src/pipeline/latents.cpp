@@ -35,8 +35,8 @@ at::Tensor textIds(int64_t textLen) { return model::textPositionIds(textLen); }
 at::Tensor initialNoise(uint64_t seed, int64_t batch, const LatentGeometry& g, c10::ScalarType dtype) {
   g.validate();
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
-  at::Tensor noise = at::randn({batch, g.channels, g.latentHeight(), g.latentWidth()}, gen,
-                               at::TensorOptions().dtype(dtype));
+  at::Tensor noise =
+      at::randn({batch, g.channels, g.latentHeight(), g.latentWidth()}, gen, at::TensorOptions().dtype(dtype));
   return packLatents(noise);
 }
 

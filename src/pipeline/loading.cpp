@@ -19,19 +19,26 @@ namespace pardit::pipeline {
 
 c10::ScalarType resolveDtype(Dtype dtype, const c10::Device& device) {
   switch (dtype) {
-    case Dtype::kBf16: return c10::kBFloat16;
-    case Dtype::kFp16: return c10::kHalf;
-    case Dtype::kFp32: return c10::kFloat;
-    case Dtype::kAuto: break;
+    case Dtype::kBf16:
+      return c10::kBFloat16;
+    case Dtype::kFp16:
+      return c10::kHalf;
+    case Dtype::kFp32:
+      return c10::kFloat;
+    case Dtype::kAuto:
+      break;
   }
   return device.is_cuda() ? c10::kBFloat16 : c10::kFloat;
 }
 
 model::WeightFormat resolveWeightFormat(WeightDtype weightDtype, const io::FluxCheckpoint* checkpoint) {
   switch (weightDtype) {
-    case WeightDtype::kFp8: return model::WeightFormat::kFp8;
-    case WeightDtype::kCompute: return model::WeightFormat::kDense;
-    case WeightDtype::kAuto: break;
+    case WeightDtype::kFp8:
+      return model::WeightFormat::kFp8;
+    case WeightDtype::kCompute:
+      return model::WeightFormat::kDense;
+    case WeightDtype::kAuto:
+      break;
   }
   return checkpoint ? checkpoint->storedFormat() : model::WeightFormat::kDense;
 }

@@ -111,18 +111,23 @@ std::vector<OpProfile::Op> OpProfile::ops() const {
 
 std::string OpProfile::classOf(const std::string& name) {
   static const std::vector<std::pair<std::string, std::vector<std::string>>> kClasses = {
-      {"GEMM", {"aten::linear", "aten::addmm", "aten::mm", "aten::matmul", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm"}},
-      {"attention", {"aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::_flash_attention",
-                     "aten::_efficient_attention"}},
-      {"norms/RoPE/modulation", {"aten::layer_norm", "aten::native_layer_norm", "aten::rms_norm",
-                                 "aten::_fused_rms_norm", "pardit::rope", "pardit::rms_norm_rope", "pardit::scale_add"}},
-      {"communication", {"pardit::all_to_all", "pardit::all_gather", "pardit::broadcast", "pardit::all_reduce",
-                         "pardit::send", "pardit::recv", "pardit::isend", "pardit::irecv", "pardit::barrier",
-                         "pardit::wait"}},
-      {"copy/layout", {"aten::copy_", "aten::contiguous", "aten::clone", "aten::cat", "aten::stack", "aten::to",
-                       "aten::_to_copy", "aten::reshape", "aten::flatten", "aten::empty", "aten::constant_pad_nd"}},
-      {"elementwise", {"aten::mul", "aten::add", "aten::sub", "aten::neg", "aten::gelu", "aten::silu", "aten::rsub",
-                       "aten::div", "aten::exp", "aten::cos", "aten::sin", "aten::clamp", "aten::where"}},
+      {"GEMM",
+       {"aten::linear", "aten::addmm", "aten::mm", "aten::matmul", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm"}},
+      {"attention",
+       {"aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::_flash_attention",
+        "aten::_efficient_attention"}},
+      {"norms/RoPE/modulation",
+       {"aten::layer_norm", "aten::native_layer_norm", "aten::rms_norm", "aten::_fused_rms_norm", "pardit::rope",
+        "pardit::rms_norm_rope", "pardit::scale_add"}},
+      {"communication",
+       {"pardit::all_to_all", "pardit::all_gather", "pardit::broadcast", "pardit::all_reduce", "pardit::send",
+        "pardit::recv", "pardit::isend", "pardit::irecv", "pardit::barrier", "pardit::wait"}},
+      {"copy/layout",
+       {"aten::copy_", "aten::contiguous", "aten::clone", "aten::cat", "aten::stack", "aten::to", "aten::_to_copy",
+        "aten::reshape", "aten::flatten", "aten::empty", "aten::constant_pad_nd"}},
+      {"elementwise",
+       {"aten::mul", "aten::add", "aten::sub", "aten::neg", "aten::gelu", "aten::silu", "aten::rsub", "aten::div",
+        "aten::exp", "aten::cos", "aten::sin", "aten::clamp", "aten::where"}},
   };
   for (const auto& [cls, prefixes] : kClasses)
     for (const auto& p : prefixes)

@@ -2,8 +2,8 @@
 
 #include <cmath>
 
-#include "pardit/core/error.h"
 #include "options_sync.h"
+#include "pardit/core/error.h"
 
 namespace pardit::pipeline {
 
@@ -34,28 +34,38 @@ void EngineOptions::check() const {
 
 const char* dtypeOptionName(Dtype v) {
   switch (v) {
-    case Dtype::kAuto: return "auto";
-    case Dtype::kBf16: return "bf16";
-    case Dtype::kFp16: return "fp16";
-    case Dtype::kFp32: return "fp32";
+    case Dtype::kAuto:
+      return "auto";
+    case Dtype::kBf16:
+      return "bf16";
+    case Dtype::kFp16:
+      return "fp16";
+    case Dtype::kFp32:
+      return "fp32";
   }
   return "?";
 }
 
 const char* offloadName(memory::Offload v) {
   switch (v) {
-    case memory::Offload::kNone: return "none";
-    case memory::Offload::kAuto: return "auto";
-    case memory::Offload::kSequential: return "sequential";
+    case memory::Offload::kNone:
+      return "none";
+    case memory::Offload::kAuto:
+      return "auto";
+    case memory::Offload::kSequential:
+      return "sequential";
   }
   return "?";
 }
 
 const char* vaeTilingName(VaeTiling v) {
   switch (v) {
-    case VaeTiling::kAuto: return "auto";
-    case VaeTiling::kOn: return "on";
-    case VaeTiling::kOff: return "off";
+    case VaeTiling::kAuto:
+      return "auto";
+    case VaeTiling::kOn:
+      return "on";
+    case VaeTiling::kOff:
+      return "off";
   }
   return "?";
 }

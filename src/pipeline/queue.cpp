@@ -20,6 +20,7 @@
 #include <set>
 #include <tuple>
 
+#include "pardit/core/dtype.h"
 #include "pardit/core/error.h"
 #include "pardit/core/files.h"
 #include "pardit/core/format.h"
@@ -27,7 +28,6 @@
 #include "pardit/core/timer.h"
 #include "pardit/dist/runtime.h"
 #include "pardit/dist/watchdog.h"
-#include "pardit/core/dtype.h"
 #include "pardit/io/png.h"
 #include "pardit/metrics/metrics.h"
 #include "pardit/pipeline/latents.h"
@@ -88,9 +88,9 @@ struct LineReader {
 };
 
 const std::vector<std::string>& knownFields() {
-  static const std::vector<std::string> f{"prompt",         "prompt_2",       "negative_prompt",     "seed",
-                                          "width",          "height",         "steps",               "guidance_scale",
-                                          "true_cfg_scale", "max_sequence_length", "output"};
+  static const std::vector<std::string> f{
+      "prompt",         "prompt_2",       "negative_prompt",     "seed",  "width", "height", "steps",
+      "guidance_scale", "true_cfg_scale", "max_sequence_length", "output"};
   return f;
 }
 
@@ -106,8 +106,7 @@ void checkRelativeName(const std::string& name, const std::string& where) {
   PARDIT_CHECK(!name.empty(), where, ": the output name is empty");
   const fs::path p(name);
   PARDIT_CHECK(p.is_relative(), where, ": output '", name, "' must be relative to --output-dir");
-  for (const auto& part : p)
-    PARDIT_CHECK(part != "..", where, ": output '", name, "' leaves --output-dir ('..')");
+  for (const auto& part : p) PARDIT_CHECK(part != "..", where, ": output '", name, "' leaves --output-dir ('..')");
   PARDIT_CHECK(p.extension() == ".png", where, ": output '", name, "' must name a .png file");
 }
 
@@ -239,12 +238,18 @@ std::string formatOutputName(const std::string& tmpl, int64_t index, int64_t lin
       field = field.substr(0, colon);
     }
     uint64_t value = 0;
-    if (field == "index") value = static_cast<uint64_t>(index);
-    else if (field == "seed") value = r.seed;
-    else if (field == "width") value = static_cast<uint64_t>(r.width);
-    else if (field == "height") value = static_cast<uint64_t>(r.height);
-    else if (field == "steps") value = static_cast<uint64_t>(r.steps);
-    else if (field == "line") value = static_cast<uint64_t>(line);
+    if (field == "index")
+      value = static_cast<uint64_t>(index);
+    else if (field == "seed")
+      value = r.seed;
+    else if (field == "width")
+      value = static_cast<uint64_t>(r.width);
+    else if (field == "height")
+      value = static_cast<uint64_t>(r.height);
+    else if (field == "steps")
+      value = static_cast<uint64_t>(r.steps);
+    else if (field == "line")
+      value = static_cast<uint64_t>(line);
     else
       PARDIT_THROW("--output-name '", tmpl, "': unknown field {", field,
                    "}; expected {index}, {seed}, {width}, {height}, {steps} or {line}");
@@ -309,8 +314,10 @@ std::vector<QueueItem> readQueue(const QueueOptions& q, const GenerateRequest& d
       PARDIT_CHECK(!blank(*prompt), where, ":prompt: empty");
       r.prompt.texts = {*prompt};
       if (auto v = f.text("prompt_2")) r.prompt.texts2 = {*v};
-      if (auto v = f.text("negative_prompt")) r.negativePrompt.texts = {*v};
-      else if (!defaults.negativePrompt.texts.empty()) r.negativePrompt.texts = defaults.negativePrompt.texts;
+      if (auto v = f.text("negative_prompt"))
+        r.negativePrompt.texts = {*v};
+      else if (!defaults.negativePrompt.texts.empty())
+        r.negativePrompt.texts = defaults.negativePrompt.texts;
       if (auto v = f.seed("seed")) {
         r.seed = *v;
         seedGiven = true;
@@ -369,7 +376,8 @@ QueueReport runQueue(const EngineOptions& options, dist::Runtime& world, const Q
     if (options.cfgDegree > 1)
       for (const auto& item : items)
         PARDIT_CHECK(item.request.trueCfgScale > 1.0, q.promptFile, ":", item.line, ": --cfg-degree ",
-                     options.cfgDegree, " runs the two branches of true CFG: every request needs a negative_prompt and "
+                     options.cfgDegree,
+                     " runs the two branches of true CFG: every request needs a negative_prompt and "
                      "true_cfg_scale > 1");
     std::error_code ec;
     fs::create_directories(q.outputDir, ec);
@@ -395,12 +403,13 @@ QueueReport runQueue(const EngineOptions& options, dist::Runtime& world, const Q
     all += item.file + '\0' + r.prompt.texts.at(0) + '\0' + (r.prompt.texts2.empty() ? "" : r.prompt.texts2[0]) + '\0' +
            (r.negativePrompt.texts.empty() ? "" : r.negativePrompt.texts[0]) + '\0' + std::to_string(r.seed) + ',' +
            std::to_string(r.width) + 'x' + std::to_string(r.height) + ',' + std::to_string(r.steps) + ',' +
-           formatNumber(r.guidanceScale) + ',' + formatNumber(r.trueCfgScale) + ',' + std::to_string(r.maxSequenceLength) +
-           '\0';
+           formatNumber(r.guidanceScale) + ',' + formatNumber(r.trueCfgScale) + ',' +
+           std::to_string(r.maxSequenceLength) + '\0';
   }
   world.agree([&] {
-    world.checkSame({{"the queue", std::to_string(items.size()) + " requests, " + formatHash(fnv1a(all.data(), all.size()))}},
-                    "the prompt file", "every rank must read the same prompt file");
+    world.checkSame(
+        {{"the queue", std::to_string(items.size()) + " requests, " + formatHash(fnv1a(all.data(), all.size()))}},
+        "the prompt file", "every rank must read the same prompt file");
   });
   report.total = static_cast<int64_t>(items.size());
   std::vector<QueueItem> shard;
@@ -460,7 +469,8 @@ QueueReport runQueue(const EngineOptions& options, dist::Runtime& world, const Q
   if (world.worldRank() == 0 && report.skipped > 0) {
     const std::set<int64_t> listed = manifestIndices(q.outputDir);
     for (size_t i = 0; i < shard.size(); ++i)
-      if (done[i] && !listed.count(shard[i].index)) appendManifest(q.outputDir, manifestLine(shard[i], group, nullptr, 0));
+      if (done[i] && !listed.count(shard[i].index))
+        appendManifest(q.outputDir, manifestLine(shard[i], group, nullptr, 0));
   }
   if (report.skipped > 0)
     logInfo0("queue: ", report.skipped, " of ", report.shard, " requests already made in ", q.outputDir,
@@ -488,7 +498,8 @@ QueueReport runQueue(const EngineOptions& options, dist::Runtime& world, const Q
       anyCfg |= r.trueCfgScale > 1.0;
     }
     if (!pending.empty())
-      engine->reserve(std::min<int64_t>(q.batchSize, static_cast<int64_t>(pending.size())), maxH, maxW, maxText, anyCfg);
+      engine->reserve(std::min<int64_t>(q.batchSize, static_cast<int64_t>(pending.size())), maxH, maxW, maxText,
+                      anyCfg);
   } catch (const dist::CollectiveFailure&) {
     ok = false;
   }
@@ -544,18 +555,17 @@ QueueReport runQueue(const EngineOptions& options, dist::Runtime& world, const Q
       for (size_t i : batch) {
         const GenerateRequest& r = shard[i].request;
         request.prompt.texts.push_back(r.prompt.texts.at(0));
-        if (second) request.prompt.texts2.push_back(r.prompt.texts2.empty() ? r.prompt.texts.at(0) : r.prompt.texts2[0]);
+        if (second)
+          request.prompt.texts2.push_back(r.prompt.texts2.empty() ? r.prompt.texts.at(0) : r.prompt.texts2[0]);
         if (r.trueCfgScale > 1.0) request.negativePrompt.texts.push_back(r.negativePrompt.texts.at(0));
         request.seeds.push_back(r.seed);
         request.outputs.push_back(r.output);
         request.indices.push_back(shard[i].index);
       }
-      request.queueMetrics = {{"index", static_cast<double>(shard[batch[0]].index)},
-                              {"line", static_cast<double>(shard[batch[0]].line)},
-                              {"batch", static_cast<double>(batch.size())},
-                              {"replica_group", static_cast<double>(group)},
-                              {"replica_groups", static_cast<double>(groups)},
-                              {"queue_wait_s", wait}};
+      request.queueMetrics = {
+          {"index", static_cast<double>(shard[batch[0]].index)}, {"line", static_cast<double>(shard[batch[0]].line)},
+          {"batch", static_cast<double>(batch.size())},          {"replica_group", static_cast<double>(group)},
+          {"replica_groups", static_cast<double>(groups)},       {"queue_wait_s", wait}};
       const GenerateResult result = engine->generate(request);
       made += static_cast<int64_t>(batch.size());
       if (leader) {
@@ -564,11 +574,11 @@ QueueReport runQueue(const EngineOptions& options, dist::Runtime& world, const Q
           json line = manifestLine(item, group, &result, wait);
           line["batch"] = batch.size();
           appendManifest(q.outputDir, line);
-          logInfo(groups > 1 ? "group " + std::to_string(group) + ": " : std::string(), "image ", item.index,
-                  " (line ", item.line, ") -> ", item.request.output, " in ", formatSeconds(t.seconds()),
+          logInfo(groups > 1 ? "group " + std::to_string(group) + ": " : std::string(), "image ", item.index, " (line ",
+                  item.line, ") -> ", item.request.output, " in ", formatSeconds(t.seconds()),
                   batch.size() > 1 ? " (a batch of " + std::to_string(batch.size()) + ")" : std::string(), " [",
-                  made - static_cast<int64_t>(batch.size() - b) + 1, "/",
-                  mine.size(), groups > 1 ? " of this group" : "", "]");
+                  made - static_cast<int64_t>(batch.size() - b) + 1, "/", mine.size(),
+                  groups > 1 ? " of this group" : "", "]");
         }
       }
     }

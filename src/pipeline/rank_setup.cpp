@@ -101,8 +101,8 @@ RankModel makeRankModel(dist::Runtime& rt, const model::FluxConfig& mc,
     return m;
   }
   PARDIT_CHECK(!cudaGraphs, "--cuda-graphs cannot capture a transformer call split over a sequence-parallel group");
-  m.usp = std::make_shared<parallel::UspAttention>(rt.group(dist::GroupKind::kUlysses), rt.group(dist::GroupKind::kRing),
-                                                   attention);
+  m.usp = std::make_shared<parallel::UspAttention>(rt.group(dist::GroupKind::kUlysses),
+                                                   rt.group(dist::GroupKind::kRing), attention);
   m.transformer = std::make_shared<model::FluxTransformer>(mc, std::move(weights), m.usp);
   m.sp = std::make_shared<parallel::SequenceParallelTransformer>(m.transformer, m.usp,
                                                                  rt.group(dist::GroupKind::kSequence));
@@ -112,11 +112,16 @@ RankModel makeRankModel(dist::Runtime& rt, const model::FluxConfig& mc,
 
 model::AttentionKernel attentionKernelOf(Attention attention) {
   switch (attention) {
-    case Attention::kAuto: return model::AttentionKernel::kAuto;
-    case Attention::kFlash: return model::AttentionKernel::kFlash;
-    case Attention::kEfficient: return model::AttentionKernel::kEfficient;
-    case Attention::kCudnn: return model::AttentionKernel::kCudnn;
-    case Attention::kMath: return model::AttentionKernel::kMath;
+    case Attention::kAuto:
+      return model::AttentionKernel::kAuto;
+    case Attention::kFlash:
+      return model::AttentionKernel::kFlash;
+    case Attention::kEfficient:
+      return model::AttentionKernel::kEfficient;
+    case Attention::kCudnn:
+      return model::AttentionKernel::kCudnn;
+    case Attention::kMath:
+      return model::AttentionKernel::kMath;
   }
   return model::AttentionKernel::kAuto;
 }
@@ -131,7 +136,8 @@ void checkCudaGraphs(const c10::Device& device, const dist::Topology& topo, bool
                "--ulysses-degree, --ring-degree or --pipefusion-degree > 1, whose communication runs inside the "
                "call (--cfg-degree 2 can: its exchange is outside)");
   PARDIT_CHECK(!plan.anyStreamed(), "--cuda-graphs needs every weight resident, but this rank's plan streams ",
-               plan.streamedGroups(), " weight groups: use a larger --device-memory-budget, --weight-dtype fp8, or "
+               plan.streamedGroups(),
+               " weight groups: use a larger --device-memory-budget, --weight-dtype fp8, or "
                "drop --cuda-graphs");
 }
 
@@ -139,8 +145,8 @@ std::shared_ptr<parallel::PipeFusionRunner> makePipeFusionRunner(dist::Runtime& 
                                                                  std::shared_ptr<model::FluxWeightProvider> weights,
                                                                  const PipeFusionLayout& pf, const c10::Device& device,
                                                                  model::AttentionKernel attention) {
-  auto usp = std::make_shared<parallel::UspAttention>(rt.group(dist::GroupKind::kUlysses), rt.group(dist::GroupKind::kRing),
-                                                      attention);
+  auto usp = std::make_shared<parallel::UspAttention>(rt.group(dist::GroupKind::kUlysses),
+                                                      rt.group(dist::GroupKind::kRing), attention);
   auto transformer = std::make_shared<model::FluxTransformer>(mc, std::move(weights), usp);
   parallel::PipeFusionOptions options;
   options.partition = pf.partition;

@@ -9,7 +9,6 @@
 #include <optional>
 #include <string>
 
-#include "pardit/pipeline/options.h"
 #include "pardit/dist/runtime.h"
 #include "pardit/io/checkpoint.h"
 #include "pardit/io/text_encoder_checkpoint.h"
@@ -20,6 +19,7 @@
 #include "pardit/pipeline/cuda_graph.h"
 #include "pardit/pipeline/denoise.h"
 #include "pardit/pipeline/loading.h"
+#include "pardit/pipeline/options.h"
 
 namespace pardit::pipeline::detail {
 
@@ -82,10 +82,10 @@ RankModel makeRankModel(dist::Runtime& rt, const model::FluxConfig& mc,
 void checkCudaGraphs(const c10::Device& device, const dist::Topology& topo, bool pipefusion,
                      const memory::RankPlan& plan);
 
-std::shared_ptr<parallel::PipeFusionRunner> makePipeFusionRunner(dist::Runtime& rt, const model::FluxConfig& mc,
-                                                                 std::shared_ptr<model::FluxWeightProvider> weights,
-                                                                 const PipeFusionLayout& pf, const c10::Device& device,
-                                                                 model::AttentionKernel attention = model::AttentionKernel::kAuto);
+std::shared_ptr<parallel::PipeFusionRunner> makePipeFusionRunner(
+    dist::Runtime& rt, const model::FluxConfig& mc, std::shared_ptr<model::FluxWeightProvider> weights,
+    const PipeFusionLayout& pf, const c10::Device& device,
+    model::AttentionKernel attention = model::AttentionKernel::kAuto);
 
 // --attention as the model spells it.
 model::AttentionKernel attentionKernelOf(Attention attention);

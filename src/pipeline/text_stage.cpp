@@ -46,8 +46,9 @@ detail::TextSources detail::textSourcesOf(const EngineOptions& options, const io
     PARDIT_THROW("a text prompt needs ", flag, ": ", modelName, " has no ", sub, "/ beside it");
   };
   pick(s.clip, "text_encoder", {"clip_l.safetensors"}, "--text-encoder");
-  pick(s.t5, "text_encoder_2", {"t5xxl_fp16.safetensors", "t5xxl_fp8_e4m3fn.safetensors",
-                                      "t5xxl_fp8_e4m3fn_scaled.safetensors", "t5xxl.safetensors"},
+  pick(s.t5, "text_encoder_2",
+       {"t5xxl_fp16.safetensors", "t5xxl_fp8_e4m3fn.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors",
+        "t5xxl.safetensors"},
        "--text-encoder-2");
   pick(s.clipTokenizer, "tokenizer", {"clip_tokenizer"}, "--tokenizer");
   pick(s.t5Tokenizer, "tokenizer_2", {"t5_tokenizer"}, "--tokenizer-2");
@@ -116,7 +117,7 @@ at::Tensor idsTensor(const std::vector<std::vector<int64_t>>& rows) {
 class detail::TextEncoders {
  public:
   TextEncoders(const detail::TextSources& sources, c10::ScalarType dtype, WeightDtype weightDtype,
-                 const c10::Device& where, uint64_t freeBytes)
+               const c10::Device& where, uint64_t freeBytes)
       : sources_(sources),
         clipTok_(text::ClipTokenizer::open(sources.clipTokenizer)),
         t5Tok_(text::T5Tokenizer::open(sources.t5Tokenizer)),
@@ -134,8 +135,9 @@ class detail::TextEncoders {
     residentBytes_ = clip_.weightBytes() + (streamed_ ? 0 : t5Bytes);
     if (!streamed_)
       for (const auto& t : t5Tensors) resident_[t.name] = read(t.name, dtype, where);
-    t5_.emplace(t5Ck_.config, streamed_ ? getterOf(read, dtype, where)
-                                        : model::WeightGetter([this](const std::string& n) { return resident_.at(n); }));
+    t5_.emplace(t5Ck_.config, streamed_
+                                  ? getterOf(read, dtype, where)
+                                  : model::WeightGetter([this](const std::string& n) { return resident_.at(n); }));
   }
   TextEncoders(const TextEncoders&) = delete;
   TextEncoders& operator=(const TextEncoders&) = delete;
@@ -188,11 +190,8 @@ void Engine::Impl::releaseTextEncoders() {
 
 uint64_t Engine::Impl::keptEncoderBytes() const { return keptEncoders ? keptEncoders->residentBytes() : 0; }
 
-std::pair<PromptEmbeddings, std::optional<PromptEmbeddings>> Engine::Impl::encodeTexts(Run& run,
-                                                                                       const TextPrompts& prompts,
-                                                                                       uint64_t spareBytes,
-                                                                                       uint64_t freeBytes,
-                                                                                       uint64_t keepBytes) {
+std::pair<PromptEmbeddings, std::optional<PromptEmbeddings>> Engine::Impl::encodeTexts(
+    Run& run, const TextPrompts& prompts, uint64_t spareBytes, uint64_t freeBytes, uint64_t keepBytes) {
   Timer timer;
   // The encoding rank: --text-encoder-rank, or the one with the most spare memory after its plan (the
   // lowest on ties).

@@ -258,7 +258,8 @@ std::vector<int64_t> ClipTokenizer::encode(const std::string& text) const {
 }
 
 std::vector<int64_t> ClipTokenizer::encodeForModel(const std::string& text, int64_t maxLength) const {
-  PARDIT_CHECK(maxLength >= 2, "CLIP tokenizer: max length ", maxLength, " leaves no room for the start and end tokens");
+  PARDIT_CHECK(maxLength >= 2, "CLIP tokenizer: max length ", maxLength,
+               " leaves no room for the start and end tokens");
   std::vector<int64_t> ids = encode(text);
   if (static_cast<int64_t>(ids.size()) > maxLength - 2) ids.resize(static_cast<size_t>(maxLength - 2));
   ids.insert(ids.begin(), bos_);

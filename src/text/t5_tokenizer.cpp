@@ -50,7 +50,8 @@ std::string base64Decode(const std::string& in, const std::string& where) {
 class ProtoReader {
  public:
   // `data` must outlive the reader.
-  ProtoReader(const std::string& data, std::string where) : p_(data.data()), end_(data.data() + data.size()), where_(std::move(where)) {}
+  ProtoReader(const std::string& data, std::string where)
+      : p_(data.data()), end_(data.data() + data.size()), where_(std::move(where)) {}
   bool done() const { return p_ >= end_; }
   // Next field: number and wire type.
   std::pair<uint32_t, int> tag() {
@@ -83,11 +84,20 @@ class ProtoReader {
   }
   void skip(int wire) {
     switch (wire) {
-      case 0: varint(); break;
-      case 1: advance(8); break;
-      case 2: bytes(); break;
-      case 5: advance(4); break;
-      default: PARDIT_THROW(where_, ": unsupported protobuf wire type ", wire);
+      case 0:
+        varint();
+        break;
+      case 1:
+        advance(8);
+        break;
+      case 2:
+        bytes();
+        break;
+      case 5:
+        advance(4);
+        break;
+      default:
+        PARDIT_THROW(where_, ": unsupported protobuf wire type ", wire);
     }
   }
 
@@ -113,7 +123,8 @@ T5Tokenizer T5Tokenizer::fromTokenizerJson(const std::string& path) {
     } catch (const nlohmann::json::exception& e) {
       PARDIT_THROW(path, ": not valid JSON: ", e.what());
     }
-    PARDIT_CHECK(j.contains("model") && j["model"].value("type", "") == "Unigram", path, ": not a Unigram tokenizer.json");
+    PARDIT_CHECK(j.contains("model") && j["model"].value("type", "") == "Unigram", path,
+                 ": not a Unigram tokenizer.json");
     T5Tokenizer t;
     for (const auto& v : j["model"]["vocab"]) {
       PARDIT_CHECK(v.is_array() && v.size() == 2, path, ": vocabulary entries must be [piece, score]");
@@ -167,7 +178,7 @@ T5Tokenizer T5Tokenizer::fromSentencePiece(const std::string& path) {
   std::string charsmap;
   while (!model.done()) {
     const auto [field, wire] = model.tag();
-    if (field == 1 && wire == 2) {  // SentencePiece { piece = 1; score = 2; type = 3 }
+    if (field == 1 && wire == 2) {                // SentencePiece { piece = 1; score = 2; type = 3 }
       const std::string message = model.bytes();  // the reader points into it
       ProtoReader piece(message, path);
       Piece p;
@@ -184,8 +195,8 @@ T5Tokenizer T5Tokenizer::fromSentencePiece(const std::string& path) {
           piece.skip(w);
         }
       }
-      if (type == 2) t.unk_ = static_cast<int64_t>(t.pieces_.size());           // UNKNOWN
-      if (type == 3 || type == 2) t.added_.push_back(p.text);                  // CONTROL and UNKNOWN are special
+      if (type == 2) t.unk_ = static_cast<int64_t>(t.pieces_.size());  // UNKNOWN
+      if (type == 3 || type == 2) t.added_.push_back(p.text);          // CONTROL and UNKNOWN are special
       t.pieces_.push_back(p);
     } else if (field == 3 && wire == 2) {  // NormalizerSpec { precompiled_charsmap = 2 }
       const std::string message = model.bytes();
@@ -235,8 +246,7 @@ void T5Tokenizer::finish(const std::string& where) {
   pad_ = ids_.at("<pad>");
   std::sort(added_.begin(), added_.end());
   added_.erase(std::unique(added_.begin(), added_.end()), added_.end());
-  for (const auto& a : added_)
-    PARDIT_CHECK(ids_.count(a), where, ": added token '", a, "' is not in the vocabulary");
+  for (const auto& a : added_) PARDIT_CHECK(ids_.count(a), where, ": added token '", a, "' is not in the vocabulary");
 }
 
 // ---- normalisation -------------------------------------------------------------------------------------

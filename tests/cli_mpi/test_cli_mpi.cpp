@@ -40,8 +40,9 @@ void writeInputs(const std::string& path, int64_t T) {
 }
 // `pardit generate` with true CFG on the tiny model synthesized in dir/m, plus `flags`.
 std::string trueCfgGenerate(const TempDir& dir, const std::string& flags) {
-  return "generate --threads 1 --model " + dir.file("m") + " --prompt-embeds " + dir.file("m/prompt_embeds.safetensors") +
-         " --negative-prompt-embeds " + dir.file("m/negative_prompt_embeds.safetensors") + " " + flags;
+  return "generate --threads 1 --model " + dir.file("m") + " --prompt-embeds " +
+         dir.file("m/prompt_embeds.safetensors") + " --negative-prompt-embeds " +
+         dir.file("m/negative_prompt_embeds.safetensors") + " " + flags;
 }
 }  // namespace
 
@@ -55,10 +56,13 @@ TEST(CliMpi, ForwardLayoutsMatchSingleRank) {
     auto r = runPardit(base + dir.file("ref.safetensors"));
     ASSERT_EQ(r.exitCode, 0) << r.output;
     const at::Tensor ref = readTensor(dir.file("ref.safetensors"), "sample");
-    const std::vector<std::pair<int, std::string>> layouts = {
-        {2, "--ulysses-degree 2"}, {2, "--ring-degree 2"}, {2, "--cfg-degree 2"},
-        {4, "--ulysses-degree 2 --ring-degree 2"}, {4, "--ulysses-degree 4"}, {4, "--ring-degree 4"},
-        {4, "--cfg-degree 2 --ulysses-degree 2"}};
+    const std::vector<std::pair<int, std::string>> layouts = {{2, "--ulysses-degree 2"},
+                                                              {2, "--ring-degree 2"},
+                                                              {2, "--cfg-degree 2"},
+                                                              {4, "--ulysses-degree 2 --ring-degree 2"},
+                                                              {4, "--ulysses-degree 4"},
+                                                              {4, "--ring-degree 4"},
+                                                              {4, "--cfg-degree 2 --ulysses-degree 2"}};
     for (const auto& [n, flags] : layouts) {
       const std::string out = dir.file("out.safetensors");
       std::filesystem::remove(out);
@@ -75,14 +79,16 @@ TEST(CliMpi, ForwardLayoutsMatchSingleRank) {
 TEST(CliMpi, GenerateLayoutsMatchSingleRank) {
   TempDir dir;
   ASSERT_EQ(runPardit("synth --preset tiny --text-len 8 --out " + dir.file("m")).exitCode, 0);
-  const std::string base = trueCfgGenerate(dir, "--true-cfg-scale 3 --height 64 --width 96 --steps 3 --seed 5") +
-                           " --save-latents ";
+  const std::string base =
+      trueCfgGenerate(dir, "--true-cfg-scale 3 --height 64 --width 96 --steps 3 --seed 5") + " --save-latents ";
   auto r = runPardit(base + dir.file("ref.safetensors"));
   ASSERT_EQ(r.exitCode, 0) << r.output;
   const at::Tensor ref = readTensor(dir.file("ref.safetensors"), "latents");
-  for (const auto& [n, flags] : std::vector<std::pair<int, std::string>>{
-           {2, "--ulysses-degree 2"}, {2, "--ring-degree 2"}, {2, "--cfg-degree 2"},
-           {4, "--cfg-degree 2 --ulysses-degree 2"}, {4, "--cfg-degree 2 --ring-degree 2"}}) {
+  for (const auto& [n, flags] : std::vector<std::pair<int, std::string>>{{2, "--ulysses-degree 2"},
+                                                                         {2, "--ring-degree 2"},
+                                                                         {2, "--cfg-degree 2"},
+                                                                         {4, "--cfg-degree 2 --ulysses-degree 2"},
+                                                                         {4, "--cfg-degree 2 --ring-degree 2"}}) {
     auto p = mpirun(n, base + dir.file("out.safetensors") + " " + flags);
     ASSERT_EQ(p.exitCode, 0) << flags << "\n" << p.output;
     const double err = test::maxRelError(readTensor(dir.file("out.safetensors"), "latents"), ref);
@@ -177,8 +183,9 @@ TEST(CliMpi, RanksWithDifferentOptionsAreRefused) {
     size_t lines = 0;
     for (size_t pos = 0; (pos = p.output.find("error: ", pos)) != std::string::npos; ++pos) ++lines;
     const size_t at = p.output.find("error: options differ between ranks: " + option + " is ");
-    std::printf("[mismatch] %-26s rc %d, %zu error line(s), %.1f s: %s\n", option.c_str(), p.exitCode, lines, secs,
-                at == std::string::npos ? "NOT NAMED" : p.output.substr(at + 7, p.output.find('\n', at) - at - 7).c_str());
+    std::printf(
+        "[mismatch] %-26s rc %d, %zu error line(s), %.1f s: %s\n", option.c_str(), p.exitCode, lines, secs,
+        at == std::string::npos ? "NOT NAMED" : p.output.substr(at + 7, p.output.find('\n', at) - at - 7).c_str());
     EXPECT_NE(p.exitCode, 0) << option;
     EXPECT_EQ(lines, 1u) << option << "\n" << p.output;
     EXPECT_NE(at, std::string::npos) << option << "\n" << p.output;
@@ -198,16 +205,19 @@ TEST(CliMpi, StreamedWeightsGiveTheResidentResultInEveryMode) {
   TempDir dir;
   ASSERT_EQ(runPardit("synth --preset tiny --text-len 8 --out " + dir.file("m")).exitCode, 0);
   const std::string base = trueCfgGenerate(dir, "--true-cfg-scale 2 --height 64 --width 64 --steps 2 --seed 1") + " ";
-  for (const auto& [n, flags] : std::vector<std::pair<int, std::string>>{
-           {2, "--ulysses-degree 2"}, {2, "--cfg-degree 2"}, {2, "--pipefusion-degree 2"},
-           {4, "--pipefusion-degree 2 --ring-degree 2"}}) {
+  for (const auto& [n, flags] :
+       std::vector<std::pair<int, std::string>>{{2, "--ulysses-degree 2"},
+                                                {2, "--cfg-degree 2"},
+                                                {2, "--pipefusion-degree 2"},
+                                                {4, "--pipefusion-degree 2 --ring-degree 2"}}) {
     auto a = mpirun(n, base + flags + " --save-latents " + dir.file("a.safetensors"));
     ASSERT_EQ(a.exitCode, 0) << a.output;
     auto b = mpirun(n, base + flags + " --offload sequential --device-memory-budget 1GiB --save-latents " +
                            dir.file("b.safetensors"));
     ASSERT_EQ(b.exitCode, 0) << b.output;
     EXPECT_NE(b.output.find("streamed"), std::string::npos) << b.output;
-    EXPECT_TRUE(at::equal(readTensor(dir.file("a.safetensors"), "latents"), readTensor(dir.file("b.safetensors"), "latents")))
+    EXPECT_TRUE(
+        at::equal(readTensor(dir.file("a.safetensors"), "latents"), readTensor(dir.file("b.safetensors"), "latents")))
         << flags;
   }
 }
@@ -223,9 +233,12 @@ TEST(CliMpi, ImageLayoutsMatchSingleRank) {
   auto r = runPardit(base + dir.file("ref.png"));
   ASSERT_EQ(r.exitCode, 0) << r.output;
   const at::Tensor ref = io::readPng(dir.file("ref.png")).pixels.to(at::kInt);
-  for (const auto& [n, flags] : std::vector<std::pair<int, std::string>>{
-           {2, "--ulysses-degree 2"}, {2, "--ring-degree 2"}, {2, "--pipefusion-degree 2 --warmup-steps 3"},
-           {4, "--ulysses-degree 2 --ring-degree 2"}, {4, "--pipefusion-degree 2 --ulysses-degree 2 --warmup-steps 3"}}) {
+  for (const auto& [n, flags] :
+       std::vector<std::pair<int, std::string>>{{2, "--ulysses-degree 2"},
+                                                {2, "--ring-degree 2"},
+                                                {2, "--pipefusion-degree 2 --warmup-steps 3"},
+                                                {4, "--ulysses-degree 2 --ring-degree 2"},
+                                                {4, "--pipefusion-degree 2 --ulysses-degree 2 --warmup-steps 3"}}) {
     const std::string png = dir.file("out.png");
     auto p = mpirun(n, base + png + " " + flags);
     ASSERT_EQ(p.exitCode, 0) << flags << "\n" << p.output;
@@ -249,9 +262,11 @@ TEST(CliMpi, PromptLayoutsMatchSingleRank) {
   auto r = runPardit(base + dir.file("ref.png"));
   ASSERT_EQ(r.exitCode, 0) << r.output;
   const at::Tensor ref = io::readPng(dir.file("ref.png")).pixels.to(at::kInt);
-  for (const auto& [n, flags] : std::vector<std::pair<int, std::string>>{
-           {2, "--ulysses-degree 2"}, {2, "--cfg-degree 2"}, {2, "--pipefusion-degree 2 --warmup-steps 3"},
-           {2, "--ring-degree 2 --text-encoder-rank 1"}, {4, "--cfg-degree 2 --ulysses-degree 2"}}) {
+  for (const auto& [n, flags] : std::vector<std::pair<int, std::string>>{{2, "--ulysses-degree 2"},
+                                                                         {2, "--cfg-degree 2"},
+                                                                         {2, "--pipefusion-degree 2 --warmup-steps 3"},
+                                                                         {2, "--ring-degree 2 --text-encoder-rank 1"},
+                                                                         {4, "--cfg-degree 2 --ulysses-degree 2"}}) {
     const std::string png = dir.file("out.png");
     auto p = mpirun(n, base + png + " " + flags);
     ASSERT_EQ(p.exitCode, 0) << flags << "\n" << p.output;
@@ -281,28 +296,34 @@ TEST(CliMpi, EncodeAndGenerateOnRanksEqualOneRankBitForBit) {
                              " --prompt 'a lighthouse at dusk' --negative-prompt 'fog' --max-sequence-length 24 ";
   auto r = runPardit("encode" + prompt + "--output " + dir.file("e1.safetensors"));
   ASSERT_EQ(r.exitCode, 0) << r.output;
-  for (const auto& [n, flags] : std::vector<std::pair<int, std::string>>{
-           {2, "--ulysses-degree 2"}, {4, "--cfg-degree 2 --ulysses-degree 2 --text-encoder-rank 3"},
-           {4, "--pipefusion-degree 4 --text-encoder-device cpu"}}) {
+  for (const auto& [n, flags] :
+       std::vector<std::pair<int, std::string>>{{2, "--ulysses-degree 2"},
+                                                {4, "--cfg-degree 2 --ulysses-degree 2 --text-encoder-rank 3"},
+                                                {4, "--pipefusion-degree 4 --text-encoder-device cpu"}}) {
     auto p = mpirun(n, "encode" + prompt + "--output " + dir.file("en.safetensors") + " " + flags);
     ASSERT_EQ(p.exitCode, 0) << flags << "\n" << p.output;
-    for (const char* t : {"prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds"})
-      EXPECT_TRUE(at::equal(readTensor(dir.file("en.safetensors"), t), readTensor(dir.file("e1.safetensors"), t))) << n << " " << t;
+    for (const char* t :
+         {"prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds"})
+      EXPECT_TRUE(at::equal(readTensor(dir.file("en.safetensors"), t), readTensor(dir.file("e1.safetensors"), t)))
+          << n << " " << t;
   }
   // Without and with true CFG (its branches on two rank groups: each the one-rank branch).
   for (const std::string cfg : {"", "--true-cfg-scale 2 "}) {
-    const std::string gen = "generate" + prompt + cfg + "--height 64 --width 64 --steps 2 --seed 3 --warmup-steps 2 "
+    const std::string gen = "generate" + prompt + cfg +
+                            "--height 64 --width 64 --steps 2 --seed 3 --warmup-steps 2 "
                             "--save-latents ";
     r = runPardit(gen + dir.file("l1.safetensors"));
     ASSERT_EQ(r.exitCode, 0) << r.output;
     const std::vector<std::pair<int, std::string>> layouts =
-        cfg.empty() ? std::vector<std::pair<int, std::string>>{{2, "--pipefusion-degree 2"}, {4, "--pipefusion-degree 4"}}
-                    : std::vector<std::pair<int, std::string>>{{2, "--cfg-degree 2"},
-                                                               {4, "--cfg-degree 2 --pipefusion-degree 2"}};
+        cfg.empty()
+            ? std::vector<std::pair<int, std::string>>{{2, "--pipefusion-degree 2"}, {4, "--pipefusion-degree 4"}}
+            : std::vector<std::pair<int, std::string>>{{2, "--cfg-degree 2"},
+                                                       {4, "--cfg-degree 2 --pipefusion-degree 2"}};
     for (const auto& [n, flags] : layouts) {
       auto p = mpirun(n, gen + dir.file("ln.safetensors") + " " + flags);
       ASSERT_EQ(p.exitCode, 0) << flags << "\n" << p.output;
-      EXPECT_TRUE(at::equal(readTensor(dir.file("ln.safetensors"), "latents"), readTensor(dir.file("l1.safetensors"), "latents")))
+      EXPECT_TRUE(at::equal(readTensor(dir.file("ln.safetensors"), "latents"),
+                            readTensor(dir.file("l1.safetensors"), "latents")))
           << cfg << flags;
     }
   }
@@ -331,19 +352,21 @@ TEST(CliMpi, Fp8WeightsInEveryParallelMode) {
   const at::Tensor oneCfg = oneRank(cfgBase, "one_cfg.safetensors"), onePlain = oneRank(plainBase, "one.safetensors");
   auto r = runPardit(plainBase + " --save-latents " + dir.file("dense.safetensors"));
   ASSERT_EQ(r.exitCode, 0) << r.output;
-  EXPECT_FALSE(at::equal(onePlain, readTensor(dir.file("dense.safetensors"), "latents"))) << "FP8 must change the latents";
+  EXPECT_FALSE(at::equal(onePlain, readTensor(dir.file("dense.safetensors"), "latents")))
+      << "FP8 must change the latents";
   struct Layout {
     int n;
     std::string flags;
     bool trueCfg, exact;
   };
-  for (const auto& l : std::vector<Layout>{{2, "--pipefusion-degree 2", false, true},
-                                           {2, "--pipefusion-degree 2 --offload sequential --device-memory-budget 1GiB", false, true},
-                                           {2, "--cfg-degree 2", true, true},
-                                           {4, "--cfg-degree 2 --pipefusion-degree 2", true, true},
-                                           {2, "--ulysses-degree 2", true, false},
-                                           {2, "--ring-degree 2", true, false},
-                                           {4, "--ulysses-degree 2 --ring-degree 2", true, false}}) {
+  for (const auto& l :
+       std::vector<Layout>{{2, "--pipefusion-degree 2", false, true},
+                           {2, "--pipefusion-degree 2 --offload sequential --device-memory-budget 1GiB", false, true},
+                           {2, "--cfg-degree 2", true, true},
+                           {4, "--cfg-degree 2 --pipefusion-degree 2", true, true},
+                           {2, "--ulysses-degree 2", true, false},
+                           {2, "--ring-degree 2", true, false},
+                           {4, "--ulysses-degree 2 --ring-degree 2", true, false}}) {
     auto p = mpirun(l.n, (l.trueCfg ? cfgBase : plainBase) + " --weight-dtype fp8 --save-latents " +
                              dir.file("n.safetensors") + " " + l.flags);
     ASSERT_EQ(p.exitCode, 0) << l.flags << "\n" << p.output;

@@ -85,9 +85,8 @@ TEST(Hardening, ConcurrentMetricsAppendsKeepEveryRun) {
   // Each job its own Open MPI session directory: concurrent singletons racing to create the shared one
   // (/tmp/ompi.<host>.<uid>) can fail in MPI_Init, which is Open MPI's start-up and not what is tested here.
   std::string script = "cd " + dir.path().string() + " && for i in $(seq 1 " + std::to_string(kJobs) +
-                       "); do (mkdir -p ompi.$i && OMPI_MCA_orte_tmpdir_base=$PWD/ompi.$i " +
-                       PARDIT_BINARY + " " + generate(model, "--metrics " + metrics) +
-                       "; echo $? > rc.$i) & done; wait; cat rc.*";
+                       "); do (mkdir -p ompi.$i && OMPI_MCA_orte_tmpdir_base=$PWD/ompi.$i " + PARDIT_BINARY + " " +
+                       generate(model, "--metrics " + metrics) + "; echo $? > rc.$i) & done; wait; cat rc.*";
   auto r = runCommand(script);
   EXPECT_EQ(r.output.find_first_not_of("0\n"), std::string::npos) << "a job failed:\n" << r.output;
   EXPECT_EQ(runsIn(metrics), 1 + kJobs) << r.output;
@@ -136,8 +135,9 @@ TEST(Hardening, NonFiniteInputsAreRefusedByNameAndIndex) {
   // Finite inputs so large the model overflows: the run stops at the step where the latents went bad.
   pe = f->read("prompt_embeds") * 1e38;
   io::writeSafetensors(dir.file("huge.safetensors"), {{"prompt_embeds", pe}, {"pooled_prompt_embeds", pooled}});
-  r = runPardit("generate --threads 1 --dtype bf16 --model " + model + " --prompt-embeds " + dir.file("huge.safetensors") +
-                " --height 64 --width 64 --steps 2 --save-latents " + dir.file("x.safetensors"));
+  r = runPardit("generate --threads 1 --dtype bf16 --model " + model + " --prompt-embeds " +
+                dir.file("huge.safetensors") + " --height 64 --width 64 --steps 2 --save-latents " +
+                dir.file("x.safetensors"));
   EXPECT_NE(r.exitCode, 0) << r.output;
   EXPECT_NE(r.output.find("the latents became non-finite (NaN or Inf) at step 1 of 2"), std::string::npos) << r.output;
   EXPECT_FALSE(fs::exists(dir.file("x.safetensors")));
@@ -159,8 +159,9 @@ TEST(Hardening, RanksGivenDifferentCheckpointsOrPromptsAreRefused) {
   auto r = runCommand(mpiexec(1) + PARDIT_BINARY + " generate --model " + a + common + " : -n 1 " + PARDIT_BINARY +
                       " generate --model " + b + common);
   EXPECT_NE(r.exitCode, 0) << r.output;
-  EXPECT_NE(r.output.find("the checkpoint files differ between ranks: --model file diffusion_pytorch_model.safetensors"),
-            std::string::npos)
+  EXPECT_NE(
+      r.output.find("the checkpoint files differ between ranks: --model file diffusion_pytorch_model.safetensors"),
+      std::string::npos)
       << r.output;
   // The same checkpoint, other prompt embeddings on rank 1.
   const std::string model = " generate --threads 1 --height 64 --width 64 --steps 2 --ulysses-degree 2 -q --model " + a;
@@ -174,7 +175,8 @@ TEST(Hardening, AStoppedRankEndsTheJobWithinTheCollectiveTimeout) {
   TempDir dir;
   const std::string model = synth(dir, "m"), log = dir.file("log");
   const std::string run = mpiexec(2) + PARDIT_BINARY + " generate --threads 1 --model " + model + " --prompt-embeds " +
-                          model + "/prompt_embeds.safetensors --height 128 --width 128 --steps 100000 "
+                          model +
+                          "/prompt_embeds.safetensors --height 128 --width 128 --steps 100000 "
                           "--ulysses-degree 2 --collective-timeout 10";
   // Start the job, wait for its first steps, stop one rank (SIGSTOP: alive but silent), wait for the end.
   const std::string script = "(" + run + " > " + log + " 2>&1; echo rc=$? >> " + log + ") & job=$!; " +
@@ -186,8 +188,9 @@ TEST(Hardening, AStoppedRankEndsTheJobWithinTheCollectiveTimeout) {
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const std::string out = fileBytes(log);
   // Which operation (and its sequence number on which communicator), since which step, for how long.
-  EXPECT_TRUE(std::regex_search(out, std::regex("MPI_[A-Za-z]+ #[0-9]+ on the [a-z ]+ has not completed after "
-                                                "[0-9.]+ s \\(started at step [0-9]+/100000; --collective-timeout 10\\)")))
+  EXPECT_TRUE(
+      std::regex_search(out, std::regex("MPI_[A-Za-z]+ #[0-9]+ on the [a-z ]+ has not completed after "
+                                        "[0-9.]+ s \\(started at step [0-9]+/100000; --collective-timeout 10\\)")))
       << out;
   EXPECT_EQ(out.find("rc=0"), std::string::npos) << out;
   EXPECT_LT(seconds, 90) << r.output;  // start-up plus at most ~45 s after the stop

@@ -70,7 +70,8 @@ std::vector<std::pair<std::string, std::string>> separateRuns(const std::string&
     if (j.contains("prompt_2")) args += " --prompt-2 '" + j["prompt_2"].get<std::string>() + "'";
     args += " --max-sequence-length " + std::to_string(j.value("max_sequence_length", 8));
     char name[64];
-    std::snprintf(name, sizeof(name), "%05lld-%llu.png", static_cast<long long>(index), static_cast<unsigned long long>(seed));
+    std::snprintf(name, sizeof(name), "%05lld-%llu.png", static_cast<long long>(index),
+                  static_cast<unsigned long long>(seed));
     const std::string file = j.contains("output") ? j["output"].get<std::string>() : std::string(name);
     out.emplace_back(file, args + " --output " + dir + "/" + fs::path(file).filename().string());
     ++index;
@@ -111,10 +112,11 @@ TEST(Queue, ImagesEqualSeparateRunsOnOneRankAndInDataParallelGroups) {
     int tolerance;  // 8-bit levels: 0 where the layout is bit for bit the single rank
   };
   // --batch-size: the same images within one level (a batched GEMM rounds some values otherwise).
-  for (const Layout& l : {Layout{1, "", 0}, Layout{2, "--data-parallel-degree 2", 0},
-                          Layout{4, "--data-parallel-degree 2 --ulysses-degree 2", 1},
-                          Layout{1, "--batch-size 3", 1}}) {
-    const std::string out = dir.file("out" + std::to_string(l.ranks) + (l.flags.find("batch") != std::string::npos ? "b" : ""));
+  for (const Layout& l :
+       {Layout{1, "", 0}, Layout{2, "--data-parallel-degree 2", 0},
+        Layout{4, "--data-parallel-degree 2 --ulysses-degree 2", 1}, Layout{1, "--batch-size 3", 1}}) {
+    const std::string out =
+        dir.file("out" + std::to_string(l.ranks) + (l.flags.find("batch") != std::string::npos ? "b" : ""));
     auto r = l.ranks == 1 ? runPardit(queue + "--output-dir " + out + " " + l.flags)
                           : mpirun(l.ranks, queue + "--output-dir " + out + " " + l.flags);
     ASSERT_EQ(r.exitCode, 0) << l.flags << "\n" << r.output;
@@ -128,8 +130,8 @@ TEST(Queue, ImagesEqualSeparateRunsOnOneRankAndInDataParallelGroups) {
       ASSERT_TRUE(fs::exists(out + "/" + file)) << file << "\n" << r.output;
       worst = std::max(worst, maxPixelDiff(out + "/" + file, ref));
     }
-    std::printf("[queue] -n %d %s: 12 images, largest pixel difference to separate runs %d\n", l.ranks,
-                l.flags.c_str(), worst);
+    std::printf("[queue] -n %d %s: 12 images, largest pixel difference to separate runs %d\n", l.ranks, l.flags.c_str(),
+                worst);
     EXPECT_LE(worst, l.tolerance) << l.flags;
     const auto lines = manifest(out);
     EXPECT_EQ(lines.size(), 12u);
@@ -167,9 +169,10 @@ TEST(Queue, StoppedBySigtermThenResumedWithoutTouchingWhatWasMade) {
   // Started in the background; SIGTERM once the manifest has three lines.
   const std::string pidFile = dir.file("pid");
   const std::string logFile = dir.file("log");
-  ASSERT_EQ(std::system(("(" + cmd + " > " + logFile + " 2>&1; echo $? > " + dir.file("rc") + ") & echo $! > " + pidFile)
-                            .c_str()),
-            0);
+  ASSERT_EQ(
+      std::system(
+          ("(" + cmd + " > " + logFile + " 2>&1; echo $? > " + dir.file("rc") + ") & echo $! > " + pidFile).c_str()),
+      0);
   const auto start = std::chrono::steady_clock::now();
   while (manifest(out).size() < 3 && std::chrono::steady_clock::now() - start < std::chrono::seconds(120))
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -200,8 +203,8 @@ TEST(Queue, StoppedBySigtermThenResumedWithoutTouchingWhatWasMade) {
     if (e.path().extension() != ".png") continue;
     struct stat st {};
     ASSERT_EQ(::stat(e.path().c_str(), &st), 0);
-    made[fs::relative(e.path(), out).string()] = {st.st_ino, static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 +
-                                                                 st.st_mtim.tv_nsec};
+    made[fs::relative(e.path(), out).string()] = {
+        st.st_ino, static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec};
   }
   EXPECT_EQ(made.size(), first.size());
   // The same command again: the rest, and the first images untouched.

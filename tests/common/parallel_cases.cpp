@@ -19,8 +19,6 @@ namespace pardit::test {
 
 namespace {
 
-
-
 struct Layout {
   int cfg, ring, ulysses;
 };
@@ -73,7 +71,8 @@ struct ParallelModel {
 
 ParallelModel makeParallel(dist::Runtime& rt, const Model& m) {
   ParallelModel p;
-  p.usp = std::make_shared<parallel::UspAttention>(rt.group(dist::GroupKind::kUlysses), rt.group(dist::GroupKind::kRing));
+  p.usp =
+      std::make_shared<parallel::UspAttention>(rt.group(dist::GroupKind::kUlysses), rt.group(dist::GroupKind::kRing));
   auto t = std::make_shared<model::FluxTransformer>(m.config, m.weights, p.usp);
   p.sp = std::make_shared<parallel::SequenceParallelTransformer>(t, p.usp, rt.group(dist::GroupKind::kSequence));
   return p;
@@ -83,9 +82,6 @@ void resetStats(dist::Runtime& rt) {
   for (auto k : {dist::GroupKind::kUlysses, dist::GroupKind::kRing, dist::GroupKind::kSequence, dist::GroupKind::kCfg})
     rt.group(k).resetStats();
 }
-
-
-
 
 struct Run {
   std::string name;
@@ -117,7 +113,8 @@ Problem makeProblem(const model::FluxConfig& c, model::WeightGetter get) {
 at::Tensor singleRank(const Problem& pr) {
   auto w = std::make_shared<model::ResidentFluxWeights>(pr.config, pr.get);
   auto t = std::make_shared<model::FluxTransformer>(pr.config, w, std::make_shared<model::LocalAttention>());
-  auto d = pipeline::TransformerDenoiser::local(pipeline::localTransformer(t), pipeline::imageIds(pr.geom), pr.pos, pr.neg);
+  auto d =
+      pipeline::TransformerDenoiser::local(pipeline::localTransformer(t), pipeline::imageIds(pr.geom), pr.pos, pr.neg);
   pipeline::FlowMatchEulerScheduler s(pipeline::SchedulerConfig::dev(), pr.steps, pr.geom.tokens());
   return pipeline::denoise(*d, pipeline::initialNoise(8, 1, pr.geom, at::kFloat), s,
                            {pr.config.guidanceEmbed, 3.5, pr.trueCfg});
@@ -129,11 +126,14 @@ at::Tensor pipeFusion(dist::Runtime& rt, const Problem& pr, const Run& run) {
   auto partition = parallel::partitionStages(pr.config, run.degrees.pipefusion, parallel::Partition{});
   auto w = std::make_shared<model::ResidentFluxWeights>(pr.config, pr.get,
                                                         partition.groupsOf(topo.pipefusionRank(), pr.config));
-  auto usp = std::make_shared<parallel::UspAttention>(rt.group(dist::GroupKind::kUlysses), rt.group(dist::GroupKind::kRing));
+  auto usp =
+      std::make_shared<parallel::UspAttention>(rt.group(dist::GroupKind::kUlysses), rt.group(dist::GroupKind::kRing));
   auto t = std::make_shared<model::FluxTransformer>(pr.config, w, usp);
-  parallel::PipeFusionOptions options{partition, topo.pipefusionRank(),
-                                      {pr.geom.tokenRows(), pr.geom.tokenCols(), run.patches, topo.spDegree(), topo.spRank()},
-                                      c10::kCPU};
+  parallel::PipeFusionOptions options{
+      partition,
+      topo.pipefusionRank(),
+      {pr.geom.tokenRows(), pr.geom.tokenCols(), run.patches, topo.spDegree(), topo.spRank()},
+      c10::kCPU};
   parallel::PipeFusionComms comms{&rt.group(dist::GroupKind::kPipeFusion), &rt.group(dist::GroupKind::kSequence),
                                   &rt.pipelineReturn()};
   auto runner = std::make_shared<parallel::PipeFusionRunner>(t, usp, options, comms);
@@ -158,13 +158,11 @@ std::vector<Run> runsFor(int world, int steps) {
             {"pp2 M=2 stale", {1, 2, 1, 1}, 2, 1, false},
             {"pp2 M=4 stale", {1, 2, 1, 1}, 4, 1, false}};
   } else if (world == 4) {
-    runs = {{"pp4 warm-up=all", {1, 4, 1, 1}, 4, steps, true},
-            {"pp4 M=4 stale", {1, 4, 1, 1}, 4, 1, false},
-            {"pp2xU2 warm-up=all", {1, 2, 1, 2}, 2, steps, true},
-            {"pp2xU2 M=2 stale", {1, 2, 1, 2}, 2, 1, false},
-            {"pp2xR2 M=2 stale", {1, 2, 2, 1}, 2, 1, false},
-            {"pp2xCFG2 warm-up=all", {2, 2, 1, 1}, 2, steps, true},
-            {"pp2xCFG2 M=2 stale", {2, 2, 1, 1}, 2, 1, false}};
+    runs = {
+        {"pp4 warm-up=all", {1, 4, 1, 1}, 4, steps, true},    {"pp4 M=4 stale", {1, 4, 1, 1}, 4, 1, false},
+        {"pp2xU2 warm-up=all", {1, 2, 1, 2}, 2, steps, true}, {"pp2xU2 M=2 stale", {1, 2, 1, 2}, 2, 1, false},
+        {"pp2xR2 M=2 stale", {1, 2, 2, 1}, 2, 1, false},      {"pp2xCFG2 warm-up=all", {2, 2, 1, 1}, 2, steps, true},
+        {"pp2xCFG2 M=2 stale", {2, 2, 1, 1}, 2, 1, false}};
   }
   return runs;
 }
@@ -217,8 +215,8 @@ void uspCfgForwardMatchesSingleRank(dist::Runtime& rt) {
         if (l.cfg > 1) out = dist::allGather(rt.group(dist::GroupKind::kCfg), out).reshape(ref.sizes());
         const double err = maxRelError(out, ref);
         if (rt.worldRank() == 0)
-          std::printf("[equivalence] forward %s %s text %lld: max relative error %.3e\n", path.c_str(),
-                      name(l).c_str(), static_cast<long long>(T), err);
+          std::printf("[equivalence] forward %s %s text %lld: max relative error %.3e\n", path.c_str(), name(l).c_str(),
+                      static_cast<long long>(T), err);
         EXPECT_LE(err, 1e-5) << path << " " << name(l) << " T=" << T;
         EXPECT_EQ(p.usp->textMode(), (T % (l.ring * l.ulysses) == 0 || l.ring * l.ulysses == 1)
                                          ? parallel::TextMode::kSplit
@@ -305,7 +303,8 @@ void communicationVolumeIsAnalytic(dist::Runtime& rt) {
 }
 
 void pipeFusionTinyMatchesSingleRank(dist::Runtime& rt) {
-  auto ck = std::make_shared<io::FluxCheckpoint>(io::FluxCheckpoint::open(fixture("flux_tiny_dev/flux1-tiny-dev.safetensors")));
+  auto ck = std::make_shared<io::FluxCheckpoint>(
+      io::FluxCheckpoint::open(fixture("flux_tiny_dev/flux1-tiny-dev.safetensors")));
   checkRuns(rt, makeProblem(ck->config(), ck->getter(at::kFloat)), "tiny");
 }
 

@@ -105,8 +105,8 @@ std::vector<IndexRow> readIndex(hid_t file) {
     hid_t ds = H5Dopen2(file, "run_index", H5P_DEFAULT);
     EXPECT_GE(H5Dread(ds, t, H5S_ALL, H5S_ALL, H5P_DEFAULT, raw.data()), 0);
     for (auto& r : raw) {
-      rows.push_back({r.id, r.model, r.dtype, r.height, r.width, r.steps, r.worldSize, r.ulysses, r.totalLatency,
-                      r.peakHostRss});
+      rows.push_back(
+          {r.id, r.model, r.dtype, r.height, r.width, r.steps, r.worldSize, r.ulysses, r.totalLatency, r.peakHostRss});
       H5free_memory(r.id);
       H5free_memory(r.model);
       H5free_memory(r.dtype);
@@ -126,8 +126,9 @@ TEST(Metrics, WriteReadBackAndAppend) {
   // A shared path: rank 0's pid.
   at::Tensor pid = at::full({1}, static_cast<int64_t>(::getpid()), at::kLong);
   rt.world().broadcast(pid, 0);
-  const std::string path = (std::filesystem::temp_directory_path() /
-                            ("pardit-metrics-" + std::to_string(pid.item<int64_t>()) + ".h5")).string();
+  const std::string path =
+      (std::filesystem::temp_directory_path() / ("pardit-metrics-" + std::to_string(pid.item<int64_t>()) + ".h5"))
+          .string();
   std::string ids[2];
   for (int run = 0; run < 2; ++run) {
     metrics::MetricsRecorder rec(rt);
@@ -213,7 +214,8 @@ TEST(Metrics, WriteReadBackAndAppend) {
     const auto rows = readIndex(f);
     ASSERT_EQ(rows.size(), 3u);
     // Every run, in id order, the new one included.
-    EXPECT_EQ(std::set<std::string>({rows[0].id, rows[1].id, rows[2].id}), std::set<std::string>({ids[0], ids[1], added}));
+    EXPECT_EQ(std::set<std::string>({rows[0].id, rows[1].id, rows[2].id}),
+              std::set<std::string>({ids[0], ids[1], added}));
     EXPECT_LT(rows[0].id, rows[1].id);
     EXPECT_LT(rows[1].id, rows[2].id);
     for (const auto& row : rows) {

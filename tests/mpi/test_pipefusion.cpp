@@ -7,12 +7,8 @@
 
 using namespace pardit;
 
-TEST(PipeFusion, TinyModelAgainstSingleRank) {
-  test::pipeFusionTinyMatchesSingleRank(test::runtime());
-}
+TEST(PipeFusion, TinyModelAgainstSingleRank) { test::pipeFusionTinyMatchesSingleRank(test::runtime()); }
 
-TEST(PipeFusion, SmallModelAgainstSingleRank) {
-  test::pipeFusionSmallMatchesSingleRank(test::runtime());
-}
+TEST(PipeFusion, SmallModelAgainstSingleRank) { test::pipeFusionSmallMatchesSingleRank(test::runtime()); }
 
 TEST(PipeFusion, EachRankReadsExactlyItsStage) { test::pipeFusionRanksReadTheirStage(test::runtime()); }

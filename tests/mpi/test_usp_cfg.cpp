@@ -11,6 +11,4 @@ TEST(UspCfg, ForwardMatchesSingleRank) { test::uspCfgForwardMatchesSingleRank(te
 
 TEST(UspCfg, GenerateMatchesSingleRank) { test::uspCfgGenerateMatchesSingleRank(test::runtime()); }
 
-TEST(UspCfg, CommunicationVolumeIsAnalytic) {
-  test::communicationVolumeIsAnalytic(test::runtime());
-}
+TEST(UspCfg, CommunicationVolumeIsAnalytic) { test::communicationVolumeIsAnalytic(test::runtime()); }

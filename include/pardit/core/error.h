@@ -34,13 +34,11 @@ std::string concat(const Args&... args) {
 }  // namespace pardit
 
 // PARDIT_CHECK(cond, "message ", value, ...) throws pardit::Error when cond is false.
-#define PARDIT_CHECK(cond, ...)                                                   \
-  do {                                                                            \
-    if (!(cond)) {                                                                \
-      ::pardit::detail::throwError(__FILE__, __LINE__,                            \
-                                   ::pardit::detail::concat(__VA_ARGS__));        \
-    }                                                                             \
+#define PARDIT_CHECK(cond, ...)                                                                \
+  do {                                                                                         \
+    if (!(cond)) {                                                                             \
+      ::pardit::detail::throwError(__FILE__, __LINE__, ::pardit::detail::concat(__VA_ARGS__)); \
+    }                                                                                          \
   } while (0)
 
-#define PARDIT_THROW(...) \
-  ::pardit::detail::throwError(__FILE__, __LINE__, ::pardit::detail::concat(__VA_ARGS__))
+#define PARDIT_THROW(...) ::pardit::detail::throwError(__FILE__, __LINE__, ::pardit::detail::concat(__VA_ARGS__))

@@ -20,18 +20,30 @@ int logRank();
 void logMessage(LogLevel level, const std::string& msg);
 
 template <typename... Args>
-void logInfo(const Args&... args) { if (logLevel() <= LogLevel::kInfo) logMessage(LogLevel::kInfo, detail::concat(args...)); }
+void logInfo(const Args&... args) {
+  if (logLevel() <= LogLevel::kInfo) logMessage(LogLevel::kInfo, detail::concat(args...));
+}
 template <typename... Args>
-void logDebug(const Args&... args) { if (logLevel() <= LogLevel::kDebug) logMessage(LogLevel::kDebug, detail::concat(args...)); }
+void logDebug(const Args&... args) {
+  if (logLevel() <= LogLevel::kDebug) logMessage(LogLevel::kDebug, detail::concat(args...));
+}
 template <typename... Args>
-void logWarn(const Args&... args) { if (logLevel() <= LogLevel::kWarn) logMessage(LogLevel::kWarn, detail::concat(args...)); }
+void logWarn(const Args&... args) {
+  if (logLevel() <= LogLevel::kWarn) logMessage(LogLevel::kWarn, detail::concat(args...));
+}
 template <typename... Args>
-void logError(const Args&... args) { logMessage(LogLevel::kError, detail::concat(args...)); }
+void logError(const Args&... args) {
+  logMessage(LogLevel::kError, detail::concat(args...));
+}
 // Info line printed by rank 0 only.
 template <typename... Args>
-void logInfo0(const Args&... args) { if (logRank() == 0) logInfo(args...); }
+void logInfo0(const Args&... args) {
+  if (logRank() == 0) logInfo(args...);
+}
 // Warning printed by rank 0 only (for conditions every rank shares, such as an option).
 template <typename... Args>
-void logWarn0(const Args&... args) { if (logRank() == 0) logWarn(args...); }
+void logWarn0(const Args&... args) {
+  if (logRank() == 0) logWarn(args...);
+}
 
 }  // namespace pardit

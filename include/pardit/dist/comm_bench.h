@@ -17,7 +17,7 @@ class Runtime;
 
 struct CollectiveSample {
   uint64_t bytes = 0;
-  std::string op;  // all_to_all | all_gather | sendrecv
+  std::string op;                                  // all_to_all | all_gather | sendrecv
   double seconds = 0.0, algbw = 0.0, busbw = 0.0;  // bandwidths in bytes/s
 };
 

@@ -105,6 +105,7 @@ class Communicator {
     if (watchdog_ && watchChannel_ != 0) watchdog_->removeChannel(watchChannel_);
     watchChannel_ = 0;
   }
+
  private:
   std::shared_ptr<Watchdog> watchdog_;
   uint64_t watchChannel_ = 0;

@@ -15,9 +15,9 @@
 #include <c10/core/Device.h>
 
 #include <map>
+#include <memory>
 #include <mutex>
 #include <set>
-#include <memory>
 #include <string>
 #include <vector>
 
@@ -94,7 +94,7 @@ class FluxCheckpoint {
   model::WeightFormat storedFormat() const { return storedFormat_; }
   model::WeightGetter getter(c10::ScalarType dtype, c10::Device device = c10::kCPU) const;
 
-  uint64_t bytesRead() const;   // tensor bytes read through this checkpoint so far
+  uint64_t bytesRead() const;  // tensor bytes read through this checkpoint so far
   // Internal names of the tensors loaded so far (each tensor's bytes are read once per load).
   // A copy: the streamer's prefetch thread may be loading while another thread asks.
   std::set<std::string> tensorsLoaded() const;

@@ -22,10 +22,10 @@
 namespace pardit::io {
 
 struct QuantizeResult {
-  std::string modelPath;        // what to pass as --model
-  int64_t weightsQuantized = 0; // file tensors written as FP8
-  uint64_t bytesIn = 0;         // tensor bytes of the transformer files read
-  uint64_t bytesOut = 0;        // tensor bytes of the transformer files written
+  std::string modelPath;            // what to pass as --model
+  int64_t weightsQuantized = 0;     // file tensors written as FP8
+  uint64_t bytesIn = 0;             // tensor bytes of the transformer files read
+  uint64_t bytesOut = 0;            // tensor bytes of the transformer files written
   bool t5Quantized = false;         // the folder's T5 (text_encoder_2/ or t5xxl_fp16) written in FP8 too
   std::vector<std::string> linked;  // other files of the folder, linked or copied into OUT
 };

@@ -8,9 +8,9 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
-#include <atomic>
 #include <map>
 #include <memory>
 #include <string>
@@ -23,11 +23,11 @@ constexpr uint64_t kMaxHeaderBytes = 100'000'000;
 
 struct TensorInfo {
   std::string name;
-  std::string dtype;            // safetensors dtype string, e.g. "BF16"
-  std::vector<int64_t> shape;   // [] for a scalar
-  uint64_t begin = 0;           // offsets relative to the start of the data area
+  std::string dtype;           // safetensors dtype string, e.g. "BF16"
+  std::vector<int64_t> shape;  // [] for a scalar
+  uint64_t begin = 0;          // offsets relative to the start of the data area
   uint64_t end = 0;
-  int bits = 0;                 // bits per element
+  int bits = 0;  // bits per element
 
   uint64_t nbytes() const { return end - begin; }
   int64_t numel() const;
@@ -98,8 +98,7 @@ class SafetensorsWriter {
   void add(const std::string& name, const at::Tensor& tensor);
   // Adds a tensor whose data is produced when the file is written; the produced tensor must match
   // dtype and shape. A null producer writes zeros without touching the disk (sparse file).
-  void addLazy(const std::string& name, c10::ScalarType dtype, std::vector<int64_t> shape,
-               Producer producer);
+  void addLazy(const std::string& name, c10::ScalarType dtype, std::vector<int64_t> shape, Producer producer);
   size_t size() const { return entries_.size(); }
   uint64_t totalBytes() const;
   void write(const std::string& path) const;

@@ -23,12 +23,12 @@ struct SynthOptions {
   std::string outDir;
   uint64_t seed = 0;
   c10::ScalarType dtype = c10::kFloat;
-  bool zeros = false;                        // sparse files with zero data
-  uint64_t shardSize = 10'000'000'000ULL;    // largest diffusers shard
-  int64_t textLen = 16;                      // tokens of the sample prompt embeddings
+  bool zeros = false;                      // sparse files with zero data
+  uint64_t shardSize = 10'000'000'000ULL;  // largest diffusers shard
+  int64_t textLen = 16;                    // tokens of the sample prompt embeddings
   // The VAE and text encoder configurations; unset: the preset's (realConfigs(): FLUX.1's VAE, CLIP-L and
   // T5-XXL; else smaller ones with the same structure, sized to the transformer).
-  bool withVae = true;                       // also the VAE decoder (vae/ or ae.safetensors)
+  bool withVae = true;  // also the VAE decoder (vae/ or ae.safetensors)
   std::optional<model::VaeConfig> vaeConfig;
   // The text encoders and tokenizers (text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ in the
   // diffusers layout; clip_l.safetensors, t5xxl_fp16.safetensors and tokenizer folders beside a BFL file).
@@ -43,14 +43,13 @@ struct SynthOptions {
   model::T5Config t5() const;
 };
 
-
 struct SynthResult {
-  std::string modelPath;          // what to pass as --model
-  std::string promptEmbedsPath;   // sample prompt embeddings
-  std::string negativeEmbedsPath; // sample negative prompt embeddings
+  std::string modelPath;           // what to pass as --model
+  std::string promptEmbedsPath;    // sample prompt embeddings
+  std::string negativeEmbedsPath;  // sample negative prompt embeddings
   uint64_t tensorBytes = 0;
   int files = 0;
-  std::string vaePath;            // vae/ or ae.safetensors ("" without a VAE)
+  std::string vaePath;  // vae/ or ae.safetensors ("" without a VAE)
   uint64_t vaeBytes = 0;
   uint64_t textEncoderBytes = 0;  // CLIP and T5 together
 };

@@ -35,7 +35,7 @@ class VaeCheckpoint {
 
  private:
   struct Source {
-    std::string tensor;  // name in the file
+    std::string tensor;          // name in the file
     std::vector<int64_t> shape;  // internal shape (BFL attention weights are 1x1 convs: reshaped)
   };
   std::string path_;

@@ -43,12 +43,12 @@ struct RankWorkload {
   std::vector<std::string> groups;  // weight groups this rank holds (all, or its PipeFusion stage's)
   c10::ScalarType dtype = c10::kBFloat16;
   model::WeightFormat weightFormat = model::WeightFormat::kDense;  // FP8 block weights: 1 byte + row scales
-  int64_t batch = 1;                // transformer batch on this rank (2x with true CFG on one rank)
-  int64_t imageTokens = 0;          // image tokens this rank computes at once (its shard or patch)
-  int64_t imageTokensKv = 0;        // image tokens in its PipeFusion K/V buffers (0 without PipeFusion)
+  int64_t batch = 1;          // transformer batch on this rank (2x with true CFG on one rank)
+  int64_t imageTokens = 0;    // image tokens this rank computes at once (its shard or patch)
+  int64_t imageTokensKv = 0;  // image tokens in its PipeFusion K/V buffers (0 without PipeFusion)
   int64_t textTokens = 0;
   int64_t ulysses = 1, ring = 1, pipefusion = 1;
-  int64_t kvLayers = 0;             // attention layers with K/V buffers on this rank
+  int64_t kvLayers = 0;  // attention layers with K/V buffers on this rank
 };
 
 struct GroupPlan {

@@ -54,10 +54,10 @@ using StoredSource = std::function<std::vector<io::StoredRange>(const std::strin
 struct StreamingOptions {
   bool hostCache = true;  // keep streamed groups in host memory (pinned on CUDA) instead of re-reading the file
   model::WeightFormat format = model::WeightFormat::kDense;  // FP8: the groups carry their scale tensors too
-  c10::ScalarType dtype = c10::kFloat;  // the compute dtype: what the getter returns for kCompute tensors
-  StoredSource stored;                  // null: every tensor through the getter
-  int readThreads = 0;                  // parallel reads per group from the file; 0: min(4, hardware threads)
-  int prefetchDepth = 1;                // streamed groups fetched ahead of the one in use (the plan's)
+  c10::ScalarType dtype = c10::kFloat;    // the compute dtype: what the getter returns for kCompute tensors
+  StoredSource stored;                    // null: every tensor through the getter
+  int readThreads = 0;                    // parallel reads per group from the file; 0: min(4, hardware threads)
+  int prefetchDepth = 1;                  // streamed groups fetched ahead of the one in use (the plan's)
   uint64_t stagingBytes = kStagingBytes;  // CUDA, file source: each of the two pinned staging buffers
 };
 
@@ -123,10 +123,10 @@ class StreamingFluxWeights final : public model::FluxWeightProvider {
   };
   class BufferPool;
   struct Staging;
-  Fetched fetch(const std::string& group);            // runs on the prefetch thread
-  Fetched take(const std::string& group);             // the prefetched group (asked for now if it is not)
-  void request(const std::string& group);             // queue a fetch for the prefetch thread
-  void drop(Fetched& f);                              // a fetched group that will not be used
+  Fetched fetch(const std::string& group);  // runs on the prefetch thread
+  Fetched take(const std::string& group);   // the prefetched group (asked for now if it is not)
+  void request(const std::string& group);   // queue a fetch for the prefetch thread
+  void drop(Fetched& f);                    // a fetched group that will not be used
   void worker();
   // The stored tensors' bytes in [lo, hi) of a group's buffer into `at` (the address of byte lo), by
   // several threads; the tensors converted while reading (through the getter) into the group's `buffer`
@@ -147,11 +147,11 @@ class StreamingFluxWeights final : public model::FluxWeightProvider {
   StreamingOptions options_;
   std::shared_ptr<WeightAccountant> accountant_;
   std::map<std::string, bool> streamed_;
-  std::vector<std::string> streamOrder_;              // streamed groups in execution order
-  std::map<std::string, GroupLayout> layouts_;         // of every streamed group
-  std::map<std::string, at::Tensor> hostCache_;        // host copies of streamed groups (their buffers)
-  std::shared_ptr<BufferPool> pool_;                   // the CPU: recycled group buffers
-  std::unique_ptr<Staging> staging_;                   // CUDA, file source: pinned staging buffers
+  std::vector<std::string> streamOrder_;         // streamed groups in execution order
+  std::map<std::string, GroupLayout> layouts_;   // of every streamed group
+  std::map<std::string, at::Tensor> hostCache_;  // host copies of streamed groups (their buffers)
+  std::shared_ptr<BufferPool> pool_;             // the CPU: recycled group buffers
+  std::unique_ptr<Staging> staging_;             // CUDA, file source: pinned staging buffers
   std::shared_ptr<const model::EmbedderWeights> emb_;
   std::map<int64_t, std::shared_ptr<const model::DoubleBlockWeights>> double_;
   std::map<int64_t, std::shared_ptr<const model::SingleBlockWeights>> single_;

@@ -16,15 +16,15 @@ namespace pardit::metrics {
 const std::vector<std::string>& collectiveKinds();
 
 struct RunInfo {
-  std::string command;                         // generate | forward | bench
-  std::map<std::string, std::string> config;   // the resolved options
+  std::string command;                        // generate | forward | bench
+  std::map<std::string, std::string> config;  // the resolved options
   std::string model;
-  std::string device;                          // "cpu" or "cuda:N" (this rank's device kind)
-  int warmupSteps = 0;                         // steps excluded from the mean step time
-  int64_t images = 1;                          // images produced per run (for images per second)
-  int64_t height = 0, width = 0;               // pixels (0: not an image run)
-  int steps = 0;                               // denoising steps (bench: timed iterations)
-  std::string dtype;                           // compute dtype: "bf16", "fp32", ...
+  std::string device;             // "cpu" or "cuda:N" (this rank's device kind)
+  int warmupSteps = 0;            // steps excluded from the mean step time
+  int64_t images = 1;             // images produced per run (for images per second)
+  int64_t height = 0, width = 0;  // pixels (0: not an image run)
+  int steps = 0;                  // denoising steps (bench: timed iterations)
+  std::string dtype;              // compute dtype: "bf16", "fp32", ...
   // A request of a queue (index, replica_group, queue_wait_s) or a queue job's totals (command "queue"):
   // written as the attributes of the run's group "queue".
   std::map<std::string, double> queue;
@@ -53,8 +53,8 @@ class MetricsRecorder {
  private:
   dist::Runtime& rt_;
   std::vector<double> stepSeconds_;
-  std::vector<std::vector<double>> commSeconds_;    // [step][kind]
-  std::vector<std::vector<uint64_t>> commBytes_;    // [step][kind]
+  std::vector<std::vector<double>> commSeconds_;  // [step][kind]
+  std::vector<std::vector<uint64_t>> commBytes_;  // [step][kind]
   std::map<std::string, dist::CollectiveStats> before_;
   double stepStart_ = 0.0;
   double loadSeconds_ = 0.0, totalSeconds_ = 0.0;

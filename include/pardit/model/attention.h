@@ -55,8 +55,7 @@ class AttentionBackend {
 class LocalAttention final : public AttentionBackend {
  public:
   explicit LocalAttention(AttentionKernel kernel = AttentionKernel::kAuto) : kernel_(kernel) {}
-  at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    const AttentionCall& call) override;
+  at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionCall& call) override;
 
  private:
   AttentionKernel kernel_;

@@ -33,11 +33,11 @@ struct EmbedderWeights {
 
 struct DoubleBlockWeights {
   struct Stream {
-    Linear mod;   // [6h, h]: shift1, scale1, gate1, shift2, scale2, gate2
-    Linear qkv;   // [3h, h]: q | k | v, head-major
-    Linear proj;  // [h, h]
-    Linear mlp0;  // [mlp, h]
-    Linear mlp2;  // [h, mlp]
+    Linear mod;               // [6h, h]: shift1, scale1, gate1, shift2, scale2, gate2
+    Linear qkv;               // [3h, h]: q | k | v, head-major
+    Linear proj;              // [h, h]
+    Linear mlp0;              // [mlp, h]
+    Linear mlp2;              // [h, mlp]
     at::Tensor qNorm, kNorm;  // [D]
   };
   Stream img, txt;
@@ -124,9 +124,9 @@ struct FluxInputs {
 
 // Per-call conditioning shared by all blocks.
 struct FluxConditioning {
-  at::Tensor vec;      // [B, h]   time (+ guidance) + pooled text embedding
-  at::Tensor siluVec;  // [B, h]   SiLU(vec), the input of every modulation
-  at::Tensor cos, sin; // [1, L, 1, D] float32 RoPE tables for the joint [txt ; img] sequence
+  at::Tensor vec;       // [B, h]   time (+ guidance) + pooled text embedding
+  at::Tensor siluVec;   // [B, h]   SiLU(vec), the input of every modulation
+  at::Tensor cos, sin;  // [1, L, 1, D] float32 RoPE tables for the joint [txt ; img] sequence
 };
 
 // Position ids of the image tokens of a rows x cols token grid: [rows * cols, 3] rows (0, r, c), row-major,
@@ -136,8 +136,7 @@ at::Tensor textPositionIds(int64_t textLen);
 
 // RoPE tables for position ids [L, 3]: returns (cos, sin), each [L, D] float32, computed in float64 on the ids'
 // device (no host synchronization).
-std::pair<at::Tensor, at::Tensor> ropeTables(const at::Tensor& ids, const std::vector<int64_t>& axesDim,
-                                             double theta);
+std::pair<at::Tensor, at::Tensor> ropeTables(const at::Tensor& ids, const std::vector<int64_t>& axesDim, double theta);
 // Sinusoidal embedding [B, 256] (cos half first), float32, of t (already scaled by 1000).
 at::Tensor timestepEmbedding(const at::Tensor& t, int64_t dim = 256);
 

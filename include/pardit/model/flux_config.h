@@ -11,18 +11,18 @@
 namespace pardit::model {
 
 struct FluxConfig {
-  int64_t inChannels = 64;      // packed latent channels (16 latent channels x 2 x 2)
+  int64_t inChannels = 64;  // packed latent channels (16 latent channels x 2 x 2)
   int64_t outChannels = 64;
   int64_t vecInDim = 768;       // pooled text embedding (CLIP-L)
   int64_t contextInDim = 4096;  // text token embedding (T5-XXL)
   int64_t hiddenSize = 3072;
   int64_t numHeads = 24;
-  int64_t mlpHidden = 12288;    // hiddenSize * mlp_ratio
-  int64_t depth = 19;           // double-stream blocks
-  int64_t depthSingle = 38;     // single-stream blocks
+  int64_t mlpHidden = 12288;  // hiddenSize * mlp_ratio
+  int64_t depth = 19;         // double-stream blocks
+  int64_t depthSingle = 38;   // single-stream blocks
   std::vector<int64_t> axesDim = {16, 56, 56};
   double theta = 10000.0;
-  bool guidanceEmbed = true;    // FLUX.1-dev: true, schnell: false
+  bool guidanceEmbed = true;  // FLUX.1-dev: true, schnell: false
 
   int64_t headDim() const { return hiddenSize / numHeads; }
   // Throws pardit::Error naming the violated rule.

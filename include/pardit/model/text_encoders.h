@@ -7,8 +7,8 @@
 //     without 1/sqrt(d) scaling plus a bidirectional relative position bias from the first block, gated-GELU
 //     (tanh) feed-forward, final RMSNorm; the clamp transformers applies to float16 activations.
 // Weights come in through a WeightGetter by transformers' tensor names ("encoder.layers.0.mlp.fc1.weight" for
-// CLIP, read with or without the "text_model." prefix older files carry; "encoder.block.0.layer.0.SelfAttention.q.weight"
-// for T5); no attention masks (FLUX passes none).
+// CLIP, read with or without the "text_model." prefix older files carry;
+// "encoder.block.0.layer.0.SelfAttention.q.weight" for T5); no attention masks (FLUX passes none).
 
 #include <ATen/core/Tensor.h>
 

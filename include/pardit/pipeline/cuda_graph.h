@@ -17,8 +17,8 @@
 // the graphs share one pool, about one call's activations; the rehearsal of a second input shape (true CFG
 // with prompts of two lengths) runs beside it, so for that one call the activations are held twice.
 // Every input must be on the one GPU of the call. Only a call without host synchronizations or communication
-// inside can be captured: one GPU's whole transformer with resident weights (the engine refuses --cuda-graphs with Ulysses/Ring, PipeFusion or
-// streamed weights). Built without CUDA, constructing one throws.
+// inside can be captured: one GPU's whole transformer with resident weights (the engine refuses --cuda-graphs with
+// Ulysses/Ring, PipeFusion or streamed weights). Built without CUDA, constructing one throws.
 #include <ATen/core/Tensor.h>
 
 #include <memory>

@@ -76,9 +76,9 @@ struct GenerateRequest {
   double trueCfgScale = 1.0;
   uint64_t seed = 0;
   Schedule schedule = Schedule::kAuto;
-  std::string saveLatents;  // rank 0 writes the packed latents here (safetensors, tensor 'latents')
-  std::string output;       // rank 0 writes the images here as PNG (several: output-0.png, output-1.png, ...)
-  bool decode = false;      // decode into GenerateResult::images even without `output`
+  std::string saveLatents;        // rank 0 writes the packed latents here (safetensors, tensor 'latents')
+  std::string output;             // rank 0 writes the images here as PNG (several: output-0.png, output-1.png, ...)
+  bool decode = false;            // decode into GenerateResult::images even without `output`
   int64_t maxSequenceLength = 0;  // T5 tokens; 0: 512 for guidance-distilled models, else 256
   // Several requests of one shape as one batch (a queue's --batch-size): image i has its own seed (its noise
   // from a generator of its own, as a request of batch 1 with that seed makes it), its own PNG, and its own
@@ -101,17 +101,17 @@ struct GenerateRequest {
 
 // What a run did (the same on every rank unless noted).
 struct RunReport {
-  double loadSeconds = 0.0;  // 0 when the weights were already loaded
-  double runSeconds = 0.0;   // the denoise loop, or the forward call
+  double loadSeconds = 0.0;                                             // 0 when the weights were already loaded
+  double runSeconds = 0.0;                                              // the denoise loop, or the forward call
   double encodeSeconds = 0.0, decodeSeconds = 0.0, writeSeconds = 0.0;  // generate's other stages
   std::vector<double> stepSeconds;
-  uint64_t bytesRead = 0;     // this rank's checkpoint bytes read so far
-  std::string metricsRun;     // the id of the run appended to --metrics, if any
+  uint64_t bytesRead = 0;  // this rank's checkpoint bytes read so far
+  std::string metricsRun;  // the id of the run appended to --metrics, if any
 };
 
 struct GenerateResult {
-  at::Tensor latents;  // packed [B, S, 64], on every rank
-  at::Tensor images;   // uint8 [B, H, W, 3] on every rank, when decoded
+  at::Tensor latents;                   // packed [B, S, 64], on every rank
+  at::Tensor images;                    // uint8 [B, H, W, 3] on every rank, when decoded
   std::vector<std::string> imagePaths;  // the PNG files written
   RunReport report;
 };
@@ -121,7 +121,7 @@ struct EncodeRequest {
   PromptInput prompt;
   PromptInput negativePrompt;  // optional
   int64_t maxSequenceLength = 0;
-  std::string output;          // rank 0 writes prompt_embeds, pooled_prompt_embeds (and negative_*) here
+  std::string output;  // rank 0 writes prompt_embeds, pooled_prompt_embeds (and negative_*) here
 };
 
 struct EncodeResult {
@@ -150,20 +150,20 @@ struct BenchmarkRequest {
   int iters = 5;
   std::string prompt;             // encode: the prompt (empty: a built-in one)
   int64_t maxSequenceLength = 0;  // encode: T5 tokens (0: the model's default)
-  bool profile = false;  // one more forward under the operator profiler (pipeline/op_profile.h)
+  bool profile = false;           // one more forward under the operator profiler (pipeline/op_profile.h)
 };
 
 struct BenchmarkResult {
   std::string modelName;
-  std::vector<double> samples;   // seconds per timed forward (pipelined step with PipeFusion), slowest rank
+  std::vector<double> samples;  // seconds per timed forward (pipelined step with PipeFusion), slowest rank
   double median = 0.0, best = 0.0, mean = 0.0;
-  double flops = 0.0;            // per forward, all ranks together
-  double commShare = 0.0;        // largest rank's share of the step in communication (without PipeFusion)
-  double gemmRate = 0.0;         // GEMM rate (FLOP/s) of one rank's device at this dtype, measured in the run
+  double flops = 0.0;      // per forward, all ranks together
+  double commShare = 0.0;  // largest rank's share of the step in communication (without PipeFusion)
+  double gemmRate = 0.0;   // GEMM rate (FLOP/s) of one rank's device at this dtype, measured in the run
   // Single rank: the forward's GEMMs and attention timed alone (seconds); the rest is "other".
   double gemmSeconds = 0.0, attentionSeconds = 0.0;
-  bool cudaGraphs = false;       // the timed forwards were CUDA graph replays (--cuda-graphs)
-  std::string attentionKernel;   // the kernel the forward's attention ran (--attention, auto resolved)
+  bool cudaGraphs = false;      // the timed forwards were CUDA graph replays (--cuda-graphs)
+  std::string attentionKernel;  // the kernel the forward's attention ran (--attention, auto resolved)
   // PipeFusion: patches, and the share of a pipelined step spent waiting for the previous stage.
   int patches = 0, warmupSteps = 0;
   double bubbleShareMean = 0.0, bubbleShareMax = 0.0;

@@ -9,11 +9,11 @@
 #include <string>
 #include <vector>
 
-#include "pardit/pipeline/options.h"
 #include "pardit/dist/topology.h"
 #include "pardit/memory/planner.h"
 #include "pardit/model/flux_config.h"
 #include "pardit/model/vae.h"
+#include "pardit/pipeline/options.h"
 
 namespace pardit::pipeline {
 
@@ -38,8 +38,8 @@ struct DecodePlan {
 // ranks. auto: the patch-parallel decode when it fits freeBytes (the least any rank has), else tiles:
 // the VAE's sample_size (diffusers' tile) halved until one fits; it does not fit when not even 64 px
 // tiles do. on: tiles (--vae-tile-size, or as auto chooses them). off: never tiles.
-DecodePlan planDecode(const model::VaeConfig& vae, const EngineOptions& c, int64_t batch, int64_t height,
-                      int64_t width, int ranks, c10::ScalarType dtype, uint64_t freeBytes);
+DecodePlan planDecode(const model::VaeConfig& vae, const EngineOptions& c, int64_t batch, int64_t height, int64_t width,
+                      int ranks, c10::ScalarType dtype, uint64_t freeBytes);
 
 // The requests a plan is made for (the largest of a queue).
 struct PlanShape {
@@ -56,16 +56,16 @@ struct JobPlan {
   uint64_t checkpointBytes = 0;
   c10::ScalarType dtype = c10::kBFloat16;
   model::WeightFormat weightFormat = model::WeightFormat::kDense;  // of the transformer's weights
-  int worldSize = 1;      // ranks of one replica group (every rank's plan below is one of the group)
-  int dataParallel = 1;   // replica groups, each the same plan; each encodes its own prompts
+  int worldSize = 1;     // ranks of one replica group (every rank's plan below is one of the group)
+  int dataParallel = 1;  // replica groups, each the same plan; each encodes its own prompts
   dist::ParallelDegrees degrees;
   int64_t imageTokens = 0;
   bool trueCfg = false;
-  std::string stages;                  // PipeFusion stage split, or empty
+  std::string stages;  // PipeFusion stage split, or empty
   std::vector<memory::RankPlan> ranks;
-  std::vector<int> stageOf;            // PipeFusion stage of each rank
+  std::vector<int> stageOf;  // PipeFusion stage of each rank
   bool allFit = true;
-  std::string budgetSource;            // how an auto budget was found, or empty
+  std::string budgetSource;  // how an auto budget was found, or empty
   // The text encoders, when the model has them (or --text-encoder/-2 name them): the rank planned to run
   // them (the one with the most memory to spare after its plan, or --text-encoder-rank), their weights
   // in the compute dtype, and whether T5 streams block by block there.

@@ -10,10 +10,10 @@
 #include <memory>
 #include <string>
 
-#include "pardit/pipeline/options.h"
 #include "pardit/io/checkpoint.h"
 #include "pardit/model/flux.h"
 #include "pardit/model/fp8.h"
+#include "pardit/pipeline/options.h"
 #include "pardit/pipeline/scheduler.h"
 
 namespace pardit::pipeline {
@@ -37,7 +37,8 @@ using Fp8ScaleSource = std::function<at::Tensor(const std::string& weight)>;
 // scales of the weight read just before (kept until asked for; when asked first, from `scale` if given,
 // else by reading the weight); every other tensor comes from `dense`. Safe to call from several threads.
 TensorReader formatReader(model::WeightFormat format, TensorReader dense, Fp8Source fp8,
-                          bool (*eligible)(const std::string&) = model::fluxFp8Eligible, Fp8ScaleSource scale = nullptr);
+                          bool (*eligible)(const std::string&) = model::fluxFp8Eligible,
+                          Fp8ScaleSource scale = nullptr);
 // The reader of a checkpoint in a format (stored FP8 read as is; anything else quantized while loading).
 // The checkpoint must outlive the reader.
 TensorReader checkpointReader(const io::FluxCheckpoint& checkpoint, model::WeightFormat format);

@@ -40,7 +40,7 @@ struct QueueOptions {
   // Up to this many queued requests of one shape (size, steps, guidance, true CFG, text length) share one
   // transformer call; each image is the one its request makes alone (its own seed's noise, its own PNG).
   int batchSize = 1;
-  bool gracefulStop = true;            // handle SIGINT/SIGTERM/SIGUSR1 between images
+  bool gracefulStop = true;  // handle SIGINT/SIGTERM/SIGUSR1 between images
 };
 
 // "I/N" (0 <= I < N), or "auto": a Slurm array task's SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN of

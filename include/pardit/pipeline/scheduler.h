@@ -11,8 +11,8 @@
 namespace pardit::pipeline {
 
 struct SchedulerConfig {
-  bool dynamicShift = true;   // dev: true; schnell: false
-  double shift = 1.0;         // static shift, used when dynamicShift is false
+  bool dynamicShift = true;  // dev: true; schnell: false
+  double shift = 1.0;        // static shift, used when dynamicShift is false
   double baseShift = 0.5;
   double maxShift = 1.15;
   int64_t baseSeqLen = 256;

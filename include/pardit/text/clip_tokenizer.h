@@ -39,8 +39,8 @@ class ClipTokenizer {
   size_t vocabSize() const { return vocab_.size(); }
 
  private:
-  ClipTokenizer(std::unordered_map<std::string, int64_t> vocab, const std::vector<std::pair<std::string, std::string>>& merges,
-                const std::string& where);
+  ClipTokenizer(std::unordered_map<std::string, int64_t> vocab,
+                const std::vector<std::pair<std::string, std::string>>& merges, const std::string& where);
   void bpe(const std::string& piece, std::vector<int64_t>& out) const;
 
   std::unordered_map<std::string, int64_t> vocab_;

@@ -46,9 +46,9 @@ class T5Tokenizer {
 
   std::vector<Piece> pieces_;
   std::unordered_map<std::string, int64_t> ids_;
-  std::vector<std::string> added_;        // special tokens matched in the raw text
-  std::vector<uint32_t> trie_;            // the charsmap's double array
-  std::string replacements_;              // its NUL-separated replacement strings
+  std::vector<std::string> added_;  // special tokens matched in the raw text
+  std::vector<uint32_t> trie_;      // the charsmap's double array
+  std::string replacements_;        // its NUL-separated replacement strings
   size_t longestPiece_ = 0;
   double unkScore_ = 0.0;
   int64_t unk_ = 2, eos_ = 1, pad_ = 0;

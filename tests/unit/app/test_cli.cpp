@@ -6,9 +6,9 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "test_util.h"
 #include "pardit/io/png.h"
 #include "pardit/io/safetensors.h"
+#include "test_util.h"
 
 using namespace pardit;
 using pardit::test::fixture;
@@ -67,7 +67,8 @@ TEST(Cli, UnfusedGivesTheFusedBits) {
     }
     EXPECT_TRUE(at::equal(latents[0], latents[1])) << dtype;
   }
-  auto b = runPardit("bench --model " + dir.file("m") + " --height 32 --width 32 --text-len 8 --warmup 0 --iters 1 "
+  auto b = runPardit("bench --model " + dir.file("m") +
+                     " --height 32 --width 32 --text-len 8 --warmup 0 --iters 1 "
                      "--threads 1 --unfused");
   ASSERT_EQ(b.exitCode, 0) << b.output;
   EXPECT_NE(b.output.find("fused passes: off"), std::string::npos) << b.output;
@@ -81,12 +82,14 @@ TEST(Cli, SynthThenGenerateIsDeterministicAcrossLayouts) {
     ASSERT_EQ(r.exitCode, 0) << r.output;
   }
   const std::string embeds = dir.file("diffusers/prompt_embeds.safetensors");
-  auto a = runPardit("generate --model " + dir.file("diffusers") + " --prompt-embeds " + embeds +
-                     " --height 32 --width 48 --steps 2 --seed 9 --threads 1 --save-latents " + dir.file("a.safetensors"));
+  auto a =
+      runPardit("generate --model " + dir.file("diffusers") + " --prompt-embeds " + embeds +
+                " --height 32 --width 48 --steps 2 --seed 9 --threads 1 --save-latents " + dir.file("a.safetensors"));
   ASSERT_EQ(a.exitCode, 0) << a.output;
   EXPECT_NE(a.output.find("step 2/2"), std::string::npos);
-  auto b = runPardit("generate --model " + dir.file("bfl/flux1-tiny.safetensors") + " --prompt-embeds " + embeds +
-                     " --height 32 --width 48 --steps 2 --seed 9 --threads 1 --save-latents " + dir.file("b.safetensors"));
+  auto b =
+      runPardit("generate --model " + dir.file("bfl/flux1-tiny.safetensors") + " --prompt-embeds " + embeds +
+                " --height 32 --width 48 --steps 2 --seed 9 --threads 1 --save-latents " + dir.file("b.safetensors"));
   ASSERT_EQ(b.exitCode, 0) << b.output;
   at::Tensor la = io::SafetensorsFile::open(dir.file("a.safetensors"))->read("latents");
   at::Tensor lb = io::SafetensorsFile::open(dir.file("b.safetensors"))->read("latents");
@@ -94,11 +97,16 @@ TEST(Cli, SynthThenGenerateIsDeterministicAcrossLayouts) {
   EXPECT_TRUE(at::equal(la, lb));
   // The latents carry what it takes to unpack and trace them.
   const auto meta = io::SafetensorsFile::open(dir.file("a.safetensors"))->metadata();
-  for (const auto& [k, v] : std::map<std::string, std::string>{{"height", "32"}, {"width", "48"}, {"seed", "9"},
-                                                                {"steps", "2"}, {"guidance_scale", "3.5"},
-                                                                {"true_cfg_scale", "1"}, {"schedule", "shifted"},
-                                                                {"model", dir.file("diffusers")}, {"dtype", "fp32"},
-                                                                {"format", "pt"}})
+  for (const auto& [k, v] : std::map<std::string, std::string>{{"height", "32"},
+                                                               {"width", "48"},
+                                                               {"seed", "9"},
+                                                               {"steps", "2"},
+                                                               {"guidance_scale", "3.5"},
+                                                               {"true_cfg_scale", "1"},
+                                                               {"schedule", "shifted"},
+                                                               {"model", dir.file("diffusers")},
+                                                               {"dtype", "fp32"},
+                                                               {"format", "pt"}})
     EXPECT_EQ(meta.count(k) ? meta.at(k) : "(missing)", v) << k;
   EXPECT_NE(meta.at("layout").find("ulysses 1"), std::string::npos) << meta.at("layout");
   // True CFG changes the result; the negative file comes from synth.
@@ -112,19 +120,23 @@ TEST(Cli, SynthThenGenerateIsDeterministicAcrossLayouts) {
   // The synthetic pipeline is complete: a text prompt through its tokenizers and encoders to a PNG, the same
   // picture from both layouts.
   for (const std::string& model : {dir.file("diffusers"), dir.file("bfl/flux1-tiny.safetensors")}) {
-    auto p = runPardit("generate --model " + model + " --prompt 'a cozy cabin in the snow' --max-sequence-length 16"
-                       " --height 32 --width 48 --steps 2 --seed 9 --threads 1 --output " + dir.file(std::to_string(model.size()) + ".png"));
+    auto p = runPardit("generate --model " + model +
+                       " --prompt 'a cozy cabin in the snow' --max-sequence-length 16"
+                       " --height 32 --width 48 --steps 2 --seed 9 --threads 1 --output " +
+                       dir.file(std::to_string(model.size()) + ".png"));
     ASSERT_EQ(p.exitCode, 0) << p.output;
   }
-  EXPECT_TRUE(at::equal(io::readPng(dir.file(std::to_string(dir.file("diffusers").size()) + ".png")).pixels,
-                        io::readPng(dir.file(std::to_string(dir.file("bfl/flux1-tiny.safetensors").size()) + ".png")).pixels));
+  EXPECT_TRUE(
+      at::equal(io::readPng(dir.file(std::to_string(dir.file("diffusers").size()) + ".png")).pixels,
+                io::readPng(dir.file(std::to_string(dir.file("bfl/flux1-tiny.safetensors").size()) + ".png")).pixels));
 }
 
 TEST(Cli, EnvironmentAndIniFileFillOptionsWithCommandLinePrecedence) {
   TempDir dir;
   ASSERT_EQ(runPardit("synth --preset tiny --out " + dir.file("m")).exitCode, 0);
   std::ofstream(dir.file("run.ini")) << "# a run\nheight = 32\nwidth = 32\nsteps = 3\nthreads = 1\n";
-  const std::string base = "generate --model " + dir.file("m") + " --prompt-embeds " + dir.file("m/prompt_embeds.safetensors");
+  const std::string base =
+      "generate --model " + dir.file("m") + " --prompt-embeds " + dir.file("m/prompt_embeds.safetensors");
   auto r = runPardit(base + " --config " + dir.file("run.ini"));
   EXPECT_EQ(r.exitCode, 0) << r.output;
   EXPECT_NE(r.output.find("3 steps"), std::string::npos) << r.output;
@@ -134,7 +146,8 @@ TEST(Cli, EnvironmentAndIniFileFillOptionsWithCommandLinePrecedence) {
   EXPECT_NE(r.output.find("2 steps"), std::string::npos) << r.output;
   r = runPardit("");
   EXPECT_EQ(r.exitCode, 2);
-  const std::string env = "env PARDIT_STEPS=4 PARDIT_HEIGHT=16 PARDIT_WIDTH=16 " + std::string(PARDIT_BINARY) + " " + base;
+  const std::string env =
+      "env PARDIT_STEPS=4 PARDIT_HEIGHT=16 PARDIT_WIDTH=16 " + std::string(PARDIT_BINARY) + " " + base;
   FILE* p = ::popen((env + " 2>&1").c_str(), "r");
   std::string out;
   char buf[512];
@@ -168,29 +181,37 @@ TEST(Cli, BadInputGivesOneLineErrorAndNonZeroExit) {
   }
   // A truncated model file and a corrupt header.
   std::filesystem::create_directories(dir.file("trunc"));
-  std::filesystem::copy_file(fixture("flux_tiny_dev/flux1-tiny-dev.safetensors"), dir.file("trunc/flux1-x.safetensors"));
+  std::filesystem::copy_file(fixture("flux_tiny_dev/flux1-tiny-dev.safetensors"),
+                             dir.file("trunc/flux1-x.safetensors"));
   std::filesystem::resize_file(dir.file("trunc/flux1-x.safetensors"), 500000);
   { std::ofstream(dir.file("garbage.safetensors")) << "\xff\xff\xff\xff\xff\xff\xff\x7fgarbage"; }
   std::filesystem::create_directories(dir.file("empty"));
 
   const std::vector<BadRun> cases = {
-      {"missing inputs tensor", "forward --model " + fixture("flux_tiny_dev/diffusers") + " --inputs " +
-                                    dir.file("noguid.safetensors") + " --output " + dir.file("o.safetensors"),
+      {"missing inputs tensor",
+       "forward --model " + fixture("flux_tiny_dev/diffusers") + " --inputs " + dir.file("noguid.safetensors") +
+           " --output " + dir.file("o.safetensors"),
        {"noguid.safetensors", "'guidance'"}},
-      {"inputs for another model", "forward --model " + fixture("flux_tiny_schnell/diffusers") + " --inputs " +
-                                       fixture("forward_tiny_dev.safetensors") + " --output " + dir.file("o.safetensors"),
+      {"inputs for another model",
+       "forward --model " + fixture("flux_tiny_schnell/diffusers") + " --inputs " +
+           fixture("forward_tiny_dev.safetensors") + " --output " + dir.file("o.safetensors"),
        {"forward_tiny_dev.safetensors", "encoder_hidden_states"}},
-      {"truncated model", "generate --model " + dir.file("trunc/flux1-x.safetensors") + " --prompt-embeds " + embeds,
+      {"truncated model",
+       "generate --model " + dir.file("trunc/flux1-x.safetensors") + " --prompt-embeds " + embeds,
        {"flux1-x.safetensors"}},
-      {"corrupt header", "generate --model " + dir.file("garbage.safetensors") + " --prompt-embeds " + embeds,
+      {"corrupt header",
+       "generate --model " + dir.file("garbage.safetensors") + " --prompt-embeds " + embeds,
        {"garbage.safetensors", "header length"}},
-      {"directory without model", "generate --model " + dir.file("empty") + " --prompt-embeds " + embeds,
+      {"directory without model",
+       "generate --model " + dir.file("empty") + " --prompt-embeds " + embeds,
        {"empty", "no FLUX transformer found"}},
       {"bad height", "generate --model " + model + " --prompt-embeds " + embeds + " --height 50", {"--height"}},
-      {"embeddings of the wrong width", "generate --model " + fixture("flux_tiny_schnell/diffusers") +
-                                            " --prompt-embeds " + embeds + " --height 32 --width 32",
+      {"embeddings of the wrong width",
+       "generate --model " + fixture("flux_tiny_schnell/diffusers") + " --prompt-embeds " + embeds +
+           " --height 32 --width 32",
        {"prompt_embeds.safetensors", "prompt_embeds"}},
-      {"true cfg without negative", "generate --model " + model + " --prompt-embeds " + embeds + " --true-cfg-scale 4",
+      {"true cfg without negative",
+       "generate --model " + model + " --prompt-embeds " + embeds + " --true-cfg-scale 4",
        {"--negative-prompt-embeds"}},
       {"unknown option", "generate --model " + model + " --stepz 3", {"stepz"}},
       {"bad option value", "generate --model " + model + " --steps many", {"--steps"}},
@@ -244,8 +265,8 @@ TEST(Cli, GenerateWritesThePngOfFluxPipeline) {
   ASSERT_EQ(both.exitCode, 0) << both.output;
   EXPECT_TRUE(std::filesystem::exists(dir.file("a.png")) && std::filesystem::exists(dir.file("a.safetensors")));
   auto missing = runPardit("generate --threads 1 --model " + fixture("flux_tiny_dev/diffusers") + " --prompt-embeds " +
-                           fixture("pipeline_tiny_dev_image.safetensors") + " --height 32 --width 32 --steps 1 --output " +
-                           dir.file("no/such/dir/a.png"));
+                           fixture("pipeline_tiny_dev_image.safetensors") +
+                           " --height 32 --width 32 --steps 1 --output " + dir.file("no/such/dir/a.png"));
   EXPECT_NE(missing.exitCode, 0);
   EXPECT_NE(missing.output.find("--output"), std::string::npos) << missing.output;
   EXPECT_EQ(missing.output.find("step 1/1"), std::string::npos) << "must fail before the denoising loop";
@@ -272,11 +293,13 @@ TEST(Cli, PromptInImageOutEqualsFluxPipeline) {
   auto embeds = io::SafetensorsFile::open(dir.file("e.safetensors"));
   for (const std::string name : {"prompt_embeds", "pooled_prompt_embeds"}) {
     const double err = test::maxRelError(embeds->read(name), ref->read(name));
-    std::printf("[fidelity] pardit encode %s vs FluxPipeline.encode_prompt: max relative error %.3e\n", name.c_str(), err);
+    std::printf("[fidelity] pardit encode %s vs FluxPipeline.encode_prompt: max relative error %.3e\n", name.c_str(),
+                err);
     EXPECT_LE(err, 1e-5) << name;
   }
   for (const auto& [name, flags] : std::vector<std::pair<std::string, std::string>>{
-           {"plain", ""}, {"true_cfg", " --negative-prompt '" + prompts[0].get<std::string>() + "' --true-cfg-scale 2.5"}}) {
+           {"plain", ""},
+           {"true_cfg", " --negative-prompt '" + prompts[0].get<std::string>() + "' --true-cfg-scale 2.5"}}) {
     const std::string png = dir.file(name + ".png");
     auto r = runPardit("generate --threads 1 --model " + model + " --prompt " + prompt + flags +
                        " --max-sequence-length " + len + " --height 64 --width 96 --steps 3 --seed 42 --output " + png);
@@ -291,11 +314,12 @@ TEST(Cli, PromptInImageOutEqualsFluxPipeline) {
   }
   // A prompt file is a queue: one PNG per non-empty line, named by index and seed (--seed + index).
   std::ofstream(dir.file("prompts.txt")) << "a cat\n\na dog\n";
-  auto queue = runPardit("generate --threads 1 --model " + model + " --prompt-file " + dir.file("prompts.txt") +
-                         " --max-sequence-length 8 --height 32 --width 32 --steps 1 --seed 10 --output-dir " +
-                         dir.file("q"));
+  auto queue =
+      runPardit("generate --threads 1 --model " + model + " --prompt-file " + dir.file("prompts.txt") +
+                " --max-sequence-length 8 --height 32 --width 32 --steps 1 --seed 10 --output-dir " + dir.file("q"));
   ASSERT_EQ(queue.exitCode, 0) << queue.output;
-  EXPECT_TRUE(std::filesystem::exists(dir.file("q/00000-10.png")) && std::filesystem::exists(dir.file("q/00001-11.png")))
+  EXPECT_TRUE(std::filesystem::exists(dir.file("q/00000-10.png")) &&
+              std::filesystem::exists(dir.file("q/00001-11.png")))
       << queue.output;
   // --output names one image: with a prompt file it is an error naming both.
   auto both2 = runPardit("generate --threads 1 --model " + model + " --prompt-file " + dir.file("prompts.txt") +
@@ -323,7 +347,8 @@ TEST(Cli, PlanWithTheDefaultBudgetAndDerivedWorldSize) {
   EXPECT_NE(r.output.find("2 rank(s): cfg 1 x pipefusion 2"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("text encoders on rank"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("decode: patch-parallel (exact)"), std::string::npos) << r.output;
-  r = runPardit("plan --model " + fixture("flux_tiny_pipeline") + " --json --device-memory-budget 1GiB --vae-tiling on");
+  r = runPardit("plan --model " + fixture("flux_tiny_pipeline") +
+                " --json --device-memory-budget 1GiB --vae-tiling on");
   ASSERT_EQ(r.exitCode, 0) << r.output;
   const auto j = nlohmann::json::parse(r.output);
   EXPECT_EQ(j["decode"]["mode"], "tiles");

@@ -90,8 +90,9 @@ TEST(Options, BadValuesNameTheFlag) {
 
 TEST(Options, EnvironmentTyposAreErrors) {
   ::setenv("PARDIT_STEP", "3", 1);
-  EXPECT_NE(errorOf("generate", kGenerate).find("PARDIT_STEP is not an option of pardit generate; did you mean "
-                                                "PARDIT_STEPS (--steps)?"),
+  EXPECT_NE(errorOf("generate", kGenerate)
+                .find("PARDIT_STEP is not an option of pardit generate; did you mean "
+                      "PARDIT_STEPS (--steps)?"),
             std::string::npos);
   ::unsetenv("PARDIT_STEP");
   ::setenv("PARDIT_STEPS", "4", 1);
@@ -110,14 +111,14 @@ TEST(Options, EnvironmentTyposAreErrors) {
 TEST(Options, EveryOptionIsSyncedOrExplicitlyLocal) {
   const std::set<std::string> local = {"threads", "log-level", "quiet"};
   for (const auto& [name, text] : config::commands()) {
-    config::EngineConfig c = parse(name, name == "generate" ? kGenerate
-                                         : name == "forward" ? std::vector<std::string>{"--model", "m", "--inputs", "i",
-                                                                                        "--output", "o"}
-                                         : name == "plan"    ? std::vector<std::string>{"--model", "m"}
-                                         : name == "synth"   ? std::vector<std::string>{"--out", "d"}
-                                         : name == "encode"  ? std::vector<std::string>{"--model", "m", "--output", "o"}
-                                         : name == "quantize" ? std::vector<std::string>{"--model", "m", "--out", "d"}
-                                                              : std::vector<std::string>{});
+    config::EngineConfig c =
+        parse(name, name == "generate"   ? kGenerate
+                    : name == "forward"  ? std::vector<std::string>{"--model", "m", "--inputs", "i", "--output", "o"}
+                    : name == "plan"     ? std::vector<std::string>{"--model", "m"}
+                    : name == "synth"    ? std::vector<std::string>{"--out", "d"}
+                    : name == "encode"   ? std::vector<std::string>{"--model", "m", "--output", "o"}
+                    : name == "quantize" ? std::vector<std::string>{"--model", "m", "--out", "d"}
+                                         : std::vector<std::string>{});
     std::set<std::string> synced;
     for (const auto& [flag, value] : config::syncedOptions(c)) synced.insert(flag);
     EXPECT_TRUE(synced.count("the command"));

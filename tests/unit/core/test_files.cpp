@@ -31,7 +31,8 @@ int temporaries(const std::string& dir) {
 
 TEST(Files, TemporariesAreHiddenUniqueAndBesideTheTarget) {
   TempDir dir;
-  const std::string a = pardit::temporaryPathFor(dir.file("out.png")), b = pardit::temporaryPathFor(dir.file("out.png"));
+  const std::string a = pardit::temporaryPathFor(dir.file("out.png")),
+                    b = pardit::temporaryPathFor(dir.file("out.png"));
   EXPECT_NE(a, b);
   EXPECT_EQ(fs::path(a).parent_path(), fs::path(dir.file("out.png")).parent_path());
   EXPECT_EQ(fs::path(a).filename().string().rfind(".out.png.", 0), 0u) << a;

@@ -31,7 +31,8 @@ TEST(InProcess, CollectivesMoveTheRightData) {
     w.broadcast(b, 2);
     EXPECT_TRUE(at::equal(b, at::full({4}, 2, at::kInt)));
     // all-reduce.
-    for (auto [op, expect] : {std::pair{dist::ReduceOp::kSum, 3.0}, {dist::ReduceOp::kMax, 2.0}, {dist::ReduceOp::kMin, 0.0}}) {
+    for (auto [op, expect] :
+         {std::pair{dist::ReduceOp::kSum, 3.0}, {dist::ReduceOp::kMax, 2.0}, {dist::ReduceOp::kMin, 0.0}}) {
       at::Tensor x = at::full({2}, static_cast<double>(r), at::kDouble);
       w.allReduce(x, op);
       EXPECT_EQ(x[0].item<double>(), expect);
@@ -148,8 +149,8 @@ TEST(InProcess, RingAttentionEqualsFullAttention) {
       const at::Tensor out = parallel::ringAttention(rt.world(), mine(q), mine(k), mine(v));
       EXPECT_LE((out - mine(full)).abs().max().item<double>(), 1e-5) << "R=" << R;
       // Each block with the kernel --attention names (here the math composition).
-      const at::Tensor math = parallel::ringAttention(rt.world(), mine(q), mine(k), mine(v), {}, {},
-                                                      model::AttentionKernel::kMath);
+      const at::Tensor math =
+          parallel::ringAttention(rt.world(), mine(q), mine(k), mine(v), {}, {}, model::AttentionKernel::kMath);
       EXPECT_LE((math - mine(full)).abs().max().item<double>(), 1e-5) << "R=" << R << ", math";
     });
   }

@@ -38,7 +38,8 @@ TEST_F(WatchdogDeathTest, AnOperationPastTheTimeoutEndsTheJobNamingIt) {
       {
         dist::Watchdog watchdog;
         watchdog.setTimeout(0.5);
-        const uint64_t ulysses = watchdog.addChannel("the ulysses group", {[] { return std::string("peer 3 gone"); }, {}, {}});
+        const uint64_t ulysses =
+            watchdog.addChannel("the ulysses group", {[] { return std::string("peer 3 gone"); }, {}, {}});
         const uint64_t world = watchdog.addChannel("the world");
         watchdog.setContext("step 1/4");
         { dist::Watchdog::Operation done(&watchdog, ulysses, "MPI_Alltoall"); }  // #1, completed
@@ -59,18 +60,20 @@ TEST_F(WatchdogDeathTest, AnOperationPastTheTimeoutEndsTheJobNamingIt) {
 TEST_F(WatchdogDeathTest, AsyncErrorEndsTheJobAtOnceAfterEveryAbort) {
   // The child runs this body again (threadsafe style): it finds the parent's marker path in the environment.
   if (!std::getenv("PARDIT_WATCHDOG_MARKER"))
-    ::setenv("PARDIT_WATCHDOG_MARKER", (::testing::TempDir() + "pardit-watchdog-" + std::to_string(::getpid())).c_str(), 1);
+    ::setenv("PARDIT_WATCHDOG_MARKER", (::testing::TempDir() + "pardit-watchdog-" + std::to_string(::getpid())).c_str(),
+             1);
   const std::string marker = std::getenv("PARDIT_WATCHDOG_MARKER");
   const auto start = std::chrono::steady_clock::now();
   EXPECT_EXIT(
       {
         dist::Watchdog watchdog;
         watchdog.setTimeout(600);  // far away: the error, not the timeout, must end the job
-        watchdog.addChannel("a healthy group", {{}, {}, [marker] { std::ofstream(marker + ".healthy") << "aborted\n"; }});
-        const uint64_t failed = watchdog.addChannel(
-            "the ring group (NCCL)", {{},
-                                      [] { return std::string("unhandled system error (a peer died)"); },
-                                      [marker] { std::ofstream(marker + ".failed") << "aborted\n"; }});
+        watchdog.addChannel("a healthy group",
+                            {{}, {}, [marker] { std::ofstream(marker + ".healthy") << "aborted\n"; }});
+        const uint64_t failed = watchdog.addChannel("the ring group (NCCL)",
+                                                    {{},
+                                                     [] { return std::string("unhandled system error (a peer died)"); },
+                                                     [marker] { std::ofstream(marker + ".failed") << "aborted\n"; }});
         // An abort that never returns (a driver waiting on a dead peer) must not keep the process alive.
         watchdog.addChannel("a hanging group", {{}, {}, [] { std::this_thread::sleep_for(std::chrono::hours(1)); }});
         watchdog.setContext("step 2/4");

@@ -4,11 +4,11 @@
 #include <filesystem>
 #include <fstream>
 
-#include "test_util.h"
 #include "pardit/core/error.h"
 #include "pardit/io/checkpoint.h"
 #include "pardit/io/safetensors.h"
 #include "pardit/io/synth.h"
+#include "test_util.h"
 
 using namespace pardit;
 using pardit::test::fixture;
@@ -182,7 +182,8 @@ TEST(Checkpoint, UnusedTensorsAndAForeignModelIndexAreFindingsNotSilence) {
   }
   const auto ck = io::FluxCheckpoint::open(bfl);
   ASSERT_EQ(ck.findings().size(), 1u);
-  EXPECT_NE(ck.findings()[0].find("1 tensor(s) the model does not use, e.g. 'lora_unet.extra.weight'"), std::string::npos)
+  EXPECT_NE(ck.findings()[0].find("1 tensor(s) the model does not use, e.g. 'lora_unet.extra.weight'"),
+            std::string::npos)
       << ck.findings()[0];
   // model_index.json of another pipeline beside a FLUX transformer.
   std::ofstream(rd.modelPath + "/model_index.json") << "{\"_class_name\": \"StableDiffusionPipeline\"}";
@@ -210,5 +211,6 @@ TEST(Checkpoint, AFolderOfBflFilesPicksTheTransformerAndSkipsADamagedNeighbour) 
   EXPECT_NE(renamed.choice().find("my-finetune.safetensors"), std::string::npos) << renamed.choice();
   // Two transformers: ambiguous, named.
   std::filesystem::copy_file(dir.file("b/my-finetune.safetensors"), dir.file("b/other.safetensors"));
-  EXPECT_NE(openError(dir.file("b")).find("2 FLUX transformer files found"), std::string::npos) << openError(dir.file("b"));
+  EXPECT_NE(openError(dir.file("b")).find("2 FLUX transformer files found"), std::string::npos)
+      << openError(dir.file("b"));
 }

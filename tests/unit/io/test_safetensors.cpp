@@ -3,9 +3,9 @@
 
 #include <fstream>
 
-#include "test_util.h"
 #include "pardit/core/error.h"
 #include "pardit/io/safetensors.h"
+#include "test_util.h"
 
 using namespace pardit;
 using pardit::test::TempDir;
@@ -110,7 +110,8 @@ TEST(Safetensors, RejectsCorruptFilesWithAClearMessage) {
       {"unknown dtype", R"({"w":{"dtype":"F17","shape":[2],"data_offsets":[0,8]}})", 8, 0, "unknown dtype 'F17'"},
       {"size mismatch", R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8, 0, "shape x dtype size is 12"},
       {"beyond data", R"({"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", 8, 0, "beyond the data area"},
-      {"overlap", R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
+      {"overlap",
+       R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
        12, 0, "overlaps"},
       {"gap", R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", 8, 0, "gap of 4 bytes"},
       {"trailing bytes", R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", 12, 0, "trailing garbage"},

@@ -42,10 +42,11 @@ TEST(Fp8Memory, PlannerCountsFp8Bytes) {
   const auto dense12 = plan(model::WeightFormat::kDense, 12 * GiB), fp812 = plan(model::WeightFormat::kFp8, 12 * GiB);
   EXPECT_TRUE(dense12.fits && fp812.fits);
   EXPECT_LT(fp812.streamedBytes, dense12.streamedBytes / 2);
-  std::printf("[fp8] FLUX.1-dev 1024x1024, one rank: 24 GiB: bf16 streams %.2f GiB, fp8 %.2f GiB (resident %.2f "
-              "GiB); 12 GiB: bf16 streams %.2f GiB, fp8 %.2f GiB\n",
-              dense24.streamedBytes / double(GiB), fp824.streamedBytes / double(GiB), fp824.residentBytes / double(GiB),
-              dense12.streamedBytes / double(GiB), fp812.streamedBytes / double(GiB));
+  std::printf(
+      "[fp8] FLUX.1-dev 1024x1024, one rank: 24 GiB: bf16 streams %.2f GiB, fp8 %.2f GiB (resident %.2f "
+      "GiB); 12 GiB: bf16 streams %.2f GiB, fp8 %.2f GiB\n",
+      dense24.streamedBytes / double(GiB), fp824.streamedBytes / double(GiB), fp824.residentBytes / double(GiB),
+      dense12.streamedBytes / double(GiB), fp812.streamedBytes / double(GiB));
 }
 
 // Streaming FP8 groups: the output is the resident FP8 output bit for bit (from the file and from a host
@@ -57,13 +58,21 @@ TEST(Fp8Memory, StreamedGroupsMoveHalfTheBytes) {
     for (const auto& t : g.tensors) shapes[t.name] = t.shape;
   const pipeline::TensorReader read = pipeline::formatReader(
       model::WeightFormat::kFp8,
-      [shapes](const std::string& n, c10::ScalarType t, c10::Device d) { return io::synthTensor(4, n, shapes.at(n)).to(t).to(d); },
-      [shapes](const std::string& n, c10::Device) { return model::quantizeFp8Rows(io::synthTensor(4, n, shapes.at(n))); });
+      [shapes](const std::string& n, c10::ScalarType t, c10::Device d) {
+        return io::synthTensor(4, n, shapes.at(n)).to(t).to(d);
+      },
+      [shapes](const std::string& n, c10::Device) {
+        return model::quantizeFp8Rows(io::synthTensor(4, n, shapes.at(n)));
+      });
   const model::WeightGetter get = pipeline::getterOf(read, at::kFloat);
   const pipeline::LatentGeometry geom{64, 64, 16};
   at::manual_seed(3);
-  model::FluxInputs in{at::randn({1, geom.tokens(), c.inChannels}), at::randn({1, 8, c.contextInDim}),
-                       at::randn({1, c.vecInDim}), at::tensor({0.6f}), at::tensor({3.5f}), pipeline::imageIds(geom),
+  model::FluxInputs in{at::randn({1, geom.tokens(), c.inChannels}),
+                       at::randn({1, 8, c.contextInDim}),
+                       at::randn({1, c.vecInDim}),
+                       at::tensor({0.6f}),
+                       at::tensor({3.5f}),
+                       pipeline::imageIds(geom),
                        pipeline::textIds(8)};
   const at::Tensor ref = model::FluxTransformer(c, std::make_shared<model::ResidentFluxWeights>(c, get),
                                                 std::make_shared<model::LocalAttention>())

@@ -37,8 +37,8 @@ TEST(Planner, FluxDevOnOne24GiBCardStreamsSingleBlocksFirst) {
   auto seq = memory::planRank(w, 4ULL << 30, memory::OffloadMode::kSequential);
   EXPECT_TRUE(seq.fits) << seq.problem;
   // The group in use and those read ahead, each a buffer of the largest group (a double block).
-  EXPECT_EQ(seq.streamBufferBytes,
-            static_cast<uint64_t>(seq.prefetchDepth + 1) * memory::groupBufferBytes(dev, "double_blocks.0", at::kBFloat16));
+  EXPECT_EQ(seq.streamBufferBytes, static_cast<uint64_t>(seq.prefetchDepth + 1) *
+                                       memory::groupBufferBytes(dev, "double_blocks.0", at::kBFloat16));
   auto impossible = memory::planRank(w, 1ULL << 30, memory::OffloadMode::kAuto);
   EXPECT_FALSE(impossible.fits);
   EXPECT_NE(impossible.problem.find("even streaming every block"), std::string::npos);
@@ -54,8 +54,12 @@ TEST(Streamer, OutputEqualsResidentAndPeakStaysWithinBudget) {
   const model::WeightGetter read = [shapes](const std::string& n) { return io::synthTensor(4, n, shapes.at(n)); };
   const pipeline::LatentGeometry geom{64, 64, 16};
   at::manual_seed(3);
-  model::FluxInputs in{at::randn({1, geom.tokens(), c.inChannels}), at::randn({1, 8, c.contextInDim}),
-                       at::randn({1, c.vecInDim}), at::tensor({0.6f}), at::tensor({3.5f}), pipeline::imageIds(geom),
+  model::FluxInputs in{at::randn({1, geom.tokens(), c.inChannels}),
+                       at::randn({1, 8, c.contextInDim}),
+                       at::randn({1, c.vecInDim}),
+                       at::tensor({0.6f}),
+                       at::tensor({3.5f}),
+                       pipeline::imageIds(geom),
                        pipeline::textIds(8)};
   at::Tensor ref;
   {
@@ -92,7 +96,8 @@ TEST(Streamer, OutputEqualsResidentAndPeakStaysWithinBudget) {
     EXPECT_GT(streaming->accountant().peak(), plan.residentBytes);  // streamed groups were counted
     std::printf("[streaming] %s: weights %llu B, budget %llu B, accounted peak %llu B, planned %llu B\n",
                 hostCache ? "host copy" : "source", static_cast<unsigned long long>(weights),
-                static_cast<unsigned long long>(budget), static_cast<unsigned long long>(streaming->accountant().peak()),
+                static_cast<unsigned long long>(budget),
+                static_cast<unsigned long long>(streaming->accountant().peak()),
                 static_cast<unsigned long long>(plan.residentBytes + plan.streamBufferBytes));
   }
 }

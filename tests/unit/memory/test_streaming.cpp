@@ -27,9 +27,13 @@ namespace {
 model::FluxInputs inputsFor(const model::FluxConfig& c, c10::ScalarType dtype) {
   const pipeline::LatentGeometry geom{32, 32, 16};
   at::manual_seed(11);
-  return {at::randn({1, geom.tokens(), c.inChannels}).to(dtype), at::randn({1, 8, c.contextInDim}).to(dtype),
-          at::randn({1, c.vecInDim}).to(dtype), at::tensor({0.6f}).to(dtype), at::tensor({3.5f}).to(dtype),
-          pipeline::imageIds(geom), pipeline::textIds(8)};
+  return {at::randn({1, geom.tokens(), c.inChannels}).to(dtype),
+          at::randn({1, 8, c.contextInDim}).to(dtype),
+          at::randn({1, c.vecInDim}).to(dtype),
+          at::tensor({0.6f}).to(dtype),
+          at::tensor({3.5f}).to(dtype),
+          pipeline::imageIds(geom),
+          pipeline::textIds(8)};
 }
 
 memory::StoredSource storedOf(const io::FluxCheckpoint& ck) {
@@ -82,8 +86,9 @@ TEST(StreamingSources, StoredRangesAreTheLoadedBytes) {
     } else {
       EXPECT_EQ(multiRange, 0u) << "BFL tensors are stored as pardit uses them";
     }
-    EXPECT_TRUE(ck.storedRanges("double_blocks.0.img_attn.qkv.weight",
-                                stored == at::kFloat ? at::kBFloat16 : at::kFloat).empty());
+    EXPECT_TRUE(
+        ck.storedRanges("double_blocks.0.img_attn.qkv.weight", stored == at::kFloat ? at::kBFloat16 : at::kFloat)
+            .empty());
   }
 }
 
@@ -98,9 +103,10 @@ TEST(StreamingSources, FileAndHostSourcesReadWhatThePlanSays) {
     std::string name, path;
     model::WeightFormat format;
   };
-  for (const Case& k : {Case{"diffusers", test::fixture("flux_tiny_dev/diffusers"), model::WeightFormat::kDense},
-                        Case{"bfl", test::fixture("flux_tiny_dev/flux1-tiny-dev.safetensors"), model::WeightFormat::kDense},
-                        Case{"fp8 file", quantized.modelPath, model::WeightFormat::kFp8}}) {
+  for (const Case& k :
+       {Case{"diffusers", test::fixture("flux_tiny_dev/diffusers"), model::WeightFormat::kDense},
+        Case{"bfl", test::fixture("flux_tiny_dev/flux1-tiny-dev.safetensors"), model::WeightFormat::kDense},
+        Case{"fp8 file", quantized.modelPath, model::WeightFormat::kFp8}}) {
     const auto ck = io::FluxCheckpoint::open(k.path);
     const model::FluxConfig& c = ck.config();
     const c10::ScalarType dtype = ck.storedDtype() == at::kFloat8_e4m3fn ? at::kFloat : ck.storedDtype();
@@ -256,8 +262,7 @@ TEST(StreamingSources, HostMemoryStaysWithinWhatTheSourceMustHold) {
   const model::FluxConfig& c = ck.config();
   const auto read = ck.getter(at::kBFloat16);
   const auto in = inputsFor(c, at::kBFloat16);
-  auto plan = memory::planRank(test::wholeModel(c, at::kBFloat16, 16, 8), 1ULL << 40,
-                               memory::Offload::kSequential);
+  auto plan = memory::planRank(test::wholeModel(c, at::kBFloat16, 16, 8), 1ULL << 40, memory::Offload::kSequential);
   plan.prefetchDepth = 1;  // the tightest buffers
   uint64_t largest = 0, copies = 0;
   for (const auto& g : plan.groups)
@@ -291,10 +296,11 @@ TEST(StreamingSources, HostMemoryStaysWithinWhatTheSourceMustHold) {
     const uint64_t must = plan.residentBytes + plan.streamBufferBytes + (host ? copies : 0);
     // The forward's own activations at 16 + 8 tokens and library scratch space: a fixed allowance.
     const uint64_t allowance = 24ULL << 20;
-    std::printf("[streaming] small preset bf16, every block streamed from the %s: peak RSS +%.1f MiB, must hold "
-                "%.1f MiB (model %.1f MiB, stream buffers %.1f MiB), streaming host memory %.1f MiB\n",
-                host ? "host copy" : "file", peak / 1048576.0, must / 1048576.0, copies / 1048576.0,
-                plan.streamBufferBytes / 1048576.0, hostBytes / 1048576.0);
+    std::printf(
+        "[streaming] small preset bf16, every block streamed from the %s: peak RSS +%.1f MiB, must hold "
+        "%.1f MiB (model %.1f MiB, stream buffers %.1f MiB), streaming host memory %.1f MiB\n",
+        host ? "host copy" : "file", peak / 1048576.0, must / 1048576.0, copies / 1048576.0,
+        plan.streamBufferBytes / 1048576.0, hostBytes / 1048576.0);
     EXPECT_LE(peak, must + must / 10 + allowance) << (host ? "host copy" : "file");
     if (host) {
       EXPECT_GE(hostBytes, copies);
@@ -308,8 +314,7 @@ TEST(StreamingSources, HostMemoryStaysWithinWhatTheSourceMustHold) {
 // on the CPU the file; host beyond the budget is a one-line error naming both flags.
 TEST(StreamingSources, SourceChoiceFollowsTheHostBudget) {
   const auto c = model::FluxConfig::preset("flux-dev");
-  auto plan = memory::planRank(test::wholeModel(c, at::kBFloat16, 4096, 512), 12ULL << 30,
-                               memory::Offload::kAuto);
+  auto plan = memory::planRank(test::wholeModel(c, at::kBFloat16, 4096, 512), 12ULL << 30, memory::Offload::kAuto);
   ASSERT_TRUE(plan.fits && plan.anyStreamed());
   uint64_t copies = 0;
   for (const auto& g : plan.groups)
@@ -334,8 +339,7 @@ TEST(StreamingSources, SourceChoiceFollowsTheHostBudget) {
     EXPECT_NE(m.find("--host-memory-budget is 1.00 GiB"), std::string::npos) << m;
   }
   // A plan without streamed groups needs nothing.
-  auto resident = memory::planRank(test::wholeModel(c, at::kBFloat16, 4096, 512), 80ULL << 30,
-                                   memory::Offload::kNone);
+  auto resident = memory::planRank(test::wholeModel(c, at::kBFloat16, 4096, 512), 80ULL << 30, memory::Offload::kNone);
   memory::chooseStreamSource(resident, memory::StreamSource::kHost, true, 0);
   EXPECT_EQ(resident.hostBytes, 0u);
 }

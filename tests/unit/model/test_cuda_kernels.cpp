@@ -12,8 +12,8 @@
 #include "pardit/core/error.h"
 #include "pardit/io/checkpoint.h"
 #include "pardit/model/attention.h"
-#include "pardit/model/fp8.h"
 #include "pardit/model/flux_config.h"
+#include "pardit/model/fp8.h"
 #include "pardit/parallel/usp_attention.h"
 #include "test_util.h"
 
@@ -78,8 +78,8 @@ TEST(CudaAttention, EveryNamedKernelMatchesTheMathPath) {
   const auto tokenMajor = [&](int64_t s) { return at::randn({1, s, 6, 128}, opts).transpose(1, 2); };
   const at::Tensor q = tokenMajor(333), k = tokenMajor(333), v = tokenMajor(333);
   const Reference ref = mathAttention(q, k, v);
-  for (AttentionKernel kernel : {AttentionKernel::kFlash, AttentionKernel::kEfficient, AttentionKernel::kCudnn,
-                                 AttentionKernel::kMath}) {
+  for (AttentionKernel kernel :
+       {AttentionKernel::kFlash, AttentionKernel::kEfficient, AttentionKernel::kCudnn, AttentionKernel::kMath}) {
     const char* name = model::attentionKernelName(kernel);
     for (bool lse : {false, true}) {
       const model::AttentionResult r = model::localAttention(q, k, v, lse, kernel);
@@ -98,7 +98,8 @@ TEST(CudaAttention, EveryNamedKernelMatchesTheMathPath) {
     }
   }
   const AttentionKernel pick = model::resolveAttentionKernel(AttentionKernel::kAuto, q, k, v, false);
-  std::printf("[cuda] --attention auto picks %s for bf16 token-major [1, 6, 333, 128]\n", model::attentionKernelName(pick));
+  std::printf("[cuda] --attention auto picks %s for bf16 token-major [1, 6, 333, 128]\n",
+              model::attentionKernelName(pick));
   EXPECT_NE(pick, AttentionKernel::kAuto);
   if (pick != AttentionKernel::kMath) {
     EXPECT_TRUE(at::equal(model::localAttention(q, k, v, false).out, model::localAttention(q, k, v, false, pick).out))

@@ -4,9 +4,9 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
-#include "test_util.h"
 #include "pardit/io/safetensors.h"
 #include "pardit/pipeline/loading.h"
+#include "test_util.h"
 
 using namespace pardit;
 using pardit::test::fixture;

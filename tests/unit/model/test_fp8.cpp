@@ -40,7 +40,8 @@ double relL2(const at::Tensor& a, const at::Tensor& b) {
   return ((a.to(at::kDouble) - b.to(at::kDouble)).norm() / b.to(at::kDouble).norm()).item<double>();
 }
 
-at::Tensor forward(const std::string& model, at::ScalarType dtype, model::WeightFormat format, const std::string& inputs) {
+at::Tensor forward(const std::string& model, at::ScalarType dtype, model::WeightFormat format,
+                   const std::string& inputs) {
   auto loaded = pipeline::loadFlux(fixture(model), dtype, at::kCPU, nullptr, format);
   return loaded.transformer->forward(test::fixtureInputs(*io::SafetensorsFile::open(fixture(inputs)), dtype));
 }
@@ -106,9 +107,10 @@ TEST(Fp8, ForwardMatchesDiffusersWithTheSameFp8Weights) {
     const at::Tensor outBf16 = forward(model, at::kBFloat16, model::WeightFormat::kFp8, "forward_tiny_dev.safetensors");
     const double errBf16 = maxRelError(outBf16, reference()->read("rowwise_bf16"));
     const double vsDense = relL2(out, dense);
-    std::printf("[fp8] %s: fp32 max relative error %.3e, bf16 %.3e against diffusers with FP8 weights; "
-                "relative L2 %.3e against the dense weights\n",
-                model.c_str(), err, errBf16, vsDense);
+    std::printf(
+        "[fp8] %s: fp32 max relative error %.3e, bf16 %.3e against diffusers with FP8 weights; "
+        "relative L2 %.3e against the dense weights\n",
+        model.c_str(), err, errBf16, vsDense);
     EXPECT_LE(err, 1e-5);
     EXPECT_LE(errBf16, 8e-3);
     EXPECT_GT(vsDense, 1e-4) << "FP8 weights must change the result (else the FP8 path did not run)";
@@ -169,10 +171,10 @@ TEST(Fp8, QuantizeRoundTripIsExact) {
         }
       }
     const at::Tensor onLoad = forward(model, at::kFloat, model::WeightFormat::kFp8, "forward_tiny_dev.safetensors");
-    const at::Tensor fromFile = pipeline::loadFlux(r.modelPath, at::kFloat, at::kCPU, nullptr, q.storedFormat())
-                                    .transformer->forward(test::fixtureInputs(*io::SafetensorsFile::open(
-                                                                       fixture("forward_tiny_dev.safetensors")),
-                                                                   at::kFloat));
+    const at::Tensor fromFile =
+        pipeline::loadFlux(r.modelPath, at::kFloat, at::kCPU, nullptr, q.storedFormat())
+            .transformer->forward(
+                test::fixtureInputs(*io::SafetensorsFile::open(fixture("forward_tiny_dev.safetensors")), at::kFloat));
     EXPECT_TRUE(at::equal(onLoad, fromFile)) << model;
   }
   // An FP8 checkpoint is not quantized again, and the output never replaces the input.
@@ -228,8 +230,10 @@ TEST(Fp8, SmallPresetErrorAgainstBf16) {
   const pipeline::TensorReader dense = [shapes](const std::string& n, c10::ScalarType t, c10::Device d) {
     return io::synthTensor(0, n, shapes.at(n)).to(t).to(d);
   };
-  const pipeline::TensorReader fp8 = pipeline::formatReader(
-      model::WeightFormat::kFp8, dense, [shapes](const std::string& n, c10::Device) { return model::quantizeFp8Rows(io::synthTensor(0, n, shapes.at(n))); });
+  const pipeline::TensorReader fp8 =
+      pipeline::formatReader(model::WeightFormat::kFp8, dense, [shapes](const std::string& n, c10::Device) {
+        return model::quantizeFp8Rows(io::synthTensor(0, n, shapes.at(n)));
+      });
   const pipeline::LatentGeometry geom{128, 128, 16};
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(3);
   const pipeline::PromptEmbeddings prompt{at::randn({1, 32, c.contextInDim}, gen), at::randn({1, c.vecInDim}, gen)};
@@ -246,7 +250,8 @@ TEST(Fp8, SmallPresetErrorAgainstBf16) {
     in.txtIds = pipeline::textIds(32);
     const at::Tensor once = t->forward(in).to(at::kFloat);
     const pipeline::PromptEmbeddings p{prompt.promptEmbeds.to(dtype), prompt.pooled.to(dtype)};
-    auto d = pipeline::TransformerDenoiser::local(pipeline::localTransformer(t), pipeline::imageIds(geom), p, std::nullopt);
+    auto d =
+        pipeline::TransformerDenoiser::local(pipeline::localTransformer(t), pipeline::imageIds(geom), p, std::nullopt);
     pipeline::FlowMatchEulerScheduler s(pipeline::SchedulerConfig::dev(), 4, geom.tokens());
     const at::Tensor noise = pipeline::initialNoise(1, 1, geom, at::kFloat).to(dtype);  // the same noise for all
     const at::Tensor latents = pipeline::denoise(*d, noise, s, {true, 3.5, 1.0});
@@ -260,10 +265,11 @@ TEST(Fp8, SmallPresetErrorAgainstBf16) {
   // activations both: the weights' rounding is the only difference).
   const double fwdFp8 = relL2(f8.first, ref.first), latFp8 = relL2(f8.second, ref.second);
   const double fwdVsBf16 = relL2(f8bf16.first, bf16.first), latVsBf16 = relL2(f8bf16.second, bf16.second);
-  std::printf("[fp8] small preset, relative L2: FP8 weights against fp32 weights (fp32 activations): forward %.3e, "
-              "4-step latents %.3e; FP8 against bf16 weights (bf16 activations): forward %.3e, 4-step latents %.3e; "
-              "bf16 itself against fp32: forward %.3e, latents %.3e\n",
-              fwdFp8, latFp8, fwdVsBf16, latVsBf16, relL2(bf16.first, ref.first), relL2(bf16.second, ref.second));
+  std::printf(
+      "[fp8] small preset, relative L2: FP8 weights against fp32 weights (fp32 activations): forward %.3e, "
+      "4-step latents %.3e; FP8 against bf16 weights (bf16 activations): forward %.3e, 4-step latents %.3e; "
+      "bf16 itself against fp32: forward %.3e, latents %.3e\n",
+      fwdFp8, latFp8, fwdVsBf16, latVsBf16, relL2(bf16.first, ref.first), relL2(bf16.second, ref.second));
   EXPECT_LT(fwdFp8, 0.02);
   EXPECT_LT(latFp8, 0.02);
   EXPECT_LT(fwdVsBf16, 0.02);

@@ -8,10 +8,10 @@
 #include <map>
 #include <string>
 
+#include "fused_math.h"  // src/model: the CUDA kernels' per-thread work
 #include "pardit/model/flux.h"
 #include "pardit/model/fused.h"
 #include "pardit/pipeline/op_profile.h"
-#include "fused_math.h"  // src/model: the CUDA kernels' per-thread work
 #include "test_util.h"
 
 using namespace pardit;
@@ -93,7 +93,8 @@ TEST(FusedOps, RopeIntoASliceWritesOnlyThatSlice) {
 namespace {
 
 // q and k as the blocks compute them: torch.nn.RMSNorm (at::rms_norm) over each head, then diffusers' RoPE.
-at::Tensor rmsNormRopeReference(const at::Tensor& x, const at::Tensor& w, const at::Tensor& cos, const at::Tensor& sin) {
+at::Tensor rmsNormRopeReference(const at::Tensor& x, const at::Tensor& w, const at::Tensor& cos,
+                                const at::Tensor& sin) {
   return ropeReference(at::rms_norm(x, {x.size(-1)}, w, 1e-6), cos, sin);
 }
 
@@ -141,7 +142,8 @@ TEST(FusedOps, RmsNormRopeIntoTheJointBuffer) {
     model::rmsNormRopeInto(joint.narrow(1, 0, Lt), tqkv.select(2, 1), tw, 1e-6, t.cos.narrow(1, 0, Lt),
                            t.sin.narrow(1, 0, Lt));
     // Each stream normalized with its own weight, RoPE at its joint positions: the reference's concatenation.
-    at::Tensor normed = at::cat({at::rms_norm(tqkv.select(2, 1), {D}, tw, 1e-6), at::rms_norm(iqkv.select(2, 1), {D}, iw, 1e-6)}, 1);
+    at::Tensor normed =
+        at::cat({at::rms_norm(tqkv.select(2, 1), {D}, tw, 1e-6), at::rms_norm(iqkv.select(2, 1), {D}, iw, 1e-6)}, 1);
     expectSameBits(joint, ropeReference(normed, t.cos, t.sin));
   }
   // float64 is not fused: the two operations themselves, the same result.
@@ -183,7 +185,7 @@ TEST(FusedOps, ShowInOperatorProfiles) {
     (void)model::scaleAdd(a, s, c);
     (void)model::scaleAdd(a, s, c);
     (void)model::rope(q, t.cos, t.sin);
-    (void)model::rope(q.to(at::kDouble), t.cos, t.sin);  // the composition, nested inside
+    (void)model::rope(q.to(at::kDouble), t.cos, t.sin);    // the composition, nested inside
     (void)model::rmsNormRope(q, w, 1e-6, t.cos, t.sin);    // ATen's statistic, nested inside
     (void)model::rmsNormRope(qd, wd, 1e-6, t.cos, t.sin);  // at::rms_norm and rope, nested inside
     for (const auto& op : profile.ops()) calls[op.name] = op.calls;
@@ -260,15 +262,15 @@ void ropeThreads(const at::Tensor& out, const at::Tensor& x, const at::Tensor& c
     g.sin[d] = s.stride(d);
   }
   for (int64_t i = 0; i < g.B * g.L * g.H * g.D / 2; ++i)
-    model::fused::ropeElement(static_cast<T*>(out.data_ptr()), static_cast<const T*>(x.data_ptr()),
-                              c.data_ptr<float>(), s.data_ptr<float>(), g, i);
+    model::fused::ropeElement(static_cast<T*>(out.data_ptr()), static_cast<const T*>(x.data_ptr()), c.data_ptr<float>(),
+                              s.data_ptr<float>(), g, i);
 }
 
 template <typename T>
 void scaleAddThreads(const at::Tensor& out, const at::Tensor& a, const at::Tensor& s, const at::Tensor& c) {
   const bool perToken = c.dim() == 3;
-  const model::fused::ScaleAddGeometry g{a.size(0), a.size(1), a.size(2), a.stride(0), a.stride(1),
-                                         s.stride(0), c.stride(0), perToken ? c.stride(1) : 0};
+  const model::fused::ScaleAddGeometry g{a.size(0),   a.size(1),   a.size(2),   a.stride(0),
+                                         a.stride(1), s.stride(0), c.stride(0), perToken ? c.stride(1) : 0};
   for (int64_t i = 0; i < out.numel(); ++i)
     model::fused::scaleAddElement(static_cast<T*>(out.data_ptr()), static_cast<const T*>(a.data_ptr()),
                                   static_cast<const T*>(s.data_ptr()), static_cast<const T*>(c.data_ptr()), g, i);
@@ -301,7 +303,9 @@ void rmsNormRopeWarpsOf(const at::Tensor& out, const at::Tensor& x, const at::Te
                         const at::Tensor& sin, float eps) {
   const bool f = w.scalar_type() == at::kFloat;
   switch (x.scalar_type()) {
-    case at::kFloat: rmsNormRopeWarps<float, float>(out, x, w, cos, sin, eps); break;
+    case at::kFloat:
+      rmsNormRopeWarps<float, float>(out, x, w, cos, sin, eps);
+      break;
     case at::kBFloat16:
       f ? rmsNormRopeWarps<c10::BFloat16, float>(out, x, w, cos, sin, eps)
         : rmsNormRopeWarps<c10::BFloat16, c10::BFloat16>(out, x, w, cos, sin, eps);
@@ -405,7 +409,8 @@ TEST(CudaFusedOps, KernelsEqualTheAtenCompositionsOnTheDevice) {
     // close to ATen's rms_norm and rope on the device.
     at::Tensor w = (at::rand({D}) + 0.5).to(dtype).to(dev);
     at::Tensor normed = at::empty({B, Lt + Li, H, D}, x.options());
-    model::rmsNormRopeInto(normed.narrow(1, 0, Lt), x.narrow(1, 0, Lt), w, 1e-6, cos.narrow(1, 0, Lt), sin.narrow(1, 0, Lt));
+    model::rmsNormRopeInto(normed.narrow(1, 0, Lt), x.narrow(1, 0, Lt), w, 1e-6, cos.narrow(1, 0, Lt),
+                           sin.narrow(1, 0, Lt));
     model::rmsNormRopeInto(normed.narrow(1, Lt, Li), x.narrow(1, Lt, Li), w, 1e-6, cos.narrow(1, Lt, Li),
                            sin.narrow(1, Lt, Li));
     at::Tensor onHost = at::empty({B, Lt + Li, H, D}, x.options().device(at::kCPU));
@@ -424,8 +429,8 @@ TEST(CudaFusedOps, KernelsEqualTheAtenCompositionsOnTheDevice) {
     const int64_t rows = 600000;
     const Tables tm = tables(rows, 16);
     at::Tensor qm = at::randn({1, rows, 1, 16}).to(dtype).to(dev), wm = (at::rand({16}) + 0.5).to(dtype).to(dev);
-    expectCloseToRmsNormRope(model::rmsNormRope(qm, wm, 1e-6, tm.cos.to(dev), tm.sin.to(dev)).cpu(), qm.cpu(),
-                             wm.cpu(), tm.cos, tm.sin);
+    expectCloseToRmsNormRope(model::rmsNormRope(qm, wm, 1e-6, tm.cos.to(dev), tm.sin.to(dev)).cpu(), qm.cpu(), wm.cpu(),
+                             tm.cos, tm.sin);
 
     at::Tensor a = at::randn({B, Li, h}).to(dtype).to(dev), residual = at::randn({B, Li, h}).to(dtype).to(dev);
     auto mod = (at::randn({B, 3 * h}) * 2).to(dtype).to(dev).chunk(3, 1);

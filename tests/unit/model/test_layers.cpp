@@ -58,8 +58,10 @@ TEST(LocalAttention, CpuKernelsAgreeAndCudaOnlyOnesAreRefused) {
   const auto tokenMajor = [](int64_t s) { return at::randn({2, s, 3, 32}).transpose(1, 2); };  // [B, H, S, D] view
   const at::Tensor q = tokenMajor(13), k = tokenMajor(21), v = tokenMajor(21);
   ASSERT_FALSE(q.is_contiguous());
-  EXPECT_EQ(model::resolveAttentionKernel(model::AttentionKernel::kAuto, q, k, v, false), model::AttentionKernel::kFlash);
-  EXPECT_EQ(model::resolveAttentionKernel(model::AttentionKernel::kMath, q, k, v, false), model::AttentionKernel::kMath);
+  EXPECT_EQ(model::resolveAttentionKernel(model::AttentionKernel::kAuto, q, k, v, false),
+            model::AttentionKernel::kFlash);
+  EXPECT_EQ(model::resolveAttentionKernel(model::AttentionKernel::kMath, q, k, v, false),
+            model::AttentionKernel::kMath);
   const at::Tensor s = at::matmul(q, k.transpose(-2, -1)) / std::sqrt(32.0);
   const at::Tensor ref = at::matmul(at::softmax(s, -1), v), refLse = at::logsumexp(s, -1);
   for (auto kernel : {model::AttentionKernel::kAuto, model::AttentionKernel::kFlash, model::AttentionKernel::kMath}) {
@@ -77,12 +79,14 @@ TEST(LocalAttention, CpuKernelsAgreeAndCudaOnlyOnesAreRefused) {
       (void)model::localAttention(q, k, v, false, kernel);
       ADD_FAILURE() << name << " ran on the CPU";
     } catch (const Error& e) {
-      EXPECT_NE(std::string(e.what()).find("--attention " + name + " runs on CUDA only"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("--attention " + name + " runs on CUDA only"), std::string::npos)
+          << e.what();
     }
   }
   EXPECT_THROW(model::checkAttentionKernel(model::AttentionKernel::kFlash, c10::Device(c10::kCUDA, 0), at::kFloat),
                Error);  // flash on CUDA: half types only
-  EXPECT_NO_THROW(model::checkAttentionKernel(model::AttentionKernel::kCudnn, c10::Device(c10::kCUDA, 0), at::kBFloat16));
+  EXPECT_NO_THROW(
+      model::checkAttentionKernel(model::AttentionKernel::kCudnn, c10::Device(c10::kCUDA, 0), at::kBFloat16));
 }
 
 TEST(FluxConfig, PresetsAreValidAndRulesAreEnforced) {

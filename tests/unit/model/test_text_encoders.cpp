@@ -17,8 +17,12 @@ using namespace pardit;
 using pardit::test::fixture;
 
 namespace {
-std::shared_ptr<io::SafetensorsFile> textFixture() { return io::SafetensorsFile::open(fixture("text_tiny.safetensors")); }
-int promptCount(const io::SafetensorsFile& f) { return static_cast<int>(nlohmann::json::parse(f.metadata().at("prompts")).size()); }
+std::shared_ptr<io::SafetensorsFile> textFixture() {
+  return io::SafetensorsFile::open(fixture("text_tiny.safetensors"));
+}
+int promptCount(const io::SafetensorsFile& f) {
+  return static_cast<int>(nlohmann::json::parse(f.metadata().at("prompts")).size());
+}
 }  // namespace
 
 TEST(TextEncoders, ClipPooledOutputMatchesTransformers) {
@@ -31,7 +35,9 @@ TEST(TextEncoders, ClipPooledOutputMatchesTransformers) {
     for (int i = 0; i < promptCount(*f); ++i) {
       const std::string s = std::to_string(i);
       const at::Tensor out = clip.pooled(f->read("clip_ids." + s)).to(at::kFloat);
-      worst = std::max(worst, test::maxRelError(out, f->read(std::string(dtype == at::kFloat ? "clip_pooled_fp32." : "clip_pooled_bf16.") + s)));
+      worst = std::max(
+          worst, test::maxRelError(
+                     out, f->read(std::string(dtype == at::kFloat ? "clip_pooled_fp32." : "clip_pooled_bf16.") + s)));
     }
     std::printf("[fidelity] CLIP pooled %s: max relative error %.3e\n", dtype == at::kFloat ? "fp32" : "bf16", worst);
     EXPECT_LE(worst, dtype == at::kFloat ? 1e-5 : 2e-2);
@@ -48,18 +54,21 @@ TEST(TextEncoders, T5HiddenStatesMatchTransformers) {
     for (int i = 0; i < promptCount(*f); ++i) {
       const std::string s = std::to_string(i);
       const at::Tensor out = t5.forward(f->read("t5_ids." + s)).to(at::kFloat);
-      worst = std::max(worst, test::maxRelError(out, f->read(std::string(dtype == at::kFloat ? "t5_hidden_fp32." : "t5_hidden_bf16.") + s)));
+      worst = std::max(worst,
+                       test::maxRelError(
+                           out, f->read(std::string(dtype == at::kFloat ? "t5_hidden_fp32." : "t5_hidden_bf16.") + s)));
     }
-    std::printf("[fidelity] T5 hidden states %s: max relative error %.3e\n", dtype == at::kFloat ? "fp32" : "bf16", worst);
+    std::printf("[fidelity] T5 hidden states %s: max relative error %.3e\n", dtype == at::kFloat ? "fp32" : "bf16",
+                worst);
     EXPECT_LE(worst, dtype == at::kFloat ? 1e-5 : 3e-2);
   }
   // Relative position buckets of transformers' _relative_position_bucket (bidirectional, 32 buckets, 128).
   const at::Tensor b = model::t5RelativeBuckets(200, 32, 128);
   EXPECT_EQ(b[0][0].item<int64_t>(), 0);
-  EXPECT_EQ(b[0][1].item<int64_t>(), 17);   // key after query: the upper half
+  EXPECT_EQ(b[0][1].item<int64_t>(), 17);  // key after query: the upper half
   EXPECT_EQ(b[1][0].item<int64_t>(), 1);
-  EXPECT_EQ(b[0][7].item<int64_t>(), 23);   // exact below 8
-  EXPECT_EQ(b[0][8].item<int64_t>(), 24);   // 8 + floor(log(8/8)/log(16)*8) = 8
+  EXPECT_EQ(b[0][7].item<int64_t>(), 23);    // exact below 8
+  EXPECT_EQ(b[0][8].item<int64_t>(), 24);    // 8 + floor(log(8/8)/log(16)*8) = 8
   EXPECT_EQ(b[0][199].item<int64_t>(), 31);  // capped at the last bucket
 }
 
@@ -107,8 +116,7 @@ TEST(TextEncoders, SingleFilesIncludingFloat8T5) {
   EXPECT_EQ(single.store.info("shared.weight").dtype, "F8_E4M3");
   const at::Tensor ids = textFixture()->read("t5_ids.0");
   const at::Tensor fromFile = model::T5Encoder(single.config, single.store.getter(at::kFloat)).forward(ids);
-  const at::Tensor expected =
-      model::T5Encoder(t5.config, [&](const std::string& n) { return f32.at(n); }).forward(ids);
+  const at::Tensor expected = model::T5Encoder(t5.config, [&](const std::string& n) { return f32.at(n); }).forward(ids);
   EXPECT_TRUE(at::equal(fromFile, expected));
   // The fp8 weights are close to the originals: the encoder output moves by float8's rounding only.
   const at::Tensor original = model::T5Encoder(t5.config, t5.store.getter(at::kFloat)).forward(ids);
@@ -118,8 +126,10 @@ TEST(TextEncoders, SingleFilesIncludingFloat8T5) {
 
   const auto clip = io::ClipTextCheckpoint::open(fixture("flux_tiny_pipeline"));
   std::map<std::string, at::Tensor> prefixed;
-  for (const auto& t : model::clipTextTensors(clip.config)) prefixed["text_model." + t.name] = clip.store.load(t.name, at::kFloat);
-  io::writeSafetensors(dir.file("clip_l.safetensors"), prefixed, {{"num_attention_heads", std::to_string(clip.config.numHeads)}});
+  for (const auto& t : model::clipTextTensors(clip.config))
+    prefixed["text_model." + t.name] = clip.store.load(t.name, at::kFloat);
+  io::writeSafetensors(dir.file("clip_l.safetensors"), prefixed,
+                       {{"num_attention_heads", std::to_string(clip.config.numHeads)}});
   const auto clipFile = io::ClipTextCheckpoint::open(dir.file("clip_l.safetensors"));
   EXPECT_EQ(clipFile.config.describe(), clip.config.describe());
   const at::Tensor cids = textFixture()->read("clip_ids.0");

@@ -38,7 +38,8 @@ TEST(Vae, ConfigAndNamesOfBothLayouts) {
     EXPECT_NEAR(c.shiftFactor, 0.1159, 1e-9);
     EXPECT_EQ(c.spatialFactor(), 8);
   }
-  EXPECT_EQ(io::bflVaeName("decoder.up_blocks.0.resnets.1.conv_shortcut.weight", 4), "decoder.up.3.block.1.nin_shortcut.weight");
+  EXPECT_EQ(io::bflVaeName("decoder.up_blocks.0.resnets.1.conv_shortcut.weight", 4),
+            "decoder.up.3.block.1.nin_shortcut.weight");
   EXPECT_EQ(io::bflVaeName("decoder.up_blocks.2.upsamplers.0.conv.bias", 4), "decoder.up.1.upsample.conv.bias");
   EXPECT_EQ(io::bflVaeName("decoder.mid_block.attentions.0.to_out.0.weight", 4), "decoder.mid.attn_1.proj_out.weight");
   EXPECT_EQ(io::bflVaeName("decoder.conv_norm_out.bias", 4), "decoder.norm_out.bias");
@@ -87,7 +88,8 @@ TEST(Vae, LatentsToPixelsAsFluxPipeline) {
   EXPECT_LE(diff.max().item<int>(), 1);
   EXPECT_LE(static_cast<double>(off), 1e-3 * ref.numel());
   // The processor's rounding: half to even of x * 255 in float32, after clamping.
-  const at::Tensor edge = model::imagesToBytes(at::tensor({-3.0f, 1.0f, 0.0f, 1.0f / 255.0f}).view({1, 1, 1, 4}).permute({0, 3, 1, 2}));
+  const at::Tensor edge =
+      model::imagesToBytes(at::tensor({-3.0f, 1.0f, 0.0f, 1.0f / 255.0f}).view({1, 1, 1, 4}).permute({0, 3, 1, 2}));
   EXPECT_EQ(edge[0][0][0][0].item<uint8_t>(), 0);
   EXPECT_EQ(edge[0][0][0][1].item<uint8_t>(), 255);
   EXPECT_EQ(edge[0][0][0][2].item<uint8_t>(), 128);  // 127.5 rounds to the even 128
@@ -156,15 +158,17 @@ TEST(Vae, TiledDecodeMatchesDiffusersTiling) {
   EXPECT_EQ(g6.keep, 32);
   model::VaeDecoder decoder(ck.config(), ck.getter(at::kFloat));
   const at::Tensor exact = decoder.decode(z);
-  for (const auto& [tile, name] : {std::pair<int64_t, const char*>{4, "decoded_tiled_fp32"}, {8, "decoded_tiled8_fp32"}}) {
+  for (const auto& [tile, name] :
+       {std::pair<int64_t, const char*>{4, "decoded_tiled_fp32"}, {8, "decoded_tiled8_fp32"}}) {
     const at::Tensor out = model::decodeTiled(decoder, z, tile);
     const at::Tensor ref = f->read(name);
     ASSERT_EQ(out.sizes(), ref.sizes());
     const double err = test::maxRelError(out, ref);
     const at::Tensor seam = (model::imagesToBytes(out).to(at::kInt) - model::imagesToBytes(exact).to(at::kInt)).abs();
-    std::printf("[fidelity] VAE tiled decode fp32, %lld px tiles: max relative error %.3e against diffusers; against the "
-                "whole decode %.3f levels mean, %d max (the seams)\n",
-                static_cast<long long>(tile * 8), err, seam.to(at::kDouble).mean().item<double>(), seam.max().item<int>());
+    std::printf(
+        "[fidelity] VAE tiled decode fp32, %lld px tiles: max relative error %.3e against diffusers; against the "
+        "whole decode %.3f levels mean, %d max (the seams)\n",
+        static_cast<long long>(tile * 8), err, seam.to(at::kDouble).mean().item<double>(), seam.max().item<int>());
     EXPECT_LE(err, 1e-5) << tile;
     EXPECT_GT(seam.max().item<int>(), 0) << "tiles normalise on their own: not the whole-image decode";
   }

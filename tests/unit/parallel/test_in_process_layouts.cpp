@@ -2,8 +2,8 @@
 // single-rank result: the cases of tests/common/parallel_cases, without mpiexec.
 #include <gtest/gtest.h>
 
-#include "pardit/dist/in_process.h"
 #include "parallel_cases.h"
+#include "pardit/dist/in_process.h"
 
 using namespace pardit;
 
@@ -18,7 +18,9 @@ TEST_P(InProcessLayouts, PipeFusionTiny) { dist::runInProcess(GetParam(), test::
 TEST_P(InProcessLayouts, PipeFusionTinyWithRendezvousPointToPoint) {
   dist::runInProcess(GetParam(), test::pipeFusionTinyMatchesSingleRank, dist::PointToPoint::kRendezvous);
 }
-TEST_P(InProcessLayouts, PipeFusionReadsItsStage) { dist::runInProcess(GetParam(), test::pipeFusionRanksReadTheirStage); }
+TEST_P(InProcessLayouts, PipeFusionReadsItsStage) {
+  dist::runInProcess(GetParam(), test::pipeFusionRanksReadTheirStage);
+}
 
 INSTANTIATE_TEST_SUITE_P(Ranks, InProcessLayouts, ::testing::Values(2, 4),
                          [](const auto& info) { return "n" + std::to_string(info.param); });

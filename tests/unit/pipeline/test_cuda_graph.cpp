@@ -3,13 +3,13 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
-#include "test_util.h"
 #include "pardit/core/error.h"
 #include "pardit/io/safetensors.h"
 #include "pardit/pipeline/cuda_graph.h"
 #include "pardit/pipeline/denoise.h"
 #include "pardit/pipeline/latents.h"
 #include "pardit/pipeline/loading.h"
+#include "test_util.h"
 
 using namespace pardit;
 using pardit::test::fixture;
@@ -20,9 +20,13 @@ model::FluxInputs stepInputs(const model::FluxConfig& c, int64_t textLen, float 
                              const c10::Device& device) {
   const pipeline::LatentGeometry geom{32, 48, 16};
   at::manual_seed(seed);
-  model::FluxInputs in{at::randn({1, geom.tokens(), c.inChannels}), at::randn({1, textLen, c.contextInDim}),
-                       at::randn({1, c.vecInDim}), at::full({1}, t), at::full({1}, 3.5f),
-                       pipeline::imageIds(geom), pipeline::textIds(textLen)};
+  model::FluxInputs in{at::randn({1, geom.tokens(), c.inChannels}),
+                       at::randn({1, textLen, c.contextInDim}),
+                       at::randn({1, c.vecInDim}),
+                       at::full({1}, t),
+                       at::full({1}, 3.5f),
+                       pipeline::imageIds(geom),
+                       pipeline::textIds(textLen)};
   in = test::inputsOn(in, device);
   for (at::Tensor* x : {&in.img, &in.txt, &in.pooled, &in.timestep}) *x = x->to(at::kBFloat16);
   return in;
@@ -73,8 +77,8 @@ TEST(CudaGraph, ReplaysEqualTheEagerCallsForEverySignature) {
     const at::Tensor ref = eager(in).cpu();
     const at::Tensor got = graphed(in);
     ASSERT_TRUE(got.is_cuda());
-    EXPECT_TRUE(at::equal(ref, got.cpu())) << "call " << call << " (text length " << textLen
-                                           << "): max |diff| " << (ref.to(at::kFloat) - got.cpu().to(at::kFloat)).abs().max();
+    EXPECT_TRUE(at::equal(ref, got.cpu())) << "call " << call << " (text length " << textLen << "): max |diff| "
+                                           << (ref.to(at::kFloat) - got.cpu().to(at::kFloat)).abs().max();
     kept.push_back(got);
   }
   const auto st = graphs->stats();
@@ -101,8 +105,9 @@ TEST(CudaGraph, AFailedCaptureIsReportedAndUndone) {
   model::FluxInputs in;
   in.img = at::randn({1, 6, 64}, at::TensorOptions().device(cuda));
   // A host synchronization inside the call: fine eagerly, impossible in a graph.
-  auto [bad, badGraphs] = pipeline::cudaGraphed([](const model::FluxInputs& x) { return x.img * x.img.sum().item<float>(); });
-  EXPECT_NO_THROW(bad(in));  // the rehearsal
+  auto [bad, badGraphs] =
+      pipeline::cudaGraphed([](const model::FluxInputs& x) { return x.img * x.img.sum().item<float>(); });
+  EXPECT_NO_THROW(bad(in));               // the rehearsal
   for (int call = 0; call < 2; ++call) {  // the capture, then a call after it
     try {
       bad(in);
@@ -140,11 +145,10 @@ TEST(CudaGraph, DenoiseLoopWithGraphsEqualsTheEagerLoop) {
     const int steps = std::stoi(meta.at("steps"));
     const pipeline::FlowMatchEulerScheduler scheduler(
         pipeline::resolveSchedule(pipeline::Schedule::kAuto, *loaded.checkpoint), steps, geom.tokens());
-    const pipeline::Sampling sampling{loaded.checkpoint->config().guidanceEmbed,
-                                      std::stod(meta.at("guidance_scale")), std::stod(meta.at("true_cfg_scale"))};
-    const at::Tensor noise = pipeline::initialNoise(std::stoull(meta.at("seed")), pos.promptEmbeds.size(0), geom,
-                                                    at::kBFloat16)
-                                 .to(cuda);
+    const pipeline::Sampling sampling{loaded.checkpoint->config().guidanceEmbed, std::stod(meta.at("guidance_scale")),
+                                      std::stod(meta.at("true_cfg_scale"))};
+    const at::Tensor noise =
+        pipeline::initialNoise(std::stoull(meta.at("seed")), pos.promptEmbeds.size(0), geom, at::kBFloat16).to(cuda);
     const at::Tensor ids = pipeline::imageIds(geom).to(cuda);
     auto run = [&](const pipeline::TransformerFn& fn) {
       auto d = pipeline::TransformerDenoiser::local(fn, ids, pos, neg);
@@ -170,8 +174,7 @@ TEST(CudaGraph, GenerateWithTheFlagEqualsWithout) {
   ASSERT_EQ(eager.exitCode, 0) << eager.output;
   const auto graphed = test::runPardit(base + dir.file("graphed.safetensors") + " --cuda-graphs");
   ASSERT_EQ(graphed.exitCode, 0) << graphed.output;
-  EXPECT_NE(graphed.output.find("CUDA graphs: 3 of 4 transformer calls replayed"), std::string::npos)
-      << graphed.output;
+  EXPECT_NE(graphed.output.find("CUDA graphs: 3 of 4 transformer calls replayed"), std::string::npos) << graphed.output;
   const auto a = io::SafetensorsFile::open(dir.file("eager.safetensors"))->read("latents");
   const auto b = io::SafetensorsFile::open(dir.file("graphed.safetensors"))->read("latents");
   EXPECT_TRUE(at::equal(a, b));

@@ -13,12 +13,12 @@
 #include "pardit/dist/runtime.h"
 #include "pardit/io/png.h"
 #include "pardit/io/synth.h"
-#include "pardit/pipeline/op_profile.h"
 #include "pardit/io/vae_checkpoint.h"
 #include "pardit/model/vae.h"
 #include "pardit/pipeline/engine.h"
 #include "pardit/pipeline/job_plan.h"
 #include "pardit/pipeline/latents.h"
+#include "pardit/pipeline/op_profile.h"
 #include "test_util.h"
 
 using namespace pardit;

@@ -3,12 +3,12 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
-#include "test_util.h"
 #include "pardit/core/error.h"
 #include "pardit/io/safetensors.h"
 #include "pardit/pipeline/denoise.h"
 #include "pardit/pipeline/latents.h"
 #include "pardit/pipeline/loading.h"
+#include "test_util.h"
 
 using namespace pardit;
 using pardit::test::fixture;
@@ -43,8 +43,8 @@ double runCase(const GenCase& c) {
   pipeline::FlowMatchEulerScheduler scheduler(sched, steps, geom.tokens());
   at::Tensor sigmas = f->read("sigmas");
   for (int i = 0; i <= steps; ++i) EXPECT_EQ(scheduler.sigmas()[i], sigmas[i].item<float>());
-  at::Tensor out = pipeline::denoise(*denoiser, noise, scheduler,
-                                     {loaded.checkpoint->config().guidanceEmbed, guidance, trueCfg});
+  at::Tensor out =
+      pipeline::denoise(*denoiser, noise, scheduler, {loaded.checkpoint->config().guidanceEmbed, guidance, trueCfg});
   return test::maxRelError(out, f->read("latents"));
 }
 }  // namespace

@@ -45,10 +45,11 @@ TEST(Queue, PlainTextAndJsonlRequestsWithDefaultsAndSeeds) {
 
   q.promptFile = dir.file("p.jsonl");
   q.outputName = "{seed}/{index:03}-{width}x{height}-{steps}.png";
-  std::ofstream(q.promptFile) << R"({"prompt": "x", "seed": 7, "width": 32, "steps": 5, "negative_prompt": "n", "true_cfg_scale": 2})"
-                              << "\n"
-                              << R"({"prompt": "y", "prompt_2": "y2", "guidance_scale": 1.5, "max_sequence_length": 9, "output": "a/b.png"})"
-                              << "\n";
+  std::ofstream(q.promptFile)
+      << R"({"prompt": "x", "seed": 7, "width": 32, "steps": 5, "negative_prompt": "n", "true_cfg_scale": 2})"
+      << "\n"
+      << R"({"prompt": "y", "prompt_2": "y2", "guidance_scale": 1.5, "max_sequence_length": 9, "output": "a/b.png"})"
+      << "\n";
   items = pipeline::readQueue(q, defaults);
   ASSERT_EQ(items.size(), 2u);
   EXPECT_EQ(items[0].file, "7/000-32x64-5.png");

@@ -5,8 +5,8 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "test_util.h"
 #include "pardit/pipeline/scheduler.h"
+#include "test_util.h"
 
 using namespace pardit;
 

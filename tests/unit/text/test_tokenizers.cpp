@@ -118,7 +118,8 @@ TEST(Tokenizers, MissingOrBrokenFilesAreOneLineErrors) {
     text::ClipTokenizer::open(dir.path().string());
     FAIL();
   } catch (const Error& e) {
-    EXPECT_NE(e.message().find("merges.txt: merge 1 'a b' uses a token that is not in the vocabulary"), std::string::npos)
+    EXPECT_NE(e.message().find("merges.txt: merge 1 'a b' uses a token that is not in the vocabulary"),
+              std::string::npos)
         << e.message();
   }
   std::ofstream(dir.file("tokenizer.json")) << "{\"model\": {\"type\": \"BPE\"}";

@@ -12,6 +12,10 @@ venv="${PARDIT_VENV:-$("$root/launch/install.sh" | tail -n 1)}"
 # The compiler cache of launch/build.sh; these builds carry line tables, whose compile folder is left out of
 # the hash so that another checkout (or build folder) reuses the objects.
 export CCACHE_DIR="${CCACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/pardit/ccache}" CCACHE_BASEDIR="${CCACHE_BASEDIR:-$root}"
+# Every source is compiled with the precompiled header (-include): ccache caches those only with this
+# sloppiness (its manual's setting for precompiled headers), and a fresh checkout's headers are newer than
+# the cache (the mtime/ctime checks would refuse them).
+export CCACHE_SLOPPINESS="${CCACHE_SLOPPINESS:-pch_defines,time_macros,include_file_mtime,include_file_ctime}"
 export CCACHE_NOHASHDIR=1
 # (No CUDA kernels: these checks run on the CPU, and nvcc would compile them with its own host compiler.)
 cmake -S "$root" -B "$out" -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ -DPARDIT_PYTHON="$venv/bin/python" \

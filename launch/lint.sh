@@ -30,13 +30,26 @@ fi
 
 # clang-tidy on the library's and the command line's sources, with the build's compile commands. The build's
 # precompiled header is GCC's; the checks get a clang one of the same header and flags (ATen parsed once).
+# A source found clean is remembered in a cache (~/.cache/pardit/lint) under a key of everything its result
+# depends on: clang-tidy's version, .clang-tidy, its compile command, its text and the text of every project
+# header (LibTorch's headers are pinned by the include paths in the command); only the others are checked.
 [[ -f "$build/compile_commands.json" ]] || { echo "lint: no $build/compile_commands.json (build first)"; exit 1; }
 lint="$build/lint"
-mkdir -p "$lint"
-python3 - "$build/compile_commands.json" "$lint" "$root" <<'PY'
-import json, re, shlex, sys
-commands, lint, root = sys.argv[1], sys.argv[2], sys.argv[3]
-kept, pch_flags = [], None
+cache="${PARDIT_LINT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pardit/lint}"
+mkdir -p "$lint" "$cache"
+clang-tidy --version >"$lint/version.txt"
+python3 - "$build/compile_commands.json" "$lint" "$root" "$cache" <<'PY'
+import glob, hashlib, json, os, re, shlex, sys
+commands, lint, root, cache = sys.argv[1:5]
+def digest(*parts):
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else p.encode()); h.update(b"\0")
+    return h.hexdigest()
+headers = sorted(glob.glob(root + "/include/**/*.h", recursive=True) + glob.glob(root + "/src/**/*.h", recursive=True))
+common = digest(open(lint + "/version.txt").read(), open(root + "/.clang-tidy").read(),
+                *[os.path.relpath(h, root) + open(h, "rb").read().decode("utf-8", "replace") for h in headers])
+kept, todo, pch_flags = [], [], None
 for e in json.load(open(commands)):
     f = e["file"]
     if not f.startswith(root + "/src/") or not f.endswith(".cpp"):
@@ -55,19 +68,36 @@ for e in json.load(open(commands)):
     cmd = re.sub(r"-include \S*cmake_pch\.hxx", "-include-pch " + lint + "/pch.h.pch", e["command"])
     e["command"] = cmd.replace("-Winvalid-pch", "")
     kept.append(e)
+    key = digest(common, e["command"].replace(root, "<root>").replace(os.path.dirname(commands), "<build>"),
+                 os.path.relpath(f, root), open(f, "rb").read().decode("utf-8", "replace"))
+    if not os.path.exists(os.path.join(cache, key)):
+        todo.append(f + "\t" + os.path.join(cache, key))
 json.dump(kept, open(lint + "/compile_commands.json", "w"), indent=1)
-open(lint + "/files.txt", "w").write("\n".join(e["file"] for e in kept) + "\n")
+open(lint + "/todo.txt", "w").write("".join(t + "\n" for t in todo))
+open(lint + "/count.txt", "w").write(str(len(kept)))
 open(lint + "/pch_flags.txt", "w").write(" ".join(shlex.quote(a) for a in pch_flags or []))
 PY
-# shellcheck disable=SC2046
-eval clang++ -x c++-header $(cat "$lint/pch_flags.txt") "$root/src/pch.h" -o "$lint/pch.h.pch"
-jobs="${PARDIT_JOBS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}"
-mapfile -t sources <"$lint/files.txt"
+total=$(cat "$lint/count.txt")
+mapfile -t todo <"$lint/todo.txt"
 log="$lint/clang-tidy.log"
-if printf '%s\n' "${sources[@]}" | xargs -P "$jobs" -n 4 clang-tidy -p "$lint" --quiet >"$log" 2>&1; then
-  echo "lint: clang-tidy (.clang-tidy): ${#sources[@]} sources, no findings"
-else
-  echo "lint: clang-tidy found problems:"; grep -E "(warning|error):" "$log" | sort -u | head -40
+: >"$log"
+if ((${#todo[@]})); then
+  # shellcheck disable=SC2046
+  eval clang++ -x c++-header $(cat "$lint/pch_flags.txt") "$root/src/pch.h" -o "$lint/pch.h.pch"
+  jobs="${PARDIT_JOBS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}"
+  export lint
+  # shellcheck disable=SC2016
+  printf '%s\n' "${todo[@]}" | tr '\t' '\n' | xargs -P "$jobs" -n 2 bash -c \
+    'out="$(clang-tidy -p "$lint" --quiet "$0" 2>&1)" && touch "$1" || { printf "%s\n" "$out"; exit 1; }' >"$log" 2>&1 || true
+fi
+unchecked=0
+for t in "${todo[@]}"; do [[ -f "${t#*$'\t'}" ]] || unchecked=$((unchecked + 1)); done
+if ((unchecked)); then
+  echo "lint: clang-tidy: $unchecked of $total sources are not clean:"
+  grep -E "(warning|error):" "$log" | sort -u | head -40
+  grep -qE "(warning|error):" "$log" || tail -20 "$log"
   status=1
+else
+  echo "lint: clang-tidy (.clang-tidy): $total sources clean ($((total - ${#todo[@]})) remembered, ${#todo[@]} checked)"
 fi
 exit $status

@@ -108,7 +108,7 @@ std::vector<TensorSpec> t5EncoderTensors(const T5Config& c, WeightFormat format)
 // ---- CLIP ----------------------------------------------------------------------------------------------
 
 ClipTextModel::ClipTextModel(ClipTextConfig config, const WeightGetter& get)
-    : config_((config.validate(), std::move(config))), weights_(clipTextTensors(config_), get, "CLIP") {}
+    : config_((config.validate(), config)), weights_(clipTextTensors(config_), get, "CLIP") {}
 
 at::Tensor ClipTextModel::hidden(const at::Tensor& ids) const {
   const int64_t B = ids.size(0), L = ids.size(1), h = config_.hiddenSize, H = config_.numHeads, D = h / H;
@@ -166,9 +166,7 @@ at::Tensor t5RelativeBuckets(int64_t length, int64_t buckets, int64_t maxDistanc
   return result + at::where(isSmall, rel, large);
 }
 
-T5Encoder::T5Encoder(T5Config config, WeightGetter get) : config_(std::move(config)), get_(std::move(get)) {
-  config_.validate();
-}
+T5Encoder::T5Encoder(T5Config config, WeightGetter get) : config_(config), get_(std::move(get)) { config_.validate(); }
 
 at::Tensor T5Encoder::positionBias(int64_t length, const at::Tensor& table) const {
   const at::Tensor buckets = t5RelativeBuckets(length, config_.buckets, config_.maxDistance).to(table.device());

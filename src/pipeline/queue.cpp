@@ -343,7 +343,7 @@ std::vector<QueueItem> readQueue(const QueueOptions& q, const GenerateRequest& d
       r.output = (fs::path(q.outputDir) / item.file).lexically_normal().string();
       r.check();
     } catch (const Error& e) {
-      const std::string m = e.message();
+      const std::string& m = e.message();
       PARDIT_THROW(m.rfind(where, 0) == 0 ? m : where + ": " + m);
     }
     const auto [it, fresh] = outputs.emplace(item.file, item.line);
